@@ -1,0 +1,217 @@
+"""Chat messages in OpenAI's wire format: the request, the streamed chunk, and the final completion.
+
+The same shapes travel on NATS and over HTTP, so a NATS client reads exactly what an OpenAI client reads.
+Fields leafwire does not use itself (``tools``, ``response_format``...) are kept (``extra="allow"``) so
+they reach cloud providers unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "cancelled", "error"]
+
+
+class TextPart(BaseModel):
+    """A text part of a multi-part message content."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str
+
+
+class OtherPart(BaseModel):
+    """A non-text content part (an image, audio...): kept for providers whose models take it."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
+ContentPart = TextPart | OtherPart
+
+
+class ChatMessage(BaseModel):
+    """One message of a conversation."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Role
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's text; non-text parts are skipped."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    def has_non_text(self) -> bool:
+        """True when the message carries parts a text-only model cannot read."""
+        return isinstance(self.content, list) and any(not isinstance(p, TextPart) for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    """OpenAI's ``stream_options``."""
+
+    include_usage: bool = False
+
+
+MAX_STOP_SEQUENCES = 4
+
+
+class ChatCompletionRequest(BaseModel):
+    """``POST /v1/chat/completions`` body; also the payload of ``lw.v1.<site>.chat``."""
+
+    model_config = ConfigDict(extra="allow")
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int | None, Field(ge=1)] = None
+    max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
+    temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
+    top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
+    n: Annotated[int | None, Field(ge=1, le=1)] = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
+    frequency_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _check_stream_options(self) -> ChatCompletionRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    def stop_sequences(self) -> list[str]:
+        """The stop sequences as a list."""
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def token_limit(self) -> int | None:
+        """The completion token limit the caller asked for (``max_completion_tokens`` wins)."""
+        return self.max_completion_tokens or self.max_tokens
+
+    def include_usage(self) -> bool:
+        """Whether a streamed answer ends with a usage chunk."""
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+
+class Usage(BaseModel):
+    """Token counts of one answer."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        """Usage with the total filled in."""
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+class AssistantMessage(BaseModel):
+    """The assistant's message in a non-streamed answer."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+class Choice(BaseModel):
+    """One choice of a non-streamed answer."""
+
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletion(BaseModel):
+    """A non-streamed answer (``object: chat.completion``); the ``result`` event on NATS."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[Choice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class Delta(BaseModel):
+    """The new part of the answer in one chunk; absent keys are left out, as OpenAI does."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChunkChoice(BaseModel):
+    """One choice of a streamed chunk."""
+
+    index: int = 0
+    delta: Delta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One piece of a streamed answer (``object: chat.completion.chunk``); the ``chunk`` event on NATS."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+def dump(model: BaseModel) -> bytes:
+    """Serialise a message for the wire: JSON, ``None`` fields kept where OpenAI keeps them."""
+    return model.model_dump_json().encode()
+
+
+def request_extras(request: ChatCompletionRequest) -> dict[str, Any]:
+    """Fields the caller sent that leafwire does not model (``tools``, ``response_format``...)."""
+    return dict(request.model_extra or {})
+
+
+class StreamEnd(BaseModel):
+    """The ``done`` event that closes a streamed answer on NATS (after the last chunk)."""
+
+    request_id: str
+    finish_reason: FinishReason
+    usage: Usage

@@ -1,0 +1,94 @@
+"""Control messages between services: admission, cancellation, worker announcements, the model list."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class Admitted(BaseModel):
+    """A worker's reply to a forwarded request: it took the work and will answer on the caller's subject."""
+
+    worker_id: str
+    request_id: str
+
+
+class Cancel(BaseModel):
+    """Stop generating for a request (the caller went away or asked to stop)."""
+
+    request_id: str
+    reason: str = "cancelled by client"
+
+
+class ModelInfo(BaseModel):
+    """A model a worker serves."""
+
+    name: str
+    context_length: int
+    kind: Literal["chat", "embeddings"] = "chat"
+
+
+class WorkerHeartbeat(BaseModel):
+    """A worker's announcement of itself, sent every ``interval_s`` seconds and on roll call."""
+
+    worker_id: str
+    service: str
+    site: str
+    models: list[ModelInfo]
+    inflight: int = 0
+    capacity: int = 1
+    interval_s: float = 2.0
+    sent_at: float = Field(default_factory=time.time)
+
+
+class ModelLocation(BaseModel):
+    """Where a model runs: a site id or ``hub``, and how many workers serve it there."""
+
+    site: str
+    workers: int
+
+
+class ModelCard(BaseModel):
+    """One entry of ``GET /v1/models`` (OpenAI's fields plus where the model runs)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "leafwire"
+    context_length: int | None = None
+    kind: Literal["chat", "embeddings"] = "chat"
+    locations: list[ModelLocation] = Field(default_factory=list)
+
+
+class ModelList(BaseModel):
+    """``GET /v1/models``; also the reply of ``lw.v1.<site>.models``."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class RouteDecision(BaseModel):
+    """Where the router sent a request and why; travels as the ``Lw-Route`` header and the HTTP
+    ``x-leafwire-route`` header as ``target=...; rule=...; reason=...``."""
+
+    target: str
+    rule: str = "default"
+    reason: str = ""
+    variant: str | None = None
+
+    def header(self) -> str:
+        """The compact header form (``;``-separated ``key=value``, no ``;`` inside values)."""
+        parts = [f"target={self.target}", f"rule={self.rule}"]
+        if self.variant:
+            parts.append(f"variant={self.variant}")
+        if self.reason:
+            parts.append(f"reason={self.reason}")
+        return "; ".join(p.replace("\n", " ") for p in parts)
+
+    @classmethod
+    def parse(cls, header: str) -> RouteDecision:
+        """Read the header form back."""
+        fields = dict(p.strip().split("=", 1) for p in header.split(";") if "=" in p)
+        return cls.model_validate(fields)

@@ -1,0 +1,141 @@
+"""The gateway's HTTP app: routes, authentication, metrics, and its life cycle."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+from aiohttp import web
+from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from schemas.chat import ChatCompletionRequest
+from services.gateway.chat import ChatBridge
+from services.gateway.errors import openai_errors, read_json, validate
+from services.gateway.settings import GatewaySettings
+from shared import metrics, subjects
+from shared import nats as lw_nats
+from shared.errors import Unauthorized, Unavailable
+from shared.logging import bind_request, get_logger
+from shared.ops import Readiness, add_routes, bound_port
+from shared.replies import ReplyReader
+
+SERVICE = "gateway"
+log = get_logger("leafwire.gateway")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Gateway:
+    """Everything the handlers share."""
+
+    settings: GatewaySettings
+    nc: NATS
+    bridge: ChatBridge
+    keys: dict[str, str]
+    models_ok_at: float = 0.0
+
+    def tenant_of(self, request: web.Request) -> str:
+        """The tenant of the caller's API key; any caller is ``default`` when no keys are configured."""
+        if not self.keys:
+            return "default"
+        auth = request.headers.get("Authorization", "")
+        scheme, _, key = auth.partition(" ")
+        tenant = self.keys.get(key.strip()) if scheme.lower() == "bearer" else None
+        if tenant is None:
+            raise Unauthorized("Incorrect API key provided. "
+                               "Pass a valid key as 'Authorization: Bearer <key>'.")
+        return tenant
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/chat/completions``"""
+        tenant = self.tenant_of(request)
+        body = await read_json(request)
+        chat = validate(ChatCompletionRequest, body)
+        bind_request("-", tenant, subjects.chat(self.settings.site))
+        return await self.bridge.complete(request, chat, await request.read(), tenant)
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        """``GET /v1/models``: what the site's router knows, with where each model runs."""
+        self.tenant_of(request)
+        try:
+            reply = await self.nc.request(subjects.models(self.settings.site), b"",
+                                          timeout=self.settings.models_timeout_s)
+        except (NoRespondersError, NatsTimeout, TimeoutError) as exc:
+            raise Unavailable(f"no router is serving site '{self.settings.site}'", retry_after=2) from exc
+        self.models_ok_at = time.monotonic()
+        return web.Response(body=reply.data, content_type="application/json")
+
+    def ready(self) -> str | None:
+        """Ready when connected to NATS (the router is probed separately)."""
+        return None if self.nc.is_connected else "not connected to NATS"
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count and time every API request by route (not by raw path: label values stay bounded)."""
+    resource = request.match_info.route.resource
+    endpoint = resource.canonical if resource is not None else "unmatched"
+    started = time.perf_counter()
+    metrics.HTTP_INFLIGHT.inc()
+    status = 499
+    try:
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    finally:
+        metrics.HTTP_INFLIGHT.dec()
+        metrics.HTTP_REQUESTS.labels(endpoint, str(status)).inc()
+        metrics.HTTP_DURATION.labels(endpoint).observe(time.perf_counter() - started)
+
+
+def build_app(gateway: Gateway, readiness: Readiness) -> web.Application:
+    """The aiohttp application."""
+    app = web.Application(client_max_size=gateway.settings.max_body_bytes,
+                          middlewares=[observe, openai_errors])
+    app["max_body"] = gateway.settings.max_body_bytes
+    app.router.add_post("/v1/chat/completions", gateway.chat_completions)
+    app.router.add_get("/v1/models", gateway.list_models)
+    add_routes(app, SERVICE, readiness)
+    return app
+
+
+async def probe_router(gateway: Gateway, readiness: Readiness, interval: float = 5.0) -> None:
+    """Keep readiness honest: the gateway is ready only while the site's router answers."""
+    state: dict[str, str | None] = {"router": "router not probed yet"}
+    readiness.add("router", lambda: state["router"])
+    while True:
+        try:
+            await gateway.nc.request(subjects.models(gateway.settings.site), b"", timeout=2)
+            state["router"] = None
+        except Exception as exc:
+            state["router"] = (f"router of site '{gateway.settings.site}' does not answer "
+                               f"({type(exc).__name__})")
+        await asyncio.sleep(interval if state["router"] is None else 0.5)
+
+
+async def main(settings: GatewaySettings, readiness: Readiness, stack: AsyncExitStack) -> None:
+    """Connect to NATS and serve HTTP."""
+    keys = settings.key_table()
+    nc = await lw_nats.connect(settings, SERVICE)
+    stack.push_async_callback(nc.drain)
+    replies = ReplyReader(nc, subjects.reply_prefix(f"gw-{uuid.uuid4().hex[:12]}"))
+    await replies.start()
+    stack.push_async_callback(replies.stop)
+    gateway = Gateway(settings, nc, ChatBridge(nc, replies, settings), keys)
+    readiness.add("nats", gateway.ready)
+    probe = asyncio.create_task(probe_router(gateway, readiness))
+    stack.callback(probe.cancel)
+    runner = web.AppRunner(build_app(gateway, readiness), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=settings.nats_drain_timeout_s)
+    await site.start()
+    port = bound_port(site, settings.port)
+    log.info("gateway listening", url=f"http://{settings.host}:{port}/v1", auth=bool(keys))

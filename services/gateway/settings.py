@@ -1,0 +1,46 @@
+"""gateway settings (environment variables ``LW_*``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from shared.settings import ServiceSettings
+
+
+class GatewaySettings(ServiceSettings):
+    """Where the gateway listens, its limits, and who may call it."""
+
+    host: str = Field(default="127.0.0.1", alias="LW_GATEWAY_HOST")
+    port: int = Field(default=8080, ge=0, le=65535, alias="LW_GATEWAY_PORT")
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, alias="LW_GATEWAY_MAX_BODY_BYTES")
+    request_timeout_s: float = Field(default=300.0, gt=0, alias="LW_GATEWAY_REQUEST_TIMEOUT_S",
+                                     description="deadline of a whole request")
+    idle_timeout_s: float = Field(default=60.0, gt=0, alias="LW_GATEWAY_IDLE_TIMEOUT_S",
+                                  description="longest wait for the first or the next piece of an answer")
+    models_timeout_s: float = Field(default=2.0, gt=0, alias="LW_GATEWAY_MODELS_TIMEOUT_S")
+    api_keys: str = Field(default="", alias="LW_GATEWAY_API_KEYS",
+                          description="comma-separated key:tenant pairs")
+    api_keys_file: Path | None = Field(default=None, alias="LW_GATEWAY_API_KEYS_FILE",
+                                       description="a file of key:tenant lines")
+
+    @model_validator(mode="after")
+    def _keys_outside_development(self) -> GatewaySettings:
+        if self.env == "production" and not (self.api_keys or self.api_keys_file):
+            raise ValueError("production needs API keys: set LW_GATEWAY_API_KEYS or LW_GATEWAY_API_KEYS_FILE")
+        return self
+
+    def key_table(self) -> dict[str, str]:
+        """API key -> tenant. Empty means no key is needed (development only)."""
+        lines = [p for p in self.api_keys.split(",") if p.strip()]
+        if self.api_keys_file is not None:
+            lines += [ln for ln in self.api_keys_file.read_text().splitlines()
+                      if ln.strip() and not ln.startswith("#")]
+        table = {}
+        for line in lines:
+            key, sep, tenant = line.strip().partition(":")
+            if not sep or not key or not tenant:
+                raise ValueError("API keys must be written key:tenant")
+            table[key] = tenant
+        return table

@@ -1,0 +1,233 @@
+"""The decoder process: owns one onnxruntime-genai model and decodes static batches of rows.
+
+Runs in its own process (onnxruntime-genai holds the GIL while it computes). Between decode steps it
+reads the pipe, so cancellations and new rows are seen within one step. Compatible queued rows (same
+sampling parameters) are decoded together in one generator; each row finishes on its own (end of
+sequence, its own stop sequences, its own max_tokens) and the batch ends when no live row is left.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from services.local_inference.ipc import (
+    CancelRow,
+    Delta,
+    Finished,
+    Loaded,
+    Rejected,
+    RowEvent,
+    RowSpec,
+    Shutdown,
+    Started,
+    Submit,
+    ToDecoder,
+)
+from services.local_inference.registry import ModelSpec
+from services.local_inference.stops import StopMatcher
+
+ROLE_MAP = {"developer": "system"}
+
+
+@dataclass
+class LiveRow:
+    """A row being decoded."""
+
+    spec: RowSpec
+    prompt: str
+    prompt_tokens: int
+    max_new: int
+    matcher: StopMatcher
+    stream: Any
+    generated: int = 0
+    done: bool = False
+
+
+@dataclass
+class Decoder:
+    """The model, the tokenizer and the queue of rows waiting for a batch."""
+
+    spec: ModelSpec
+    max_batch: int
+    conn: Connection
+    og: Any = None
+    model: Any = None
+    tokenizer: Any = None
+    context_length: int = 0
+    eos: frozenset[int] = frozenset()
+    queue: deque[RowSpec] = field(default_factory=deque)
+    cancelled: set[int] = field(default_factory=set)
+    running: bool = True
+
+    def load(self, intra_op_threads: int) -> Loaded:
+        """Load the model (the only slow step at start)."""
+        import onnxruntime_genai as og
+
+        started = time.monotonic()
+        self.og = og
+        config = og.Config(str(self.spec.path))
+        if intra_op_threads > 0:
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                "intra_op_num_threads": intra_op_threads}}}}))
+        self.model = og.Model(config)
+        self.tokenizer = og.Tokenizer(self.model)
+        self.context_length = self.spec.resolved_context_length()
+        self.eos = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
+        return Loaded(self.context_length, time.monotonic() - started)
+
+    # -- the pipe ---------------------------------------------------------------------------------
+
+    def handle(self, msg: ToDecoder) -> None:
+        """Apply one message from the worker."""
+        if isinstance(msg, Submit):
+            self.queue.extend(msg.rows)
+        elif isinstance(msg, CancelRow):
+            self.cancelled.add(msg.key)
+        elif isinstance(msg, Shutdown):
+            self.running = False
+
+    def poll(self) -> None:
+        """Read every message waiting on the pipe without blocking."""
+        while self.conn.poll():
+            self.handle(self.conn.recv())
+
+    def send(self, events: list[RowEvent]) -> None:
+        """Send the events of one step in one message."""
+        if events:
+            self.conn.send(events)
+
+    # -- batches ----------------------------------------------------------------------------------
+
+    def next_batch(self) -> list[RowSpec]:
+        """Take the first queued row and every queued row compatible with it, up to ``max_batch``."""
+        first = self.queue.popleft()
+        batch, rest = [first], deque[RowSpec]()
+        while self.queue:
+            row = self.queue.popleft()
+            if len(batch) < self.max_batch and row.sampling_key() == first.sampling_key():
+                batch.append(row)
+            else:
+                rest.append(row)
+        self.queue = rest
+        return batch
+
+    def prepare(self, rows: Iterable[RowSpec], events: list[RowEvent]) -> list[LiveRow]:
+        """Template and tokenize rows; reject those cancelled, expired or too long for the context."""
+        live = []
+        for row in rows:
+            if row.key in self.cancelled:
+                self.cancelled.discard(row.key)
+                events.append(Finished(row.key, "cancelled", 0, 0))
+                continue
+            if time.time() >= row.deadline:
+                events.append(Rejected(row.key, "deadline", "the request's deadline passed before decoding",
+                                       {}))
+                continue
+            messages = [{"role": ROLE_MAP.get(m["role"], m["role"]), "content": m["content"]}
+                        for m in row.messages]
+            prompt = self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+            n = len(self.tokenizer.encode(prompt))
+            room = self.context_length - n
+            if (row.max_tokens is not None and row.max_tokens > room) or room < 1:
+                asked = row.max_tokens or 1
+                events.append(Rejected(row.key, "context_length", "prompt and completion exceed the context",
+                                       {"context_length": self.context_length, "prompt_tokens": n,
+                                        "max_tokens": asked}))
+                continue
+            max_new = row.max_tokens or min(self.spec.defaults.max_tokens, room)
+            live.append(LiveRow(row, prompt, n, max_new, StopMatcher(row.stop),
+                                self.tokenizer.create_stream()))
+        return live
+
+    def decode(self, rows: list[LiveRow]) -> None:
+        """Decode one static batch until every row has finished or been cancelled."""
+        og, first = self.og, rows[0].spec
+        params = og.GeneratorParams(self.model)
+        longest = max(r.prompt_tokens for r in rows)
+        options: dict[str, Any] = {
+            "batch_size": len(rows),
+            "max_length": min(self.context_length, longest + max(r.max_new for r in rows)),
+            "do_sample": first.temperature > 0,
+            "top_k": self.spec.defaults.top_k,
+            "repetition_penalty": self.spec.defaults.repetition_penalty,
+        }
+        if first.temperature > 0:
+            options.update(temperature=first.temperature, top_p=first.top_p)
+        if first.seed is not None:
+            options["random_seed"] = first.seed % (2**31)
+        params.set_search_options(**options)
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(self.tokenizer.encode_batch([r.prompt for r in rows]))
+        self.send([Started(r.spec.key, r.prompt_tokens, len(rows)) for r in rows])
+        while not generator.is_done():
+            generator.generate_next_token()
+            tokens = generator.get_next_tokens()
+            events: list[RowEvent] = []
+            for row, token in zip(rows, tokens, strict=True):
+                if not row.done:
+                    self.step_row(row, int(token), events)
+            self.poll()
+            for row in rows:
+                if not row.done and row.spec.key in self.cancelled:
+                    self.finish(row, "cancelled", events)
+            self.send(events)
+            if all(r.done for r in rows) or not self.running:
+                break
+        leftovers: list[RowEvent] = []
+        for row in rows:
+            if not row.done:
+                self.finish(row, "length", leftovers)
+        self.send(leftovers)
+
+    def step_row(self, row: LiveRow, token: int, events: list[RowEvent]) -> None:
+        """Account one new token of ``row``: end of sequence, text, stop sequences, max_tokens."""
+        row.generated += 1
+        if token in self.eos:
+            self.finish(row, "stop", events)
+            return
+        text = row.matcher.feed(row.stream.decode(token))
+        if text:
+            events.append(Delta(row.spec.key, text))
+        if row.matcher.stopped:
+            self.finish(row, "stop", events)
+        elif row.generated >= row.max_new:
+            self.finish(row, "length", events)
+
+    def finish(self, row: LiveRow, reason: str, events: list[RowEvent]) -> None:
+        """End ``row``: send what the stop matcher held back, then the finish event."""
+        tail = row.matcher.flush() if reason != "cancelled" else ""
+        if tail:
+            events.append(Delta(row.spec.key, tail))
+        events.append(Finished(row.spec.key, reason, row.prompt_tokens, row.generated))  # type: ignore[arg-type]
+        self.cancelled.discard(row.spec.key)
+        row.done = True
+
+    def run(self) -> None:
+        """Serve until told to shut down or the worker goes away."""
+        while self.running:
+            if not self.queue:
+                self.handle(self.conn.recv())
+            self.poll()
+            if not self.queue:
+                continue
+            events: list[RowEvent] = []
+            rows = self.prepare(self.next_batch(), events)
+            self.send(events)
+            if rows:
+                self.decode(rows)
+
+
+def main(conn: Connection, spec: ModelSpec, max_batch: int, intra_op_threads: int) -> None:
+    """Entry point of the decoder process."""
+    decoder = Decoder(spec=spec, max_batch=max_batch, conn=conn)
+    try:
+        conn.send(decoder.load(intra_op_threads))
+        decoder.run()
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass  # the worker went away or is stopping us: nothing left to answer

@@ -1,0 +1,15 @@
+"""router settings (environment variables ``LW_*``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from shared.settings import ServiceSettings
+
+
+class RouterSettings(ServiceSettings):
+    """How long the router waits for a worker to take a request, and how many it handles at once."""
+
+    admission_timeout_s: float = Field(default=5.0, gt=0, alias="LW_ROUTER_ADMISSION_TIMEOUT_S")
+    max_concurrency: int = Field(default=256, ge=1, alias="LW_ROUTER_MAX_CONCURRENCY")
+    roll_call_wait_s: float = Field(default=0.5, ge=0, alias="LW_ROUTER_ROLL_CALL_WAIT_S")

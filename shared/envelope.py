@@ -1,0 +1,86 @@
+"""The request context that travels with every hop in NATS headers.
+
+Each hop forwards the caller's reply subject, the request id, the tenant and the deadline, so the worker
+that produces the answer publishes it straight to the caller; replies never travel back through the chain.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+REQUEST_ID = "Lw-Request-Id"
+TENANT = "Lw-Tenant"
+DEADLINE = "Lw-Deadline"
+REPLY = "Lw-Reply"
+ROUTE = "Lw-Route"
+EVENT = "Lw-Event"
+STATUS = "Lw-Status"
+RETRY_AFTER = "Lw-Retry-After"
+
+DEFAULT_TENANT = "default"
+DEFAULT_TIMEOUT_S = 300.0
+_MAX_ID_LEN = 128
+
+
+def new_request_id() -> str:
+    """A fresh request id, also used as the OpenAI completion id suffix."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """Who asked, where the answer goes, and by when."""
+
+    request_id: str
+    tenant: str
+    reply: str
+    deadline: float
+    route: str = ""
+
+    @classmethod
+    def from_message(cls, headers: Mapping[str, str] | None, reply_to: str | None) -> Envelope:
+        """Read the envelope of a received message; a missing request id or deadline gets a default.
+
+        ``Lw-Reply`` wins over the message's own reply subject: on internal hops the message's reply
+        subject belongs to the forwarding service (for the admission answer), not to the caller.
+        """
+        h = headers or {}
+        request_id = h.get(REQUEST_ID, "")[:_MAX_ID_LEN] or new_request_id()
+        try:
+            deadline = float(h[DEADLINE])
+        except (KeyError, ValueError):
+            deadline = time.time() + DEFAULT_TIMEOUT_S
+        return cls(
+            request_id=request_id,
+            tenant=h.get(TENANT, "")[:_MAX_ID_LEN] or DEFAULT_TENANT,
+            reply=h.get(REPLY) or reply_to or "",
+            deadline=deadline,
+            route=h.get(ROUTE, ""),
+        )
+
+    def headers(self) -> dict[str, str]:
+        """Headers that carry this envelope to the next hop."""
+        h = {
+            REQUEST_ID: self.request_id,
+            TENANT: self.tenant,
+            DEADLINE: f"{self.deadline:.3f}",
+            REPLY: self.reply,
+        }
+        if self.route:
+            h[ROUTE] = self.route
+        return h
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline (negative once passed)."""
+        return self.deadline - time.time()
+
+    def expired(self) -> bool:
+        """True once the deadline has passed."""
+        return self.remaining() <= 0
+
+    def with_route(self, route: str) -> Envelope:
+        """A copy carrying the router's decision."""
+        return replace(self, route=route)

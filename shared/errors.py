@@ -1,0 +1,143 @@
+"""leafwire's exceptions. Each carries the status and OpenAI error fields it maps to.
+
+    LeafwireError                    500 server_error
+    ├── InvalidRequest               400 invalid_request_error
+    │   └── ContextLengthExceeded    400 code=context_length_exceeded
+    ├── Unauthorized                 401 authentication_error
+    ├── ModelNotFound                404 code=model_not_found
+    ├── Overloaded                   429 rate_limit_error  (carries retry_after)
+    ├── Unavailable                  503 service_unavailable (carries retry_after)
+    ├── DeadlineExceeded             504 timeout
+    ├── Cancelled                    499 cancelled
+    ├── UpstreamError                502 upstream_error
+    └── RemoteError                  any: an error another service sent over NATS, kept as sent
+
+Lower-layer errors are translated at a service's boundary (``raise Unavailable(...) from exc``); the
+gateway maps them to OpenAI's error shape once, and NATS handlers to an ``error`` event once.
+"""
+
+from __future__ import annotations
+
+from schemas.errors import ErrorBody, ErrorResponse
+
+
+class LeafwireError(Exception):
+    """Root of every error leafwire reports to a caller."""
+
+    status: int = 500
+    type: str = "server_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+        self.retry_after = retry_after
+
+    def to_response(self) -> ErrorResponse:
+        """This error in OpenAI's shape."""
+        return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param,
+                                             code=self.code))
+
+
+class InvalidRequest(LeafwireError):
+    """The request is malformed or asks for something impossible."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """Prompt plus requested completion do not fit the model's context."""
+
+    default_code = "context_length_exceeded"
+
+    def __init__(self, *, model: str, context_length: int, prompt_tokens: int, max_tokens: int) -> None:
+        super().__init__(
+            f"This model's maximum context length is {context_length} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
+            f"completion). Please reduce the length of the messages or completion.",
+            param="messages",
+        )
+        self.model = model
+        self.context_length = context_length
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+
+
+class Unauthorized(LeafwireError):
+    """Missing or wrong API key."""
+
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class ModelNotFound(LeafwireError):
+    """No worker, provider or alias is known for the model."""
+
+    status = 404
+    type = "invalid_request_error"
+    default_code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model '{model}' does not exist or is not served here.", param="model")
+        self.model = model
+
+
+class Overloaded(LeafwireError):
+    """A bounded queue is full: try again after ``retry_after`` seconds."""
+
+    status = 429
+    type = "rate_limit_error"
+    default_code = "overloaded"
+
+
+class Unavailable(LeafwireError):
+    """Nothing can serve the request right now (no worker, no router, NATS down)."""
+
+    status = 503
+    type = "service_unavailable"
+    default_code = "unavailable"
+
+
+class DeadlineExceeded(LeafwireError):
+    """The request's deadline passed before it was answered."""
+
+    status = 504
+    type = "timeout"
+    default_code = "deadline_exceeded"
+
+
+class Cancelled(LeafwireError):
+    """The caller cancelled the request."""
+
+    status = 499
+    type = "cancelled"
+    default_code = "cancelled"
+
+
+class UpstreamError(LeafwireError):
+    """A provider or worker failed after taking the request."""
+
+    status = 502
+    type = "upstream_error"
+    default_code = "upstream_error"
+
+
+class RemoteError(LeafwireError):
+    """An error another service reported over NATS, with the status and fields it was sent with."""
+
+    def __init__(self, status: int, response: ErrorResponse, retry_after: float | None = None) -> None:
+        body = response.error
+        super().__init__(body.message, param=body.param, code=body.code, retry_after=retry_after)
+        self.status = status
+        self.type = body.type

@@ -1,0 +1,78 @@
+"""JSON logs through structlog, with the request id, tenant and subject bound where known.
+
+``configure()`` is called once at start-up; nothing is configured at import. Third-party loggers
+(FastStream, aiohttp, nats) go through the same renderer, so every line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import structlog
+
+SECRET_KEYS = frozenset({"api_key", "authorization", "password", "token", "secret", "x-api-key", "key"})
+REDACTED = "[redacted]"
+
+
+def redact_secrets(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Replace values of keys that hold secrets (API keys, tokens) before anything is rendered."""
+    for key in list(event_dict):
+        if key.lower() in SECRET_KEYS:
+            event_dict[key] = REDACTED
+        elif isinstance(event_dict[key], Mapping):
+            event_dict[key] = {k: (REDACTED if str(k).lower() in SECRET_KEYS else v)
+                               for k, v in event_dict[key].items()}
+    return event_dict
+
+
+def _shared_processors(service: str) -> list[Any]:
+    def add_service(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event_dict.setdefault("service", service)
+        return event_dict
+
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        add_service,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact_secrets,
+    ]
+
+
+def configure(service: str, level: str = "info") -> None:
+    """Send structlog and stdlib logging to stderr as JSON lines, at ``level``."""
+    shared = _shared_processors(service)
+    structlog.configure(
+        processors=[*shared, structlog.processors.format_exc_info,
+                    structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info,
+                    structlog.processors.JSONRenderer()],
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("faststream", "faststream.access", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def bind_request(request_id: str, tenant: str, subject: str | None = None) -> None:
+    """Bind the request's identity to every log line of the current task."""
+    structlog.contextvars.bind_contextvars(request_id=request_id, tenant=tenant,
+                                           **({"subject": subject} if subject else {}))
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    """A logger for ``name``."""
+    return structlog.stdlib.get_logger(name)

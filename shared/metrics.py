@@ -1,0 +1,42 @@
+"""Every Prometheus metric leafwire exports: names with the ``leafwire_`` prefix and units in the name,
+label sets bounded (service, model, outcome... never a request id or tenant-supplied free text).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2)
+
+# -- every service
+UP = Gauge("leafwire_up", "1 while the service runs", ["service"])
+DEAD_LETTERS = Counter("leafwire_dead_letters_total", "Poisoned NATS messages dead-lettered",
+                       ["service", "reason"])
+NATS_CONNECTED = Gauge("leafwire_nats_connected", "1 while connected to NATS", ["service"])
+
+# -- gateway
+HTTP_REQUESTS = Counter("leafwire_http_requests_total", "HTTP requests answered",
+                        ["endpoint", "status"])
+HTTP_DURATION = Histogram("leafwire_http_request_duration_seconds", "HTTP request time until the last byte",
+                          ["endpoint"], buckets=LATENCY_BUCKETS)
+HTTP_INFLIGHT = Gauge("leafwire_http_inflight_requests", "HTTP requests being answered")
+CLIENT_DISCONNECTS = Counter("leafwire_client_disconnects_total",
+                             "Requests whose HTTP client went away before the answer ended")
+
+# -- router
+ROUTE_DECISIONS = Counter("leafwire_route_decisions_total", "Routing decisions", ["target", "outcome"])
+ROUTE_DURATION = Histogram("leafwire_route_duration_seconds", "Time to decide and hand a request over",
+                           buckets=LATENCY_BUCKETS)
+
+# -- local inference
+TTFT = Histogram("leafwire_time_to_first_token_seconds", "Time from request arrival to first token",
+                 ["model"], buckets=LATENCY_BUCKETS)
+INTER_TOKEN = Histogram("leafwire_inter_token_seconds", "Time between two tokens of one answer",
+                        ["model"], buckets=TOKEN_LATENCY_BUCKETS)
+PROMPT_TOKENS = Counter("leafwire_prompt_tokens_total", "Prompt tokens processed", ["model"])
+COMPLETION_TOKENS = Counter("leafwire_completion_tokens_total", "Completion tokens generated", ["model"])
+GENERATIONS = Counter("leafwire_generations_total", "Answers finished", ["model", "finish_reason"])
+ACTIVE_ROWS = Gauge("leafwire_active_rows", "Requests being decoded", ["model"])
+MODEL_LOAD = Gauge("leafwire_model_load_seconds", "Time the model took to load", ["model"])
+REJECTED = Counter("leafwire_rejected_requests_total", "Requests refused", ["service", "reason"])

@@ -1,0 +1,97 @@
+"""NATS connections: wait for the server at start, reconnect forever, drain on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import nats
+from faststream.nats import NatsBroker
+from nats.aio.client import Client as NATS
+
+from shared.logging import get_logger
+from shared.settings import ServiceSettings
+
+log = get_logger("leafwire.nats")
+
+
+def connect_options(settings: ServiceSettings, name: str) -> dict[str, Any]:
+    """Options for nats-py and FastStream alike: reconnect forever, ping often, log state changes."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error", error=repr(exc))
+
+    async def on_disconnect() -> None:
+        log.warning("nats disconnected")
+
+    async def on_reconnect() -> None:
+        log.info("nats reconnected")
+
+    opts: dict[str, Any] = {
+        "servers": settings.nats_servers,
+        "name": f"{name}@{settings.site}",
+        "allow_reconnect": True,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 1,
+        "connect_timeout": 2,
+        "ping_interval": 10,
+        "max_outstanding_pings": 3,
+        "error_cb": on_error,
+        "disconnected_cb": on_disconnect,
+        "reconnected_cb": on_reconnect,
+    }
+    if settings.nats_creds is not None:
+        opts["user_credentials"] = str(settings.nats_creds)
+    return opts
+
+
+async def wait_for_server(settings: ServiceSettings) -> None:
+    """Return once a NATS server of ``settings`` accepts a connection; raise after the connect timeout.
+
+    Services start in any order; this lets them wait for NATS instead of failing.
+    """
+    deadline = time.monotonic() + settings.nats_connect_timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            nc = await nats.connect(settings.nats_servers, connect_timeout=1, allow_reconnect=False,
+                                    max_reconnect_attempts=0,
+                                    **({"user_credentials": str(settings.nats_creds)}
+                                       if settings.nats_creds else {}))
+        except Exception as exc:  # nats raises several unrelated types for "not there yet"
+            last = exc
+            await asyncio.sleep(0.2)
+            continue
+        await nc.close()
+        return
+    raise ConnectionError(f"no NATS server at {settings.nats_url} after "
+                          f"{settings.nats_connect_timeout_s:g} s") from last
+
+
+async def connect(settings: ServiceSettings, name: str) -> NATS:
+    """A nats-py client that reconnects forever; waits for the server first."""
+    await wait_for_server(settings)
+    return await nats.connect(**connect_options(settings, name))
+
+
+def broker(settings: ServiceSettings, name: str, **kwargs: Any) -> NatsBroker:
+    """A FastStream NATS broker with leafwire's connection options (not connected yet)."""
+    opts = connect_options(settings, name)
+    return NatsBroker(
+        opts.pop("servers"),
+        graceful_timeout=settings.nats_drain_timeout_s,
+        drain_timeout=int(settings.nats_drain_timeout_s),
+        logger=get_logger(f"faststream.{name}"),
+        **opts,
+        **kwargs,
+    )
+
+
+async def start_broker(b: NatsBroker, settings: ServiceSettings) -> NATS:
+    """Wait for NATS, start the broker and flush so its subscriptions are live before returning."""
+    await wait_for_server(settings)
+    await b.start()
+    nc = b.connection
+    await nc.flush(timeout=5)
+    return nc

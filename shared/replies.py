@@ -1,0 +1,204 @@
+"""The reply stream: how an answer travels from the worker that makes it to the caller that asked.
+
+On the caller's reply subject a worker publishes, with the event kind in the ``Lw-Event`` header:
+
+- ``chunk``  an OpenAI ``chat.completion.chunk`` (streamed requests), any number of times, then
+- ``done``   a ``StreamEnd`` (finish reason and usage) that closes the stream; or
+- ``result`` one OpenAI ``chat.completion`` (requests with ``stream: false``); or
+- ``error``  an OpenAI error object, status in ``Lw-Status``, at any point; it closes the stream.
+
+A request sent with a reply subject to a subject nobody serves gets the server's no-responders status,
+which readers turn into ``Unavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from schemas.errors import ErrorResponse
+from shared import envelope as hdr
+from shared.envelope import Envelope
+from shared.errors import LeafwireError, RemoteError, Unavailable, UpstreamError
+
+
+class Event(StrEnum):
+    """Kinds of message on a reply subject."""
+
+    CHUNK = "chunk"
+    DONE = "done"
+    RESULT = "result"
+    ERROR = "error"
+    ADMITTED = "admitted"  # on an admission reply (worker -> router), never on a caller's subject
+
+
+FINAL_EVENTS = frozenset({Event.DONE, Event.RESULT, Event.ERROR})
+
+
+class ReplyPublisher:
+    """Publishes one request's answer to the caller's reply subject."""
+
+    def __init__(self, nc: NATS, subject: str, env: Envelope) -> None:
+        self._nc = nc
+        self._subject = subject
+        self._env = env
+        self._first = True
+
+    def _headers(self, event: Event) -> dict[str, str]:
+        h = {hdr.EVENT: event.value}
+        if self._first:
+            h[hdr.REQUEST_ID] = self._env.request_id
+            if self._env.route:
+                h[hdr.ROUTE] = self._env.route
+            self._first = False
+        return h
+
+    async def send(self, event: Event, body: bytes) -> None:
+        """Publish one event (no-op when the caller left no reply subject)."""
+        if self._subject:
+            await self._nc.publish(self._subject, body, headers=self._headers(event))
+
+    async def error(self, err: LeafwireError) -> None:
+        """Publish an error event; it ends the stream for the caller."""
+        if not self._subject:
+            return
+        h = self._headers(Event.ERROR)
+        h[hdr.STATUS] = str(err.status)
+        if err.retry_after is not None:
+            h[hdr.RETRY_AFTER] = f"{err.retry_after:g}"
+        await self._nc.publish(self._subject, err.to_response().model_dump_json().encode(), headers=h)
+
+
+async def publish_error(nc: NATS, subject: str, env: Envelope, err: LeafwireError) -> None:
+    """Send ``err`` about the request of ``env`` to ``subject``."""
+    await ReplyPublisher(nc, subject, env).error(err)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One event received on a reply subject."""
+
+    event: Event
+    data: bytes
+    headers: Mapping[str, str]
+
+    def raise_for_error(self) -> None:
+        """Raise the error this reply carries, if it is an error event."""
+        if self.event is Event.ERROR:
+            raise error_of(self.headers, self.data)
+
+
+def error_of(headers: Mapping[str, str], data: bytes) -> LeafwireError:
+    """Rebuild the error carried by an ``error`` event."""
+    try:
+        status = int(headers.get(hdr.STATUS, "500"))
+        retry = headers.get(hdr.RETRY_AFTER)
+        return RemoteError(status, ErrorResponse.model_validate_json(data),
+                           float(retry) if retry else None)
+    except ValueError:
+        return UpstreamError(f"malformed error event: {data[:200]!r}")
+
+
+def _as_reply(msg: Msg, unavailable: str) -> Reply:
+    headers = msg.headers or {}
+    err: LeafwireError
+    if headers.get("Status") == "503" and not msg.data:
+        err = Unavailable(unavailable, retry_after=1)
+        return Reply(Event.ERROR, err.to_response().model_dump_json().encode(),
+                     {hdr.STATUS: "503", hdr.RETRY_AFTER: "1"})
+    try:
+        event = Event(headers.get(hdr.EVENT, ""))
+    except ValueError:
+        err = UpstreamError(f"unexpected message on reply subject: event {headers.get(hdr.EVENT)!r}")
+        return Reply(Event.ERROR, err.to_response().model_dump_json().encode(), {hdr.STATUS: "502"})
+    return Reply(event, msg.data, headers)
+
+
+class ReplyStream:
+    """The replies to one request, read in order; ends after a final event."""
+
+    def __init__(self, reader: ReplyReader, subject: str, key: str, maxsize: int) -> None:
+        self.subject = subject
+        self._reader = reader
+        self._key = key
+        self._queue: asyncio.Queue[Reply] = asyncio.Queue(maxsize)
+        self.unavailable = "no service is listening for this request"
+        self.overflowed = False
+
+    def _put(self, msg: Msg) -> None:
+        try:
+            self._queue.put_nowait(_as_reply(msg, self.unavailable))
+        except asyncio.QueueFull:
+            self.overflowed = True
+
+    async def next(self, wait_s: float) -> Reply:
+        """The next reply; ``TimeoutError`` when none comes within ``wait_s`` seconds."""
+        if self.overflowed:
+            err = UpstreamError("reply stream overflowed: the reader fell too far behind")
+            return Reply(Event.ERROR, err.to_response().model_dump_json().encode(), {hdr.STATUS: "502"})
+        async with asyncio.timeout(wait_s):
+            return await self._queue.get()
+
+    def close(self) -> None:
+        """Stop receiving; later messages for this request are dropped."""
+        self._reader._streams.pop(self._key, None)
+
+
+class ReplyReader:
+    """One wildcard subscription that demultiplexes the reply streams of many requests."""
+
+    def __init__(self, nc: NATS, prefix: str, stream_maxsize: int = 4096) -> None:
+        self._nc = nc
+        self._prefix = prefix
+        self._maxsize = stream_maxsize
+        self._streams: dict[str, ReplyStream] = {}
+        self._sub: Subscription | None = None
+        self._ids = itertools.count()
+
+    async def start(self) -> None:
+        """Subscribe (and flush, so replies sent right after are not missed)."""
+        self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._dispatch,
+                                             pending_msgs_limit=1_000_000,
+                                             pending_bytes_limit=512 * 1024 * 1024)
+        await self._nc.flush()
+
+    async def stop(self) -> None:
+        """Unsubscribe; open streams get nothing more."""
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _dispatch(self, msg: Msg) -> None:
+        stream = self._streams.get(msg.subject[len(self._prefix) + 1:])
+        if stream is not None:
+            stream._put(msg)
+
+    def open(self) -> ReplyStream:
+        """A new reply subject and the stream of what arrives on it."""
+        key = str(next(self._ids))
+        stream = ReplyStream(self, f"{self._prefix}.{key}", key, self._maxsize)
+        self._streams[key] = stream
+        return stream
+
+    @contextlib.asynccontextmanager
+    async def stream(self) -> AsyncIterator[ReplyStream]:
+        """``open()`` as a context manager that closes the stream on exit."""
+        s = self.open()
+        try:
+            yield s
+        finally:
+            s.close()
+
+    @property
+    def open_streams(self) -> int:
+        """How many requests are waiting for replies."""
+        return len(self._streams)

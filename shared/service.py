@@ -1,0 +1,88 @@
+"""Running a service: signal -> ``asyncio.Event`` -> orderly shutdown, with an ``AsyncExitStack``.
+
+A service's ``main(settings, stop, stack)`` builds what it needs, registers clean-up on ``stack``, and
+returns once serving; ``run`` then waits for SIGTERM or SIGINT and unwinds the stack (drain NATS, stop
+HTTP, stop worker processes) in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import TypeVar
+
+from faststream.nats import NatsBroker
+
+from shared import logging as lw_logging
+from shared import metrics
+from shared.nats import start_broker
+from shared.ops import OpsServer, Readiness
+from shared.settings import ServiceSettings
+
+S = TypeVar("S", bound=ServiceSettings)
+Main = Callable[[S, Readiness, AsyncExitStack], Awaitable[None]]
+
+
+def run(service: str, settings_factory: Callable[[], S], main: Main[S], *, ops_server: bool = True) -> None:
+    """Validate settings, configure logging, start the ops server and ``main``, then serve until signalled.
+
+    ``ops_server=False`` is for a service that serves the ops endpoints on its own HTTP port.
+    """
+    settings = settings_factory()
+    lw_logging.configure(service, settings.log_level)
+    asyncio.run(_serve(service, settings, main, ops_server))
+
+
+async def _serve(service: str, settings: S, main: Main[S], ops_server: bool) -> None:
+    log = lw_logging.get_logger(service)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        stop.set()
+        if signals > 1 and task is not None:  # a second signal: stop waiting for the drain
+            task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    readiness = Readiness()
+    stack = AsyncExitStack()
+    try:
+        if ops_server:
+            ops = OpsServer(service, readiness, settings.ops_host, settings.ops_port)
+            await ops.start()
+            stack.push_async_callback(ops.stop)
+        await main(settings, readiness, stack)
+        metrics.UP.labels(service).set(1)
+        log.info("service started", site=settings.site, nats=settings.nats_url,
+                 ops_port=ops.port if ops_server else None)
+        await stop.wait()
+        readiness.stopping = True
+        log.info("shutting down: draining")
+    finally:
+        try:
+            async with asyncio.timeout(settings.nats_drain_timeout_s + 5):
+                await stack.aclose()
+            log.info("stopped")
+        except (TimeoutError, asyncio.CancelledError):
+            log.error("shutdown did not finish in time; exiting anyway")
+
+
+async def attach_broker(broker: NatsBroker, settings: ServiceSettings, service: str, readiness: Readiness,
+                        stack: AsyncExitStack) -> None:
+    """Start a FastStream broker, make readiness follow its connection, drain it on shutdown."""
+    nc = await start_broker(broker, settings)
+    stack.push_async_callback(broker.stop)
+
+    def connected() -> str | None:
+        up = nc.is_connected
+        metrics.NATS_CONNECTED.labels(service).set(1 if up else 0)
+        return None if up else "not connected to NATS"
+
+    readiness.add("nats", connected)

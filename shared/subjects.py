@@ -1,0 +1,85 @@
+"""Every NATS subject and stream name leafwire uses. Nothing else in the project spells a subject.
+
+Layout: ``lw.v1.<site>.<what>``. ``<site>`` is an edge site id (``[a-z0-9_-]``, also its JetStream domain)
+or ``hub`` for cloud-wide work. Work that may run on the hub when the site has no worker for it is
+subscribed by edge workers on their own site and by hub workers on every site (``*``) in the same queue
+group: NATS prefers the local member, so the edge answers first and the hub takes over when the edge has
+none.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "lw.v1"
+HUB = "hub"
+ANY_SITE = "*"
+
+_SITE_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
+_TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def check_site(site: str) -> str:
+    """Return ``site`` if it is a valid site id (also used as a JetStream domain), else raise ValueError."""
+    if not _SITE_RE.fullmatch(site):
+        raise ValueError(f"site id {site!r} must match [a-z0-9_-]{{1,64}}")
+    return site
+
+
+def token(name: str) -> str:
+    """Make ``name`` safe as one subject token: ``.`` ``*`` ``>`` and spaces become ``_``."""
+    return _TOKEN_UNSAFE.sub("_", name)
+
+
+def chat(site: str) -> str:
+    """Chat requests entering a site (the router listens, queue ``router``)."""
+    return f"{PREFIX}.{site}.chat"
+
+
+def models(site: str) -> str:
+    """Request/reply: the models a site can serve, with where they run."""
+    return f"{PREFIX}.{site}.models"
+
+
+def cancel(site: str) -> str:
+    """Broadcast: stop generating for a request id (every worker on the site listens)."""
+    return f"{PREFIX}.{site}.cancel"
+
+
+def infer_chat(site: str, model: str) -> str:
+    """Chat work for one local model (local-inference workers, queue ``infer.<model>``)."""
+    return f"{PREFIX}.{site}.infer.{token(model)}.chat"
+
+
+def infer_queue(model: str) -> str:
+    """The queue group shared by every worker, edge or hub, that serves ``model``."""
+    return f"infer.{token(model)}"
+
+
+def heartbeat(site: str) -> str:
+    """Workers announce themselves, their models and their load here every few seconds."""
+    return f"{PREFIX}.{site}.workers.heartbeat"
+
+
+def roll_call(site: str) -> str:
+    """Broadcast asking every worker to announce itself at once (sent by a router when it starts)."""
+    return f"{PREFIX}.{site}.workers.roll_call"
+
+
+def dead_letter(site: str, service: str) -> str:
+    """Poisoned messages a service could not process, kept in the ``DEAD_LETTERS`` stream."""
+    return f"{PREFIX}.{site}.dlq.{token(service)}"
+
+
+def dead_letter_filter(site: str) -> str:
+    """Every dead letter of a site."""
+    return f"{PREFIX}.{site}.dlq.>"
+
+
+def reply_prefix(owner: str) -> str:
+    """Inbox prefix for a process that reads reply streams (a gateway, a NATS client)."""
+    return f"_INBOX.lw.{token(owner)}"
+
+
+# Stream names, after what they hold.
+DEAD_LETTERS = "DEAD_LETTERS"
