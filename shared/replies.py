@@ -46,10 +46,11 @@ FINAL_EVENTS = frozenset({Event.DONE, Event.RESULT, Event.ERROR})
 class ReplyPublisher:
     """Publishes one request's answer to the caller's reply subject."""
 
-    def __init__(self, nc: NATS, subject: str, env: Envelope) -> None:
+    def __init__(self, nc: NATS, subject: str, env: Envelope, served_by: str = "") -> None:
         self._nc = nc
         self._subject = subject
         self._env = env
+        self._served_by = served_by
         self._first = True
 
     def _headers(self, event: Event) -> dict[str, str]:
@@ -58,6 +59,8 @@ class ReplyPublisher:
             h[hdr.REQUEST_ID] = self._env.request_id
             if self._env.route:
                 h[hdr.ROUTE] = self._env.route
+            if self._served_by:
+                h[hdr.SERVED_BY] = self._served_by
             self._first = False
         return h
 

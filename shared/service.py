@@ -20,6 +20,7 @@ from shared import metrics
 from shared.nats import start_broker
 from shared.ops import OpsServer, Readiness
 from shared.settings import ServiceSettings
+from shared.streams import ensure_dead_letters
 
 S = TypeVar("S", bound=ServiceSettings)
 Main = Callable[[S, Readiness, AsyncExitStack], Awaitable[None]]
@@ -79,6 +80,7 @@ async def attach_broker(broker: NatsBroker, settings: ServiceSettings, service: 
     """Start a FastStream broker, make readiness follow its connection, drain it on shutdown."""
     nc = await start_broker(broker, settings)
     stack.push_async_callback(broker.stop)
+    await ensure_dead_letters(nc, settings.site)
 
     def connected() -> str | None:
         up = nc.is_connected

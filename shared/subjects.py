@@ -16,7 +16,7 @@ HUB = "hub"
 ANY_SITE = "*"
 
 _SITE_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
-_TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9_{}-]")  # {braces} only appear in documented templates
 
 
 def check_site(site: str) -> str:

@@ -56,6 +56,8 @@ class ChatBridge:
                 response_headers = {"x-request-id": env.request_id}
                 if route := first.headers.get(hdr.ROUTE):
                     response_headers["x-leafwire-route"] = route
+                if served_by := first.headers.get(hdr.SERVED_BY):
+                    response_headers["x-leafwire-served-by"] = served_by
                 first.raise_for_error()
                 if first.event is Event.RESULT:
                     return web.Response(body=first.data, content_type="application/json",

@@ -90,7 +90,7 @@ class Worker:
                      env: Envelope) -> None:
         """Decode one admitted row and publish its answer to the caller."""
         assert self.nc is not None
-        publisher = ReplyPublisher(self.nc, env.reply, env)
+        publisher = ReplyPublisher(self.nc, env.reply, env, f"{self.settings.site}/{self.worker_id}")
         answer = Answer.for_request(publisher, env.request_id, engine.spec.name, request)
         model = engine.spec.name
         self.inflight[env.request_id] = (engine, row.key)
@@ -200,13 +200,13 @@ def chat_handler(broker: NatsBroker, worker: Worker, model: str) -> Callable[...
     return on_chat
 
 
-def build_broker(settings: InferenceSettings, worker: Worker) -> NatsBroker:
+def build_broker(settings: InferenceSettings, worker: Worker, models: list[str]) -> NatsBroker:
     """The FastStream app: one chat subscriber per model, cancel and roll call listeners."""
     broker = make_broker(settings, SERVICE,
                          middlewares=[ErrorReplies.for_service(settings.site, SERVICE)])
     sites = subjects.ANY_SITE if settings.serves_all_sites else settings.site
 
-    for model in worker.engines:
+    for model in models:
         broker.subscriber(
             subjects.infer_chat(sites, model), queue=subjects.infer_queue(model), no_reply=True,
             title=f"infer/{model}",
@@ -268,7 +268,7 @@ async def main(settings: InferenceSettings, readiness: Readiness, stack: AsyncEx
     worker = Worker(settings, engines)
     for engine in engines.values():
         engine.on_crash = functools.partial(worker.spawn_restart, engine)
-    broker = build_broker(settings, worker)
+    broker = build_broker(settings, worker, list(engines))
     stack.push_async_callback(wait_for_answers, worker, settings.nats_drain_timeout_s)
     await attach_broker(broker, settings, SERVICE, readiness, stack)
     worker.nc = broker.connection

@@ -1,0 +1,290 @@
+"""The local stack: a 3-node hub cluster, one edge site as a leaf node, and every service, on one machine.
+
+    python -m deploy.stack up       # what `just up` runs: start, wait until healthy, print where to go
+    python -m deploy.stack down     # stop everything `up` started (from another terminal)
+    python -m deploy.stack status
+
+Processes are run by supervisor (priority-ordered start and reverse-ordered stop: NATS first up and last
+down; restart on crash; a log file per process under ``.run/logs``). This launcher only renders the
+configuration, waits for health, prints the banner, and turns Ctrl-C into an orderly supervisor shutdown.
+Everything it writes lives in the run folder (``$LW_RUN_DIR``, default ``.run``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import string
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deploy import topology
+from deploy.topology import Node
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICES = ["router", "local_inference", "batcher", "cloud_adapter", "retrieval"]
+CHAT_MODEL = "smollm2-135m-instruct"
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+@dataclass
+class Stack:
+    """Where everything listens and lives, from the environment (defaults in parentheses)."""
+
+    host: str = field(default_factory=lambda: os.environ.get("LW_HOST", "127.0.0.1"))
+    site: str = field(default_factory=lambda: os.environ.get("LW_SITE", "edge1"))
+    nats_port: int = field(default_factory=lambda: int(os.environ.get("LW_NATS_PORT", "4222")))
+    gateway_port: int = field(default_factory=lambda: int(os.environ.get("LW_GATEWAY_PORT", "8080")))
+    ops_base: int = field(default_factory=lambda: int(os.environ.get("LW_OPS_PORT_BASE", "9310")))
+    run_dir: Path = field(default_factory=lambda: Path(os.environ.get("LW_RUN_DIR", ROOT / ".run")).resolve())
+    models_dir: Path = field(default_factory=lambda: Path(os.environ.get(
+        "LW_MODELS_DIR", Path(os.environ.get("LW_HOME", Path.home() / ".cache" / "leafwire")) / "models")))
+
+    # Hub client ports follow the edge's (4223-4225); cluster 6222+, leaf 7422+, monitoring 8222+.
+    def hub(self) -> list[Node]:
+        p = self.nats_port
+        return topology.render_hub(self.run_dir, self.host, client=[p + 1, p + 2, p + 3],
+                                   cluster=[p + 2000, p + 2001, p + 2002], leaf=[p + 3200, p + 3201, p + 3202],
+                                   monitor=[p + 4001, p + 4002, p + 4003])
+
+    def edge(self, hub: list[Node]) -> Node:
+        return topology.render_edge(self.run_dir, self.site, self.host, self.nats_port, self.nats_port + 4000,
+                                    [f"nats://{self.host}:{n.leaf_port}" for n in hub])
+
+    def ops_port(self, service: str) -> int:
+        return self.ops_base + 1 + SERVICES.index(service)
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / "supervisord.pid"
+
+    @property
+    def launcher_pidfile(self) -> Path:
+        return self.run_dir / "launcher.pid"
+
+    @property
+    def gateway(self) -> str:
+        return f"http://{self.host}:{self.gateway_port}"
+
+
+def _alive(pidfile: Path, expect: str) -> int | None:
+    """The pid in ``pidfile`` if that process runs and its command line mentions ``expect``."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except (OSError, ValueError):
+        return None
+    return pid if expect in cmdline else None
+
+
+def _clear_stale(stack: Stack) -> None:
+    for pidfile, expect in ((stack.pidfile, "supervisord"), (stack.launcher_pidfile, "deploy.stack")):
+        if pidfile.exists() and _alive(pidfile, expect) is None:
+            pidfile.unlink()
+    sock = stack.run_dir / "supervisor.sock"
+    if sock.exists() and not stack.pidfile.exists():
+        sock.unlink()
+
+
+def _program(name: str, command: str, priority: int, env: dict[str, str], log_dir: Path) -> str:
+    environment = ",".join(f'{k}="{v}"' for k, v in env.items())
+    return (f"[program:{name}]\ncommand={command}\ndirectory={ROOT}\npriority={priority}\n"
+            f"environment={environment}\nautorestart=true\nstartsecs=1\nstartretries=5\n"
+            f"stopsignal=TERM\nstopwaitsecs=20\nstopasgroup=true\nkillasgroup=true\n"
+            f"redirect_stderr=true\nstdout_logfile={log_dir / name}.log\nstdout_logfile_maxbytes=20MB\n"
+            f"stdout_logfile_backups=2\n\n")
+
+
+def render(stack: Stack, hub: list[Node], edge: Node) -> Path:
+    """Write supervisord.conf: NATS servers first (priority 10/20), services (100), gateway last (200)."""
+    logs = stack.run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    base_env = {
+        "LW_SITE": stack.site, "LW_NATS_URL": edge.url, "LW_MODELS_DIR": str(stack.models_dir),
+        "LW_NATS_CONNECT_TIMEOUT_S": "60", "PYTHONUNBUFFERED": "1",
+    }
+    text = string.Template((ROOT / "deploy" / "supervisord.conf.tmpl").read_text()).substitute(
+        run_dir=stack.run_dir, password=secrets.token_urlsafe(16),
+        user_line="user=root" if os.geteuid() == 0 else "")
+    for node in hub:
+        text += _program(node.name, " ".join(node.command()), 10, {}, logs)
+    text += _program(edge.name, " ".join(edge.command()), 20, {}, logs)
+    python = sys.executable
+    for service in SERVICES:
+        env = {**base_env, "LW_OPS_PORT": str(stack.ops_port(service))}
+        text += _program(service.replace("_", "-"), f"{python} -m services.{service}", 100, env, logs)
+    gw_env = {**base_env, "LW_GATEWAY_HOST": stack.host, "LW_GATEWAY_PORT": str(stack.gateway_port)}
+    text += _program("gateway", f"{python} -m services.gateway", 200, gw_env, logs)
+    conf = stack.run_dir / "supervisord.conf"
+    conf.write_text(text)
+    return conf
+
+
+def _get_json(url: str) -> tuple[int, dict[str, object]]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, {}
+    except (OSError, ValueError):
+        return 0, {}
+
+
+def wait_until(what: str, check: Callable[[], bool], supervisor: subprocess.Popen[bytes], timeout: float,
+               started: float) -> None:
+    """Poll ``check`` until it holds; fail when supervisord exits or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if supervisor.poll() is not None:
+            raise SystemExit(f"supervisord exited while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.1)
+    say(f"  ok  {what:<44} {time.monotonic() - started:5.1f} s")
+
+
+def wait_healthy(stack: Stack, hub: list[Node], edge: Node, supervisor: subprocess.Popen[bytes]) -> None:
+    """Wait for NATS, then each service, then a model behind the gateway."""
+    t0 = time.monotonic()
+    wait_until("hub cluster (3 nodes, JetStream domain hub)",
+               lambda: all((topology.healthz(n) or {}).get("status") == "ok" for n in hub), supervisor, 60, t0)
+    wait_until(f"edge site '{stack.site}' joined as a leaf node",
+               lambda: (topology.healthz(edge) or {}).get("status") == "ok" and topology.leafnode_connected(edge),
+               supervisor, 60, t0)
+    for service in SERVICES:
+        wait_until(f"{service.replace('_', '-')} ready",
+                   _ready(f"http://{stack.host}:{stack.ops_port(service)}/readyz"), supervisor, 180, t0)
+    wait_until("gateway ready", _ready(f"{stack.gateway}/readyz"), supervisor, 60, t0)
+    wait_until(f"model {CHAT_MODEL} served", lambda: CHAT_MODEL in _model_ids(stack), supervisor, 60, t0)
+
+
+def _ready(url: str) -> Callable[[], bool]:
+    return lambda: _get_json(url)[0] == 200
+
+
+def _model_ids(stack: Stack) -> list[str]:
+    data = _get_json(f"{stack.gateway}/v1/models")[1].get("data")
+    return [str(m.get("id")) for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+
+
+def banner(stack: Stack, edge: Node) -> str:
+    """What to do now that the stack is up."""
+    body = json.dumps({"model": CHAT_MODEL,
+                       "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    return f"""
+leafwire is up: hub cluster (3 nodes) + edge site '{stack.site}', all services, model {CHAT_MODEL}
+
+  OpenAI-compatible API  {stack.gateway}/v1      (no API key needed in development)
+  NATS at the edge       {edge.url}   requests on lw.v1.{stack.site}.chat  (examples/nats_chat.py)
+  Logs                   {stack.run_dir / 'logs'}/      Metrics: {stack.gateway}/metrics
+  Stop                   Ctrl-C here, or `uv run just down` from another terminal
+
+Try it:
+  curl {stack.gateway}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{body}'
+"""
+
+
+def up(stack: Stack) -> int:
+    """Start the stack in the foreground; Ctrl-C (or `down`) stops it in order."""
+    stack.run_dir.mkdir(parents=True, exist_ok=True)
+    _clear_stale(stack)
+    if (pid := _alive(stack.pidfile, "supervisord")) is not None:
+        say(f"leafwire is already running (supervisord pid {pid}); stop it with `uv run just down`.")
+        return 1
+    if not (stack.models_dir / CHAT_MODEL / "genai_config.json").exists():
+        say(f"model {CHAT_MODEL} is missing in {stack.models_dir}: run `uv run just models` first.")
+        return 1
+    hub = stack.hub()
+    edge = stack.edge(hub)
+    ports = [n.client_port for n in [*hub, edge]] + [n.monitor_port for n in [*hub, edge]]
+    ports += [stack.gateway_port, *(stack.ops_port(s) for s in SERVICES)]
+    busy = [p for p in ports if topology.port_in_use(stack.host, p)]
+    if busy:
+        say(f"ports already in use: {busy}. Move leafwire with LW_NATS_PORT (now {stack.nats_port}), "
+            f"LW_GATEWAY_PORT (now {stack.gateway_port}) or LW_OPS_PORT_BASE (now {stack.ops_base}).")
+        return 1
+    conf = render(stack, hub, edge)
+    stack.launcher_pidfile.write_text(str(os.getpid()))
+    say(f"starting leafwire (run folder {stack.run_dir})")
+    supervisor = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)],
+                                  start_new_session=True, cwd=ROOT)
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            say("\nstopping leafwire (gateway and services first, NATS last)...")
+            supervisor.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        wait_healthy(stack, hub, edge, supervisor)
+        say(banner(stack, edge))
+    except TimeoutError as exc:
+        say(f"  !!  timed out waiting for {exc}; the logs in {stack.run_dir / 'logs'} say why. Stopping.")
+        stop()
+    except SystemExit as exc:
+        say(f"  !!  {exc}")
+    code = supervisor.wait()
+    stack.launcher_pidfile.unlink(missing_ok=True)
+    say("leafwire stopped." if stopping else f"supervisord exited with code {code}.")
+    return 0 if stopping else 1
+
+
+def down(stack: Stack) -> int:
+    """Stop a stack started by `up`, waiting until every process is gone."""
+    launcher = _alive(stack.launcher_pidfile, "deploy.stack")
+    supervisor = _alive(stack.pidfile, "supervisord")
+    if launcher is None and supervisor is None:
+        _clear_stale(stack)
+        say("leafwire is not running.")
+        return 0
+    target = launcher if launcher is not None else supervisor
+    assert target is not None
+    os.kill(target, signal.SIGTERM)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and (_alive(stack.pidfile, "supervisord") or
+                                           _alive(stack.launcher_pidfile, "deploy.stack")):
+        time.sleep(0.2)
+    if (pid := _alive(stack.pidfile, "supervisord")) is not None:
+        os.killpg(pid, signal.SIGKILL)
+        say("supervisord did not stop in 90 s: killed its process group.")
+    _clear_stale(stack)
+    say("leafwire stopped.")
+    return 0
+
+
+def status(stack: Stack) -> int:
+    """Show each process's state."""
+    if _alive(stack.pidfile, "supervisord") is None:
+        say("leafwire is not running.")
+        return 1
+    return subprocess.call([sys.executable, "-m", "supervisor.supervisorctl", "-c",
+                            str(stack.run_dir / "supervisord.conf"), "status"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["up", "down", "status"])
+    args = parser.parse_args()
+    stack = Stack()
+    return {"up": up, "down": down, "status": status}[args.command](stack)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

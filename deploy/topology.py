@@ -1,0 +1,128 @@
+"""Render the NATS topology (a hub cluster and edge sites as leaf nodes) from the templates in deploy/nats.
+
+Used by ``deploy/stack.py`` (``just up``) and by the tests, so both run the same configuration.
+Ports and data folders come from the caller; nothing here is fixed per machine.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import string
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.natsbin import nats_server
+
+TEMPLATES = Path(__file__).resolve().parent / "nats"
+
+
+@dataclass(frozen=True)
+class Node:
+    """One nats-server: its config file and where it listens."""
+
+    name: str
+    conf: Path
+    host: str
+    client_port: int
+    monitor_port: int
+    leaf_port: int | None = None
+
+    @property
+    def url(self) -> str:
+        """Client URL."""
+        return f"nats://{self.host}:{self.client_port}"
+
+    @property
+    def monitor(self) -> str:
+        """Monitoring endpoint base URL."""
+        return f"http://{self.host}:{self.monitor_port}"
+
+    def command(self) -> list[str]:
+        """The command line that runs this node."""
+        return [str(nats_server()), "-c", str(self.conf)]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free right now on ``host``."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when something already listens on ``host:port``."""
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+def _render(template: str, dest: Path, **values: object) -> Path:
+    text = string.Template((TEMPLATES / template).read_text()).substitute(
+        {k: str(v) for k, v in values.items()})
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(text)
+    return dest
+
+
+def render_hub(run_dir: Path, host: str, client: list[int], cluster: list[int], leaf: list[int],
+               monitor: list[int]) -> list[Node]:
+    """Configs of a hub cluster with one node per entry of the port lists."""
+    nodes = []
+    routes = ", ".join(f'"nats://{host}:{p}"' for p in cluster)
+    for i, (c, r, lf, m) in enumerate(zip(client, cluster, leaf, monitor, strict=True), start=1):
+        name = f"hub{i}"
+        conf = _render("hub.conf.tmpl", run_dir / "nats" / f"{name}.conf", name=name, host=host,
+                       client_port=c, monitor_port=m, cluster_port=r, leaf_port=lf, routes=routes,
+                       store_dir=run_dir / "data" / name)
+        nodes.append(Node(name, conf, host, c, m, lf))
+    return nodes
+
+
+def render_edge(run_dir: Path, site: str, host: str, client_port: int, monitor_port: int,
+                hub_leaf_urls: list[str]) -> Node:
+    """Config of an edge site's server, a leaf node of the hub."""
+    name = f"edge-{site}"
+    conf = _render("edge.conf.tmpl", run_dir / "nats" / f"{name}.conf", name=name, site=site, host=host,
+                   client_port=client_port, monitor_port=monitor_port,
+                   hub_leaf_urls=", ".join(f'"{u}"' for u in hub_leaf_urls), store_dir=run_dir / "data" / name)
+    return Node(name, conf, host, client_port, monitor_port)
+
+
+def healthz(node: Node) -> dict[str, object] | None:
+    """The node's /healthz answer (JetStream included), or None when it does not answer yet."""
+    try:
+        with urllib.request.urlopen(f"{node.monitor}/healthz", timeout=1) as resp:
+            return dict(json.loads(resp.read()))
+    except (OSError, ValueError):
+        return None
+
+
+def leafnode_connected(node: Node) -> bool:
+    """True once an edge node has its leaf connection to the hub up."""
+    try:
+        with urllib.request.urlopen(f"{node.monitor}/leafz", timeout=1) as resp:
+            return bool(json.loads(resp.read()).get("leafnodes"))
+    except (OSError, ValueError):
+        return False
+
+
+def wait_healthy(nodes: list[Node], timeout: float = 30.0, procs: list[subprocess.Popen[bytes]] | None = None,
+                 leaf: list[Node] | None = None) -> None:
+    """Block until every node reports healthy (and every ``leaf`` node is connected to the hub)."""
+    deadline = time.monotonic() + timeout
+    pending = list(nodes)
+    while pending or leaf:
+        for proc in procs or []:
+            if proc.poll() is not None:
+                raise RuntimeError(f"nats-server exited with code {proc.returncode}: {proc.args!r}")
+        pending = [n for n in pending if (healthz(n) or {}).get("status") != "ok"]
+        leaf = [n for n in (leaf or []) if not leafnode_connected(n)]
+        if not pending and not leaf:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"NATS not healthy after {timeout:g} s: {[n.name for n in pending + leaf]}")
+        time.sleep(0.05)

@@ -1,0 +1,82 @@
+"""Chat with leafwire over NATS, without HTTP.
+
+    uv run python examples/nats_chat.py "What is the capital of France?"
+    uv run python examples/nats_chat.py --no-stream "Name three pumps."
+
+Publish an OpenAI-shaped chat request to ``lw.v1.<site>.chat`` with a reply subject; the answer arrives on
+that subject, the kind of each message in the ``Lw-Event`` header: ``chunk`` (an OpenAI
+chat.completion.chunk) ... then ``done``; or one ``result`` (stream=false); or ``error``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+import nats
+
+
+async def streamed(nc: nats.NATS, site: str, body: dict[str, object], timeout: float) -> int:
+    """Subscribe to a fresh inbox first, then publish: no reply can be missed."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.flush()
+    await nc.publish(f"lw.v1.{site}.chat", json.dumps({**body, "stream": True}).encode(), reply=inbox,
+                     headers={"Lw-Tenant": "examples"})
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=timeout)
+            headers = msg.headers or {}
+            event = headers.get("Lw-Event")
+            if headers.get("Status") == "503":
+                print(f"no router is serving site {site!r}", file=sys.stderr)
+                return 1
+            if event == "chunk":
+                for choice in json.loads(msg.data)["choices"]:
+                    print(choice["delta"].get("content") or "", end="", flush=True)
+            elif event == "done":
+                usage = json.loads(msg.data)["usage"]
+                print(f"\n[{usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens, "
+                      f"route: {headers.get('Lw-Route', '?')}]")
+                return 0
+            elif event == "error":
+                print(f"\nerror {headers.get('Lw-Status')}: {json.loads(msg.data)['error']['message']}",
+                      file=sys.stderr)
+                return 1
+    finally:
+        await sub.unsubscribe()
+
+
+async def whole(nc: nats.NATS, site: str, body: dict[str, object], timeout: float) -> int:
+    """A plain NATS request: the one reply is the whole answer (or an error)."""
+    msg = await nc.request(f"lw.v1.{site}.chat", json.dumps(body).encode(), timeout=timeout)
+    reply = json.loads(msg.data)
+    if (msg.headers or {}).get("Lw-Event") == "error":
+        print(f"error {msg.headers['Lw-Status']}: {reply['error']['message']}", file=sys.stderr)
+        return 1
+    print(reply["choices"][0]["message"]["content"])
+    return 0
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prompt", nargs="?", default="What is the capital of France?")
+    parser.add_argument("--nats", default="nats://127.0.0.1:4222")
+    parser.add_argument("--site", default="edge1")
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--no-stream", action="store_true")
+    parser.add_argument("--timeout", type=float, default=60)
+    args = parser.parse_args()
+    body = {"model": args.model, "messages": [{"role": "user", "content": args.prompt}]}
+    nc = await nats.connect(args.nats)
+    try:
+        run = whole if args.no_stream else streamed
+        return await run(nc, args.site, body, args.timeout)
+    finally:
+        await nc.drain()
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

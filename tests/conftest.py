@@ -1,0 +1,58 @@
+"""Fixtures: real nats-server processes on free ports, and the walking skeleton's real services."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.support import NatsServer, Service, running, start_single, write_registry
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """One JetStream nats-server for the whole test module."""
+    server = start_single(tmp_path_factory.mktemp("nats"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class Stack:
+    """gateway + router + local-inference (tiny fixture model) on one NATS server."""
+
+    nats: NatsServer
+    gateway: Service
+    router: Service
+    worker: Service
+    site: str
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.gateway.base}/v1"
+
+    def client(self, **kwargs: object) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key="unused", max_retries=0, **kwargs)  # type: ignore[arg-type]
+
+
+def stack_services(nats_url: str, registry: Path, site: str = "edge1",
+                   gateway_env: dict[str, str] | None = None) -> tuple[Service, Service, Service]:
+    env = {"LW_NATS_URL": nats_url, "LW_SITE": site}
+    worker = Service("local_inference", {**env, "LW_MODELS_FILE": str(registry)})
+    router = Service("router", env)
+    gateway = Service("gateway", {**env, **(gateway_env or {})})
+    return worker, router, gateway
+
+
+@pytest.fixture(scope="module")
+def stack(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The walking skeleton running as real processes: the target of the end-to-end tests."""
+    registry = write_registry(tmp_path_factory.mktemp("registry") / "models.yaml")
+    worker, router, gateway = stack_services(nats_server.url, registry)
+    with running(worker, router, gateway):
+        yield Stack(nats_server, gateway, router, worker, "edge1")

@@ -1,0 +1,93 @@
+"""NATS as an API: a NATS client asks for a chat answer without HTTP and reads the token stream."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nats
+import pytest
+
+from tests.conftest import Stack
+from tests.support import ROOT
+
+pytestmark = pytest.mark.e2e
+REQUEST = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5}
+
+
+async def test_plain_request_gets_the_whole_answer(stack: Stack) -> None:
+    """`nc.request` on lw.v1.<site>.chat returns one `result`: an OpenAI chat.completion."""
+    nc = await nats.connect(stack.nats.url)
+    try:
+        msg = await nc.request(f"lw.v1.{stack.site}.chat", json.dumps(REQUEST).encode(), timeout=20)
+    finally:
+        await nc.drain()
+    assert msg.headers is not None and msg.headers["Lw-Event"] == "result"
+    body = json.loads(msg.data)
+    assert body["object"] == "chat.completion"
+    assert body["usage"]["completion_tokens"] == 5
+
+
+async def test_streamed_request_gets_chunks_then_done(stack: Stack) -> None:
+    """With stream=true the reply subject receives chunk events and one closing `done` with usage."""
+    nc = await nats.connect(stack.nats.url)
+    try:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.flush()
+        await nc.publish(f"lw.v1.{stack.site}.chat", json.dumps({**REQUEST, "stream": True}).encode(),
+                         reply=inbox, headers={"Lw-Request-Id": "nats-client-1"})
+        events = []
+        while not events or events[-1][0] not in ("done", "error"):
+            msg = await sub.next_msg(timeout=20)
+            events.append((msg.headers["Lw-Event"], json.loads(msg.data)))  # type: ignore[index]
+    finally:
+        await nc.drain()
+    kinds = [k for k, _ in events]
+    assert kinds == ["chunk"] * 7 + ["done"]  # role, 5 tokens, finish
+    assert events[0][1]["id"] == "chatcmpl-nats-client-1"
+    assert events[-1][1] == {"request_id": "nats-client-1", "finish_reason": "length",
+                             "usage": events[-1][1]["usage"]}
+    assert events[-1][1]["usage"]["completion_tokens"] == 5
+
+
+async def test_bad_request_over_nats_gets_an_error_event(stack: Stack) -> None:
+    """Invalid JSON on the chat subject is answered with an error event, status 400."""
+    nc = await nats.connect(stack.nats.url)
+    try:
+        msg = await nc.request(f"lw.v1.{stack.site}.chat", b'{"model": "tiny", "messages": "hi"}', timeout=10)
+        not_json = await nc.request(f"lw.v1.{stack.site}.chat", b"\x00\x01 not json", timeout=10)
+    finally:
+        await nc.drain()
+    assert msg.headers == {"Lw-Event": "error", "Lw-Status": "400", "Lw-Request-Id": msg.headers["Lw-Request-Id"]}  # type: ignore[index]
+    assert json.loads(msg.data)["error"]["param"] == "messages"
+    assert not_json.headers["Lw-Status"] == "400"  # type: ignore[index]
+
+
+async def test_poisoned_message_is_dead_lettered(stack: Stack) -> None:
+    """A message the router cannot parse is kept in the DEAD_LETTERS stream with the reason."""
+    nc = await nats.connect(stack.nats.url)
+    try:
+        dlq = await nc.subscribe(f"lw.v1.{stack.site}.dlq.>")
+        await nc.flush()
+        await nc.request(f"lw.v1.{stack.site}.chat", b"garbage", timeout=10)
+        kept = await dlq.next_msg(timeout=10)
+    finally:
+        await nc.drain()
+    assert kept.data == b"garbage"
+    assert kept.headers["Lw-Dlq-Service"] == "router"  # type: ignore[index]
+    assert kept.headers["Lw-Dlq-Reason"].startswith("invalid")  # type: ignore[index]
+    nc = await nats.connect(stack.nats.url)
+    try:
+        stored = await nc.jetstream().get_last_msg("DEAD_LETTERS", f"lw.v1.{stack.site}.dlq.router")
+    finally:
+        await nc.drain()
+    assert stored.data == b"garbage"
+
+
+def test_runnable_example(stack: Stack) -> None:
+    """examples/nats_chat.py streams an answer from the stack and exits 0."""
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "nats_chat.py"), "--nats", stack.nats.url,
+                          "--model", "tiny", "hello"], capture_output=True, text=True, timeout=60, check=True)
+    assert "completion tokens" in out.stdout

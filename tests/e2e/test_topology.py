@@ -1,0 +1,49 @@
+"""Hub and edge: work entering at the edge runs on the edge; with no edge worker, the hub takes it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.support import NatsServer, Service, running, start_hub_and_edge, write_registry
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[NatsServer], NatsServer, Path]]:
+    tmp = tmp_path_factory.mktemp("topology")
+    hub, edge = start_hub_and_edge(tmp, "plant7", hub_nodes=3)
+    try:
+        yield hub, edge, write_registry(tmp / "models.yaml")
+    finally:
+        for server in [edge, *hub]:
+            server.stop()
+
+
+def served_by(gateway: Service) -> str:
+    client = openai.OpenAI(base_url=f"{gateway.base}/v1", api_key="x", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert raw.parse().usage.completion_tokens == 3  # type: ignore[union-attr]
+    return raw.headers["x-leafwire-served-by"].split("/")[0]
+
+
+def test_edge_first_then_hub(topology: tuple[list[NatsServer], NatsServer, Path]) -> None:
+    """The edge worker answers edge requests; once it stops, a hub worker answers across the leaf."""
+    hub, edge, registry = topology
+    edge_env = {"LW_NATS_URL": edge.url, "LW_SITE": "plant7"}
+    edge_worker = Service("local_inference", {**edge_env, "LW_MODELS_FILE": str(registry)})
+    hub_worker = Service("local_inference", {"LW_NATS_URL": hub[1].url, "LW_SITE": "hub",
+                                             "LW_MODELS_FILE": str(registry)})
+    with running(hub_worker, edge_worker, Service("router", edge_env)), \
+            running(Service("gateway", edge_env)) as (gateway,):
+        assert [served_by(gateway) for _ in range(5)] == ["plant7"] * 5
+        models = openai.OpenAI(base_url=f"{gateway.base}/v1", api_key="x").models.list()
+        locations = models.data[0].model_extra["locations"]  # type: ignore[index]
+        assert {loc["site"] for loc in locations} == {"plant7", "hub"}
+        edge_worker.stop()
+        assert [served_by(gateway) for _ in range(5)] == ["hub"] * 5

@@ -1,0 +1,209 @@
+"""Test helpers: real nats-server processes and real service processes, each stopped by its PID.
+
+Waiting is done by polling an observable condition (a health endpoint, a metric) with a deadline,
+never by sleeping a fixed time and hoping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from deploy import topology
+from deploy.topology import Node, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+FIXTURE_MODEL = ROOT / "tests" / "fixtures" / "tiny-llama"
+REAL_MODELS = Path(os.environ.get("LW_MODELS_DIR", Path.home() / ".cache" / "leafwire" / "models"))
+
+
+def eventually(probe: Callable[[], T | None], timeout: float = 20.0, what: str = "condition") -> T:
+    """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def http_status(url: str) -> int:
+    """Status of a GET, 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0
+
+
+def http_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one Prometheus sample in exposition ``text`` (0 when absent)."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@dataclass
+class NatsServer:
+    """One nats-server started from a rendered config, stopped by PID."""
+
+    node: Node
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return self.node.url
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+def start_single(tmp: Path, domain: str | None = None) -> NatsServer:
+    """A single JetStream server on free ports (its own domain when given)."""
+    conf = tmp / "nats.conf"
+    client, monitor = free_port(), free_port()
+    js = f'jetstream {{ store_dir: "{tmp / "js"}"' + (f", domain: {domain}" if domain else "") + " }"
+    conf.write_text(f"listen: 127.0.0.1:{client}\nhttp: 127.0.0.1:{monitor}\n{js}\nmax_payload: 8MB\n")
+    node = Node("single", conf, "127.0.0.1", client, monitor)
+    proc = subprocess.Popen(node.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    topology.wait_healthy([node], procs=[proc])
+    return NatsServer(node, proc)
+
+
+def start_hub_and_edge(tmp: Path, site: str = "edge1", hub_nodes: int = 1) -> tuple[list[NatsServer], NatsServer]:
+    """A hub cluster (domain ``hub``) and one edge site joined to it as a leaf node."""
+    ports = [[free_port() for _ in range(hub_nodes)] for _ in range(4)]
+    hub_nodes_ = topology.render_hub(tmp, "127.0.0.1", *ports)
+    edge_node = topology.render_edge(tmp, site, "127.0.0.1", free_port(), free_port(),
+                                     [f"nats://127.0.0.1:{n.leaf_port}" for n in hub_nodes_])
+    hub = [NatsServer(n, subprocess.Popen(n.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+           for n in hub_nodes_]
+    edge = NatsServer(edge_node, subprocess.Popen(edge_node.command(), stdout=subprocess.DEVNULL,
+                                                  stderr=subprocess.DEVNULL))
+    topology.wait_healthy([*hub_nodes_, edge_node], procs=[s.proc for s in [*hub, edge]], leaf=[edge_node])
+    return hub, edge
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM, wait, then SIGKILL the process (and its process group, for decoder children)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def write_registry(path: Path, name: str = "tiny", model: Path = FIXTURE_MODEL, **defaults: object) -> Path:
+    """A model registry file with one model (greedy by default, so answers are deterministic)."""
+    d = {"temperature": 0, "max_tokens": 16, **defaults}
+    inline = ", ".join(f"{k}: {v}" for k, v in d.items())
+    path.write_text(f"models:\n  - name: {name}\n    path: {model}\n    defaults: {{{inline}}}\n")
+    return path
+
+
+@dataclass
+class Service:
+    """A leafwire service running as its own process (``python -m services.<module>``)."""
+
+    module: str
+    env: dict[str, str]
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Service:
+        port_var = "LW_GATEWAY_PORT" if self.module == "gateway" else "LW_OPS_PORT"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "LW_LOG_LEVEL": "info", port_var: str(self.port),
+               **self.env}
+        fd, log = tempfile.mkstemp(prefix=f"lw-{self.module}-", suffix=".log")
+        self.log_path = Path(log)
+        self.proc = subprocess.Popen([sys.executable, "-m", f"services.{self.module}"], env=env, cwd=ROOT,
+                                     stdout=fd, stderr=subprocess.STDOUT, start_new_session=True)
+        os.close(fd)
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> Service:
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.module} exited with {self.proc.returncode}:\n{self.log()}")
+            return http_status(f"{self.base}/readyz") == 200
+
+        eventually(ready, timeout, f"{self.module} ready")
+        return self
+
+    def metrics(self) -> str:
+        return http_text(f"{self.base}/metrics")
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-6000:] if self.log_path else ""
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+    def kill(self) -> None:
+        """SIGKILL the service and its decoder children at once (a crash, not a shutdown)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def running(*services: Service, timeout: float = 60.0) -> Iterator[tuple[Service, ...]]:
+    """Start services in order, wait for each to be ready, stop them all (in reverse) on exit."""
+    started: list[Service] = []
+    try:
+        for s in services:
+            started.append(s.start())
+            s.wait_ready(timeout)
+        yield services
+    finally:
+        for s in reversed(started):
+            s.stop()
+
+
+def route_site(route_header: str) -> str:
+    """The ``served_by`` site in an ``x-leafwire-served-by`` header (``site/worker``)."""
+    m = re.match(r"([a-z0-9_-]+)/", route_header)
+    return m.group(1) if m else ""
