@@ -18,7 +18,7 @@ import sys
 import nats
 
 
-async def streamed(nc: nats.NATS, site: str, body: dict[str, object], timeout: float) -> int:
+async def streamed(nc: nats.NATS, site: str, body: dict[str, object], wait_s: float) -> int:
     """Subscribe to a fresh inbox first, then publish: no reply can be missed."""
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
@@ -27,7 +27,7 @@ async def streamed(nc: nats.NATS, site: str, body: dict[str, object], timeout: f
                      headers={"Lw-Tenant": "examples"})
     try:
         while True:
-            msg = await sub.next_msg(timeout=timeout)
+            msg = await sub.next_msg(timeout=wait_s)
             headers = msg.headers or {}
             event = headers.get("Lw-Event")
             if headers.get("Status") == "503":
@@ -49,9 +49,9 @@ async def streamed(nc: nats.NATS, site: str, body: dict[str, object], timeout: f
         await sub.unsubscribe()
 
 
-async def whole(nc: nats.NATS, site: str, body: dict[str, object], timeout: float) -> int:
+async def whole(nc: nats.NATS, site: str, body: dict[str, object], wait_s: float) -> int:
     """A plain NATS request: the one reply is the whole answer (or an error)."""
-    msg = await nc.request(f"lw.v1.{site}.chat", json.dumps(body).encode(), timeout=timeout)
+    msg = await nc.request(f"lw.v1.{site}.chat", json.dumps(body).encode(), timeout=wait_s)
     reply = json.loads(msg.data)
     if (msg.headers or {}).get("Lw-Event") == "error":
         print(f"error {msg.headers['Lw-Status']}: {reply['error']['message']}", file=sys.stderr)

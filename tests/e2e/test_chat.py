@@ -40,7 +40,8 @@ class TestNonStreaming:
         """A longer max_tokens gives a longer answer that starts with the shorter one (greedy decoding)."""
         short = complete(stack, max_tokens=4).choices[0].message.content or ""
         long = complete(stack, max_tokens=12)
-        assert long.usage is not None and long.usage.completion_tokens == 12
+        assert long.usage is not None
+        assert long.usage.completion_tokens == 12
         assert (long.choices[0].message.content or "").startswith(short)
         assert len(long.choices[0].message.content or "") > len(short)
 

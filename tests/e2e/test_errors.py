@@ -110,7 +110,8 @@ class TestBadRequests:
         with pytest.raises(openai.BadRequestError) as exc:
             stack.client().chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=100_000)
         assert exc.value.code == "context_length_exceeded"
-        assert "16384" in exc.value.message and "100000 in the completion" in exc.value.message
+        assert "16384" in exc.value.message
+        assert "100000 in the completion" in exc.value.message
 
     def test_image_content_to_a_text_model(self, stack: Stack) -> None:
         """Image parts sent to a local text-only model are a 400, not silently dropped."""
@@ -129,7 +130,8 @@ class TestBadRequests:
     def test_service_survives_bad_input(self, stack: Stack) -> None:
         """After all of the above the stack still answers normally."""
         r = stack.client().chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
-        assert r.usage is not None and r.usage.completion_tokens == 2
+        assert r.usage is not None
+        assert r.usage.completion_tokens == 2
 
 
 @pytest.fixture

@@ -23,7 +23,8 @@ async def test_plain_request_gets_the_whole_answer(stack: Stack) -> None:
         msg = await nc.request(f"lw.v1.{stack.site}.chat", json.dumps(REQUEST).encode(), timeout=20)
     finally:
         await nc.drain()
-    assert msg.headers is not None and msg.headers["Lw-Event"] == "result"
+    assert msg.headers is not None
+    assert msg.headers["Lw-Event"] == "result"
     body = json.loads(msg.data)
     assert body["object"] == "chat.completion"
     assert body["usage"]["completion_tokens"] == 5
