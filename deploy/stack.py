@@ -29,10 +29,10 @@ from pathlib import Path
 
 from deploy import topology
 from deploy.topology import Node
+from services.local_inference import registry
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ["router", "local_inference", "batcher", "cloud_adapter", "retrieval"]
-CHAT_MODEL = "smollm2-135m-instruct"
 
 
 def say(msg: str) -> None:
@@ -49,6 +49,9 @@ class Stack:
     gateway_port: int = field(default_factory=lambda: int(os.environ.get("LW_GATEWAY_PORT", "8080")))
     ops_base: int = field(default_factory=lambda: int(os.environ.get("LW_OPS_PORT_BASE", "9310")))
     run_dir: Path = field(default_factory=lambda: Path(os.environ.get("LW_RUN_DIR", ROOT / ".run")).resolve())
+    models_file: Path = field(default_factory=lambda: Path(os.environ.get(
+        "LW_MODELS_FILE", ROOT / "deploy" / "models.yaml")).resolve())
+    chat_model: str = field(default_factory=lambda: os.environ.get("LW_CHAT_MODEL", "smollm2-135m-instruct"))
     models_dir: Path = field(default_factory=lambda: Path(os.environ.get(
         "LW_MODELS_DIR", Path(os.environ.get("LW_HOME", Path.home() / ".cache" / "leafwire")) / "models")))
 
@@ -113,6 +116,7 @@ def render(stack: Stack, hub: list[Node], edge: Node) -> Path:
     logs.mkdir(parents=True, exist_ok=True)
     base_env = {
         "LW_SITE": stack.site, "LW_NATS_URL": edge.url, "LW_MODELS_DIR": str(stack.models_dir),
+        "LW_MODELS_FILE": str(stack.models_file),
         "LW_NATS_CONNECT_TIMEOUT_S": "60", "PYTHONUNBUFFERED": "1",
     }
     text = string.Template((ROOT / "deploy" / "supervisord.conf.tmpl").read_text()).substitute(
@@ -167,7 +171,7 @@ def wait_healthy(stack: Stack, hub: list[Node], edge: Node, supervisor: subproce
         wait_until(f"{service.replace('_', '-')} ready",
                    _ready(f"http://{stack.host}:{stack.ops_port(service)}/readyz"), supervisor, 180, t0)
     wait_until("gateway ready", _ready(f"{stack.gateway}/readyz"), supervisor, 60, t0)
-    wait_until(f"model {CHAT_MODEL} served", lambda: CHAT_MODEL in _model_ids(stack), supervisor, 60, t0)
+    wait_until(f"model {stack.chat_model} served", lambda: stack.chat_model in _model_ids(stack), supervisor, 60, t0)
 
 
 def _ready(url: str) -> Callable[[], bool]:
@@ -181,10 +185,10 @@ def _model_ids(stack: Stack) -> list[str]:
 
 def banner(stack: Stack, edge: Node) -> str:
     """What to do now that the stack is up."""
-    body = json.dumps({"model": CHAT_MODEL,
+    body = json.dumps({"model": stack.chat_model,
                        "messages": [{"role": "user", "content": "What is the capital of France?"}]})
     return f"""
-leafwire is up: hub cluster (3 nodes) + edge site '{stack.site}', all services, model {CHAT_MODEL}
+leafwire is up: hub cluster (3 nodes) + edge site '{stack.site}', all services, model {stack.chat_model}
 
   OpenAI-compatible API  {stack.gateway}/v1      (no API key needed in development)
   NATS at the edge       {edge.url}   requests on lw.v1.{stack.site}.chat  (examples/nats_chat.py)
@@ -204,8 +208,11 @@ def up(stack: Stack) -> int:
     if (pid := _alive(stack.pidfile, "supervisord")) is not None:
         say(f"leafwire is already running (supervisord pid {pid}); stop it with `uv run just down`.")
         return 1
-    if not (stack.models_dir / CHAT_MODEL / "genai_config.json").exists():
-        say(f"model {CHAT_MODEL} is missing in {stack.models_dir}: run `uv run just models` first.")
+    os.environ.setdefault("LW_MODELS_DIR", str(stack.models_dir))
+    try:
+        registry.load(stack.models_file)
+    except registry.RegistryError as exc:
+        say(str(exc))
         return 1
     hub = stack.hub()
     edge = stack.edge(hub)

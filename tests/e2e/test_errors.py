@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -10,7 +11,7 @@ import openai
 import pytest
 
 from tests.conftest import Stack, stack_services
-from tests.support import NatsServer, Service, running, write_registry
+from tests.support import NatsServer, Service, eventually, metric, running, write_registry
 
 pytestmark = pytest.mark.e2e
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -177,3 +178,21 @@ class TestMissingParts:
             assert exc.value.status_code == 504
         finally:
             router.resume()
+
+
+def test_worker_at_capacity_is_429(nats_server: NatsServer, tmp_path: Path) -> None:
+    """A worker already answering its limit of requests refuses the next with 429 and Retry-After."""
+    registry = write_registry(tmp_path / "models.yaml")
+    worker, router, gateway = stack_services(nats_server.url, registry, site="busy")
+    worker.env["LW_INFERENCE_MAX_INFLIGHT"] = "1"
+    url = f"{gateway.base}/v1/chat/completions"
+    with running(worker, router, gateway), ThreadPoolExecutor(1) as pool:
+        first = pool.submit(httpx.post, url, timeout=60,
+                            json={"model": "tiny", "messages": MESSAGES, "max_tokens": 5000})
+        eventually(lambda: metric(worker.metrics(), "leafwire_active_rows", model="tiny") == 1, 10,
+                   "the first request to be decoding")
+        second = httpx.post(url, timeout=10, json={"model": "tiny", "messages": MESSAGES})
+        assert second.status_code == 429
+        assert error_of(second)["code"] == "overloaded"
+        assert int(second.headers["retry-after"]) >= 1
+        assert first.result().status_code == 200

@@ -1,0 +1,111 @@
+"""The local stack launcher (`just up` / `just down`) and the NATS configs it renders."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+
+from deploy import topology
+from shared.natsbin import nats_server
+from tests.support import ROOT, eventually, free_port, write_registry
+
+pytestmark = pytest.mark.e2e
+
+
+def test_rendered_configs_are_valid(tmp_path: Path) -> None:
+    """The hub and edge templates render to configs nats-server accepts."""
+    hub = topology.render_hub(tmp_path, "127.0.0.1", [4223, 4224, 4225], [6222, 6223, 6224],
+                              [7422, 7423, 7424], [8223, 8224, 8225])
+    edge = topology.render_edge(tmp_path, "plant-9", "127.0.0.1", 4222, 8222,
+                                [f"nats://127.0.0.1:{n.leaf_port}" for n in hub])
+    for node in [*hub, edge]:
+        check = subprocess.run([str(nats_server()), "-t", "-c", str(node.conf)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+    assert "no_advertise: true" in hub[0].conf.read_text()
+    assert "domain: plant-9" in edge.conf.read_text()
+
+
+def stack_env(tmp_path: Path) -> dict[str, str]:
+    base = free_port()
+    while any(topology.port_in_use("127.0.0.1", base + d) for d in (1, 2, 3, 2000, 3200, 4000, 4001)):
+        base = free_port()
+    return {**os.environ, "LW_RUN_DIR": str(tmp_path / "run"), "LW_NATS_PORT": str(base),
+            "LW_GATEWAY_PORT": str(free_port()), "LW_OPS_PORT_BASE": str(free_port()), "LW_SITE": "testsite",
+            "LW_MODELS_FILE": str(write_registry(tmp_path / "models.yaml")), "LW_CHAT_MODEL": "tiny",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def start_up(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "deploy.stack", "up"], env=env, cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def leafwire_pids(run_dir: Path) -> list[int]:
+    """Processes whose command line mentions the run folder or comes from supervisord's children."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                env = (proc / "environ").read_bytes()
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(run_dir).encode() in cmd or f"LW_RUN_DIR={run_dir}".encode() in env:
+                found.append(int(proc.name))
+    return found
+
+
+def stale_pid_files(run_dir: Path) -> None:
+    """What a killed launcher leaves behind: pid files naming processes that are gone."""
+    run_dir.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (run_dir / "supervisord.pid").write_text(str(dead.pid))
+    (run_dir / "launcher.pid").write_text(str(dead.pid))
+
+
+def test_up_serves_then_down_leaves_nothing_behind(tmp_path: Path) -> None:
+    """`up` starts over stale pid files, prints the gateway URL once healthy; `down` stops everything."""
+    env = stack_env(tmp_path)
+    run_dir = Path(env["LW_RUN_DIR"])
+    stale_pid_files(run_dir)
+    log = tmp_path / "up.log"
+    up = start_up(env, log)
+    try:
+        url = eventually(lambda: re.search(r"OpenAI-compatible API\s+(\S+)", log.read_text()), 120,
+                         "the banner").group(1)
+        assert "ok  edge site 'testsite' joined as a leaf node" in log.read_text()
+        reply = openai.OpenAI(base_url=url, api_key="x", max_retries=0).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert reply.usage is not None
+        assert reply.usage.completion_tokens == 3
+        assert len(leafwire_pids(run_dir)) >= 10  # launcher, supervisord, 4 nats-servers, 6 services
+        down = subprocess.run([sys.executable, "-m", "deploy.stack", "down"], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert "leafwire stopped" in down.stdout
+        assert up.wait(30) == 0
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGKILL)
+    assert leafwire_pids(run_dir) == []
+    assert not (run_dir / "supervisord.pid").exists()
+    assert not (run_dir / "launcher.pid").exists()
+
+
+def test_down_with_stale_pid_files(tmp_path: Path) -> None:
+    """`down` over pid files of dead processes clears them and says leafwire is not running."""
+    env = stack_env(tmp_path)
+    run_dir = Path(env["LW_RUN_DIR"])
+    stale_pid_files(run_dir)
+    down = subprocess.run([sys.executable, "-m", "deploy.stack", "down"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert "not running" in down.stdout
+    assert not (run_dir / "supervisord.pid").exists()

@@ -1,0 +1,60 @@
+"""The model registry file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.local_inference import registry
+from services.local_inference.registry import RegistryError
+from tests.support import FIXTURE_MODEL
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "models.yaml"
+    path.write_text(text)
+    return path
+
+
+class TestRegistry:
+    def test_expands_environment_variables(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """`${VAR}` in a path is read from the environment."""
+        monkeypatch.setenv("FIXTURES", str(FIXTURE_MODEL.parent))
+        reg = registry.load(write(tmp_path, "models:\n  - name: tiny\n    path: ${FIXTURES}/tiny-llama\n"))
+        assert reg.models[0].path == FIXTURE_MODEL
+
+    def test_context_length_comes_from_the_model(self, tmp_path: Path) -> None:
+        """Without a context_length the model's genai_config.json decides."""
+        reg = registry.load(write(tmp_path, f"models:\n  - name: tiny\n    path: {FIXTURE_MODEL}\n"))
+        assert reg.models[0].resolved_context_length() == 16384
+
+    def test_unset_variable_is_an_error(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """An unset variable without a default is refused with its name."""
+        monkeypatch.delenv("NOPE_NOT_SET", raising=False)
+        with pytest.raises(RegistryError, match="NOPE_NOT_SET"):
+            registry.load(write(tmp_path, "models:\n  - name: a\n    path: ${NOPE_NOT_SET}/x\n"))
+
+    def test_missing_model_folder_says_how_to_build(self, tmp_path: Path) -> None:
+        """A path without a built model points at `just models`."""
+        with pytest.raises(RegistryError, match="just models"):
+            registry.load(write(tmp_path, f"models:\n  - name: a\n    path: {tmp_path}\n"))
+
+    def test_duplicate_names_are_refused(self, tmp_path: Path) -> None:
+        """Two models with one name are refused."""
+        entry = f"  - name: a\n    path: {FIXTURE_MODEL}\n"
+        with pytest.raises(RegistryError, match="twice"):
+            registry.load(write(tmp_path, "models:\n" + entry + entry))
+
+    @pytest.mark.parametrize("text", ["models: []\n", "models:\n  - name: 'bad name!'\n    path: /x\n",
+                                      "models:\n  - name: a\n    path: /x\n    defaults: {temperature: 9}\n",
+                                      ": not yaml : [\n"])
+    def test_invalid_files_are_refused(self, tmp_path: Path, text: str) -> None:
+        """Empty, malformed or out-of-range registries are refused at start."""
+        with pytest.raises(RegistryError):
+            registry.load(write(tmp_path, text))
+
+    def test_missing_file(self, tmp_path: Path) -> None:
+        """A registry file that does not exist is refused with its path."""
+        with pytest.raises(RegistryError, match="not found"):
+            registry.load(tmp_path / "absent.yaml")

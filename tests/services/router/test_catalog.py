@@ -1,0 +1,36 @@
+"""The router's catalog of workers."""
+
+from __future__ import annotations
+
+from schemas.control import ModelInfo, WorkerHeartbeat
+from services.router.catalog import Catalog
+
+
+def beat(worker: str, site: str, *models: str, sent_at: float = 1000.0) -> WorkerHeartbeat:
+    return WorkerHeartbeat(worker_id=worker, service="local-inference", site=site, sent_at=sent_at,
+                           interval_s=2.0, models=[ModelInfo(name=m, context_length=2048) for m in models])
+
+
+class TestCatalog:
+    def test_lists_each_model_once_with_its_locations(self) -> None:
+        """A model served on the site and on the hub appears once, with both locations."""
+        c = Catalog("edge1")
+        for b in (beat("a", "edge1", "m1"), beat("b", "edge1", "m1"), beat("c", "hub", "m1", "m2")):
+            c.seen(b)
+        cards = {card.id: card for card in c.model_cards(now=1001)}
+        assert sorted(cards) == ["m1", "m2"]
+        assert [(loc.site, loc.workers) for loc in cards["m1"].locations] == [("edge1", 2), ("hub", 1)]
+
+    def test_other_edge_sites_are_ignored(self) -> None:
+        """Workers of another edge site do not serve this one."""
+        c = Catalog("edge1")
+        c.seen(beat("x", "edge2", "m9"))
+        assert not c.serves("m9", now=1001)
+
+    def test_silent_workers_are_forgotten(self) -> None:
+        """A worker that missed three heartbeats is dropped."""
+        c = Catalog("edge1")
+        c.seen(beat("a", "edge1", "m1"))
+        assert c.serves("m1", now=1005)
+        assert not c.serves("m1", now=1007)
+        assert c.model_cards(now=1007) == []

@@ -1,0 +1,35 @@
+"""The request envelope carried in headers."""
+
+from __future__ import annotations
+
+import time
+
+from shared.envelope import DEFAULT_TENANT, Envelope
+
+
+class TestEnvelope:
+    def test_round_trip(self) -> None:
+        """An envelope written to headers reads back the same."""
+        env = Envelope("rid", "acme", "_INBOX.x", 1234.5, route="target=local/x")
+        assert Envelope.from_message(env.headers(), None) == env
+
+    def test_reply_header_wins_over_message_reply(self) -> None:
+        """On internal hops the caller's subject is in Lw-Reply, not the message's reply."""
+        env = Envelope.from_message({"Lw-Reply": "caller"}, "router-inbox")
+        assert env.reply == "caller"
+
+    def test_defaults_for_a_bare_nats_request(self) -> None:
+        """A NATS client sending no headers gets a request id, the default tenant and a deadline."""
+        env = Envelope.from_message(None, "_INBOX.c")
+        assert len(env.request_id) == 32
+        assert env.tenant == DEFAULT_TENANT
+        assert env.reply == "_INBOX.c"
+        assert 290 < env.remaining() <= 300
+
+    def test_garbage_deadline_is_replaced(self) -> None:
+        """An unreadable deadline falls back to the default instead of failing the request."""
+        assert not Envelope.from_message({"Lw-Deadline": "soon"}, "r").expired()
+
+    def test_expired(self) -> None:
+        """A deadline in the past is expired."""
+        assert Envelope("r", "t", "x", time.time() - 1).expired()
