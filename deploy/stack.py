@@ -216,8 +216,7 @@ def up(stack: Stack) -> int:
         return 1
     hub = stack.hub()
     edge = stack.edge(hub)
-    ports = [n.client_port for n in [*hub, edge]] + [n.monitor_port for n in [*hub, edge]]
-    ports += [stack.gateway_port, *(stack.ops_port(s) for s in SERVICES)]
+    ports = [*topology.ports_of([*hub, edge]), stack.gateway_port, *(stack.ops_port(s) for s in SERVICES)]
     busy = [p for p in ports if topology.port_in_use(stack.host, p)]
     if busy:
         say(f"ports already in use: {busy}. Move leafwire with LW_NATS_PORT (now {stack.nats_port}), "

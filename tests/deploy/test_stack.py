@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 from deploy import topology
 from shared.natsbin import nats_server
-from tests.support import ROOT, eventually, free_port, write_registry
+from tests.support import ROOT, eventually, write_registry
 
 pytestmark = pytest.mark.e2e
 
@@ -32,12 +33,22 @@ def test_rendered_configs_are_valid(tmp_path: Path) -> None:
     assert "domain: plant-9" in edge.conf.read_text()
 
 
+STACK_OFFSETS = (0, 1, 2, 3, 2000, 2001, 2002, 3200, 3201, 3202, 4000, 4001, 4002, 4003)
+
+
+def free_block(offsets: tuple[int, ...]) -> int:
+    """A base port below the ephemeral range (32768+) such that every base+offset binds now."""
+    rng = random.Random()
+    while True:
+        base = rng.randrange(10_000, 28_000)
+        if not any(topology.port_in_use("127.0.0.1", base + d) for d in offsets):
+            return base
+
+
 def stack_env(tmp_path: Path) -> dict[str, str]:
-    base = free_port()
-    while any(topology.port_in_use("127.0.0.1", base + d) for d in (1, 2, 3, 2000, 3200, 4000, 4001)):
-        base = free_port()
-    return {**os.environ, "LW_RUN_DIR": str(tmp_path / "run"), "LW_NATS_PORT": str(base),
-            "LW_GATEWAY_PORT": str(free_port()), "LW_OPS_PORT_BASE": str(free_port()), "LW_SITE": "testsite",
+    return {**os.environ, "LW_RUN_DIR": str(tmp_path / "run"), "LW_NATS_PORT": str(free_block(STACK_OFFSETS)),
+            "LW_GATEWAY_PORT": str(free_block((0,))), "LW_OPS_PORT_BASE": str(free_block(tuple(range(7)))),
+            "LW_SITE": "testsite",
             "LW_MODELS_FILE": str(write_registry(tmp_path / "models.yaml")), "LW_CHAT_MODEL": "tiny",
             "PYTHONUNBUFFERED": "1"}
 
