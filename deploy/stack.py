@@ -155,7 +155,7 @@ def wait_until(what: str, check: Callable[[], bool], supervisor: subprocess.Pope
             raise SystemExit(f"supervisord exited while waiting for {what}")
         if time.monotonic() > deadline:
             raise TimeoutError(what)
-        time.sleep(0.1)
+        time.sleep(0.25)  # nats-server logs a warning for every failed /healthz: do not flood it
     say(f"  ok  {what:<44} {time.monotonic() - started:5.1f} s")
 
 

@@ -55,8 +55,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_in_use(host: str, port: int) -> bool:
-    """True when ``host:port`` cannot be bound now (a listener, or an outgoing connection's local port)."""
+    """True when ``host:port`` cannot be bound now (a listener, or an outgoing connection's local port).
+
+    SO_REUSEADDR as the servers set it: sockets of a just-stopped stack in TIME_WAIT do not count.
+    """
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -25,11 +25,13 @@ async def streamed(nc: nats.NATS, site: str, body: dict[str, object], wait_s: fl
     await nc.flush()
     await nc.publish(f"lw.v1.{site}.chat", json.dumps({**body, "stream": True}).encode(), reply=inbox,
                      headers={"Lw-Tenant": "examples"})
+    route = "?"
     try:
         while True:
             msg = await sub.next_msg(timeout=wait_s)
             headers = msg.headers or {}
             event = headers.get("Lw-Event")
+            route = headers.get("Lw-Route", route)  # the first message carries the routing decision
             if headers.get("Status") == "503":
                 print(f"no router is serving site {site!r}", file=sys.stderr)
                 return 1
@@ -39,7 +41,7 @@ async def streamed(nc: nats.NATS, site: str, body: dict[str, object], wait_s: fl
             elif event == "done":
                 usage = json.loads(msg.data)["usage"]
                 print(f"\n[{usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens, "
-                      f"route: {headers.get('Lw-Route', '?')}]")
+                      f"route: {route}]")
                 return 0
             elif event == "error":
                 print(f"\nerror {headers.get('Lw-Status')}: {json.loads(msg.data)['error']['message']}",

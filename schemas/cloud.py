@@ -1,0 +1,65 @@
+"""Contracts between the cloud-adapter and the router: provider health, budget state, usage events.
+
+The cloud-adapter writes provider health and budget state to KV buckets of its site's JetStream domain
+(readable offline, watched by routers) and publishes one ``UsageEvent`` per answered request to the
+``USAGE`` stream.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class BreakerState(StrEnum):
+    """A provider's circuit breaker."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class ProviderHealth(BaseModel):
+    """KV ``provider-health``, key = provider name: the breaker as the adapter sees it."""
+
+    provider: str
+    state: BreakerState
+    since: float = Field(description="unix time the breaker entered this state")
+    consecutive_failures: int = 0
+    error_rate: float = Field(default=0.0, description="failures / calls over the breaker's window")
+    updated_at: float = Field(default_factory=time.time)
+
+
+BudgetLevel = Literal["ok", "warning", "exhausted"]
+
+
+class BudgetStatus(BaseModel):
+    """KV ``budgets``, key = ``<scope>.<period>`` (scope ``global`` or ``tenant-<tenant>``)."""
+
+    scope: str
+    period: Literal["daily", "monthly"]
+    window: str = Field(description="the period it counts, e.g. 2026-11-21 or 2026-11")
+    spent_usd: float
+    limit_usd: float | None
+    state: BudgetLevel
+    updated_at: float = Field(default_factory=time.time)
+
+
+class UsageEvent(BaseModel):
+    """One answered request: what it used and what it cost (stream ``USAGE``)."""
+
+    request_id: str
+    tenant: str
+    site: str
+    target: str = Field(description="where it ran: local/<model> or <provider>/<model>")
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float = 0.0
+    cached: bool = False
+    variant: str | None = None
+    outcome: Literal["ok", "error", "cancelled"] = "ok"
+    latency_s: float = 0.0
+    at: float = Field(default_factory=time.time)
