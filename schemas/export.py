@@ -9,12 +9,13 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from schemas.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, StreamEnd
+from schemas.cloud import BudgetStatus, ProviderHealth, UsageEvent
 from schemas.control import Admitted, Cancel, ModelList, RouteDecision, WorkerHeartbeat
 from schemas.errors import ErrorResponse
 
 MESSAGES: list[type[BaseModel]] = [
     ChatCompletionRequest, ChatCompletionChunk, ChatCompletion, StreamEnd, ErrorResponse,
-    Admitted, Cancel, WorkerHeartbeat, ModelList, RouteDecision,
+    Admitted, Cancel, WorkerHeartbeat, ModelList, RouteDecision, ProviderHealth, BudgetStatus, UsageEvent,
 ]
 
 
