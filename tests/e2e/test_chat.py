@@ -122,3 +122,19 @@ class TestDisconnect:
         generated = metric(stack.worker.metrics(), "leafwire_completion_tokens_total", model="tiny")
         assert generated < 15000
         assert complete(stack, max_tokens=3).usage.completion_tokens == 3  # type: ignore[union-attr]
+
+
+class TestSampling:
+    def test_same_seed_same_answer(self, stack: Stack) -> None:
+        """Sampling with a seed is reproducible; another seed gives another answer."""
+        def sample(seed: int) -> str:
+            r = complete(stack, max_tokens=24, temperature=1.0, top_p=0.95, seed=seed)
+            return r.choices[0].message.content or ""
+
+        assert sample(7) == sample(7)
+        assert sample(7) != sample(8)
+
+    def test_temperature_zero_is_greedy(self, stack: Stack) -> None:
+        """temperature 0 gives the model's single most likely answer, every time."""
+        answers = {complete(stack, max_tokens=16, temperature=0).choices[0].message.content for _ in range(3)}
+        assert len(answers) == 1
