@@ -1,0 +1,193 @@
+"""The routing decision: which targets to try, in what order, and why. Pure: no NATS, no clock.
+
+1. Aliases resolve the requested model (an A/B alias picks a sticky variant).
+2. The first rule whose conditions hold gives the route.
+3. Guards drop targets that must not or cannot be used, whatever the rule says: cloud targets when the
+   request must stay on site, when the uplink is down, when the budget is exhausted, or when the
+   provider's breaker is open; local models whose workers are all saturated.
+4. The policy's last resort (the local model, unless turned off) closes every chain.
+5. What is left is tried in order until one takes the request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from schemas.control import RouteDecision
+from services.router.policy import LOCAL, REQUESTED, BudgetLevel, Experiment, Health, Policy, Rule, When
+from services.router.signals import Signals
+from services.router.variants import pick
+from shared.errors import LeafwireError, ModelNotFound, Overloaded, Unavailable
+
+AUTO = "auto"
+MAX_ALIAS_DEPTH = 4
+
+
+class ResidencyViolation(LeafwireError):
+    """The request must stay on the site and nothing on the site can answer it."""
+
+    status = 403
+    type = "permission_error"
+    default_code = "data_residency"
+
+
+class BudgetExhausted(LeafwireError):
+    """The cloud budget is used up and nothing local can answer."""
+
+    status = 429
+    type = "insufficient_quota"
+    default_code = "budget_exceeded"
+
+
+def is_cloud(model: str) -> bool:
+    """Cloud models are named ``<provider>/<model>``."""
+    return "/" in model
+
+
+def provider_of(model: str) -> str:
+    """The provider part of a cloud model name."""
+    return model.split("/", 1)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the router knows about the request."""
+
+    model: str
+    tenant: str
+    user: str | None
+    onsite: bool
+    signals: Signals
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """What the router knows about the world right now."""
+
+    uplink_up: bool = True
+    budget: BudgetLevel = "ok"
+    provider_health: Mapping[str, Health] = field(default_factory=dict)
+    local_models: frozenset[str] = frozenset()
+    saturated: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The targets to try in order, and the story of how they were chosen."""
+
+    requested: str | None
+    rule: str
+    chain: tuple[str, ...]
+    variant: str | None = None
+    skipped: tuple[tuple[str, str], ...] = ()
+
+    def decision(self, target: str, failed: list[tuple[str, str]] | None = None) -> RouteDecision:
+        """The ``RouteDecision`` for serving with ``target`` (after ``failed`` earlier targets)."""
+        reasons = [f"rule {self.rule}"]
+        reasons += [f"skipped {t} ({why})" for t, why in self.skipped]
+        reasons += [f"fell back from {t} ({why})" for t, why in failed or []]
+        kind = "cloud" if is_cloud(target) else "local"
+        return RouteDecision(target=f"{kind}/{target}" if kind == "local" else target, rule=self.rule,
+                             reason=", ".join(reasons), variant=self.variant)
+
+
+def resolve(policy: Policy, model: str, user: str | None, tenant: str) -> tuple[str | None, str | None]:
+    """The model an alias stands for (``None`` for ``auto``), and the A/B variant picked, if any."""
+    variant = None
+    for _ in range(MAX_ALIAS_DEPTH):
+        alias = policy.aliases.get(model)
+        if alias is None:
+            break
+        if isinstance(alias, Experiment):
+            chosen = pick(model, alias, user, tenant)
+            variant, model = chosen.name, chosen.target
+        else:
+            model = alias
+    return (None if model == AUTO else model), variant
+
+
+def holds(when: When, facts: Facts, requested: str | None, conditions: Conditions) -> bool:
+    """True when every condition the rule gives holds."""
+    checks = [
+        when.tenant is None or facts.tenant in when.tenant,
+        when.model is None or facts.model in when.model or (requested or AUTO) in when.model,
+        when.residency is None or (when.residency == "onsite") == facts.onsite,
+        when.prompt_tokens is None or when.prompt_tokens.holds(facts.signals.prompt_tokens),
+        when.complexity is None or when.complexity.holds(facts.signals.complexity),
+        when.budget is None or conditions.budget in when.budget,
+        when.uplink is None or (when.uplink == "up") == conditions.uplink_up,
+        when.provider_health is None or all(conditions.provider_health.get(p, "closed") in states
+                                            for p, states in when.provider_health.items()),
+    ]
+    return all(checks)
+
+
+def first_rule(policy: Policy, facts: Facts, requested: str | None, conditions: Conditions) -> Rule:
+    """The first rule that matches; a policy without a catch-all falls back to ``[requested]``."""
+    for rule in policy.rules:
+        if holds(rule.when, facts, requested, conditions):
+            return rule
+    return Rule(name="implicit-default", route=[REQUESTED])
+
+
+def expand(route: list[str], requested: str | None, policy: Policy) -> list[str]:
+    """Route entries as model names, without duplicates (``requested`` is skipped for ``auto``)."""
+    out: list[str] = []
+    for entry in route:
+        model = requested if entry == REQUESTED else policy.local_model if entry == LOCAL else entry
+        if model and model not in out:
+            out.append(model)
+    return out
+
+
+def guard(model: str, facts: Facts, conditions: Conditions) -> str | None:
+    """Why ``model`` must not be tried now, or ``None``."""
+    if is_cloud(model):
+        if facts.onsite:
+            return "data must stay on site"
+        if not conditions.uplink_up:
+            return "uplink down"
+        if conditions.budget == "exhausted":
+            return "budget exhausted"
+        if conditions.provider_health.get(provider_of(model)) == "open":
+            return f"{provider_of(model)} circuit open"
+        return None
+    if model in conditions.saturated:
+        return "all workers busy"
+    return None
+
+
+def plan(policy: Policy, facts: Facts, conditions: Conditions) -> Plan:
+    """Decide the ordered targets for a request; raise when nothing may serve it."""
+    requested, variant = resolve(policy, facts.model, facts.user, facts.tenant)
+    if requested is not None and not is_cloud(requested) and requested not in conditions.local_models:
+        raise ModelNotFound(facts.model)
+    rule = first_rule(policy, facts, requested, conditions)
+    chain, skipped = [], []
+    route = rule.route + ([LOCAL] if policy.last_resort == LOCAL and policy.local_model else [])
+    for model in expand(route, requested, policy):
+        why = guard(model, facts, conditions)
+        if why is None:
+            chain.append(model)
+        else:
+            skipped.append((model, why))
+    if not chain:
+        raise refusal(rule, skipped)
+    return Plan(requested, rule.name, tuple(chain), variant, tuple(skipped))
+
+
+def refusal(rule: Rule, skipped: list[tuple[str, str]]) -> LeafwireError:
+    """The error for a request no target may serve, named after the first reason."""
+    if not skipped:
+        return Unavailable(f"rule {rule.name} names no target for this request", code="no_route")
+    why = skipped[0][1]
+    detail = "; ".join(f"{t}: {w}" for t, w in skipped)
+    if why == "data must stay on site":
+        return ResidencyViolation(f"This request must stay on site and no local model can serve it ({detail}).")
+    if why == "budget exhausted":
+        return BudgetExhausted(f"The cloud budget is exhausted and no local model can serve this ({detail}).")
+    if why == "all workers busy":
+        return Overloaded(f"Every worker is busy ({detail}).", retry_after=1)
+    return Unavailable(f"No target can serve this request now ({detail}).", retry_after=5,
+                       code="uplink_down" if why == "uplink down" else "provider_unavailable")

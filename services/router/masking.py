@@ -1,0 +1,90 @@
+"""Masking of personal data in prompts that leave the site.
+
+Built-in patterns (what each replaces):
+
+| name          | matches                                                               | becomes         |
+|---------------|-----------------------------------------------------------------------|-----------------|
+| `email`       | `name@example.com`                                                    | `[EMAIL]`       |
+| `phone`       | international `+49 30 1234567`, `+1-202-555-0143`; `(202) 555-0143`, `202-555-0143` | `[PHONE]` |
+| `national_id` | US SSN `123-45-6789`; UK National Insurance `QQ 12 34 56 C`           | `[NATIONAL_ID]` |
+
+Dates, times, order numbers, measurements and plain numbers are left alone. Custom patterns come from
+the policy (``{name, regex, replacement}``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from schemas.chat import ChatCompletionRequest, ChatMessage, TextPart
+from services.router.policy import Masking, Pattern
+
+BUILTIN: dict[str, tuple[str, str]] = {
+    "email": (r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b", "[EMAIL]"),
+    "national_id": (r"(?<![\d-])\d{3}-\d{2}-\d{4}(?![\d-])"
+                    r"|\b[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b", "[NATIONAL_ID]"),
+    "phone": (r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d{2,4}){2,5}(?!\d)"
+              r"|(?<![\w-])(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4}(?![\d-])", "[PHONE]"),
+}
+
+
+@dataclass(frozen=True)
+class Masker:
+    """Compiled masking patterns, applied in order."""
+
+    patterns: tuple[tuple[str, re.Pattern[str], str], ...]
+
+    @classmethod
+    def from_policy(cls, masking: Masking) -> Masker:
+        """The patterns a policy asks for (none when masking is disabled)."""
+        if not masking.enabled:
+            return cls(())
+        compiled = []
+        for p in masking.patterns:
+            if isinstance(p, Pattern):
+                compiled.append((p.name, re.compile(p.regex), p.replacement or f"[{p.name.upper()}]"))
+            elif p in BUILTIN:
+                regex, replacement = BUILTIN[p]
+                compiled.append((p, re.compile(regex), replacement))
+            else:
+                raise ValueError(f"unknown masking pattern {p!r}; built-in ones: {sorted(BUILTIN)}")
+        return cls(tuple(compiled))
+
+    def mask(self, text: str) -> tuple[str, Counter[str]]:
+        """``text`` with every match replaced, and how many of each pattern were masked."""
+        counts: Counter[str] = Counter()
+        for name, regex, replacement in self.patterns:
+            text, n = regex.subn(replacement, text)
+            if n:
+                counts[name] += n
+        return text, counts
+
+    def mask_request(self, request: ChatCompletionRequest) -> tuple[ChatCompletionRequest, Counter[str]]:
+        """A copy of the request with every message's text masked."""
+        total: Counter[str] = Counter()
+        messages = []
+        for m in request.messages:
+            masked, counts = self._mask_message(m)
+            total += counts
+            messages.append(masked)
+        if not total:
+            return request, total
+        return request.model_copy(update={"messages": messages}), total
+
+    def _mask_message(self, message: ChatMessage) -> tuple[ChatMessage, Counter[str]]:
+        if isinstance(message.content, str):
+            text, counts = self.mask(message.content)
+            return message.model_copy(update={"content": text}), counts
+        if not message.content:
+            return message, Counter()
+        total: Counter[str] = Counter()
+        parts = []
+        for part in message.content:
+            if isinstance(part, TextPart):
+                text, counts = self.mask(part.text)
+                total += counts
+                part = part.model_copy(update={"text": text})
+            parts.append(part)
+        return message.model_copy(update={"content": parts}), total

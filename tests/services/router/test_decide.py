@@ -1,0 +1,151 @@
+"""The routing decision: rules, guards and aliases."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.router.decide import (
+    BudgetExhausted,
+    Conditions,
+    Facts,
+    ResidencyViolation,
+    plan,
+)
+from services.router.policy import Policy, parse
+from services.router.signals import Signals
+from shared.errors import ModelNotFound, Overloaded, Unavailable
+
+POLICY = parse("""
+local_model: small
+aliases:
+  fast: small
+  smart: openai/gpt-4o
+rules:
+  - {name: ops-tenant, when: {tenant: ops}, route: [anthropic/claude]}
+  - {name: onsite, when: {residency: onsite}, route: [local]}
+  - {name: offline, when: {uplink: down}, route: [local]}
+  - {name: broke, when: {budget: exhausted}, route: [local]}
+  - {name: openai-down, when: {provider_health: {openai: open}, model: auto}, route: [anthropic/claude, local]}
+  - {name: long, when: {model: auto, prompt_tokens: {gt: 1000}}, route: [openai/gpt-4o, local]}
+  - {name: hard, when: {model: auto, complexity: {gte: 0.5}}, route: [openai/gpt-4o-mini, local]}
+  - {name: default, route: [requested, local]}
+""")
+UP = Conditions(local_models=frozenset({"small", "tiny"}))
+
+
+def facts(model: str = "auto", tenant: str = "acme", tokens: int = 10, complexity: float = 0.1,
+          onsite: bool = False, user: str | None = None) -> Facts:
+    return Facts(model=model, tenant=tenant, user=user, onsite=onsite, signals=Signals(tokens, complexity))
+
+
+def chain(f: Facts, c: Conditions = UP, policy: Policy = POLICY) -> tuple[tuple[str, ...], str]:
+    p = plan(policy, f, c)
+    return p.chain, p.rule
+
+
+class TestRules:
+    def test_tenant_rule(self) -> None:
+        """A rule on the tenant applies to that tenant only."""
+        assert chain(facts(tenant="ops")) == (("anthropic/claude", "small"), "ops-tenant")
+        assert chain(facts(tenant="acme"))[1] != "ops-tenant"
+
+    def test_model_and_alias(self) -> None:
+        """Aliases resolve; an explicit model is tried first, then the local fallback."""
+        assert chain(facts("smart")) == (("openai/gpt-4o", "small"), "default")
+        assert chain(facts("fast")) == (("small",), "default")
+        assert chain(facts("tiny")) == (("tiny", "small"), "default")
+
+    def test_prompt_length(self) -> None:
+        """Long `auto` prompts go to the cloud model first."""
+        assert chain(facts(tokens=1001)) == (("openai/gpt-4o", "small"), "long")
+        assert chain(facts(tokens=1000))[1] == "default"
+
+    def test_complexity(self) -> None:
+        """Complex `auto` prompts go to the rule for complexity."""
+        assert chain(facts(complexity=0.5)) == (("openai/gpt-4o-mini", "small"), "hard")
+
+    def test_provider_health(self) -> None:
+        """A rule can match on a provider's breaker state."""
+        down = Conditions(local_models=UP.local_models, provider_health={"openai": "open"})
+        assert chain(facts(tokens=5000), down) == (("anthropic/claude", "small"), "openai-down")
+
+    def test_auto_with_no_cloud_rule_runs_locally(self) -> None:
+        """`auto` under the default rule is the local model."""
+        assert chain(facts()) == (("small",), "default")
+
+    def test_first_match_wins(self) -> None:
+        """Rules are evaluated in order."""
+        assert chain(facts(tenant="ops", onsite=True))[1] == "ops-tenant"
+
+    def test_last_resort_is_local(self) -> None:
+        """After the rule's own route the local model is tried, unless the policy turns that off."""
+        assert chain(facts(tenant="ops")) == (("anthropic/claude", "small"), "ops-tenant")
+        offline = Conditions(uplink_up=False, local_models=UP.local_models)
+        assert chain(facts(tenant="ops"), offline) == (("small",), "ops-tenant")
+        strict = parse("local_model: small\nlast_resort: none\nrules: [{name: r, route: [openai/gpt-4o]}]")
+        with pytest.raises(Unavailable):
+            plan(strict, facts(), offline)
+
+
+class TestGuards:
+    def test_onsite_never_leaves_the_site(self) -> None:
+        """A request marked on-site-only never gets a cloud target, whatever the rule says."""
+        assert chain(facts("smart", onsite=True)) == (("small",), "onsite")
+        p = parse("local_model: small\nlast_resort: none\nrules: [{name: cloud-only, route: [openai/gpt-4o]}]")
+        with pytest.raises(ResidencyViolation):
+            plan(p, facts(onsite=True), UP)
+
+    def test_uplink_down_runs_locally(self) -> None:
+        """With the uplink down only local targets remain."""
+        offline = Conditions(uplink_up=False, local_models=UP.local_models)
+        assert chain(facts("smart"), offline) == (("small",), "offline")
+        assert plan(POLICY, facts("smart", tenant="ops"), offline).skipped == (("anthropic/claude", "uplink down"),)
+
+    def test_budget_exhausted_runs_locally(self) -> None:
+        """With the budget exhausted cloud targets are skipped; without a local one the answer is 429."""
+        broke = Conditions(budget="exhausted", local_models=UP.local_models)
+        assert chain(facts("smart"), broke) == (("small",), "broke")
+        assert chain(facts(tenant="ops"), broke) == (("small",), "ops-tenant")
+        strict = parse("last_resort: none\nrules: [{name: r, route: [openai/gpt-4o]}]")
+        with pytest.raises(BudgetExhausted) as exc:
+            plan(strict, facts(), broke)
+        assert exc.value.status == 429
+
+    def test_open_breaker_skips_to_the_next_in_chain(self) -> None:
+        """A provider with an open breaker is skipped; the chain goes on."""
+        p = parse("local_model: small\nrules: [{name: r, route: [openai/gpt-4o, anthropic/claude]}]")
+        c = Conditions(local_models=UP.local_models, provider_health={"openai": "open"})
+        result = plan(p, facts(), c)
+        assert result.chain == ("anthropic/claude", "small")
+        assert result.skipped == (("openai/gpt-4o", "openai circuit open"),)
+        half_open = Conditions(local_models=UP.local_models, provider_health={"openai": "half_open"})
+        assert plan(p, facts(), half_open).chain[0] == "openai/gpt-4o"
+
+    def test_saturated_local_model(self) -> None:
+        """When every worker of the only target is busy the answer is 429 with Retry-After."""
+        busy = Conditions(local_models=UP.local_models, saturated=frozenset({"small"}))
+        with pytest.raises(Overloaded) as exc:
+            plan(POLICY, facts(), busy)
+        assert exc.value.retry_after is not None
+
+    def test_everything_unavailable_is_503(self) -> None:
+        """With no target left for other reasons the answer is 503."""
+        p = parse("rules: [{name: r, route: [openai/gpt-4o]}]")
+        with pytest.raises(Unavailable):
+            plan(p, facts(), Conditions(uplink_up=False))
+
+    def test_unknown_local_model_is_404(self) -> None:
+        """A name that is no alias, no cloud model and no local model is not found."""
+        with pytest.raises(ModelNotFound):
+            plan(POLICY, facts("nope"), UP)
+
+
+class TestDecisionHeader:
+    def test_header_names_rule_skips_and_fallbacks(self) -> None:
+        """The decision says which rule chose the target, what was skipped and what failed before."""
+        offline = Conditions(uplink_up=False, local_models=UP.local_models)
+        p = plan(POLICY, facts("smart", tenant="ops"), offline)
+        header = p.decision("small", [("x/y", "503 unavailable")]).header()
+        assert header.startswith("target=local/small; rule=ops-tenant")
+        assert "skipped anthropic/claude (uplink down)" in header
+        assert "fell back from x/y (503 unavailable)" in header

@@ -1,0 +1,64 @@
+"""Masking of personal data before prompts leave the site."""
+
+from __future__ import annotations
+
+import pytest
+
+from schemas.chat import ChatCompletionRequest
+from services.router.masking import Masker
+from services.router.policy import Masking, Pattern
+
+MASKER = Masker.from_policy(Masking())
+
+
+class TestDefaultPatterns:
+    @pytest.mark.parametrize(("text", "expected"), [
+        ("write to jane.doe+ops@plant-7.example.co.uk today", "write to [EMAIL] today"),
+        ("call +49 30 1234567 now", "call [PHONE] now"),
+        ("call +1-202-555-0143 now", "call [PHONE] now"),
+        ("call (202) 555-0143 now", "call [PHONE] now"),
+        ("call 202.555.0143 now", "call [PHONE] now"),
+        ("SSN 123-45-6789 on file", "SSN [NATIONAL_ID] on file"),
+        ("NI number AB 12 34 56 C on file", "NI number [NATIONAL_ID] on file"),
+        ("NI number AB123456C on file", "NI number [NATIONAL_ID] on file"),
+    ])
+    def test_each_pattern_is_masked(self, text: str, expected: str) -> None:
+        """Emails, phone numbers and national ID numbers are replaced by a placeholder."""
+        assert MASKER.mask(text)[0] == expected
+
+    @pytest.mark.parametrize("text", [
+        "Why did line 3 stop on 2026-11-03 at 14:35?",
+        "Order 12345, batch 12-345, lot 2026-11, ISBN 978-3-16-148410-0",
+        "Pressure 120.5 bar, temperature 85 C, speed 1450 rpm, version 1.2.3",
+        "Room 101-202; part no. 4471-22-901; serial 00123456789",
+        "the @operator handle and user@localhost are not addresses",
+        "price $1,234.56 on 21/11/2026",
+    ])
+    def test_nothing_else_is_masked(self, text: str) -> None:
+        """Dates, times, part numbers, measurements and handles are left alone."""
+        assert MASKER.mask(text) == (text, {})
+
+    def test_counts_by_pattern(self) -> None:
+        """The masker says how many of each pattern it replaced."""
+        _, counts = MASKER.mask("a@b.io, c@d.io, +44 20 7946 0958")
+        assert counts == {"email": 2, "phone": 1}
+
+
+class TestRequests:
+    def test_request_messages_are_masked_and_the_original_kept(self) -> None:
+        """Every message's text is masked in a copy; the original request is unchanged."""
+        request = ChatCompletionRequest.model_validate({"model": "m", "messages": [
+            {"role": "system", "content": "Escalate to ops@plant.example"},
+            {"role": "user", "content": [{"type": "text", "text": "my SSN is 123-45-6789"}]},
+        ]})
+        masked, counts = MASKER.mask_request(request)
+        assert masked.messages[0].text() == "Escalate to [EMAIL]"
+        assert masked.messages[1].text() == "my SSN is [NATIONAL_ID]"
+        assert counts == {"email": 1, "national_id": 1}
+        assert request.messages[0].text() == "Escalate to ops@plant.example"
+
+    def test_custom_pattern_and_disabled_masking(self) -> None:
+        """Policies add their own patterns, or turn masking off."""
+        custom = Masker.from_policy(Masking(patterns=[Pattern(name="badge", regex=r"BDG-\d{4}")]))
+        assert custom.mask("badge BDG-0042 and a@b.io") == ("badge [BADGE] and a@b.io", {"badge": 1})
+        assert Masker.from_policy(Masking(enabled=False)).mask("a@b.io")[0] == "a@b.io"

@@ -1,0 +1,41 @@
+"""Parsing and validating routing policies."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.router.policy import PolicyError, parse
+from tests.support import ROOT
+
+
+class TestPolicy:
+    def test_shipped_policy_is_valid(self) -> None:
+        """deploy/policy.yaml parses."""
+        policy = parse((ROOT / "deploy" / "policy.yaml").read_text())
+        assert policy.rules[-1].name == "default"
+
+    def test_default_policy(self) -> None:
+        """An empty mapping gets the default rule: the requested model, then local."""
+        assert parse("local_model: m\n").rules[0].route == ["requested", "local"]
+
+    @pytest.mark.parametrize(("text", "where"), [
+        ("rules: [{name: a, route: []}]", "rules.0.route"),
+        ("rules: [{name: a, route: [local]}]", "local_model"),
+        ("rules: [{name: a, when: {uplink: sideways}, route: [x]}]", "rules.0.when.uplink"),
+        ("rules: [{name: a, when: {colour: red}, route: [x]}]", "rules.0.when.colour"),
+        ("aliases: {a: {variants: [{name: v, target: x, weight: 0}]}}", "aliases.a"),
+        ("masking: {patterns: [{name: x, regex: '(('}]}", "masking.patterns"),
+        ("rules: [{name: a, route: [x]}, {name: a, route: [y]}]", "unique"),
+        ("version: 2", "version"),
+    ])
+    def test_invalid_policies_say_where(self, text: str, where: str) -> None:
+        """An invalid policy is refused with the place of the first problem."""
+        with pytest.raises(PolicyError) as exc:
+            parse(text)
+        assert where in exc.value.message
+
+    @pytest.mark.parametrize("text", ["- just\n- a list\n", "a: [unclosed\n", "42"])
+    def test_not_a_mapping(self, text: str) -> None:
+        """YAML that is not a mapping is refused."""
+        with pytest.raises(PolicyError):
+            parse(text)
