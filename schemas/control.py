@@ -92,3 +92,23 @@ class RouteDecision(BaseModel):
         """Read the header form back."""
         fields = dict(p.strip().split("=", 1) for p in header.split(";") if "=" in p)
         return cls.model_validate(fields)
+
+
+class SkippedTarget(BaseModel):
+    """A target the decision left out, and why."""
+
+    target: str
+    reason: str
+
+
+class DryRun(BaseModel):
+    """What the router would do with a request (``POST /v1/route/dry-run``, ``lw.v1.<site>.route.dry_run``)."""
+
+    decision: RouteDecision
+    requested: str | None
+    chain: list[str]
+    skipped: list[SkippedTarget]
+    prompt_tokens: int
+    complexity: float
+    masked_for_cloud: dict[str, int] = Field(description="what masking replaces if the request leaves the site")
+    policy_source: str

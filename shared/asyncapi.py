@@ -19,7 +19,10 @@ from services.local_inference.app import build_broker as inference_broker
 from services.local_inference.settings import InferenceSettings
 from services.router.app import build_broker as router_broker
 from services.router.catalog import Catalog
+from services.router.masking import Masker
+from services.router.policy import Policy
 from services.router.settings import RouterSettings
+from services.router.state import LiveState
 
 TITLE = "leafwire NATS API"
 VERSION = "v1"
@@ -36,7 +39,7 @@ def document() -> str:
     router = RouterSettings.model_construct(site="{site}")
     inference = InferenceSettings.model_construct(site="{site}")
     brokers = [
-        router_broker(router, Catalog("{site}")),
+        router_broker(router, LiveState(Catalog("{site}"), Policy(), Masker(()))),
         inference_broker(inference, Worker(inference, {}), ["{model}"]),
     ]
     spec = AsyncAPI(*brokers, title=TITLE, version=VERSION, description=DESCRIPTION).to_specification()

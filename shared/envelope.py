@@ -17,6 +17,7 @@ DEADLINE = "Lw-Deadline"
 REPLY = "Lw-Reply"
 ROUTE = "Lw-Route"
 SERVED_BY = "Lw-Served-By"
+RESIDENCY = "Lw-Residency"  # "onsite": the request must not leave the site
 EVENT = "Lw-Event"
 STATUS = "Lw-Status"
 RETRY_AFTER = "Lw-Retry-After"

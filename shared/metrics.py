@@ -25,9 +25,15 @@ CLIENT_DISCONNECTS = Counter("leafwire_client_disconnects_total",
                              "Requests whose HTTP client went away before the answer ended")
 
 # -- router
-ROUTE_DECISIONS = Counter("leafwire_route_decisions_total", "Routing decisions", ["target", "outcome"])
+ROUTE_DECISIONS = Counter("leafwire_route_decisions_total", "Requests routed, by target kind, rule and outcome",
+                          ["kind", "rule", "outcome"])
+ROUTE_FALLBACKS = Counter("leafwire_route_fallbacks_total", "Targets given up before the first byte",
+                          ["kind", "status"])
 ROUTE_DURATION = Histogram("leafwire_route_duration_seconds", "Time to decide and hand a request over",
                            buckets=LATENCY_BUCKETS)
+MASKED = Counter("leafwire_masked_total", "Personal data masked in prompts leaving the site", ["pattern"])
+POLICY_RELOADS = Counter("leafwire_policy_reloads_total", "Routing policies received from KV", ["outcome"])
+UPLINK_UP = Gauge("leafwire_uplink_up", "1 while the site reaches the hub")
 
 # -- local inference
 TTFT = Histogram("leafwire_time_to_first_token_seconds", "Time from request arrival to first token",

@@ -83,3 +83,27 @@ def reply_prefix(owner: str) -> str:
 
 # Stream names, after what they hold.
 DEAD_LETTERS = "DEAD_LETTERS"
+
+
+def cloud_chat(site: str) -> str:
+    """Chat work for cloud providers (cloud-adapter, queue ``cloud-adapter``)."""
+    return f"{PREFIX}.{site}.cloud.chat"
+
+
+def route_dry_run(site: str) -> str:
+    """Request/reply: the routing decision for a chat request, without running it."""
+    return f"{PREFIX}.{site}.route.dry_run"
+
+
+def policy_events(site: str) -> str:
+    """The router announces accepted and rejected policy reloads here."""
+    return f"{PREFIX}.{site}.router.policy"
+
+
+HUB_JS_API_INFO = "$JS.hub.API.INFO"  # answered by the hub's JetStream only while the uplink is up
+
+# Key-value buckets, in the JetStream domain of the site that uses them.
+CONFIG_BUCKET = "config"
+POLICY_KEY = "router.policy"
+PROVIDER_HEALTH_BUCKET = "provider-health"
+BUDGETS_BUCKET = "budgets"

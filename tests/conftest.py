@@ -9,7 +9,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.support import NatsServer, Service, running, start_single, write_registry
+from tests.support import NatsServer, Service, model_name, running, start_single, write_policy, write_registry
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +41,12 @@ class Stack:
 
 
 def stack_services(nats_url: str, registry: Path, site: str = "edge1",
-                   gateway_env: dict[str, str] | None = None) -> tuple[Service, Service, Service]:
+                   gateway_env: dict[str, str] | None = None,
+                   router_env: dict[str, str] | None = None) -> tuple[Service, Service, Service]:
     env = {"LW_NATS_URL": nats_url, "LW_SITE": site}
     worker = Service("local_inference", {**env, "LW_MODELS_FILE": str(registry)})
-    router = Service("router", env)
+    policy = write_policy(registry.parent / "policy.yaml", f"local_model: {model_name(registry)}\n")
+    router = Service("router", {**env, "LW_ROUTER_POLICY_FILE": str(policy), **(router_env or {})})
     gateway = Service("gateway", {**env, **(gateway_env or {})})
     return worker, router, gateway
 

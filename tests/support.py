@@ -129,6 +129,17 @@ def write_registry(path: Path, name: str = "tiny", model: Path = FIXTURE_MODEL, 
     return path
 
 
+def model_name(registry: Path) -> str:
+    """The first model name of a registry file written by ``write_registry``."""
+    return registry.read_text().split("name: ", 1)[1].split()[0]
+
+
+def write_policy(path: Path, text: str) -> Path:
+    """A routing policy file."""
+    path.write_text(text)
+    return path
+
+
 @dataclass
 class Service:
     """A leafwire service running as its own process (``python -m services.<module>``)."""

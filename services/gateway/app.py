@@ -15,15 +15,16 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from schemas.chat import ChatCompletionRequest
-from services.gateway.chat import ChatBridge
+from services.gateway.chat import ChatBridge, request_headers
 from services.gateway.errors import openai_errors, read_json, validate
 from services.gateway.settings import GatewaySettings
 from shared import metrics, subjects
 from shared import nats as lw_nats
+from shared.envelope import EVENT, Envelope, new_request_id
 from shared.errors import Unauthorized, Unavailable
 from shared.logging import bind_request, get_logger
 from shared.ops import Readiness, add_routes, bound_port
-from shared.replies import ReplyReader
+from shared.replies import Event, ReplyReader, error_of
 
 SERVICE = "gateway"
 log = get_logger("leafwire.gateway")
@@ -60,6 +61,21 @@ class Gateway:
         chat = validate(ChatCompletionRequest, body)
         bind_request("-", tenant, subjects.chat(self.settings.site))
         return await self.bridge.complete(request, chat, await request.read(), tenant)
+
+    async def dry_run(self, request: web.Request) -> web.Response:
+        """``POST /v1/route/dry-run``: where a chat request would run, and why, without running it."""
+        tenant = self.tenant_of(request)
+        chat = validate(ChatCompletionRequest, await read_json(request))
+        env = Envelope(new_request_id(), tenant, "", time.time() + self.settings.models_timeout_s)
+        try:
+            reply = await self.nc.request(subjects.route_dry_run(self.settings.site),
+                                          chat.model_dump_json(exclude_unset=True).encode(),
+                                          timeout=self.settings.models_timeout_s, headers=request_headers(env, request))
+        except (NoRespondersError, NatsTimeout, TimeoutError) as exc:
+            raise Unavailable(f"no router is serving site '{self.settings.site}'", retry_after=2) from exc
+        if (reply.headers or {}).get(EVENT) == Event.ERROR.value:
+            raise error_of(reply.headers or {}, reply.data)
+        return web.Response(body=reply.data, content_type="application/json")
 
     async def list_models(self, request: web.Request) -> web.Response:
         """``GET /v1/models``: what the site's router knows, with where each model runs."""
@@ -102,6 +118,7 @@ def build_app(gateway: Gateway, readiness: Readiness) -> web.Application:
     app["max_body"] = gateway.settings.max_body_bytes
     app.router.add_post("/v1/chat/completions", gateway.chat_completions)
     app.router.add_get("/v1/models", gateway.list_models)
+    app.router.add_post("/v1/route/dry-run", gateway.dry_run)
     add_routes(app, SERVICE, readiness)
     return app
 

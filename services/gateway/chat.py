@@ -29,6 +29,15 @@ from shared.replies import Event, Reply, ReplyReader, ReplyStream
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive",
                "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
+RESIDENCY_HEADER = "x-leafwire-residency"  # "onsite": keep this request on the site
+
+
+def request_headers(env: Envelope, http: web.Request) -> dict[str, str]:
+    """NATS headers of a request entering at the gateway (the reply subject is the message's own)."""
+    headers = {k: v for k, v in env.headers().items() if k != hdr.REPLY}
+    if http.headers.get(RESIDENCY_HEADER, "").lower() == "onsite":
+        headers[hdr.RESIDENCY] = "onsite"
+    return headers
 
 
 @dataclass
@@ -46,7 +55,7 @@ class ChatBridge:
                        deadline=time.time() + self.settings.request_timeout_s)
         async with self.replies.stream() as stream:
             stream.unavailable = f"no router is serving site '{self.settings.site}'"
-            headers = {k: v for k, v in env.headers().items() if k != hdr.REPLY}
+            headers = request_headers(env, http)
             finished = False
             try:
                 await self.nc.publish(subjects.chat(self.settings.site), raw, reply=stream.subject,

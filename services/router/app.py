@@ -1,70 +1,74 @@
-"""router on NATS: take chat requests of a site, pick a worker, hand the request over.
+"""router on NATS: take chat requests of a site, decide where they run, hand them over.
 
-The caller's reply subject is the message's own; the router never answers with tokens. It forwards the
-request with the caller's subject in ``Lw-Reply`` and waits only for the worker's admission; a refusal
-(or no worker at all) is sent to the caller as an error event.
+The caller's reply subject is the message's own; the router never answers with tokens. It decides a
+chain of targets from the policy and the live state, and offers the request to each in turn with the
+caller's subject in ``Lw-Reply``, until one takes it. A refusal of every target, or a request no target
+may serve, is sent to the caller as an error event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 
 from faststream.nats import NatsBroker
 from faststream.nats.annotations import NatsMessage
-from nats.aio.client import Client as NATS
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import KeyValueConfig
 
 from schemas.chat import ChatCompletionRequest
-from schemas.control import ModelList, RouteDecision, WorkerHeartbeat
+from schemas.control import DryRun, ModelList, SkippedTarget, WorkerHeartbeat
+from services.router import decide, watch
+from services.router import policy as policies
 from services.router.catalog import Catalog
+from services.router.decide import Facts, Plan
+from services.router.handover import run_chain
+from services.router.masking import Masker
 from services.router.settings import RouterSettings
+from services.router.signals import signals
+from services.router.state import LiveState
 from shared import metrics, subjects
-from shared.envelope import EVENT, Envelope
-from shared.errors import InvalidRequest, ModelNotFound, Unavailable
+from shared.envelope import RESIDENCY, Envelope
+from shared.errors import InvalidRequest
 from shared.handling import ErrorReplies
 from shared.logging import bind_request, get_logger
 from shared.nats import broker as make_broker
 from shared.ops import Readiness
-from shared.replies import Event, error_of
 from shared.service import attach_broker
 
 SERVICE = "router"
 log = get_logger("leafwire.router")
 
 
-def decide(catalog: Catalog, request: ChatCompletionRequest) -> RouteDecision:
-    """Where a request runs. This slice knows one kind of target: a local worker of the named model."""
-    where = "site" if any(b.site == catalog.site and any(m.name == request.model for m in b.models)
-                          for b in catalog.alive()) else "hub"
-    return RouteDecision(target=f"local/{request.model}", rule="default",
-                         reason=f"local model on {where}" if catalog.serves(request.model) else "local model")
+def facts_of(request: ChatCompletionRequest, env: Envelope, headers: Mapping[str, str] | None,
+             state: LiveState) -> Facts:
+    """What the policy may look at: model, tenant, user, residency and the prompt's signals."""
+    onsite = (headers or {}).get(RESIDENCY, "").lower() == "onsite" or \
+        env.tenant in state.policy.residency.onsite_tenants
+    text = "\n".join(m.text() for m in request.messages)
+    return Facts(model=request.model, tenant=env.tenant, user=request.user, onsite=onsite, signals=signals(text))
 
 
-async def hand_over(nc: NATS, settings: RouterSettings, catalog: Catalog, request: ChatCompletionRequest,
-                    env: Envelope, decision: RouteDecision) -> None:
-    """Forward to a worker of the model and wait for its admission; raise what the caller should get."""
-    subject = subjects.infer_chat(settings.site, request.model)
-    timeout = min(settings.admission_timeout_s, max(env.remaining(), 0.001))
-    payload = request.model_dump_json(exclude_unset=True).encode()
-    try:
-        reply = await nc.request(subject, payload, timeout=timeout,
-                                 headers=env.with_route(decision.header()).headers())
-    except NoRespondersError as exc:
-        if catalog.serves(request.model):
-            raise Unavailable(f"no worker for model '{request.model}' is running right now",
-                              retry_after=2) from exc
-        raise ModelNotFound(request.model) from exc
-    except (NatsTimeout, TimeoutError) as exc:
-        raise Unavailable(f"no worker took the request within {timeout:.1f} s", retry_after=2) from exc
-    headers = reply.headers or {}
-    if headers.get(EVENT) == Event.ERROR.value:
-        raise error_of(headers, reply.data)
+def decide_for(state: LiveState, request: ChatCompletionRequest, env: Envelope,
+               headers: Mapping[str, str] | None) -> tuple[Plan, Facts]:
+    """The plan for a request under the current policy and state."""
+    facts = facts_of(request, env, headers, state)
+    return decide.plan(state.policy, facts, state.conditions(env.tenant)), facts
 
 
-def build_broker(settings: RouterSettings, catalog: Catalog) -> NatsBroker:
+def dry_run(state: LiveState, request: ChatCompletionRequest, env: Envelope,
+            headers: Mapping[str, str] | None) -> DryRun:
+    """The decision for a request, without running it."""
+    plan, facts = decide_for(state, request, env, headers)
+    _, masked = state.masker.mask_request(request)
+    return DryRun(decision=plan.decision(plan.chain[0]), requested=plan.requested, chain=list(plan.chain),
+                  skipped=[SkippedTarget(target=t, reason=r) for t, r in plan.skipped],
+                  prompt_tokens=facts.signals.prompt_tokens, complexity=facts.signals.complexity,
+                  masked_for_cloud=dict(masked), policy_source=state.policy_source)
+
+
+def build_broker(settings: RouterSettings, state: LiveState) -> NatsBroker:
     """The FastStream app of the router."""
     broker = make_broker(settings, SERVICE, middlewares=[ErrorReplies.for_service(settings.site, SERVICE)])
 
@@ -72,44 +76,66 @@ def build_broker(settings: RouterSettings, catalog: Catalog) -> NatsBroker:
                        max_workers=settings.max_concurrency, title="chat",
                        description="Chat requests of a site, in OpenAI's request shape. The answer "
                                    "(`chunk`... `done`, or one `result`, or an `error`) arrives on the "
-                                   "message's reply subject, with the event kind in the Lw-Event header.")
+                                   "message's reply subject, with the event kind in the Lw-Event header. "
+                                   "Header Lw-Residency: onsite keeps the request on the site.")
     async def on_chat(body: ChatCompletionRequest, msg: NatsMessage) -> None:
         started = time.perf_counter()
         env = Envelope.from_message(msg.headers, msg.reply_to)
         bind_request(env.request_id, env.tenant, msg.raw_message.subject)
         if not msg.reply_to:
             raise InvalidRequest("a chat request needs a reply subject to answer on")
-        decision = decide(catalog, body)
-        try:
-            await hand_over(broker.connection, settings, catalog, body, env, decision)
-        except Exception:
-            metrics.ROUTE_DECISIONS.labels(decision.target.split("/", 1)[0], "refused").inc()
-            raise
-        metrics.ROUTE_DECISIONS.labels(decision.target.split("/", 1)[0], "admitted").inc()
+        plan, _ = decide_for(state, body, env, msg.headers)
+        await run_chain(broker.connection, settings, state, plan, body, env)
         metrics.ROUTE_DURATION.observe(time.perf_counter() - started)
-        log.info("routed", target=decision.target, reason=decision.reason)
+
+    @broker.subscriber(subjects.route_dry_run(settings.site), title="route.dry_run",
+                       description="Request/reply: the routing decision for a chat request, not run.")
+    async def on_dry_run(body: ChatCompletionRequest, msg: NatsMessage) -> DryRun:
+        env = Envelope.from_message(msg.headers, msg.reply_to)
+        return dry_run(state, body, env, msg.headers)
 
     @broker.subscriber(subjects.models(settings.site), title="models",
                        description="Request/reply: the models this site can serve and where they run.")
     async def on_models() -> ModelList:
-        return ModelList(data=catalog.model_cards())
+        return ModelList(data=state.catalog.model_cards())
 
     @broker.subscriber(subjects.heartbeat(subjects.ANY_SITE), no_reply=True, title="heartbeats",
                        description="Worker announcements; the router's catalog of who serves what.")
     async def on_heartbeat(body: WorkerHeartbeat) -> None:
-        catalog.seen(body)
+        state.catalog.seen(body)
 
     return broker
 
 
+def initial_state(settings: RouterSettings) -> LiveState:
+    """The state at start: the policy file (refused at start if invalid), an empty catalog."""
+    policy = policies.parse(settings.policy_file.read_text(), str(settings.policy_file))
+    state = LiveState(Catalog(settings.site), policy, Masker.from_policy(policy.masking), file_policy=policy)
+    state.uplink_up = settings.uplink != "down"
+    return state
+
+
 async def main(settings: RouterSettings, readiness: Readiness, stack: AsyncExitStack) -> None:
-    """Start routing; ask workers to announce themselves so the catalog fills at once."""
-    catalog = Catalog(settings.site)
-    broker = build_broker(settings, catalog)
+    """Start routing: watch policy, provider health, budgets and the uplink; fill the catalog at once."""
+    state = initial_state(settings)
+    broker = build_broker(settings, state)
     await attach_broker(broker, settings, SERVICE, readiness, stack)
     nc = broker.connection
-    for site in {settings.site, subjects.HUB}:
-        await nc.publish(subjects.roll_call(site), b"")
+    js = nc.jetstream(timeout=5)
+    tasks = [
+        watch.follow_bucket(js, subjects.CONFIG_BUCKET, subjects.POLICY_KEY,
+                            watch.policy_updates(state, nc, settings.site),
+                            create=KeyValueConfig(bucket=subjects.CONFIG_BUCKET, history=10)),
+        watch.follow_bucket(js, subjects.PROVIDER_HEALTH_BUCKET, ">", watch.health_updates(state)),
+        watch.follow_bucket(js, subjects.BUDGETS_BUCKET, ">", watch.budget_updates(state)),
+    ]
+    if settings.uplink == "auto" and settings.site != subjects.HUB:
+        tasks.append(watch.probe_uplink(nc, state, settings.uplink_probe_s))
+    for coro in tasks:
+        task = asyncio.create_task(coro)
+        stack.callback(task.cancel)
+    await nc.publish(subjects.roll_call(settings.site), b"")
     await nc.flush()
     await asyncio.sleep(settings.roll_call_wait_s)
-    log.info("catalog", models=[c.id for c in catalog.model_cards()])
+    log.info("router ready", models=[c.id for c in state.catalog.model_cards()], policy=str(settings.policy_file),
+             uplink=settings.uplink)

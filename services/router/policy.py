@@ -168,7 +168,7 @@ class Policy(Strict):
     residency: Residency = Residency()
     masking: Masking = Masking()
     rules: Annotated[list[Rule], Field(min_length=1)] = Field(
-        default_factory=lambda: [Rule(name="default", route=[REQUESTED, LOCAL])])
+        default_factory=lambda: [Rule(name="default", route=[REQUESTED])])
 
     @model_validator(mode="after")
     def _consistent(self) -> Policy:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
 from pydantic import Field
 
 from shared.settings import ServiceSettings
@@ -12,4 +15,12 @@ class RouterSettings(ServiceSettings):
 
     admission_timeout_s: float = Field(default=5.0, gt=0, alias="LW_ROUTER_ADMISSION_TIMEOUT_S")
     max_concurrency: int = Field(default=256, ge=1, alias="LW_ROUTER_MAX_CONCURRENCY")
+    cloud_admission_timeout_s: float = Field(
+        default=90.0, gt=0, alias="LW_ROUTER_CLOUD_ADMISSION_TIMEOUT_S",
+        description="longest wait for a cloud provider's first byte (retries included), before falling back")
     roll_call_wait_s: float = Field(default=0.5, ge=0, alias="LW_ROUTER_ROLL_CALL_WAIT_S")
+    policy_file: Path = Field(default=Path("deploy/policy.yaml"), alias="LW_ROUTER_POLICY_FILE")
+    uplink: Literal["auto", "up", "down"] = Field(
+        default="auto", alias="LW_ROUTER_UPLINK",
+        description="auto: up while the hub's JetStream answers; up/down: fixed (a site without a hub: up)")
+    uplink_probe_s: float = Field(default=2.0, gt=0, alias="LW_ROUTER_UPLINK_PROBE_S")

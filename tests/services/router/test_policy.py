@@ -15,8 +15,8 @@ class TestPolicy:
         assert policy.rules[-1].name == "default"
 
     def test_default_policy(self) -> None:
-        """An empty mapping gets the default rule: the requested model, then local."""
-        assert parse("local_model: m\n").rules[0].route == ["requested", "local"]
+        """A policy without rules routes to the requested model (the local model follows as last resort)."""
+        assert parse("local_model: m\n").rules[0].route == ["requested"]
 
     @pytest.mark.parametrize(("text", "where"), [
         ("rules: [{name: a, route: []}]", "rules.0.route"),

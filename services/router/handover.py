@@ -1,0 +1,97 @@
+"""Handing a request to its targets in order, falling back until one takes it.
+
+A target "takes" a request when it answers ``admitted``: a local worker (or batcher) once it queued the
+row, a cloud adapter once the provider's first byte arrived. Until then nothing has reached the client,
+so a refusal (busy, unavailable, over budget, context too small...) moves on to the next target. After
+admission the answer streams straight to the caller and any later failure ends it with an error event.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from schemas.chat import ChatCompletionRequest
+from services.router.decide import Plan, is_cloud
+from services.router.settings import RouterSettings
+from services.router.state import LiveState
+from shared import metrics, subjects
+from shared.envelope import EVENT, Envelope
+from shared.errors import LeafwireError, ModelNotFound, Unavailable
+from shared.logging import get_logger
+from shared.replies import Event, error_of
+
+log = get_logger("leafwire.router")
+
+FALLBACK_CODES = frozenset({"context_length_exceeded", "model_not_found", "budget_exceeded"})
+
+
+def falls_back(err: LeafwireError) -> bool:
+    """Whether the next target may succeed where this one failed (not for malformed requests)."""
+    return err.status >= 429 or err.code in FALLBACK_CODES
+
+
+def subject_for(site: str, target: str) -> str:
+    """Where a target's admissions are asked."""
+    return subjects.cloud_chat(site) if is_cloud(target) else subjects.infer_chat(site, target)
+
+
+async def offer(nc: NATS, settings: RouterSettings, target: str, payload: bytes, env: Envelope) -> None:
+    """Ask ``target`` to take the request; raise the error it (or its absence) amounts to."""
+    limit = settings.cloud_admission_timeout_s if is_cloud(target) else settings.admission_timeout_s
+    timeout = max(min(limit, env.remaining()), 0.001)
+    try:
+        reply = await nc.request(subject_for(settings.site, target), payload, timeout=timeout,
+                                 headers=env.headers())
+    except NoRespondersError as exc:
+        what = "no cloud adapter is running" if is_cloud(target) else f"no worker for model '{target}' is running"
+        raise Unavailable(f"{what} right now", retry_after=2) from exc
+    except (NatsTimeout, TimeoutError) as exc:
+        raise Unavailable(f"{target} did not take the request within {timeout:.1f} s", retry_after=2) from exc
+    headers = reply.headers or {}
+    if headers.get(EVENT) == Event.ERROR.value:
+        raise error_of(headers, reply.data)
+
+
+def prepare(state: LiveState, request: ChatCompletionRequest, target: str) -> tuple[bytes, Counter[str]]:
+    """The payload for ``target``: the model set to it, personal data masked if it leaves the site."""
+    counts: Counter[str] = Counter()
+    if is_cloud(target):
+        request, counts = state.masker.mask_request(request)
+    return request.model_copy(update={"model": target}).model_dump_json(exclude_unset=True).encode(), counts
+
+
+async def run_chain(nc: NATS, settings: RouterSettings, state: LiveState, plan: Plan,
+                    request: ChatCompletionRequest, env: Envelope) -> str:
+    """Offer the request to each target of the plan until one takes it; return the target that did."""
+    failed: list[tuple[str, str]] = []
+    last: LeafwireError | None = None
+    for target in plan.chain:
+        decision = plan.decision(target, failed)
+        payload, masked = prepare(state, request, target)
+        try:
+            await offer(nc, settings, target, payload, env.with_route(decision.header()))
+        except LeafwireError as err:
+            kind = "cloud" if is_cloud(target) else "local"
+            if not falls_back(err):
+                metrics.ROUTE_DECISIONS.labels(kind, plan.rule, "refused").inc()
+                raise
+            metrics.ROUTE_FALLBACKS.labels(kind, str(err.status)).inc()
+            log.info("target refused; falling back", target=target, status=err.status, error=err.message)
+            failed.append((target, f"{err.status} {err.code or err.type}"))
+            last = err
+            continue
+        for pattern, n in masked.items():
+            metrics.MASKED.labels(pattern).inc(n)
+        metrics.ROUTE_DECISIONS.labels("cloud" if is_cloud(target) else "local", plan.rule, "admitted").inc()
+        log.info("routed", target=target, rule=plan.rule, variant=plan.variant, fallbacks=len(failed),
+                 masked=sum(masked.values()))
+        return target
+    assert last is not None
+    if isinstance(last, ModelNotFound) or last.code == "model_not_found":
+        raise last
+    metrics.ROUTE_DECISIONS.labels("none", plan.rule, "exhausted").inc()
+    raise last

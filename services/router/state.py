@@ -1,0 +1,66 @@
+"""What the router knows of the world, kept current from KV watches, heartbeats and an uplink probe.
+
+``LiveState`` is plain data plus small update methods; the NATS side (``watch.py``) feeds it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from schemas.cloud import BudgetStatus, ProviderHealth
+from services.router.catalog import Catalog
+from services.router.decide import Conditions
+from services.router.masking import Masker
+from services.router.policy import BudgetLevel, Health, Policy
+
+_SEVERITY: dict[BudgetLevel, int] = {"ok": 0, "warning": 1, "exhausted": 2}
+
+
+@dataclass
+class LiveState:
+    """The router's current policy and view of targets."""
+
+    catalog: Catalog
+    policy: Policy
+    masker: Masker
+    policy_source: str = "file"
+    file_policy: Policy | None = None
+    uplink_up: bool = True
+    provider_health: dict[str, Health] = field(default_factory=dict)
+    budgets: dict[str, BudgetStatus] = field(default_factory=dict)
+    masked: Counter[str] = field(default_factory=Counter)
+
+    def use_policy(self, policy: Policy, source: str) -> None:
+        """Switch to a validated policy (masking patterns are compiled first, so a bad one fails here)."""
+        masker = Masker.from_policy(policy.masking)
+        self.policy, self.masker, self.policy_source = policy, masker, source
+
+    def provider_changed(self, health: ProviderHealth) -> None:
+        """A provider's breaker moved."""
+        self.provider_health[health.provider] = health.state.value
+
+    def budget_changed(self, key: str, status: BudgetStatus | None) -> None:
+        """A budget ledger entry changed (``None``: deleted)."""
+        if status is None:
+            self.budgets.pop(key, None)
+        else:
+            self.budgets[key] = status
+
+    def budget_level(self, tenant: str) -> BudgetLevel:
+        """The worst of the global and the tenant's budgets, daily and monthly."""
+        scopes = {"global", f"tenant-{tenant}"}
+        levels = [s.state for s in self.budgets.values() if s.scope in scopes]
+        return max(levels, key=_SEVERITY.__getitem__, default="ok")
+
+    def conditions(self, tenant: str, now: float | None = None) -> Conditions:
+        """A snapshot for one decision."""
+        now = time.time() if now is None else now
+        workers = self.catalog.alive(now)
+        served = frozenset(m.name for b in workers for m in b.models)
+        saturated = frozenset(
+            name for name in served
+            if all(b.inflight >= b.capacity for b in workers if any(m.name == name for m in b.models)))
+        return Conditions(uplink_up=self.uplink_up, budget=self.budget_level(tenant),
+                          provider_health=dict(self.provider_health), local_models=served, saturated=saturated)
