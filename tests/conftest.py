@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,8 @@ def stack_services(nats_url: str, registry: Path, site: str = "edge1",
                    router_env: dict[str, str] | None = None) -> tuple[Service, Service, Service]:
     env = {"LW_NATS_URL": nats_url, "LW_SITE": site}
     worker = Service("local_inference", {**env, "LW_MODELS_FILE": str(registry)})
-    policy = write_policy(registry.parent / "policy.yaml", f"local_model: {model_name(registry)}\n")
+    policy = write_policy(Path(tempfile.mkdtemp(prefix="lw-policy-")) / "policy.yaml",
+                          f"local_model: {model_name(registry)}\n")
     router = Service("router", {**env, "LW_ROUTER_POLICY_FILE": str(policy), **(router_env or {})})
     gateway = Service("gateway", {**env, **(gateway_env or {})})
     return worker, router, gateway
