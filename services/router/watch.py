@@ -29,7 +29,7 @@ OnEntry = Callable[[str, bytes | None], Awaitable[None]]
 
 
 async def follow_bucket(js: JetStreamContext, bucket: str, keys: str, on_entry: OnEntry, *,
-                        create: KeyValueConfig | None = None, retry_s: float = 5.0) -> None:
+                        create: KeyValueConfig | None = None, retry_s: float = 2.0) -> None:
     """Deliver every current and future entry of ``bucket`` matching ``keys`` (``None`` for a delete).
 
     A bucket that does not exist yet is waited for (or created when ``create`` is given).
