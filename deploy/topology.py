@@ -92,10 +92,13 @@ def render_hub(run_dir: Path, host: str, client: list[int], cluster: list[int], 
     routes = ", ".join(f'"nats://{host}:{p}"' for p in cluster)
     for i, (c, r, lf, m) in enumerate(zip(client, cluster, leaf, monitor, strict=True), start=1):
         name = f"hub{i}"
+        # A one-node hub must not be a cluster: clustered JetStream would wait for peers forever.
+        block = (f"cluster {{\n  name: hub\n  listen: {host}:{r}\n  routes: [{routes}]\n}}\n"
+                 if len(client) > 1 else "")
         conf = _render("hub.conf.tmpl", run_dir / "nats" / f"{name}.conf", name=name, host=host,
-                       client_port=c, monitor_port=m, cluster_port=r, leaf_port=lf, routes=routes,
+                       client_port=c, monitor_port=m, leaf_port=lf, cluster=block,
                        store_dir=run_dir / "data" / name)
-        nodes.append(Node(name, conf, host, c, m, lf, r))
+        nodes.append(Node(name, conf, host, c, m, lf, r if len(client) > 1 else None))
     return nodes
 
 

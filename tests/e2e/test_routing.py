@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -21,7 +22,7 @@ from nats.js.errors import BucketNotFoundError
 
 from schemas.cloud import BreakerState, BudgetStatus, ProviderHealth
 from tests.conftest import stack_services
-from tests.support import ROOT, NatsServer, Service, eventually, metric, running, write_registry
+from tests.support import ROOT, NatsServer, Service, eventually, metric, running, write_policy, write_registry
 
 pytestmark = pytest.mark.e2e
 SITE = "routing"
@@ -202,3 +203,25 @@ class TestPolicyReload:
             assert {variant(f"user-{i}") for i in range(30)} == {"blue", "green"}
         finally:
             policy_cli("clear", url=nats_server.url)
+
+
+def test_busy_target_sheds_to_the_next(nats_server: NatsServer, tmp_path: Path) -> None:
+    """When the first target is saturated the request goes to the next one in the chain."""
+    busy_registry = write_registry(tmp_path / "busy.yaml")
+    spare_registry = write_registry(tmp_path / "spare.yaml", name="tiny-spare")
+    env = {"LW_NATS_URL": nats_server.url, "LW_SITE": "shed"}
+    policy = write_policy(tmp_path / "policy.yaml", "local_model: tiny-spare\naliases: {chat: tiny}\n")
+    busy = Service("local_inference", {**env, "LW_MODELS_FILE": str(busy_registry), "LW_INFERENCE_MAX_INFLIGHT": "1"})
+    spare = Service("local_inference", {**env, "LW_MODELS_FILE": str(spare_registry)})
+    router = Service("router", {**env, "LW_ROUTER_POLICY_FILE": str(policy)})
+    with running(busy, spare, router, Service("gateway", env)) as (_, _, _, gateway), ThreadPoolExecutor(1) as pool:
+        url = f"{gateway.base}/v1/chat/completions"
+        long = pool.submit(httpx.post, url, timeout=60,
+                           json={"model": "tiny", "messages": ASK, "max_tokens": 5000})
+        eventually(lambda: metric(busy.metrics(), "leafwire_active_rows", model="tiny") == 1, 10, "tiny busy")
+        r = httpx.post(url, timeout=30, json={"model": "chat", "messages": ASK, "max_tokens": 2})
+        assert r.status_code == 200
+        assert r.json()["model"] == "tiny-spare"
+        route = r.headers["x-leafwire-route"]
+        assert "fell back from tiny (429 overloaded)" in route or "skipped tiny (all workers busy)" in route
+        assert long.result().status_code == 200
