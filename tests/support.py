@@ -90,9 +90,10 @@ def start_single(tmp: Path, domain: str | None = None) -> NatsServer:
     js = f'jetstream {{ store_dir: "{tmp / "js"}"' + (f", domain: {domain}" if domain else "") + " }"
     conf.write_text(f"listen: 127.0.0.1:{client}\nhttp: 127.0.0.1:{monitor}\n{js}\nmax_payload: 8MB\n")
     node = Node("single", conf, "127.0.0.1", client, monitor)
-    proc = subprocess.Popen(node.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    topology.wait_healthy([node], procs=[proc])
-    return NatsServer(node, proc)
+    server = NatsServer(node, subprocess.Popen(node.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    with stopped_on_error([server]):
+        topology.wait_healthy([node], procs=[server.proc])
+    return server
 
 
 def start_hub_and_edge(tmp: Path, site: str = "edge1", hub_nodes: int = 1) -> tuple[list[NatsServer], NatsServer]:
@@ -105,8 +106,20 @@ def start_hub_and_edge(tmp: Path, site: str = "edge1", hub_nodes: int = 1) -> tu
            for n in hub_nodes_]
     edge = NatsServer(edge_node, subprocess.Popen(edge_node.command(), stdout=subprocess.DEVNULL,
                                                   stderr=subprocess.DEVNULL))
-    topology.wait_healthy([*hub_nodes_, edge_node], procs=[s.proc for s in [*hub, edge]], leaf=[edge_node])
+    with stopped_on_error([*hub, edge]):
+        topology.wait_healthy([*hub_nodes_, edge_node], procs=[s.proc for s in [*hub, edge]], leaf=[edge_node])
     return hub, edge
+
+
+@contextlib.contextmanager
+def stopped_on_error(servers: list[NatsServer]) -> Iterator[None]:
+    """Stop servers just started if what follows fails (a fixture that raises never gets to clean up)."""
+    try:
+        yield
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
 
 
 def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
