@@ -35,8 +35,23 @@ SERVICE = "router"
 log = get_logger("leafwire.router")
 
 
+def cloud_model(model: str) -> bool:
+    """Cloud models are named ``<provider>/<model>``; local model names never hold a ``/``."""
+    return "/" in model
+
+
+def admission_target(settings: RouterSettings, request: ChatCompletionRequest) -> tuple[str, float]:
+    """Subject and admission wait for a request: cloud models go to the cloud-adapters of the site, which
+    admit only at the provider's first byte (retries included), so their wait is longer."""
+    if cloud_model(request.model):
+        return subjects.cloud_chat(settings.site), settings.cloud_admission_timeout_s
+    return subjects.infer_chat(settings.site, request.model), settings.admission_timeout_s
+
+
 def decide(catalog: Catalog, request: ChatCompletionRequest) -> RouteDecision:
-    """Where a request runs. This slice knows one kind of target: a local worker of the named model."""
+    """Where a request runs: a cloud model goes to its provider, anything else to a local worker."""
+    if cloud_model(request.model):
+        return RouteDecision(target=request.model, rule="default", reason="cloud model")
     where = "site" if any(b.site == catalog.site and any(m.name == request.model for m in b.models)
                           for b in catalog.alive()) else "hub"
     return RouteDecision(target=f"local/{request.model}", rule="default",
@@ -46,13 +61,15 @@ def decide(catalog: Catalog, request: ChatCompletionRequest) -> RouteDecision:
 async def hand_over(nc: NATS, settings: RouterSettings, catalog: Catalog, request: ChatCompletionRequest,
                     env: Envelope, decision: RouteDecision) -> None:
     """Forward to a worker of the model and wait for its admission; raise what the caller should get."""
-    subject = subjects.infer_chat(settings.site, request.model)
-    timeout = min(settings.admission_timeout_s, max(env.remaining(), 0.001))
+    subject, wait = admission_target(settings, request)
+    timeout = min(wait, max(env.remaining(), 0.001))
     payload = request.model_dump_json(exclude_unset=True).encode()
     try:
         reply = await nc.request(subject, payload, timeout=timeout,
                                  headers=env.with_route(decision.header()).headers())
     except NoRespondersError as exc:
+        if cloud_model(request.model):
+            raise Unavailable(f"no cloud adapter serves site '{settings.site}'", retry_after=2) from exc
         if catalog.serves(request.model):
             raise Unavailable(f"no worker for model '{request.model}' is running right now",
                               retry_after=2) from exc

@@ -1,0 +1,120 @@
+"""cloud-adapter on NATS: admit chat work for cloud models, answer cancels and roll calls, announce models.
+
+Admission answers the forwarding router on the message's own reply subject — ``admitted`` only once the
+provider's first byte arrived (or the cache had the answer), else an error the router can act on. The
+answer then goes straight to the caller's subject (``Lw-Reply``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from contextlib import AsyncExitStack
+
+from faststream.nats import NatsBroker
+from faststream.nats.annotations import NatsMessage
+from nats.aio.client import Client as NATS
+
+from schemas.chat import ChatCompletionRequest
+from schemas.control import Cancel
+from services.cloud_adapter import config
+from services.cloud_adapter.adapter import SERVICE, CloudAdapter
+from services.cloud_adapter.settings import CloudSettings
+from services.cloud_adapter.state import CloudState
+from shared import subjects
+from shared.envelope import Envelope
+from shared.errors import InvalidRequest
+from shared.handling import ErrorReplies
+from shared.logging import bind_request, get_logger, register_secret
+from shared.nats import broker as make_broker
+from shared.ops import Readiness
+from shared.service import attach_broker
+
+log = get_logger("leafwire.cloud_adapter")
+
+
+def build_broker(settings: CloudSettings, adapter: CloudAdapter) -> NatsBroker:
+    """The FastStream app: cloud chat work, cancels, roll calls."""
+    broker = make_broker(settings, SERVICE, middlewares=[ErrorReplies.for_service(settings.site, SERVICE)])
+    sites = subjects.ANY_SITE if settings.serves_all_sites else settings.site
+
+    @broker.subscriber(subjects.cloud_chat(sites), queue=subjects.CLOUD_QUEUE, no_reply=True, title="cloud/chat",
+                       description="Chat work for cloud models `<provider>/<model>`. Answers `admitted` on the "
+                                   "message's reply subject once the provider's first byte arrived (or the "
+                                   "cache had the answer), or an error; then streams the answer to the "
+                                   "caller's subject given in the Lw-Reply header (first message: Lw-Cache "
+                                   "hit/miss when the cache was consulted).")
+    async def on_chat(body: ChatCompletionRequest, msg: NatsMessage) -> None:
+        env = Envelope.from_message(msg.headers, None)
+        bind_request(env.request_id, env.tenant, msg.raw_message.subject)
+        if not env.reply:
+            raise InvalidRequest("no Lw-Reply header: nowhere to send the answer")
+        target = adapter.admit(body, env)
+        adapter.start(target, body, env, msg.reply_to or None)
+
+    @broker.subscriber(subjects.cancel(sites), no_reply=True, title="cloud/cancel",
+                       description="Stop a cloud request (its provider connection is closed).")
+    async def on_cancel(body: Cancel) -> None:
+        if adapter.cancel(body.request_id):
+            log.info("cancelled", request_id=body.request_id, reason=body.reason)
+
+    @broker.subscriber(subjects.roll_call(sites), no_reply=True, title="cloud/roll_call",
+                       description="Announce the cloud models at once on the heartbeat subject.")
+    async def on_roll_call(msg: NatsMessage) -> None:
+        await publish_heartbeat(broker.connection, adapter)
+
+    return broker
+
+
+async def publish_heartbeat(nc: NATS, adapter: CloudAdapter) -> None:
+    """Tell routers which cloud models this adapter calls."""
+    await nc.publish(subjects.heartbeat(adapter.settings.site), adapter.heartbeat().model_dump_json().encode())
+
+
+async def heartbeats(nc: NATS, adapter: CloudAdapter) -> None:
+    """Announce the adapter every ``heartbeat_s`` seconds until cancelled."""
+    while True:
+        with contextlib.suppress(Exception):
+            await publish_heartbeat(nc, adapter)
+        await asyncio.sleep(adapter.settings.heartbeat_s)
+
+
+def load_adapter(settings: CloudSettings) -> CloudAdapter:
+    """Validate the providers file and build the adapter; keys are registered for log scrubbing."""
+    file, providers = config.load(settings.providers_file, require_keys=settings.env == "production")
+    for provider in providers:
+        if provider.key is not None:
+            register_secret(provider.key.get_secret_value())
+        if provider.missing_key:
+            log.warning("provider disabled until its key is there", provider=provider.spec.name,
+                        reason=provider.missing_key)
+    log.info("providers", providers={p.spec.name: sorted(p.spec.models) for p in providers},
+             file=str(settings.providers_file))
+    return CloudAdapter(settings, file, providers)
+
+
+async def quiesce(broker: NatsBroker, adapter: CloudAdapter, grace_s: float) -> None:
+    """Shutdown, first step: stop taking work, then let admitted answers finish."""
+    for sub in broker.subscribers:
+        with contextlib.suppress(Exception):
+            await sub.stop()
+    await adapter.wait_for_answers(grace_s)
+
+
+async def main(settings: CloudSettings, readiness: Readiness, stack: AsyncExitStack) -> None:
+    """Load providers, open their sessions and the JetStream state, then take work from NATS."""
+    adapter = load_adapter(settings)
+    await adapter.open_upstreams()
+    stack.push_async_callback(adapter.close_upstreams)
+    broker = build_broker(settings, adapter)
+    await attach_broker(broker, settings, SERVICE, readiness, stack)
+    nc = broker.connection
+    state = CloudState(nc, settings, adapter.ledger)
+    adapter.nc, adapter.state = nc, state
+    stack.push_async_callback(state.close, adapter.budget_alert)
+    state.spawn(state.open())
+    state.spawn(state.health_loop(adapter.healths, adapter.health_changed))
+    state.spawn(state.budget_loop(adapter.budget_alert, adapter.budget_metrics))
+    state.spawn(heartbeats(nc, adapter))
+    readiness.add("jetstream", state.problem)
+    stack.push_async_callback(quiesce, broker, adapter, settings.nats_drain_timeout_s)
