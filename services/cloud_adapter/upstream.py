@@ -40,7 +40,7 @@ from services.cloud_adapter.dialect import (
 from services.cloud_adapter.guard import DestinationRefused, PublicOnlyResolver
 from services.cloud_adapter.openai_compat import OpenAICompatible
 from services.cloud_adapter.retry import RetryPolicy, retry_hint
-from services.cloud_adapter.sse import SSEParser
+from services.cloud_adapter.sse import ServerEvent, SSEParser
 from shared import metrics
 from shared.errors import LeafwireError, Overloaded, ProviderUnavailable, UpstreamError, UpstreamTimeout
 from shared.logging import get_logger
@@ -77,8 +77,9 @@ class OpenStream:
     """A streamed answer whose first event has arrived: ``first`` pieces, then ``rest()``."""
 
     def __init__(self, upstream: Upstream, resp: aiohttp.ClientResponse, sse: SSEParser, parser: StreamParser,
-                 first: list[Piece], call: Call, probe: bool) -> None:
+                 first: list[Piece], pending: list[ServerEvent], call: Call, probe: bool) -> None:
         self.first = first
+        self._pending = pending
         self._upstream = upstream
         self._resp = resp
         self._sse = sse
@@ -90,6 +91,10 @@ class OpenStream:
 
     async def rest(self) -> AsyncIterator[Piece]:
         """The pieces after the first; raises (never retries) when the stream fails or stops early."""
+        for event in self._pending:
+            for piece in self._parser.feed(event.event, event.data):
+                self._finished = self._finished or isinstance(piece, Finish)
+                yield piece
         idle = self._upstream.provider.spec.timeouts.first_byte_s
         while not self._parser.done:
             chunk = await self._read(min(idle, self._call.left()))
@@ -294,20 +299,19 @@ class Upstream:
             raise
 
     async def _first_events(self, resp: aiohttp.ClientResponse, call: Call, probe: bool) -> OpenStream:
-        """Read until the first event: that is the first byte, after which nothing is retried."""
+        """Read until the first event: that is the first byte, after which nothing is retried (events that
+        arrived with it are read after admission, like every later one)."""
         sse = SSEParser(max_event_bytes=self.max_response_bytes)
         parser = self.dialect.stream_parser()
         wait = min(self.provider.spec.timeouts.first_byte_s, call.left())
-        first: list[Piece] = []
         try:
             async with asyncio.timeout(max(wait, 0.0)):
                 while True:
                     chunk = await resp.content.readany()
                     events = sse.feed(chunk) if chunk else sse.close()
-                    for event in events:
-                        first += parser.feed(event.event, event.data)
                     if events:
-                        return OpenStream(self, resp, sse, parser, first, call, probe)
+                        first = parser.feed(events[0].event, events[0].data)
+                        return OpenStream(self, resp, sse, parser, first, events[1:], call, probe)
                     if not chunk:
                         raise bad_response(self.name, "the stream ended before its first event")
         except TimeoutError as exc:
