@@ -118,7 +118,8 @@ class TestAnthropicRequest:
 
     def test_images(self) -> None:
         """A data: URL becomes a base64 image block; another URL a url image block."""
-        content = [{"type": "text", "text": "what"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,QUJD"}},
+        content = [{"type": "text", "text": "what"},
+                   {"type": "image_url", "image_url": {"url": "data:image/png;base64,QUJD"}},
                    {"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}}]
         blocks = self.body(req(messages=[{"role": "user", "content": content}]))["messages"][0]["content"]
         assert blocks[1] == {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "QUJD"}}
@@ -130,7 +131,8 @@ class TestAnthropicRequest:
                                                    "parameters": {"type": "object", "properties": {"c": {}}}}}]
         messages = [{"role": "user", "content": "weather?"},
                     {"role": "assistant", "content": None, "tool_calls": [
-                        {"id": "t1", "type": "function", "function": {"name": "weather", "arguments": '{"c":"Oslo"}'}}]},
+                        {"id": "t1", "type": "function",
+                         "function": {"name": "weather", "arguments": '{"c":"Oslo"}'}}]},
                     {"role": "tool", "tool_call_id": "t1", "content": "rain"}]
         body = self.body(req(messages=messages, tools=tools, tool_choice="required", parallel_tool_calls=False))
         assert body["tools"] == [{"name": "weather", "description": "d",
@@ -188,7 +190,8 @@ class TestAnthropicAnswer:
             {"type": "content_block_start", "index": 1,
              "content_block": {"type": "tool_use", "id": "t9", "name": "weather", "input": {}}},
             {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": '{"c":'}},
-            {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": '"Oslo"}'}},
+            {"type": "content_block_delta", "index": 1,
+             "delta": {"type": "input_json_delta", "partial_json": '"Oslo"}'}},
             {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 20}},
             {"type": "message_stop"},
         ]

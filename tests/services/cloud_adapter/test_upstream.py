@@ -31,7 +31,7 @@ from shared.errors import (
     UpstreamRateLimited,
     UpstreamTimeout,
 )
-from tests.fakes import Fault, FakeProvider
+from tests.fakes import FakeProvider, Fault
 
 KEY = "sk-test-0123456789abcdef"
 FAST = RetryPolicy(max_attempts=3, base_s=0.01, cap_s=0.05, max_wait_s=5)
@@ -278,8 +278,7 @@ class TestBreakerAndLimits:
         """With max_concurrent calls in flight, one more is refused at once with 429."""
         u = Upstream(Provider(spec=spec(fake, max_concurrent=1), key=SecretStr(KEY)), FAST,
                      Breaker("fake", BreakerPolicy()))
-        with u.slot(), pytest.raises(Overloaded):
-            with u.slot():
-                pass
+        with u.slot(), pytest.raises(Overloaded), u.slot():
+            pass
         with u.slot():
             assert u.inflight == 1
