@@ -65,6 +65,11 @@ class Fault:
         return cls("wrong_type")
 
     @classmethod
+    def drip(cls, gap_s: float, text: str | None = None) -> Fault:
+        """A stream whose events come ``gap_s`` apart (a long answer being generated)."""
+        return cls("drip", delay_s=gap_s, text=text)
+
+    @classmethod
     def stream_error(cls, after: int) -> Fault:
         """A stream that reports an error (overloaded) after ``after`` events."""
         return cls("stream_error", after=after)
@@ -103,6 +108,7 @@ class FakeProvider:
         self.key = key
         self.port = free_port()
         self.calls: list[Received] = []
+        self.disconnects = 0  # streams whose client went away before the end
         self._script: deque[Fault] = deque()
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -124,6 +130,7 @@ class FakeProvider:
         with self._lock:
             self._script.clear()
             self.calls.clear()
+            self.disconnects = 0
 
     def _next(self) -> Fault:
         with self._lock:
@@ -249,18 +256,29 @@ class FakeProvider:
         events = self._events(body, answer, prompt_tokens)
         if fault.kind == "malformed":
             events = [b"data: {not json\n\n", *events]
+        try:
+            await self._write_events(request, resp, events, fault)
+        except (asyncio.CancelledError, ConnectionResetError):
+            with self._lock:
+                self.disconnects += 1
+            raise
+        return resp
+
+    async def _write_events(self, request: web.Request, resp: web.StreamResponse, events: list[bytes],
+                            fault: Fault) -> None:
         for i, event in enumerate(events):
+            if fault.kind == "drip" and i:
+                await asyncio.sleep(fault.delay_s)
             if fault.kind == "cut" and i == fault.after:
                 assert request.transport is not None
                 request.transport.abort()  # the connection drops mid-answer
-                return resp
+                return
             if fault.kind == "stream_error" and i == fault.after:
                 error = ({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
                          if self.kind == "anthropic" else {"error": {"message": "overloaded", "type": "server_error"}})
                 prefix = "event: error\n" if self.kind == "anthropic" else ""
                 await resp.write(f"{prefix}data: {json.dumps(error)}\n\n".encode())
                 await resp.write_eof()
-                return resp
+                return
             await resp.write(event)
         await resp.write_eof()
-        return resp

@@ -12,7 +12,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -127,16 +127,17 @@ class CloudAdapter:
         self.worker_id = f"ca-{uuid.uuid4().hex[:8]}"
         self.ledger = Ledger(config.budgets)
         self.health_changed = asyncio.Event()
-        self.upstreams = {p.spec.name: Upstream(p, settings.retry_policy(), self._breaker(p.spec.name),
+        self.upstreams = {p.spec.name: Upstream(p, settings.retry_policy(), self._breaker(p),
                                                 settings.max_response_bytes) for p in providers}
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self.nc: NATS | None = None
         self.state: CloudState | None = None
 
-    def _breaker(self, provider: str) -> Breaker:
-        metrics.BREAKER_STATE.labels(provider).set(0)
-        return Breaker(provider, self.settings.breaker_policy(), on_change=self._breaker_changed)
+    def _breaker(self, provider: Provider) -> Breaker:
+        metrics.BREAKER_STATE.labels(provider.spec.name).set(0)
+        policy = replace(self.settings.breaker_policy(), **provider.spec.breaker.given())
+        return Breaker(provider.spec.name, policy, on_change=self._breaker_changed)
 
     def _breaker_changed(self, breaker: Breaker) -> None:
         metrics.BREAKER_STATE.labels(breaker.provider).set(BREAKER_CODES[breaker.state.value])

@@ -7,6 +7,7 @@
         api_key_env: OPENAI_API_KEY       # or api_key_file: /run/secrets/openai (or neither: no key)
         max_concurrent: 64                # calls in flight at once; more are refused (429) at once
         timeouts: {connect_s: 30, first_byte_s: 45, total_s: 60}
+        breaker: {failures: 5, open_s: 30} # optional: this provider's own breaker settings
         models:
           gpt-4o-mini: {input_per_mtok: 0.15, output_per_mtok: 0.60}
           mini: {upstream: gpt-4o-mini}   # another name for a provider's model
@@ -62,6 +63,22 @@ class Timeouts(BaseModel):
         return self
 
 
+class BreakerOverrides(BaseModel):
+    """A provider's own breaker settings, where they differ from the adapter's ``LW_CLOUD_BREAKER_*``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    failures: Annotated[int | None, Field(ge=1)] = None
+    error_rate: Annotated[float | None, Field(gt=0, le=1)] = None
+    min_calls: Annotated[int | None, Field(ge=1)] = None
+    window_s: Annotated[int | None, Field(ge=1, le=3600)] = None
+    open_s: Annotated[float | None, Field(gt=0)] = None
+    probes: Annotated[int | None, Field(ge=1)] = None
+
+    def given(self) -> dict[str, Any]:
+        """The settings this provider overrides."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class ModelSpec(BaseModel):
     """A model of a provider: its name at the provider, prices per million tokens, limits."""
 
@@ -97,6 +114,7 @@ class ProviderSpec(BaseModel):
     local: bool = Field(default=False, description="allow private, loopback and link-local destinations")
     max_concurrent: Annotated[int, Field(ge=1, le=10_000)] = 64
     timeouts: Timeouts = Timeouts()
+    breaker: BreakerOverrides = BreakerOverrides()
     models: dict[str, ModelSpec]
 
     @field_validator("models", mode="before")
