@@ -23,7 +23,7 @@ import nats
 import openai
 import pytest
 
-from tests.fakes import Fault, FakeProvider
+from tests.fakes import FakeProvider, Fault
 from tests.support import ROOT, NatsServer, Service, eventually, metric, running
 
 pytestmark = pytest.mark.e2e
@@ -175,8 +175,9 @@ class TestBadInput:
 
     def test_provider_400_is_relayed(self, cloud: CloudStack) -> None:
         """A request the provider rejects gets the provider's message and parameter as a 400."""
-        cloud.openai_fake.script(Fault.error(400, {"error": {"message": "context too long", "type": "invalid_request_error",
-                                                             "param": "messages", "code": "context_length_exceeded"}}))
+        cloud.openai_fake.script(Fault.error(400, {"error": {
+            "message": "context too long", "type": "invalid_request_error", "param": "messages",
+            "code": "context_length_exceeded"}}))
         r = cloud.post({"model": "fake/echo", "messages": MESSAGES})
         assert r.status_code == 400
         assert r.json()["error"] == {"message": "fake: context too long", "type": "invalid_request_error",
@@ -213,13 +214,13 @@ class TestResilience:
     def test_stream_cut_midway_ends_with_an_error_event(self, cloud: CloudStack) -> None:
         """A stream dropped after its first byte is not retried: the caller's stream ends with an error."""
         cloud.openai_fake.script(Fault.cut(after=2))
-        received = []
+        received: list[Any] = []
         stream = cloud.client().chat.completions.create(model="fake/echo", messages=MESSAGES, stream=True)
         with pytest.raises(openai.APIError) as exc:
-            for chunk in stream:
-                received.append(chunk)
+            received.extend(stream)
         assert received  # the answer had started
-        assert "ended before the answer did" in exc.value.message or "cut" in exc.value.message
+        # EOF mid-answer or a broken chunked body, depending on where the connection drop lands
+        assert "ended before the answer did" in exc.value.message or "was cut" in exc.value.message
         assert len(cloud.openai_fake.calls) == 1
 
     def test_breaker_opens_and_is_published(self, cloud: CloudStack) -> None:
