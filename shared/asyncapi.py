@@ -16,6 +16,7 @@ from faststream.specification import AsyncAPI
 
 from services.cloud_adapter.adapter import CloudAdapter
 from services.cloud_adapter.app import build_broker as cloud_broker
+from services.cloud_adapter.app import document_chat
 from services.cloud_adapter.config import ProvidersFile
 from services.cloud_adapter.settings import CloudSettings
 from services.local_inference.app import Worker
@@ -45,6 +46,7 @@ def document() -> str:
         inference_broker(inference, Worker(inference, {}), ["{model}"]),
         cloud_broker(cloud, CloudAdapter(cloud, ProvidersFile(), [])),
     ]
+    document_chat(brokers[-1], cloud)
     spec = AsyncAPI(*brokers, title=TITLE, version=VERSION, description=DESCRIPTION).to_specification()
     return json.dumps(json.loads(spec.to_json()), indent=2, sort_keys=True) + "\n"
 

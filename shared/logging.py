@@ -88,7 +88,9 @@ def configure(service: str, level: str = "info") -> None:
     """Send structlog and stdlib logging to stderr as JSON lines, at ``level``."""
     shared = _shared_processors(service)
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info,
+        # Events below the logger's level are dropped first, before any processor runs: hot paths log
+        # at debug, and FastStream logs every message at info through a logger set to warning.
+        processors=[structlog.stdlib.filter_by_level, *shared, structlog.processors.format_exc_info,
                     structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,

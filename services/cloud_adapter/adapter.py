@@ -39,20 +39,26 @@ SERVICE = "cloud-adapter"
 log = get_logger("leafwire.cloud_adapter")
 BREAKER_CODES = {"closed": 0, "half_open": 1, "open": 2}
 CHARS_PER_TOKEN = 4  # estimate when a provider reports no usage
+CACHE_HITS = metrics.CACHE_LOOKUPS.labels("hit")
+CACHE_MISSES = metrics.CACHE_LOOKUPS.labels("miss")
 
 
-@dataclass(frozen=True)
 class Target:
-    """A configured model of a configured provider."""
+    """A configured model of a configured provider, with its metric series bound once (not per request)."""
 
-    upstream: Upstream
-    model: str
-    spec: ModelSpec
-
-    @property
-    def name(self) -> str:
-        """``<provider>/<model>``, as clients ask for it."""
-        return f"{self.upstream.name}/{self.model}"
+    def __init__(self, upstream: Upstream, model: str, spec: ModelSpec) -> None:
+        self.upstream = upstream
+        self.model = model
+        self.spec = spec
+        self.name = f"{upstream.name}/{model}"
+        labels = (upstream.name, model)
+        self.first_byte = metrics.CLOUD_FIRST_BYTE.labels(*labels)
+        self.duration = metrics.CLOUD_DURATION.labels(*labels)
+        self.prompt_tokens = metrics.CLOUD_TOKENS.labels(*labels, "prompt")
+        self.completion_tokens = metrics.CLOUD_TOKENS.labels(*labels, "completion")
+        self.cost = metrics.CLOUD_COST.labels(*labels)
+        self.requests = {o: metrics.CLOUD_REQUESTS.labels(*labels, o)
+                         for o in ("ok", "cache_hit", "error", "cancelled", "refused")}
 
 
 @dataclass
@@ -129,6 +135,8 @@ class CloudAdapter:
         self.health_changed = asyncio.Event()
         self.upstreams = {p.spec.name: Upstream(p, settings.retry_policy(), self._breaker(p),
                                                 settings.max_response_bytes) for p in providers}
+        self.targets = {f"{name}/{model}": Target(u, model, spec) for name, u in self.upstreams.items()
+                        for model, spec in u.provider.spec.models.items()}
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self.nc: NATS | None = None
@@ -155,12 +163,10 @@ class CloudAdapter:
     def resolve(self, model: str) -> Target:
         """The configured target of ``<provider>/<model>``; 404 for anything else (no URL is ever taken
         from a request)."""
-        provider, sep, name = model.partition("/")
-        upstream = self.upstreams.get(provider) if sep else None
-        spec = upstream.provider.spec.models.get(name) if upstream is not None else None
-        if upstream is None or spec is None:
+        target = self.targets.get(model)
+        if target is None:
             raise ModelNotFound(model)
-        return Target(upstream, name, spec)
+        return target
 
     def admit(self, request: ChatCompletionRequest, env: Envelope) -> Target:
         """Check what can be checked without I/O; raise what the router should get."""
@@ -172,7 +178,7 @@ class CloudAdapter:
         try:
             self.ledger.check(env.tenant)
         except LeafwireError as err:
-            metrics.CLOUD_REQUESTS.labels(target.upstream.name, target.model, "refused").inc()
+            target.requests["refused"].inc()
             metrics.REJECTED.labels(SERVICE, err.code or "refused").inc()
             raise
         return target
@@ -202,7 +208,7 @@ class CloudAdapter:
         key = cache.key(env.tenant, target.name, request) if cache.eligible(request) else None
         hit = await self.state.cache_get(key) if key else None
         if key:
-            metrics.CACHE_LOOKUPS.labels("hit" if hit else "miss").inc()
+            (CACHE_HITS if hit else CACHE_MISSES).inc()
         publisher = ReplyPublisher(self.nc, env.reply, env, f"{self.settings.site}/{self.worker_id}",
                                    first_headers={CACHE: "hit" if hit else "miss"} if key else None)
         admission = Admission(self.nc, admit_to, env, self.worker_id)
@@ -236,14 +242,15 @@ class CloudAdapter:
             await self._fail(LeafwireError(f"internal error in the cloud adapter: {type(exc).__name__}"),
                              admission, publisher, target)
         finally:
-            self._account(target, request, env, tally, outcome, time.monotonic() - started, hit)
+            event = self._account(target, request, env, tally, outcome, time.monotonic() - started, hit)
+            await self.state.publish_usage(event)
 
     async def _relay_stream(self, target: Target, call: Call, admission: Admission, answer: Answer,
                             tally: Tally, started: float) -> None:
         opened = await target.upstream.open_stream(call)
         verdict: bool | None = None
         try:
-            metrics.CLOUD_FIRST_BYTE.labels(target.upstream.name, target.model).observe(time.monotonic() - started)
+            target.first_byte.observe(time.monotonic() - started)
             await admission.admit()
             for piece in opened.first:
                 await self._apply(piece, answer, tally)
@@ -266,7 +273,7 @@ class CloudAdapter:
     async def _relay_whole(self, target: Target, call: Call, admission: Admission, answer: Answer,
                            tally: Tally, started: float) -> None:
         completion = await target.upstream.complete(call)
-        metrics.CLOUD_FIRST_BYTE.labels(target.upstream.name, target.model).observe(time.monotonic() - started)
+        target.first_byte.observe(time.monotonic() - started)
         tally.finish = completion.finish
         tally.prompt_tokens, tally.completion_tokens = completion.prompt_tokens, completion.completion_tokens
         content = completion.message.get("content")
@@ -284,11 +291,10 @@ class CloudAdapter:
             await admission.refuse(err, publisher)
 
     def _account(self, target: Target, request: ChatCompletionRequest, env: Envelope, tally: Tally,
-                 outcome: str, elapsed: float, hit: cache.Entry | None) -> None:
-        """Metrics, the ledger and the usage event of a finished request."""
-        provider, model = target.upstream.name, target.model
-        metrics.CLOUD_REQUESTS.labels(provider, model, outcome).inc()
-        metrics.CLOUD_DURATION.labels(provider, model).observe(elapsed)
+                 outcome: str, elapsed: float, hit: cache.Entry | None) -> UsageEvent:
+        """Metrics and the ledger of a finished request; its usage event."""
+        target.requests[outcome].inc()
+        target.duration.observe(elapsed)
         if hit is not None:
             usage, cost = hit.usage, 0.0
         elif outcome == "error" and tally.prompt_tokens is None and tally.chars == 0:
@@ -296,17 +302,15 @@ class CloudAdapter:
         else:
             usage = tally.usage(request)
             cost = target.spec.cost(usage.prompt_tokens, usage.completion_tokens)
-            metrics.CLOUD_TOKENS.labels(provider, model, "prompt").inc(usage.prompt_tokens)
-            metrics.CLOUD_TOKENS.labels(provider, model, "completion").inc(usage.completion_tokens)
-            metrics.CLOUD_COST.labels(provider, model).inc(cost)
+            target.prompt_tokens.inc(usage.prompt_tokens)
+            target.completion_tokens.inc(usage.completion_tokens)
+            target.cost.inc(cost)
             self.ledger.charge(env.tenant, cost)
-        event = UsageEvent(request_id=env.request_id, tenant=env.tenant, site=self.settings.site,
-                           target=target.name, prompt_tokens=usage.prompt_tokens,
-                           completion_tokens=usage.completion_tokens, cost_usd=cost, cached=hit is not None,
-                           outcome="ok" if outcome in ("ok", "cache_hit") else outcome,
-                           latency_s=elapsed)
-        if self.state is not None:
-            self._spawn(self.state.publish_usage(event))
+        return UsageEvent(request_id=env.request_id, tenant=env.tenant, site=self.settings.site,
+                          target=target.name, prompt_tokens=usage.prompt_tokens,
+                          completion_tokens=usage.completion_tokens, cost_usd=cost, cached=hit is not None,
+                          outcome="ok" if outcome in ("ok", "cache_hit") else outcome,
+                          latency_s=elapsed)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

@@ -81,6 +81,7 @@ class Ledger:
         self.budgets = budgets
         self._clock = clock
         self.accounts: dict[str, Account] = {}
+        self._windows: tuple[int, dict[str, str]] = (-1, {})
 
     def _limits(self, scope: str) -> BudgetLimits:
         if scope == subjects.GLOBAL_SCOPE:
@@ -90,9 +91,18 @@ class Ledger:
                 return limits
         return self.budgets.tenant_default
 
+    def _window(self, period: Period) -> str:
+        """``window(period, now)``, computed once a second (it runs for every request)."""
+        now = self._clock()
+        second, known = self._windows
+        if int(now) != second:
+            known = {p: window(p, now) for p in PERIODS}
+            self._windows = (int(now), known)
+        return known[period]
+
     def account(self, scope: str, period: Period) -> Account:
         """The account of a scope in the current window (a new window starts from zero)."""
-        now_window = window(period, self._clock())
+        now_window = self._window(period)
         key = subjects.budget_key(scope, period)
         acct = self.accounts.get(key)
         if acct is None or acct.window != now_window:

@@ -139,8 +139,10 @@ class Upstream:
         self.dialect = dialect_of(provider)
         self.max_response_bytes = max_response_bytes
         self.inflight = 0
+        self._inflight_gauge = metrics.CLOUD_INFLIGHT.labels(self.name)
         self._session: aiohttp.ClientSession | None = None
-        self._headers = self._base_headers()
+        base = self._base_headers()
+        self._headers = {True: {**base, "Accept": "text/event-stream"}, False: {**base, "Accept": "application/json"}}
 
     def _base_headers(self) -> dict[str, str]:
         spec = self.provider.spec
@@ -177,12 +179,12 @@ class Upstream:
             raise Overloaded(f"provider {self.name} has {self.inflight} calls in flight, its limit",
                              retry_after=1)
         self.inflight += 1
-        metrics.CLOUD_INFLIGHT.labels(self.name).set(self.inflight)
+        self._inflight_gauge.set(self.inflight)
         try:
             yield
         finally:
             self.inflight -= 1
-            metrics.CLOUD_INFLIGHT.labels(self.name).set(self.inflight)
+            self._inflight_gauge.set(self.inflight)
 
     def call(self, request: ChatCompletionRequest, model: str, spec: ModelSpec, deadline: float) -> Call:
         """A call of ``model`` ending by the request's deadline or the provider's total timeout."""
@@ -239,7 +241,7 @@ class Upstream:
         assert self._session is not None, "Upstream.start() was not called"
         body = self.dialect.body(call.request, call.spec, call.spec.upstream or call.model, stream)
         wait = min(self.provider.spec.timeouts.first_byte_s, call.left())
-        headers = {**self._headers, "Accept": "text/event-stream" if stream else "application/json"}
+        headers = self._headers[stream]
         try:
             async with asyncio.timeout(max(wait, 0.0)):
                 return await self._session.post(self.provider.spec.url(call.spec.upstream or call.model),
