@@ -81,7 +81,8 @@ def wait_http(url: str, timeout: float = 60) -> None:
 def stack(tmp: Path, log_level: str, profile: Path | None = None) -> Iterator[tuple[list[Proc], str, str]]:
     """nats-server, fake upstream, cloud-adapter, router, gateway; yields (processes, upstream URL, gateway URL).
 
-    With ``profile``, the three services run under cProfile and leave ``<service>.prof`` there on exit."""
+    With ``profile``, the three services run under cProfile (CPU time, see loadtests/cpu_profile.py) and
+    leave ``<service>.prof`` there on exit."""
     procs: list[Proc] = []
     client, monitor, up_port, gw_port = free_port(), free_port(), free_port(), free_port()
     conf = tmp / "nats.conf"
@@ -109,8 +110,8 @@ def stack(tmp: Path, log_level: str, profile: Path | None = None) -> Iterator[tu
         start("upstream", [sys.executable, "-m", "loadtests.fake_upstream", "--port", str(up_port)], {})
         ops = {}
         def command(service: str) -> list[str]:
-            prof = ["-m", "cProfile", "-o", str(profile / f"{service}.prof")] if profile else []
-            return [sys.executable, *prof, "-m", f"services.{service}"]
+            prof = ["-m", "loadtests.cpu_profile", str(profile / f"{service}.prof")] if profile else []
+            return [sys.executable, *prof, *([] if profile else ["-m"]), f"services.{service}"]
 
         for service in ("cloud_adapter", "router"):
             ops[service] = free_port()

@@ -122,13 +122,21 @@ def translate_messages(messages: list[ChatMessage]) -> tuple[str, list[dict[str,
     return "\n\n".join(s for s in system if s), turns
 
 
+def _tool(tool: Any) -> dict[str, Any]:
+    fn = tool.get("function") if isinstance(tool, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise InvalidRequest("each tool needs a function with a name", param="tools")
+    return {"name": fn["name"], "description": fn.get("description") or "",
+            "input_schema": fn.get("parameters") or {"type": "object", "properties": {}}}
+
+
 def _tools(extras: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     tools = extras.get("tools")
     if tools:
-        out["tools"] = [{"name": t["function"]["name"], "description": t["function"].get("description", ""),
-                         "input_schema": t["function"].get("parameters") or {"type": "object", "properties": {}}}
-                        for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+        if not isinstance(tools, list):
+            raise InvalidRequest("tools must be a list", param="tools")
+        out["tools"] = [_tool(t) for t in tools]
     choice = extras.get("tool_choice")
     mapped: dict[str, Any] | None = None
     if choice in ("auto", "none"):

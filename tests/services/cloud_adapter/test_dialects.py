@@ -145,13 +145,16 @@ class TestAnthropicRequest:
 
     @pytest.mark.parametrize(("kw", "param"), [
         ({"temperature": 1.5}, "temperature"),
+        ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools"),
+        ({"tools": "weather"}, "tools"),
         ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}, "messages"),
         ({"messages": [{"role": "system", "content": "only system"}]}, "messages"),
         ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
             {"id": "x", "type": "function", "function": {"name": "f", "arguments": "{bad"}}]}]}, "messages"),
     ])
     def test_what_anthropic_cannot_take_is_a_400(self, kw: dict[str, Any], param: str) -> None:
-        """Temperature over 1, audio parts, no user turn, tool arguments that are not JSON: 400 naming it."""
+        """Temperature over 1, nameless or malformed tools, audio parts, no user turn, tool arguments that
+        are not JSON: 400 naming the parameter."""
         with pytest.raises(InvalidRequest) as exc:
             self.body(req(**kw))
         assert exc.value.param == param
