@@ -70,6 +70,11 @@ class Fault:
         return cls("drip", delay_s=gap_s, text=text)
 
     @classmethod
+    def late_end(cls, delay_s: float) -> Fault:
+        """A normal stream whose body ends ``delay_s`` after its last event (``[DONE]``)."""
+        return cls("late_end", delay_s=delay_s)
+
+    @classmethod
     def stream_error(cls, after: int) -> Fault:
         """A stream that reports an error (overloaded) after ``after`` events."""
         return cls("stream_error", after=after)
@@ -83,6 +88,7 @@ class Received:
     headers: dict[str, str]
     body: dict[str, Any]
     at: float
+    peer: Any = None  # the client's (address, port): the same port means a reused connection
 
 
 def words(text: str) -> list[str]:
@@ -167,7 +173,8 @@ class FakeProvider:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         with self._lock:
-            self.calls.append(Received(request.path, dict(request.headers), body, time.time()))
+            self.calls.append(Received(request.path, dict(request.headers), body, time.time(),
+                                       request.transport.get_extra_info("peername") if request.transport else None))
         fault = self._next()
         if not self._authorised(request):
             # Like OpenAI's 401, the message echoes the key it was given: it must never reach a caller.
@@ -281,4 +288,6 @@ class FakeProvider:
                 await resp.write_eof()
                 return
             await resp.write(event)
+        if fault.kind == "late_end":
+            await asyncio.sleep(fault.delay_s)
         await resp.write_eof()

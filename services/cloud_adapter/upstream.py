@@ -88,6 +88,7 @@ class OpenStream:
         self._probe = probe
         self._finished = any(isinstance(p, Finish) for p in first)
         self._recorded = False
+        self._eof = False
 
     async def rest(self) -> AsyncIterator[Piece]:
         """The pieces after the first; raises (never retries) when the stream fails or stops early."""
@@ -104,10 +105,20 @@ class OpenStream:
                     self._finished = self._finished or isinstance(piece, Finish)
                     yield piece
             if not chunk:
+                self._eof = True
                 if not (self._parser.done or self._finished):
                     raise UpstreamError(f"{self._upstream.name}'s stream ended before the answer did",
                                         code="upstream_bad_response")
                 return
+        await self._drain()
+
+    async def _drain(self, limit: int = 65536) -> None:
+        """Read what follows the last event (the body's end) so the connection goes back to the pool."""
+        read = 0
+        with contextlib.suppress(LeafwireError):
+            while read <= limit and (chunk := await self._read(min(1.0, max(self._call.left(), 0.0)))):
+                read += len(chunk)
+            self._eof = read <= limit
 
     async def _read(self, wait: float) -> bytes:
         try:
@@ -120,8 +131,12 @@ class OpenStream:
                                 code="upstream_bad_response") from exc
 
     def close(self, ok: bool | None) -> None:
-        """Release the connection; ``ok`` is the answer's outcome for the breaker (``None``: no verdict)."""
-        self._resp.close()
+        """Give the connection back (kept alive when the body was read to its end, closed otherwise);
+        ``ok`` is the answer's outcome for the breaker (``None``: no verdict)."""
+        if self._eof:
+            self._resp.release()
+        else:
+            self._resp.close()
         if not self._recorded:
             self._recorded = True
             self._upstream.settle(ok, self._probe)

@@ -111,6 +111,16 @@ class TestAnswers:
         assert Finish("stop") in pieces
         assert [p.completion for p in pieces if isinstance(p, Tokens) and p.completion is not None] == [3]
 
+    async def test_connections_are_kept_alive(self, upstream: Upstream, fake: FakeProvider) -> None:
+        """Whole and streamed calls reuse one pooled connection (no new TCP/TLS handshake per call), even
+        when a stream's body ends a little after its last event."""
+        fake.script(Fault.ok(), Fault.late_end(0.2))
+        await complete(upstream)
+        await stream(upstream)
+        await stream(upstream)
+        await complete(upstream)
+        assert len({c.peer for c in fake.calls}) == 1
+
     async def test_key_goes_in_the_providers_header(self, upstream: Upstream, fake: FakeProvider) -> None:
         """The key is sent the way the provider expects it (Bearer, or x-api-key for Anthropic)."""
         await complete(upstream)
