@@ -306,6 +306,8 @@ class CloudAdapter:
             target.completion_tokens.inc(usage.completion_tokens)
             target.cost.inc(cost)
             self.ledger.charge(env.tenant, cost)
+        log.debug("cloud request done", target=target.name, outcome=outcome, prompt_tokens=usage.prompt_tokens,
+                  completion_tokens=usage.completion_tokens, cost_usd=cost, latency_s=round(elapsed, 4))
         return UsageEvent(request_id=env.request_id, tenant=env.tenant, site=self.settings.site,
                           target=target.name, prompt_tokens=usage.prompt_tokens,
                           completion_tokens=usage.completion_tokens, cost_usd=cost, cached=hit is not None,
