@@ -9,6 +9,8 @@ times, whatever the answers do; latency counts from the time a request was due, 
 straight to the upstream, then through the gateway, and prints: the achieved rate, errors, p50/p99 of
 both paths and what the leafwire path adds, and the CPU (share of one core) and RSS of every process.
 Then it measures cache hits: the same temperature-0 request, one at a time, answered from NATS KV.
+With ``--adapter-alone`` it also drives the cloud-adapter by itself over NATS, the way a router does
+(request on ``lw.v1.bench.cloud.chat``, answer on the ``Lw-Reply`` subject), to separate its share.
 Services log at ``warning`` (``--log-level info`` to include per-request log lines).
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -24,16 +27,20 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import nats
 import psutil
+from nats.aio.msg import Msg
 
 from deploy import topology
 from deploy.topology import Node, free_port
+from shared import subjects
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE = "bench"
@@ -78,8 +85,9 @@ def wait_http(url: str, timeout: float = 60) -> None:
 
 
 @contextmanager
-def stack(tmp: Path, log_level: str, profile: Path | None = None) -> Iterator[tuple[list[Proc], str, str]]:
-    """nats-server, fake upstream, cloud-adapter, router, gateway; yields (processes, upstream URL, gateway URL).
+def stack(tmp: Path, log_level: str, profile: Path | None = None) -> Iterator[tuple[list[Proc], str, str, str]]:
+    """nats-server, fake upstream, cloud-adapter, router, gateway; yields (processes, upstream URL, gateway URL,
+    NATS URL).
 
     With ``profile``, the three services run under cProfile (CPU time, see loadtests/cpu_profile.py) and
     leave ``<service>.prof`` there on exit."""
@@ -120,7 +128,7 @@ def stack(tmp: Path, log_level: str, profile: Path | None = None) -> Iterator[tu
         start("gateway", command("gateway"), {"LW_GATEWAY_PORT": str(gw_port)})
         wait_http(f"http://127.0.0.1:{gw_port}/readyz")
         yield procs, f"http://127.0.0.1:{up_port}/v1/chat/completions", \
-            f"http://127.0.0.1:{gw_port}/v1/chat/completions"
+            f"http://127.0.0.1:{gw_port}/v1/chat/completions", node.url
     finally:
         for p in reversed(procs):
             p.popen.terminate()
@@ -202,6 +210,68 @@ async def one_at_a_time(session: aiohttp.ClientSession, url: str, body: bytes, c
     return out
 
 
+async def adapter_alone(nats_url: str, body: bytes, args: argparse.Namespace, adapter: Proc) -> None:
+    """Open-loop requests straight to the cloud-adapter over NATS, as a router sends them."""
+    nc = await nats.connect(nats_url)
+    inbox, admissions = nc.new_inbox(), nc.new_inbox()
+    due: dict[str, float] = {}
+    done: list[float] = []
+    errors = 0
+    sent_all, answered_all = False, asyncio.Event()
+
+    async def on_answer(msg: Msg) -> None:
+        nonlocal errors
+        event = (msg.headers or {}).get("Lw-Event")
+        if event in ("result", "done", "error"):
+            started = due.pop(msg.subject.rsplit(".", 1)[1], None)
+            if started is not None:
+                done.append(time.perf_counter() - started)
+            errors += event == "error"
+            if sent_all and not due:
+                answered_all.set()
+
+    async def ignore(msg: Msg) -> None:
+        return None
+
+    await nc.subscribe(f"{inbox}.*", cb=on_answer)
+    await nc.subscribe(f"{admissions}.*", cb=ignore)
+    await nc.flush()
+    print("\ncloud-adapter alone, driven over NATS as a router drives it (answer latency from the due time):\n")
+    print(fmt_row(["rate/s", "answered/s", "errors", "p50 ms", "p99 ms", "adapter CPU %", "adapter CPU ms/request"]))
+    print(fmt_row(["---"] * 7))
+    for rate in args.rates:
+        done.clear()
+        errors = 0
+        sent_all = False
+        answered_all.clear()
+        adapter.mark()
+        start = time.perf_counter() + 0.05
+        total = int(rate * args.duration)
+        for i in range(total):
+            at = start + i / rate
+            if (wait := at - time.perf_counter()) > 0:
+                await asyncio.sleep(wait)
+            key = f"{rate:g}-{i}"
+            due[key] = at
+            await nc.publish(subjects.cloud_chat(SITE), body, reply=f"{admissions}.{key}",
+                             headers={"Lw-Reply": f"{inbox}.{key}", "Lw-Request-Id": uuid.uuid4().hex,
+                                      "Lw-Deadline": f"{time.time() + 30:.3f}"})
+        sent_all = True
+        if due:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(30):
+                    await answered_all.wait()
+        elapsed = time.perf_counter() - start
+        cpu, _ = adapter.usage()
+        ordered = sorted(done)
+        p50 = ordered[len(ordered) // 2] * 1000 if ordered else float("nan")
+        p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000 if ordered else float("nan")
+        print(fmt_row([f"{rate:g}", f"{len(done) / elapsed:.0f}", str(errors + len(due)), f"{p50:.2f}", f"{p99:.2f}",
+                       f"{cpu:.0f}", f"{cpu * 10 / max(len(done) / elapsed, 1e-9):.2f}"]), flush=True)
+        due.clear()
+    await nc.drain()
+
+
 def fmt_row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -211,7 +281,7 @@ async def run(args: argparse.Namespace) -> None:
     raw = json.dumps(body).encode()
     me = psutil.Process()
     with tempfile.TemporaryDirectory(prefix="lw-bench-") as tmp, \
-            stack(Path(tmp), args.log_level, args.profile) as (procs, up, gw):
+            stack(Path(tmp), args.log_level, args.profile) as (procs, up, gw, nats_url):
         connector = aiohttp.TCPConnector(limit=2000, keepalive_timeout=60)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
             await open_loop(session, gw, raw, 100, args.warmup)  # warm connections, caches, JIT-free paths
@@ -254,6 +324,8 @@ async def run(args: argparse.Namespace) -> None:
             print(f"\ncache hit, end to end through the gateway, one at a time ({len(hits)} requests): "
                   f"p50 {statistics.median(hits) * 1000:.2f} ms, p99 {q[98] * 1000:.2f} ms "
                   f"(the upstream called directly: p50 {statistics.median(direct_seq) * 1000:.2f} ms)")
+            if args.adapter_alone:
+                await adapter_alone(nats_url, raw, args, next(p for p in procs if p.name == "cloud-adapter"))
             print(f"load after: {os.getloadavg()[0]:.2f}")
 
 
@@ -265,6 +337,8 @@ def main() -> None:
     parser.add_argument("--stream", action="store_true", help="streamed requests (SSE) instead of whole answers")
     parser.add_argument("--cache-requests", type=int, default=500)
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--adapter-alone", action="store_true",
+                        help="also drive the cloud-adapter by itself over NATS at the same rates")
     parser.add_argument("--profile", type=Path, help="run the services under cProfile, writing <service>.prof here")
     args = parser.parse_args()
     try:
