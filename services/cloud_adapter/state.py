@@ -195,8 +195,13 @@ class CloudState:
         await self._publish_stream(subjects.budget_alerts(self._settings.site), status.model_dump_json().encode())
 
     async def _publish_stream(self, subject: str, data: bytes) -> None:
+        if self._js.publish_async_pending() >= self._settings.usage_pending_max:
+            metrics.USAGE_EVENTS_DROPPED.inc()
+            log.warning("usage event dropped: too many awaiting their ack")
+            return
         try:
-            ack = await self._js.publish_async(subject, data, wait_stall=0.05)
+            # A free slot was just checked: no stall wait (a timed wait costs a task per event).
+            ack = await self._js.publish_async(subject, data)
         except Exception as exc:
             metrics.USAGE_EVENTS_DROPPED.inc()
             log.warning("usage event dropped", error=repr(exc))
