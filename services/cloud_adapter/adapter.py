@@ -206,9 +206,7 @@ class CloudAdapter:
         assert self.state is not None
         started = time.monotonic()
         key = cache.key(env.tenant, target.name, request) if cache.eligible(request) else None
-        hit = await self.state.cache_get(key) if key else None
-        if key:
-            (CACHE_HITS if hit else CACHE_MISSES).inc()
+        hit = await self._lookup(key)
         publisher = ReplyPublisher(self.nc, env.reply, env, f"{self.settings.site}/{self.worker_id}",
                                    first_headers={CACHE: "hit" if hit else "miss"} if key else None)
         admission = Admission(self.nc, admit_to, env, self.worker_id)
@@ -221,12 +219,7 @@ class CloudAdapter:
                 await answer.whole(hit.message, hit.finish_reason, hit.usage)
                 outcome = "cache_hit"
                 return
-            with target.upstream.slot():
-                call = target.upstream.call(request, target.model, target.spec, env.deadline)
-                if request.stream:
-                    await self._relay_stream(target, call, admission, answer, tally, started)
-                else:
-                    await self._relay_whole(target, call, admission, answer, tally, started)
+            await self._call(target, request, env, admission, answer, tally, started)
             outcome = "ok"
             if key and tally.finish in cache.STORED_REASONS:
                 message = tally.message if request.stream else answer.message
@@ -244,6 +237,25 @@ class CloudAdapter:
         finally:
             event = self._account(target, request, env, tally, outcome, time.monotonic() - started, hit)
             await self.state.publish_usage(event)
+
+    async def _lookup(self, key: str | None) -> cache.Entry | None:
+        """The cached answer of a request that may use the cache."""
+        if key is None:
+            return None
+        assert self.state is not None
+        hit = await self.state.cache_get(key)
+        (CACHE_HITS if hit else CACHE_MISSES).inc()
+        return hit
+
+    async def _call(self, target: Target, request: ChatCompletionRequest, env: Envelope, admission: Admission,
+                    answer: Answer, tally: Tally, started: float) -> None:
+        """Call the provider in one of its concurrent-call slots and relay the answer."""
+        with target.upstream.slot():
+            call = target.upstream.call(request, target.model, target.spec, env.deadline)
+            if request.stream:
+                await self._relay_stream(target, call, admission, answer, tally, started)
+            else:
+                await self._relay_whole(target, call, admission, answer, tally, started)
 
     async def _relay_stream(self, target: Target, call: Call, admission: Admission, answer: Answer,
                             tally: Tally, started: float) -> None:
