@@ -301,7 +301,7 @@ async def run(args: argparse.Namespace) -> None:
                 usage = [p.usage() for p in procs]
                 gen = (c1.user + c1.system - c0.user - c0.system) / via.elapsed * 100
                 rows.append(fmt_row([
-                    f"{rate:g}", f"{via.achieved:.0f}", f"{via.errors + (via.sent - len(via.latencies) - via.errors)}",
+                    f"{rate:g}", f"{via.achieved:.0f}", f"{via.sent - len(via.latencies)}",
                     f"{direct.pct(0.5):.2f} / {direct.pct(0.99):.2f}", f"{via.pct(0.5):.2f} / {via.pct(0.99):.2f}",
                     f"{via.pct(0.5) - direct.pct(0.5):.2f} / {via.pct(0.99) - direct.pct(0.99):.2f}",
                     *[f"{cpu:.0f} / {rss:.0f}" for cpu, rss in usage], f"{gen:.0f}"]))
