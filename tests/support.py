@@ -91,7 +91,11 @@ def start_single(tmp: Path, domain: str | None = None) -> NatsServer:
     conf.write_text(f"listen: 127.0.0.1:{client}\nhttp: 127.0.0.1:{monitor}\n{js}\nmax_payload: 8MB\n")
     node = Node("single", conf, "127.0.0.1", client, monitor)
     proc = subprocess.Popen(node.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    topology.wait_healthy([node], procs=[proc])
+    try:
+        topology.wait_healthy([node], procs=[proc])
+    except BaseException:
+        stop_process(proc)  # never leave a server behind when it did not come up
+        raise
     return NatsServer(node, proc)
 
 
@@ -105,7 +109,12 @@ def start_hub_and_edge(tmp: Path, site: str = "edge1", hub_nodes: int = 1) -> tu
            for n in hub_nodes_]
     edge = NatsServer(edge_node, subprocess.Popen(edge_node.command(), stdout=subprocess.DEVNULL,
                                                   stderr=subprocess.DEVNULL))
-    topology.wait_healthy([*hub_nodes_, edge_node], procs=[s.proc for s in [*hub, edge]], leaf=[edge_node])
+    try:
+        topology.wait_healthy([*hub_nodes_, edge_node], procs=[s.proc for s in [*hub, edge]], leaf=[edge_node])
+    except BaseException:
+        for server in [edge, *hub]:  # never leave servers behind when one did not come up
+            server.stop()
+        raise
     return hub, edge
 
 
