@@ -51,6 +51,8 @@ class Stack:
     run_dir: Path = field(default_factory=lambda: Path(os.environ.get("LW_RUN_DIR", ROOT / ".run")).resolve())
     models_file: Path = field(default_factory=lambda: Path(os.environ.get(
         "LW_MODELS_FILE", ROOT / "deploy" / "models.yaml")).resolve())
+    providers_file: Path = field(default_factory=lambda: Path(os.environ.get(
+        "LW_PROVIDERS_FILE", ROOT / "deploy" / "providers.yaml")).resolve())
     chat_model: str = field(default_factory=lambda: os.environ.get("LW_CHAT_MODEL", "smollm2-135m-instruct"))
     models_dir: Path = field(default_factory=lambda: Path(os.environ.get(
         "LW_MODELS_DIR", Path(os.environ.get("LW_HOME", Path.home() / ".cache" / "leafwire")) / "models")))
@@ -117,6 +119,7 @@ def render(stack: Stack, hub: list[Node], edge: Node) -> Path:
     base_env = {
         "LW_SITE": stack.site, "LW_NATS_URL": edge.url, "LW_MODELS_DIR": str(stack.models_dir),
         "LW_MODELS_FILE": str(stack.models_file),
+        "LW_PROVIDERS_FILE": str(stack.providers_file),
         "LW_NATS_CONNECT_TIMEOUT_S": "60", "PYTHONUNBUFFERED": "1",
     }
     text = string.Template((ROOT / "deploy" / "supervisord.conf.tmpl").read_text()).substitute(

@@ -90,6 +90,10 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
     frequency_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
     user: str | None = None
+    cache: bool | None = Field(
+        default=None, description="leafwire extension for cloud models: true answers from the exact-match "
+                                  "cache when it can (and stores the answer), false never does; by default "
+                                  "only requests with temperature 0 use it. Never sent to a provider.")
 
     @field_validator("stop")
     @classmethod

@@ -8,6 +8,7 @@ The cloud-adapter writes provider health and budget state to KV buckets of its s
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Literal
 
@@ -34,6 +35,13 @@ class ProviderHealth(BaseModel):
 
 
 BudgetLevel = Literal["ok", "warning", "exhausted"]
+BudgetPeriod = Literal["daily", "monthly"]
+
+
+def budget_window(period: BudgetPeriod, now: float) -> str:
+    """The window a budget counts at ``now``: ``2026-11-21`` (daily) or ``2026-11`` (monthly), UTC."""
+    day = datetime.fromtimestamp(now, UTC)
+    return day.strftime("%Y-%m-%d" if period == "daily" else "%Y-%m")
 
 
 class BudgetStatus(BaseModel):

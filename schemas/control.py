@@ -26,7 +26,7 @@ class ModelInfo(BaseModel):
     """A model a worker serves."""
 
     name: str
-    context_length: int
+    context_length: int | None = Field(default=None, description="unknown for some cloud models")
     kind: Literal["chat", "embeddings"] = "chat"
 
 

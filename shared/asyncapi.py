@@ -14,6 +14,11 @@ from pathlib import Path
 
 from faststream.specification import AsyncAPI
 
+from services.cloud_adapter.adapter import CloudAdapter
+from services.cloud_adapter.app import build_broker as cloud_broker
+from services.cloud_adapter.app import document_chat
+from services.cloud_adapter.config import ProvidersFile
+from services.cloud_adapter.settings import CloudSettings
 from services.local_inference.app import Worker
 from services.local_inference.app import build_broker as inference_broker
 from services.local_inference.settings import InferenceSettings
@@ -38,10 +43,13 @@ def document() -> str:
     """The AsyncAPI 3.0 document as JSON text."""
     router = RouterSettings.model_construct(site="{site}")
     inference = InferenceSettings.model_construct(site="{site}")
+    cloud = CloudSettings.model_construct(site="{site}", serve_all_sites=False)
     brokers = [
         router_broker(router, LiveState(Catalog("{site}"), Policy(), Masker(()))),
         inference_broker(inference, Worker(inference, {}), ["{model}"]),
+        cloud_broker(cloud, CloudAdapter(cloud, ProvidersFile(), [])),
     ]
+    document_chat(brokers[-1], cloud)
     spec = AsyncAPI(*brokers, title=TITLE, version=VERSION, description=DESCRIPTION).to_specification()
     return json.dumps(json.loads(spec.to_json()), indent=2, sort_keys=True) + "\n"
 

@@ -21,6 +21,7 @@ RESIDENCY = "Lw-Residency"  # "onsite": the request must not leave the site
 EVENT = "Lw-Event"
 STATUS = "Lw-Status"
 RETRY_AFTER = "Lw-Retry-After"
+CACHE = "Lw-Cache"  # on the first message of an answer: "hit" (from the cache) or "miss" (looked up, absent)
 
 DEFAULT_TENANT = "default"
 DEFAULT_TIMEOUT_S = 300.0

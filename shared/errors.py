@@ -6,11 +6,20 @@
     ├── Unauthorized                 401 authentication_error
     ├── ModelNotFound                404 code=model_not_found
     ├── Overloaded                   429 rate_limit_error  (carries retry_after)
+    ├── BudgetExceeded               429 insufficient_quota code=budget_exceeded (carries scope, period)
     ├── Unavailable                  503 service_unavailable (carries retry_after)
+    │   └── ProviderUnavailable      503 code=provider_unavailable (breaker open, provider without key)
     ├── DeadlineExceeded             504 timeout
     ├── Cancelled                    499 cancelled
-    ├── UpstreamError                502 upstream_error
+    ├── UpstreamError                502 upstream_error (carries retryable, provider_fault)
+    │   ├── UpstreamTimeout          504 timeout code=upstream_timeout
+    │   └── UpstreamRateLimited      429 rate_limit_error code=upstream_rate_limited
     └── RemoteError                  any: an error another service sent over NATS, kept as sent
+
+``UpstreamError`` also carries these codes: ``upstream_bad_response`` (malformed JSON, wrong content
+type, a stream cut short), ``upstream_auth_failed`` (the provider refused leafwire's key),
+``upstream_insufficient_quota`` (the provider account is out of credit), ``destination_refused`` (the
+provider's address is private/loopback/link-local and the provider is not marked local).
 
 Lower-layer errors are translated at a service's boundary (``raise Unavailable(...) from exc``); the
 gateway maps them to OpenAI's error shape once, and NATS handlers to an ``error`` event once.
@@ -125,12 +134,67 @@ class Cancelled(LeafwireError):
     default_code = "cancelled"
 
 
+class BudgetExceeded(LeafwireError):
+    """A cloud budget (a tenant's or the global one) is spent for the current day or month.
+
+    Routers act on ``code == "budget_exceeded"`` (take a local model instead); ``retry_after`` is the time
+    until the budget's period starts again.
+    """
+
+    status = 429
+    type = "insufficient_quota"
+    default_code = "budget_exceeded"
+
+    def __init__(self, message: str, *, scope: str | None = None, period: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.scope = scope
+        self.period = period
+
+
+class ProviderUnavailable(Unavailable):
+    """A cloud provider is not taking calls now: its circuit breaker is open, or it has no API key."""
+
+    default_code = "provider_unavailable"
+
+    def __init__(self, message: str, *, provider: str, retry_after: float | None = None) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.provider = provider
+
+
 class UpstreamError(LeafwireError):
-    """A provider or worker failed after taking the request."""
+    """A provider or worker failed after taking the request.
+
+    ``retryable``: another attempt may succeed (5xx, connection errors, malformed answers); never set for
+    client errors. ``provider_fault``: the failure says something about the provider's health and counts
+    against its circuit breaker (a 400 caused by the request does not).
+    """
 
     status = 502
     type = "upstream_error"
     default_code = "upstream_error"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: float | None = None,
+                 retryable: bool = False, provider_fault: bool = True) -> None:
+        super().__init__(message, code=code, retry_after=retry_after)
+        self.retryable = retryable
+        self.provider_fault = provider_fault
+
+
+class UpstreamTimeout(UpstreamError):
+    """A provider did not answer in time (connect, first byte, or the whole call)."""
+
+    status = 504
+    type = "timeout"
+    default_code = "upstream_timeout"
+
+
+class UpstreamRateLimited(UpstreamError):
+    """A provider kept answering 429 (rate limit); ``retry_after`` is its hint when it gave one."""
+
+    status = 429
+    type = "rate_limit_error"
+    default_code = "upstream_rate_limited"
 
 
 class RemoteError(LeafwireError):

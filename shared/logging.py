@@ -13,8 +13,49 @@ from typing import Any
 
 import structlog
 
-SECRET_KEYS = frozenset({"api_key", "authorization", "password", "token", "secret", "x-api-key", "key"})
+SECRET_KEYS = frozenset({"api_key", "authorization", "password", "token", "secret", "x-api-key", "key",
+                         "api-key", "proxy-authorization", "cookie", "set-cookie"})
 REDACTED = "[redacted]"
+_MIN_SECRET_LEN = 8
+_secret_values: set[str] = set()
+
+
+def register_secret(value: str) -> None:
+    """Never log ``value``: it is replaced wherever it appears in a log line (messages, tracebacks...).
+
+    For credentials the service holds (provider API keys); values shorter than 8 characters are ignored,
+    as scrubbing them would mangle ordinary text.
+    """
+    if len(value) >= _MIN_SECRET_LEN:
+        _secret_values.add(value)
+
+
+def scrub(text: str) -> str:
+    """``text`` with every registered secret replaced."""
+    for secret in _secret_values:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def _scrub_value(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return scrub(value)
+    if depth < 3 and isinstance(value, Mapping):
+        return {k: _scrub_value(v, depth + 1) for k, v in value.items()}
+    if depth < 3 and isinstance(value, list | tuple):
+        return [_scrub_value(v, depth + 1) for v in value]
+    if isinstance(value, BaseException):
+        return scrub(repr(value))
+    return value
+
+
+def scrub_secret_values(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Replace registered secret values anywhere in the event, including a rendered traceback."""
+    if _secret_values:
+        for key in list(event_dict):
+            event_dict[key] = _scrub_value(event_dict[key])
+    return event_dict
 
 
 def redact_secrets(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -47,7 +88,9 @@ def configure(service: str, level: str = "info") -> None:
     """Send structlog and stdlib logging to stderr as JSON lines, at ``level``."""
     shared = _shared_processors(service)
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info,
+        # Events below the logger's level are dropped first, before any processor runs: hot paths log
+        # at debug, and FastStream logs every message at info through a logger set to warning.
+        processors=[structlog.stdlib.filter_by_level, *shared, structlog.processors.format_exc_info,
                     structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
@@ -58,6 +101,7 @@ def configure(service: str, level: str = "info") -> None:
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                     structlog.processors.format_exc_info,
+                    scrub_secret_values,
                     structlog.processors.JSONRenderer()],
     ))
     root = logging.getLogger()

@@ -46,3 +46,34 @@ GENERATIONS = Counter("leafwire_generations_total", "Answers finished", ["model"
 ACTIVE_ROWS = Gauge("leafwire_active_rows", "Requests being decoded", ["model"])
 MODEL_LOAD = Gauge("leafwire_model_load_seconds", "Time the model took to load", ["model"])
 REJECTED = Counter("leafwire_rejected_requests_total", "Requests refused", ["service", "reason"])
+
+# -- cloud adapter (labels: provider and model come from the providers file, so they stay bounded)
+CLOUD_REQUESTS = Counter("leafwire_cloud_requests_total", "Cloud chat requests answered, by outcome "
+                         "(ok, cache_hit, error, cancelled, refused)", ["provider", "model", "outcome"])
+CLOUD_FIRST_BYTE = Histogram("leafwire_cloud_time_to_first_byte_seconds",
+                             "From the adapter taking a request to the provider's first answer byte "
+                             "(retries included)", ["provider", "model"], buckets=LATENCY_BUCKETS)
+CLOUD_DURATION = Histogram("leafwire_cloud_request_duration_seconds",
+                           "From the adapter taking a request to the end of its answer",
+                           ["provider", "model"], buckets=LATENCY_BUCKETS)
+CLOUD_RETRIES = Counter("leafwire_cloud_retries_total", "Provider calls retried, by why", ["provider", "reason"])
+CLOUD_ATTEMPT_FAILURES = Counter("leafwire_cloud_attempt_failures_total",
+                                 "Failed provider call attempts, by error code", ["provider", "code"])
+CLOUD_TOKENS = Counter("leafwire_cloud_tokens_total", "Tokens of cloud answers", ["provider", "model", "kind"])
+CLOUD_COST = Counter("leafwire_cloud_cost_usd_total", "What cloud answers cost, in US dollars",
+                     ["provider", "model"])
+CLOUD_INFLIGHT = Gauge("leafwire_cloud_inflight_requests", "Provider calls in progress", ["provider"])
+BREAKER_STATE = Gauge("leafwire_cloud_breaker_state",
+                      "A provider's circuit breaker: 0 closed, 1 half open, 2 open", ["provider"])
+BREAKER_TRANSITIONS = Counter("leafwire_cloud_breaker_transitions_total", "Breaker state changes",
+                              ["provider", "state"])
+CACHE_LOOKUPS = Counter("leafwire_cloud_cache_lookups_total", "Exact-match cache lookups, by result (hit, miss)",
+                        ["result"])
+BUDGET_USED = Gauge("leafwire_budget_used_ratio", "Share of a budget spent in its current period (global, and "
+                    "tenants named in the providers file)", ["scope", "period"])
+BUDGET_SPENT = Gauge("leafwire_budget_spent_usd", "Spent in the current period, in US dollars (same scopes)",
+                     ["scope", "period"])
+BUDGET_WARNINGS = Counter("leafwire_budget_warnings_total", "Budgets that crossed their warning level (80%) or "
+                          "were spent, by kind of scope", ["scope_kind", "period", "level"])
+USAGE_EVENTS_DROPPED = Counter("leafwire_usage_events_dropped_total",
+                               "Usage events that could not be published (JetStream unavailable, queue full)")

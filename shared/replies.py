@@ -46,12 +46,19 @@ FINAL_EVENTS = frozenset({Event.DONE, Event.RESULT, Event.ERROR})
 class ReplyPublisher:
     """Publishes one request's answer to the caller's reply subject."""
 
-    def __init__(self, nc: NATS, subject: str, env: Envelope, served_by: str = "") -> None:
+    def __init__(self, nc: NATS, subject: str, env: Envelope, served_by: str = "",
+                 first_headers: Mapping[str, str] | None = None) -> None:
         self._nc = nc
         self._subject = subject
         self._env = env
         self._served_by = served_by
         self._first = True
+        self._first_headers = first_headers
+
+    @property
+    def sent_any(self) -> bool:
+        """True once a message went to the caller (after that, an answer can only end with an error)."""
+        return not self._first
 
     def _headers(self, event: Event) -> dict[str, str]:
         h = {hdr.EVENT: event.value}
@@ -61,6 +68,8 @@ class ReplyPublisher:
                 h[hdr.ROUTE] = self._env.route
             if self._served_by:
                 h[hdr.SERVED_BY] = self._served_by
+            if self._first_headers:
+                h.update(self._first_headers)
             self._first = False
         return h
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from nats.aio.client import Client as NATS
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 
 from shared import subjects
 from shared.logging import get_logger
@@ -38,3 +39,29 @@ async def ensure_dead_letters(nc: NATS, site: str) -> None:
         await ensure_stream(nc, config)
     except Exception as exc:  # JetStream may be off or still electing: dead letters are then only logged
         log.warning("dead-letter stream unavailable", error=repr(exc), site=site)
+
+
+async def ensure_kv(nc: NATS, config: KeyValueConfig) -> KeyValue:
+    """Open the KV bucket, creating it when absent; a changed TTL or size limit is applied to it in place.
+
+    Several services may race to create a bucket at start: losing the race is fine (the bucket is then
+    opened). Values are never deleted here.
+    """
+    js = nc.jetstream(timeout=5)
+    try:
+        kv = await js.key_value(config.bucket)
+    except BucketNotFoundError:
+        try:
+            return await js.create_key_value(config)
+        except BadRequestError:  # created meanwhile by another process
+            return await js.key_value(config.bucket)
+    stream = f"KV_{config.bucket}"
+    info = await js.stream_info(stream)
+    want_age = config.ttl or 0.0
+    if (info.config.max_age or 0.0) != want_age or (config.max_bytes and info.config.max_bytes != config.max_bytes):
+        info.config.max_age = want_age
+        if config.max_bytes:
+            info.config.max_bytes = config.max_bytes
+        await js.update_stream(info.config)
+        log.info("kv bucket limits updated", bucket=config.bucket, ttl_s=want_age, max_bytes=config.max_bytes)
+    return kv

@@ -9,6 +9,7 @@ none.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 PREFIX = "lw.v1"
@@ -17,6 +18,7 @@ ANY_SITE = "*"
 
 _SITE_RE = re.compile(r"^[a-z0-9_-]{1,64}$")
 _TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9_{}-]")  # {braces} only appear in documented templates
+_KV_SAFE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def check_site(site: str) -> str:
@@ -56,6 +58,29 @@ def infer_queue(model: str) -> str:
     return f"infer.{token(model)}"
 
 
+def cloud_chat(site: str) -> str:
+    """Chat work for cloud models ``<provider>/<model>`` (cloud-adapters, queue ``cloud-adapter``)."""
+    return f"{PREFIX}.{site}.cloud.chat"
+
+
+CLOUD_QUEUE = "cloud-adapter"
+
+
+def usage(site: str) -> str:
+    """One ``UsageEvent`` per cloud call (kept by the site's ``USAGE`` stream)."""
+    return f"{PREFIX}.{site}.usage.events"
+
+
+def budget_alerts(site: str) -> str:
+    """A ``BudgetStatus`` each time a budget crosses its warning level or is spent (``USAGE`` stream)."""
+    return f"{PREFIX}.{site}.usage.budget"
+
+
+def usage_filter(site: str) -> str:
+    """Everything the site's ``USAGE`` stream keeps."""
+    return f"{PREFIX}.{site}.usage.>"
+
+
 def heartbeat(site: str) -> str:
     """Workers announce themselves, their models and their load here every few seconds."""
     return f"{PREFIX}.{site}.workers.heartbeat"
@@ -83,11 +108,30 @@ def reply_prefix(owner: str) -> str:
 
 # Stream names, after what they hold.
 DEAD_LETTERS = "DEAD_LETTERS"
+USAGE = "USAGE"
+
+# KV buckets (in the JetStream domain of the site whose cloud-adapter writes them).
+PROVIDER_HEALTH = "provider-health"
+"""key: the provider name; value: ``schemas.cloud.ProviderHealth``"""
+BUDGETS = "budgets"
+"""key: ``budget_key(scope, period)``; value: ``schemas.cloud.BudgetStatus``"""
+CLOUD_CACHE = "cloud-cache"
+"""key: ``<tenant hash>.<request hash>`` (see services/cloud_adapter/cache.py); value: a cached answer"""
+
+GLOBAL_SCOPE = "global"
 
 
-def cloud_chat(site: str) -> str:
-    """Chat work for cloud providers (cloud-adapter, queue ``cloud-adapter``)."""
-    return f"{PREFIX}.{site}.cloud.chat"
+def tenant_scope(tenant: str) -> str:
+    """The budget scope of a tenant: ``tenant-<tenant>``, or ``tenant-sha-<hash>`` when the tenant name
+    holds characters a KV key cannot (anything but ``[A-Za-z0-9_-]``, or longer than 64)."""
+    if _KV_SAFE.fullmatch(tenant):
+        return f"tenant-{tenant}"
+    return f"tenant-sha-{hashlib.sha256(tenant.encode()).hexdigest()[:16]}"
+
+
+def budget_key(scope: str, period: str) -> str:
+    """The ``budgets`` KV key of a scope (``global`` or ``tenant_scope(...)``) and period (daily, monthly)."""
+    return f"{scope}.{period}"
 
 
 def route_dry_run(site: str) -> str:
@@ -102,8 +146,6 @@ def policy_events(site: str) -> str:
 
 HUB_JS_API_INFO = "$JS.hub.API.INFO"  # answered by the hub's JetStream only while the uplink is up
 
-# Key-value buckets, in the JetStream domain of the site that uses them.
+# The routing policy's KV bucket and key, in the site's JetStream domain.
 CONFIG_BUCKET = "config"
 POLICY_KEY = "router.policy"
-PROVIDER_HEALTH_BUCKET = "provider-health"
-BUDGETS_BUCKET = "budgets"

@@ -153,6 +153,13 @@ def write_policy(path: Path, text: str) -> Path:
     return path
 
 
+def cloud_router_env(tmp: Path) -> dict[str, str]:
+    """Router settings for tests of the cloud path alone: the uplink counts as up, and a refused cloud
+    model is not retried on a local model (each test sees the adapter's own answer)."""
+    policy = write_policy(tmp / "cloud-only-policy.yaml", "last_resort: none\n")
+    return {"LW_ROUTER_UPLINK": "up", "LW_ROUTER_POLICY_FILE": str(policy)}
+
+
 @dataclass
 class Service:
     """A leafwire service running as its own process (``python -m services.<module>``)."""

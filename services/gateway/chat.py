@@ -67,6 +67,8 @@ class ChatBridge:
                     response_headers["x-leafwire-route"] = route
                 if served_by := first.headers.get(hdr.SERVED_BY):
                     response_headers["x-leafwire-served-by"] = served_by
+                if cached := first.headers.get(hdr.CACHE):
+                    response_headers["x-leafwire-cache"] = cached
                 first.raise_for_error()
                 if first.event is Event.RESULT:
                     return web.Response(body=first.data, content_type="application/json",

@@ -24,11 +24,11 @@ from nats.aio.client import Client as NATS
 from schemas.chat import ChatCompletionRequest, ChatMessage, Usage
 from schemas.control import Admitted, Cancel, ModelInfo, WorkerHeartbeat
 from services.local_inference import registry
-from services.local_inference.answer import Answer
 from services.local_inference.engine import Engine
 from services.local_inference.ipc import Delta, Finished, Rejected, RowSpec, Started
 from services.local_inference.settings import InferenceSettings
 from shared import metrics, subjects
+from shared.answer import Answer
 from shared.envelope import EVENT, Envelope
 from shared.errors import (
     ContextLengthExceeded,

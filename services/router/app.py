@@ -126,8 +126,8 @@ async def main(settings: RouterSettings, readiness: Readiness, stack: AsyncExitS
         watch.follow_bucket(js, subjects.CONFIG_BUCKET, subjects.POLICY_KEY,
                             watch.policy_updates(state, nc, settings.site),
                             create=KeyValueConfig(bucket=subjects.CONFIG_BUCKET, history=10)),
-        watch.follow_bucket(js, subjects.PROVIDER_HEALTH_BUCKET, ">", watch.health_updates(state)),
-        watch.follow_bucket(js, subjects.BUDGETS_BUCKET, ">", watch.budget_updates(state)),
+        watch.follow_bucket(js, subjects.PROVIDER_HEALTH, ">", watch.health_updates(state)),
+        watch.follow_bucket(js, subjects.BUDGETS, ">", watch.budget_updates(state)),
     ]
     if settings.uplink == "auto" and settings.site != subjects.HUB:
         tasks.append(watch.probe_uplink(nc, state, settings.uplink_probe_s))

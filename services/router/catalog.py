@@ -40,7 +40,7 @@ class Catalog:
     def model_cards(self, now: float | None = None) -> list[ModelCard]:
         """What ``GET /v1/models`` lists: each model once, with the sites (or hub) that run it."""
         workers: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        context: dict[str, int] = {}
+        context: dict[str, int | None] = {}
         kinds: dict[str, Literal["chat", "embeddings"]] = {}
         for beat in self.alive(now):
             for m in beat.models:

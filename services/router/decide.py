@@ -18,7 +18,7 @@ from schemas.control import RouteDecision
 from services.router.policy import LOCAL, REQUESTED, BudgetLevel, Experiment, Health, Policy, Rule, When
 from services.router.signals import Signals
 from services.router.variants import pick
-from shared.errors import LeafwireError, ModelNotFound, Overloaded, Unavailable
+from shared.errors import BudgetExceeded, LeafwireError, ModelNotFound, Overloaded, Unavailable
 
 AUTO = "auto"
 MAX_ALIAS_DEPTH = 4
@@ -30,14 +30,6 @@ class ResidencyViolation(LeafwireError):
     status = 403
     type = "permission_error"
     default_code = "data_residency"
-
-
-class BudgetExhausted(LeafwireError):
-    """The cloud budget is used up and nothing local can answer."""
-
-    status = 429
-    type = "insufficient_quota"
-    default_code = "budget_exceeded"
 
 
 def is_cloud(model: str) -> bool:
@@ -186,7 +178,7 @@ def refusal(rule: Rule, skipped: list[tuple[str, str]]) -> LeafwireError:
     if why == "data must stay on site":
         return ResidencyViolation(f"This request must stay on site and no local model can serve it ({detail}).")
     if why == "budget exhausted":
-        return BudgetExhausted(f"The cloud budget is exhausted and no local model can serve this ({detail}).")
+        return BudgetExceeded(f"The cloud budget is exhausted and no local model can serve this ({detail}).")
     if why == "all workers busy":
         return Overloaded(f"Every worker is busy ({detail}).", retry_after=1)
     return Unavailable(f"No target can serve this request now ({detail}).", retry_after=5,

@@ -20,7 +20,7 @@ from services.router.settings import RouterSettings
 from services.router.state import LiveState
 from shared import metrics, subjects
 from shared.envelope import EVENT, Envelope
-from shared.errors import LeafwireError, ModelNotFound, Unavailable
+from shared.errors import LeafwireError, Unavailable
 from shared.logging import get_logger
 from shared.replies import Event, error_of
 
@@ -68,7 +68,7 @@ async def run_chain(nc: NATS, settings: RouterSettings, state: LiveState, plan: 
                     request: ChatCompletionRequest, env: Envelope) -> str:
     """Offer the request to each target of the plan until one takes it; return the target that did."""
     failed: list[tuple[str, str]] = []
-    last: LeafwireError | None = None
+    first: LeafwireError | None = None
     for target in plan.chain:
         decision = plan.decision(target, failed)
         payload, masked = prepare(state, request, target)
@@ -82,7 +82,7 @@ async def run_chain(nc: NATS, settings: RouterSettings, state: LiveState, plan: 
             metrics.ROUTE_FALLBACKS.labels(kind, str(err.status)).inc()
             log.info("target refused; falling back", target=target, status=err.status, error=err.message)
             failed.append((target, f"{err.status} {err.code or err.type}"))
-            last = err
+            first = first or err
             continue
         for pattern, n in masked.items():
             metrics.MASKED.labels(pattern).inc(n)
@@ -90,8 +90,14 @@ async def run_chain(nc: NATS, settings: RouterSettings, state: LiveState, plan: 
         log.info("routed", target=target, rule=plan.rule, variant=plan.variant, fallbacks=len(failed),
                  masked=sum(masked.values()))
         return target
-    assert last is not None
-    if isinstance(last, ModelNotFound) or last.code == "model_not_found":
-        raise last
+    assert first is not None
     metrics.ROUTE_DECISIONS.labels("none", plan.rule, "exhausted").inc()
-    raise last
+    raise with_fallbacks(first, failed[1:])
+
+
+def with_fallbacks(err: LeafwireError, others: list[tuple[str, str]]) -> LeafwireError:
+    """The first target's refusal, which names the fallbacks that refused too (the caller asked for it)."""
+    if others:
+        err.message = f"{err.message} (fallbacks refused too: {', '.join(f'{t} {w}' for t, w in others)})"
+        err.args = (err.message,)
+    return err

@@ -9,11 +9,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from schemas.cloud import BudgetStatus, ProviderHealth
+from schemas.cloud import BudgetStatus, ProviderHealth, budget_window
 from services.router.catalog import Catalog
 from services.router.decide import Conditions
 from services.router.masking import Masker
 from services.router.policy import BudgetLevel, Health, Policy
+from shared import subjects
 
 _SEVERITY: dict[BudgetLevel, int] = {"ok": 0, "warning": 1, "exhausted": 2}
 
@@ -48,10 +49,15 @@ class LiveState:
         else:
             self.budgets[key] = status
 
-    def budget_level(self, tenant: str) -> BudgetLevel:
-        """The worst of the global and the tenant's budgets, daily and monthly."""
-        scopes = {"global", f"tenant-{tenant}"}
-        levels = [s.state for s in self.budgets.values() if s.scope in scopes]
+    def budget_level(self, tenant: str, now: float | None = None) -> BudgetLevel:
+        """The worst of the global and the tenant's budgets, daily and monthly, in the current windows.
+
+        An entry of a past day or month no longer limits anything (a new window starts from zero).
+        """
+        now = time.time() if now is None else now
+        scopes = {subjects.GLOBAL_SCOPE, subjects.tenant_scope(tenant)}
+        current = {p: budget_window(p, now) for p in ("daily", "monthly")}
+        levels = [s.state for s in self.budgets.values() if s.scope in scopes and s.window == current[s.period]]
         return max(levels, key=_SEVERITY.__getitem__, default="ok")
 
     def conditions(self, tenant: str, now: float | None = None) -> Conditions:
@@ -62,5 +68,5 @@ class LiveState:
         saturated = frozenset(
             name for name in served
             if all(b.inflight >= b.capacity for b in workers if any(m.name == name for m in b.models)))
-        return Conditions(uplink_up=self.uplink_up, budget=self.budget_level(tenant),
+        return Conditions(uplink_up=self.uplink_up, budget=self.budget_level(tenant, now),
                           provider_health=dict(self.provider_health), local_models=served, saturated=saturated)

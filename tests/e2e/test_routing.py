@@ -20,7 +20,7 @@ import nats
 import pytest
 from nats.js.errors import BucketNotFoundError
 
-from schemas.cloud import BreakerState, BudgetStatus, ProviderHealth
+from schemas.cloud import BreakerState, BudgetStatus, ProviderHealth, budget_window
 from tests.conftest import stack_services
 from tests.support import ROOT, NatsServer, Service, eventually, metric, running, write_policy, write_registry
 
@@ -137,8 +137,8 @@ class TestLiveState:
     def test_exhausted_budget_runs_locally(self, services: tuple[Service, ...], nats_server: NatsServer) -> None:
         """With the tenant's budget exhausted (budgets KV), cloud models are skipped for the local one."""
         _, _, gateway = services
-        status = BudgetStatus(scope="tenant-default", period="daily", window="2026-11-21", spent_usd=10.5,
-                              limit_usd=10.0, state="exhausted")
+        status = BudgetStatus(scope="tenant-default", period="daily", window=budget_window("daily", time.time()),
+                              spent_usd=10.5, limit_usd=10.0, state="exhausted")
         asyncio.run(kv_put(nats_server.url, "budgets", "tenant-default.daily", status.model_dump_json().encode()))
         try:
             eventually(lambda: any(s["reason"] == "budget exhausted"  # type: ignore[index]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.logging import REDACTED, redact_secrets
+from shared.logging import REDACTED, redact_secrets, register_secret, scrub, scrub_secret_values
 
 
 class TestRedaction:
@@ -13,3 +13,19 @@ class TestRedaction:
         assert event["api_key"] == REDACTED
         assert event["headers"] == {"Authorization": REDACTED, "accept": "json"}
         assert event["event"] == "call"
+
+    def test_registered_secret_values_are_scrubbed_everywhere(self) -> None:
+        """A registered key is replaced wherever it appears: messages, nested values, exception text."""
+        register_secret("sk-very-secret-0042")
+        event = scrub_secret_values(None, "info", {
+            "event": "call failed: Incorrect API key provided: sk-very-secret-0042.",
+            "detail": {"headers": ["Bearer sk-very-secret-0042"]},
+            "exception": "Traceback...\nValueError: sk-very-secret-0042",
+        })
+        assert "sk-very-secret-0042" not in str(event)
+        assert event["event"] == f"call failed: Incorrect API key provided: {REDACTED}."
+
+    def test_short_values_are_not_registered(self) -> None:
+        """Values too short to be keys are not scrubbed (they would mangle ordinary words)."""
+        register_secret("abc")
+        assert scrub("abc def") == "abc def"

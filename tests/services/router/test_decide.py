@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from services.router.decide import (
-    BudgetExhausted,
     Conditions,
     Facts,
     ResidencyViolation,
@@ -13,7 +12,7 @@ from services.router.decide import (
 )
 from services.router.policy import Policy, parse
 from services.router.signals import Signals
-from shared.errors import ModelNotFound, Overloaded, Unavailable
+from shared.errors import BudgetExceeded, ModelNotFound, Overloaded, Unavailable
 
 POLICY = parse("""
 local_model: small
@@ -107,7 +106,7 @@ class TestGuards:
         assert chain(facts("smart"), broke) == (("small",), "broke")
         assert chain(facts(tenant="ops"), broke) == (("small",), "ops-tenant")
         strict = parse("last_resort: none\nrules: [{name: r, route: [openai/gpt-4o]}]")
-        with pytest.raises(BudgetExhausted) as exc:
+        with pytest.raises(BudgetExceeded) as exc:
             plan(strict, facts(), broke)
         assert exc.value.status == 429
 

@@ -1,0 +1,352 @@
+"""What the cloud path costs: gateway → router → cloud-adapter → an upstream that answers at once.
+
+    uv run python -m loadtests.cloud_bench                 # 100, 250, 500, 1000 requests/s, 10 s each
+    uv run python -m loadtests.cloud_bench --rates 1000 --duration 30 --stream
+
+Starts its own nats-server (JetStream), the fake upstream (loadtests/fake_upstream.py), a cloud-adapter,
+a router and a gateway, each as its own process. For each rate it sends requests open-loop (at fixed
+times, whatever the answers do; latency counts from the time a request was due, so a backlog shows) first
+straight to the upstream, then through the gateway, and prints: the achieved rate, errors, p50/p99 of
+both paths and what the leafwire path adds, and the CPU (share of one core) and RSS of every process.
+Then it measures cache hits: the same temperature-0 request, one at a time, answered from NATS KV.
+With ``--adapter-alone`` it also drives the cloud-adapter by itself over NATS, the way a router does
+(request on ``lw.v1.bench.cloud.chat``, answer on the ``Lw-Reply`` subject), to separate its share.
+Services log at ``warning`` (``--log-level info`` to include per-request log lines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import nats
+import psutil
+from nats.aio.msg import Msg
+
+from deploy import topology
+from deploy.topology import Node, free_port
+from shared import subjects
+
+ROOT = Path(__file__).resolve().parent.parent
+SITE = "bench"
+BODY = {"model": "bench/echo", "messages": [{"role": "user", "content": "Say pong."}], "temperature": 0.7}
+
+
+@dataclass
+class Proc:
+    """A process of the benchmark, measured by psutil."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    ps: psutil.Process = field(init=False)
+    _cpu: float = 0.0
+    _at: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.ps = psutil.Process(self.popen.pid)
+
+    def mark(self) -> None:
+        t = self.ps.cpu_times()
+        self._cpu, self._at = t.user + t.system, time.monotonic()
+
+    def usage(self) -> tuple[float, float]:
+        """(CPU % of one core since ``mark``, RSS MiB now)."""
+        t = self.ps.cpu_times()
+        cpu = (t.user + t.system - self._cpu) / max(time.monotonic() - self._at, 1e-9) * 100
+        return cpu, self.ps.memory_info().rss / 2**20
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} not ready after {timeout} s")
+
+
+@contextmanager
+def stack(tmp: Path, log_level: str, profile: Path | None = None) -> Iterator[tuple[list[Proc], str, str, str]]:
+    """nats-server, fake upstream, cloud-adapter, router, gateway; yields (processes, upstream URL, gateway URL,
+    NATS URL).
+
+    With ``profile``, the three services run under cProfile (CPU time, see loadtests/cpu_profile.py) and
+    leave ``<service>.prof`` there on exit."""
+    procs: list[Proc] = []
+    client, monitor, up_port, gw_port = free_port(), free_port(), free_port(), free_port()
+    conf = tmp / "nats.conf"
+    conf.write_text(f'listen: 127.0.0.1:{client}\nhttp: 127.0.0.1:{monitor}\n'
+                    f'jetstream {{ store_dir: "{tmp / "js"}" }}\nmax_payload: 8MB\n')
+    node = Node("bench", conf, "127.0.0.1", client, monitor)
+    providers = tmp / "providers.yaml"
+    providers.write_text(json.dumps({"providers": [{
+        "name": "bench", "kind": "openai-compatible", "base_url": f"http://127.0.0.1:{up_port}/v1", "local": True,
+        "max_concurrent": 4096, "models": {"echo": {}}}]}))
+    env = {**os.environ, "LW_NATS_URL": node.url, "LW_SITE": SITE, "LW_LOG_LEVEL": log_level,
+           "LW_PROVIDERS_FILE": str(providers), "PYTHONUNBUFFERED": "1"}
+    logs = tmp / "logs"
+    logs.mkdir()
+
+    def start(name: str, cmd: list[str], extra: dict[str, str]) -> Proc:
+        out = (logs / f"{name}.log").open("wb")
+        p = Proc(name, subprocess.Popen(cmd, env={**env, **extra}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT))
+        procs.append(p)
+        return p
+
+    try:
+        start("nats-server", node.command(), {})
+        topology.wait_healthy([node], procs=[procs[0].popen])
+        start("upstream", [sys.executable, "-m", "loadtests.fake_upstream", "--port", str(up_port)], {})
+        ops = {}
+        def command(service: str) -> list[str]:
+            prof = ["-m", "loadtests.cpu_profile", str(profile / f"{service}.prof")] if profile else []
+            return [sys.executable, *prof, *([] if profile else ["-m"]), f"services.{service}"]
+
+        for service in ("cloud_adapter", "router"):
+            ops[service] = free_port()
+            start(service.replace("_", "-"), command(service), {"LW_OPS_PORT": str(ops[service])})
+            wait_http(f"http://127.0.0.1:{ops[service]}/readyz")
+        start("gateway", command("gateway"), {"LW_GATEWAY_PORT": str(gw_port)})
+        wait_http(f"http://127.0.0.1:{gw_port}/readyz")
+        yield procs, f"http://127.0.0.1:{up_port}/v1/chat/completions", \
+            f"http://127.0.0.1:{gw_port}/v1/chat/completions", node.url
+    finally:
+        for p in reversed(procs):
+            p.popen.terminate()
+        for p in reversed(procs):
+            try:
+                p.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait(5)
+
+
+@dataclass
+class Phase:
+    """One open-loop run."""
+
+    rate: float
+    duration: float
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    sent: int = 0
+    elapsed: float = 0.0
+
+    def pct(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+    @property
+    def achieved(self) -> float:
+        return len(self.latencies) / self.elapsed if self.elapsed else 0.0
+
+
+async def open_loop(session: aiohttp.ClientSession, url: str, body: bytes, rate: float, duration: float) -> Phase:
+    """Send ``rate`` requests a second for ``duration`` seconds at fixed times; latency from the due time.
+
+    Times come from ``perf_counter``: uvloop's ``loop.time()`` only has millisecond resolution."""
+    clock = time.perf_counter
+    phase = Phase(rate, duration)
+    headers = {"Content-Type": "application/json"}
+
+    async def one(due: float) -> None:
+        try:
+            async with session.post(url, data=body, headers=headers) as resp:
+                await resp.read()
+                ok = resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            ok = False
+        if ok:
+            phase.latencies.append(clock() - due)
+        else:
+            phase.errors += 1
+
+    total = int(rate * duration)
+    start = clock() + 0.05
+    tasks = []
+    for i in range(total):
+        due = start + i / rate
+        wait = due - clock()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        tasks.append(asyncio.create_task(one(due)))
+        phase.sent += 1
+    await asyncio.gather(*tasks)
+    phase.elapsed = clock() - start
+    return phase
+
+
+async def one_at_a_time(session: aiohttp.ClientSession, url: str, body: bytes, count: int) -> list[float]:
+    """Latencies (s) of ``count`` requests sent one after the other; the cache header must say hit."""
+    out = []
+    for _ in range(count):
+        t = time.perf_counter()
+        async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
+            await resp.read()
+            if resp.status != 200 or resp.headers.get("x-leafwire-cache") != "hit":
+                raise RuntimeError(f"expected a cache hit, got {resp.status} {resp.headers.get('x-leafwire-cache')}")
+        out.append(time.perf_counter() - t)
+    return out
+
+
+async def adapter_alone(nats_url: str, body: bytes, args: argparse.Namespace, adapter: Proc) -> None:
+    """Open-loop requests straight to the cloud-adapter over NATS, as a router sends them."""
+    nc = await nats.connect(nats_url)
+    inbox, admissions = nc.new_inbox(), nc.new_inbox()
+    due: dict[str, float] = {}
+    done: list[float] = []
+    errors = 0
+    sent_all, answered_all = False, asyncio.Event()
+
+    async def on_answer(msg: Msg) -> None:
+        nonlocal errors
+        event = (msg.headers or {}).get("Lw-Event")
+        if event in ("result", "done", "error"):
+            started = due.pop(msg.subject.rsplit(".", 1)[1], None)
+            if started is not None:
+                done.append(time.perf_counter() - started)
+            errors += event == "error"
+            if sent_all and not due:
+                answered_all.set()
+
+    async def ignore(msg: Msg) -> None:
+        return None
+
+    await nc.subscribe(f"{inbox}.*", cb=on_answer)
+    await nc.subscribe(f"{admissions}.*", cb=ignore)
+    await nc.flush()
+    print("\ncloud-adapter alone, driven over NATS as a router drives it (answer latency from the due time):\n")
+    print(fmt_row(["rate/s", "answered/s", "errors", "p50 ms", "p99 ms", "adapter CPU %", "adapter CPU ms/request"]))
+    print(fmt_row(["---"] * 7))
+    for rate in args.rates:
+        done.clear()
+        errors = 0
+        sent_all = False
+        answered_all.clear()
+        adapter.mark()
+        start = time.perf_counter() + 0.05
+        total = int(rate * args.duration)
+        for i in range(total):
+            at = start + i / rate
+            if (wait := at - time.perf_counter()) > 0:
+                await asyncio.sleep(wait)
+            key = f"{rate:g}-{i}"
+            due[key] = at
+            await nc.publish(subjects.cloud_chat(SITE), body, reply=f"{admissions}.{key}",
+                             headers={"Lw-Reply": f"{inbox}.{key}", "Lw-Request-Id": uuid.uuid4().hex,
+                                      "Lw-Deadline": f"{time.time() + 30:.3f}"})
+        sent_all = True
+        if due:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(30):
+                    await answered_all.wait()
+        elapsed = time.perf_counter() - start
+        cpu, _ = adapter.usage()
+        ordered = sorted(done)
+        p50 = ordered[len(ordered) // 2] * 1000 if ordered else float("nan")
+        p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000 if ordered else float("nan")
+        print(fmt_row([f"{rate:g}", f"{len(done) / elapsed:.0f}", str(errors + len(due)), f"{p50:.2f}", f"{p99:.2f}",
+                       f"{cpu:.0f}", f"{cpu * 10 / max(len(done) / elapsed, 1e-9):.2f}"]), flush=True)
+        due.clear()
+    await nc.drain()
+
+
+def fmt_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+async def run(args: argparse.Namespace) -> None:
+    body = dict(BODY, stream=True) if args.stream else dict(BODY)
+    raw = json.dumps(body).encode()
+    me = psutil.Process()
+    with tempfile.TemporaryDirectory(prefix="lw-bench-") as tmp, \
+            stack(Path(tmp), args.log_level, args.profile) as (procs, up, gw, nats_url):
+        connector = aiohttp.TCPConnector(limit=2000, keepalive_timeout=60)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
+            await open_loop(session, gw, raw, 100, args.warmup)  # warm connections, caches, JIT-free paths
+            await open_loop(session, up, raw, 100, 1)
+            print(f"load before: {os.getloadavg()[0]:.2f} (1-min average) on {os.cpu_count()} CPUs; "
+                  f"{'streamed' if args.stream else 'non-streamed'} requests; {args.duration:g} s per phase\n")
+            header = ["rate/s", "achieved/s", "errors", "direct p50/p99 ms", "leafwire p50/p99 ms",
+                      "added p50/p99 ms", *[f"{p.name} CPU% / MiB" for p in procs], "loadgen CPU%"]
+            rows = []
+            for rate in args.rates:
+                direct = await open_loop(session, up, raw, rate, args.duration)
+                for p in procs:
+                    p.mark()
+                c0 = me.cpu_times()
+                via = await open_loop(session, gw, raw, rate, args.duration)
+                c1 = me.cpu_times()
+                usage = [p.usage() for p in procs]
+                gen = (c1.user + c1.system - c0.user - c0.system) / via.elapsed * 100
+                rows.append(fmt_row([
+                    f"{rate:g}", f"{via.achieved:.0f}", f"{via.sent - len(via.latencies)}",
+                    f"{direct.pct(0.5):.2f} / {direct.pct(0.99):.2f}", f"{via.pct(0.5):.2f} / {via.pct(0.99):.2f}",
+                    f"{via.pct(0.5) - direct.pct(0.5):.2f} / {via.pct(0.99) - direct.pct(0.99):.2f}",
+                    *[f"{cpu:.0f} / {rss:.0f}" for cpu, rss in usage], f"{gen:.0f}"]))
+                print(rows[-1], flush=True)
+            print()
+            print(fmt_row(header))
+            print(fmt_row(["---"] * len(header)))
+            print("\n".join(rows))
+            cached = json.dumps({**BODY, "temperature": 0, "messages": [{"role": "user", "content": "cache bench"}]})
+            async with session.post(gw, data=cached.encode(), headers={"Content-Type": "application/json"}) as r:
+                await r.read()  # the miss that stores it
+            hits = await one_at_a_time(session, gw, cached.encode(), args.cache_requests)
+            direct_seq = []
+            for _ in range(args.cache_requests):
+                t = time.perf_counter()
+                async with session.post(up, data=raw, headers={"Content-Type": "application/json"}) as r:
+                    await r.read()
+                direct_seq.append(time.perf_counter() - t)
+            q = statistics.quantiles(hits, n=100)
+            print(f"\ncache hit, end to end through the gateway, one at a time ({len(hits)} requests): "
+                  f"p50 {statistics.median(hits) * 1000:.2f} ms, p99 {q[98] * 1000:.2f} ms "
+                  f"(the upstream called directly: p50 {statistics.median(direct_seq) * 1000:.2f} ms)")
+            if args.adapter_alone:
+                await adapter_alone(nats_url, raw, args, next(p for p in procs if p.name == "cloud-adapter"))
+            print(f"load after: {os.getloadavg()[0]:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rates", type=float, nargs="+", default=[100, 250, 500, 1000])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--stream", action="store_true", help="streamed requests (SSE) instead of whole answers")
+    parser.add_argument("--cache-requests", type=int, default=500)
+    parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--adapter-alone", action="store_true",
+                        help="also drive the cloud-adapter by itself over NATS at the same rates")
+    parser.add_argument("--profile", type=Path, help="run the services under cProfile, writing <service>.prof here")
+    args = parser.parse_args()
+    try:
+        import uvloop
+        uvloop.run(run(args))
+    except ImportError:  # pragma: no cover
+        asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

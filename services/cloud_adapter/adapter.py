@@ -1,0 +1,383 @@
+"""One cloud request from admission to its last event: resolve, budget, cache, call, relay, account.
+
+Admission answers the forwarding router on the message's own reply subject, and only once the answer is
+certain: at a cache hit, or at the provider's first byte (retries happen before that). So the router can
+still try another target when a provider fails, before anything reached the caller. After admission the
+answer goes straight to the caller's subject (``Lw-Reply``); a failure then ends it with an ``error`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from nats.aio.client import Client as NATS
+
+from schemas.chat import ChatCompletionRequest, FinishReason, Usage
+from schemas.cloud import BudgetStatus, ProviderHealth, UsageEvent
+from schemas.control import Admitted, ModelInfo, WorkerHeartbeat
+from services.cloud_adapter import cache
+from services.cloud_adapter.breaker import Breaker
+from services.cloud_adapter.budget import Ledger
+from services.cloud_adapter.config import ModelSpec, Provider, ProvidersFile
+from services.cloud_adapter.dialect import Delta, Finish, Piece, Tokens, provider_fault
+from services.cloud_adapter.settings import CloudSettings
+from services.cloud_adapter.state import CloudState
+from services.cloud_adapter.upstream import Call, Upstream
+from shared import metrics, subjects
+from shared.answer import Answer, merge_delta
+from shared.envelope import CACHE, EVENT, Envelope
+from shared.errors import Cancelled, DeadlineExceeded, InvalidRequest, LeafwireError, ModelNotFound
+from shared.logging import get_logger
+from shared.replies import Event, ReplyPublisher, publish_error
+
+SERVICE = "cloud-adapter"
+log = get_logger("leafwire.cloud_adapter")
+BREAKER_CODES = {"closed": 0, "half_open": 1, "open": 2}
+CHARS_PER_TOKEN = 4  # estimate when a provider reports no usage
+CACHE_HITS = metrics.CACHE_LOOKUPS.labels("hit")
+CACHE_MISSES = metrics.CACHE_LOOKUPS.labels("miss")
+
+
+class Target:
+    """A configured model of a configured provider, with its metric series bound once (not per request)."""
+
+    def __init__(self, upstream: Upstream, model: str, spec: ModelSpec) -> None:
+        self.upstream = upstream
+        self.model = model
+        self.spec = spec
+        self.name = f"{upstream.name}/{model}"
+        labels = (upstream.name, model)
+        self.first_byte = metrics.CLOUD_FIRST_BYTE.labels(*labels)
+        self.duration = metrics.CLOUD_DURATION.labels(*labels)
+        self.prompt_tokens = metrics.CLOUD_TOKENS.labels(*labels, "prompt")
+        self.completion_tokens = metrics.CLOUD_TOKENS.labels(*labels, "completion")
+        self.cost = metrics.CLOUD_COST.labels(*labels)
+        self.requests = {o: metrics.CLOUD_REQUESTS.labels(*labels, o)
+                         for o in ("ok", "cache_hit", "error", "cancelled", "refused")}
+
+
+@dataclass
+class Tally:
+    """What an answer has produced so far: for usage, cost and the cache."""
+
+    keep_message: bool
+    message: dict[str, Any] = field(default_factory=dict)
+    finish: FinishReason | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    chars: int = 0
+
+    def add(self, piece: Piece) -> None:
+        """Count one piece of a streamed answer."""
+        if isinstance(piece, Delta):
+            content = piece.fields.get("content")
+            if isinstance(content, str):
+                self.chars += len(content)
+            if self.keep_message:
+                merge_delta(self.message, piece.fields)
+        elif isinstance(piece, Finish):
+            self.finish = piece.reason
+        elif isinstance(piece, Tokens):
+            self.prompt_tokens = piece.prompt if piece.prompt is not None else self.prompt_tokens
+            self.completion_tokens = piece.completion if piece.completion is not None else self.completion_tokens
+
+    def usage(self, request: ChatCompletionRequest) -> Usage:
+        """Token usage as reported, or estimated (4 characters a token) where the provider gave none."""
+        prompt = self.prompt_tokens
+        if prompt is None:
+            prompt = sum(len(m.text()) for m in request.messages) // CHARS_PER_TOKEN + 1
+        completion = self.completion_tokens
+        if completion is None:
+            completion = -(-self.chars // CHARS_PER_TOKEN)
+        return Usage.of(prompt, completion)
+
+
+@dataclass
+class Admission:
+    """The one answer the router waits for: ``admitted``, or an error it can act on."""
+
+    nc: NATS
+    subject: str | None
+    env: Envelope
+    worker_id: str
+    done: bool = False
+
+    async def admit(self) -> None:
+        """Tell the router the answer is certain and on its way."""
+        if self.done:
+            return
+        self.done = True
+        if self.subject:
+            body = Admitted(worker_id=self.worker_id, request_id=self.env.request_id).model_dump_json().encode()
+            await self.nc.publish(self.subject, body, headers={EVENT: Event.ADMITTED.value})
+
+    async def refuse(self, err: LeafwireError, publisher: ReplyPublisher) -> None:
+        """Tell the router (or, without one, the caller) why the request cannot be answered."""
+        self.done = True
+        if self.subject:
+            await publish_error(self.nc, self.subject, self.env, err)
+        else:
+            await publisher.error(err)
+
+
+class CloudAdapter:
+    """The adapter's providers, ledger, state and the requests it is answering."""
+
+    def __init__(self, settings: CloudSettings, config: ProvidersFile, providers: list[Provider]) -> None:
+        self.settings = settings
+        self.worker_id = f"ca-{uuid.uuid4().hex[:8]}"
+        self.ledger = Ledger(config.budgets)
+        self.health_changed = asyncio.Event()
+        self.upstreams = {p.spec.name: Upstream(p, settings.retry_policy(), self._breaker(p),
+                                                settings.max_response_bytes) for p in providers}
+        self.targets = {f"{name}/{model}": Target(u, model, spec) for name, u in self.upstreams.items()
+                        for model, spec in u.provider.spec.models.items()}
+        self.inflight: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self.nc: NATS | None = None
+        self.state: CloudState | None = None
+
+    def _breaker(self, provider: Provider) -> Breaker:
+        metrics.BREAKER_STATE.labels(provider.spec.name).set(0)
+        policy = replace(self.settings.breaker_policy(), **provider.spec.breaker.given())
+        return Breaker(provider.spec.name, policy, on_change=self._breaker_changed)
+
+    def _breaker_changed(self, breaker: Breaker) -> None:
+        metrics.BREAKER_STATE.labels(breaker.provider).set(BREAKER_CODES[breaker.state.value])
+        metrics.BREAKER_TRANSITIONS.labels(breaker.provider, breaker.state.value).inc()
+        log.warning("provider breaker changed", provider=breaker.provider, state=breaker.state.value,
+                    consecutive_failures=breaker.consecutive_failures)
+        self.health_changed.set()
+
+    def healths(self) -> list[ProviderHealth]:
+        """Every provider's breaker, as published to the ``provider-health`` bucket."""
+        return [u.breaker.health() for u in self.upstreams.values()]
+
+    # -- admission (in the NATS handler: errors go back to the router at once)
+
+    def resolve(self, model: str) -> Target:
+        """The configured target of ``<provider>/<model>``; 404 for anything else (no URL is ever taken
+        from a request)."""
+        target = self.targets.get(model)
+        if target is None:
+            raise ModelNotFound(model)
+        return target
+
+    def admit(self, request: ChatCompletionRequest, env: Envelope) -> Target:
+        """Check what can be checked without I/O; raise what the router should get."""
+        target = self.resolve(request.model)
+        if env.expired():
+            raise DeadlineExceeded("the request's deadline passed before it reached the cloud adapter")
+        if env.request_id in self.inflight:
+            raise InvalidRequest(f"request id {env.request_id} is already being answered")
+        try:
+            self.ledger.check(env.tenant)
+        except LeafwireError as err:
+            target.requests["refused"].inc()
+            metrics.REJECTED.labels(SERVICE, err.code or "refused").inc()
+            raise
+        return target
+
+    def start(self, target: Target, request: ChatCompletionRequest, env: Envelope, admit_to: str | None) -> None:
+        """Answer in the background; the handler returns at once."""
+        task = asyncio.create_task(self.serve(target, request, env, admit_to))
+        self.inflight[env.request_id] = task
+        task.add_done_callback(lambda _: self.inflight.pop(env.request_id, None))
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request this adapter is answering (closing its provider connection)."""
+        task = self.inflight.get(request_id)
+        if task is None:
+            return False
+        task.cancel()
+        return True
+
+    # -- answering
+
+    async def serve(self, target: Target, request: ChatCompletionRequest, env: Envelope,
+                    admit_to: str | None) -> None:
+        """The whole life of one request after admission checks."""
+        assert self.nc is not None
+        assert self.state is not None
+        started = time.monotonic()
+        key = cache.key(env.tenant, target.name, request) if cache.eligible(request) else None
+        hit = await self._lookup(key)
+        publisher = ReplyPublisher(self.nc, env.reply, env, f"{self.settings.site}/{self.worker_id}",
+                                   first_headers={CACHE: "hit" if hit else "miss"} if key else None)
+        admission = Admission(self.nc, admit_to, env, self.worker_id)
+        answer = Answer.for_request(publisher, env.request_id, request.model, request)
+        tally = Tally(keep_message=key is not None and request.stream)
+        outcome = "error"
+        try:
+            if hit is not None:
+                await admission.admit()
+                await answer.whole(hit.message, hit.finish_reason, hit.usage)
+                outcome = "cache_hit"
+                return
+            await self._call(target, request, env, admission, answer, tally, started)
+            outcome = "ok"
+            if key and tally.finish in cache.STORED_REASONS:
+                message = tally.message if request.stream else answer.message
+                self.state.cache_put(key, cache.Entry(message, tally.finish or "stop", tally.usage(request)))
+        except LeafwireError as err:
+            await self._fail(err, admission, publisher, target)
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            if not admission.done:
+                await admission.refuse(Cancelled("the request was cancelled"), publisher)
+        except Exception as exc:
+            log.exception("cloud request crashed", provider=target.upstream.name, model=target.model)
+            await self._fail(LeafwireError(f"internal error in the cloud adapter: {type(exc).__name__}"),
+                             admission, publisher, target)
+        finally:
+            event = self._account(target, request, env, tally, outcome, time.monotonic() - started, hit)
+            await self.state.publish_usage(event)
+
+    async def _lookup(self, key: str | None) -> cache.Entry | None:
+        """The cached answer of a request that may use the cache."""
+        if key is None:
+            return None
+        assert self.state is not None
+        hit = await self.state.cache_get(key)
+        (CACHE_HITS if hit else CACHE_MISSES).inc()
+        return hit
+
+    async def _call(self, target: Target, request: ChatCompletionRequest, env: Envelope, admission: Admission,
+                    answer: Answer, tally: Tally, started: float) -> None:
+        """Call the provider in one of its concurrent-call slots and relay the answer."""
+        with target.upstream.slot():
+            call = target.upstream.call(request, target.model, target.spec, env.deadline)
+            if request.stream:
+                await self._relay_stream(target, call, admission, answer, tally, started)
+            else:
+                await self._relay_whole(target, call, admission, answer, tally, started)
+
+    async def _relay_stream(self, target: Target, call: Call, admission: Admission, answer: Answer,
+                            tally: Tally, started: float) -> None:
+        opened = await target.upstream.open_stream(call)
+        verdict: bool | None = None
+        try:
+            target.first_byte.observe(time.monotonic() - started)
+            await admission.admit()
+            for piece in opened.first:
+                await self._apply(piece, answer, tally)
+            async for piece in opened.rest():
+                await self._apply(piece, answer, tally)
+            verdict = True
+        except LeafwireError as err:
+            verdict = False if provider_fault(err) else None
+            raise
+        finally:
+            opened.close(verdict)
+        await answer.finish(tally.finish or "stop", tally.usage(call.request))
+
+    @staticmethod
+    async def _apply(piece: Piece, answer: Answer, tally: Tally) -> None:
+        tally.add(piece)
+        if isinstance(piece, Delta):
+            await answer.delta(piece.fields)
+
+    async def _relay_whole(self, target: Target, call: Call, admission: Admission, answer: Answer,
+                           tally: Tally, started: float) -> None:
+        completion = await target.upstream.complete(call)
+        target.first_byte.observe(time.monotonic() - started)
+        tally.finish = completion.finish
+        tally.prompt_tokens, tally.completion_tokens = completion.prompt_tokens, completion.completion_tokens
+        content = completion.message.get("content")
+        tally.chars = len(content) if isinstance(content, str) else 0
+        await admission.admit()
+        await answer.whole(completion.message, completion.finish, tally.usage(call.request))
+
+    async def _fail(self, err: LeafwireError, admission: Admission, publisher: ReplyPublisher,
+                    target: Target) -> None:
+        log.info("cloud request failed", provider=target.upstream.name, model=target.model, status=err.status,
+                 code=err.code, error=err.message, after_first_byte=admission.done)
+        if admission.done:
+            await publisher.error(err)
+        else:
+            await admission.refuse(err, publisher)
+
+    def _account(self, target: Target, request: ChatCompletionRequest, env: Envelope, tally: Tally,
+                 outcome: str, elapsed: float, hit: cache.Entry | None) -> UsageEvent:
+        """Metrics and the ledger of a finished request; its usage event."""
+        target.requests[outcome].inc()
+        target.duration.observe(elapsed)
+        if hit is not None:
+            usage, cost = hit.usage, 0.0
+        elif outcome == "error" and tally.prompt_tokens is None and tally.chars == 0:
+            usage, cost = Usage.of(0, 0), 0.0  # nothing reached us: nothing to bill
+        else:
+            usage = tally.usage(request)
+            cost = target.spec.cost(usage.prompt_tokens, usage.completion_tokens)
+            target.prompt_tokens.inc(usage.prompt_tokens)
+            target.completion_tokens.inc(usage.completion_tokens)
+            target.cost.inc(cost)
+            self.ledger.charge(env.tenant, cost)
+        log.debug("cloud request done", target=target.name, outcome=outcome, prompt_tokens=usage.prompt_tokens,
+                  completion_tokens=usage.completion_tokens, cost_usd=cost, latency_s=round(elapsed, 4))
+        return UsageEvent(request_id=env.request_id, tenant=env.tenant, site=self.settings.site,
+                          target=target.name, prompt_tokens=usage.prompt_tokens,
+                          completion_tokens=usage.completion_tokens, cost_usd=cost, cached=hit is not None,
+                          outcome="ok" if outcome in ("ok", "cache_hit") else outcome,
+                          latency_s=elapsed)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- budgets, heartbeats, life cycle
+
+    def budget_alert(self, status: BudgetStatus) -> None:
+        """A budget crossed its warning level or was spent: metric, log, event on the ``USAGE`` stream."""
+        kind = "global" if status.scope == subjects.GLOBAL_SCOPE else "tenant"
+        metrics.BUDGET_WARNINGS.labels(kind, status.period, status.state).inc()
+        log.warning("budget level crossed", scope=status.scope, period=status.period, state=status.state,
+                    spent_usd=round(status.spent_usd, 6), limit_usd=status.limit_usd)
+        if self.state is not None:
+            self._spawn(self.state.publish_budget_alert(status))
+
+    def budget_metrics(self) -> None:
+        """Gauges of the global budget and of tenants named in the providers file (bounded labels)."""
+        named = {subjects.GLOBAL_SCOPE} | {subjects.tenant_scope(t) for t in self.ledger.budgets.tenants}
+        for acct in list(self.ledger.accounts.values()):
+            if acct.scope in named:
+                metrics.BUDGET_SPENT.labels(acct.scope, acct.period).set(acct.spent)
+                if acct.limit:
+                    metrics.BUDGET_USED.labels(acct.scope, acct.period).set(acct.spent / acct.limit)
+
+    def heartbeat(self) -> WorkerHeartbeat:
+        """The cloud models this adapter can call (providers with their key), for routers' catalogs."""
+        models = [ModelInfo(name=f"{name}/{model}", context_length=spec.context_length)
+                  for name, u in self.upstreams.items() if u.provider.missing_key is None
+                  for model, spec in u.provider.spec.models.items()]
+        return WorkerHeartbeat(worker_id=self.worker_id, service=SERVICE, site=self.settings.site, models=models,
+                               inflight=len(self.inflight),
+                               capacity=sum(u.provider.spec.max_concurrent for u in self.upstreams.values()) or 1,
+                               interval_s=self.settings.heartbeat_s)
+
+    async def open_upstreams(self) -> None:
+        """Open every provider's session."""
+        for upstream in self.upstreams.values():
+            await upstream.start()
+
+    async def close_upstreams(self) -> None:
+        """Close every provider's session."""
+        for upstream in self.upstreams.values():
+            await upstream.close()
+
+    async def wait_for_answers(self, grace_s: float) -> None:
+        """On shutdown: let answers in flight finish (up to ``grace_s``), then cancel what is left."""
+        if self.inflight:
+            _, pending = await asyncio.wait(set(self.inflight.values()), timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2)
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=2)

@@ -1,0 +1,193 @@
+"""cloud-adapter on NATS: admit chat work for cloud models, answer cancels and roll calls, announce models.
+
+Admission answers the forwarding router on the message's own reply subject — ``admitted`` only once the
+provider's first byte arrived (or the cache had the answer), else an error the router can act on. The
+answer then goes straight to the caller's subject (``Lw-Reply``).
+
+Chat work is the hot path and is read with a plain nats-py queue subscription (``ChatIntake``): FastStream
+resolves a handler's ``NatsMessage`` parameter in a worker thread for every message, which cost more than
+the rest of the adapter's work per request (see docs/cloud.md). It keeps FastStream's contract: a message
+that cannot be parsed or crashes gets an ``error`` event and is dead-lettered; a refusal gets an ``error``.
+Cancels and roll calls are rare and stay FastStream handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from contextlib import AsyncExitStack
+
+from faststream.nats import NatsBroker
+from faststream.nats.annotations import NatsMessage
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from pydantic import ValidationError
+
+from schemas.chat import ChatCompletionRequest
+from schemas.control import Cancel
+from services.cloud_adapter import config
+from services.cloud_adapter.adapter import SERVICE, CloudAdapter
+from services.cloud_adapter.settings import CloudSettings
+from services.cloud_adapter.state import CloudState
+from shared import metrics, subjects
+from shared.envelope import Envelope
+from shared.errors import InvalidRequest, LeafwireError
+from shared.handling import ErrorReplies, dead_letter, invalid_request
+from shared.logging import bind_request, get_logger, register_secret
+from shared.nats import broker as make_broker
+from shared.ops import Readiness
+from shared.replies import publish_error
+from shared.service import attach_broker
+
+log = get_logger("leafwire.cloud_adapter")
+
+
+CHAT_DOC = ("Chat work for cloud models `<provider>/<model>` (queue group `cloud-adapter`). Answers `admitted` "
+            "on the message's reply subject once the provider's first byte arrived (or the cache had the answer), "
+            "or an error; then streams the answer to the caller's subject given in the Lw-Reply header (first "
+            "message: Lw-Cache hit/miss when the cache was consulted).")
+
+
+def sites_of(settings: CloudSettings) -> str:
+    """The site token this adapter listens on: its own site, or every site for a hub adapter."""
+    return subjects.ANY_SITE if settings.serves_all_sites else settings.site
+
+
+class ChatIntake:
+    """Cloud chat work from a plain nats-py queue subscription (the hot path; see the module docstring)."""
+
+    def __init__(self, nc: NATS, settings: CloudSettings, adapter: CloudAdapter) -> None:
+        self._nc = nc
+        self._settings = settings
+        self._adapter = adapter
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        """Subscribe in the ``cloud-adapter`` queue group and flush, so work is taken from now on."""
+        self._sub = await self._nc.subscribe(subjects.cloud_chat(sites_of(self._settings)),
+                                             queue=subjects.CLOUD_QUEUE, cb=self._on_msg)
+        await self._nc.flush()
+
+    async def stop(self) -> None:
+        """Stop taking work (answers in flight continue)."""
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _on_msg(self, msg: Msg) -> None:
+        env = Envelope.from_message(msg.headers, None)
+        bind_request(env.request_id, env.tenant, msg.subject)
+        try:
+            body = ChatCompletionRequest.model_validate_json(msg.data)
+            if not env.reply:
+                raise InvalidRequest("no Lw-Reply header: nowhere to send the answer")
+            target = self._adapter.admit(body, env)
+        except ValidationError as exc:
+            await self._refuse(msg, env, invalid_request(exc))
+            await self._dead_letter(msg, f"invalid: {exc.errors()[0].get('msg', '') if exc.errors() else ''}")
+        except LeafwireError as err:
+            await self._refuse(msg, env, err)
+        except Exception as exc:
+            log.exception("chat intake crashed", subject=msg.subject)
+            await self._refuse(msg, env, LeafwireError(f"internal error in {SERVICE}: {type(exc).__name__}"))
+            await self._dead_letter(msg, f"crash: {exc!r}")
+        else:
+            self._adapter.start(target, body, env, msg.reply or None)
+
+    async def _refuse(self, msg: Msg, env: Envelope, err: LeafwireError) -> None:
+        """The router (or, with no reply subject, the caller) gets the error."""
+        metrics.REJECTED.labels(SERVICE, err.code or type(err).__name__).inc()
+        log.info("request refused", status=err.status, code=err.code, message=err.message)
+        await publish_error(self._nc, msg.reply or env.reply, env, err)
+
+    async def _dead_letter(self, msg: Msg, reason: str) -> None:
+        await dead_letter(self._nc, self._settings.site, SERVICE, msg.subject, msg.data, dict(msg.headers or {}),
+                          reason)
+
+
+def document_chat(broker: NatsBroker, settings: CloudSettings) -> None:
+    """Declare the chat subject on a broker that only builds the AsyncAPI document (never started): at run
+    time ``ChatIntake`` reads it."""
+
+    @broker.subscriber(subjects.cloud_chat(sites_of(settings)), queue=subjects.CLOUD_QUEUE, no_reply=True,
+                       title="cloud/chat", description=CHAT_DOC)
+    async def on_chat(body: ChatCompletionRequest) -> None:  # pragma: no cover - documentation only
+        raise NotImplementedError("documentation only: ChatIntake serves this subject")
+
+
+def build_broker(settings: CloudSettings, adapter: CloudAdapter) -> NatsBroker:
+    """The FastStream app: cancels and roll calls (chat work: ``ChatIntake``)."""
+    broker = make_broker(settings, SERVICE, middlewares=[ErrorReplies.for_service(settings.site, SERVICE)])
+    sites = sites_of(settings)
+
+    @broker.subscriber(subjects.cancel(sites), no_reply=True, title="cloud/cancel",
+                       description="Stop a cloud request (its provider connection is closed).")
+    async def on_cancel(body: Cancel) -> None:
+        if adapter.cancel(body.request_id):
+            log.info("cancelled", request_id=body.request_id, reason=body.reason)
+
+    @broker.subscriber(subjects.roll_call(sites), no_reply=True, title="cloud/roll_call",
+                       description="Announce the cloud models at once on the heartbeat subject.")
+    async def on_roll_call(msg: NatsMessage) -> None:
+        await publish_heartbeat(broker.connection, adapter)
+
+    return broker
+
+
+async def publish_heartbeat(nc: NATS, adapter: CloudAdapter) -> None:
+    """Tell routers which cloud models this adapter calls."""
+    await nc.publish(subjects.heartbeat(adapter.settings.site), adapter.heartbeat().model_dump_json().encode())
+
+
+async def heartbeats(nc: NATS, adapter: CloudAdapter) -> None:
+    """Announce the adapter every ``heartbeat_s`` seconds until cancelled."""
+    while True:
+        with contextlib.suppress(Exception):
+            await publish_heartbeat(nc, adapter)
+        await asyncio.sleep(adapter.settings.heartbeat_s)
+
+
+def load_adapter(settings: CloudSettings) -> CloudAdapter:
+    """Validate the providers file and build the adapter; keys are registered for log scrubbing."""
+    file, providers = config.load(settings.providers_file, require_keys=settings.env == "production")
+    for provider in providers:
+        if provider.key is not None:
+            register_secret(provider.key.get_secret_value())
+        if provider.missing_key:
+            log.warning("provider disabled until its key is there", provider=provider.spec.name,
+                        reason=provider.missing_key)
+    log.info("providers", providers={p.spec.name: sorted(p.spec.models) for p in providers},
+             file=str(settings.providers_file))
+    return CloudAdapter(settings, file, providers)
+
+
+async def quiesce(intake: ChatIntake, broker: NatsBroker, adapter: CloudAdapter, grace_s: float) -> None:
+    """Shutdown, first step: stop taking work, then let admitted answers finish."""
+    await intake.stop()
+    for sub in broker.subscribers:
+        with contextlib.suppress(Exception):
+            await sub.stop()
+    await adapter.wait_for_answers(grace_s)
+
+
+async def main(settings: CloudSettings, readiness: Readiness, stack: AsyncExitStack) -> None:
+    """Load providers, open their sessions and the JetStream state, then take work from NATS."""
+    adapter = load_adapter(settings)
+    await adapter.open_upstreams()
+    stack.push_async_callback(adapter.close_upstreams)
+    broker = build_broker(settings, adapter)
+    await attach_broker(broker, settings, SERVICE, readiness, stack)
+    nc = broker.connection
+    state = CloudState(nc, settings, adapter.ledger)
+    adapter.nc, adapter.state = nc, state
+    stack.push_async_callback(state.close, adapter.budget_alert)
+    state.spawn(state.open())
+    state.spawn(state.health_loop(adapter.healths, adapter.health_changed))
+    state.spawn(state.budget_loop(adapter.budget_alert, adapter.budget_metrics))
+    state.spawn(heartbeats(nc, adapter))
+    readiness.add("jetstream", state.problem)
+    intake = ChatIntake(nc, settings, adapter)
+    await intake.start()
+    stack.push_async_callback(quiesce, intake, broker, adapter, settings.nats_drain_timeout_s)

@@ -1,0 +1,159 @@
+"""The budget ledger: what each tenant and everyone together spent today and this month. No I/O.
+
+Spending is counted per scope (``global``, and ``tenant-<tenant>`` for each tenant) and period (``daily``:
+the UTC day, ``monthly``: the UTC month), whether or not a limit is set. A request is refused while any
+of its scopes has spent its limit (``BudgetExceeded``, Retry-After = until the period starts again).
+
+Several adapters share the ledger through the ``budgets`` KV bucket. Each keeps what it learned from the
+bucket (``known``, updated by a watcher) plus what it spent and has not yet written (``pending``), and
+adds its pending spend to the bucket every second with a compare-and-set. The adapter whose write
+takes a scope across its warning level (80% by default) or its limit reports that crossing, so each one
+is reported once. Between two writes other adapters' spending is up to a second late; a request that
+started before a budget ran out is still answered, so a budget can be overrun by what is in flight.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from schemas.cloud import BudgetLevel, BudgetStatus, budget_window
+from services.cloud_adapter.config import BudgetLimits, Budgets
+from shared import subjects
+from shared.errors import BudgetExceeded
+
+Period = Literal["daily", "monthly"]
+PERIODS: tuple[Period, ...] = ("daily", "monthly")
+
+
+def window(period: Period, now: float) -> str:
+    """The period that ``now`` falls in: ``2026-11-21`` (daily) or ``2026-11`` (monthly), UTC."""
+    return budget_window(period, now)
+
+
+def seconds_left(period: Period, now: float) -> float:
+    """Seconds until the next period starts (UTC midnight, or the first of next month)."""
+    day = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    nxt = day + timedelta(days=1) if period == "daily" else (day.replace(day=1) + timedelta(days=32)).replace(day=1)
+    return nxt.timestamp() - now
+
+
+def level(spent: float, limit: float | None, warn_ratio: float) -> BudgetLevel:
+    """``ok``, ``warning`` (at or over the warning level) or ``exhausted`` (at or over the limit)."""
+    if limit is None:
+        return "ok"
+    if spent >= limit:
+        return "exhausted"
+    return "warning" if spent >= warn_ratio * limit else "ok"
+
+
+@dataclass
+class Account:
+    """One scope and period: what the bucket says, what this adapter has not written yet."""
+
+    scope: str
+    period: Period
+    window: str
+    limit: float | None
+    known: float = 0.0
+    pending: float = 0.0
+    revision: int = 0
+
+    @property
+    def key(self) -> str:
+        """Its key in the ``budgets`` bucket."""
+        return subjects.budget_key(self.scope, self.period)
+
+    @property
+    def spent(self) -> float:
+        """Spent in the current window, as far as this adapter knows."""
+        return self.known + self.pending
+
+
+class Ledger:
+    """Every account this adapter knows, with the configured limits."""
+
+    def __init__(self, budgets: Budgets, clock: Callable[[], float] = time.time) -> None:
+        self.budgets = budgets
+        self._clock = clock
+        self.accounts: dict[str, Account] = {}
+        self._windows: tuple[int, dict[str, str]] = (-1, {})
+
+    def _limits(self, scope: str) -> BudgetLimits:
+        if scope == subjects.GLOBAL_SCOPE:
+            return self.budgets.global_
+        for tenant, limits in self.budgets.tenants.items():
+            if subjects.tenant_scope(tenant) == scope:
+                return limits
+        return self.budgets.tenant_default
+
+    def _window(self, period: Period) -> str:
+        """``window(period, now)``, computed once a second (it runs for every request)."""
+        now = self._clock()
+        second, known = self._windows
+        if int(now) != second:
+            known = {p: window(p, now) for p in PERIODS}
+            self._windows = (int(now), known)
+        return known[period]
+
+    def account(self, scope: str, period: Period) -> Account:
+        """The account of a scope in the current window (a new window starts from zero)."""
+        now_window = self._window(period)
+        key = subjects.budget_key(scope, period)
+        acct = self.accounts.get(key)
+        if acct is None or acct.window != now_window:
+            pending = acct.pending if acct is not None else 0.0
+            acct = Account(scope, period, now_window, self._limits(scope).limit(period), pending=pending)
+            self.accounts[key] = acct
+        return acct
+
+    def _accounts_of(self, tenant: str) -> Iterator[Account]:
+        for scope in (subjects.GLOBAL_SCOPE, subjects.tenant_scope(tenant)):
+            for period in PERIODS:
+                yield self.account(scope, period)
+
+    def check(self, tenant: str) -> None:
+        """Raise ``BudgetExceeded`` when the tenant's or the global budget is spent."""
+        for acct in self._accounts_of(tenant):
+            if acct.limit is not None and acct.spent >= acct.limit:
+                who = "the global" if acct.scope == subjects.GLOBAL_SCOPE else f"tenant {tenant!r}'s"
+                raise BudgetExceeded(
+                    f"{who} {acct.period} cloud budget of ${acct.limit:g} is spent "
+                    f"(${acct.spent:.4f} in {acct.window}); cloud models are refused until it resets",
+                    scope=acct.scope, period=acct.period, retry_after=seconds_left(acct.period, self._clock()))
+
+    def charge(self, tenant: str, cost_usd: float) -> None:
+        """Count what a call cost against its tenant and the global scope."""
+        if cost_usd <= 0:
+            return
+        for acct in self._accounts_of(tenant):
+            acct.pending += cost_usd
+
+    def seen(self, status: BudgetStatus, revision: int) -> None:
+        """What the bucket holds now (from the watcher): other adapters' spending becomes known."""
+        if status.period not in PERIODS:
+            return
+        acct = self.account(status.scope, status.period)
+        if status.window == acct.window and revision > acct.revision:
+            acct.known, acct.revision = status.spent_usd, revision
+
+    def due(self) -> list[Account]:
+        """Accounts with spending to write."""
+        return [a for a in self.accounts.values() if a.pending > 0]
+
+    def status(self, acct: Account, spent: float) -> BudgetStatus:
+        """The bucket value of an account that has spent ``spent``."""
+        return BudgetStatus(scope=acct.scope, period=acct.period, window=acct.window, spent_usd=spent,
+                            limit_usd=acct.limit, state=level(spent, acct.limit, self.budgets.warn_ratio),
+                            updated_at=self._clock())
+
+    def written(self, acct: Account, amount: float, before: float, after: float, revision: int) -> BudgetLevel | None:
+        """Record a successful write of ``amount``; the level it crossed into, if it crossed one."""
+        acct.pending = max(0.0, acct.pending - amount)
+        acct.known, acct.revision = after, revision
+        old = level(before, acct.limit, self.budgets.warn_ratio)
+        new = level(after, acct.limit, self.budgets.warn_ratio)
+        return new if new != old and new != "ok" else None

@@ -1,0 +1,95 @@
+"""The exact-match answer cache: which requests use it, their keys, and what is stored. No I/O.
+
+A request uses the cache when it says ``"cache": true``, or when it leaves ``cache`` out and asks for
+``temperature: 0`` (a deterministic answer is worth reusing; a sampled one is not). ``"cache": false``
+never uses it.
+
+The key is ``<tenant hash>.<request hash>``: the request hash covers the tenant, the ``<provider>/<model>``,
+the normalised messages and every generation parameter, so tenants never see each other's entries (and
+one tenant's entries can be purged by the prefix). Normalised: text-only part lists read as the plain
+string they spell, ``stop`` as a list, ``max_completion_tokens`` as ``max_tokens``, unset and null
+parameters alike; ``stream``, ``stream_options``, ``user`` and ``cache`` do not change the answer and are
+left out. Only complete answers (finish reason ``stop``, ``length`` or ``tool_calls``) are stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from schemas.chat import ChatCompletionRequest, ChatMessage, FinishReason, TextPart, Usage
+
+STORED_REASONS: frozenset[str] = frozenset({"stop", "length", "tool_calls"})
+_NOT_IN_KEY = {"model", "messages", "stream", "stream_options", "user", "cache", "max_completion_tokens",
+               "max_tokens", "stop", "n"}
+_VERSION = 1
+
+
+def eligible(request: ChatCompletionRequest) -> bool:
+    """Whether this request may be answered from (and stored in) the cache."""
+    if request.cache is not None:
+        return request.cache
+    return request.temperature == 0
+
+
+def _message(message: ChatMessage) -> dict[str, Any]:
+    out = {k: v for k, v in message.model_dump(mode="json", exclude_none=True).items() if k != "content"}
+    content = message.content
+    if isinstance(content, list) and all(isinstance(p, TextPart) for p in content):
+        out["content"] = "".join(p.text for p in content if isinstance(p, TextPart))
+    elif content is not None:
+        out["content"] = content if isinstance(content, str) else [
+            p.model_dump(mode="json", exclude_none=True) for p in content]
+    return out
+
+
+def _params(request: ChatCompletionRequest) -> dict[str, Any]:
+    params = {k: v for k, v in request.model_dump(mode="json", exclude_none=True).items() if k not in _NOT_IN_KEY}
+    if request.token_limit() is not None:
+        params["max_tokens"] = request.token_limit()
+    if request.stop_sequences():
+        params["stop"] = request.stop_sequences()
+    return params
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def key(tenant: str, target: str, request: ChatCompletionRequest) -> str:
+    """The KV key of a request's answer (``target`` is ``<provider>/<model>``)."""
+    canonical = json.dumps({"tenant": tenant, "target": target, "messages": [_message(m) for m in request.messages],
+                            "params": _params(request)}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return f"{_sha(tenant)[:16]}.{_sha(canonical)}"
+
+
+def tenant_prefix(tenant: str) -> str:
+    """The key prefix of every entry of ``tenant`` (to purge them)."""
+    return f"{_sha(tenant)[:16]}."
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A stored answer: the assistant message, why it ended, what it used."""
+
+    message: dict[str, Any]
+    finish_reason: FinishReason
+    usage: Usage
+
+    def encode(self) -> bytes:
+        """The KV value."""
+        return json.dumps({"v": _VERSION, "message": self.message, "finish_reason": self.finish_reason,
+                           "usage": self.usage.model_dump()}, ensure_ascii=False, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Entry | None:
+        """An entry read back; ``None`` for anything unreadable or of another format version."""
+        try:
+            raw = json.loads(data)
+            if raw.get("v") != _VERSION or raw["finish_reason"] not in STORED_REASONS:
+                return None
+            return cls(dict(raw["message"]), raw["finish_reason"], Usage.model_validate(raw["usage"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None

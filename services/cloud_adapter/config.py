@@ -1,0 +1,301 @@
+"""The providers file: which cloud providers the adapter may call, their models, keys, limits and prices.
+
+    providers:
+      - name: openai                      # [a-z0-9_-]: clients ask for <name>/<model>
+        kind: openai-compatible           # or: anthropic
+        base_url: https://api.openai.com/v1
+        api_key_env: OPENAI_API_KEY       # or api_key_file: /run/secrets/openai (or neither: no key)
+        max_concurrent: 64                # calls in flight at once; more are refused (429) at once
+        timeouts: {connect_s: 30, first_byte_s: 45, total_s: 60}
+        breaker: {failures: 5, open_s: 30} # optional: this provider's own breaker settings
+        models:
+          gpt-4o-mini: {input_per_mtok: 0.15, output_per_mtok: 0.60}
+          mini: {upstream: gpt-4o-mini}   # another name for a provider's model
+    budgets:                              # US dollars; a period without a limit is not limited
+      global: {daily_usd: 50, monthly_usd: 1000}
+      tenant_default: {daily_usd: 5}
+      tenants: {acme: {daily_usd: 20, monthly_usd: 300}}
+
+Provider URLs come only from here. A destination that is private, loopback or link-local is refused
+unless the provider says ``local: true``, and only ``https`` is allowed for providers that are not local.
+API keys are read from the named environment variable or file once, at start (this module, like the
+model registry, reads the environment variables that the file names).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import quote
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from yarl import URL
+
+from shared.errors import LeafwireError
+
+_PROVIDER = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,127}$")
+_HEADER = r"^[A-Za-z0-9-]{1,64}$"
+Kind = Literal["openai-compatible", "anthropic"]
+PATHS: dict[str, str] = {"openai-compatible": "/chat/completions", "anthropic": "/v1/messages"}
+
+
+class ConfigError(LeafwireError):
+    """The providers file is malformed or unsafe; the adapter refuses to start with it."""
+
+
+class Timeouts(BaseModel):
+    """How long a provider may take (seconds)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    connect_s: Annotated[float, Field(gt=0, le=600)] = 30.0
+    first_byte_s: Annotated[float, Field(gt=0, le=3600)] = 45.0
+    total_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Timeouts:
+        if self.total_s < self.first_byte_s:
+            raise ValueError("timeouts.total_s must be at least timeouts.first_byte_s")
+        return self
+
+
+class BreakerOverrides(BaseModel):
+    """A provider's own breaker settings, where they differ from the adapter's ``LW_CLOUD_BREAKER_*``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    failures: Annotated[int | None, Field(ge=1)] = None
+    error_rate: Annotated[float | None, Field(gt=0, le=1)] = None
+    min_calls: Annotated[int | None, Field(ge=1)] = None
+    window_s: Annotated[int | None, Field(ge=1, le=3600)] = None
+    open_s: Annotated[float | None, Field(gt=0)] = None
+    probes: Annotated[int | None, Field(ge=1)] = None
+
+    def given(self) -> dict[str, Any]:
+        """The settings this provider overrides."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class ModelSpec(BaseModel):
+    """A model of a provider: its name at the provider, prices per million tokens, limits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    upstream: str | None = Field(default=None, description="the provider's own name, when it differs")
+    input_per_mtok: Annotated[float, Field(ge=0)] = 0.0
+    output_per_mtok: Annotated[float, Field(ge=0)] = 0.0
+    context_length: Annotated[int | None, Field(ge=1)] = None
+    max_tokens: Annotated[int, Field(ge=1)] = Field(
+        default=4096, description="completion limit sent when a request sets none (Anthropic requires one)")
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """US dollars for this many tokens."""
+        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1_000_000
+
+
+class ProviderSpec(BaseModel):
+    """One provider as configured."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: Annotated[str, Field(pattern=_PROVIDER)]
+    kind: Kind
+    base_url: str
+    path: str | None = Field(default=None, description="appended to base_url; {model} is the upstream model "
+                                                       "(Azure: /openai/deployments/{model}/chat/completions"
+                                                       "?api-version=...)")
+    api_key_env: str | None = None
+    api_key_file: Path | None = None
+    api_key_header: Annotated[str | None, Field(pattern=_HEADER)] = None
+    api_key_prefix: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict, description="extra headers sent on every call")
+    anthropic_version: str = "2023-06-01"
+    local: bool = Field(default=False, description="allow private, loopback and link-local destinations")
+    max_concurrent: Annotated[int, Field(ge=1, le=10_000)] = 64
+    timeouts: Timeouts = Timeouts()
+    breaker: BreakerOverrides = BreakerOverrides()
+    models: dict[str, ModelSpec]
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_as_mapping(cls, value: Any) -> Any:
+        if isinstance(value, list):  # a plain list of names: no prices
+            return {str(name): {} for name in value}
+        if isinstance(value, dict):
+            return {k: ({} if v is None else v) for k, v in value.items()}
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
+        if not value:
+            raise ValueError("a provider needs at least one model")
+        for name in value:
+            if not _MODEL.fullmatch(name):
+                raise ValueError(f"model name {name!r} must match {_MODEL.pattern}")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _plain_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not re.fullmatch(_HEADER, name):
+                raise ValueError(f"header name {name!r} is not valid")
+            if name.lower() in ("authorization", "x-api-key", "api-key", "host", "content-length"):
+                raise ValueError(f"header {name!r} cannot be set in headers (use api_key_env / api_key_file)")
+        return value
+
+    @model_validator(mode="after")
+    def _safe_destination(self) -> ProviderSpec:
+        check_base_url(self.base_url, local=self.local)
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("give api_key_env or api_key_file, not both")
+        return self
+
+    def url(self, upstream_model: str) -> str:
+        """The URL of a chat call (the model is substituted only where the path template asks for it)."""
+        path = self.path or PATHS[self.kind]
+        if "{model}" in path:
+            path = path.replace("{model}", quote(upstream_model, safe=""))
+        return self.base_url.rstrip("/") + path
+
+    def key_header(self) -> tuple[str, str]:
+        """The header carrying the key, and the text before the key in it."""
+        default = ("x-api-key", "") if self.kind == "anthropic" else ("Authorization", "Bearer ")
+        header = self.api_key_header or default[0]
+        prefix = self.api_key_prefix if self.api_key_prefix is not None else (
+            default[1] if header == default[0] else "")
+        return header, prefix
+
+
+class BudgetLimits(BaseModel):
+    """Limits of one scope in US dollars; a period without a limit is not limited."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    daily_usd: Annotated[float | None, Field(ge=0)] = None
+    monthly_usd: Annotated[float | None, Field(ge=0)] = None
+
+    def limit(self, period: str) -> float | None:
+        """The limit of ``period`` (daily, monthly)."""
+        return self.daily_usd if period == "daily" else self.monthly_usd
+
+
+class Budgets(BaseModel):
+    """The global budget, the budget every tenant gets, and tenants with their own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    global_: BudgetLimits = Field(default=BudgetLimits(), alias="global")
+    tenant_default: BudgetLimits = BudgetLimits()
+    tenants: dict[str, BudgetLimits] = Field(default_factory=dict)
+    warn_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.8
+
+    def for_tenant(self, tenant: str) -> BudgetLimits:
+        """The limits that apply to ``tenant``."""
+        return self.tenants.get(tenant, self.tenant_default)
+
+
+class ProvidersFile(BaseModel):
+    """The whole file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    providers: list[ProviderSpec] = Field(default_factory=list)
+    budgets: Budgets = Budgets()
+
+    @field_validator("providers")
+    @classmethod
+    def _unique(cls, value: list[ProviderSpec]) -> list[ProviderSpec]:
+        names = [p.name for p in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a provider name is used twice: {names}")
+        return value
+
+
+class Provider(BaseModel):
+    """A provider ready to call: its spec and its key (or why it has none)."""
+
+    model_config = ConfigDict(frozen=True)
+    spec: ProviderSpec
+    key: SecretStr | None = None
+    missing_key: str | None = Field(default=None, description="why a configured key could not be read")
+
+
+def is_public(address: str) -> bool:
+    """True for a globally routable IP address (IPv4-mapped IPv6 addresses are judged as IPv4)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return bool(ip.is_global) and not ip.is_multicast
+
+
+def check_base_url(base_url: str, *, local: bool) -> URL:
+    """Refuse URLs that are not http(s), carry credentials, or point at private places without ``local``."""
+    try:
+        url = URL(base_url)
+    except ValueError as exc:
+        raise ValueError(f"base_url {base_url!r} is not a URL") from exc
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"base_url {base_url!r} must be an http(s) URL with a host")
+    if url.user or url.password:
+        raise ValueError("base_url must not carry credentials (use api_key_env / api_key_file)")
+    if url.query_string or url.fragment:
+        raise ValueError("base_url must not carry a query or fragment (put a query in `path`)")
+    if local:
+        return url
+    if url.scheme != "https":
+        raise ValueError(f"base_url {base_url!r}: only https is allowed for a provider that is not local")
+    host = url.host.rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        raise ValueError(f"base_url {base_url!r} is loopback: mark the provider `local: true` to allow it")
+    try:
+        public = is_public(host)
+    except ValueError:
+        return url  # a name: its addresses are checked each time it is resolved
+    if not public:
+        raise ValueError(f"base_url {base_url!r} is a private, loopback or link-local address: "
+                         "mark the provider `local: true` to allow it")
+    return url
+
+
+def read_key(spec: ProviderSpec) -> Provider:
+    """The provider with its key read from the environment variable or file the spec names."""
+    if spec.api_key_env:
+        value = os.environ.get(spec.api_key_env, "").strip()
+        where = f"environment variable {spec.api_key_env}"
+    elif spec.api_key_file:
+        try:
+            value = spec.api_key_file.read_text().strip()
+        except OSError:
+            value = ""
+        where = f"file {spec.api_key_file}"
+    else:
+        return Provider(spec=spec)
+    if not value:
+        return Provider(spec=spec, missing_key=f"no API key in {where}")
+    return Provider(spec=spec, key=SecretStr(value))
+
+
+def parse(text: str, origin: str = "providers file") -> ProvidersFile:
+    """Validate the file's text (empty text is an empty file: no providers, no budgets)."""
+    try:
+        raw = yaml.safe_load(text) or {}
+        return ProvidersFile.model_validate(raw)
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise ConfigError(f"{origin} is invalid: {exc}") from exc
+
+
+def load(path: Path | None, *, require_keys: bool) -> tuple[ProvidersFile, list[Provider]]:
+    """Read and validate the providers file and each provider's key.
+
+    An absent file means no providers (an edge site without an uplink still starts). With
+    ``require_keys`` (production) a configured key that cannot be read refuses the start; otherwise
+    that provider answers 503 until the key is there and the adapter restarts.
+    """
+    if path is None or not path.exists():
+        return ProvidersFile(), []
+    config = parse(path.read_text(), f"providers file {path}")
+    providers = [read_key(spec) for spec in config.providers]
+    missing = [f"{p.spec.name}: {p.missing_key}" for p in providers if p.missing_key]
+    if require_keys and missing:
+        raise ConfigError("providers without their API key: " + "; ".join(missing))
+    return config, providers

@@ -1,0 +1,188 @@
+"""What every provider dialect produces, and how provider errors map to leafwire's. No I/O.
+
+A dialect (``openai_compat``, ``anthropic``) turns an OpenAI chat request into the provider's HTTP body,
+and the provider's answer back into OpenAI pieces: a whole ``Completion``, or a stream of ``Delta``
+(fields of the assistant message: ``content``, ``tool_calls``...), ``Finish`` and ``Tokens``.
+
+How a provider's HTTP status maps (``classify``), and whether it is retried:
+
+| provider says | caller gets | retried | counts against the breaker |
+|---|---|---|---|
+| 400, 413, 422 (the request is wrong) | 400 with the provider's message and param | no | no |
+| 404 (no such model at the provider) | 404 ``model_not_found`` | no | no |
+| 401, 403 (leafwire's key refused) | 502 ``upstream_auth_failed`` (the provider's text is not relayed) | no | yes |
+| 402, or 429 ``insufficient_quota`` | 502 ``upstream_insufficient_quota`` | no | yes |
+| 429 (rate limit) | 429 ``upstream_rate_limited`` + Retry-After | yes | yes |
+| 408, 409, 425, 5xx, 529 | 502 ``upstream_error`` (504 ``upstream_timeout`` for 408/504) | yes | yes |
+| 3xx (redirects are never followed) | 502 ``upstream_bad_response`` | no | yes |
+| any other 4xx | 502 ``upstream_error`` | no | no |
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from schemas.chat import ChatCompletionRequest, FinishReason
+from services.cloud_adapter.config import ModelSpec
+from shared.errors import (
+    InvalidRequest,
+    LeafwireError,
+    ModelNotFound,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+)
+from shared.logging import scrub
+
+_MAX_MESSAGE = 500
+FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "content_filter", "tool_calls"})
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """New fields of the assistant message (``content``, ``tool_calls`` pieces, ``reasoning_content``...)."""
+
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """Why the answer ended."""
+
+    reason: FinishReason
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """Token counts as the provider reports them; ``None`` where this report does not say."""
+
+    prompt: int | None = None
+    completion: int | None = None
+
+
+Piece = Delta | Finish | Tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A whole (non-streamed) answer."""
+
+    message: dict[str, Any]
+    finish: FinishReason
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+class StreamParser(Protocol):
+    """Turns a provider's server-sent events into pieces; raises the error an event reports."""
+
+    done: bool
+
+    def feed(self, event: str, data: str) -> list[Piece]:
+        """Pieces carried by one event."""
+        ...
+
+
+class Dialect(Protocol):
+    """How to talk to one kind of provider."""
+
+    def body(self, request: ChatCompletionRequest, model: ModelSpec, upstream: str, stream: bool) -> bytes:
+        """The HTTP body of a chat call."""
+        ...
+
+    def headers(self) -> dict[str, str]:
+        """Headers every call carries (never the key: that is added by the caller)."""
+        ...
+
+    def completion(self, data: bytes) -> Completion:
+        """The answer of a non-streamed call."""
+        ...
+
+    def stream_parser(self) -> StreamParser:
+        """A parser for one streamed answer."""
+        ...
+
+    def error_info(self, body: bytes) -> ErrorInfo:
+        """What the provider's error body says."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """The fields of a provider's error body that leafwire uses."""
+
+    message: str
+    type: str | None = None
+    code: str | None = None
+    param: str | None = None
+
+
+def bad_response(provider: str, what: str) -> UpstreamError:
+    """A provider answer leafwire cannot read (retryable: the next try may be fine)."""
+    return UpstreamError(f"{provider} sent an answer that could not be read: {what}",
+                         code="upstream_bad_response", retryable=True)
+
+
+def load_json(provider: str, data: bytes | str) -> Any:
+    """JSON from the provider, or a bad-response error."""
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_response(provider, f"malformed JSON ({str(exc)[:80]})") from exc
+
+
+def finish_reason(value: Any) -> FinishReason:
+    """An OpenAI finish reason from a provider's (unknown reasons become ``stop``)."""
+    if value == "function_call":
+        return "tool_calls"
+    return value if isinstance(value, str) and value in FINISH_REASONS else "stop"  # type: ignore[return-value]
+
+
+def as_int(value: Any) -> int | None:
+    """A token count, or ``None`` when the provider did not give a number."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def text_of(body: bytes) -> str:
+    """A short, printable excerpt of a body that is not a known error object."""
+    return body[:200].decode(errors="replace").strip() or "(empty body)"
+
+
+def classify(provider: str, model: str, status: int, info: ErrorInfo,
+             hint: float | None) -> LeafwireError:
+    """The leafwire error for a provider's error answer (see the table in the module docstring)."""
+    message = scrub(info.message)[:_MAX_MESSAGE]
+    quota = "insufficient_quota" in (info.type, info.code) or status == 402
+    if status in (400, 413, 422):
+        return InvalidRequest(f"{provider}: {message}", param=info.param, code=info.code)
+    if status == 404:
+        return ModelNotFound(model)
+    if status in (401, 403):
+        return UpstreamError(f"{provider} refused the adapter's credentials ({status}); "
+                             "an operator must check the provider's API key", code="upstream_auth_failed")
+    if quota:
+        return UpstreamError(f"{provider}: the provider account is out of credit",
+                             code="upstream_insufficient_quota")
+    if status == 429:
+        return UpstreamRateLimited(f"{provider} is rate limiting calls: {message}", retry_after=hint,
+                                   retryable=True)
+    if status in (408, 504):
+        return UpstreamTimeout(f"{provider} timed out ({status})", retry_after=hint, retryable=True)
+    if status in (409, 425) or status >= 500:
+        return UpstreamError(f"{provider} failed ({status}): {message}", retry_after=hint, retryable=True)
+    if 300 <= status < 400:
+        return UpstreamError(f"{provider} answered with a redirect ({status}), which is not followed",
+                             code="upstream_bad_response")
+    return UpstreamError(f"{provider} refused the call ({status}): {message}", provider_fault=False)
+
+
+def retryable(err: LeafwireError) -> bool:
+    """Whether another try of the call may succeed."""
+    return isinstance(err, UpstreamError) and err.retryable
+
+
+def provider_fault(err: LeafwireError) -> bool:
+    """Whether the failure counts against the provider's breaker."""
+    return isinstance(err, UpstreamError) and err.provider_fault

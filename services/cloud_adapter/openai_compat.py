@@ -1,0 +1,134 @@
+"""The OpenAI-compatible dialect: OpenAI, Azure OpenAI, DeepSeek, vLLM, another leafwire gateway. No I/O.
+
+The request goes out as the caller sent it (every field, ``tools`` and ``response_format`` included), with
+the provider's model name, without leafwire's own fields, and — when streamed — asking for a closing usage
+chunk (``stream_options.include_usage``) so that every call's cost is known. The answer's message fields
+are relayed as they come (``content``, ``tool_calls``, ``refusal``, ``reasoning_content``...).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from schemas.chat import ChatCompletionRequest
+from services.cloud_adapter.config import ModelSpec
+from services.cloud_adapter.dialect import (
+    Completion,
+    Delta,
+    ErrorInfo,
+    Finish,
+    Piece,
+    Tokens,
+    as_int,
+    bad_response,
+    finish_reason,
+    load_json,
+    text_of,
+)
+from shared.errors import UpstreamError
+
+LEAFWIRE_FIELDS = frozenset({"cache"})
+
+
+def _usage(value: Any) -> Tokens | None:
+    if not isinstance(value, dict):
+        return None
+    return Tokens(as_int(value.get("prompt_tokens")), as_int(value.get("completion_tokens")))
+
+
+def _error_info(value: Any) -> ErrorInfo:
+    if isinstance(value, dict):
+        return ErrorInfo(message=str(value.get("message") or "no message"),
+                         type=value.get("type") if isinstance(value.get("type"), str) else None,
+                         code=value.get("code") if isinstance(value.get("code"), str) else None,
+                         param=value.get("param") if isinstance(value.get("param"), str) else None)
+    return ErrorInfo(message=str(value)[:200])
+
+
+@dataclass
+class OpenAIStream:
+    """Parser of one OpenAI chat.completion.chunk stream."""
+
+    provider: str
+    done: bool = False
+
+    def feed(self, event: str, data: str) -> list[Piece]:
+        """Pieces of one ``data:`` event; ``[DONE]`` ends the stream; an error object raises."""
+        if data.strip() == "[DONE]":
+            self.done = True
+            return []
+        chunk = load_json(self.provider, data)
+        if not isinstance(chunk, dict):
+            raise bad_response(self.provider, "a stream event is not a JSON object")
+        if "error" in chunk:
+            info = _error_info(chunk["error"])
+            raise UpstreamError(f"{self.provider} reported an error mid-stream: {info.message[:300]}",
+                                retryable=True)
+        pieces: list[Piece] = []
+        choices = chunk.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+            delta = choices[0].get("delta")
+            if isinstance(delta, dict):
+                fields = {k: v for k, v in delta.items() if v is not None and k != "role" and v != ""}
+                if fields:
+                    pieces.append(Delta(fields))
+            if choices[0].get("finish_reason") is not None:
+                pieces.append(Finish(finish_reason(choices[0]["finish_reason"])))
+        elif choices is not None and not isinstance(choices, list):
+            raise bad_response(self.provider, "`choices` is not a list")
+        usage = _usage(chunk.get("usage"))
+        if usage is not None:
+            pieces.append(usage)
+        return pieces
+
+
+@dataclass(frozen=True)
+class OpenAICompatible:
+    """The dialect object for an OpenAI-compatible provider."""
+
+    provider: str
+
+    def body(self, request: ChatCompletionRequest, model: ModelSpec, upstream: str, stream: bool) -> bytes:
+        """The caller's request with the provider's model name, streamed with a usage chunk if asked."""
+        out = request.model_dump(mode="json", exclude_unset=True, exclude=set(LEAFWIRE_FIELDS))
+        out["model"] = upstream
+        out.pop("stream_options", None)
+        if stream:
+            out["stream"] = True
+            out["stream_options"] = {"include_usage": True}
+        else:
+            out.pop("stream", None)
+        return json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode()
+
+    def headers(self) -> dict[str, str]:
+        """No extra headers beyond the key."""
+        return {}
+
+    def completion(self, data: bytes) -> Completion:
+        """The message, finish reason and usage of a ``chat.completion``."""
+        body = load_json(self.provider, data)
+        choices = body.get("choices") if isinstance(body, dict) else None
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise bad_response(self.provider, "no `choices` in the answer")
+        message = choices[0].get("message")
+        if not isinstance(message, dict):
+            raise bad_response(self.provider, "no `message` in the answer's first choice")
+        usage = _usage(body.get("usage")) or Tokens()
+        return Completion({k: v for k, v in message.items() if k != "role"},
+                          finish_reason(choices[0].get("finish_reason")), usage.prompt, usage.completion)
+
+    def stream_parser(self) -> OpenAIStream:
+        """A parser for one streamed answer."""
+        return OpenAIStream(self.provider)
+
+    def error_info(self, body: bytes) -> ErrorInfo:
+        """``{"error": {"message", "type", "code", "param"}}``, or the body's text."""
+        try:
+            parsed = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return ErrorInfo(message=text_of(body))
+        if isinstance(parsed, dict) and "error" in parsed:
+            return _error_info(parsed["error"])
+        return ErrorInfo(message=text_of(body))

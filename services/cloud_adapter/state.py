@@ -1,0 +1,252 @@
+"""The cloud-adapter's state in NATS JetStream: the answer cache, provider health and budgets (KV buckets)
+and usage events (the ``USAGE`` stream), all in the JetStream domain of the adapter's site.
+
+This is the adapter's only JetStream boundary. JetStream may be unavailable (a cluster electing, a site
+starting): the adapter still answers — the cache misses, spending stays pending in memory and is written
+once the buckets open, health is published then — and ``/readyz`` says what is missing meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+from pydantic import ValidationError
+
+from schemas.cloud import BudgetStatus, ProviderHealth, UsageEvent
+from services.cloud_adapter.budget import Account, Ledger
+from services.cloud_adapter.cache import Entry
+from services.cloud_adapter.settings import CloudSettings
+from shared import metrics, subjects
+from shared.logging import get_logger
+from shared.streams import ensure_kv, ensure_stream
+
+log = get_logger("leafwire.cloud_adapter.state")
+MONTH_S = 31 * 24 * 3600
+CACHE_GET_TIMEOUT_S = 0.5
+ACK_TIMEOUT_S = 10.0
+MAX_BACKGROUND_WRITES = 1000
+CAS_TRIES = 5
+
+
+class CloudState:
+    """KV buckets and the usage stream, opened in the background and used best-effort."""
+
+    def __init__(self, nc: NATS, settings: CloudSettings, ledger: Ledger) -> None:
+        self._nc = nc
+        self._settings = settings
+        self._ledger = ledger
+        self._js = nc.jetstream(timeout=5, publish_async_max_pending=settings.usage_pending_max)
+        self.cache: KeyValue | None = None
+        self.health: KeyValue | None = None
+        self.budgets: KeyValue | None = None
+        self.opened = asyncio.Event()
+        self._writes: set[asyncio.Task[None]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def problem(self) -> str | None:
+        """For ``/readyz``: ``None`` once every bucket and the stream are open."""
+        return None if self.opened.is_set() else "JetStream state (KV buckets, USAGE stream) is not open yet"
+
+    async def open(self, retry_s: float = 2.0) -> None:
+        """Open (creating where needed) the buckets and the stream, retrying until JetStream answers."""
+        while True:
+            try:
+                await self._open_once()
+                break
+            except Exception as exc:  # JetStream off, electing, or not reachable yet
+                log.warning("JetStream state not open yet; retrying", error=repr(exc), retry_s=retry_s)
+                await asyncio.sleep(retry_s)
+        self.opened.set()
+        log.info("JetStream state open", buckets=[subjects.CLOUD_CACHE, subjects.PROVIDER_HEALTH, subjects.BUDGETS],
+                 stream=subjects.USAGE)
+
+    async def _open_once(self) -> None:
+        s = self._settings
+        common = {"storage": StorageType.FILE, "replicas": s.kv_replicas, "history": 1}
+        self.cache = await ensure_kv(self._nc, KeyValueConfig(
+            bucket=subjects.CLOUD_CACHE, ttl=s.cache_ttl_s, max_bytes=s.cache_max_bytes,
+            max_value_size=s.cache_max_entry_bytes, direct=True, **common))  # type: ignore[arg-type]
+        self.health = await ensure_kv(self._nc, KeyValueConfig(
+            bucket=subjects.PROVIDER_HEALTH, direct=True, **common))  # type: ignore[arg-type]
+        self.budgets = await ensure_kv(self._nc, KeyValueConfig(
+            bucket=subjects.BUDGETS, direct=True, **common))  # type: ignore[arg-type]
+        await ensure_stream(self._nc, StreamConfig(
+            name=subjects.USAGE, subjects=[subjects.usage_filter(s.site)], retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE, max_age=3 * MONTH_S, max_bytes=1024**3, discard=DiscardPolicy.OLD,
+            num_replicas=s.kv_replicas))
+        watcher = await self.budgets.watchall()
+        self._tasks.append(asyncio.create_task(self._watch_budgets(watcher)))
+
+    async def _watch_budgets(self, watcher: KeyValue.KeyWatcher) -> None:
+        """Keep the ledger in step with what every adapter wrote."""
+        async for entry in watcher:
+            if entry is None or not entry.value:
+                continue
+            try:
+                self._ledger.seen(BudgetStatus.model_validate_json(entry.value), entry.revision or 0)
+            except ValidationError:
+                log.warning("unreadable budget entry", key=entry.key)
+
+    # -- cache
+
+    async def cache_get(self, key: str) -> Entry | None:
+        """The cached answer under ``key``; ``None`` when absent, unreadable, or JetStream is slow."""
+        if self.cache is None:
+            return None
+        try:
+            async with asyncio.timeout(CACHE_GET_TIMEOUT_S):
+                found = await self.cache.get(key)
+        except KeyNotFoundError:
+            return None
+        except Exception as exc:
+            log.warning("cache lookup failed", error=repr(exc))
+            return None
+        return Entry.decode(found.value) if found.value else None
+
+    def cache_put(self, key: str, entry: Entry) -> None:
+        """Store an answer in the background (skipped when too large or too many writes are pending)."""
+        value = entry.encode()
+        if self.cache is None or len(value) > self._settings.cache_max_entry_bytes:
+            return
+        self._background(self.cache.put(key, value), "cache write failed")
+
+    # -- provider health
+
+    def put_health(self, health: ProviderHealth) -> None:
+        """Publish a provider's breaker state to the ``provider-health`` bucket (background)."""
+        if self.health is not None:
+            self._background(self.health.put(health.provider, health.model_dump_json().encode()),
+                             "provider health write failed")
+
+    async def health_loop(self, healths: Callable[[], Iterable[ProviderHealth]], changed: asyncio.Event) -> None:
+        """Publish every provider's health when one changes, and every ``health_interval_s`` anyway."""
+        await self.opened.wait()
+        while True:
+            for health in healths():
+                self.put_health(health)
+            changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._settings.health_interval_s):
+                    await changed.wait()
+
+    # -- budgets
+
+    async def budget_loop(self, alert: Callable[[BudgetStatus], None], after: Callable[[], None]) -> None:
+        """Write pending spending every ``budget_flush_s``; ``alert`` gets each crossing of a level,
+        ``after`` is called after each flush."""
+        await self.opened.wait()
+        while True:
+            await asyncio.sleep(self._settings.budget_flush_s)
+            await self.flush_budgets(alert)
+            after()
+
+    async def flush_budgets(self, alert: Callable[[BudgetStatus], None]) -> None:
+        """Add every account's pending spending to the bucket (compare-and-set, retried on conflict)."""
+        for acct in self._ledger.due():
+            try:
+                await self._flush_account(acct, alert)
+            except Exception as exc:
+                log.warning("budget write failed; kept for the next flush", key=acct.key, error=repr(exc))
+
+    async def _flush_account(self, acct: Account, alert: Callable[[BudgetStatus], None]) -> None:
+        assert self.budgets is not None
+        for _ in range(CAS_TRIES):
+            before, revision = await self._read_budget(acct)
+            amount = acct.pending
+            status = self._ledger.status(acct, before + amount)
+            try:
+                new_revision = await self.budgets.update(acct.key, status.model_dump_json().encode(), last=revision)
+            except KeyWrongLastSequenceError:
+                continue
+            crossed = self._ledger.written(acct, amount, before, before + amount, new_revision)
+            if crossed is not None:
+                alert(status)
+            return
+        log.warning("budget write kept losing races; kept for the next flush", key=acct.key)
+
+    async def _read_budget(self, acct: Account) -> tuple[float, int]:
+        """(spent in the account's window, revision) as the bucket holds it now."""
+        assert self.budgets is not None
+        try:
+            entry = await self.budgets.get(acct.key)
+        except KeyNotFoundError:
+            return 0.0, 0
+        try:
+            status = BudgetStatus.model_validate_json(entry.value or b"")
+        except ValidationError:
+            return 0.0, entry.revision or 0
+        return (status.spent_usd if status.window == acct.window else 0.0), entry.revision or 0
+
+    # -- usage events
+
+    async def publish_usage(self, event: UsageEvent) -> None:
+        """Publish a usage event to the ``USAGE`` stream; its ack is awaited in the background."""
+        await self._publish_stream(subjects.usage(self._settings.site), event.model_dump_json().encode())
+
+    async def publish_budget_alert(self, status: BudgetStatus) -> None:
+        """Publish a budget that crossed its warning level or its limit (kept by ``USAGE`` as well)."""
+        await self._publish_stream(subjects.budget_alerts(self._settings.site), status.model_dump_json().encode())
+
+    async def _publish_stream(self, subject: str, data: bytes) -> None:
+        if self._js.publish_async_pending() >= self._settings.usage_pending_max:
+            metrics.USAGE_EVENTS_DROPPED.inc()
+            log.warning("usage event dropped: too many awaiting their ack")
+            return
+        try:
+            # A free slot was just checked: no stall wait (a timed wait costs a task per event).
+            ack = await self._js.publish_async(subject, data)
+        except Exception as exc:
+            metrics.USAGE_EVENTS_DROPPED.inc()
+            log.warning("usage event dropped", error=repr(exc))
+            return
+        handle = asyncio.get_running_loop().call_later(ACK_TIMEOUT_S, ack.cancel)
+        ack.add_done_callback(lambda f: self._acked(f, handle))
+
+    @staticmethod
+    def _acked(future: asyncio.Future[Any], handle: asyncio.TimerHandle) -> None:
+        handle.cancel()
+        if future.cancelled() or future.exception() is not None:
+            metrics.USAGE_EVENTS_DROPPED.inc()
+
+    # -- life cycle
+
+    def _background(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
+        if len(self._writes) >= MAX_BACKGROUND_WRITES:
+            coro.close()
+            log.warning("too many pending writes; one skipped", what=what)
+            return
+
+        async def run() -> None:
+            try:
+                await coro
+            except Exception as exc:
+                log.warning(what, error=repr(exc))
+
+        task = asyncio.create_task(run())
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run one of this state's loops until ``close``."""
+        self._tasks.append(asyncio.create_task(coro))
+
+    async def close(self, alert: Callable[[BudgetStatus], None]) -> None:
+        """Write what is pending (spending, cache, health, usage acks), then stop the loops."""
+        if self.opened.is_set():
+            with contextlib.suppress(Exception):
+                await self.flush_budgets(alert)
+        if self._writes:
+            await asyncio.wait(set(self._writes), timeout=5)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                await self._js.publish_async_completed()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,338 @@
+"""Calling one provider over HTTP: a pooled session, timeouts, retries and the circuit breaker.
+
+One ``aiohttp`` session per provider (connections limited to the provider's ``max_concurrent``,
+keep-alive, DNS cache, no proxy from the environment, redirects never followed, private destinations
+refused unless the provider is local). Each try has its own connect and first-byte timeout; the whole
+call (every try and the streamed answer) must end within the provider's ``total_s`` and the request's
+deadline, whichever comes first.
+
+Until the first byte of an answer, a failed try is retried when the failure is retryable (see
+``dialect.classify``), the retry policy allows another try, the wait fits in the time left, and the
+breaker lets calls through. After the first byte nothing is retried: the failure ends the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import aiohttp
+
+from schemas.chat import ChatCompletionRequest
+from services.cloud_adapter.anthropic import Anthropic
+from services.cloud_adapter.breaker import Breaker
+from services.cloud_adapter.config import ModelSpec, Provider
+from services.cloud_adapter.dialect import (
+    Completion,
+    Dialect,
+    Finish,
+    Piece,
+    StreamParser,
+    bad_response,
+    classify,
+    provider_fault,
+    retryable,
+)
+from services.cloud_adapter.guard import DestinationRefused, PublicOnlyResolver
+from services.cloud_adapter.openai_compat import OpenAICompatible
+from services.cloud_adapter.retry import RetryPolicy, retry_hint
+from services.cloud_adapter.sse import ServerEvent, SSEParser
+from shared import metrics
+from shared.errors import LeafwireError, Overloaded, ProviderUnavailable, UpstreamError, UpstreamTimeout
+from shared.logging import get_logger
+
+log = get_logger("leafwire.cloud_adapter.upstream")
+T = TypeVar("T")
+USER_AGENT = "leafwire-cloud-adapter/0.1"
+
+
+def dialect_of(provider: Provider) -> Dialect:
+    """The dialect object of a provider's kind."""
+    spec = provider.spec
+    if spec.kind == "anthropic":
+        return Anthropic(spec.name, spec.anthropic_version)
+    return OpenAICompatible(spec.name)
+
+
+@dataclass
+class Call:
+    """One request for one model of the provider, and when it must be over (unix time)."""
+
+    request: ChatCompletionRequest
+    model: str
+    spec: ModelSpec
+    deadline: float
+    started: float = field(default_factory=time.time)
+
+    def left(self) -> float:
+        """Seconds until the deadline."""
+        return self.deadline - time.time()
+
+
+class OpenStream:
+    """A streamed answer whose first event has arrived: ``first`` pieces, then ``rest()``."""
+
+    def __init__(self, upstream: Upstream, resp: aiohttp.ClientResponse, sse: SSEParser, parser: StreamParser,
+                 first: list[Piece], pending: list[ServerEvent], call: Call, probe: bool) -> None:
+        self.first = first
+        self._pending = pending
+        self._upstream = upstream
+        self._resp = resp
+        self._sse = sse
+        self._parser = parser
+        self._call = call
+        self._probe = probe
+        self._finished = any(isinstance(p, Finish) for p in first)
+        self._recorded = False
+        self._eof = False
+
+    async def rest(self) -> AsyncIterator[Piece]:
+        """The pieces after the first; raises (never retries) when the stream fails or stops early."""
+        for event in self._pending:
+            for piece in self._parser.feed(event.event, event.data):
+                self._finished = self._finished or isinstance(piece, Finish)
+                yield piece
+        idle = self._upstream.provider.spec.timeouts.first_byte_s
+        while not self._parser.done:
+            chunk = await self._read(min(idle, self._call.left()))
+            events = self._sse.feed(chunk) if chunk else self._sse.close()
+            for event in events:
+                for piece in self._parser.feed(event.event, event.data):
+                    self._finished = self._finished or isinstance(piece, Finish)
+                    yield piece
+            if not chunk:
+                self._eof = True
+                if not (self._parser.done or self._finished):
+                    raise UpstreamError(f"{self._upstream.name}'s stream ended before the answer did",
+                                        code="upstream_bad_response")
+                return
+        await self._drain()
+
+    async def _drain(self, limit: int = 65536) -> None:
+        """Read what follows the last event (the body's end) so the connection goes back to the pool."""
+        read = 0
+        with contextlib.suppress(LeafwireError):
+            while read <= limit and (chunk := await self._read(min(1.0, max(self._call.left(), 0.0)))):
+                read += len(chunk)
+            self._eof = read <= limit
+
+    async def _read(self, wait: float) -> bytes:
+        try:
+            async with asyncio.timeout(max(wait, 0.0)):
+                return await self._resp.content.readany()
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"{self._upstream.name} sent nothing for {wait:.1f} s mid-answer") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamError(f"{self._upstream.name}'s stream was cut: {type(exc).__name__}",
+                                code="upstream_bad_response") from exc
+
+    def close(self, ok: bool | None) -> None:
+        """Give the connection back (kept alive when the body was read to its end, closed otherwise);
+        ``ok`` is the answer's outcome for the breaker (``None``: no verdict)."""
+        if self._eof:
+            self._resp.release()
+        else:
+            self._resp.close()
+        if not self._recorded:
+            self._recorded = True
+            self._upstream.settle(ok, self._probe)
+
+
+class Upstream:
+    """Everything about calling one provider."""
+
+    def __init__(self, provider: Provider, policy: RetryPolicy, breaker: Breaker,
+                 max_response_bytes: int = 16 * 1024 * 1024) -> None:
+        self.provider = provider
+        self.name = provider.spec.name
+        self.policy = policy
+        self.breaker = breaker
+        self.dialect = dialect_of(provider)
+        self.max_response_bytes = max_response_bytes
+        self.inflight = 0
+        self._inflight_gauge = metrics.CLOUD_INFLIGHT.labels(self.name)
+        self._session: aiohttp.ClientSession | None = None
+        base = self._base_headers()
+        self._headers = {True: {**base, "Accept": "text/event-stream"}, False: {**base, "Accept": "application/json"}}
+
+    def _base_headers(self) -> dict[str, str]:
+        spec = self.provider.spec
+        h = {"Content-Type": "application/json", "User-Agent": USER_AGENT, **self.dialect.headers(), **spec.headers}
+        if self.provider.key is not None:
+            header, prefix = spec.key_header()
+            h[header] = prefix + self.provider.key.get_secret_value()
+        return h
+
+    async def start(self) -> None:
+        """Open the pooled session (inside the running event loop)."""
+        spec = self.provider.spec
+        connector = aiohttp.TCPConnector(limit=spec.max_concurrent, ttl_dns_cache=300, keepalive_timeout=30,
+                                         resolver=None if spec.local else PublicOnlyResolver())
+        self._session = aiohttp.ClientSession(
+            connector=connector, trust_env=False, raise_for_status=False,
+            timeout=aiohttp.ClientTimeout(total=None, connect=spec.timeouts.connect_s,
+                                          sock_connect=spec.timeouts.connect_s))
+
+    async def close(self) -> None:
+        """Close the session and its connections."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """Take one of the provider's concurrent-call slots, or refuse at once (429)."""
+        if self.provider.missing_key is not None:
+            raise ProviderUnavailable(f"provider {self.name} has no API key ({self.provider.missing_key})",
+                                      provider=self.name, retry_after=60)
+        if self.inflight >= self.provider.spec.max_concurrent:
+            metrics.REJECTED.labels("cloud-adapter", "provider_busy").inc()
+            raise Overloaded(f"provider {self.name} has {self.inflight} calls in flight, its limit",
+                             retry_after=1)
+        self.inflight += 1
+        self._inflight_gauge.set(self.inflight)
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+            self._inflight_gauge.set(self.inflight)
+
+    def call(self, request: ChatCompletionRequest, model: str, spec: ModelSpec, deadline: float) -> Call:
+        """A call of ``model`` ending by the request's deadline or the provider's total timeout."""
+        return Call(request, model, spec, min(deadline, time.time() + self.provider.spec.timeouts.total_s))
+
+    def settle(self, ok: bool | None, probe: bool) -> None:
+        """Tell the breaker how a call ended (``None``: no verdict, e.g. cancelled or the caller's fault)."""
+        if ok is None:
+            if probe:
+                self.breaker.release_probe()
+            return
+        self.breaker.record(ok, probe)
+
+    async def complete(self, call: Call) -> Completion:
+        """A whole (non-streamed) answer, retried until it arrives or retrying must stop."""
+        completion, probe = await self._with_retries(call, self._try_complete)
+        self.settle(True, probe)
+        return completion
+
+    async def open_stream(self, call: Call) -> OpenStream:
+        """A streamed answer whose first event arrived, retried until then."""
+        opened, _ = await self._with_retries(call, self._try_stream)
+        return opened
+
+    async def _with_retries(self, call: Call,
+                            attempt: Callable[[Call, bool], Awaitable[T]]) -> tuple[T, bool]:
+        last: LeafwireError | None = None
+        for tries in range(self.policy.max_attempts):
+            probe = self.breaker.acquire()
+            if probe is None:
+                raise last or ProviderUnavailable(
+                    f"provider {self.name} is failing; its circuit breaker is open",
+                    provider=self.name, retry_after=max(1.0, self.breaker.retry_in()))
+            try:
+                return await attempt(call, probe), probe
+            except LeafwireError as err:
+                last = err
+                metrics.CLOUD_ATTEMPT_FAILURES.labels(self.name, err.code or "error").inc()
+                self.settle(False if provider_fault(err) else None, probe)
+                delay = self.policy.delay(tries, err.retry_after) if retryable(err) else None
+                if delay is None or delay >= call.left():
+                    raise
+                metrics.CLOUD_RETRIES.labels(self.name, err.code or "error").inc()
+                log.info("provider call failed; retrying", provider=self.name, attempt=tries + 1,
+                         code=err.code, error=err.message, wait_s=round(delay, 3))
+                await asyncio.sleep(delay)
+            except BaseException:
+                self.settle(None, probe)
+                raise
+        raise AssertionError("unreachable: the last try raises")  # pragma: no cover
+
+    async def _post(self, call: Call, stream: bool) -> aiohttp.ClientResponse:
+        """Send one try and wait for the response headers (within the first-byte timeout)."""
+        assert self._session is not None, "Upstream.start() was not called"
+        body = self.dialect.body(call.request, call.spec, call.spec.upstream or call.model, stream)
+        wait = min(self.provider.spec.timeouts.first_byte_s, call.left())
+        headers = self._headers[stream]
+        try:
+            async with asyncio.timeout(max(wait, 0.0)):
+                return await self._session.post(self.provider.spec.url(call.spec.upstream or call.model),
+                                                data=body, headers=headers, allow_redirects=False)
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"{self.name} did not answer within {wait:.1f} s", retryable=True) from exc
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, DestinationRefused):
+                raise UpstreamError(f"{self.name}: {exc.os_error}", code="destination_refused") from exc
+            raise UpstreamError(f"could not connect to {self.name}: {type(exc).__name__}",
+                                retryable=True) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamError(f"calling {self.name} failed: {type(exc).__name__}", retryable=True) from exc
+
+    async def _read_body(self, resp: aiohttp.ClientResponse, call: Call) -> bytes:
+        body = bytearray()
+        try:
+            async with asyncio.timeout(max(call.left(), 0.0)):
+                while chunk := await resp.content.read(65536):
+                    body += chunk
+                    if len(body) > self.max_response_bytes:
+                        raise bad_response(self.name, f"the answer is larger than {self.max_response_bytes} bytes")
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"{self.name}'s answer did not arrive in time", retryable=True) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamError(f"{self.name}'s answer was cut: {type(exc).__name__}", retryable=True) from exc
+        return bytes(body)
+
+    async def _refuse(self, resp: aiohttp.ClientResponse, call: Call) -> LeafwireError:
+        """The error of a non-2xx answer."""
+        try:
+            body = await self._read_body(resp, call)
+        except LeafwireError:
+            body = b""
+        hint = retry_hint(resp.headers, time.time())
+        return classify(self.name, call.request.model, resp.status, self.dialect.error_info(body), hint)
+
+    async def _try_complete(self, call: Call, probe: bool) -> Completion:
+        resp = await self._post(call, stream=False)
+        async with resp:
+            if not 200 <= resp.status < 300:
+                raise await self._refuse(resp, call)
+            if not (resp.content_type == "application/json" or resp.content_type.endswith("+json")):
+                raise bad_response(self.name, f"content type {resp.content_type!r} instead of JSON")
+            return self.dialect.completion(await self._read_body(resp, call))
+
+    async def _try_stream(self, call: Call, probe: bool) -> OpenStream:
+        resp = await self._post(call, stream=True)
+        try:
+            if not 200 <= resp.status < 300:
+                raise await self._refuse(resp, call)
+            if resp.content_type != "text/event-stream":
+                raise bad_response(self.name, f"content type {resp.content_type!r} instead of an event stream")
+            return await self._first_events(resp, call, probe)
+        except BaseException:
+            resp.close()
+            raise
+
+    async def _first_events(self, resp: aiohttp.ClientResponse, call: Call, probe: bool) -> OpenStream:
+        """Read until the first event: that is the first byte, after which nothing is retried (events that
+        arrived with it are read after admission, like every later one)."""
+        sse = SSEParser(max_event_bytes=self.max_response_bytes)
+        parser = self.dialect.stream_parser()
+        wait = min(self.provider.spec.timeouts.first_byte_s, call.left())
+        try:
+            async with asyncio.timeout(max(wait, 0.0)):
+                while True:
+                    chunk = await resp.content.readany()
+                    events = sse.feed(chunk) if chunk else sse.close()
+                    if events:
+                        first = parser.feed(events[0].event, events[0].data)
+                        return OpenStream(self, resp, sse, parser, first, events[1:], call, probe)
+                    if not chunk:
+                        raise bad_response(self.name, "the stream ended before its first event")
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"{self.name} sent no answer within {wait:.1f} s", retryable=True) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamError(f"{self.name}'s stream was cut before its first event: {type(exc).__name__}",
+                                retryable=True) from exc

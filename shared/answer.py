@@ -1,0 +1,162 @@
+"""Writing an answer in OpenAI's shape to the caller's reply subject, streamed or whole.
+
+Whatever produces the answer (a local decoder, a cloud provider's stream, the cache) hands over pieces of
+the assistant's message — text, or any delta fields a provider sends (``tool_calls``, ``reasoning_content``,
+``refusal``...) — and then the end (finish reason and usage). ``Answer`` turns them into ``chunk`` events
+and a closing ``done`` for ``stream: true``, or collects them into one ``result`` (a ``chat.completion``).
+
+Chunks are built from pre-serialised JSON around each delta: this runs once per token on hot paths.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas.chat import ChatCompletionRequest, FinishReason, StreamEnd, Usage, dump
+from shared.replies import Event, ReplyPublisher
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def merge_delta(message: dict[str, Any], delta: Mapping[str, Any]) -> None:
+    """Add a streamed delta to a whole message: text fields concatenate, tool calls merge by index."""
+    for key, value in delta.items():
+        if value is None or key == "role":
+            continue
+        if key == "tool_calls":
+            _merge_tool_calls(message.setdefault("tool_calls", []), value)
+        elif isinstance(value, str) and isinstance(message.get(key), str):
+            message[key] += value
+        else:
+            message[key] = value
+
+
+def _merge_tool_calls(calls: list[dict[str, Any]], deltas: list[Mapping[str, Any]]) -> None:
+    for d in deltas:
+        index = d.get("index", len(calls))
+        while len(calls) <= index:
+            calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        call = calls[index]
+        if d.get("id"):
+            call["id"] = d["id"]
+        if d.get("type"):
+            call["type"] = d["type"]
+        fn = d.get("function") or {}
+        call["function"]["name"] += fn.get("name") or ""
+        call["function"]["arguments"] += fn.get("arguments") or ""
+
+
+def message_deltas(message: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """A whole assistant message as the deltas a stream of it would carry (after the role chunk)."""
+    if message.get("content"):
+        yield {"content": message["content"]}
+    for key, value in message.items():
+        if key in ("role", "content", "tool_calls") or value is None:
+            continue
+        yield {key: value}
+    calls = message.get("tool_calls") or []
+    if calls:
+        yield {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
+
+
+def final_message(message: Mapping[str, Any]) -> dict[str, Any]:
+    """A collected message in ``chat.completion`` form: role first; ``content`` null only beside tool calls."""
+    out: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
+    if out["content"] is None and not message.get("tool_calls"):
+        out["content"] = ""
+    out.update((k, v) for k, v in message.items() if k not in ("role", "content"))
+    return out
+
+
+@dataclass
+class Answer:
+    """One request's answer being written: streamed chunk by chunk, or collected into one result."""
+
+    publisher: ReplyPublisher
+    request_id: str
+    model: str
+    stream: bool
+    include_usage: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: bool = False
+    message: dict[str, Any] = field(default_factory=dict)
+    _prefix: bytes = b""
+
+    def __post_init__(self) -> None:
+        self._prefix = (f'{{"id":{_json(self.completion_id)},"object":"chat.completion.chunk",'
+                        f'"created":{self.created},"model":{_json(self.model)},'
+                        f'"choices":[{{"index":0,"delta":').encode()
+
+    @property
+    def completion_id(self) -> str:
+        """The OpenAI completion id."""
+        return f"chatcmpl-{self.request_id}"
+
+    @classmethod
+    def for_request(cls, publisher: ReplyPublisher, request_id: str, model: str,
+                    request: ChatCompletionRequest) -> Answer:
+        """An answer shaped by what the request asked for (streaming, usage chunk)."""
+        return cls(publisher, request_id, model, request.stream, request.include_usage())
+
+    def _chunk(self, delta: Mapping[str, Any], finish: FinishReason | None = None) -> bytes:
+        tail = f',"logprobs":null,"finish_reason":{_json(finish)}}}],"usage":null,"system_fingerprint":null}}'
+        return self._prefix + _json(delta).encode() + tail.encode()
+
+    async def begin(self) -> None:
+        """The first chunk (the assistant role), sent as soon as the answer starts."""
+        if self.stream and not self.started:
+            self.started = True
+            await self.publisher.send(Event.CHUNK, self._chunk({"role": "assistant", "content": ""}))
+
+    async def text(self, text: str) -> None:
+        """New text of the answer."""
+        await self.delta({"content": text})
+
+    async def delta(self, fields: Mapping[str, Any]) -> None:
+        """New fields of the assistant message (text, tool call pieces...), as a provider streams them."""
+        if not self.stream:
+            merge_delta(self.message, fields)
+            return
+        if not self.started:
+            await self.begin()
+        await self.publisher.send(Event.CHUNK, self._chunk(fields))
+
+    async def whole(self, message: Mapping[str, Any], reason: FinishReason, usage: Usage) -> None:
+        """A complete message at once (a non-streamed provider answer, a cache hit), then the end."""
+        if self.stream:
+            await self.begin()
+            for d in message_deltas(message):
+                await self.delta(d)
+        else:
+            self.message = {k: v for k, v in message.items() if k != "role"}
+        await self.finish(reason, usage)
+
+    def result(self, reason: FinishReason, usage: Usage) -> bytes:
+        """The ``chat.completion`` of the collected message."""
+        return _json({
+            "id": self.completion_id, "object": "chat.completion", "created": self.created, "model": self.model,
+            "choices": [{"index": 0, "message": final_message(self.message), "logprobs": None,
+                         "finish_reason": reason}],
+            "usage": usage.model_dump(), "system_fingerprint": None,
+        }).encode()
+
+    async def finish(self, reason: FinishReason, usage: Usage) -> None:
+        """End the answer: last chunk, usage chunk if asked, then ``done``; or the whole result."""
+        if not self.stream:
+            await self.publisher.send(Event.RESULT, self.result(reason, usage))
+            return
+        await self.begin()
+        await self.publisher.send(Event.CHUNK, self._chunk({}, reason))
+        if self.include_usage:
+            await self.publisher.send(Event.CHUNK, _json({
+                "id": self.completion_id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": [], "usage": usage.model_dump(), "system_fingerprint": None,
+            }).encode())
+        await self.publisher.send(Event.DONE, dump(StreamEnd(request_id=self.request_id, finish_reason=reason,
+                                                             usage=usage)))

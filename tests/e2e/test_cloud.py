@@ -1,0 +1,466 @@
+"""Cloud models end to end: the official openai client -> gateway -> router -> cloud-adapter -> a fake provider.
+
+The gateway and router serve site ``plant``, which has no cloud-adapter of its own: the adapter runs as a hub
+adapter (``LW_SITE=hub``), so every request here also proves that sites without an adapter fall back to the
+hub's. Providers are fault-injecting fakes (tests/fakes.py): an OpenAI-compatible one (``fake``, ``flaky``,
+``wrongkey`` and ``priced`` point at it) and an Anthropic one (``claude``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import openai
+import pytest
+
+from tests.fakes import FakeProvider, Fault
+from tests.support import ROOT, NatsServer, Service, cloud_router_env, eventually, metric, running
+
+pytestmark = pytest.mark.e2e
+SITE = "plant"
+KEY = "sk-fake-openai-9f8e7d6c5b4a"
+CLAUDE_KEY = "sk-ant-fake-0a1b2c3d4e5f"
+WRONG_KEY = "sk-wrong-key-123456789"
+MESSAGES = [{"role": "user", "content": "hello there"}]
+API_KEYS = "key-acme:acme,key-globex:globex,key-poor:poor"
+
+
+@dataclass
+class CloudStack:
+    nats: NatsServer
+    gateway: Service
+    router: Service
+    adapter: Service
+    openai_fake: FakeProvider
+    claude_fake: FakeProvider
+
+    def client(self, key: str = "key-acme") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.gateway.base}/v1", api_key=key, max_retries=0, timeout=30)
+
+    def post(self, body: dict[str, Any], key: str = "key-acme") -> httpx.Response:
+        return httpx.post(f"{self.gateway.base}/v1/chat/completions", json=body, timeout=30,
+                          headers={"Authorization": f"Bearer {key}"})
+
+
+def providers_file(path: Path, openai_fake: FakeProvider, claude_fake: FakeProvider) -> Path:
+    def entry(name: str, fake: FakeProvider, key_var: str, models: dict[str, Any]) -> dict[str, Any]:
+        return {"name": name, "kind": "openai-compatible" if fake.kind == "openai" else "anthropic",
+                "base_url": fake.url, "local": True, "api_key_env": key_var, "models": models,
+                "timeouts": {"connect_s": 2, "first_byte_s": 2, "total_s": 10}}
+    config = {
+        "providers": [
+            entry("fake", openai_fake, "LW_TEST_FAKE_KEY", {"echo": {"upstream": "echo-1", "input_per_mtok": 1,
+                                                                     "output_per_mtok": 2}}),
+            {**entry("flaky", openai_fake, "LW_TEST_FAKE_KEY", {"echo": {}}), "breaker": {"failures": 3}},
+            entry("wrongkey", openai_fake, "LW_TEST_WRONG_KEY", {"echo": {}}),
+            entry("priced", openai_fake, "LW_TEST_FAKE_KEY", {"echo": {"input_per_mtok": 1000,
+                                                                       "output_per_mtok": 1000}}),
+            entry("claude", claude_fake, "LW_TEST_CLAUDE_KEY", {"haiku": {"upstream": "claude-haiku-x",
+                                                                          "max_tokens": 64}}),
+        ],
+        "budgets": {"tenants": {"poor": {"daily_usd": 0.006}}},
+    }
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+@pytest.fixture(scope="module")
+def cloud(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudStack]:
+    openai_fake = FakeProvider("openai", key=KEY).start()
+    claude_fake = FakeProvider("anthropic", key=CLAUDE_KEY).start()
+    file = providers_file(tmp_path_factory.mktemp("cloud") / "providers.yaml", openai_fake, claude_fake)
+    env = {"LW_NATS_URL": nats_server.url, "LW_SITE": SITE}
+    adapter = Service("cloud_adapter", {
+        "LW_NATS_URL": nats_server.url, "LW_SITE": "hub", "LW_PROVIDERS_FILE": str(file),
+        "LW_TEST_FAKE_KEY": KEY, "LW_TEST_WRONG_KEY": WRONG_KEY, "LW_TEST_CLAUDE_KEY": CLAUDE_KEY,
+        "LW_CLOUD_BACKOFF_BASE_S": "0.01", "LW_CLOUD_BACKOFF_CAP_S": "0.05", "LW_CLOUD_BREAKER_FAILURES": "1000",
+        "LW_CLOUD_BREAKER_OPEN_S": "60", "LW_LOG_LEVEL": "debug"})
+    router = Service("router", {**env, **cloud_router_env(file.parent)})
+    gateway = Service("gateway", {**env, "LW_GATEWAY_API_KEYS": API_KEYS})
+    try:
+        with running(adapter, router, gateway):
+            yield CloudStack(nats_server, gateway, router, adapter, openai_fake, claude_fake)
+    finally:
+        openai_fake.stop()
+        claude_fake.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fakes(cloud: CloudStack) -> None:
+    cloud.openai_fake.reset()
+    cloud.claude_fake.reset()
+
+
+def chat(cloud: CloudStack, model: str = "fake/echo", key: str = "key-acme", **kw: Any) -> Any:
+    return cloud.client(key).chat.completions.with_raw_response.create(model=model, messages=MESSAGES, **kw)
+
+
+class TestAnswers:
+    def test_whole_answer(self, cloud: CloudStack) -> None:
+        """A cloud model answers in OpenAI's shape with usage, its own request id, route and server."""
+        raw = chat(cloud)
+        r = raw.parse()
+        assert r.choices[0].message.content == "pong hello there"
+        assert r.model == "fake/echo"
+        assert r.id == f"chatcmpl-{raw.headers['x-request-id']}"
+        assert r.usage.prompt_tokens == 2
+        assert r.usage.completion_tokens == 3
+        assert raw.headers["x-leafwire-route"].startswith("target=fake/echo")
+        assert raw.headers["x-leafwire-served-by"].startswith("hub/ca-")  # the hub's adapter backs up the site
+        (call,) = cloud.openai_fake.calls
+        assert call.body["model"] == "echo-1"
+        assert call.headers["Authorization"] == f"Bearer {KEY}"
+
+    def test_streamed_answer_with_usage(self, cloud: CloudStack) -> None:
+        """Streaming relays the provider's text as chunks, then a finish chunk and the usage chunk."""
+        chunks = list(cloud.client().chat.completions.create(model="fake/echo", messages=MESSAGES, stream=True,
+                                                             stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "pong hello there"
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert chunks[-2].choices[0].finish_reason == "stop"
+        assert chunks[-1].usage is not None
+        assert chunks[-1].usage.completion_tokens == 3
+
+    def test_anthropic_whole_and_streamed(self, cloud: CloudStack) -> None:
+        """An Anthropic model answers through the same API, both ways, with usage translated."""
+        whole = chat(cloud, "claude/haiku", max_tokens=20).parse()
+        assert whole.choices[0].message.content == "pong hello there"
+        assert whole.choices[0].finish_reason == "stop"
+        assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (2, 3)
+        chunks = list(cloud.client().chat.completions.create(model="claude/haiku", messages=MESSAGES, stream=True,
+                                                             stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "pong hello there"
+        assert chunks[-1].usage.completion_tokens == 3  # type: ignore[union-attr]
+        sent = cloud.claude_fake.calls[0]
+        assert sent.body["model"] == "claude-haiku-x"
+        assert sent.body["max_tokens"] == 20
+        assert cloud.claude_fake.calls[1].body["max_tokens"] == 64  # the model's default from the file
+        assert sent.headers["x-api-key"] == CLAUDE_KEY
+
+    def test_models_list_names_cloud_models(self, cloud: CloudStack) -> None:
+        """GET /v1/models lists the configured cloud models with where they are served from."""
+        def listed() -> dict[str, Any]:
+            cards = {m.id: m for m in cloud.client().models.list().data}
+            return cards if "claude/haiku" in cards else {}
+        cards = eventually(listed, 10, "cloud models in the catalog")
+        assert cards["fake/echo"].model_extra["locations"] == [{"site": "hub", "workers": 1}]  # type: ignore[index]
+
+
+class TestBadInput:
+    @pytest.mark.parametrize("model", ["nobody/x", "fake/not-configured", "fake/../../etc/passwd",
+                                       "http://169.254.169.254/latest"])
+    def test_unconfigured_models_are_404(self, cloud: CloudStack, model: str) -> None:
+        """Only configured provider/model pairs are called: anything else is 404 and reaches no provider."""
+        r = cloud.post({"model": model, "messages": MESSAGES})
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == "model_not_found"
+        assert cloud.openai_fake.calls == []
+
+    def test_what_anthropic_cannot_take(self, cloud: CloudStack) -> None:
+        """A temperature above 1 for an Anthropic model is a 400 naming `temperature`, before any call."""
+        r = cloud.post({"model": "claude/haiku", "messages": MESSAGES, "temperature": 1.5})
+        assert r.status_code == 400
+        assert r.json()["error"]["param"] == "temperature"
+        assert cloud.claude_fake.calls == []
+
+    def test_provider_400_is_relayed(self, cloud: CloudStack) -> None:
+        """A request the provider rejects gets the provider's message and parameter as a 400."""
+        cloud.openai_fake.script(Fault.error(400, {"error": {
+            "message": "context too long", "type": "invalid_request_error", "param": "messages",
+            "code": "context_length_exceeded"}}))
+        r = cloud.post({"model": "fake/echo", "messages": MESSAGES})
+        assert r.status_code == 400
+        assert r.json()["error"] == {"message": "fake: context too long", "type": "invalid_request_error",
+                                     "param": "messages", "code": "context_length_exceeded"}
+        assert len(cloud.openai_fake.calls) == 1
+
+
+class TestResilience:
+    def test_429_with_retry_after_is_retried(self, cloud: CloudStack) -> None:
+        """A rate-limited first call is retried after the provider's Retry-After; the caller sees an answer."""
+        cloud.openai_fake.script(Fault.error(429, Retry_After="1"))
+        assert chat(cloud).parse().choices[0].message.content == "pong hello there"
+        first, second = cloud.openai_fake.calls
+        assert second.at - first.at >= 1.0
+
+    @pytest.mark.parametrize("stream", [False, True])
+    def test_failure_before_first_byte_is_a_plain_http_error(self, cloud: CloudStack, stream: bool) -> None:
+        """Failing tries before any byte: the caller gets an HTTP 502 (not a broken stream), so a router
+        could still have fallen back."""
+        cloud.openai_fake.script(*[Fault.error(500)] * 3)
+        r = cloud.post({"model": "fake/echo", "messages": MESSAGES, "stream": stream})
+        assert r.status_code == 502
+        assert r.headers["content-type"].startswith("application/json")
+        assert r.json()["error"]["code"] == "upstream_error"
+        assert len(cloud.openai_fake.calls) == 3
+
+    def test_slow_first_byte_then_answer(self, cloud: CloudStack) -> None:
+        """A provider silent past the first-byte timeout (2 s) is abandoned and retried."""
+        cloud.openai_fake.script(Fault.slow(4))
+        chunks = list(cloud.client().chat.completions.create(model="fake/echo", messages=MESSAGES, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "pong hello there"
+        assert len(cloud.openai_fake.calls) == 2
+
+    def test_stream_cut_midway_ends_with_an_error_event(self, cloud: CloudStack) -> None:
+        """A stream dropped after its first byte is not retried: the caller's stream ends with an error."""
+        cloud.openai_fake.script(Fault.cut(after=2))
+        received: list[Any] = []
+        stream = cloud.client().chat.completions.create(model="fake/echo", messages=MESSAGES, stream=True)
+        with pytest.raises(openai.APIError) as exc:
+            received.extend(stream)
+        assert received  # the answer had started
+        # EOF mid-answer or a broken chunked body, depending on where the connection drop lands
+        assert "ended before the answer did" in exc.value.message or "was cut" in exc.value.message
+        assert len(cloud.openai_fake.calls) == 1
+
+    def test_breaker_opens_and_is_published(self, cloud: CloudStack) -> None:
+        """Three failed tries open `flaky`'s breaker: KV provider-health and the metric say open, and the
+        next request is refused with 503 without calling the provider."""
+        cloud.openai_fake.script(*[Fault.error(503)] * 3)
+        assert cloud.post({"model": "flaky/echo", "messages": MESSAGES}).status_code == 502
+        eventually(lambda: metric(cloud.adapter.metrics(), "leafwire_cloud_breaker_state", provider="flaky") == 2,
+                   10, "the breaker metric to say open")
+        r = cloud.post({"model": "flaky/echo", "messages": MESSAGES})
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "provider_unavailable"
+        assert int(r.headers["retry-after"]) >= 1
+        assert len(cloud.openai_fake.calls) == 3
+        health = eventually(lambda: kv_value(cloud, "provider-health", "flaky", lambda v: v["state"] == "open"),
+                            10, "provider-health to say open")
+        assert health["consecutive_failures"] >= 3
+        assert kv_value(cloud, "provider-health", "fake")["state"] == "closed"
+
+    def test_client_going_away_closes_the_provider_connection(self, cloud: CloudStack) -> None:
+        """Closing a stream mid-answer cancels the cloud call: the provider sees its client leave."""
+        cloud.openai_fake.script(Fault.drip(0.3, text=" ".join(["word"] * 40)))
+        with httpx.stream("POST", f"{cloud.gateway.base}/v1/chat/completions", timeout=30,
+                          headers={"Authorization": "Bearer key-acme"},
+                          json={"model": "fake/echo", "messages": MESSAGES, "stream": True}) as r:
+            lines = r.iter_lines()
+            for _ in range(3):
+                next(lines)
+        eventually(lambda: cloud.openai_fake.disconnects == 1, 10, "the provider to see the call cancelled")
+        assert eventually(lambda: metric(cloud.adapter.metrics(), "leafwire_cloud_requests_total", provider="fake",
+                                         model="echo", outcome="cancelled") >= 1, 10, "a cancelled outcome")
+
+
+class TestCache:
+    def test_deterministic_request_is_answered_from_the_cache(self, cloud: CloudStack) -> None:
+        """The same temperature-0 request twice: the second is a hit (header says so), no provider call."""
+        messages = [{"role": "user", "content": "cache me please"}]
+        first = cloud.client().chat.completions.with_raw_response.create(model="fake/echo", messages=messages,
+                                                                          temperature=0)
+        second = cloud.client().chat.completions.with_raw_response.create(model="fake/echo", messages=messages,
+                                                                           temperature=0)
+        assert first.headers["x-leafwire-cache"] == "miss"
+        assert second.headers["x-leafwire-cache"] == "hit"
+        assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
+        assert second.parse().usage == first.parse().usage
+        assert second.parse().id != first.parse().id
+        assert len(cloud.openai_fake.calls) == 1
+
+    def test_a_hit_can_be_streamed(self, cloud: CloudStack) -> None:
+        """A cached answer replays as a stream when the request streams."""
+        messages = [{"role": "user", "content": "stream a cached answer"}]
+        chat_args: dict[str, Any] = {"model": "fake/echo", "messages": messages, "temperature": 0}
+        cloud.client().chat.completions.create(**chat_args)
+        with httpx.stream("POST", f"{cloud.gateway.base}/v1/chat/completions", timeout=30,
+                          headers={"Authorization": "Bearer key-acme"}, json={**chat_args, "stream": True}) as r:
+            assert r.headers["x-leafwire-cache"] == "hit"
+            events = [line for line in r.iter_lines() if line]
+        text = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "")
+                       for e in events[:-1] if json.loads(e[6:])["choices"])
+        assert text == "pong stream a cached answer"
+        assert events[-1] == "data: [DONE]"
+        assert len(cloud.openai_fake.calls) == 1
+
+    def test_tenants_do_not_share_entries(self, cloud: CloudStack) -> None:
+        """Another tenant asking the same thing misses: tenants never see each other's answers."""
+        messages = [{"role": "user", "content": "tenant secret question"}]
+        for key in ("key-acme", "key-globex"):
+            raw = cloud.client(key).chat.completions.with_raw_response.create(model="fake/echo", messages=messages,
+                                                                               temperature=0)
+            assert raw.headers["x-leafwire-cache"] == "miss"
+        assert len(cloud.openai_fake.calls) == 2
+
+    def test_sampled_requests_skip_the_cache(self, cloud: CloudStack) -> None:
+        """A request with temperature above 0 (and no cache: true) always calls the provider."""
+        for _ in range(2):
+            raw = chat(cloud, temperature=0.7)
+            assert "x-leafwire-cache" not in raw.headers
+        assert len(cloud.openai_fake.calls) == 2
+
+
+class TestBudgetsAndUsage:
+    def test_spent_budget_refuses_with_budget_exceeded(self, cloud: CloudStack) -> None:
+        """Tenant `poor` ($0.006 a day) crosses 80% then 100%: a warning and an exhausted event are published,
+        the bucket says exhausted, and the next request is a 429 budget_exceeded with Retry-After."""
+        alerts = subscribe(cloud, "lw.v1.hub.usage.budget")
+        assert chat(cloud, "priced/echo", key="key-poor").status_code == 200  # 2+3 tokens at $1000/M: $0.005
+        eventually(lambda: kv_value(cloud, "budgets", "tenant-poor.daily", lambda v: v["state"] == "warning"),
+                   10, "the budget to reach its warning level")
+        assert chat(cloud, "priced/echo", key="key-poor").status_code == 200  # $0.010: over
+        r = cloud.post({"model": "priced/echo", "messages": MESSAGES}, key="key-poor")
+        assert r.status_code == 429
+        assert r.json()["error"]["code"] == "budget_exceeded"
+        assert r.json()["error"]["type"] == "insufficient_quota"
+        assert int(r.headers["retry-after"]) >= 1
+        assert len(cloud.openai_fake.calls) == 2
+        status = eventually(lambda: kv_value(cloud, "budgets", "tenant-poor.daily",
+                                             lambda v: v["state"] == "exhausted"), 10, "the budget to be exhausted")
+        assert status["spent_usd"] == pytest.approx(0.010)
+        assert status["limit_usd"] == 0.006
+        assert [a["state"] for a in alerts.wait(2)] == ["warning", "exhausted"]
+        assert cloud.post({"model": "fake/echo", "messages": MESSAGES}, key="key-acme").status_code == 200
+
+    def test_every_call_publishes_a_usage_event(self, cloud: CloudStack) -> None:
+        """Each answered call leaves a usage event (tokens, cost, target, tenant) in the USAGE stream."""
+        raw = chat(cloud, key="key-globex")
+        request_id = raw.headers["x-request-id"]
+        event = eventually(lambda: usage_event(cloud, request_id), 10, "the usage event")
+        assert event["tenant"] == "globex"
+        assert event["target"] == "fake/echo"
+        assert (event["prompt_tokens"], event["completion_tokens"]) == (2, 3)
+        assert event["cost_usd"] == pytest.approx((2 * 1 + 3 * 2) / 1e6)
+        assert event["outcome"] == "ok"
+        assert event["cached"] is False
+
+
+class TestSecrets:
+    def test_keys_never_reach_callers_nats_or_logs(self, cloud: CloudStack) -> None:
+        """A provider refusing the key (and echoing it) yields a 502 without it; no key ever crosses NATS
+        or appears in the adapter's log, even at debug level."""
+        traffic = subscribe(cloud, ">")
+        r = cloud.post({"model": "wrongkey/echo", "messages": MESSAGES})
+        assert r.status_code == 502
+        assert r.json()["error"]["code"] == "upstream_auth_failed"
+        assert chat(cloud).status_code == 200
+        assert chat(cloud, "claude/haiku").status_code == 200
+        seen = traffic.raw(1)
+        log = cloud.adapter.log_path.read_text()  # type: ignore[union-attr]
+        for key in (KEY, CLAUDE_KEY, WRONG_KEY):
+            assert key not in r.text
+            assert key.encode() not in seen
+            assert key not in log
+        assert b"upstream_auth_failed" in seen  # the capture did see the traffic
+
+
+def test_bad_providers_file_refuses_the_start(tmp_path: Path, nats_server: NatsServer) -> None:
+    """A provider at a loopback address not marked local: the adapter exits at once, saying why."""
+    bad = tmp_path / "providers.yaml"
+    bad.write_text("providers:\n  - {name: x, kind: openai-compatible, base_url: 'https://127.0.0.1:9/v1', "
+                   "models: [m]}\n")
+    env = {**os.environ, "LW_NATS_URL": nats_server.url, "LW_PROVIDERS_FILE": str(bad)}
+    out = subprocess.run([sys.executable, "-m", "services.cloud_adapter"], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode != 0
+    assert "private, loopback or link-local" in out.stderr
+
+
+def test_no_providers_file_still_starts(tmp_path: Path, nats_server: NatsServer) -> None:
+    """An edge site without an uplink runs the adapter without a providers file: it starts and is ready."""
+    adapter = Service("cloud_adapter", {"LW_NATS_URL": nats_server.url, "LW_SITE": "offline",
+                                        "LW_PROVIDERS_FILE": str(tmp_path / "absent.yaml")})
+    with running(adapter):
+        assert "leafwire_up" in adapter.metrics()
+
+
+# -- helpers reading NATS directly
+
+
+class Capture:
+    """Messages of a subscription made from a background thread's event loop."""
+
+    def __init__(self, url: str, subject: str) -> None:
+        import asyncio
+        import threading
+        self.msgs: list[tuple[str, dict[str, str], bytes]] = []
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        async def run() -> None:
+            nc = await nats.connect(url)
+
+            async def keep(msg: Any) -> None:
+                self.msgs.append((msg.subject, dict(msg.headers or {}), msg.data))
+            await nc.subscribe(subject, cb=keep)
+            await nc.flush()
+            self._nc = nc
+            ready.set()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(run(), self._loop)
+        assert ready.wait(10)
+
+    def close(self) -> None:
+        import asyncio
+        asyncio.run_coroutine_threadsafe(self._nc.drain(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def wait(self, count: int, timeout: float = 10) -> list[Any]:
+        eventually(lambda: len(self.msgs) >= count, timeout, f"{count} messages")
+        self.close()
+        return [json.loads(data) for _, _, data in self.msgs]
+
+    def raw(self, settle_s: float) -> bytes:
+        """Everything captured (subjects, headers, payloads) once the traffic has settled."""
+        deadline = time.monotonic() + settle_s
+        eventually(lambda: time.monotonic() > deadline, settle_s + 1, "traffic to settle")
+        self.close()
+        return b"\n".join(s.encode() + json.dumps(h).encode() + d for s, h, d in self.msgs)
+
+
+def subscribe(cloud: CloudStack, subject: str) -> Capture:
+    return Capture(cloud.nats.url, subject)
+
+
+def kv_value(cloud: CloudStack, bucket: str, key: str, accept: Any = None) -> Any:
+    import asyncio
+
+    async def get() -> Any:
+        nc = await nats.connect(cloud.nats.url)
+        try:
+            kv = await nc.jetstream().key_value(bucket)
+            return json.loads((await kv.get(key)).value or b"null")
+        finally:
+            await nc.drain()
+    try:
+        value = asyncio.run(get())
+    except Exception:
+        return None
+    return value if accept is None or (value and accept(value)) else None
+
+
+def usage_event(cloud: CloudStack, request_id: str) -> Any:
+    import asyncio
+
+    async def find() -> Any:
+        nc = await nats.connect(cloud.nats.url)
+        try:
+            js = nc.jetstream()
+            sub = await js.subscribe("lw.v1.hub.usage.events", ordered_consumer=True)
+            try:
+                while True:
+                    msg = await sub.next_msg(timeout=1)
+                    event = json.loads(msg.data)
+                    if event["request_id"] == request_id:
+                        return event
+            finally:
+                await sub.unsubscribe()
+        finally:
+            await nc.drain()
+    try:
+        return asyncio.run(find())
+    except Exception:
+        return None

@@ -1,0 +1,252 @@
+"""Translation to and from providers: OpenAI-compatible bodies, Anthropic both ways, server-sent events."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from schemas.chat import ChatCompletionRequest
+from services.cloud_adapter.anthropic import Anthropic
+from services.cloud_adapter.config import ModelSpec
+from services.cloud_adapter.dialect import Delta, ErrorInfo, Finish, Tokens, classify
+from services.cloud_adapter.openai_compat import OpenAICompatible
+from services.cloud_adapter.sse import ServerEvent, SSEParser
+from shared.answer import merge_delta
+from shared.errors import InvalidRequest, ModelNotFound, UpstreamError, UpstreamRateLimited, UpstreamTimeout
+
+SPEC = ModelSpec(max_tokens=1000)
+
+
+def req(**kw: Any) -> ChatCompletionRequest:
+    body = {"model": "p/m", "messages": [{"role": "user", "content": "hi"}], **kw}
+    return ChatCompletionRequest.model_validate(body)
+
+
+class TestServerSentEvents:
+    def test_events_split_across_reads(self) -> None:
+        """Events arrive whole however the bytes are cut, with CRLF or LF, comments skipped."""
+        p = SSEParser()
+        raw = b": keep-alive\r\nevent: a\r\ndata: {\"x\":\r\ndata: 1}\r\n\r\ndata: [DONE]\n\n"
+        events = [e for i in range(len(raw)) for e in p.feed(raw[i:i + 1])]
+        assert events == [ServerEvent("a", '{"x":\n1}'), ServerEvent("message", "[DONE]")]
+
+    def test_last_event_without_blank_line(self) -> None:
+        """A body ending right after its last data line still yields that event."""
+        p = SSEParser()
+        assert p.feed(b"data: 1\n\ndata: 2") == [ServerEvent("message", "1")]
+        assert p.close() == [ServerEvent("message", "2")]
+
+    def test_oversized_event_is_refused(self) -> None:
+        """An event larger than the limit is an upstream_bad_response instead of unbounded memory."""
+        with pytest.raises(UpstreamError) as exc:
+            SSEParser(max_event_bytes=100).feed(b"data: " + b"x" * 200)
+        assert exc.value.code == "upstream_bad_response"
+
+
+class TestOpenAICompatible:
+    def test_body_keeps_the_callers_fields(self) -> None:
+        """Tools and other fields pass through; the model is the provider's; leafwire's own fields do not."""
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+        body = json.loads(OpenAICompatible("p").body(req(tools=tools, temperature=0, cache=True, seed=3), SPEC,
+                                                    "gpt-x", stream=False))
+        assert body["model"] == "gpt-x"
+        assert body["tools"] == tools
+        assert body["seed"] == 3
+        assert "cache" not in body
+        assert "stream" not in body
+
+    def test_streamed_body_asks_for_usage(self) -> None:
+        """A streamed call always asks for the closing usage chunk, so every call's cost is known."""
+        body = json.loads(OpenAICompatible("p").body(req(stream=True), SPEC, "m", stream=True))
+        assert body["stream_options"] == {"include_usage": True}
+
+    def test_stream_pieces(self) -> None:
+        """Chunks become deltas (role chunks and empty text dropped), a finish, and usage; [DONE] ends."""
+        s = OpenAICompatible("p").stream_parser()
+        assert s.feed("message", json.dumps({"choices": [{"delta": {"role": "assistant", "content": ""}}]})) == []
+        assert s.feed("message", json.dumps({"choices": [{"delta": {"content": "Hi", "refusal": None}}]})) == [
+            Delta({"content": "Hi"})]
+        assert s.feed("message", json.dumps({"choices": [{"delta": {}, "finish_reason": "length"}]})) == [
+            Finish("length")]
+        assert s.feed("message", json.dumps({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 1}})) \
+            == [Tokens(4, 1)]
+        assert s.feed("message", "[DONE]") == []
+        assert s.done
+
+    def test_stream_malformed_and_error_objects(self) -> None:
+        """An event that is not JSON, or carries an error object, raises instead of being relayed."""
+        with pytest.raises(UpstreamError) as exc:
+            OpenAICompatible("p").stream_parser().feed("message", "{nope")
+        assert exc.value.code == "upstream_bad_response"
+        with pytest.raises(UpstreamError):
+            OpenAICompatible("p").stream_parser().feed("message", '{"error": {"message": "boom"}}')
+
+    def test_whole_answer_keeps_message_fields(self) -> None:
+        """tool_calls and other message fields of a whole answer are kept."""
+        calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": None, "tool_calls": calls},
+                                        "finish_reason": "tool_calls"}],
+                           "usage": {"prompt_tokens": 9, "completion_tokens": 2}}).encode()
+        c = OpenAICompatible("p").completion(data)
+        assert c.message == {"content": None, "tool_calls": calls}
+        assert (c.finish, c.prompt_tokens, c.completion_tokens) == ("tool_calls", 9, 2)
+
+
+class TestAnthropicRequest:
+    def body(self, request: ChatCompletionRequest, stream: bool = False) -> dict[str, Any]:
+        return json.loads(Anthropic("anthropic").body(request, SPEC, "claude-x", stream))  # type: ignore[no-any-return]
+
+    def test_system_and_alternating_turns(self) -> None:
+        """System and developer messages become `system`; consecutive user messages merge into one turn."""
+        body = self.body(req(messages=[{"role": "system", "content": "Be brief."},
+                                       {"role": "developer", "content": "Use metric."},
+                                       {"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                                       {"role": "assistant", "content": "c"}, {"role": "user", "content": "d"}],
+                             max_tokens=50, stop="END", temperature=0.2, top_p=0.9, user="u7"))
+        assert body["system"] == "Be brief.\n\nUse metric."
+        assert [m["role"] for m in body["messages"]] == ["user", "assistant", "user"]
+        assert body["messages"][0]["content"] == [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+        assert (body["max_tokens"], body["stop_sequences"], body["temperature"]) == (50, ["END"], 0.2)
+        assert body["metadata"] == {"user_id": "u7"}
+        assert body["model"] == "claude-x"
+
+    def test_default_max_tokens(self) -> None:
+        """Anthropic requires max_tokens: the model's default from the providers file is sent."""
+        assert self.body(req())["max_tokens"] == 1000
+
+    def test_images(self) -> None:
+        """A data: URL becomes a base64 image block; another URL a url image block."""
+        content = [{"type": "text", "text": "what"},
+                   {"type": "image_url", "image_url": {"url": "data:image/png;base64,QUJD"}},
+                   {"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}}]
+        blocks = self.body(req(messages=[{"role": "user", "content": content}]))["messages"][0]["content"]
+        assert blocks[1] == {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "QUJD"}}
+        assert blocks[2] == {"type": "image", "source": {"type": "url", "url": "https://example.com/a.jpg"}}
+
+    def test_tools_round_trip(self) -> None:
+        """Tools, tool_choice, assistant tool calls and tool results are translated to Anthropic's blocks."""
+        tools = [{"type": "function", "function": {"name": "weather", "description": "d",
+                                                   "parameters": {"type": "object", "properties": {"c": {}}}}}]
+        messages = [{"role": "user", "content": "weather?"},
+                    {"role": "assistant", "content": None, "tool_calls": [
+                        {"id": "t1", "type": "function",
+                         "function": {"name": "weather", "arguments": '{"c":"Oslo"}'}}]},
+                    {"role": "tool", "tool_call_id": "t1", "content": "rain"}]
+        body = self.body(req(messages=messages, tools=tools, tool_choice="required", parallel_tool_calls=False))
+        assert body["tools"] == [{"name": "weather", "description": "d",
+                                  "input_schema": {"type": "object", "properties": {"c": {}}}}]
+        assert body["tool_choice"] == {"type": "any", "disable_parallel_tool_use": True}
+        assert body["messages"][1]["content"] == [{"type": "tool_use", "id": "t1", "name": "weather",
+                                                   "input": {"c": "Oslo"}}]
+        assert body["messages"][2] == {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t1", "content": "rain"}]}
+
+    @pytest.mark.parametrize(("kw", "param"), [
+        ({"temperature": 1.5}, "temperature"),
+        ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools"),
+        ({"tools": "weather"}, "tools"),
+        ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}, "messages"),
+        ({"messages": [{"role": "system", "content": "only system"}]}, "messages"),
+        ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": "x", "type": "function", "function": {"name": "f", "arguments": "{bad"}}]}]}, "messages"),
+    ])
+    def test_what_anthropic_cannot_take_is_a_400(self, kw: dict[str, Any], param: str) -> None:
+        """Temperature over 1, nameless or malformed tools, audio parts, no user turn, tool arguments that
+        are not JSON: 400 naming the parameter."""
+        with pytest.raises(InvalidRequest) as exc:
+            self.body(req(**kw))
+        assert exc.value.param == param
+
+
+class TestAnthropicAnswer:
+    def test_whole_answer(self) -> None:
+        """Text and tool_use blocks become content and tool_calls; usage includes cached prompt tokens."""
+        data = json.dumps({"type": "message", "content": [
+            {"type": "text", "text": "Checking."},
+            {"type": "tool_use", "id": "t1", "name": "weather", "input": {"c": "Oslo"}}],
+            "stop_reason": "tool_use",
+            "usage": {"input_tokens": 10, "cache_read_input_tokens": 5, "output_tokens": 7}}).encode()
+        c = Anthropic("a").completion(data)
+        assert c.message["content"] == "Checking."
+        assert c.message["tool_calls"] == [{"id": "t1", "type": "function",
+                                            "function": {"name": "weather", "arguments": '{"c": "Oslo"}'}}]
+        assert (c.finish, c.prompt_tokens, c.completion_tokens) == ("tool_calls", 15, 7)
+
+    @pytest.mark.parametrize(("reason", "finish"), [("end_turn", "stop"), ("max_tokens", "length"),
+                                                    ("stop_sequence", "stop"), ("refusal", "content_filter")])
+    def test_stop_reasons(self, reason: str, finish: str) -> None:
+        """Anthropic's stop reasons map to OpenAI's finish reasons."""
+        data = json.dumps({"content": [], "stop_reason": reason, "usage": {"input_tokens": 1, "output_tokens": 0}})
+        assert Anthropic("a").completion(data.encode()).finish == finish
+
+    def test_stream_with_text_and_a_tool_call(self) -> None:
+        """A Messages stream becomes text deltas, tool-call deltas with indexes, a finish and usage."""
+        s = Anthropic("a").stream_parser()
+        events = [
+            {"type": "message_start", "message": {"usage": {"input_tokens": 12, "output_tokens": 1}}},
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            {"type": "ping"},
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Let me"}},
+            {"type": "content_block_stop", "index": 0},
+            {"type": "content_block_start", "index": 1,
+             "content_block": {"type": "tool_use", "id": "t9", "name": "weather", "input": {}}},
+            {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": '{"c":'}},
+            {"type": "content_block_delta", "index": 1,
+             "delta": {"type": "input_json_delta", "partial_json": '"Oslo"}'}},
+            {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 20}},
+            {"type": "message_stop"},
+        ]
+        pieces = [p for e in events for p in s.feed(e["type"], json.dumps(e))]
+        message: dict[str, Any] = {}
+        for p in pieces:
+            if isinstance(p, Delta):
+                merge_delta(message, p.fields)
+        assert message == {"content": "Let me", "tool_calls": [
+            {"id": "t9", "type": "function", "function": {"name": "weather", "arguments": '{"c":"Oslo"}'}}]}
+        assert Finish("tool_calls") in pieces
+        assert Tokens(prompt=12) in pieces
+        assert Tokens(prompt=None, completion=20) in pieces
+        assert s.done
+
+    def test_error_event(self) -> None:
+        """An `error` event (overloaded) raises a retryable error; a rate limit one a 429."""
+        with pytest.raises(UpstreamError) as exc:
+            Anthropic("a").stream_parser().feed("error", '{"type":"error","error":{"type":"overloaded_error",'
+                                                         '"message":"Overloaded"}}')
+        assert exc.value.retryable
+        with pytest.raises(UpstreamRateLimited):
+            Anthropic("a").stream_parser().feed("error", '{"type":"error","error":{"type":"rate_limit_error"}}')
+
+
+class TestClassify:
+    @pytest.mark.parametrize(("status", "info", "error", "retry"), [
+        (400, ErrorInfo("too long", code="context_length_exceeded", param="messages"), InvalidRequest, False),
+        (404, ErrorInfo("no such model"), ModelNotFound, False),
+        (401, ErrorInfo("Incorrect API key provided: sk-abc"), UpstreamError, False),
+        (429, ErrorInfo("quota", type="insufficient_quota"), UpstreamError, False),
+        (429, ErrorInfo("slow down"), UpstreamRateLimited, True),
+        (500, ErrorInfo("boom"), UpstreamError, True),
+        (529, ErrorInfo("overloaded"), UpstreamError, True),
+        (504, ErrorInfo("gateway timeout"), UpstreamTimeout, True),
+        (302, ErrorInfo("moved"), UpstreamError, False),
+        (418, ErrorInfo("teapot"), UpstreamError, False),
+    ])
+    def test_statuses(self, status: int, info: ErrorInfo, error: type[Exception], retry: bool) -> None:
+        """Each provider status maps to one leafwire error, retried only when another try can help."""
+        err = classify("p", "p/m", status, info, None)
+        assert type(err) is error
+        assert getattr(err, "retryable", False) is retry
+
+    def test_client_error_keeps_the_providers_message_and_param(self) -> None:
+        """A 400 tells the caller what the provider said, and which parameter."""
+        err = classify("p", "p/m", 400, ErrorInfo("too long", code="context_length_exceeded", param="messages"), None)
+        assert (err.status, err.code, err.param) == (400, "context_length_exceeded", "messages")
+        assert "too long" in err.message
+
+    def test_refused_key_is_not_relayed(self) -> None:
+        """The provider's 401 text (which may echo the key) is replaced by leafwire's own message."""
+        err = classify("p", "p/m", 401, ErrorInfo("Incorrect API key provided: sk-abc"), None)
+        assert "sk-abc" not in err.message
+        assert err.code == "upstream_auth_failed"

@@ -1,0 +1,108 @@
+"""The adapter's JetStream state on a real nats-server: buckets, the cache, and one ledger shared by adapters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import nats
+import pytest
+from nats.js.api import KeyValueConfig
+
+from schemas.chat import Usage
+from schemas.cloud import BudgetStatus
+from services.cloud_adapter.budget import Ledger
+from services.cloud_adapter.cache import Entry
+from services.cloud_adapter.config import Budgets
+from services.cloud_adapter.settings import CloudSettings
+from services.cloud_adapter.state import CloudState
+from shared.streams import ensure_kv
+from tests.support import NatsServer
+
+T = TypeVar("T")
+BUDGETS = Budgets.model_validate({"tenant_default": {"daily_usd": 1.0}})
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[nats.NATS]:
+    client = await nats.connect(nats_server.url)
+    try:
+        yield client
+    finally:
+        await client.drain()
+
+
+async def opened(nc: nats.NATS, ledger: Ledger, tmp: Path, **env: object) -> CloudState:
+    settings = CloudSettings.model_validate({"site": "state", "LW_PROVIDERS_FILE": str(tmp / "none.yaml"),
+                                             **env})
+    state = CloudState(nc, settings, ledger)
+    await asyncio.wait_for(state.open(), 10)
+    return state
+
+
+async def eventually(probe: Callable[[], T]) -> T:
+    """Poll ``probe`` until it is truthy, for at most 10 s (a watcher or a background write to land)."""
+    async with asyncio.timeout(10):
+        while True:
+            if value := probe():
+                return value
+            await asyncio.sleep(0.02)
+
+
+async def test_cache_round_trip(nc: nats.NATS, tmp_path: Path) -> None:
+    """An answer stored under a key reads back whole; an absent key reads as a miss."""
+    state = await opened(nc, Ledger(BUDGETS), tmp_path)
+    entry = Entry({"content": "hi"}, "stop", Usage.of(2, 1))
+    state.cache_put("t.k1", entry)
+    await eventually(lambda: state._writes == set())
+    assert await state.cache_get("t.k1") == entry
+    assert await state.cache_get("t.absent") is None
+    await state.close(lambda _: None)
+
+
+async def test_changed_ttl_is_applied_to_the_existing_bucket(nc: nats.NATS) -> None:
+    """Reopening a bucket with another TTL changes it in place (values kept)."""
+    kv = await ensure_kv(nc, KeyValueConfig(bucket="ttl-test", ttl=60))
+    await kv.put("k", b"v")
+    await ensure_kv(nc, KeyValueConfig(bucket="ttl-test", ttl=120))
+    info = await nc.jetstream().stream_info("KV_ttl-test")
+    assert info.config.max_age == 120
+    assert (await kv.get("k")).value == b"v"
+
+
+async def test_two_adapters_share_one_ledger(nc: nats.NATS, tmp_path: Path) -> None:
+    """Spending written by two adapters adds up in the bucket; each sees the other's; the crossing into
+    'warning' is reported once, by the adapter whose write crossed it."""
+    a, b = Ledger(BUDGETS), Ledger(BUDGETS)
+    state_a, state_b = await opened(nc, a, tmp_path), await opened(nc, b, tmp_path)
+    alerts: list[tuple[str, BudgetStatus]] = []
+    a.charge("shared", 0.5)
+    await state_a.flush_budgets(lambda s: alerts.append(("a", s)))
+    b.charge("shared", 0.35)
+    await eventually(lambda: b.account("tenant-shared", "daily").known == 0.5)  # b's watcher saw a's write
+    await state_b.flush_budgets(lambda s: alerts.append(("b", s)))
+    kv = await nc.jetstream().key_value("budgets")
+    stored = BudgetStatus.model_validate_json((await kv.get("tenant-shared.daily")).value or b"")
+    assert stored.spent_usd == pytest.approx(0.85)
+    assert stored.state == "warning"
+    assert [(who, s.scope, s.state) for who, s in alerts] == [("b", "tenant-shared", "warning")]
+    await eventually(lambda: a.account("tenant-shared", "daily").spent == pytest.approx(0.85))
+    a.charge("shared", 0.2)
+    with pytest.raises(Exception, match="budget"):
+        a.check("shared")
+    await state_a.close(lambda _: None)
+    await state_b.close(lambda _: None)
+
+
+async def test_usage_events_are_kept(nc: nats.NATS, tmp_path: Path) -> None:
+    """A usage event published by the state is stored by the site's USAGE stream."""
+    from schemas.cloud import UsageEvent
+    state = await opened(nc, Ledger(BUDGETS), tmp_path)
+    await state.publish_usage(UsageEvent(request_id="u1", tenant="t", site="state", target="p/m",
+                                         prompt_tokens=1, completion_tokens=2, cost_usd=0.1))
+    await state.close(lambda _: None)
+    msg = await nc.jetstream().get_last_msg("USAGE", "lw.v1.state.usage.events")
+    assert json.loads(msg.data)["request_id"] == "u1"

@@ -1,0 +1,81 @@
+"""Writing answers in OpenAI's shape: streamed chunks or one result, from text or any message fields."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from schemas.chat import ChatCompletionChunk, StreamEnd, Usage
+from shared.answer import Answer, final_message, merge_delta, message_deltas
+from shared.replies import Event
+
+
+class Recorder:
+    """Stands in for a ReplyPublisher: keeps what would be published."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[Event, Any]] = []
+
+    async def send(self, event: Event, body: bytes) -> None:
+        self.sent.append((event, json.loads(body)))
+
+
+def answer(stream: bool, include_usage: bool = False) -> tuple[Answer, Recorder]:
+    rec = Recorder()
+    return Answer(rec, "r1", "p/m", stream, include_usage), rec  # type: ignore[arg-type]
+
+
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a":1}'}}
+
+
+class TestMerge:
+    def test_text_and_tool_call_pieces_merge(self) -> None:
+        """Streamed pieces add up to the whole message: text concatenates, tool calls merge by index."""
+        message: dict[str, Any] = {}
+        for d in [{"content": "Hel"}, {"content": "lo"}, {"tool_calls": [{"index": 0, "id": "c1", "type": "function",
+                                                                          "function": {"name": "f", "arguments": ""}}]},
+                  {"tool_calls": [{"index": 0, "function": {"arguments": '{"a":'}}]},
+                  {"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}]:
+            merge_delta(message, d)
+        assert message == {"content": "Hello", "tool_calls": [CALL]}
+
+    def test_whole_message_to_deltas_and_back(self) -> None:
+        """Replaying a whole message as deltas rebuilds the same message."""
+        original = {"content": "Hi", "tool_calls": [CALL], "refusal": None}
+        rebuilt: dict[str, Any] = {}
+        for d in message_deltas(original):
+            merge_delta(rebuilt, d)
+        assert rebuilt == {"content": "Hi", "tool_calls": [CALL]}
+
+    def test_final_message_shape(self) -> None:
+        """A message with only tool calls has content null; an empty answer has content ''."""
+        assert final_message({"tool_calls": [CALL]})["content"] is None
+        assert final_message({}) == {"role": "assistant", "content": ""}
+
+
+class TestAnswer:
+    async def test_streamed(self) -> None:
+        """Role chunk, deltas, finish chunk, usage chunk, then done: each a valid OpenAI chunk."""
+        a, rec = answer(stream=True, include_usage=True)
+        await a.text("Hi")
+        await a.delta({"tool_calls": [{"index": 0, **CALL}]})
+        await a.finish("tool_calls", Usage.of(3, 2))
+        kinds = [e for e, _ in rec.sent]
+        assert kinds == [Event.CHUNK] * 5 + [Event.DONE]
+        chunks = [ChatCompletionChunk.model_validate(b) for _, b in rec.sent[:5]]
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert rec.sent[2][1]["choices"][0]["delta"]["tool_calls"][0]["id"] == "c1"
+        assert chunks[3].choices[0].finish_reason == "tool_calls"
+        assert chunks[4].usage == Usage.of(3, 2)
+        assert {c.id for c in chunks} == {"chatcmpl-r1"}
+        assert StreamEnd.model_validate(rec.sent[5][1]).finish_reason == "tool_calls"
+
+    async def test_whole(self) -> None:
+        """Without streaming, everything arrives as one chat.completion with the message and usage."""
+        a, rec = answer(stream=False)
+        await a.whole({"content": "Hi", "tool_calls": [CALL]}, "tool_calls", Usage.of(3, 2))
+        ((event, body),) = rec.sent
+        assert event is Event.RESULT
+        assert body["object"] == "chat.completion"
+        assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hi", "tool_calls": [CALL]}
+        assert body["usage"]["total_tokens"] == 5
