@@ -76,6 +76,15 @@ class Envelope:
             h[ROUTE] = self.route
         return h
 
+    @property
+    def variant(self) -> str | None:
+        """The A/B variant the router picked, read from the route decision (``variant=...``)."""
+        for part in self.route.split(";"):
+            key, _, value = part.strip().partition("=")
+            if key == "variant" and value:
+                return value
+        return None
+
     def remaining(self) -> float:
         """Seconds left before the deadline (negative once passed)."""
         return self.deadline - time.time()

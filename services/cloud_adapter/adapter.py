@@ -324,7 +324,7 @@ class CloudAdapter:
                           target=target.name, prompt_tokens=usage.prompt_tokens,
                           completion_tokens=usage.completion_tokens, cost_usd=cost, cached=hit is not None,
                           outcome="ok" if outcome in ("ok", "cache_hit") else outcome,
-                          latency_s=elapsed)
+                          latency_s=elapsed, variant=env.variant)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

@@ -33,3 +33,9 @@ class TestEnvelope:
     def test_expired(self) -> None:
         """A deadline in the past is expired."""
         assert Envelope("r", "t", "x", time.time() - 1).expired()
+
+    def test_variant_from_the_route(self) -> None:
+        """The A/B variant is read from the router's decision; no variant, no value."""
+        assert Envelope("r", "t", "x", 1.0, route="target=local/m; rule=ab; variant=blue; reason=x").variant == "blue"
+        assert Envelope("r", "t", "x", 1.0, route="target=local/m; rule=default").variant is None
+        assert Envelope("r", "t", "x", 1.0).variant is None

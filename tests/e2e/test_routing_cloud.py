@@ -1,0 +1,142 @@
+"""Routing with a real cloud-adapter and a fault-injecting fake provider.
+
+Fallback happens only before the first byte reaches the client: a provider failing before it answers
+sends the request to the local model; a stream cut after it started ends with an error event and is
+never re-run elsewhere. A/B variants are recorded in the usage events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import nats
+import pytest
+
+from tests.fakes import FakeProvider, Fault
+from tests.support import NatsServer, Service, metric, running, write_policy, write_registry
+
+pytestmark = pytest.mark.e2e
+SITE = "rc"
+KEY = "sk-routing-test-5e4d3c2b1a"
+ASK = [{"role": "user", "content": "hello"}]
+POLICY = """
+local_model: tiny
+aliases:
+  assistant:
+    sticky: user
+    variants:
+      - {name: blue, target: fake/echo, weight: 1}
+      - {name: green, target: fake/echo, weight: 1}
+rules: [{name: default, route: [requested, local]}]
+"""
+
+
+@dataclass
+class Site:
+    nats: NatsServer
+    worker: Service
+    router: Service
+    gateway: Service
+    provider: FakeProvider
+
+
+@pytest.fixture(scope="module")
+def site(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    tmp = tmp_path_factory.mktemp("routing-cloud")
+    provider = FakeProvider("openai", key=KEY).start()
+    providers = tmp / "providers.yaml"
+    providers.write_text(json.dumps({"providers": [{
+        "name": "fake", "kind": "openai-compatible", "base_url": provider.url, "local": True,
+        "api_key_env": "LW_TEST_KEY", "models": {"echo": {"input_per_mtok": 1, "output_per_mtok": 1}},
+        "timeouts": {"connect_s": 2, "first_byte_s": 2, "total_s": 10}}]}))
+    env = {"LW_NATS_URL": nats_server.url, "LW_SITE": SITE}
+    worker = Service("local_inference", {**env, "LW_MODELS_FILE": str(write_registry(tmp / "models.yaml"))})
+    adapter = Service("cloud_adapter", {**env, "LW_PROVIDERS_FILE": str(providers), "LW_TEST_KEY": KEY,
+                                        "LW_CLOUD_BACKOFF_BASE_S": "0.01", "LW_CLOUD_BACKOFF_CAP_S": "0.02",
+                                        "LW_CLOUD_BREAKER_FAILURES": "1000"})
+    router = Service("router", {**env, "LW_ROUTER_UPLINK": "up",
+                                "LW_ROUTER_POLICY_FILE": str(write_policy(tmp / "policy.yaml", POLICY))})
+    gateway = Service("gateway", env)
+    try:
+        with running(worker, adapter, router, gateway):
+            yield Site(nats_server, worker, router, gateway, provider)
+    finally:
+        provider.stop()
+
+
+def generations(site: Site) -> float:
+    return sum(metric(site.worker.metrics(), "leafwire_generations_total", model="tiny", finish_reason=r)
+               for r in ("length", "stop", "cancelled"))
+
+
+def test_provider_failing_before_its_first_byte_falls_back(site: Site) -> None:
+    """A provider that keeps failing before answering hands the request to the local model."""
+    site.provider.reset()
+    site.provider.script(*[Fault.error(503)] * 3)
+    before = generations(site)
+    r = httpx.post(f"{site.gateway.base}/v1/chat/completions", timeout=30,
+                   json={"model": "fake/echo", "messages": ASK, "max_tokens": 3})
+    assert r.status_code == 200
+    assert r.json()["model"] == "tiny"
+    assert r.headers["x-leafwire-route"].startswith("target=local/tiny")
+    assert "fell back from fake/echo (" in r.headers["x-leafwire-route"]
+    assert len(site.provider.calls) == 3  # the adapter's retries, then the fallback
+    assert generations(site) == before + 1
+
+
+def test_no_fallback_after_the_first_byte(site: Site) -> None:
+    """A cloud stream cut midway ends with an error event after the text already sent; nothing re-runs it."""
+    site.provider.reset()
+    site.provider.script(Fault.cut(after=2))
+    before = generations(site)
+    with httpx.stream("POST", f"{site.gateway.base}/v1/chat/completions", timeout=30,
+                      json={"model": "fake/echo", "messages": ASK, "stream": True}) as r:
+        assert r.headers["x-leafwire-route"].startswith("target=fake/echo")
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    chunks = [json.loads(e) for e in events if e != "[DONE]"]
+    assert any(c.get("choices") and c["choices"][0]["delta"].get("content") for c in chunks)
+    assert "error" in chunks[-1]
+    assert "[DONE]" not in events
+    assert len(site.provider.calls) == 1
+    assert generations(site) == before
+
+
+async def last_usage(url: str) -> dict[str, object]:
+    nc = await nats.connect(url)
+    try:
+        msg = await nc.jetstream().get_last_msg("USAGE", f"lw.v1.{SITE}.usage.events")
+    finally:
+        await nc.drain()
+    return dict(json.loads(msg.data))
+
+
+def test_variant_in_headers_and_usage_events(site: Site) -> None:
+    """The A/B variant a user got is in the response's route header and in the usage event."""
+    site.provider.reset()
+    r = httpx.post(f"{site.gateway.base}/v1/chat/completions", timeout=30,
+                   json={"model": "assistant", "messages": ASK, "user": "operator-12"})
+    assert r.status_code == 200
+    variant = r.headers["x-leafwire-route"].split("variant=")[1].split(";")[0]
+    assert variant in ("blue", "green")
+    event = asyncio.run(last_usage(site.nats.url))
+    assert event["request_id"] == r.headers["x-request-id"]
+    assert event["variant"] == variant
+    assert event["target"] == "fake/echo"
+
+
+def test_masked_before_leaving_the_site(site: Site, tmp_path: Path) -> None:
+    """The provider receives the prompt with personal data masked; the local model would get it as is."""
+    site.provider.reset()
+    content = "Call Jane at +44 20 7946 0958 or jane.doe@plant.example about line 3"
+    r = httpx.post(f"{site.gateway.base}/v1/chat/completions", timeout=30,
+                   json={"model": "fake/echo", "messages": [{"role": "user", "content": content}]})
+    assert r.status_code == 200
+    (call,) = site.provider.calls
+    sent = call.body["messages"][0]["content"]
+    assert sent == "Call Jane at [PHONE] or [EMAIL] about line 3"
+    assert metric(site.router.metrics(), "leafwire_masked_total", pattern="email") >= 1
