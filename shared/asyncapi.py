@@ -45,7 +45,7 @@ def document() -> str:
     inference = InferenceSettings.model_construct(site="{site}")
     cloud = CloudSettings.model_construct(site="{site}", serve_all_sites=False)
     brokers = [
-        router_broker(router, LiveState(Catalog("{site}"), Policy(), Masker(()))),
+        router_broker(router, LiveState(Catalog("{site}"), Policy(), Masker(())), document_chat=True),
         inference_broker(inference, Worker(inference, {}), ["{model}"]),
         cloud_broker(cloud, CloudAdapter(cloud, ProvidersFile(), [])),
     ]

@@ -9,6 +9,7 @@ exception escapes to crash the service.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from faststream import BaseMiddleware
@@ -50,6 +51,30 @@ async def dead_letter(nc: NATS, site: str, service: str, subject: str, data: byt
         log.error("dead letter lost", error=repr(exc), subject=subject)
 
 
+async def answer_failure(nc: NATS, *, site: str, service: str, subject: str, data: bytes,
+                         headers: Mapping[str, str] | None, reply: str | None, exc: Exception) -> None:
+    """What a message whose handling failed gets (see the module doc): an ``error`` answer to whoever
+    waits for one (the message's reply subject, else the caller's ``Lw-Reply``), and a dead letter when
+    it was unreadable or crashed its handler."""
+    env = Envelope.from_message(headers, reply)
+    dead: str | None = None
+    if isinstance(exc, LeafwireError):
+        err = exc
+    elif isinstance(exc, ValidationError):
+        err = invalid_request(exc)
+        dead = f"invalid: {exc.errors()[0].get('msg', '') if exc.errors() else ''}"
+    else:
+        log.error("handler crashed", subject=subject, exc_info=exc)
+        err = LeafwireError(f"internal error in {service}: {type(exc).__name__}")
+        dead = f"crash: {exc!r}"
+    metrics.REJECTED.labels(service, err.code or type(err).__name__).inc()
+    log.info("request refused", status=err.status, code=err.code, message=err.message,
+             request_id=env.request_id, tenant=env.tenant, subject=subject)
+    await publish_error(nc, reply or env.reply, env, err)
+    if dead is not None:
+        await dead_letter(nc, site, service, subject, data, {k: str(v) for k, v in (headers or {}).items()}, dead)
+
+
 class ErrorReplies(BaseMiddleware):
     """FastStream middleware: map handler failures to error events and dead letters (see module doc)."""
 
@@ -64,33 +89,9 @@ class ErrorReplies(BaseMiddleware):
     async def consume_scope(self, call_next: Any, msg: StreamMessage[Any]) -> Any:
         try:
             return await call_next(msg)
-        except LeafwireError as err:
-            await self._reply(msg, err)
-        except ValidationError as exc:
-            await self._reply(msg, invalid_request(exc))
-            await self._dead_letter(msg, f"invalid: {exc.errors()[0].get('msg', '') if exc.errors() else ''}")
         except Exception as exc:
-            log.exception("handler crashed", subject=self._subject(msg))
-            await self._reply(msg, LeafwireError(f"internal error in {self.service}: {type(exc).__name__}"))
-            await self._dead_letter(msg, f"crash: {exc!r}")
+            broker = self.context.get("broker")
+            await answer_failure(broker.connection, site=self.site, service=self.service,
+                                 subject=str(getattr(msg.raw_message, "subject", "")), data=msg.body,
+                                 headers=msg.headers, reply=msg.reply_to or None, exc=exc)
         return None
-
-    def _nc(self) -> NATS:
-        broker = self.context.get("broker")
-        return broker.connection  # type: ignore[no-any-return]
-
-    @staticmethod
-    def _subject(msg: StreamMessage[Any]) -> str:
-        return str(getattr(msg.raw_message, "subject", ""))
-
-    async def _reply(self, msg: StreamMessage[Any], err: LeafwireError) -> None:
-        """Answer the immediate requester (a caller, or a router waiting for admission)."""
-        env = Envelope.from_message(msg.headers, msg.reply_to)
-        metrics.REJECTED.labels(self.service, err.code or type(err).__name__).inc()
-        log.info("request refused", status=err.status, code=err.code, message=err.message,
-                 request_id=env.request_id, tenant=env.tenant, subject=self._subject(msg))
-        await publish_error(self._nc(), msg.reply_to, env, err)
-
-    async def _dead_letter(self, msg: StreamMessage[Any], reason: str) -> None:
-        headers = {k: str(v) for k, v in (msg.headers or {}).items()}
-        await dead_letter(self._nc(), self.site, self.service, self._subject(msg), msg.body, headers, reason)

@@ -4,11 +4,9 @@ Admission answers the forwarding router on the message's own reply subject — `
 provider's first byte arrived (or the cache had the answer), else an error the router can act on. The
 answer then goes straight to the caller's subject (``Lw-Reply``).
 
-Chat work is the hot path and is read with a plain nats-py queue subscription (``ChatIntake``): FastStream
-resolves a handler's ``NatsMessage`` parameter in a worker thread for every message, which cost more than
-the rest of the adapter's work per request (see docs/cloud.md). It keeps FastStream's contract: a message
-that cannot be parsed or crashes gets an ``error`` event and is dead-lettered; a refusal gets an ``error``.
-Cancels and roll calls are rare and stay FastStream handlers.
+Chat work is the hot path and is read with an ``Intake`` (``shared/intake.py``: a plain nats-py queue
+subscription with FastStream's error contract); cancels and roll calls are rare and stay FastStream
+handlers.
 """
 
 from __future__ import annotations
@@ -21,8 +19,6 @@ from faststream.nats import NatsBroker
 from faststream.nats.annotations import NatsMessage
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from pydantic import ValidationError
 
 from schemas.chat import ChatCompletionRequest
 from schemas.control import Cancel
@@ -30,14 +26,14 @@ from services.cloud_adapter import config
 from services.cloud_adapter.adapter import SERVICE, CloudAdapter
 from services.cloud_adapter.settings import CloudSettings
 from services.cloud_adapter.state import CloudState
-from shared import metrics, subjects
+from shared import subjects
 from shared.envelope import Envelope
-from shared.errors import InvalidRequest, LeafwireError
-from shared.handling import ErrorReplies, dead_letter, invalid_request
-from shared.logging import bind_request, get_logger, register_secret
+from shared.errors import InvalidRequest
+from shared.handling import ErrorReplies
+from shared.intake import Handler, Intake
+from shared.logging import get_logger, register_secret
 from shared.nats import broker as make_broker
 from shared.ops import Readiness
-from shared.replies import publish_error
 from shared.service import attach_broker
 
 log = get_logger("leafwire.cloud_adapter")
@@ -54,71 +50,29 @@ def sites_of(settings: CloudSettings) -> str:
     return subjects.ANY_SITE if settings.serves_all_sites else settings.site
 
 
-class ChatIntake:
-    """Cloud chat work from a plain nats-py queue subscription (the hot path; see the module docstring)."""
+def chat_handler(adapter: CloudAdapter) -> Handler[ChatCompletionRequest]:
+    """Admit cloud chat work; the call itself runs in the background (the intake must not wait on it)."""
 
-    def __init__(self, nc: NATS, settings: CloudSettings, adapter: CloudAdapter) -> None:
-        self._nc = nc
-        self._settings = settings
-        self._adapter = adapter
-        self._sub: Subscription | None = None
+    async def on_chat(body: ChatCompletionRequest, msg: Msg, env: Envelope) -> None:
+        if not env.reply:
+            raise InvalidRequest("no Lw-Reply header: nowhere to send the answer")
+        adapter.start(adapter.admit(body, env), body, env, msg.reply or None)
 
-    async def start(self) -> None:
-        """Subscribe in the ``cloud-adapter`` queue group and flush, so work is taken from now on."""
-        self._sub = await self._nc.subscribe(subjects.cloud_chat(sites_of(self._settings)),
-                                             queue=subjects.CLOUD_QUEUE, cb=self._on_msg)
-        await self._nc.flush()
-
-    async def stop(self) -> None:
-        """Stop taking work (answers in flight continue)."""
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
-
-    async def _on_msg(self, msg: Msg) -> None:
-        env = Envelope.from_message(msg.headers, None)
-        bind_request(env.request_id, env.tenant, msg.subject)
-        try:
-            body = ChatCompletionRequest.model_validate_json(msg.data)
-            if not env.reply:
-                raise InvalidRequest("no Lw-Reply header: nowhere to send the answer")
-            target = self._adapter.admit(body, env)
-        except ValidationError as exc:
-            await self._refuse(msg, env, invalid_request(exc))
-            await self._dead_letter(msg, f"invalid: {exc.errors()[0].get('msg', '') if exc.errors() else ''}")
-        except LeafwireError as err:
-            await self._refuse(msg, env, err)
-        except Exception as exc:
-            log.exception("chat intake crashed", subject=msg.subject)
-            await self._refuse(msg, env, LeafwireError(f"internal error in {SERVICE}: {type(exc).__name__}"))
-            await self._dead_letter(msg, f"crash: {exc!r}")
-        else:
-            self._adapter.start(target, body, env, msg.reply or None)
-
-    async def _refuse(self, msg: Msg, env: Envelope, err: LeafwireError) -> None:
-        """The router (or, with no reply subject, the caller) gets the error."""
-        metrics.REJECTED.labels(SERVICE, err.code or type(err).__name__).inc()
-        log.info("request refused", status=err.status, code=err.code, message=err.message)
-        await publish_error(self._nc, msg.reply or env.reply, env, err)
-
-    async def _dead_letter(self, msg: Msg, reason: str) -> None:
-        await dead_letter(self._nc, self._settings.site, SERVICE, msg.subject, msg.data, dict(msg.headers or {}),
-                          reason)
+    return on_chat
 
 
 def document_chat(broker: NatsBroker, settings: CloudSettings) -> None:
     """Declare the chat subject on a broker that only builds the AsyncAPI document (never started): at run
-    time ``ChatIntake`` reads it."""
+    time an ``Intake`` reads it."""
 
     @broker.subscriber(subjects.cloud_chat(sites_of(settings)), queue=subjects.CLOUD_QUEUE, no_reply=True,
                        title="cloud/chat", description=CHAT_DOC)
     async def on_chat(body: ChatCompletionRequest) -> None:  # pragma: no cover - documentation only
-        raise NotImplementedError("documentation only: ChatIntake serves this subject")
+        raise NotImplementedError("documentation only: an Intake serves this subject")
 
 
 def build_broker(settings: CloudSettings, adapter: CloudAdapter) -> NatsBroker:
-    """The FastStream app: cancels and roll calls (chat work: ``ChatIntake``)."""
+    """The FastStream app: cancels and roll calls (chat work: an ``Intake``)."""
     broker = make_broker(settings, SERVICE, middlewares=[ErrorReplies.for_service(settings.site, SERVICE)])
     sites = sites_of(settings)
 
@@ -163,7 +117,8 @@ def load_adapter(settings: CloudSettings) -> CloudAdapter:
     return CloudAdapter(settings, file, providers)
 
 
-async def quiesce(intake: ChatIntake, broker: NatsBroker, adapter: CloudAdapter, grace_s: float) -> None:
+async def quiesce(intake: Intake[ChatCompletionRequest], broker: NatsBroker, adapter: CloudAdapter,
+                  grace_s: float) -> None:
     """Shutdown, first step: stop taking work, then let admitted answers finish."""
     await intake.stop()
     for sub in broker.subscribers:
@@ -188,6 +143,7 @@ async def main(settings: CloudSettings, readiness: Readiness, stack: AsyncExitSt
     state.spawn(state.budget_loop(adapter.budget_alert, adapter.budget_metrics))
     state.spawn(heartbeats(nc, adapter))
     readiness.add("jetstream", state.problem)
-    intake = ChatIntake(nc, settings, adapter)
+    intake = Intake(nc, subject=subjects.cloud_chat(sites_of(settings)), queue=subjects.CLOUD_QUEUE,
+                    model=ChatCompletionRequest, handler=chat_handler(adapter), site=settings.site, service=SERVICE)
     await intake.start()
     stack.push_async_callback(quiesce, intake, broker, adapter, settings.nats_drain_timeout_s)

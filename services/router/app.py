@@ -15,6 +15,8 @@ from contextlib import AsyncExitStack
 
 from faststream.nats import NatsBroker
 from faststream.nats.annotations import NatsMessage
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig
 
 from schemas.chat import ChatCompletionRequest
@@ -32,7 +34,8 @@ from shared import metrics, subjects
 from shared.envelope import RESIDENCY, Envelope
 from shared.errors import InvalidRequest
 from shared.handling import ErrorReplies
-from shared.logging import bind_request, get_logger
+from shared.intake import Handler, Intake
+from shared.logging import get_logger
 from shared.nats import broker as make_broker
 from shared.ops import Readiness
 from shared.service import attach_broker
@@ -68,25 +71,35 @@ def dry_run(state: LiveState, request: ChatCompletionRequest, env: Envelope,
                   masked_for_cloud=dict(masked), policy_source=state.policy_source)
 
 
-def build_broker(settings: RouterSettings, state: LiveState) -> NatsBroker:
-    """The FastStream app of the router."""
-    broker = make_broker(settings, SERVICE, middlewares=[ErrorReplies.for_service(settings.site, SERVICE)])
+CHAT_DOC = ("Chat requests of a site, in OpenAI's request shape. The answer (`chunk`... `done`, or one `result`, "
+            "or an `error`) arrives on the message's reply subject, with the event kind in the Lw-Event header. "
+            "Header Lw-Residency: onsite keeps the request on the site.")
 
-    @broker.subscriber(subjects.chat(settings.site), queue="router", no_reply=True,
-                       max_workers=settings.max_concurrency, title="chat",
-                       description="Chat requests of a site, in OpenAI's request shape. The answer "
-                                   "(`chunk`... `done`, or one `result`, or an `error`) arrives on the "
-                                   "message's reply subject, with the event kind in the Lw-Event header. "
-                                   "Header Lw-Residency: onsite keeps the request on the site.")
-    async def on_chat(body: ChatCompletionRequest, msg: NatsMessage) -> None:
+
+def chat_handler(nc: NATS, settings: RouterSettings, state: LiveState) -> Handler[ChatCompletionRequest]:
+    """Route one chat request: decide the chain, offer it until a target takes it."""
+
+    async def on_chat(body: ChatCompletionRequest, msg: Msg, env: Envelope) -> None:
         started = time.perf_counter()
-        env = Envelope.from_message(msg.headers, msg.reply_to)
-        bind_request(env.request_id, env.tenant, msg.raw_message.subject)
-        if not msg.reply_to:
+        if not msg.reply:
             raise InvalidRequest("a chat request needs a reply subject to answer on")
         plan, _ = decide_for(state, body, env, msg.headers)
-        await run_chain(broker.connection, settings, state, plan, body, env)
+        await run_chain(nc, settings, state, plan, body, env)
         metrics.ROUTE_DURATION.observe(time.perf_counter() - started)
+
+    return on_chat
+
+
+def build_broker(settings: RouterSettings, state: LiveState, *, document_chat: bool = False) -> NatsBroker:
+    """The FastStream app of the router: dry runs, models, heartbeats. Chat requests are the hot path and
+    are read by an ``Intake``; ``document_chat`` declares their subject for the AsyncAPI document only."""
+    broker = make_broker(settings, SERVICE, middlewares=[ErrorReplies.for_service(settings.site, SERVICE)])
+
+    if document_chat:
+        @broker.subscriber(subjects.chat(settings.site), queue="router", no_reply=True, title="chat",
+                           description=CHAT_DOC)
+        async def on_chat(body: ChatCompletionRequest) -> None:  # pragma: no cover - documentation only
+            raise NotImplementedError("documentation only: an Intake serves this subject")
 
     @broker.subscriber(subjects.route_dry_run(settings.site), title="route.dry_run",
                        description="Request/reply: the routing decision for a chat request, not run.")
@@ -121,6 +134,11 @@ async def main(settings: RouterSettings, readiness: Readiness, stack: AsyncExitS
     broker = build_broker(settings, state)
     await attach_broker(broker, settings, SERVICE, readiness, stack)
     nc = broker.connection
+    intake = Intake(nc, subject=subjects.chat(settings.site), queue="router", model=ChatCompletionRequest,
+                    handler=chat_handler(nc, settings, state), site=settings.site, service=SERVICE,
+                    concurrency=settings.max_concurrency)
+    await intake.start()
+    stack.push_async_callback(intake.stop, settings.nats_drain_timeout_s)
     js = nc.jetstream(timeout=5)
     tasks = [
         watch.follow_bucket(js, subjects.CONFIG_BUCKET, subjects.POLICY_KEY,
