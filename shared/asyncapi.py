@@ -37,7 +37,7 @@ def document() -> str:
     inference = InferenceSettings.model_construct(site="{site}")
     brokers = [
         router_broker(router, Catalog("{site}")),
-        inference_broker(inference, Worker(inference, {}), ["{model}"]),
+        inference_broker(inference, Worker(inference, {}, worker_id="{worker_id}"), ["{model}"], ["{model}"]),
     ]
     spec = AsyncAPI(*brokers, title=TITLE, version=VERSION, description=DESCRIPTION).to_specification()
     return json.dumps(json.loads(spec.to_json()), indent=2, sort_keys=True) + "\n"

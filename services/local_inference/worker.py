@@ -1,0 +1,382 @@
+"""The worker's state and work: admit requests and batches, run them on the model engines, publish answers.
+
+Work arrives two ways. From the batcher, a whole batch for one worker: taken only while that model is
+idle here (a static batch cannot grow once started), refused as busy otherwise, so the batcher offers it
+to another worker or waits. From the router directly, one request at a time, when no batcher runs.
+Answers go straight to each caller's reply subject. Every request being answered is in ``inflight``
+from the moment it is taken, so a batcher asking for this worker's status sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client as NATS
+
+from schemas.batch import BatchAdmitted, ChatBatch, EmbeddingsBatch, EmbeddingsRow, WorkerStatus
+from schemas.chat import ChatCompletionRequest, ChatMessage, Usage
+from schemas.control import ModelInfo, WorkerHeartbeat
+from schemas.embeddings import EmbeddingRequest
+from services.local_inference.answer import Answer, embedding_response
+from services.local_inference.embedder import EmbedEngine, TooLong
+from services.local_inference.engine import Engine, RowHandle
+from services.local_inference.ipc import Delta, Finished, Rejected, RowSpec, Started
+from services.local_inference.settings import InferenceSettings
+from shared import metrics
+from shared.envelope import Envelope
+from shared.errors import (
+    Cancelled,
+    ContextLengthExceeded,
+    DeadlineExceeded,
+    InvalidRequest,
+    LeafwireError,
+    Overloaded,
+    Unavailable,
+)
+from shared.logging import get_logger
+from shared.replies import Event, ReplyPublisher, publish_error
+
+SERVICE = "local-inference"
+log = get_logger("leafwire.local_inference")
+
+
+def new_worker_id(instance: str = "") -> str:
+    """``li-<instance>`` when the deployment names the instance, else ``li-<random>``."""
+    return f"li-{instance or uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """A request this worker answers: its model, and how to stop it."""
+
+    model: str
+    stop: Callable[[], None]
+
+
+@dataclass
+class EmbedJob:
+    """One embeddings request of a batch, checked and waiting for its vectors."""
+
+    env: Envelope
+    request: EmbeddingRequest
+    texts: list[str]
+
+
+@dataclass
+class Worker:
+    """The worker's engines (one per model) and the requests it is answering."""
+
+    settings: InferenceSettings
+    engines: dict[str, Engine]
+    embedders: dict[str, EmbedEngine] = field(default_factory=dict)
+    worker_id: str = ""
+    inflight: dict[str, Taken] = field(default_factory=dict)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    nc: NATS | None = None
+    stopping: bool = False
+    on_idle: Callable[[], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.worker_id = self.worker_id or new_worker_id(self.settings.instance)
+
+    @property
+    def served_by(self) -> str:
+        """``<site>/<worker id>``, sent to callers with the first event of each answer."""
+        return f"{self.settings.site}/{self.worker_id}"
+
+    # -- announcements ----------------------------------------------------------------------------
+
+    def heartbeat(self) -> WorkerHeartbeat:
+        """This worker's announcement (nothing is idle once it is shutting down)."""
+        models = [*self._chat_models(), *self._embedding_models()]
+        if self.stopping:
+            models = [m.model_copy(update={"idle": False}) for m in models]
+        return WorkerHeartbeat(
+            worker_id=self.worker_id, service=SERVICE, site=self.settings.site, models=models,
+            inflight=len(self.inflight), capacity=self.settings.max_inflight,
+            interval_s=self.settings.heartbeat_s, serves_all_sites=self.settings.serves_all_sites)
+
+    def _chat_models(self) -> list[ModelInfo]:
+        return [ModelInfo(name=name, context_length=e.context_length, kind="chat",
+                          batching=e.spec.batching_options(self.settings.max_batch), idle=e.active_rows == 0)
+                for name, e in self.engines.items() if e.ready]
+
+    def _embedding_models(self) -> list[ModelInfo]:
+        return [ModelInfo(name=name, context_length=e.context_length, kind="embeddings",
+                          dimensions=e.dimensions, batching=e.spec.batching_options(), idle=e.busy == 0)
+                for name, e in self.embedders.items() if e.ready]
+
+    def status(self) -> WorkerStatus:
+        """The requests this worker is answering, for a batcher watching its rows."""
+        return WorkerStatus(worker_id=self.worker_id, request_ids=list(self.inflight))
+
+    # -- admission --------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        if self.stopping:
+            raise Unavailable(f"worker {self.worker_id} is shutting down", code="worker_stopping",
+                              retry_after=1)
+
+    def chat_engine(self, model: str) -> Engine:
+        """The loaded chat engine of ``model``; Unavailable when this worker cannot take it now."""
+        self._open()
+        engine = self.engines.get(model)
+        if engine is None:
+            raise Unavailable(f"this worker does not serve chat model {model}", code="no_worker", retry_after=1)
+        if not engine.ready:
+            raise Unavailable(f"model {model} is loading", retry_after=2)
+        return engine
+
+    def embed_engine(self, model: str) -> EmbedEngine:
+        """The loaded embeddings engine of ``model``; Unavailable when this worker cannot take it now."""
+        self._open()
+        engine = self.embedders.get(model)
+        if engine is None:
+            raise Unavailable(f"this worker does not serve embeddings model {model}", code="no_worker",
+                              retry_after=1)
+        if not engine.ready:
+            raise Unavailable(f"model {model} is loading", retry_after=2)
+        return engine
+
+    def _room(self) -> None:
+        if len(self.inflight) >= self.settings.max_inflight:
+            metrics.REJECTED.labels(SERVICE, "queue_full").inc()
+            raise Overloaded(f"worker {self.worker_id} is at capacity "
+                             f"({self.settings.max_inflight} requests)", retry_after=1)
+
+    def _fresh(self, env: Envelope) -> None:
+        if env.expired():
+            raise DeadlineExceeded("the request's deadline passed before it reached a worker")
+        if env.request_id in self.inflight:
+            raise InvalidRequest(f"request id {env.request_id} is already being answered")
+
+    def admit(self, model: str, request: ChatCompletionRequest, env: Envelope) -> None:
+        """Take one chat request (no batcher in the path); raise what the router should act on if not."""
+        engine = self.chat_engine(model)
+        self._room()
+        self._fresh(env)
+        row = row_spec(engine, request, env)
+        (handle,) = engine.submit([row])
+        self._start_chat(engine, handle, request, env, 0.0)
+
+    def take_chat_batch(self, batch: ChatBatch) -> BatchAdmitted:
+        """Take a batcher's chat batch if the model is idle here; its rows are decoded together."""
+        engine = self.chat_engine(batch.model)
+        if engine.active_rows:
+            raise Overloaded(f"worker {self.worker_id} is decoding another batch of {batch.model}",
+                             code="worker_busy", retry_after=1)
+        taken: list[tuple[RowSpec, ChatCompletionRequest, Envelope, float]] = []
+        for item in batch.rows:
+            env = Envelope.from_row(item.envelope)
+            try:
+                self._fresh(env)
+                taken.append((row_spec(engine, item.request, env), item.request, env, item.envelope.queued_s))
+            except LeafwireError as err:
+                self.refuse(env, err)
+        handles = engine.submit([row for row, *_ in taken]) if taken else []
+        for handle, (_, request, env, queued_s) in zip(handles, taken, strict=True):
+            self._start_chat(engine, handle, request, env, queued_s)
+        return BatchAdmitted(worker_id=self.worker_id, site=self.settings.site,
+                             request_ids=[env.request_id for _, _, env, _ in taken])
+
+    def take_embeddings(self, batch: EmbeddingsBatch, *, when_idle: bool) -> BatchAdmitted:
+        """Take embeddings requests; from a batcher (``when_idle``) only while the model is idle here."""
+        engine = self.embed_engine(batch.model)
+        if when_idle and engine.busy:
+            raise Overloaded(f"worker {self.worker_id} is encoding another batch of {batch.model}",
+                             code="worker_busy", retry_after=1)
+        jobs = []
+        for item in batch.rows:
+            env = Envelope.from_row(item.envelope)
+            try:
+                jobs.append(self._embed_job(engine, item, env))
+            except LeafwireError as err:
+                self.refuse(env, err)
+        for job in jobs:
+            self.inflight[job.env.request_id] = Taken(batch.model, lambda: None)  # too quick to be worth stopping
+        if jobs:
+            self.spawn(self.embed(engine, jobs))
+        return BatchAdmitted(worker_id=self.worker_id, site=self.settings.site,
+                             request_ids=[job.env.request_id for job in jobs])
+
+    def _embed_job(self, engine: EmbedEngine, item: EmbeddingsRow, env: Envelope) -> EmbedJob:
+        self._fresh(env)
+        texts = item.request.texts()
+        if texts is None:
+            raise InvalidRequest(f"model {engine.spec.name} takes text: send input as a string or an array "
+                                 "of strings, not token ids", param="input")
+        if item.request.dimensions is not None and item.request.dimensions != engine.dimensions:
+            raise InvalidRequest(f"model {engine.spec.name} makes {engine.dimensions}-dimensional vectors; "
+                                 f"it cannot make {item.request.dimensions}", param="dimensions")
+        return EmbedJob(env, item.request, texts)
+
+    def refuse(self, env: Envelope, err: LeafwireError) -> None:
+        """Tell one caller of a batch why its request was not taken (the others go on)."""
+        metrics.REJECTED.labels(SERVICE, err.code or type(err).__name__).inc()
+        if self.nc is not None:
+            self.spawn(publish_error(self.nc, env.reply, env, err))
+
+    # -- answering --------------------------------------------------------------------------------
+
+    def _start_chat(self, engine: Engine, handle: RowHandle, request: ChatCompletionRequest, env: Envelope,
+                    queued_s: float) -> None:
+        self.inflight[env.request_id] = Taken(engine.spec.name, handle.cancel)
+        metrics.ACTIVE_ROWS.labels(engine.spec.name).inc()
+        self.spawn(self.answer(engine, handle, request, env, time.monotonic() - queued_s))
+
+    async def answer(self, engine: Engine, handle: RowHandle, request: ChatCompletionRequest, env: Envelope,
+                     arrived: float) -> None:
+        """Publish one row's answer to its caller as the decoder produces it."""
+        assert self.nc is not None
+        publisher = ReplyPublisher(self.nc, env.reply, env, self.served_by)
+        answer = Answer.for_request(publisher, env.request_id, engine.spec.name, request)
+        clock = TokenClock(engine.spec.name, arrived)
+        try:
+            async for event in handle.events():
+                if isinstance(event, Started):
+                    await answer.begin()
+                elif isinstance(event, Delta):
+                    clock.tick()
+                    await answer.text(event.text)
+                elif isinstance(event, Finished):
+                    await self._finish(answer, publisher, engine.spec.name, event)
+                    clock.done(event.completion_tokens)
+                elif isinstance(event, Rejected):
+                    await publisher.error(rejection(engine.spec.name, event))
+        except LeafwireError as err:
+            await publisher.error(err)
+        finally:
+            self.inflight.pop(env.request_id, None)
+            metrics.ACTIVE_ROWS.labels(engine.spec.name).dec()
+            if engine.active_rows == 0:
+                self.idle()
+
+    @staticmethod
+    async def _finish(answer: Answer, publisher: ReplyPublisher, model: str, event: Finished) -> None:
+        metrics.PROMPT_TOKENS.labels(model).inc(event.prompt_tokens)
+        metrics.COMPLETION_TOKENS.labels(model).inc(event.completion_tokens)
+        metrics.GENERATIONS.labels(model, event.finish_reason).inc()
+        if event.finish_reason == "cancelled":
+            await publisher.error(Cancelled("the request was cancelled"))
+        else:
+            await answer.finish(event.finish_reason, Usage.of(event.prompt_tokens, event.completion_tokens))
+
+    async def embed(self, engine: EmbedEngine, jobs: list[EmbedJob]) -> None:
+        """Make the vectors of several requests in one go and answer each caller."""
+        assert self.nc is not None
+        model = engine.spec.name
+        try:
+            metrics.BATCH_SIZE.labels(model).observe(sum(len(j.texts) for j in jobs))
+            results = await engine.embed_many([j.texts for j in jobs])
+            for job, result in zip(jobs, results, strict=True):
+                publisher = ReplyPublisher(self.nc, job.env.reply, job.env, self.served_by)
+                if isinstance(result, TooLong):
+                    await publisher.error(too_long(model, result))
+                    continue
+                metrics.EMBEDDING_INPUTS.labels(model).inc(len(job.texts))
+                metrics.PROMPT_TOKENS.labels(model).inc(result.tokens)
+                body = embedding_response(model, result.vectors, result.tokens, job.request.encoding_format)
+                await publisher.send(Event.RESULT, body.model_dump_json().encode())
+        except Exception as exc:  # the caller must hear of it, whatever broke
+            log.exception("embeddings failed", model=model)
+            for job in jobs:
+                await publish_error(self.nc, job.env.reply, job.env,
+                                    LeafwireError(f"embeddings failed: {type(exc).__name__}"))
+        finally:
+            for job in jobs:
+                self.inflight.pop(job.env.request_id, None)
+            if engine.busy == 0:
+                self.idle()
+
+    def idle(self) -> None:
+        """A model has nothing left to do here: tell batchers at once (not at the next heartbeat)."""
+        if self.on_idle is not None and not self.stopping:
+            self.on_idle()
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request this worker is answering; False when it is not here."""
+        taken = self.inflight.get(request_id)
+        if taken is None:
+            return False
+        taken.stop()
+        return True
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run an answer in the background, tracked so shutdown can wait for it."""
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+class TokenClock:
+    """Time to first token, inter-token latency and decode speed of one answer, into the metrics."""
+
+    def __init__(self, model: str, arrived: float) -> None:
+        self.model = model
+        self.arrived = arrived
+        self.first = 0.0
+        self.last = 0.0
+
+    def tick(self) -> None:
+        """A piece of text arrived."""
+        now = time.monotonic()
+        if self.last:
+            metrics.INTER_TOKEN.labels(self.model).observe(now - self.last)
+        else:
+            self.first = now
+            metrics.TTFT.labels(self.model).observe(now - self.arrived)
+        self.last = now
+
+    def done(self, tokens: int) -> None:
+        """The answer ended after ``tokens`` tokens."""
+        if tokens > 1 and self.last > self.first:
+            metrics.DECODE_RATE.labels(self.model).observe((tokens - 1) / (self.last - self.first))
+
+
+def row_spec(engine: Engine, request: ChatCompletionRequest, env: Envelope) -> RowSpec:
+    """The decoder's view of a request, with the model's defaults filled in."""
+    defaults = engine.spec.defaults
+    for m in request.messages:
+        refuse_unsupported(engine.spec.name, m)
+    if request.model_extra and request.model_extra.get("tools"):
+        raise InvalidRequest(f"model {engine.spec.name} does not support tools", param="tools")
+    return RowSpec(
+        key=engine.new_key(),
+        messages=[{"role": m.role, "content": m.text()} for m in request.messages],
+        max_tokens=request.token_limit(),
+        temperature=defaults.temperature if request.temperature is None else request.temperature,
+        top_p=defaults.top_p if request.top_p is None else request.top_p,
+        seed=request.seed,
+        stop=request.stop_sequences(),
+        deadline=env.deadline,
+    )
+
+
+def refuse_unsupported(model: str, message: ChatMessage) -> None:
+    """Local models read text only."""
+    if message.has_non_text():
+        raise InvalidRequest(f"model {model} reads text only; the message has non-text content",
+                             param="messages")
+
+
+def rejection(model: str, event: Rejected) -> LeafwireError:
+    """The caller-facing error for a row the decoder refused."""
+    if event.reason == "context_length":
+        d = event.detail
+        return ContextLengthExceeded(model=model, context_length=d["context_length"],
+                                     prompt_tokens=d["prompt_tokens"], max_tokens=d["max_tokens"])
+    if event.reason == "deadline":
+        return DeadlineExceeded("the request's deadline passed before decoding started")
+    return InvalidRequest(event.message)
+
+
+def too_long(model: str, result: TooLong) -> InvalidRequest:
+    """The 400 for an embeddings input longer than the model reads, stating both numbers."""
+    return InvalidRequest(f"This model's maximum context length is {result.limit} tokens per input. However, "
+                          f"input[{result.index}] has {result.tokens} tokens. Please shorten it.",
+                          param="input", code="context_length_exceeded")
