@@ -2,13 +2,15 @@
 
 The batcher hands a worker a whole batch in one request (``lw.v1.<site>.workers.<id>.batch.<kind>``).
 Each row carries its own envelope, since NATS headers belong to the message and a batch holds the rows
-of many callers. The worker answers ``BatchAdmitted`` (or an error: busy, stopping) and then publishes
+of many callers. The worker answers ``BatchAnswer`` (taken, or not: busy, stopping) and then publishes
 every row's answer straight to that row's reply subject. While rows are out, the batcher asks the worker
 ``lw.v1.<site>.workers.<id>.status`` for the rows it still holds; no responders there means the worker is
 gone, and its rows' callers get an error at once.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -55,12 +57,16 @@ class EmbeddingsBatch(BaseModel):
     rows: list[EmbeddingsRow] = Field(min_length=1)
 
 
-class BatchAdmitted(BaseModel):
-    """A worker took a batch; it answers each row on the row's reply subject."""
+class BatchAnswer(BaseModel):
+    """A worker's answer to a batch: taken (it answers each taken row on the row's reply subject; rows it
+    refused got their error there already), or not taken and why (``busy``: another batch of the model
+    is running; ``stopping``: the worker is shutting down)."""
 
     worker_id: str
     site: str
-    request_ids: list[str]
+    taken: bool = True
+    reason: Literal["", "busy", "stopping"] = ""
+    request_ids: list[str] = Field(default_factory=list)
 
 
 class WorkerStatus(BaseModel):

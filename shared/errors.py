@@ -7,6 +7,7 @@
     ├── ModelNotFound                404 code=model_not_found
     ├── Overloaded                   429 rate_limit_error  (carries retry_after)
     ├── Unavailable                  503 service_unavailable (carries retry_after)
+    │   └── NotBatched               503 code=not_batched: the batcher cannot queue it, go direct
     ├── DeadlineExceeded             504 timeout
     ├── Cancelled                    499 cancelled
     ├── UpstreamError                502 upstream_error
@@ -107,6 +108,13 @@ class Unavailable(LeafwireError):
     status = 503
     type = "service_unavailable"
     default_code = "unavailable"
+
+
+class NotBatched(Unavailable):
+    """The batcher cannot queue the request (it knows no worker of the model, or it is stopping); the
+    router then hands the request to the workers directly. Callers never see this error."""
+
+    default_code = "not_batched"
 
 
 class DeadlineExceeded(LeafwireError):

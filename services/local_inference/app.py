@@ -18,7 +18,7 @@ from faststream.nats import NatsBroker
 from faststream.nats.annotations import NatsMessage
 from nats.aio.client import Client as NATS
 
-from schemas.batch import BatchAdmitted, ChatBatch, EmbeddingsBatch, EmbeddingsRow, WorkerStatus
+from schemas.batch import BatchAnswer, ChatBatch, EmbeddingsBatch, EmbeddingsRow, WorkerStatus
 from schemas.chat import ChatCompletionRequest
 from schemas.control import Admitted, Cancel
 from schemas.embeddings import EmbeddingRequest
@@ -106,14 +106,14 @@ def subscribe_batches(broker: NatsBroker, worker: Worker) -> None:
     site, wid = worker.settings.site, worker.worker_id
 
     @broker.subscriber(subjects.worker_batch(site, wid, "chat"), title="worker/batch/chat",
-                       description="A batcher's chat batch for this worker: `BatchAdmitted`, or an error "
-                                   "(code worker_busy while another batch of the model is decoding).")
-    async def on_chat_batch(body: ChatBatch) -> BatchAdmitted:
+                       description="A batcher's chat batch for this worker: `BatchAnswer` (not taken while "
+                                   "another batch of the model is decoding, or while shutting down).")
+    async def on_chat_batch(body: ChatBatch) -> BatchAnswer:
         return worker.take_chat_batch(body)
 
     @broker.subscriber(subjects.worker_batch(site, wid, "embeddings"), title="worker/batch/embeddings",
-                       description="A batcher's embeddings batch for this worker: `BatchAdmitted` or an error.")
-    async def on_embeddings_batch(body: EmbeddingsBatch) -> BatchAdmitted:
+                       description="A batcher's embeddings batch for this worker: `BatchAnswer`.")
+    async def on_embeddings_batch(body: EmbeddingsBatch) -> BatchAnswer:
         return worker.take_embeddings(body, when_idle=True)
 
     @broker.subscriber(subjects.worker_status(site, wid), title="worker/status",

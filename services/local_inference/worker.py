@@ -14,11 +14,11 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from nats.aio.client import Client as NATS
 
-from schemas.batch import BatchAdmitted, ChatBatch, EmbeddingsBatch, EmbeddingsRow, WorkerStatus
+from schemas.batch import BatchAnswer, ChatBatch, EmbeddingsBatch, EmbeddingsRow, WorkerStatus
 from schemas.chat import ChatCompletionRequest, ChatMessage, Usage
 from schemas.control import ModelInfo, WorkerHeartbeat
 from schemas.embeddings import EmbeddingRequest
@@ -164,12 +164,17 @@ class Worker:
         (handle,) = engine.submit([row])
         self._start_chat(engine, handle, request, env, 0.0)
 
-    def take_chat_batch(self, batch: ChatBatch) -> BatchAdmitted:
+    def declined(self, reason: Literal["busy", "stopping"]) -> BatchAnswer:
+        """A batch this worker will not take now; the batcher offers it elsewhere or later."""
+        return BatchAnswer(worker_id=self.worker_id, site=self.settings.site, taken=False, reason=reason)
+
+    def take_chat_batch(self, batch: ChatBatch) -> BatchAnswer:
         """Take a batcher's chat batch if the model is idle here; its rows are decoded together."""
+        if self.stopping:
+            return self.declined("stopping")
         engine = self.chat_engine(batch.model)
         if engine.active_rows:
-            raise Overloaded(f"worker {self.worker_id} is decoding another batch of {batch.model}",
-                             code="worker_busy", retry_after=1)
+            return self.declined("busy")
         taken: list[tuple[RowSpec, ChatCompletionRequest, Envelope, float]] = []
         for item in batch.rows:
             env = Envelope.from_row(item.envelope)
@@ -181,15 +186,16 @@ class Worker:
         handles = engine.submit([row for row, *_ in taken]) if taken else []
         for handle, (_, request, env, queued_s) in zip(handles, taken, strict=True):
             self._start_chat(engine, handle, request, env, queued_s)
-        return BatchAdmitted(worker_id=self.worker_id, site=self.settings.site,
+        return BatchAnswer(worker_id=self.worker_id, site=self.settings.site,
                              request_ids=[env.request_id for _, _, env, _ in taken])
 
-    def take_embeddings(self, batch: EmbeddingsBatch, *, when_idle: bool) -> BatchAdmitted:
+    def take_embeddings(self, batch: EmbeddingsBatch, *, when_idle: bool) -> BatchAnswer:
         """Take embeddings requests; from a batcher (``when_idle``) only while the model is idle here."""
+        if self.stopping:
+            return self.declined("stopping")
         engine = self.embed_engine(batch.model)
         if when_idle and engine.busy:
-            raise Overloaded(f"worker {self.worker_id} is encoding another batch of {batch.model}",
-                             code="worker_busy", retry_after=1)
+            return self.declined("busy")
         jobs = []
         for item in batch.rows:
             env = Envelope.from_row(item.envelope)
@@ -201,7 +207,7 @@ class Worker:
             self.inflight[job.env.request_id] = Taken(batch.model, lambda: None)  # too quick to be worth stopping
         if jobs:
             self.spawn(self.embed(engine, jobs))
-        return BatchAdmitted(worker_id=self.worker_id, site=self.settings.site,
+        return BatchAnswer(worker_id=self.worker_id, site=self.settings.site,
                              request_ids=[job.env.request_id for job in jobs])
 
     def _embed_job(self, engine: EmbedEngine, item: EmbeddingsRow, env: Envelope) -> EmbedJob:

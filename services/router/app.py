@@ -1,8 +1,9 @@
-"""router on NATS: take chat requests of a site, pick a worker, hand the request over.
+"""router on NATS: take chat and embeddings requests of a site, decide where they run, hand them over.
 
 The caller's reply subject is the message's own; the router never answers with tokens. It forwards the
-request with the caller's subject in ``Lw-Reply`` and waits only for the worker's admission; a refusal
-(or no worker at all) is sent to the caller as an error event.
+request with the caller's subject in ``Lw-Reply`` to the site's batcher (or, when none runs, straight to
+a worker) and waits only for admission; a refusal (or no worker at all) is sent to the caller as an
+error event.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from schemas.chat import ChatCompletionRequest
-from schemas.control import ModelList, RouteDecision, WorkerHeartbeat
+from schemas.control import ModelKind, ModelList, RouteDecision, WorkerHeartbeat
+from schemas.embeddings import EmbeddingRequest
 from services.router.catalog import Catalog
 from services.router.settings import RouterSettings
 from shared import metrics, subjects
 from shared.envelope import EVENT, Envelope
-from shared.errors import InvalidRequest, ModelNotFound, Unavailable
+from shared.errors import InvalidRequest, LeafwireError, ModelNotFound, NotBatched, Unavailable
 from shared.handling import ErrorReplies
 from shared.logging import bind_request, get_logger
 from shared.nats import broker as make_broker
@@ -35,7 +37,7 @@ SERVICE = "router"
 log = get_logger("leafwire.router")
 
 
-def decide(catalog: Catalog, request: ChatCompletionRequest) -> RouteDecision:
+def decide(catalog: Catalog, request: ChatCompletionRequest | EmbeddingRequest) -> RouteDecision:
     """Where a request runs. This slice knows one kind of target: a local worker of the named model."""
     where = "site" if any(b.site == catalog.site and any(m.name == request.model for m in b.models)
                           for b in catalog.alive()) else "hub"
@@ -43,25 +45,57 @@ def decide(catalog: Catalog, request: ChatCompletionRequest) -> RouteDecision:
                          reason=f"local model on {where}" if catalog.serves(request.model) else "local model")
 
 
-async def hand_over(nc: NATS, settings: RouterSettings, catalog: Catalog, request: ChatCompletionRequest,
-                    env: Envelope, decision: RouteDecision) -> None:
-    """Forward to a worker of the model and wait for its admission; raise what the caller should get."""
-    subject = subjects.infer_chat(settings.site, request.model)
-    timeout = min(settings.admission_timeout_s, max(env.remaining(), 0.001))
-    payload = request.model_dump_json(exclude_unset=True).encode()
+async def admission(nc: NATS, subject: str, payload: bytes, headers: dict[str, str], wait_s: float) -> None:
+    """Forward a request and wait for it to be taken; raise the refusal (NoRespondersError: nobody there)."""
     try:
-        reply = await nc.request(subject, payload, timeout=timeout,
-                                 headers=env.with_route(decision.header()).headers())
-    except NoRespondersError as exc:
-        if catalog.serves(request.model):
-            raise Unavailable(f"no worker for model '{request.model}' is running right now",
-                              retry_after=2) from exc
-        raise ModelNotFound(request.model) from exc
+        reply = await nc.request(subject, payload, timeout=wait_s, headers=headers)
     except (NatsTimeout, TimeoutError) as exc:
-        raise Unavailable(f"no worker took the request within {timeout:.1f} s", retry_after=2) from exc
-    headers = reply.headers or {}
-    if headers.get(EVENT) == Event.ERROR.value:
-        raise error_of(headers, reply.data)
+        raise Unavailable(f"nobody took the request within {wait_s:.1f} s", retry_after=2) from exc
+    if (reply.headers or {}).get(EVENT) == Event.ERROR.value:
+        raise error_of(reply.headers or {}, reply.data)
+
+
+async def hand_over(nc: NATS, settings: RouterSettings, catalog: Catalog, model: str, kind: ModelKind,
+                    payload: bytes, env: Envelope, decision: RouteDecision) -> None:
+    """Queue the request at the site's batcher; with no batcher (or one that knows no worker of the
+    model), hand it to a worker of the model directly. Raise what the caller should get."""
+    headers = env.with_route(decision.header()).headers()
+    timeout = min(settings.admission_timeout_s, max(env.remaining(), 0.001))
+    try:
+        await admission(nc, subjects.batch(settings.site, model, kind), payload, headers, timeout)
+        return
+    except NoRespondersError:
+        pass  # no batcher on this site
+    except LeafwireError as err:
+        if err.code != NotBatched.default_code:
+            raise
+    direct = subjects.infer_chat if kind == "chat" else subjects.infer_embeddings
+    try:
+        await admission(nc, direct(settings.site, model), payload, headers, timeout)
+    except NoRespondersError as exc:
+        if catalog.serves(model):
+            raise Unavailable(f"no worker for model '{model}' is running right now", retry_after=2) from exc
+        raise ModelNotFound(model) from exc
+
+
+async def route(nc: NATS, settings: RouterSettings, catalog: Catalog, kind: ModelKind,
+                body: ChatCompletionRequest | EmbeddingRequest, msg: NatsMessage) -> None:
+    """Decide where a request runs and hand it over; the caller's reply subject is the message's own."""
+    started = time.perf_counter()
+    env = Envelope.from_message(msg.headers, msg.reply_to)
+    bind_request(env.request_id, env.tenant, msg.raw_message.subject)
+    if not msg.reply_to:
+        raise InvalidRequest(f"a {kind} request needs a reply subject to answer on")
+    decision = decide(catalog, body)
+    payload = body.model_dump_json(exclude_unset=True).encode()
+    try:
+        await hand_over(nc, settings, catalog, body.model, kind, payload, env, decision)
+    except Exception:
+        metrics.ROUTE_DECISIONS.labels(decision.target.split("/", 1)[0], "refused").inc()
+        raise
+    metrics.ROUTE_DECISIONS.labels(decision.target.split("/", 1)[0], "admitted").inc()
+    metrics.ROUTE_DURATION.observe(time.perf_counter() - started)
+    log.info("routed", target=decision.target, reason=decision.reason)
 
 
 def build_broker(settings: RouterSettings, catalog: Catalog) -> NatsBroker:
@@ -74,20 +108,15 @@ def build_broker(settings: RouterSettings, catalog: Catalog) -> NatsBroker:
                                    "(`chunk`... `done`, or one `result`, or an `error`) arrives on the "
                                    "message's reply subject, with the event kind in the Lw-Event header.")
     async def on_chat(body: ChatCompletionRequest, msg: NatsMessage) -> None:
-        started = time.perf_counter()
-        env = Envelope.from_message(msg.headers, msg.reply_to)
-        bind_request(env.request_id, env.tenant, msg.raw_message.subject)
-        if not msg.reply_to:
-            raise InvalidRequest("a chat request needs a reply subject to answer on")
-        decision = decide(catalog, body)
-        try:
-            await hand_over(broker.connection, settings, catalog, body, env, decision)
-        except Exception:
-            metrics.ROUTE_DECISIONS.labels(decision.target.split("/", 1)[0], "refused").inc()
-            raise
-        metrics.ROUTE_DECISIONS.labels(decision.target.split("/", 1)[0], "admitted").inc()
-        metrics.ROUTE_DURATION.observe(time.perf_counter() - started)
-        log.info("routed", target=decision.target, reason=decision.reason)
+        await route(broker.connection, settings, catalog, "chat", body, msg)
+
+    @broker.subscriber(subjects.embeddings(settings.site), queue="router", no_reply=True,
+                       max_workers=settings.max_concurrency, title="embeddings",
+                       description="Embeddings requests of a site, in OpenAI's request shape. The answer (one "
+                                   "`result`: an OpenAI embeddings list, or an `error`) arrives on the "
+                                   "message's reply subject.")
+    async def on_embeddings(body: EmbeddingRequest, msg: NatsMessage) -> None:
+        await route(broker.connection, settings, catalog, "embeddings", body, msg)
 
     @broker.subscriber(subjects.models(settings.site), title="models",
                        description="Request/reply: the models this site can serve and where they run.")
