@@ -58,6 +58,7 @@ class WorkerHeartbeat(BaseModel):
     interval_s: float = 2.0
     sent_at: float = Field(default_factory=time.time)
     serves_all_sites: bool = Field(default=False, description="a hub worker that backs up every site")
+    leaving: bool = Field(default=False, description="shutting down: finishing its answers, taking no new work")
 
 
 class ModelLocation(BaseModel):

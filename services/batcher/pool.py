@@ -56,6 +56,9 @@ class WorkerPool:
             return False
         now = time.monotonic() if now is None else now
         ref = WorkerRef(beat.worker_id, beat.site)
+        if beat.leaving:
+            self.forget(ref)
+            return False
         old = self.workers.get(ref)
         was = {(m.name, m.kind) for m in old.beat.models if old.idle(m.name, m.kind)} if old else set()
         known = Known(beat, now, last_batch=old.last_batch if old else 0.0)

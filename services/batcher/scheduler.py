@@ -171,7 +171,10 @@ class Batcher:
         return False
 
     def heartbeat(self, beat: WorkerHeartbeat) -> None:
-        """A worker announced itself: wake the dispatchers of models it has idle."""
+        """A worker announced itself: wake the dispatchers of models it has idle. A worker leaving with
+        nothing in flight has answered all its rows: stop watching them."""
+        if beat.leaving and beat.inflight == 0:
+            self.out.pop(WorkerRef(beat.worker_id, beat.site), None)
         if self.pool.seen(beat):
             for model in beat.models:
                 if (event := self.wake.get((model.kind, model.name))) is not None and model.idle:

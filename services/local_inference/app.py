@@ -185,16 +185,25 @@ async def wait_for_answers(worker: Worker, grace_s: float) -> None:
     """On shutdown: refuse new work, let admitted answers finish (up to ``grace_s``), cancel what is left.
 
     Runs before the broker drains, so answers can still be published and batchers asking for this
-    worker's status still hear that their rows are being answered.
+    worker's status still hear that their rows are being answered. The heartbeats before and after say
+    ``leaving``: batchers send nothing more, and once nothing is in flight they stop watching.
     """
     worker.stopping = True
-    if worker.nc is not None:
-        with contextlib.suppress(Exception):
-            await publish_heartbeat(worker.nc, worker)  # nothing idle: batchers stop sending here
+    await last_words(worker)
     if worker.tasks:
         _, pending = await asyncio.wait(set(worker.tasks), timeout=grace_s)
         for task in pending:
             task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    await last_words(worker)
+
+
+async def last_words(worker: Worker) -> None:
+    """One heartbeat now, flushed (best effort: the connection may already be gone)."""
+    if worker.nc is not None:
+        with contextlib.suppress(Exception):
+            await publish_heartbeat(worker.nc, worker)
+            await worker.nc.flush(timeout=1)
 
 
 async def main(settings: InferenceSettings, readiness: Readiness, stack: AsyncExitStack) -> None:

@@ -92,14 +92,15 @@ class Worker:
     # -- announcements ----------------------------------------------------------------------------
 
     def heartbeat(self) -> WorkerHeartbeat:
-        """This worker's announcement (nothing is idle once it is shutting down)."""
+        """This worker's announcement (``leaving``, nothing idle, once it is shutting down)."""
         models = [*self._chat_models(), *self._embedding_models()]
         if self.stopping:
             models = [m.model_copy(update={"idle": False}) for m in models]
         return WorkerHeartbeat(
             worker_id=self.worker_id, service=SERVICE, site=self.settings.site, models=models,
             inflight=len(self.inflight), capacity=self.settings.max_inflight,
-            interval_s=self.settings.heartbeat_s, serves_all_sites=self.settings.serves_all_sites)
+            interval_s=self.settings.heartbeat_s, serves_all_sites=self.settings.serves_all_sites,
+            leaving=self.stopping)
 
     def _chat_models(self) -> list[ModelInfo]:
         return [ModelInfo(name=name, context_length=e.context_length, kind="chat",
