@@ -14,6 +14,11 @@ from pathlib import Path
 
 from faststream.specification import AsyncAPI
 
+from services.batcher.app import build_broker as batcher_broker
+from services.batcher.pool import WorkerPool
+from services.batcher.scheduler import Batcher
+from services.batcher.settings import BatcherSettings
+from services.batcher.transport import NatsTransport
 from services.local_inference.app import Worker
 from services.local_inference.app import build_broker as inference_broker
 from services.local_inference.settings import InferenceSettings
@@ -35,8 +40,10 @@ def document() -> str:
     """The AsyncAPI 3.0 document as JSON text."""
     router = RouterSettings.model_construct(site="{site}")
     inference = InferenceSettings.model_construct(site="{site}")
+    batcher = BatcherSettings.model_construct(site="{site}")
     brokers = [
         router_broker(router, Catalog("{site}")),
+        batcher_broker(batcher, Batcher(batcher, WorkerPool("{site}"), NatsTransport(batcher))),
         inference_broker(inference, Worker(inference, {}, worker_id="{worker_id}"), ["{model}"], ["{model}"]),
     ]
     spec = AsyncAPI(*brokers, title=TITLE, version=VERSION, description=DESCRIPTION).to_specification()

@@ -171,14 +171,18 @@ class Batcher:
         return False
 
     def heartbeat(self, beat: WorkerHeartbeat) -> None:
-        """A worker announced itself: wake the dispatchers of models it has idle. A worker leaving with
-        nothing in flight has answered all its rows: stop watching them."""
+        """A worker announced itself: take up the options it announces and wake the dispatchers of
+        models it has idle. A worker leaving with nothing in flight has answered all its rows: stop
+        watching them."""
         if beat.leaving and beat.inflight == 0:
             self.out.pop(WorkerRef(beat.worker_id, beat.site), None)
-        if self.pool.seen(beat):
-            for model in beat.models:
-                if (event := self.wake.get((model.kind, model.name))) is not None and model.idle:
-                    event.set()
+        woke = self.pool.seen(beat)
+        for model in beat.models:
+            key = (model.kind, model.name)
+            if key in self.queues and model.batching is not None and not beat.leaving:
+                self.queues[key].options = model.batching
+            if ((woke and model.idle) or beat.leaving) and (event := self.wake.get(key)) is not None:
+                event.set()
 
     # -- dispatch ---------------------------------------------------------------------------------
 
