@@ -207,7 +207,8 @@ async def last_words(worker: Worker) -> None:
 
 
 async def main(settings: InferenceSettings, readiness: Readiness, stack: AsyncExitStack) -> None:
-    """Load models, then take work from NATS."""
+    """Load models, then take work from NATS (not ready until both are done)."""
+    readiness.add("models", lambda: "models are loading")
     worker = await start_engines(settings, stack)
     for engine in worker.engines.values():
         engine.on_crash = functools.partial(spawn_restart, worker, engine)
@@ -217,7 +218,8 @@ async def main(settings: InferenceSettings, readiness: Readiness, stack: AsyncEx
     nc = broker.connection
     worker.nc = nc
     worker.on_idle = lambda: worker.spawn(publish_heartbeat(nc, worker))
-    readiness.add("models", lambda: None if all(e.ready for e in worker.engines.values()) else "model not loaded")
+    readiness.add("models", lambda: None if all(e.ready for e in [*worker.engines.values(), *worker.embedders.values()])
+                  else "model not loaded")
     beat = asyncio.create_task(heartbeats(nc, worker))
     stack.callback(beat.cancel)
     log.info("worker started", worker_id=worker.worker_id, chat=list(worker.engines),

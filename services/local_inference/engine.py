@@ -83,8 +83,12 @@ class Engine:
         self.on_batch: Callable[[int], None] | None = None
 
     async def start(self) -> None:
-        """Spawn the decoder process and wait until its model is loaded."""
+        """Spawn the decoder process and wait until its model is loaded (reaping a dead one first)."""
         self._loop = asyncio.get_running_loop()
+        if self._proc is not None:
+            await asyncio.to_thread(self._proc.join, 5)
+            if self._conn is not None:
+                self._conn.close()
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
         self._conn = parent
