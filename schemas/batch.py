@@ -67,6 +67,7 @@ class BatchAnswer(BaseModel):
     taken: bool = True
     reason: Literal["", "busy", "stopping"] = ""
     request_ids: list[str] = Field(default_factory=list)
+    batches: int = Field(default=0, description="batches of the model taken so far, this one included")
 
 
 class WorkerStatus(BaseModel):

@@ -44,6 +44,8 @@ class ModelInfo(BaseModel):
     dimensions: int | None = Field(default=None, description="vector size of an embeddings model")
     batching: BatchingOptions | None = None
     idle: bool = Field(default=True, description="no request of this model is being answered by the worker")
+    batches: int = Field(default=0, description="batches of this model the worker has taken so far; tells a "
+                                                "batcher whether this heartbeat was sent after its last batch")
 
 
 class WorkerHeartbeat(BaseModel):

@@ -58,7 +58,8 @@ def batcher_service(nats_url: str, site: str = "edge1", **env: str) -> Service:
 @pytest.fixture(scope="module")
 def stack(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The whole local path running as real processes: the target of the end-to-end tests."""
-    registry = write_registry(tmp_path_factory.mktemp("registry") / "models.yaml", embedder="tiny-embed")
+    registry = write_registry(tmp_path_factory.mktemp("registry") / "models.yaml", embedder="tiny-embed",
+                              embedder_batching={"max_wait_ms": 50})  # wide enough to gather concurrent requests
     worker, router, gateway = stack_services(nats_server.url, registry)
     batcher = batcher_service(nats_server.url)
     with running(worker, batcher, router, gateway):

@@ -1,5 +1,9 @@
 """The workers a batcher can hand batches to, from their heartbeats. No NATS in here.
 
+A worker's heartbeat may be older than the batch just handed to it (both travel at once). Each model's
+entry carries the count of batches the worker has taken; after handing it batch number ``n`` the batcher
+trusts an "idle" only from a heartbeat that has counted at least ``n`` batches.
+
 Local first: while the site has a live worker of a model, batches of that model wait for one of the
 site's workers; only when the site has none do they go to hub workers (which back up every site).
 Among idle workers, the one that got a batch longest ago goes first, so several workers share the load.
@@ -30,7 +34,7 @@ class Known:
 
     beat: WorkerHeartbeat
     heard: float
-    busy: set[str] = field(default_factory=set)  # models handed a batch since the worker last said idle
+    busy: dict[str, int] = field(default_factory=dict)  # model -> batch count an "idle" must have reached
     last_batch: float = 0.0
 
     def model(self, name: str, kind: ModelKind) -> ModelInfo | None:
@@ -38,9 +42,9 @@ class Known:
         return next((m for m in self.beat.models if m.name == name and m.kind == kind), None)
 
     def idle(self, name: str, kind: ModelKind) -> bool:
-        """True when the worker said the model is idle and nothing was handed to it since."""
+        """True when the worker said the model is idle after the last batch handed to it."""
         info = self.model(name, kind)
-        return info is not None and info.idle and name not in self.busy
+        return info is not None and info.idle and info.batches >= self.busy.get(name, 0)
 
 
 class WorkerPool:
@@ -61,9 +65,11 @@ class WorkerPool:
             return False
         old = self.workers.get(ref)
         was = {(m.name, m.kind) for m in old.beat.models if old.idle(m.name, m.kind)} if old else set()
-        known = Known(beat, now, last_batch=old.last_batch if old else 0.0)
+        restarted = old is not None and any(m.batches < self._counted(old, m.name) for m in beat.models)
+        busy = dict(old.busy) if old and not restarted else {}  # a restarted worker counts from zero again
+        known = Known(beat, now, busy=busy, last_batch=old.last_batch if old else 0.0)
         self.workers[ref] = known
-        return any(m.idle and (m.name, m.kind) not in was for m in beat.models)
+        return any(known.idle(m.name, m.kind) and (m.name, m.kind) not in was for m in beat.models)
 
     def _serves_us(self, beat: WorkerHeartbeat) -> bool:
         if beat.site == self.site:
@@ -100,12 +106,18 @@ class WorkerPool:
                 return info.batching
         return None
 
-    def handed(self, ref: WorkerRef, model: str, now: float | None = None) -> None:
-        """A batch of the model went to the worker: it is busy until it says otherwise."""
+    def handed(self, ref: WorkerRef, model: str, batches: int, now: float | None = None) -> None:
+        """The worker took (or is busy with) its ``batches``-th batch of the model: it is busy until a
+        heartbeat that has counted that batch says idle."""
         known = self.workers.get(ref)
         if known is not None:
-            known.busy.add(model)
+            needed = batches if batches > 0 else self._counted(known, model) + 1  # 0: a worker that does not count
+            known.busy[model] = max(needed, known.busy.get(model, 0))
             known.last_batch = time.monotonic() if now is None else now
+
+    @staticmethod
+    def _counted(known: Known, model: str) -> int:
+        return max((m.batches for m in known.beat.models if m.name == model), default=0)
 
     def forget(self, ref: WorkerRef) -> None:
         """The worker is gone (or shutting down) until it announces itself again."""

@@ -42,9 +42,11 @@ Key = tuple[ModelKind, str]
 
 @dataclass(frozen=True, slots=True)
 class Taken:
-    """The worker took the batch; these rows are its to answer (it answered the others' errors)."""
+    """The worker took the batch; these rows are its to answer (it answered the others' errors).
+    ``batches`` is the worker's count of the model's batches, this one included."""
 
     request_ids: frozenset[str]
+    batches: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,7 @@ class Declined:
     """The worker did not take the batch: ``busy`` (try later) or ``gone`` (stopping or not there)."""
 
     reason: str
+    batches: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,17 +224,18 @@ class Batcher:
                 self.offering.pop(row.request_id, None)
         metrics.DISPATCHES.labels(queue.model, type(offer).__name__.lower()).inc()
         if isinstance(offer, Taken):
-            self.taken(queue, worker, rows, offer.request_ids)
+            self.taken(queue, worker, rows, offer)
         elif isinstance(offer, Declined):
-            self.declined(queue, worker, rows, offer.reason)
+            self.declined(queue, worker, rows, offer)
         else:
             for row in rows:
                 self.spawn_error(row, offer.error)
         metrics.QUEUE_DEPTH.labels(queue.model).set(len(queue))
 
-    def taken(self, queue: ModelQueue, worker: WorkerRef, rows: list[Row], ids: frozenset[str]) -> None:
+    def taken(self, queue: ModelQueue, worker: WorkerRef, rows: list[Row], offer: Taken) -> None:
         now = time.monotonic()
-        self.pool.handed(worker, queue.model, now)
+        ids = offer.request_ids
+        self.pool.handed(worker, queue.model, offer.batches, now)
         mine = self.out.setdefault(worker, {})
         self.heard.setdefault(worker, now)
         for row in rows:
@@ -242,9 +246,9 @@ class Batcher:
                 self.cancelled.discard(row.request_id)
                 self.spawn(self.transport.cancel(row.request_id))
 
-    def declined(self, queue: ModelQueue, worker: WorkerRef, rows: list[Row], reason: str) -> None:
-        if reason == "busy":
-            self.pool.handed(worker, queue.model)
+    def declined(self, queue: ModelQueue, worker: WorkerRef, rows: list[Row], offer: Declined) -> None:
+        if offer.reason == "busy":
+            self.pool.handed(worker, queue.model, offer.batches)
         else:
             self.pool.forget(worker)
         keep = [r for r in rows if r.request_id not in self.cancelled]

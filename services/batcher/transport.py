@@ -62,7 +62,9 @@ class NatsTransport:
         if headers.get(hdr.EVENT) == Event.ERROR.value:
             return Failed(error_of(headers, msg.data))
         answer = BatchAnswer.model_validate_json(msg.data)
-        return Taken(frozenset(answer.request_ids)) if answer.taken else Declined(answer.reason or "busy")
+        if answer.taken:
+            return Taken(frozenset(answer.request_ids), answer.batches)
+        return Declined(answer.reason or "busy", answer.batches)
 
     async def status(self, worker: WorkerRef) -> set[str] | None:
         """The requests the worker still answers; None when nobody answers on its subject."""

@@ -218,8 +218,8 @@ async def main(settings: InferenceSettings, readiness: Readiness, stack: AsyncEx
     nc = broker.connection
     worker.nc = nc
     worker.on_idle = lambda: worker.spawn(publish_heartbeat(nc, worker))
-    readiness.add("models", lambda: None if all(e.ready for e in [*worker.engines.values(), *worker.embedders.values()])
-                  else "model not loaded")
+    readiness.add("models", lambda: None if all(e.ready for e in worker.engines.values())
+                  and all(e.ready for e in worker.embedders.values()) else "model not loaded")
     beat = asyncio.create_task(heartbeats(nc, worker))
     stack.callback(beat.cancel)
     log.info("worker started", worker_id=worker.worker_id, chat=list(worker.engines),

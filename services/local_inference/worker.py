@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -80,6 +81,7 @@ class Worker:
     nc: NATS | None = None
     stopping: bool = False
     on_idle: Callable[[], None] | None = None
+    batches: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         self.worker_id = self.worker_id or new_worker_id(self.settings.instance)
@@ -104,13 +106,19 @@ class Worker:
 
     def _chat_models(self) -> list[ModelInfo]:
         return [ModelInfo(name=name, context_length=e.context_length, kind="chat",
-                          batching=e.spec.batching_options(self.settings.max_batch), idle=e.active_rows == 0)
+                          batching=e.spec.batching_options(self.settings.max_batch), idle=self.idle_model(name),
+                          batches=self.batches[name])
                 for name, e in self.engines.items() if e.ready]
 
     def _embedding_models(self) -> list[ModelInfo]:
         return [ModelInfo(name=name, context_length=e.context_length, kind="embeddings",
-                          dimensions=e.dimensions, batching=e.spec.batching_options(), idle=e.busy == 0)
+                          dimensions=e.dimensions, batching=e.spec.batching_options(), idle=self.idle_model(name),
+                          batches=self.batches[name])
                 for name, e in self.embedders.items() if e.ready]
+
+    def idle_model(self, model: str) -> bool:
+        """True when no request of ``model`` is being answered here."""
+        return not any(t.model == model for t in self.inflight.values())
 
     def status(self) -> WorkerStatus:
         """The requests this worker is answering, for a batcher watching its rows."""
@@ -165,17 +173,24 @@ class Worker:
         (handle,) = engine.submit([row])
         self._start_chat(engine, handle, request, env, 0.0)
 
-    def declined(self, reason: Literal["busy", "stopping"]) -> BatchAnswer:
+    def declined(self, model: str, reason: Literal["busy", "stopping"]) -> BatchAnswer:
         """A batch this worker will not take now; the batcher offers it elsewhere or later."""
-        return BatchAnswer(worker_id=self.worker_id, site=self.settings.site, taken=False, reason=reason)
+        return BatchAnswer(worker_id=self.worker_id, site=self.settings.site, taken=False, reason=reason,
+                           batches=self.batches[model])
+
+    def accepted(self, model: str, request_ids: list[str]) -> BatchAnswer:
+        """A batch this worker took (its count of the model's batches goes up by one)."""
+        self.batches[model] += 1
+        return BatchAnswer(worker_id=self.worker_id, site=self.settings.site, request_ids=request_ids,
+                           batches=self.batches[model])
 
     def take_chat_batch(self, batch: ChatBatch) -> BatchAnswer:
         """Take a batcher's chat batch if the model is idle here; its rows are decoded together."""
         if self.stopping:
-            return self.declined("stopping")
+            return self.declined(batch.model, "stopping")
         engine = self.chat_engine(batch.model)
-        if engine.active_rows:
-            return self.declined("busy")
+        if not self.idle_model(batch.model):
+            return self.declined(batch.model, "busy")
         taken: list[tuple[RowSpec, ChatCompletionRequest, Envelope, float]] = []
         for item in batch.rows:
             env = Envelope.from_row(item.envelope)
@@ -187,16 +202,15 @@ class Worker:
         handles = engine.submit([row for row, *_ in taken]) if taken else []
         for handle, (_, request, env, queued_s) in zip(handles, taken, strict=True):
             self._start_chat(engine, handle, request, env, queued_s)
-        return BatchAnswer(worker_id=self.worker_id, site=self.settings.site,
-                             request_ids=[env.request_id for _, _, env, _ in taken])
+        return self.accepted(batch.model, [env.request_id for _, _, env, _ in taken])
 
     def take_embeddings(self, batch: EmbeddingsBatch, *, when_idle: bool) -> BatchAnswer:
         """Take embeddings requests; from a batcher (``when_idle``) only while the model is idle here."""
         if self.stopping:
-            return self.declined("stopping")
+            return self.declined(batch.model, "stopping")
         engine = self.embed_engine(batch.model)
-        if when_idle and engine.busy:
-            return self.declined("busy")
+        if when_idle and not self.idle_model(batch.model):
+            return self.declined(batch.model, "busy")
         jobs = []
         for item in batch.rows:
             env = Envelope.from_row(item.envelope)
@@ -208,8 +222,7 @@ class Worker:
             self.inflight[job.env.request_id] = Taken(batch.model, lambda: None)  # too quick to be worth stopping
         if jobs:
             self.spawn(self.embed(engine, jobs))
-        return BatchAnswer(worker_id=self.worker_id, site=self.settings.site,
-                             request_ids=[job.env.request_id for job in jobs])
+        return self.accepted(batch.model, [job.env.request_id for job in jobs])
 
     def _embed_job(self, engine: EmbedEngine, item: EmbeddingsRow, env: Envelope) -> EmbedJob:
         self._fresh(env)
@@ -260,7 +273,7 @@ class Worker:
         finally:
             self.inflight.pop(env.request_id, None)
             metrics.ACTIVE_ROWS.labels(engine.spec.name).dec()
-            if engine.active_rows == 0:
+            if self.idle_model(engine.spec.name):
                 self.idle()
 
     @staticmethod
@@ -297,7 +310,7 @@ class Worker:
         finally:
             for job in jobs:
                 self.inflight.pop(job.env.request_id, None)
-            if engine.busy == 0:
+            if self.idle_model(model):
                 self.idle()
 
     def idle(self) -> None:

@@ -7,11 +7,12 @@ from services.batcher.pool import WorkerPool, WorkerRef
 
 
 def beat(worker: str, site: str, *, idle: bool = True, model: str = "m", kind: str = "chat",
-         all_sites: bool = False, leaving: bool = False, batching: BatchingOptions | None = None) -> WorkerHeartbeat:
+         all_sites: bool = False, leaving: bool = False, batching: BatchingOptions | None = None,
+         batches: int = 0) -> WorkerHeartbeat:
     return WorkerHeartbeat(worker_id=worker, service="local-inference", site=site, interval_s=2.0,
                            serves_all_sites=all_sites, leaving=leaving,
                            models=[ModelInfo(name=model, context_length=64, kind=kind, idle=idle,  # type: ignore[arg-type]
-                                             batching=batching)])
+                                             batching=batching, batches=batches)])
 
 
 class TestWorkerPool:
@@ -37,12 +38,40 @@ class TestWorkerPool:
         a, b = WorkerRef("a", "edge1"), WorkerRef("b", "edge1")
         pool.seen(beat("a", "edge1"), now=0)
         pool.seen(beat("b", "edge1"), now=0)
-        pool.handed(a, "m", now=1)
+        pool.handed(a, "m", 1, now=1)
         assert pool.pick("m", "chat", now=1) == b
-        pool.handed(b, "m", now=2)
+        pool.handed(b, "m", 1, now=2)
         assert pool.pick("m", "chat", now=2) is None
-        assert pool.seen(beat("a", "edge1"), now=3)  # a says idle: a wake-up for the dispatcher
+        assert pool.seen(beat("a", "edge1", batches=1), now=3)  # a says idle: a wake-up for the dispatcher
         assert pool.pick("m", "chat", now=3) == a
+
+    def test_a_heartbeat_older_than_the_batch_does_not_free_the_worker(self) -> None:
+        """An "idle" sent before the worker took its latest batch is not believed; one sent after it is."""
+        pool = WorkerPool("edge1")
+        a = WorkerRef("a", "edge1")
+        pool.seen(beat("a", "edge1", batches=4), now=0)
+        pool.handed(a, "m", 5, now=1)
+        assert not pool.seen(beat("a", "edge1", batches=4), now=1)  # crossed the batch on the way
+        assert pool.pick("m", "chat", now=1) is None
+        assert pool.seen(beat("a", "edge1", batches=5), now=2)
+        assert pool.pick("m", "chat", now=2) == a
+
+    def test_a_restarted_worker_is_believed(self) -> None:
+        """A worker whose batch count went back (it restarted under the same id) is idle when it says so."""
+        pool = WorkerPool("edge1")
+        a = WorkerRef("a", "edge1")
+        pool.seen(beat("a", "edge1", batches=9), now=0)
+        pool.handed(a, "m", 10, now=1)
+        assert pool.seen(beat("a", "edge1", batches=0), now=2)
+        assert pool.pick("m", "chat", now=2) == a
+
+    def test_a_worker_busy_without_a_batch_count_waits_for_a_newer_heartbeat(self) -> None:
+        """Handing a batch to a worker that does not count batches needs a heartbeat newer than the last."""
+        pool = WorkerPool("edge1")
+        a = WorkerRef("a", "edge1")
+        pool.seen(beat("a", "edge1", batches=2), now=0)
+        pool.handed(a, "m", 0, now=1)
+        assert pool.pick("m", "chat", now=1) is None
 
     def test_kinds_are_apart(self) -> None:
         """A chat model is not offered embeddings work of the same name, and the reverse."""
