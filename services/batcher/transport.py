@@ -60,7 +60,9 @@ class NatsTransport:
                                       f"{self.settings.offer_timeout_s:g} s", retry_after=1))
         headers = msg.headers or {}
         if headers.get(hdr.EVENT) == Event.ERROR.value:
-            return Failed(error_of(headers, msg.data))
+            err = error_of(headers, msg.data)
+            # 503: the worker cannot serve the model right now (loading, restarting its decoder): ask another
+            return Declined("gone") if err.status == 503 else Failed(err)
         answer = BatchAnswer.model_validate_json(msg.data)
         if answer.taken:
             return Taken(frozenset(answer.request_ids), answer.batches)

@@ -73,7 +73,7 @@ def embeddings_handler(broker: NatsBroker, worker: Worker, model: str) -> Callab
 
     async def on_embeddings(body: EmbeddingRequest, msg: NatsMessage) -> None:
         env = direct_envelope(msg)
-        worker._room()
+        worker.check_room()
         worker.take_embeddings(EmbeddingsBatch(model=model, rows=[EmbeddingsRow(envelope=env.row(),
                                                                                  request=body)]),
                                when_idle=False)

@@ -152,7 +152,8 @@ class Worker:
             raise Unavailable(f"model {model} is loading", retry_after=2)
         return engine
 
-    def _room(self) -> None:
+    def check_room(self) -> None:
+        """Raise 429 when this worker already answers its limit of requests (the path without a batcher)."""
         if len(self.inflight) >= self.settings.max_inflight:
             metrics.REJECTED.labels(SERVICE, "queue_full").inc()
             raise Overloaded(f"worker {self.worker_id} is at capacity "
@@ -167,7 +168,7 @@ class Worker:
     def admit(self, model: str, request: ChatCompletionRequest, env: Envelope) -> None:
         """Take one chat request (no batcher in the path); raise what the router should act on if not."""
         engine = self.chat_engine(model)
-        self._room()
+        self.check_room()
         self._fresh(env)
         row = row_spec(engine, request, env)
         (handle,) = engine.submit([row])
