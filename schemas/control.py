@@ -31,7 +31,7 @@ class BatchingOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     max_batch: int = Field(default=8, ge=1, le=4096)
-    max_wait_ms: float = Field(default=20.0, ge=0, le=10_000)
+    max_wait_ms: float = Field(default=50.0, ge=0, le=10_000)
     max_queue: int = Field(default=64, ge=1, le=100_000)
 
 

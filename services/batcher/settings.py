@@ -15,7 +15,7 @@ class BatcherSettings(ServiceSettings):
 
     max_batch: int = Field(default=8, ge=1, le=4096, alias="LW_BATCHER_MAX_BATCH",
                            description="chat rows per batch when the worker does not say")
-    max_wait_ms: float = Field(default=20.0, ge=0, le=10_000, alias="LW_BATCHER_MAX_WAIT_MS",
+    max_wait_ms: float = Field(default=50.0, ge=0, le=10_000, alias="LW_BATCHER_MAX_WAIT_MS",
                                description="longest a chat request waits for company")
     max_queue: int = Field(default=64, ge=1, alias="LW_BATCHER_MAX_QUEUE",
                            description="requests waiting per model before 429")

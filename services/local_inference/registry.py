@@ -6,7 +6,7 @@
         path: ${LW_MODELS_DIR}/smollm2-135m-instruct   # environment variables are expanded
         context_length: 8192                             # optional: read from genai_config.json
         defaults: {temperature: 0.2, top_p: 0.9, max_tokens: 512}
-        batching: {max_batch: 8, max_wait_ms: 20, max_queue: 64}   # optional, per kind defaults
+        batching: {max_batch: 8, max_wait_ms: 50, max_queue: 64}   # optional, per kind defaults
       - name: all-minilm-l6-v2
         kind: embeddings
         path: ${LW_MODELS_DIR}/all-minilm-l6-v2
@@ -52,7 +52,7 @@ class SamplingDefaults(BaseModel):
 
 
 # Measured defaults (docs/local-inference.md says how the window was chosen).
-CHAT_BATCHING = BatchingOptions(max_batch=8, max_wait_ms=20.0, max_queue=64)
+CHAT_BATCHING = BatchingOptions(max_batch=8, max_wait_ms=50.0, max_queue=64)
 EMBEDDINGS_BATCHING = BatchingOptions(max_batch=64, max_wait_ms=5.0, max_queue=256)
 EMBEDDINGS_CONTEXT = 512  # BERT's position limit, when the registry gives none
 
