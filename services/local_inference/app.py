@@ -18,7 +18,7 @@ from faststream.nats import NatsBroker
 from faststream.nats.annotations import NatsMessage
 from nats.aio.client import Client as NATS
 
-from schemas.batch import BatchAnswer, ChatBatch, EmbeddingsBatch, EmbeddingsRow, WorkerStatus
+from schemas.batch import BatchAnswer, ChatBatch, EmbeddingsBatch, WorkerStatus
 from schemas.chat import ChatCompletionRequest
 from schemas.control import Admitted, Cancel
 from schemas.embeddings import EmbeddingRequest
@@ -73,10 +73,7 @@ def embeddings_handler(broker: NatsBroker, worker: Worker, model: str) -> Callab
 
     async def on_embeddings(body: EmbeddingRequest, msg: NatsMessage) -> None:
         env = direct_envelope(msg)
-        worker.check_room()
-        worker.take_embeddings(EmbeddingsBatch(model=model, rows=[EmbeddingsRow(envelope=env.row(),
-                                                                                 request=body)]),
-                               when_idle=False)
+        worker.admit_embeddings(model, body, env)
         await admitted(broker.connection, msg, worker, env)
 
     return on_embeddings
