@@ -272,7 +272,8 @@ def chat_table(url: str, args: argparse.Namespace) -> None:
     say(f"\n### Single stream (max_tokens {args.max_tokens}, greedy, median of {args.runs}; load {load_average()})\n")
     say("| path | TTFT ms | tokens/s | vs raw |\n|---|---|---|---|")
     say(f"| raw onnxruntime-genai loop | {statistics.median(r[0] for r in raw) * 1000:.0f} | {raw_rate:.1f} | 100% |")
-    say(f"| served: gateway → router → batcher → worker, SSE | "
+    path = "gateway → router → worker" if args.no_batcher else "gateway → router → batcher → worker"
+    say(f"| served: {path}, SSE | "
         f"{statistics.median(s.ttft for s in served) * 1000:.0f} | {served_rate:.1f} | "
         f"{served_rate / raw_rate:.0%} |")
     say(f"\n### Concurrent clients (closed loop, {args.seconds:g} s each, max_tokens {args.max_tokens})\n")

@@ -128,11 +128,7 @@ class Batcher:
         if not self.pool.serves(model, kind):
             raise NotBatched(f"this batcher knows no worker of {kind} model '{model}'")
         queue = self.queue(kind, model)
-        try:
-            queue.push(Row(env, request, size, time.monotonic()), self.retry_after(queue))
-        except LeafwireError as err:
-            metrics.REJECTED.labels(SERVICE, err.code or type(err).__name__).inc()
-            raise
+        queue.push(Row(env, request, size, time.monotonic()), self.retry_after(queue))  # 429s: counted by ErrorReplies
         metrics.QUEUE_DEPTH.labels(model).set(len(queue))
         self.wake[(kind, model)].set()
 

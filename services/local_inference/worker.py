@@ -154,8 +154,7 @@ class Worker:
 
     def check_room(self) -> None:
         """Raise 429 when this worker already answers its limit of requests (the path without a batcher)."""
-        if len(self.inflight) >= self.settings.max_inflight:
-            metrics.REJECTED.labels(SERVICE, "queue_full").inc()
+        if len(self.inflight) >= self.settings.max_inflight:  # counted by ErrorReplies, as every refusal
             raise Overloaded(f"worker {self.worker_id} is at capacity "
                              f"({self.settings.max_inflight} requests)", retry_after=1)
 
