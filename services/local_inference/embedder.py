@@ -22,7 +22,7 @@ import numpy.typing as npt
 from services.local_inference.registry import ModelSpec
 
 Vectors = npt.NDArray[np.float32]
-SUB_BATCH = 32  # inputs per onnxruntime call (see docs/local-inference.md for the measurement)
+SUB_BATCH = 16  # inputs per onnxruntime call: 8-16 measured fastest, 64 slowest (docs/local-inference.md)
 
 
 @dataclass(frozen=True, slots=True)
