@@ -209,7 +209,10 @@ class Worker:
         handles = engine.submit([row for row, *_ in taken]) if taken else []
         for handle, (_, request, env, queued_s) in zip(handles, taken, strict=True):
             self._start_chat(engine, handle, request, env, queued_s)
-        return self.accepted(batch.model, [env.request_id for _, _, env, _ in taken])
+        answer = self.accepted(batch.model, [env.request_id for _, _, env, _ in taken])
+        if not taken:
+            self.idle()  # every row was refused: nothing will finish to say so
+        return answer
 
     def take_embeddings(self, batch: EmbeddingsBatch, *, when_idle: bool) -> BatchAnswer:
         """Take embeddings requests; from a batcher (``when_idle``) only while the model is idle here."""
@@ -227,9 +230,12 @@ class Worker:
                 self.refuse(env, err)
         for job in jobs:
             self.inflight[job.env.request_id] = Taken(batch.model, lambda: None)  # too quick to be worth stopping
+        answer = self.accepted(batch.model, [job.env.request_id for job in jobs])
         if jobs:
             self.spawn(self.embed(engine, jobs))
-        return self.accepted(batch.model, [job.env.request_id for job in jobs])
+        else:
+            self.idle()  # every request was refused: nothing will finish to say so
+        return answer
 
     def _embed_job(self, engine: EmbedEngine, item: EmbeddingsRow, env: Envelope) -> EmbedJob:
         self._fresh(env)
