@@ -42,6 +42,7 @@ asyncapi:
 schemas:
     uv run python -m schemas.export schemas/json
 
-# rebuild the tiny test fixture model (needs the model build environment from `just models`)
+# rebuild the tiny test fixture models (needs the model build environment from `just models`)
 fixture-model:
     ~/.cache/leafwire/build-venv/bin/python tests/fixtures/make_tiny_model.py tests/fixtures/tiny-llama
+    ~/.cache/leafwire/build-venv/bin/python tests/fixtures/make_tiny_embedder.py tests/fixtures/tiny-bert

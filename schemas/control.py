@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Admitted(BaseModel):
@@ -22,12 +22,30 @@ class Cancel(BaseModel):
     reason: str = "cancelled by client"
 
 
+ModelKind = Literal["chat", "embeddings"]
+
+
+class BatchingOptions(BaseModel):
+    """How the batcher groups a model's requests: rows (chat) or inputs (embeddings) per batch, the
+    longest a request waits for company, and the bound of the model's queue."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_batch: int = Field(default=8, ge=1, le=4096)
+    max_wait_ms: float = Field(default=50.0, ge=0, le=10_000)
+    max_queue: int = Field(default=64, ge=1, le=100_000)
+
+
 class ModelInfo(BaseModel):
     """A model a worker serves."""
 
     name: str
     context_length: int | None = Field(default=None, description="unknown for some cloud models")
-    kind: Literal["chat", "embeddings"] = "chat"
+    kind: ModelKind = "chat"
+    dimensions: int | None = Field(default=None, description="vector size of an embeddings model")
+    batching: BatchingOptions | None = None
+    idle: bool = Field(default=True, description="no request of this model is being answered by the worker")
+    batches: int = Field(default=0, description="batches of this model the worker has taken so far; tells a "
+                                                "batcher whether this heartbeat was sent after its last batch")
 
 
 class WorkerHeartbeat(BaseModel):
@@ -41,6 +59,8 @@ class WorkerHeartbeat(BaseModel):
     capacity: int = 1
     interval_s: float = 2.0
     sent_at: float = Field(default_factory=time.time)
+    serves_all_sites: bool = Field(default=False, description="a hub worker that backs up every site")
+    leaving: bool = Field(default=False, description="shutting down: finishing its answers, taking no new work")
 
 
 class ModelLocation(BaseModel):
@@ -58,7 +78,7 @@ class ModelCard(BaseModel):
     created: int = 0
     owned_by: str = "leafwire"
     context_length: int | None = None
-    kind: Literal["chat", "embeddings"] = "chat"
+    kind: ModelKind = "chat"
     locations: list[ModelLocation] = Field(default_factory=list)
 
 

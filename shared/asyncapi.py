@@ -14,6 +14,11 @@ from pathlib import Path
 
 from faststream.specification import AsyncAPI
 
+from services.batcher.app import build_broker as batcher_broker
+from services.batcher.pool import WorkerPool
+from services.batcher.scheduler import Batcher
+from services.batcher.settings import BatcherSettings
+from services.batcher.transport import NatsTransport
 from services.cloud_adapter.adapter import CloudAdapter
 from services.cloud_adapter.app import build_broker as cloud_broker
 from services.cloud_adapter.app import document_chat
@@ -44,9 +49,11 @@ def document() -> str:
     router = RouterSettings.model_construct(site="{site}")
     inference = InferenceSettings.model_construct(site="{site}")
     cloud = CloudSettings.model_construct(site="{site}", serve_all_sites=False)
+    batcher = BatcherSettings.model_construct(site="{site}")
     brokers = [
         router_broker(router, LiveState(Catalog("{site}"), Policy(), Masker(())), document_chat=True),
-        inference_broker(inference, Worker(inference, {}), ["{model}"]),
+        batcher_broker(batcher, Batcher(batcher, WorkerPool("{site}"), NatsTransport(batcher))),
+        inference_broker(inference, Worker(inference, {}, worker_id="{worker_id}"), ["{model}"], ["{model}"]),
         cloud_broker(cloud, CloudAdapter(cloud, ProvidersFile(), [])),
     ]
     document_chat(brokers[-1], cloud)

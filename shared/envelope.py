@@ -11,6 +11,8 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from schemas.batch import RowEnvelope
+
 REQUEST_ID = "Lw-Request-Id"
 TENANT = "Lw-Tenant"
 DEADLINE = "Lw-Deadline"
@@ -63,6 +65,17 @@ class Envelope:
             deadline=deadline,
             route=h.get(ROUTE, ""),
         )
+
+    @classmethod
+    def from_row(cls, row: RowEnvelope) -> Envelope:
+        """The envelope of one row of a batch."""
+        return cls(request_id=row.request_id, tenant=row.tenant, reply=row.reply, deadline=row.deadline,
+                   route=row.route)
+
+    def row(self, queued_s: float = 0.0) -> RowEnvelope:
+        """This envelope as it travels inside a batch."""
+        return RowEnvelope(request_id=self.request_id, tenant=self.tenant, reply=self.reply,
+                           deadline=self.deadline, route=self.route, queued_s=queued_s)
 
     def headers(self) -> dict[str, str]:
         """Headers that carry this envelope to the next hop."""

@@ -8,7 +8,8 @@
     ├── Overloaded                   429 rate_limit_error  (carries retry_after)
     ├── BudgetExceeded               429 insufficient_quota code=budget_exceeded (carries scope, period)
     ├── Unavailable                  503 service_unavailable (carries retry_after)
-    │   └── ProviderUnavailable      503 code=provider_unavailable (breaker open, provider without key)
+    │   ├── ProviderUnavailable      503 code=provider_unavailable (breaker open, provider without key)
+    │   └── NotBatched               503 code=not_batched: the batcher cannot queue it, go direct
     ├── DeadlineExceeded             504 timeout
     ├── Cancelled                    499 cancelled
     ├── UpstreamError                502 upstream_error (carries retryable, provider_fault)
@@ -116,6 +117,13 @@ class Unavailable(LeafwireError):
     status = 503
     type = "service_unavailable"
     default_code = "unavailable"
+
+
+class NotBatched(Unavailable):
+    """The batcher cannot queue the request (it knows no worker of the model, or it is stopping); the
+    router then hands the request to the workers directly. Callers never see this error."""
+
+    default_code = "not_batched"
 
 
 class DeadlineExceeded(LeafwireError):

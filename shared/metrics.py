@@ -8,6 +8,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+RATE_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500)
 
 # -- every service
 UP = Gauge("leafwire_up", "1 while the service runs", ["service"])
@@ -77,3 +79,16 @@ BUDGET_WARNINGS = Counter("leafwire_budget_warnings_total", "Budgets that crosse
                           "were spent, by kind of scope", ["scope_kind", "period", "level"])
 USAGE_EVENTS_DROPPED = Counter("leafwire_usage_events_dropped_total",
                                "Usage events that could not be published (JetStream unavailable, queue full)")
+DECODE_RATE = Histogram("leafwire_decode_tokens_per_second", "Tokens per second of one answer, after its first",
+                        ["model"], buckets=RATE_BUCKETS)
+BATCH_SIZE = Histogram("leafwire_batch_size_rows", "Requests decoded (chat) or encoded (embeddings) together",
+                       ["model"], buckets=BATCH_BUCKETS)
+EMBEDDING_INPUTS = Counter("leafwire_embedding_inputs_total", "Texts turned into vectors", ["model"])
+
+# -- batcher
+QUEUE_DEPTH = Gauge("leafwire_queue_depth_requests", "Requests waiting in the batcher for a worker", ["model"])
+QUEUE_WAIT = Histogram("leafwire_queue_wait_seconds", "Time a request waited in the batcher", ["model"],
+                       buckets=LATENCY_BUCKETS)
+DISPATCHES = Counter("leafwire_batch_dispatches_total", "Batches offered to workers, by outcome",
+                     ["model", "outcome"])
+ROWS_LOST = Counter("leafwire_rows_lost_total", "Requests whose worker died while answering them", ["model"])

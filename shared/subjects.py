@@ -53,6 +53,39 @@ def infer_chat(site: str, model: str) -> str:
     return f"{PREFIX}.{site}.infer.{token(model)}.chat"
 
 
+def infer_embeddings(site: str, model: str) -> str:
+    """Embeddings work for one local model when no batcher runs (workers, queue ``infer.<model>``)."""
+    return f"{PREFIX}.{site}.infer.{token(model)}.embeddings"
+
+
+def embeddings(site: str) -> str:
+    """Embeddings requests entering a site (the router listens, queue ``router``)."""
+    return f"{PREFIX}.{site}.embeddings"
+
+
+def batch(site: str, model: str, kind: str) -> str:
+    """Work of one kind (``chat``, ``embeddings``) for one model, handed by the router to the site's batcher."""
+    return f"{PREFIX}.{site}.batch.{token(model)}.{kind}"
+
+
+def batch_any(site: str, kind: str) -> str:
+    """Every model's work of one kind on a site (the batcher listens, queue ``batcher``)."""
+    return f"{PREFIX}.{site}.batch.*.{kind}"
+
+
+BATCHER_QUEUE = "batcher"
+
+
+def worker_batch(site: str, worker_id: str, kind: str) -> str:
+    """A batch handed to one worker by a batcher (request/reply: admitted, or busy)."""
+    return f"{PREFIX}.{site}.workers.{token(worker_id)}.batch.{kind}"
+
+
+def worker_status(site: str, worker_id: str) -> str:
+    """Request/reply: the requests one worker is still answering; no responders = the worker is gone."""
+    return f"{PREFIX}.{site}.workers.{token(worker_id)}.status"
+
+
 def infer_queue(model: str) -> str:
     """The queue group shared by every worker, edge or hub, that serves ``model``."""
     return f"infer.{token(model)}"

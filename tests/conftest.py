@@ -25,13 +25,14 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
 
 @dataclass
 class Stack:
-    """gateway + router + local-inference (tiny fixture model) on one NATS server."""
+    """gateway + router + batcher + local-inference (tiny fixture models) on one NATS server."""
 
     nats: NatsServer
     gateway: Service
     router: Service
     worker: Service
     site: str
+    batcher: Service | None = None
 
     @property
     def base_url(self) -> str:
@@ -53,10 +54,17 @@ def stack_services(nats_url: str, registry: Path, site: str = "edge1",
     return worker, router, gateway
 
 
+def batcher_service(nats_url: str, site: str = "edge1", **env: str) -> Service:
+    """A batcher of ``site`` (``env`` adds LW_BATCHER_* settings)."""
+    return Service("batcher", {"LW_NATS_URL": nats_url, "LW_SITE": site, **env})
+
+
 @pytest.fixture(scope="module")
 def stack(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The walking skeleton running as real processes: the target of the end-to-end tests."""
-    registry = write_registry(tmp_path_factory.mktemp("registry") / "models.yaml")
+    """The whole local path running as real processes: the target of the end-to-end tests."""
+    registry = write_registry(tmp_path_factory.mktemp("registry") / "models.yaml", embedder="tiny-embed",
+                              embedder_batching={"max_wait_ms": 50})  # wide enough to gather concurrent requests
     worker, router, gateway = stack_services(nats_server.url, registry)
-    with running(worker, router, gateway):
-        yield Stack(nats_server, gateway, router, worker, "edge1")
+    batcher = batcher_service(nats_server.url)
+    with running(worker, batcher, router, gateway):
+        yield Stack(nats_server, gateway, router, worker, "edge1", batcher)

@@ -21,12 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import yaml
+
 from deploy import topology
 from deploy.topology import Node, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 FIXTURE_MODEL = ROOT / "tests" / "fixtures" / "tiny-llama"
+FIXTURE_EMBEDDER = ROOT / "tests" / "fixtures" / "tiny-bert"
 REAL_MODELS = Path(os.environ.get("LW_MODELS_DIR", Path.home() / ".cache" / "leafwire" / "models"))
 
 
@@ -134,11 +137,24 @@ def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
             proc.wait(5)
 
 
-def write_registry(path: Path, name: str = "tiny", model: Path = FIXTURE_MODEL, **defaults: object) -> Path:
-    """A model registry file with one model (greedy by default, so answers are deterministic)."""
-    d = {"temperature": 0, "max_tokens": 16, **defaults}
-    inline = ", ".join(f"{k}: {v}" for k, v in d.items())
-    path.write_text(f"models:\n  - name: {name}\n    path: {model}\n    defaults: {{{inline}}}\n")
+def write_registry(path: Path, name: str = "tiny", model: Path = FIXTURE_MODEL, *,
+                   batching: dict[str, float] | None = None, embedder: str | None = None,
+                   embedder_path: Path = FIXTURE_EMBEDDER, embedder_context: int = 64,
+                   embedder_batching: dict[str, float] | None = None, **defaults: object) -> Path:
+    """A model registry file with one chat model (greedy by default, so answers are deterministic) and,
+    when ``embedder`` names it, one embeddings model."""
+    chat: dict[str, object] = {"name": name, "path": str(model),
+                               "defaults": {"temperature": 0, "max_tokens": 16, **defaults}}
+    if batching:
+        chat["batching"] = batching
+    models = [chat]
+    if embedder:
+        embed: dict[str, object] = {"name": embedder, "kind": "embeddings", "path": str(embedder_path),
+                                    "context_length": embedder_context}
+        if embedder_batching:
+            embed["batching"] = embedder_batching
+        models.append(embed)
+    path.write_text(yaml.safe_dump({"models": models}, sort_keys=False))
     return path
 
 

@@ -1,8 +1,9 @@
-"""batcher (not built yet): sits between router and local-inference.
+"""batcher: sits between router and local-inference workers.
 
-It will keep a bounded queue per model, form batches by max size and max wait, hand each batch to a
-local-inference worker that decodes it in one static-batch generator, drop requests whose deadline
-passed, answer 429 with Retry-After when a queue is full, batch embeddings requests, and gather
-deferrable cloud work into provider batch jobs. Today it starts, connects to NATS, and serves
-/healthz, /readyz and /metrics.
+It keeps a bounded queue per model, cuts batches by size and by waiting time (per-model options that
+workers announce from the model registry), and hands each batch to an idle worker, which decodes it in
+one static-batch generator (or encodes it in one go, for embeddings) and answers every caller directly.
+It drops requests whose deadline passes while they wait, answers 429 with Retry-After when a queue is
+full, drops cancelled requests, and watches the workers holding its rows so that callers of a worker
+that dies get an error at once. Deferrable cloud work (provider batch jobs) is not handled yet.
 """

@@ -1,19 +1,9 @@
 """``python -m services.batcher``"""
 
-from contextlib import AsyncExitStack
-
-from shared.nats import broker
-from shared.ops import Readiness
-from shared.service import attach_broker, run
-from shared.settings import ServiceSettings
-
-SERVICE = "batcher"
-
-
-async def main(settings: ServiceSettings, readiness: Readiness, stack: AsyncExitStack) -> None:
-    """Connect to NATS so readiness reflects the connection; no handlers yet."""
-    await attach_broker(broker(settings, SERVICE), settings, SERVICE, readiness, stack)
-
+from services.batcher.app import main
+from services.batcher.scheduler import SERVICE
+from services.batcher.settings import BatcherSettings
+from shared.service import run
 
 if __name__ == "__main__":
-    run(SERVICE, ServiceSettings, main)
+    run(SERVICE, BatcherSettings, main)

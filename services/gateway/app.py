@@ -15,13 +15,17 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from schemas.chat import ChatCompletionRequest
-from services.gateway.chat import ChatBridge, request_headers
+from schemas.control import ModelList
+from schemas.embeddings import EmbeddingRequest
+from services.gateway.bridge import request_headers
+from services.gateway.chat import ChatBridge
+from services.gateway.embeddings import EmbeddingsBridge
 from services.gateway.errors import openai_errors, read_json, validate
 from services.gateway.settings import GatewaySettings
 from shared import metrics, subjects
 from shared import nats as lw_nats
-from shared.envelope import EVENT, Envelope, new_request_id
-from shared.errors import Unauthorized, Unavailable
+from shared.envelope import EVENT
+from shared.errors import ModelNotFound, Unauthorized, Unavailable
 from shared.logging import bind_request, get_logger
 from shared.ops import Readiness, add_routes, bound_port
 from shared.replies import Event, ReplyReader, error_of
@@ -39,6 +43,7 @@ class Gateway:
     settings: GatewaySettings
     nc: NATS
     bridge: ChatBridge
+    embed: EmbeddingsBridge
     keys: dict[str, str]
     models_ok_at: float = 0.0
 
@@ -66,27 +71,47 @@ class Gateway:
         """``POST /v1/route/dry-run``: where a chat request would run, and why, without running it."""
         tenant = self.tenant_of(request)
         chat = validate(ChatCompletionRequest, await read_json(request))
-        env = Envelope(new_request_id(), tenant, "", time.time() + self.settings.models_timeout_s)
+        env = self.bridge.envelope(tenant)
         try:
             reply = await self.nc.request(subjects.route_dry_run(self.settings.site),
                                           chat.model_dump_json(exclude_unset=True).encode(),
-                                          timeout=self.settings.models_timeout_s, headers=request_headers(env, request))
+                                          timeout=self.settings.models_timeout_s,
+                                          headers=request_headers(env, request))
         except (NoRespondersError, NatsTimeout, TimeoutError) as exc:
             raise Unavailable(f"no router is serving site '{self.settings.site}'", retry_after=2) from exc
         if (reply.headers or {}).get(EVENT) == Event.ERROR.value:
             raise error_of(reply.headers or {}, reply.data)
         return web.Response(body=reply.data, content_type="application/json")
 
-    async def list_models(self, request: web.Request) -> web.Response:
-        """``GET /v1/models``: what the site's router knows, with where each model runs."""
-        self.tenant_of(request)
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/embeddings``"""
+        tenant = self.tenant_of(request)
+        body = validate(EmbeddingRequest, await read_json(request))
+        bind_request("-", tenant, subjects.embeddings(self.settings.site))
+        return await self.embed.create(request, body, await request.read(), tenant)
+
+    async def _models(self) -> bytes:
         try:
             reply = await self.nc.request(subjects.models(self.settings.site), b"",
                                           timeout=self.settings.models_timeout_s)
         except (NoRespondersError, NatsTimeout, TimeoutError) as exc:
             raise Unavailable(f"no router is serving site '{self.settings.site}'", retry_after=2) from exc
         self.models_ok_at = time.monotonic()
-        return web.Response(body=reply.data, content_type="application/json")
+        return bytes(reply.data)
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        """``GET /v1/models``: what the site's router knows, with where each model runs and its kind."""
+        self.tenant_of(request)
+        return web.Response(body=await self._models(), content_type="application/json")
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        """``GET /v1/models/{model}``: one model; 404 when nobody serves it."""
+        self.tenant_of(request)
+        name = request.match_info["model"]
+        card = next((c for c in ModelList.model_validate_json(await self._models()).data if c.id == name), None)
+        if card is None:
+            raise ModelNotFound(name)
+        return web.json_response(card.model_dump())
 
     def ready(self) -> str | None:
         """Ready when connected to NATS (the router is probed separately)."""
@@ -117,8 +142,10 @@ def build_app(gateway: Gateway, readiness: Readiness) -> web.Application:
                           middlewares=[observe, openai_errors])
     app["max_body"] = gateway.settings.max_body_bytes
     app.router.add_post("/v1/chat/completions", gateway.chat_completions)
+    app.router.add_post("/v1/embeddings", gateway.embeddings)
     app.router.add_get("/v1/models", gateway.list_models)
     app.router.add_post("/v1/route/dry-run", gateway.dry_run)
+    app.router.add_get("/v1/models/{model}", gateway.get_model)
     add_routes(app, SERVICE, readiness)
     return app
 
@@ -145,7 +172,7 @@ async def main(settings: GatewaySettings, readiness: Readiness, stack: AsyncExit
     replies = ReplyReader(nc, subjects.reply_prefix(f"gw-{uuid.uuid4().hex[:12]}"))
     await replies.start()
     stack.push_async_callback(replies.stop)
-    gateway = Gateway(settings, nc, ChatBridge(nc, replies, settings), keys)
+    gateway = Gateway(settings, nc, ChatBridge(nc, replies, settings), EmbeddingsBridge(nc, replies, settings), keys)
     readiness.add("nats", gateway.ready)
     probe = asyncio.create_task(probe_router(gateway, readiness))
     stack.callback(probe.cancel)

@@ -1,8 +1,9 @@
-"""local-inference on NATS: admit chat work for local models, stream answers, answer cancels and roll calls.
+"""local-inference on NATS: take batches from the batcher (or single requests from the router), answer
+status and cancels, announce the worker.
 
-Admission answers the forwarding service (the router) on the message's own reply subject: ``admitted``
-or an error it can act on (a fallback, say). After admission the answer goes straight to the caller's
-subject (``Lw-Reply``), never back through the router.
+Admission answers the sender (a batcher, or the router) on the message's own reply subject: ``admitted``
+or an error it can act on (busy: offer the batch elsewhere; no such model: fall back). After admission
+each answer goes straight to its caller's subject, never back through the sender.
 """
 
 from __future__ import annotations
@@ -10,213 +11,126 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import time
-import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
-from typing import Any
 
 from faststream.nats import NatsBroker
 from faststream.nats.annotations import NatsMessage
 from nats.aio.client import Client as NATS
 
-from schemas.chat import ChatCompletionRequest, ChatMessage, Usage
-from schemas.control import Admitted, Cancel, ModelInfo, WorkerHeartbeat
+from schemas.batch import BatchAnswer, ChatBatch, EmbeddingsBatch, WorkerStatus
+from schemas.chat import ChatCompletionRequest
+from schemas.control import Admitted, Cancel
+from schemas.embeddings import EmbeddingRequest
 from services.local_inference import registry
+from services.local_inference.embedder import EmbedEngine
 from services.local_inference.engine import Engine
-from services.local_inference.ipc import Delta, Finished, Rejected, RowSpec, Started
 from services.local_inference.settings import InferenceSettings
+from services.local_inference.worker import SERVICE, Worker
 from shared import metrics, subjects
-from shared.answer import Answer
 from shared.envelope import EVENT, Envelope
-from shared.errors import (
-    ContextLengthExceeded,
-    DeadlineExceeded,
-    InvalidRequest,
-    LeafwireError,
-    Overloaded,
-    Unavailable,
-)
+from shared.errors import InvalidRequest
 from shared.handling import ErrorReplies
 from shared.logging import bind_request, get_logger
 from shared.nats import broker as make_broker
 from shared.ops import Readiness
-from shared.replies import Event, ReplyPublisher
+from shared.replies import Event
 from shared.service import attach_broker
 
-SERVICE = "local-inference"
+__all__ = ["SERVICE", "Worker", "build_broker", "main"]
 log = get_logger("leafwire.local_inference")
 
 
-@dataclass
-class Worker:
-    """The worker's state: its engines (one per model) and the requests in flight."""
-
-    settings: InferenceSettings
-    engines: dict[str, Engine]
-    worker_id: str = field(default_factory=lambda: f"li-{uuid.uuid4().hex[:8]}")
-    inflight: dict[str, tuple[Engine, int]] = field(default_factory=dict)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    nc: NATS | None = None
-
-    def heartbeat(self) -> WorkerHeartbeat:
-        """This worker's announcement."""
-        return WorkerHeartbeat(
-            worker_id=self.worker_id, service=SERVICE, site=self.settings.site,
-            models=[ModelInfo(name=name, context_length=e.context_length)
-                    for name, e in self.engines.items() if e.ready],
-            inflight=len(self.inflight), capacity=self.settings.max_inflight,
-            interval_s=self.settings.heartbeat_s)
-
-    def admit(self, model: str, request: ChatCompletionRequest, env: Envelope) -> tuple[Engine, RowSpec]:
-        """Check the request can be taken now; raise the error the router should act on if not."""
-        engine = self.engines.get(model)
-        if engine is None:
-            raise Unavailable(f"this worker does not serve {model}", retry_after=1)
-        if not engine.ready:
-            raise Unavailable(f"model {model} is loading", retry_after=2)
-        if len(self.inflight) >= self.settings.max_inflight:
-            metrics.REJECTED.labels(SERVICE, "queue_full").inc()
-            raise Overloaded(f"worker {self.worker_id} is at capacity "
-                             f"({self.settings.max_inflight} requests)", retry_after=1)
-        if env.expired():
-            raise DeadlineExceeded("the request's deadline passed before it reached a worker")
-        if env.request_id in self.inflight:
-            raise InvalidRequest(f"request id {env.request_id} is already being answered")
-        return engine, row_spec(engine, request, env)
-
-    async def answer(self, engine: Engine, row: RowSpec, request: ChatCompletionRequest,
-                     env: Envelope) -> None:
-        """Decode one admitted row and publish its answer to the caller."""
-        assert self.nc is not None
-        publisher = ReplyPublisher(self.nc, env.reply, env, f"{self.settings.site}/{self.worker_id}")
-        answer = Answer.for_request(publisher, env.request_id, engine.spec.name, request)
-        model = engine.spec.name
-        self.inflight[env.request_id] = (engine, row.key)
-        metrics.ACTIVE_ROWS.labels(model).inc()
-        arrived = time.monotonic()
-        last = 0.0
-        try:
-            (handle,) = engine.submit([row])
-            async for event in handle.events():
-                if isinstance(event, Started):
-                    await answer.begin()
-                elif isinstance(event, Delta):
-                    now = time.monotonic()
-                    if last:
-                        metrics.INTER_TOKEN.labels(model).observe(now - last)
-                    else:
-                        metrics.TTFT.labels(model).observe(now - arrived)
-                    last = now
-                    await answer.text(event.text)
-                elif isinstance(event, Finished):
-                    usage = Usage.of(event.prompt_tokens, event.completion_tokens)
-                    metrics.PROMPT_TOKENS.labels(model).inc(event.prompt_tokens)
-                    metrics.COMPLETION_TOKENS.labels(model).inc(event.completion_tokens)
-                    metrics.GENERATIONS.labels(model, event.finish_reason).inc()
-                    if event.finish_reason != "cancelled":
-                        await answer.finish(event.finish_reason, usage)
-                elif isinstance(event, Rejected):
-                    await publisher.error(rejection(model, event))
-        except LeafwireError as err:
-            await publisher.error(err)
-        finally:
-            self.inflight.pop(env.request_id, None)
-            metrics.ACTIVE_ROWS.labels(model).dec()
-
-    def spawn_restart(self, engine: Engine) -> None:
-        """Restart a crashed decoder in the background."""
-        self.spawn(restart(engine))
-
-    def cancel(self, request_id: str) -> bool:
-        """Stop a request this worker is answering; False when it is not here."""
-        found = self.inflight.get(request_id)
-        if found is None:
-            return False
-        engine, key = found
-        engine.cancel(key)
-        return True
-
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run an answer in the background, tracked so shutdown can wait for it."""
-        task = asyncio.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+async def admitted(nc: NATS, msg: NatsMessage, worker: Worker, env: Envelope) -> None:
+    """Tell the router a single request was taken."""
+    if msg.reply_to:
+        body = Admitted(worker_id=worker.worker_id, request_id=env.request_id)
+        await nc.publish(msg.reply_to, body.model_dump_json().encode(), headers={EVENT: Event.ADMITTED.value})
 
 
-def row_spec(engine: Engine, request: ChatCompletionRequest, env: Envelope) -> RowSpec:
-    """The decoder's view of a request, with the model's defaults filled in."""
-    defaults = engine.spec.defaults
-    for m in request.messages:
-        refuse_unsupported(engine.spec.name, m)
-    if request.model_extra and request.model_extra.get("tools"):
-        raise InvalidRequest(f"model {engine.spec.name} does not support tools", param="tools")
-    return RowSpec(
-        key=engine.new_key(),
-        messages=[{"role": m.role, "content": m.text()} for m in request.messages],
-        max_tokens=request.token_limit(),
-        temperature=defaults.temperature if request.temperature is None else request.temperature,
-        top_p=defaults.top_p if request.top_p is None else request.top_p,
-        seed=request.seed,
-        stop=request.stop_sequences(),
-        deadline=env.deadline,
-    )
-
-
-def refuse_unsupported(model: str, message: ChatMessage) -> None:
-    """Local models read text only."""
-    if message.has_non_text():
-        raise InvalidRequest(f"model {model} reads text only; the message has non-text content",
-                             param="messages")
-
-
-def rejection(model: str, event: Rejected) -> LeafwireError:
-    """The caller-facing error for a row the decoder refused."""
-    if event.reason == "context_length":
-        d = event.detail
-        return ContextLengthExceeded(model=model, context_length=d["context_length"],
-                                     prompt_tokens=d["prompt_tokens"], max_tokens=d["max_tokens"])
-    if event.reason == "deadline":
-        return DeadlineExceeded("the request's deadline passed before decoding started")
-    return InvalidRequest(event.message)
+def direct_envelope(msg: NatsMessage) -> Envelope:
+    """The envelope of a single request from the router; it must name the caller's reply subject."""
+    env = Envelope.from_message(msg.headers, None)
+    bind_request(env.request_id, env.tenant, msg.raw_message.subject)
+    if not env.reply:
+        raise InvalidRequest("no Lw-Reply header: nowhere to send the answer")
+    return env
 
 
 def chat_handler(broker: NatsBroker, worker: Worker, model: str) -> Callable[..., Awaitable[None]]:
-    """The handler admitting chat work for ``model``."""
+    """The handler admitting single chat requests for ``model`` (the path without a batcher)."""
 
     async def on_chat(body: ChatCompletionRequest, msg: NatsMessage) -> None:
-        env = Envelope.from_message(msg.headers, None)
-        bind_request(env.request_id, env.tenant, msg.raw_message.subject)
-        if not env.reply:
-            raise InvalidRequest("no Lw-Reply header: nowhere to send the answer")
-        engine, row = worker.admit(model, body, env)
-        worker.spawn(worker.answer(engine, row, body, env))
-        if msg.reply_to:
-            admitted = Admitted(worker_id=worker.worker_id, request_id=env.request_id)
-            await broker.connection.publish(msg.reply_to, admitted.model_dump_json().encode(),
-                                            headers={EVENT: Event.ADMITTED.value})
+        env = direct_envelope(msg)
+        worker.admit(model, body, env)
+        await admitted(broker.connection, msg, worker, env)
 
     return on_chat
 
 
-def build_broker(settings: InferenceSettings, worker: Worker, models: list[str]) -> NatsBroker:
-    """The FastStream app: one chat subscriber per model, cancel and roll call listeners."""
-    broker = make_broker(settings, SERVICE,
-                         middlewares=[ErrorReplies.for_service(settings.site, SERVICE)])
-    sites = subjects.ANY_SITE if settings.serves_all_sites else settings.site
+def embeddings_handler(broker: NatsBroker, worker: Worker, model: str) -> Callable[..., Awaitable[None]]:
+    """The handler admitting single embeddings requests for ``model`` (the path without a batcher)."""
 
-    for model in models:
+    async def on_embeddings(body: EmbeddingRequest, msg: NatsMessage) -> None:
+        env = direct_envelope(msg)
+        worker.admit_embeddings(model, body, env)
+        await admitted(broker.connection, msg, worker, env)
+
+    return on_embeddings
+
+
+def subscribe_models(broker: NatsBroker, worker: Worker, sites: str, chat: list[str], embeddings: list[str]) -> None:
+    """Per model, the queue-group subscription the router uses when no batcher runs."""
+    for model in chat:
         broker.subscriber(
             subjects.infer_chat(sites, model), queue=subjects.infer_queue(model), no_reply=True,
             title=f"infer/{model}",
-            description=f"Chat work for local model {model}. Answers `admitted` (or an error) on the "
-                        "message's reply subject, then streams the answer to the caller's subject "
-                        "given in the Lw-Reply header.",
+            description=f"Single chat requests for local model {model}, from the router when no batcher "
+                        "runs. Answers `admitted` (or an error) on the message's reply subject, then streams "
+                        "the answer to the caller's subject given in the Lw-Reply header.",
         )(chat_handler(broker, worker, model))
+    for model in embeddings:
+        broker.subscriber(
+            subjects.infer_embeddings(sites, model), queue=subjects.infer_queue(model), no_reply=True,
+            title=f"infer/{model}/embeddings",
+            description=f"Single embeddings requests for local model {model}, from the router when no "
+                        "batcher runs; the `result` goes to the Lw-Reply subject.",
+        )(embeddings_handler(broker, worker, model))
+
+
+def subscribe_batches(broker: NatsBroker, worker: Worker) -> None:
+    """This worker's own subjects: batches from batchers and their status questions."""
+    site, wid = worker.settings.site, worker.worker_id
+
+    @broker.subscriber(subjects.worker_batch(site, wid, "chat"), title="worker/batch/chat",
+                       description="A batcher's chat batch for this worker: `BatchAnswer` (not taken while "
+                                   "another batch of the model is decoding, or while shutting down).")
+    async def on_chat_batch(body: ChatBatch) -> BatchAnswer:
+        return worker.take_chat_batch(body)
+
+    @broker.subscriber(subjects.worker_batch(site, wid, "embeddings"), title="worker/batch/embeddings",
+                       description="A batcher's embeddings batch for this worker: `BatchAnswer`.")
+    async def on_embeddings_batch(body: EmbeddingsBatch) -> BatchAnswer:
+        return worker.take_embeddings(body, when_idle=True)
+
+    @broker.subscriber(subjects.worker_status(site, wid), title="worker/status",
+                       description="The requests this worker is still answering (`WorkerStatus`).")
+    async def on_status() -> WorkerStatus:
+        return worker.status()
+
+
+def build_broker(settings: InferenceSettings, worker: Worker, chat: list[str] | None = None,
+                 embeddings: list[str] | None = None) -> NatsBroker:
+    """The FastStream app: batches, single requests per model, cancels, roll calls (the models are the
+    worker's unless named, as for the AsyncAPI document)."""
+    broker = make_broker(settings, SERVICE, middlewares=[ErrorReplies.for_service(settings.site, SERVICE)])
+    sites = subjects.ANY_SITE if settings.serves_all_sites else settings.site
+    subscribe_models(broker, worker, sites, list(worker.engines) if chat is None else chat,
+                     list(worker.embedders) if embeddings is None else embeddings)
+    subscribe_batches(broker, worker)
 
     @broker.subscriber(subjects.cancel(sites), no_reply=True, title="cancel",
-                       description="Stop generating for a request id (every worker listens).")
+                       description="Stop generating for a request id (every worker and batcher listens).")
     async def on_cancel(body: Cancel) -> None:
         if worker.cancel(body.request_id):
             log.info("cancelled", request_id=body.request_id, reason=body.reason)
@@ -230,7 +144,7 @@ def build_broker(settings: InferenceSettings, worker: Worker, models: list[str])
 
 
 async def publish_heartbeat(nc: NATS, worker: Worker) -> None:
-    """Tell routers this worker is here, what it serves and how busy it is."""
+    """Tell routers and batchers this worker is here, what it serves and what is idle."""
     await nc.publish(subjects.heartbeat(worker.settings.site), worker.heartbeat().model_dump_json().encode())
 
 
@@ -242,39 +156,76 @@ async def heartbeats(nc: NATS, worker: Worker) -> None:
         await asyncio.sleep(worker.settings.heartbeat_s)
 
 
-async def start_engines(settings: InferenceSettings, stack: AsyncExitStack) -> dict[str, Engine]:
-    """Load every model of the registry, each in its own decoder process."""
+async def start_engines(settings: InferenceSettings, stack: AsyncExitStack) -> Worker:
+    """Load every model of the registry: chat models each in a decoder process, embeddings on a thread."""
     engines: dict[str, Engine] = {}
+    embedders: dict[str, EmbedEngine] = {}
     for spec in registry.load(settings.models_file).models:
-        engine = Engine(spec, max_batch=settings.max_batch, intra_op_threads=settings.intra_op_threads)
+        if spec.kind == "embeddings":
+            embedder = EmbedEngine(spec, settings.intra_op_threads)
+            await embedder.start()
+            stack.push_async_callback(embedder.stop)
+            embedders[spec.name] = embedder
+            metrics.MODEL_LOAD.labels(spec.name).set(embedder.load_seconds)
+            continue
+        max_batch = spec.batching_options(settings.max_batch).max_batch
+        engine = Engine(spec, max_batch=max_batch, intra_op_threads=settings.intra_op_threads)
+        engine.on_batch = metrics.BATCH_SIZE.labels(spec.name).observe
         await engine.start()
         stack.push_async_callback(engine.stop)
         metrics.MODEL_LOAD.labels(spec.name).set(engine.load_seconds)
         engines[spec.name] = engine
-    return engines
+    return Worker(settings, engines, embedders)
 
 
 async def wait_for_answers(worker: Worker, grace_s: float) -> None:
-    """On shutdown: let admitted answers finish (up to ``grace_s``), then cancel what is left."""
+    """On shutdown: refuse new work, let admitted answers finish (up to ``grace_s``), cancel what is left.
+
+    Runs before the broker drains, so answers can still be published and batchers asking for this
+    worker's status still hear that their rows are being answered. The heartbeats before and after say
+    ``leaving``: batchers send nothing more, and once nothing is in flight they stop watching.
+    """
+    worker.stopping = True
+    await last_words(worker)
     if worker.tasks:
         _, pending = await asyncio.wait(set(worker.tasks), timeout=grace_s)
         for task in pending:
             task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    await last_words(worker)
+
+
+async def last_words(worker: Worker) -> None:
+    """One heartbeat now, flushed (best effort: the connection may already be gone)."""
+    if worker.nc is not None:
+        with contextlib.suppress(Exception):
+            await publish_heartbeat(worker.nc, worker)
+            await worker.nc.flush(timeout=1)
 
 
 async def main(settings: InferenceSettings, readiness: Readiness, stack: AsyncExitStack) -> None:
-    """Load models, then take work from NATS."""
-    engines = await start_engines(settings, stack)
-    worker = Worker(settings, engines)
-    for engine in engines.values():
-        engine.on_crash = functools.partial(worker.spawn_restart, engine)
-    broker = build_broker(settings, worker, list(engines))
-    stack.push_async_callback(wait_for_answers, worker, settings.nats_drain_timeout_s)
+    """Load models, then take work from NATS (not ready until both are done)."""
+    readiness.add("models", lambda: "models are loading")
+    worker = await start_engines(settings, stack)
+    for engine in worker.engines.values():
+        engine.on_crash = functools.partial(spawn_restart, worker, engine)
+    broker = build_broker(settings, worker)
     await attach_broker(broker, settings, SERVICE, readiness, stack)
-    worker.nc = broker.connection
-    readiness.add("models", lambda: None if all(e.ready for e in engines.values()) else "model not loaded")
-    beat = asyncio.create_task(heartbeats(broker.connection, worker))
+    stack.push_async_callback(wait_for_answers, worker, settings.nats_drain_timeout_s)
+    nc = broker.connection
+    worker.nc = nc
+    worker.on_idle = lambda: worker.spawn(publish_heartbeat(nc, worker))
+    readiness.add("models", lambda: None if all(e.ready for e in worker.engines.values())
+                  and all(e.ready for e in worker.embedders.values()) else "model not loaded")
+    beat = asyncio.create_task(heartbeats(nc, worker))
     stack.callback(beat.cancel)
+    log.info("worker started", worker_id=worker.worker_id, chat=list(worker.engines),
+             embeddings=list(worker.embedders))
+
+
+def spawn_restart(worker: Worker, engine: Engine) -> None:
+    """Restart a crashed decoder in the background."""
+    worker.spawn(restart(engine))
 
 
 async def restart(engine: Engine) -> None:

@@ -1,9 +1,11 @@
 """The decoder process: owns one onnxruntime-genai model and decodes static batches of rows.
 
 Runs in its own process (onnxruntime-genai holds the GIL while it computes). Between decode steps it
-reads the pipe, so cancellations and new rows are seen within one step. Compatible queued rows (same
-sampling parameters) are decoded together in one generator; each row finishes on its own (end of
-sequence, its own stop sequences, its own max_tokens) and the batch ends when no live row is left.
+reads the pipe, so cancellations and new rows are seen within one step. Queued rows (up to
+``max_batch``, first come first served) are decoded together in one generator whatever their sampling
+parameters: when every row is greedy the library's own search picks the tokens; otherwise each row's
+token is chosen from its own logits (``sampling.py``). Each row finishes on its own (end of sequence,
+its own stop sequences, its own max_tokens) and the batch ends when no live row is left.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
+
+import numpy as np
 
 from services.local_inference.ipc import (
     CancelRow,
@@ -30,6 +34,7 @@ from services.local_inference.ipc import (
     ToDecoder,
 )
 from services.local_inference.registry import ModelSpec
+from services.local_inference.sampling import RowSampler
 from services.local_inference.stops import StopMatcher
 
 ROLE_MAP = {"developer": "system"}
@@ -45,6 +50,7 @@ class LiveRow:
     max_new: int
     matcher: StopMatcher
     stream: Any
+    sampler: RowSampler
     generated: int = 0
     done: bool = False
 
@@ -105,17 +111,8 @@ class Decoder:
     # -- batches ----------------------------------------------------------------------------------
 
     def next_batch(self) -> list[RowSpec]:
-        """Take the first queued row and every queued row compatible with it, up to ``max_batch``."""
-        first = self.queue.popleft()
-        batch, rest = [first], deque[RowSpec]()
-        while self.queue:
-            row = self.queue.popleft()
-            if len(batch) < self.max_batch and row.sampling_key() == first.sampling_key():
-                batch.append(row)
-            else:
-                rest.append(row)
-        self.queue = rest
-        return batch
+        """Take up to ``max_batch`` queued rows, oldest first (any sampling parameters mix)."""
+        return [self.queue.popleft() for _ in range(min(self.max_batch, len(self.queue)))]
 
     def prepare(self, rows: Iterable[RowSpec], events: list[RowEvent]) -> list[LiveRow]:
         """Template and tokenize rows; reject those cancelled, expired or too long for the context."""
@@ -132,7 +129,8 @@ class Decoder:
             messages = [{"role": ROLE_MAP.get(m["role"], m["role"]), "content": m["content"]}
                         for m in row.messages]
             prompt = self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
-            n = len(self.tokenizer.encode(prompt))
+            ids = self.tokenizer.encode(prompt)
+            n = len(ids)
             room = self.context_length - n
             if (row.max_tokens is not None and row.max_tokens > room) or room < 1:
                 asked = row.max_tokens or 1
@@ -142,30 +140,35 @@ class Decoder:
                 continue
             max_new = row.max_tokens or min(self.spec.defaults.max_tokens, room)
             live.append(LiveRow(row, prompt, n, max_new, StopMatcher(row.stop),
-                                self.tokenizer.create_stream()))
+                                self.tokenizer.create_stream(), self.sampler(row, ids)))
         return live
+
+    def sampler(self, row: RowSpec, prompt_ids: Any) -> RowSampler:
+        """How ``row`` picks its tokens (the model's defaults fill in top_k and the repetition penalty)."""
+        d = self.spec.defaults
+        return RowSampler(temperature=row.temperature, top_p=row.top_p, top_k=d.top_k,
+                          repetition_penalty=d.repetition_penalty, seed=row.seed,
+                          history=(int(t) for t in prompt_ids) if d.repetition_penalty != 1.0 else ())
+
+    def generator(self, rows: list[LiveRow]) -> Any:
+        """A greedy static-batch generator holding every row's prompt."""
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        longest = max(r.prompt_tokens for r in rows)
+        params.set_search_options(batch_size=len(rows), do_sample=False,
+                                  max_length=min(self.context_length, longest + max(r.max_new for r in rows)))
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(self.tokenizer.encode_batch([r.prompt for r in rows]))
+        return generator
 
     def decode(self, rows: list[LiveRow]) -> None:
         """Decode one static batch until every row has finished or been cancelled."""
-        og, first = self.og, rows[0].spec
-        params = og.GeneratorParams(self.model)
-        longest = max(r.prompt_tokens for r in rows)
-        options: dict[str, Any] = {
-            "batch_size": len(rows),
-            "max_length": min(self.context_length, longest + max(r.max_new for r in rows)),
-            "do_sample": first.temperature > 0,
-            "top_k": self.spec.defaults.top_k,
-            "repetition_penalty": self.spec.defaults.repetition_penalty,
-        }
-        if first.temperature > 0:
-            options.update(temperature=first.temperature, top_p=first.top_p)
-        if first.seed is not None:
-            options["random_seed"] = first.seed % (2**31)
-        params.set_search_options(**options)
-        generator = og.Generator(self.model, params)
-        generator.append_tokens(self.tokenizer.encode_batch([r.prompt for r in rows]))
+        generator = self.generator(rows)
         self.send([Started(r.spec.key, r.prompt_tokens, len(rows)) for r in rows])
+        choose = None if all(r.sampler.native for r in rows) else RowChoices(rows, self.pad_token())
         while not generator.is_done():
+            if choose is not None:
+                generator.set_logits(choose.one_hot(generator.get_logits()))
             generator.generate_next_token()
             tokens = generator.get_next_tokens()
             events: list[RowEvent] = []
@@ -184,6 +187,10 @@ class Decoder:
             if not row.done:
                 self.finish(row, "length", leftovers)
         self.send(leftovers)
+
+    def pad_token(self) -> int:
+        """What a finished row is fed while its batch goes on (an end-of-sequence token)."""
+        return min(self.eos) if self.eos else 0
 
     def step_row(self, row: LiveRow, token: int, events: list[RowEvent]) -> None:
         """Account one new token of ``row``: end of sequence, text, stop sequences, max_tokens."""
@@ -221,6 +228,28 @@ class Decoder:
             self.send(events)
             if rows:
                 self.decode(rows)
+
+
+class RowChoices:
+    """Per-row token choice for a batch whose rows do not all decode greedily (see ``sampling.py``)."""
+
+    def __init__(self, rows: list[LiveRow], pad: int) -> None:
+        self.rows = rows
+        self.pad = pad
+        self.forced: np.ndarray[Any, np.dtype[np.float32]] | None = None
+        self.chosen = np.zeros(len(rows), dtype=np.int64)
+
+    def one_hot(self, logits: Any) -> np.ndarray[Any, np.dtype[np.float32]]:
+        """Logits under which greedy search takes each row's own choice."""
+        batch = np.asarray(logits, dtype=np.float32).reshape(len(self.rows), -1)
+        if self.forced is None:
+            self.forced = np.full((len(self.rows), 1, batch.shape[1]), -1e30, dtype=np.float32)
+        rows = np.arange(len(self.rows))
+        self.forced[rows, 0, self.chosen] = -1e30
+        for i, row in enumerate(self.rows):
+            self.chosen[i] = self.pad if row.done else row.sampler.choose(batch[i])
+        self.forced[rows, 0, self.chosen] = 0.0
+        return self.forced
 
 
 def main(conn: Connection, spec: ModelSpec, max_batch: int, intra_op_threads: int) -> None:

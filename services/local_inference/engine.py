@@ -24,6 +24,7 @@ from services.local_inference.ipc import (
     RowEvent,
     RowSpec,
     Shutdown,
+    Started,
     Submit,
     ToDecoder,
 )
@@ -79,10 +80,15 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self.on_crash: Callable[[], None] | None = None
+        self.on_batch: Callable[[int], None] | None = None
 
     async def start(self) -> None:
-        """Spawn the decoder process and wait until its model is loaded."""
+        """Spawn the decoder process and wait until its model is loaded (reaping a dead one first)."""
         self._loop = asyncio.get_running_loop()
+        if self._proc is not None:
+            await asyncio.to_thread(self._proc.join, 5)
+            if self._conn is not None:
+                self._conn.close()
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
         self._conn = parent
@@ -161,6 +167,8 @@ class Engine:
     # -- on the event loop ------------------------------------------------------------------------
 
     def _dispatch(self, events: list[RowEvent]) -> None:
+        if events and isinstance(events[0], Started) and self.on_batch is not None:
+            self.on_batch(events[0].batch_size)  # the decoder sends a batch's Started events together
         for event in events:
             handle = self._rows.get(event.key)
             if handle is None:

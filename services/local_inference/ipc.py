@@ -20,10 +20,6 @@ class RowSpec(NamedTuple):
     stop: list[str]
     deadline: float
 
-    def sampling_key(self) -> tuple[float, float, int | None]:
-        """Rows with equal keys can share one generator (static batches share search options)."""
-        return (0.0 if self.temperature == 0 else self.temperature, self.top_p, self.seed)
-
 
 class Submit(NamedTuple):
     """Queue rows for decoding (rows of one Submit are decoded together when they are compatible)."""

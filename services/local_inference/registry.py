@@ -2,9 +2,20 @@
 
     models:
       - name: smollm2-135m-instruct
+        kind: chat                                       # the default
         path: ${LW_MODELS_DIR}/smollm2-135m-instruct   # environment variables are expanded
         context_length: 8192                             # optional: read from genai_config.json
         defaults: {temperature: 0.2, top_p: 0.9, max_tokens: 512}
+        batching: {max_batch: 8, max_wait_ms: 50, max_queue: 64}   # optional, per kind defaults
+      - name: all-minilm-l6-v2
+        kind: embeddings
+        path: ${LW_MODELS_DIR}/all-minilm-l6-v2
+        context_length: 256                              # tokens per input; longer inputs get a 400
+        embeddings: {file: model.onnx, pooling: mean, normalize: true}
+        batching: {max_batch: 64, max_wait_ms: 5}        # max_batch counts inputs for embeddings
+
+Workers load it; they announce each model's batching options in their heartbeats, so the batcher needs
+no copy of the file.
 """
 
 from __future__ import annotations
@@ -13,11 +24,12 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from schemas.control import BatchingOptions, ModelKind
 from shared.errors import LeafwireError
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
@@ -39,21 +51,65 @@ class SamplingDefaults(BaseModel):
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
 
 
+# Measured defaults (docs/local-inference.md says how the window was chosen).
+CHAT_BATCHING = BatchingOptions(max_batch=8, max_wait_ms=50.0, max_queue=64)
+EMBEDDINGS_BATCHING = BatchingOptions(max_batch=64, max_wait_ms=5.0, max_queue=256)
+EMBEDDINGS_CONTEXT = 512  # BERT's position limit, when the registry gives none
+
+
+class Batching(BaseModel):
+    """Per-model batching options; what is left out comes from the kind's defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_batch: Annotated[int | None, Field(ge=1, le=4096)] = None
+    max_wait_ms: Annotated[float | None, Field(ge=0, le=10_000)] = None
+    max_queue: Annotated[int | None, Field(ge=1, le=100_000)] = None
+
+
+class EmbeddingOptions(BaseModel):
+    """How an embeddings model turns token vectors into one vector per input."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    file: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+\.onnx$")] = "model.onnx"
+    pooling: Literal["mean"] = "mean"
+    normalize: bool = True
+
+
 class ModelSpec(BaseModel):
     """One local model."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: Annotated[str, Field(pattern=_NAME)]
+    kind: ModelKind = "chat"
     path: Path
     context_length: Annotated[int | None, Field(ge=16)] = None
     defaults: SamplingDefaults = SamplingDefaults()
+    batching: Batching = Batching()
+    embeddings: EmbeddingOptions = EmbeddingOptions()
 
     def resolved_context_length(self) -> int:
-        """The context length from the registry, else from the model's genai_config.json."""
+        """The context length from the registry, else from the model's genai_config.json (chat) or
+        BERT's position limit (embeddings)."""
         if self.context_length is not None:
             return self.context_length
+        if self.kind == "embeddings":
+            return EMBEDDINGS_CONTEXT
         config = json.loads((self.path / "genai_config.json").read_text())
         return int(config["model"]["context_length"])
+
+    def batching_options(self, chat_max_batch: int | None = None) -> BatchingOptions:
+        """The batching options of this model: the registry's, filled in with the kind's defaults."""
+        base = CHAT_BATCHING if self.kind == "chat" else EMBEDDINGS_BATCHING
+        if chat_max_batch is not None and self.kind == "chat":
+            base = base.model_copy(update={"max_batch": chat_max_batch})
+        given = {k: v for k, v in self.batching.model_dump().items() if v is not None}
+        return BatchingOptions.model_validate({**base.model_dump(), **given})
+
+    def required_files(self) -> list[Path]:
+        """Files the model folder must hold."""
+        if self.kind == "embeddings":
+            return [self.path / self.embeddings.file, self.path / "tokenizer.json"]
+        return [self.path / "genai_config.json"]
 
 
 class Registry(BaseModel):
@@ -76,7 +132,7 @@ def _expand(text: str) -> str:
 
 
 def load(path: Path) -> Registry:
-    """Read and validate the registry; every model folder must hold a genai_config.json."""
+    """Read and validate the registry; every model folder must hold its model files."""
     try:
         raw = yaml.safe_load(_expand(path.read_text()))
         registry = Registry.model_validate(raw)
@@ -88,7 +144,8 @@ def load(path: Path) -> Registry:
     if len(set(names)) != len(names):
         raise RegistryError(f"model registry {path} names a model twice: {names}")
     for spec in registry.models:
-        if not (spec.path / "genai_config.json").exists():
-            raise RegistryError(f"model {spec.name!r}: no genai_config.json in {spec.path} "
-                                "(run `just models` to build the real models)")
+        for needed in spec.required_files():
+            if not needed.exists():
+                raise RegistryError(f"model {spec.name!r}: no {needed.name} in {spec.path} "
+                                    "(run `just models` to build the real models)")
     return registry

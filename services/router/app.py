@@ -1,9 +1,10 @@
-"""router on NATS: take chat requests of a site, decide where they run, hand them over.
+"""router on NATS: take chat and embeddings requests of a site, decide where they run, hand them over.
 
 The caller's reply subject is the message's own; the router never answers with tokens. It decides a
 chain of targets from the policy and the live state, and offers the request to each in turn with the
-caller's subject in ``Lw-Reply``, until one takes it. A refusal of every target, or a request no target
-may serve, is sent to the caller as an error event.
+caller's subject in ``Lw-Reply``, until one takes it. Local targets are queued at the site's batcher (or,
+when none runs, handed to a worker directly). A refusal of every target, or a request no target may
+serve, is sent to the caller as an error event. Embeddings run on local models only.
 """
 
 from __future__ import annotations
@@ -20,22 +21,23 @@ from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig
 
 from schemas.chat import ChatCompletionRequest
-from schemas.control import DryRun, ModelList, SkippedTarget, WorkerHeartbeat
+from schemas.control import DryRun, ModelList, RouteDecision, SkippedTarget, WorkerHeartbeat
+from schemas.embeddings import EmbeddingRequest
 from services.router import decide, watch
 from services.router import policy as policies
 from services.router.catalog import Catalog
 from services.router.decide import Facts, Plan
-from services.router.handover import run_chain
+from services.router.handover import offer_local, run_chain
 from services.router.masking import Masker
 from services.router.settings import RouterSettings
 from services.router.signals import signals
 from services.router.state import LiveState
 from shared import metrics, subjects
 from shared.envelope import RESIDENCY, Envelope
-from shared.errors import InvalidRequest
+from shared.errors import InvalidRequest, ModelNotFound
 from shared.handling import ErrorReplies
 from shared.intake import Handler, Intake
-from shared.logging import get_logger
+from shared.logging import bind_request, get_logger
 from shared.nats import broker as make_broker
 from shared.ops import Readiness
 from shared.service import attach_broker
@@ -76,6 +78,19 @@ CHAT_DOC = ("Chat requests of a site, in OpenAI's request shape. The answer (`ch
             "Header Lw-Residency: onsite keeps the request on the site.")
 
 
+async def route_embeddings(nc: NATS, settings: RouterSettings, state: LiveState, request: EmbeddingRequest,
+                           env: Envelope) -> None:
+    """Embeddings go to a local embeddings model (aliases resolve); there is no cloud path for them."""
+    model, _ = decide.resolve(state.policy, request.model, request.user, env.tenant)
+    served = {m.name: m.kind for b in state.catalog.alive() for m in b.models}
+    if model is None or served.get(model) != "embeddings":
+        raise ModelNotFound(request.model)
+    route = RouteDecision(target=f"local/{model}", rule="embeddings", reason="local embeddings model")
+    payload = request.model_copy(update={"model": model}).model_dump_json(exclude_unset=True).encode()
+    await offer_local(nc, settings, model, "embeddings", payload, env.with_route(route.header()))
+    metrics.ROUTE_DECISIONS.labels("local", "embeddings", "admitted").inc()
+
+
 def chat_handler(nc: NATS, settings: RouterSettings, state: LiveState) -> Handler[ChatCompletionRequest]:
     """Route one chat request: decide the chain, offer it until a target takes it."""
 
@@ -100,6 +115,18 @@ def build_broker(settings: RouterSettings, state: LiveState, *, document_chat: b
                            description=CHAT_DOC)
         async def on_chat(body: ChatCompletionRequest) -> None:  # pragma: no cover - documentation only
             raise NotImplementedError("documentation only: an Intake serves this subject")
+
+    @broker.subscriber(subjects.embeddings(settings.site), queue="router", no_reply=True,
+                       max_workers=settings.max_concurrency, title="embeddings",
+                       description="Embeddings requests of a site, in OpenAI's request shape. The answer (one "
+                                   "`result`: an OpenAI embeddings list, or an `error`) arrives on the "
+                                   "message's reply subject.")
+    async def on_embeddings(body: EmbeddingRequest, msg: NatsMessage) -> None:
+        env = Envelope.from_message(msg.headers, msg.reply_to)
+        bind_request(env.request_id, env.tenant, msg.raw_message.subject)
+        if not msg.reply_to:
+            raise InvalidRequest("an embeddings request needs a reply subject to answer on")
+        await route_embeddings(broker.connection, settings, state, body, env)
 
     @broker.subscriber(subjects.route_dry_run(settings.site), title="route.dry_run",
                        description="Request/reply: the routing decision for a chat request, not run.")

@@ -15,12 +15,13 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from schemas.chat import ChatCompletionRequest
+from schemas.control import ModelKind
 from services.router.decide import Plan, is_cloud
 from services.router.settings import RouterSettings
 from services.router.state import LiveState
 from shared import metrics, subjects
 from shared.envelope import EVENT, Envelope
-from shared.errors import LeafwireError, Unavailable
+from shared.errors import LeafwireError, NotBatched, Unavailable
 from shared.logging import get_logger
 from shared.replies import Event, error_of
 
@@ -34,26 +35,48 @@ def falls_back(err: LeafwireError) -> bool:
     return err.status >= 429 or err.code in FALLBACK_CODES
 
 
-def subject_for(site: str, target: str) -> str:
-    """Where a target's admissions are asked."""
-    return subjects.cloud_chat(site) if is_cloud(target) else subjects.infer_chat(site, target)
+async def admit(nc: NATS, subject: str, payload: bytes, env: Envelope, wait_s: float) -> None:
+    """Offer a request on ``subject`` and wait until it is taken; raise the refusal.
 
-
-async def offer(nc: NATS, settings: RouterSettings, target: str, payload: bytes, env: Envelope) -> None:
-    """Ask ``target`` to take the request; raise the error it (or its absence) amounts to."""
-    limit = settings.cloud_admission_timeout_s if is_cloud(target) else settings.admission_timeout_s
-    timeout = max(min(limit, env.remaining()), 0.001)
+    ``NoRespondersError`` (nobody listens) is left to the caller, which knows what that means.
+    """
+    timeout = max(min(wait_s, env.remaining()), 0.001)
     try:
-        reply = await nc.request(subject_for(settings.site, target), payload, timeout=timeout,
-                                 headers=env.headers())
-    except NoRespondersError as exc:
-        what = "no cloud adapter is running" if is_cloud(target) else f"no worker for model '{target}' is running"
-        raise Unavailable(f"{what} right now", retry_after=2) from exc
+        reply = await nc.request(subject, payload, timeout=timeout, headers=env.headers())
     except (NatsTimeout, TimeoutError) as exc:
-        raise Unavailable(f"{target} did not take the request within {timeout:.1f} s", retry_after=2) from exc
+        raise Unavailable(f"nobody took the request within {timeout:.1f} s", retry_after=2) from exc
     headers = reply.headers or {}
     if headers.get(EVENT) == Event.ERROR.value:
         raise error_of(headers, reply.data)
+
+
+async def offer_local(nc: NATS, settings: RouterSettings, model: str, kind: ModelKind, payload: bytes,
+                      env: Envelope) -> None:
+    """Queue at the site's batcher; with no batcher (or one that cannot batch it), go to a worker directly."""
+    try:
+        await admit(nc, subjects.batch(settings.site, model, kind), payload, env, settings.admission_timeout_s)
+        return
+    except NoRespondersError:
+        pass  # no batcher on this site
+    except LeafwireError as err:
+        if err.code != NotBatched.default_code:
+            raise
+    direct = subjects.infer_chat if kind == "chat" else subjects.infer_embeddings
+    try:
+        await admit(nc, direct(settings.site, model), payload, env, settings.admission_timeout_s)
+    except NoRespondersError as exc:
+        raise Unavailable(f"no worker for model '{model}' is running right now", retry_after=2) from exc
+
+
+async def offer(nc: NATS, settings: RouterSettings, target: str, payload: bytes, env: Envelope) -> None:
+    """Ask ``target`` to take a chat request; raise the error it (or its absence) amounts to."""
+    if not is_cloud(target):
+        await offer_local(nc, settings, target, "chat", payload, env)
+        return
+    try:
+        await admit(nc, subjects.cloud_chat(settings.site), payload, env, settings.cloud_admission_timeout_s)
+    except NoRespondersError as exc:
+        raise Unavailable("no cloud adapter is running right now", retry_after=2) from exc
 
 
 def prepare(state: LiveState, request: ChatCompletionRequest, target: str) -> tuple[bytes, Counter[str]]:

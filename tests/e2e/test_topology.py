@@ -8,7 +8,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.support import NatsServer, Service, running, start_hub_and_edge, write_registry
+from tests.support import NatsServer, Service, metric, running, start_hub_and_edge, write_registry
 
 pytestmark = pytest.mark.e2e
 
@@ -47,3 +47,20 @@ def test_edge_first_then_hub(topology: tuple[list[NatsServer], NatsServer, Path]
         assert {loc["site"] for loc in locations} == {"plant7", "hub"}
         edge_worker.stop()
         assert [served_by(gateway) for _ in range(5)] == ["hub"] * 5
+
+
+def test_edge_first_then_hub_through_the_batcher(topology: tuple[list[NatsServer], NatsServer, Path]) -> None:
+    """With the edge's batcher in the path the edge worker still answers first; once it is gone the
+    batcher hands the work to a hub worker across the leaf connection."""
+    hub, edge, registry = topology
+    edge_env = {"LW_NATS_URL": edge.url, "LW_SITE": "plant7"}
+    edge_worker = Service("local_inference", {**edge_env, "LW_MODELS_FILE": str(registry)})
+    hub_worker = Service("local_inference", {"LW_NATS_URL": hub[0].url, "LW_SITE": "hub",
+                                             "LW_MODELS_FILE": str(registry)})
+    batcher = Service("batcher", edge_env)
+    with running(hub_worker, edge_worker, batcher, Service("router", edge_env)), \
+            running(Service("gateway", edge_env)) as (gateway,):
+        assert [served_by(gateway) for _ in range(3)] == ["plant7"] * 3
+        edge_worker.kill()
+        assert [served_by(gateway) for _ in range(3)] == ["hub"] * 3
+        assert metric(batcher.metrics(), "leafwire_batch_dispatches_total", model="tiny", outcome="taken") == 6

@@ -8,7 +8,7 @@ import pytest
 
 from services.local_inference import registry
 from services.local_inference.registry import RegistryError
-from tests.support import FIXTURE_MODEL
+from tests.support import FIXTURE_EMBEDDER, FIXTURE_MODEL
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -58,3 +58,29 @@ class TestRegistry:
         """A registry file that does not exist is refused with its path."""
         with pytest.raises(RegistryError, match="not found"):
             registry.load(tmp_path / "absent.yaml")
+
+
+class TestKindsAndBatching:
+    def test_embeddings_model_needs_its_onnx_file_and_tokenizer(self, tmp_path: Path) -> None:
+        """An embeddings entry is checked for its .onnx file and tokenizer.json, not genai_config.json."""
+        entry = f"models:\n  - name: e\n    kind: embeddings\n    path: {FIXTURE_EMBEDDER}\n"
+        ok = registry.load(write(tmp_path, entry))
+        assert ok.models[0].kind == "embeddings"
+        with pytest.raises(RegistryError, match=r"model\.int8\.onnx"):
+            registry.load(write(tmp_path, entry + "    embeddings: {file: model.int8.onnx}\n"))
+
+    def test_batching_options_fill_in_from_the_kind(self, tmp_path: Path) -> None:
+        """Options left out come from the kind's defaults; the worker's max batch fills in for chat."""
+        reg = registry.load(write(tmp_path, f"models:\n  - name: c\n    path: {FIXTURE_MODEL}\n"
+                                            "    batching: {max_wait_ms: 3}\n"
+                                            f"  - name: e\n    kind: embeddings\n    path: {FIXTURE_EMBEDDER}\n"))
+        chat, embed = reg.models
+        assert chat.batching_options(4).model_dump() == {"max_batch": 4, "max_wait_ms": 3.0,
+                                                         "max_queue": registry.CHAT_BATCHING.max_queue}
+        assert embed.batching_options(4) == registry.EMBEDDINGS_BATCHING
+        assert embed.resolved_context_length() == registry.EMBEDDINGS_CONTEXT
+
+    def test_unknown_kind_is_refused(self, tmp_path: Path) -> None:
+        """Only chat and embeddings models exist."""
+        with pytest.raises(RegistryError):
+            registry.load(write(tmp_path, f"models:\n  - name: c\n    kind: vision\n    path: {FIXTURE_MODEL}\n"))

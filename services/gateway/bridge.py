@@ -1,0 +1,80 @@
+"""What every HTTP endpoint that asks the site over NATS shares: publish with a reply subject, read the
+replies with the idle timeout and the deadline, turn the first reply's headers into HTTP headers, and
+broadcast a cancel when the caller is gone before the answer ended.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+from nats.aio.client import Client as NATS
+
+from schemas.control import Cancel
+from services.gateway.errors import log
+from services.gateway.settings import GatewaySettings
+from shared import envelope as hdr
+from shared import subjects
+from shared.envelope import Envelope, new_request_id
+from shared.errors import DeadlineExceeded
+from shared.replies import Reply, ReplyReader, ReplyStream
+
+RESIDENCY_HEADER = "x-leafwire-residency"  # "onsite": keep this request on the site
+
+
+def request_headers(env: Envelope, http: web.Request) -> dict[str, str]:
+    """NATS headers of a request entering at the gateway (the reply subject is the message's own)."""
+    headers = {k: v for k, v in env.headers().items() if k != hdr.REPLY}
+    if http.headers.get(RESIDENCY_HEADER, "").lower() == "onsite":
+        headers[hdr.RESIDENCY] = "onsite"
+    return headers
+
+
+@dataclass
+class Bridge:
+    """The NATS client, the reply reader and the settings."""
+
+    nc: NATS
+    replies: ReplyReader
+    settings: GatewaySettings
+
+    def envelope(self, tenant: str) -> Envelope:
+        """A new request's envelope: a fresh id and the gateway's deadline."""
+        return Envelope(request_id=new_request_id(), tenant=tenant, reply="",
+                        deadline=time.time() + self.settings.request_timeout_s)
+
+    async def ask(self, subject: str, raw: bytes, stream: ReplyStream, env: Envelope, http: web.Request) -> None:
+        """Publish the request, replies to ``stream``."""
+        stream.unavailable = f"no router is serving site '{self.settings.site}'"
+        await self.nc.publish(subject, raw, reply=stream.subject, headers=request_headers(env, http))
+
+    async def next(self, stream: ReplyStream, env: Envelope) -> Reply:
+        """The next reply, or 504 when none comes within the idle timeout or the deadline."""
+        wait = min(self.settings.idle_timeout_s, env.remaining())
+        if wait <= 0:
+            raise DeadlineExceeded("The request took longer than its deadline.")
+        try:
+            return await stream.next(wait)
+        except TimeoutError as exc:
+            raise DeadlineExceeded(f"No answer arrived within {wait:.0f} s.") from exc
+
+    @staticmethod
+    def answer_headers(first: Reply, env: Envelope) -> dict[str, str]:
+        """``x-request-id``, and the route and worker the first reply names."""
+        headers = {"x-request-id": env.request_id}
+        if route := first.headers.get(hdr.ROUTE):
+            headers["x-leafwire-route"] = route
+        if served_by := first.headers.get(hdr.SERVED_BY):
+            headers["x-leafwire-served-by"] = served_by
+        if cached := first.headers.get(hdr.CACHE):
+            headers["x-leafwire-cache"] = cached
+        return headers
+
+    async def cancel(self, env: Envelope, reason: str = "the caller stopped reading the answer") -> None:
+        """Tell every worker and batcher of the site to stop this request (best effort)."""
+        log.info("cancelling", request_id=env.request_id, reason=reason)
+        with contextlib.suppress(Exception):
+            await self.nc.publish(subjects.cancel(self.settings.site),
+                                  Cancel(request_id=env.request_id, reason=reason).model_dump_json().encode())

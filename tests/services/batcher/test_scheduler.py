@@ -1,0 +1,238 @@
+"""The batcher's scheduling, on a fake transport: batches, idle workers, deadlines, cancels, lost workers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from schemas.chat import ChatCompletionRequest
+from schemas.control import BatchingOptions, ModelInfo, ModelKind, WorkerHeartbeat
+from services.batcher.pool import WorkerPool, WorkerRef
+from services.batcher.queue import Row
+from services.batcher.scheduler import Batcher, Declined, Offer, Taken
+from services.batcher.settings import BatcherSettings
+from shared.envelope import Envelope
+from shared.errors import LeafwireError, NotBatched, Overloaded
+
+A, B = WorkerRef("a", "edge1"), WorkerRef("b", "edge1")
+
+
+@dataclass
+class FakeTransport:
+    """Records what the scheduler sends; workers take batches unless told otherwise."""
+
+    offers: list[tuple[WorkerRef, list[str]]] = field(default_factory=list)
+    errors: dict[str, LeafwireError] = field(default_factory=dict)
+    decline: dict[WorkerRef, str] = field(default_factory=dict)
+    answering: dict[WorkerRef, set[str] | type[TimeoutError] | None] = field(default_factory=dict)
+    cancels: list[str] = field(default_factory=list)
+
+    async def offer(self, worker: WorkerRef, kind: ModelKind, model: str, rows: list[Row]) -> Offer:
+        ids = [r.request_id for r in rows]
+        self.offers.append((worker, ids))
+        if worker in self.decline:
+            return Declined(self.decline.pop(worker))
+        self.answering.setdefault(worker, set()).update(ids)  # type: ignore[union-attr]
+        return Taken(frozenset(ids))
+
+    async def status(self, worker: WorkerRef) -> set[str] | None:
+        state = self.answering.get(worker, set())
+        if state is TimeoutError:
+            raise TimeoutError
+        return state  # type: ignore[return-value]
+
+    async def error(self, row: Row, err: LeafwireError) -> None:
+        self.errors[row.request_id] = err
+
+    async def cancel(self, request_id: str) -> None:
+        self.cancels.append(request_id)
+
+
+def beat(worker: str, *, idle: bool = True, leaving: bool = False, inflight: int = 0,
+         options: BatchingOptions | None = None) -> WorkerHeartbeat:
+    batching = options or BatchingOptions(max_batch=3, max_wait_ms=5000, max_queue=4)
+    return WorkerHeartbeat(worker_id=worker, service="local-inference", site="edge1", leaving=leaving,
+                           inflight=inflight,
+                           models=[ModelInfo(name="m", context_length=64, idle=idle, batching=batching)])
+
+
+def request(rid: str, deadline_in: float = 60.0) -> tuple[ChatCompletionRequest, Envelope]:
+    env = Envelope(request_id=rid, tenant="t", reply=f"_INBOX.{rid}", deadline=time.time() + deadline_in)
+    return ChatCompletionRequest(model="m", messages=[{"role": "user", "content": rid}]), env  # type: ignore[list-item]
+
+
+async def until(check: Callable[[], object], within_s: float = 5.0) -> None:
+    """Poll ``check`` on the event loop until it holds."""
+    deadline = time.monotonic() + within_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+async def batcher() -> AsyncIterator[tuple[Batcher, FakeTransport]]:
+    settings = BatcherSettings(watch_interval_s=0.02, sweep_interval_s=0.02, idle_poll_s=0.05,
+                               worker_timeout_s=0.3)
+    transport = FakeTransport()
+    b = Batcher(settings, WorkerPool("edge1"), transport)
+    b.start()
+    try:
+        yield b, transport
+    finally:
+        await b.stop()
+
+
+def admit(b: Batcher, *ids: str, deadline_in: float = 60.0) -> None:
+    for rid in ids:
+        req, env = request(rid, deadline_in)
+        b.admit("chat", req, env)
+
+
+class TestBatches:
+    async def test_a_full_batch_goes_at_once_to_an_idle_worker(self, batcher: tuple[Batcher, FakeTransport]) -> None:
+        """max_batch requests form one batch without waiting out the window."""
+        b, t = batcher
+        b.heartbeat(beat("a"))
+        admit(b, "r1", "r2")
+        await asyncio.sleep(0.05)  # well inside the 5 s window: nothing may go yet
+        assert t.offers == []
+        admit(b, "r3")
+        await until(lambda: t.offers)
+        assert t.offers == [(A, ["r1", "r2", "r3"])]
+
+    async def test_a_partial_batch_goes_when_the_window_ends(self, batcher: tuple[Batcher, FakeTransport]) -> None:
+        """A lone request goes once it has waited max_wait_ms."""
+        b, t = batcher
+        b.heartbeat(beat("a", options=BatchingOptions(max_batch=8, max_wait_ms=30, max_queue=8)))
+        admit(b, "r1")
+        await until(lambda: t.offers)
+        assert t.offers == [(A, ["r1"])]
+
+    async def test_requests_gather_while_the_worker_is_busy(self, batcher: tuple[Batcher, FakeTransport]) -> None:
+        """Requests arriving during a running batch go together when the worker says it is idle."""
+        b, t = batcher
+        b.heartbeat(beat("a", idle=False, options=BatchingOptions(max_batch=8, max_wait_ms=0, max_queue=8)))
+        admit(b, "r1", "r2", "r3")
+        await asyncio.sleep(0.05)
+        assert t.offers == []
+        b.heartbeat(beat("a", idle=True, options=BatchingOptions(max_batch=8, max_wait_ms=0, max_queue=8)))
+        await until(lambda: t.offers)
+        assert t.offers == [(A, ["r1", "r2", "r3"])]
+
+    async def test_a_busy_worker_declines_and_another_takes_the_batch(
+            self, batcher: tuple[Batcher, FakeTransport]) -> None:
+        """A worker that turns out busy declines; the same batch, in order, goes to the next idle one."""
+        b, t = batcher
+        b.heartbeat(beat("a"))
+        b.heartbeat(beat("b"))
+        first = b.pool.pick("m", "chat")
+        assert first is not None
+        t.decline[first] = "busy"
+        admit(b, "r1", "r2", "r3")
+        await until(lambda: len(t.offers) == 2)
+        other = B if first == A else A
+        assert t.offers == [(first, ["r1", "r2", "r3"]), (other, ["r1", "r2", "r3"])]
+
+    async def test_full_queue_is_a_429(self, batcher: tuple[Batcher, FakeTransport]) -> None:
+        """With max_queue requests waiting, the next is refused with a Retry-After."""
+        b, _ = batcher
+        b.heartbeat(beat("a", idle=False))
+        admit(b, "r1", "r2", "r3", "r4")
+        with pytest.raises(Overloaded) as exc:
+            admit(b, "r5")
+        assert exc.value.retry_after is not None
+        assert exc.value.retry_after >= 1
+
+    async def test_no_worker_sends_the_router_direct(self, batcher: tuple[Batcher, FakeTransport]) -> None:
+        """A model no known worker serves is refused with not_batched (the router then goes direct)."""
+        b, _ = batcher
+        with pytest.raises(NotBatched):
+            admit(b, "r1")
+
+
+class TestEndings:
+    async def test_expired_requests_are_dropped_with_a_timeout(self, batcher: tuple[Batcher, FakeTransport]) -> None:
+        """A request whose deadline passes while waiting gets a 504 and is never offered."""
+        b, t = batcher
+        b.heartbeat(beat("a", idle=False))
+        admit(b, "late", deadline_in=0.05)
+        await until(lambda: "late" in t.errors)
+        assert t.errors["late"].status == 504
+        b.heartbeat(beat("a", idle=True))
+        admit(b, "r1", "r2", "r3")
+        await until(lambda: t.offers)
+        assert t.offers == [(A, ["r1", "r2", "r3"])]
+
+    async def test_cancelled_requests_leave_the_queue(self, batcher: tuple[Batcher, FakeTransport]) -> None:
+        """A cancel drops a waiting request (its caller hears 499); the others still go."""
+        b, t = batcher
+        b.heartbeat(beat("a", idle=False))
+        admit(b, "r1", "r2")
+        assert b.cancel("r1")
+        assert not b.cancel("unknown")
+        await until(lambda: "r1" in t.errors)
+        assert t.errors["r1"].status == 499
+        b.heartbeat(beat("a", options=BatchingOptions(max_batch=3, max_wait_ms=0, max_queue=4)))
+        await until(lambda: t.offers)
+        assert t.offers == [(A, ["r2"])]
+
+    async def test_a_dead_worker_costs_only_its_unfinished_rows(
+            self, batcher: tuple[Batcher, FakeTransport]) -> None:
+        """When a worker vanishes, callers of its unfinished rows get a 502 at once; finished ones nothing."""
+        b, t = batcher
+        b.heartbeat(beat("a"))
+        admit(b, "r1", "r2", "r3")
+        await until(lambda: t.offers)
+        t.answering[A] = {"r2", "r3"}  # r1 is answered
+        await until(lambda: "r1" not in b.out.get(A, {}))
+        t.answering[A] = None  # gone: no responders on its status subject
+        await until(lambda: len(t.errors) == 2)
+        assert sorted(t.errors) == ["r2", "r3"]
+        assert {e.status for e in t.errors.values()} == {502}
+        assert not b.pool.serves("m", "chat")
+
+    async def test_a_silent_worker_counts_as_lost(self, batcher: tuple[Batcher, FakeTransport]) -> None:
+        """A worker that stops answering status for worker_timeout_s loses its rows the same way."""
+        b, t = batcher
+        b.heartbeat(beat("a"))
+        admit(b, "r1", "r2", "r3")
+        await until(lambda: t.offers)
+        t.answering[A] = TimeoutError
+        await until(lambda: len(t.errors) == 3)
+        assert "did not answer" in t.errors["r1"].message
+
+    async def test_a_worker_leaving_after_its_answers_loses_nothing(
+            self, batcher: tuple[Batcher, FakeTransport]) -> None:
+        """A worker that says it is leaving with nothing in flight answered everything: no errors."""
+        b, t = batcher
+        b.heartbeat(beat("a"))
+        admit(b, "r1", "r2", "r3")
+        await until(lambda: t.offers)
+        b.heartbeat(beat("a", leaving=True, inflight=0))
+        t.answering[A] = None
+        await asyncio.sleep(0.1)  # several watch rounds
+        assert t.errors == {}
+
+    async def test_queued_requests_fail_when_the_last_worker_goes(
+            self, batcher: tuple[Batcher, FakeTransport]) -> None:
+        """Requests waiting for a model whose last worker left get a 503 instead of waiting out their deadline."""
+        b, t = batcher
+        b.heartbeat(beat("a", idle=False))
+        admit(b, "r1")
+        b.heartbeat(beat("a", leaving=True))
+        await until(lambda: "r1" in t.errors)
+        assert t.errors["r1"].status == 503
+
+    async def test_stopping_answers_waiting_requests(self, batcher: tuple[Batcher, FakeTransport]) -> None:
+        """A batcher shutting down tells every waiting caller to retry (503)."""
+        b, t = batcher
+        b.heartbeat(beat("a", idle=False))
+        admit(b, "r1", "r2")
+        await b.stop()
+        assert {rid: e.status for rid, e in t.errors.items()} == {"r1": 503, "r2": 503}
+        with pytest.raises(NotBatched):
+            admit(b, "r3")
