@@ -14,7 +14,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from nats.aio.client import Client as NATS
-from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
@@ -23,14 +23,13 @@ from schemas.cloud import BudgetStatus, ProviderHealth, UsageEvent
 from services.cloud_adapter.budget import Account, Ledger
 from services.cloud_adapter.cache import Entry
 from services.cloud_adapter.settings import CloudSettings
-from shared import metrics, subjects
+from shared import subjects
 from shared.logging import get_logger
-from shared.streams import ensure_kv, ensure_stream
+from shared.streams import ensure_kv
+from shared.usage import UsagePublisher
 
 log = get_logger("leafwire.cloud_adapter.state")
-MONTH_S = 31 * 24 * 3600
 CACHE_GET_TIMEOUT_S = 0.5
-ACK_TIMEOUT_S = 10.0
 MAX_BACKGROUND_WRITES = 1000
 CAS_TRIES = 5
 
@@ -42,7 +41,7 @@ class CloudState:
         self._nc = nc
         self._settings = settings
         self._ledger = ledger
-        self._js = nc.jetstream(timeout=5, publish_async_max_pending=settings.usage_pending_max)
+        self._usage = UsagePublisher(nc, settings.site, settings.usage_pending_max)
         self.cache: KeyValue | None = None
         self.health: KeyValue | None = None
         self.budgets: KeyValue | None = None
@@ -77,10 +76,7 @@ class CloudState:
             bucket=subjects.PROVIDER_HEALTH, direct=True, **common))  # type: ignore[arg-type]
         self.budgets = await ensure_kv(self._nc, KeyValueConfig(
             bucket=subjects.BUDGETS, direct=True, **common))  # type: ignore[arg-type]
-        await ensure_stream(self._nc, StreamConfig(
-            name=subjects.USAGE, subjects=[subjects.usage_filter(s.site)], retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE, max_age=3 * MONTH_S, max_bytes=1024**3, discard=DiscardPolicy.OLD,
-            num_replicas=s.kv_replicas))
+        await self._usage.ensure_stream(s.kv_replicas)
         watcher = await self.budgets.watchall()
         self._tasks.append(asyncio.create_task(self._watch_budgets(watcher)))
 
@@ -188,32 +184,11 @@ class CloudState:
 
     async def publish_usage(self, event: UsageEvent) -> None:
         """Publish a usage event to the ``USAGE`` stream; its ack is awaited in the background."""
-        await self._publish_stream(subjects.usage(self._settings.site), event.model_dump_json().encode())
+        await self._usage.usage(event)
 
     async def publish_budget_alert(self, status: BudgetStatus) -> None:
         """Publish a budget that crossed its warning level or its limit (kept by ``USAGE`` as well)."""
-        await self._publish_stream(subjects.budget_alerts(self._settings.site), status.model_dump_json().encode())
-
-    async def _publish_stream(self, subject: str, data: bytes) -> None:
-        if self._js.publish_async_pending() >= self._settings.usage_pending_max:
-            metrics.USAGE_EVENTS_DROPPED.inc()
-            log.warning("usage event dropped: too many awaiting their ack")
-            return
-        try:
-            # A free slot was just checked: no stall wait (a timed wait costs a task per event).
-            ack = await self._js.publish_async(subject, data)
-        except Exception as exc:
-            metrics.USAGE_EVENTS_DROPPED.inc()
-            log.warning("usage event dropped", error=repr(exc))
-            return
-        handle = asyncio.get_running_loop().call_later(ACK_TIMEOUT_S, ack.cancel)
-        ack.add_done_callback(lambda f: self._acked(f, handle))
-
-    @staticmethod
-    def _acked(future: asyncio.Future[Any], handle: asyncio.TimerHandle) -> None:
-        handle.cancel()
-        if future.cancelled() or future.exception() is not None:
-            metrics.USAGE_EVENTS_DROPPED.inc()
+        await self._usage.publish(subjects.budget_alerts(self._settings.site), status.model_dump_json().encode())
 
     # -- life cycle
 
@@ -244,9 +219,7 @@ class CloudState:
                 await self.flush_budgets(alert)
         if self._writes:
             await asyncio.wait(set(self._writes), timeout=5)
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(5):
-                await self._js.publish_async_completed()
+        await self._usage.flush()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -36,6 +36,7 @@ from shared.nats import broker as make_broker
 from shared.ops import Readiness
 from shared.replies import Event
 from shared.service import attach_broker
+from shared.usage import UsagePublisher
 
 __all__ = ["SERVICE", "Worker", "build_broker", "main"]
 log = get_logger("leafwire.local_inference")
@@ -211,9 +212,15 @@ async def main(settings: InferenceSettings, readiness: Readiness, stack: AsyncEx
         engine.on_crash = functools.partial(spawn_restart, worker, engine)
     broker = build_broker(settings, worker)
     await attach_broker(broker, settings, SERVICE, readiness, stack)
-    stack.push_async_callback(wait_for_answers, worker, settings.nats_drain_timeout_s)
     nc = broker.connection
     worker.nc = nc
+    worker.usage = UsagePublisher(nc, settings.site)
+    try:
+        await worker.usage.ensure_stream()
+    except Exception as exc:  # JetStream off or electing: usage events are then dropped and counted
+        log.warning("usage stream unavailable", error=repr(exc))
+    stack.push_async_callback(worker.usage.flush)  # unwinds after the answers below have finished
+    stack.push_async_callback(wait_for_answers, worker, settings.nats_drain_timeout_s)
     worker.on_idle = lambda: worker.spawn(publish_heartbeat(nc, worker))
     readiness.add("models", lambda: None if all(e.ready for e in worker.engines.values())
                   and all(e.ready for e in worker.embedders.values()) else "model not loaded")

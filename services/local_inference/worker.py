@@ -21,6 +21,7 @@ from nats.aio.client import Client as NATS
 
 from schemas.batch import BatchAnswer, ChatBatch, EmbeddingsBatch, EmbeddingsRow, WorkerStatus
 from schemas.chat import ChatCompletionRequest, Usage
+from schemas.cloud import UsageEvent
 from schemas.control import ModelInfo, WorkerHeartbeat
 from schemas.embeddings import EmbeddingRequest
 from services.local_inference.embedder import EmbedEngine, TooLong
@@ -42,6 +43,7 @@ from shared.errors import (
 )
 from shared.logging import get_logger
 from shared.replies import Event, ReplyPublisher, publish_error
+from shared.usage import UsagePublisher
 
 SERVICE = "local-inference"
 log = get_logger("leafwire.local_inference")
@@ -80,6 +82,7 @@ class Worker:
     inflight: dict[str, Taken] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     nc: NATS | None = None
+    usage: UsagePublisher | None = None
     stopping: bool = False
     on_idle: Callable[[], None] | None = None
     batches: Counter[str] = field(default_factory=Counter)
@@ -280,6 +283,7 @@ class Worker:
                 elif isinstance(event, Finished):
                     await self._finish(answer, publisher, engine.spec.name, event)
                     clock.done(event.completion_tokens)
+                    await self._record(engine.spec.name, env, event, time.monotonic() - arrived)
                 elif isinstance(event, Rejected):
                     await publisher.error(rejection(engine.spec.name, event))
         except LeafwireError as err:
@@ -299,6 +303,15 @@ class Worker:
             await publisher.error(Cancelled("the request was cancelled"))
         else:
             await answer.finish(event.finish_reason, Usage.of(event.prompt_tokens, event.completion_tokens))
+
+    async def _record(self, model: str, env: Envelope, event: Finished, latency_s: float) -> None:
+        """One usage event per answer, as the cloud-adapter writes for cloud ones (the A/B variant too)."""
+        if self.usage is None:
+            return
+        await self.usage.usage(UsageEvent(
+            request_id=env.request_id, tenant=env.tenant, site=self.settings.site, target=f"local/{model}",
+            prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens, variant=env.variant,
+            outcome="cancelled" if event.finish_reason == "cancelled" else "ok", latency_s=latency_s))
 
     async def embed(self, engine: EmbedEngine, jobs: list[EmbedJob]) -> None:
         """Make the vectors of several requests in one go and answer each caller."""

@@ -59,6 +59,15 @@ async def nats_dry_run(url: str, body: dict[str, object]) -> dict[str, object]:
     return dict(json.loads(msg.data))
 
 
+async def last_usage(url: str) -> dict[str, object]:
+    nc = await nats.connect(url)
+    try:
+        msg = await nc.jetstream().get_last_msg("USAGE", f"lw.v1.{SITE}.usage.events")
+    finally:
+        await nc.drain()
+    return dict(json.loads(msg.data))
+
+
 async def kv_put(url: str, bucket: str, key: str, value: bytes | None) -> None:
     nc = await nats.connect(url)
     try:
@@ -187,7 +196,7 @@ class TestPolicyReload:
 
     def test_ab_variant_in_headers_and_sticky(self, services: tuple[Service, ...], nats_server: NatsServer,
                                               tmp_path: Path) -> None:
-        """An A/B alias names the variant in x-leafwire-route; a user keeps the same variant."""
+        """An A/B alias names the variant in x-leafwire-route and the usage event; a user keeps it."""
         _, _, gateway = services
         policy = tmp_path / "ab.yaml"
         policy.write_text("local_model: tiny\naliases:\n  assistant:\n    sticky: user\n    variants:\n"
@@ -201,6 +210,11 @@ class TestPolicyReload:
 
             assert len({variant("operator-7") for _ in range(5)}) == 1
             assert {variant(f"user-{i}") for i in range(30)} == {"blue", "green"}
+            r = chat(gateway, "assistant", user="operator-7")
+            event = eventually(lambda: (e := asyncio.run(last_usage(nats_server.url)))["request_id"]
+                               == r.headers["x-request-id"] and e, 10, "the usage event")
+            assert event["target"] == "local/tiny"
+            assert event["variant"] == variant("operator-7")
         finally:
             policy_cli("clear", url=nats_server.url)
 

@@ -18,7 +18,7 @@ import nats
 import pytest
 
 from tests.fakes import FakeProvider, Fault
-from tests.support import NatsServer, Service, metric, running, write_policy, write_registry
+from tests.support import NatsServer, Service, eventually, metric, running, write_policy, write_registry
 
 pytestmark = pytest.mark.e2e
 SITE = "rc"
@@ -123,8 +123,8 @@ def test_variant_in_headers_and_usage_events(site: Site) -> None:
     assert r.status_code == 200
     variant = r.headers["x-leafwire-route"].split("variant=")[1].split(";")[0]
     assert variant in ("blue", "green")
-    event = asyncio.run(last_usage(site.nats.url))
-    assert event["request_id"] == r.headers["x-request-id"]
+    event = eventually(lambda: (e := asyncio.run(last_usage(site.nats.url)))["request_id"]
+                       == r.headers["x-request-id"] and e, 10, "the usage event")
     assert event["variant"] == variant
     assert event["target"] == "fake/echo"
 
