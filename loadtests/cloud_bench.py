@@ -101,8 +101,12 @@ def stack(tmp: Path, log_level: str, profile: Path | None = None) -> Iterator[tu
     providers.write_text(json.dumps({"providers": [{
         "name": "bench", "kind": "openai-compatible", "base_url": f"http://127.0.0.1:{up_port}/v1", "local": True,
         "max_concurrent": 4096, "models": {"echo": {}}}]}))
+    policy = tmp / "policy.yaml"
+    policy.write_text("last_resort: none\n")  # measure the cloud path alone: no local fallback
     env = {**os.environ, "LW_NATS_URL": node.url, "LW_SITE": SITE, "LW_LOG_LEVEL": log_level,
-           "LW_PROVIDERS_FILE": str(providers), "PYTHONUNBUFFERED": "1"}
+           "LW_PROVIDERS_FILE": str(providers), "PYTHONUNBUFFERED": "1",
+           # a site without a hub: its uplink is up by configuration
+           "LW_ROUTER_UPLINK": "up", "LW_ROUTER_POLICY_FILE": str(policy)}
     logs = tmp / "logs"
     logs.mkdir()
 
