@@ -55,11 +55,6 @@ class ReplyPublisher:
         self._first = True
         self._first_headers = first_headers
 
-    @property
-    def sent_any(self) -> bool:
-        """True once a message went to the caller (after that, an answer can only end with an error)."""
-        return not self._first
-
     def _headers(self, event: Event) -> dict[str, str]:
         h = {hdr.EVENT: event.value}
         if self._first:
@@ -209,8 +204,3 @@ class ReplyReader:
             yield s
         finally:
             s.close()
-
-    @property
-    def open_streams(self) -> int:
-        """How many requests are waiting for replies."""
-        return len(self._streams)

@@ -190,10 +190,6 @@ class Budgets(BaseModel):
     tenants: dict[str, BudgetLimits] = Field(default_factory=dict)
     warn_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.8
 
-    def for_tenant(self, tenant: str) -> BudgetLimits:
-        """The limits that apply to ``tenant``."""
-        return self.tenants.get(tenant, self.tenant_default)
-
 
 class ProvidersFile(BaseModel):
     """The whole file."""

@@ -135,11 +135,6 @@ class Engine:
             self._outbox.put(CancelRow(key))
 
     @property
-    def active_rows(self) -> int:
-        """Rows submitted and not finished."""
-        return len(self._rows)
-
-    @property
     def pid(self) -> int | None:
         """The decoder process id."""
         return self._proc.pid if self._proc else None

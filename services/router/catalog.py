@@ -33,10 +33,6 @@ class Catalog:
             del self.workers[worker_id]
         return list(self.workers.values())
 
-    def serves(self, model: str, now: float | None = None) -> bool:
-        """True when some live worker serves ``model``."""
-        return any(m.name == model for b in self.alive(now) for m in b.models)
-
     def model_cards(self, now: float | None = None) -> list[ModelCard]:
         """What ``GET /v1/models`` lists: each model once, with the sites (or hub) that run it."""
         workers: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
