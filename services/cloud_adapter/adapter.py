@@ -214,9 +214,9 @@ class CloudAdapter:
         tally = Tally(keep_message=key is not None and request.stream)
         outcome = "error"
         try:
-            if hit is not None:
-                await admission.admit()
+            if hit is not None:  # the caller's answer first: the router only waits to know it was taken
                 await answer.whole(hit.message, hit.finish_reason, hit.usage)
+                await admission.admit()
                 outcome = "cache_hit"
                 return
             await self._call(target, request, env, admission, answer, tally, started)

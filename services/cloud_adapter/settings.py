@@ -39,6 +39,10 @@ class CloudSettings(ServiceSettings):
     cache_ttl_s: float = Field(default=3600.0, gt=0, alias="LW_CLOUD_CACHE_TTL_S")
     cache_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024, alias="LW_CLOUD_CACHE_MAX_BYTES")
     cache_max_entry_bytes: int = Field(default=512 * 1024, ge=1024, alias="LW_CLOUD_CACHE_MAX_ENTRY_BYTES")
+    near_cache_bytes: int = Field(default=32 * 1024 * 1024, ge=0, alias="LW_CLOUD_NEAR_CACHE_BYTES",
+                                  description="recently used cache entries kept in memory (0: always ask KV)")
+    near_cache_ttl_s: float = Field(default=30.0, gt=0, alias="LW_CLOUD_NEAR_CACHE_TTL_S",
+                                    description="longest a copy in memory is served (also after a KV purge)")
     kv_replicas: int = Field(default=1, ge=1, le=5, alias="LW_CLOUD_KV_REPLICAS",
                              description="replicas of the adapter's KV buckets and stream (3 on the hub)")
     budget_flush_s: float = Field(default=1.0, gt=0, alias="LW_CLOUD_BUDGET_FLUSH_S",

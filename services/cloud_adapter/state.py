@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from schemas.cloud import BudgetStatus, ProviderHealth, UsageEvent
 from services.cloud_adapter.budget import Account, Ledger
 from services.cloud_adapter.cache import Entry
+from services.cloud_adapter.near_cache import NearCache
 from services.cloud_adapter.settings import CloudSettings
 from shared import subjects
 from shared.logging import get_logger
@@ -42,6 +43,7 @@ class CloudState:
         self._settings = settings
         self._ledger = ledger
         self._usage = UsagePublisher(nc, settings.site, settings.usage_pending_max)
+        self._near = NearCache(settings.near_cache_bytes, settings.near_cache_ttl_s)
         self.cache: KeyValue | None = None
         self.health: KeyValue | None = None
         self.budgets: KeyValue | None = None
@@ -93,7 +95,10 @@ class CloudState:
     # -- cache
 
     async def cache_get(self, key: str) -> Entry | None:
-        """The cached answer under ``key``; ``None`` when absent, unreadable, or JetStream is slow."""
+        """The cached answer under ``key`` (from memory when recently used, else the KV bucket); ``None``
+        when absent, unreadable, or JetStream is slow."""
+        if (near := self._near.get(key)) is not None:
+            return near
         if self.cache is None:
             return None
         try:
@@ -104,13 +109,17 @@ class CloudState:
         except Exception as exc:
             log.warning("cache lookup failed", error=repr(exc))
             return None
-        return Entry.decode(found.value) if found.value else None
+        entry = Entry.decode(found.value) if found.value else None
+        if entry is not None and found.value:
+            self._near.put(key, entry, len(found.value))
+        return entry
 
     def cache_put(self, key: str, entry: Entry) -> None:
         """Store an answer in the background (skipped when too large or too many writes are pending)."""
         value = entry.encode()
         if self.cache is None or len(value) > self._settings.cache_max_entry_bytes:
             return
+        self._near.put(key, entry, len(value))
         self._background(self.cache.put(key, value), "cache write failed")
 
     # -- provider health

@@ -1,0 +1,60 @@
+"""Recently used cache entries in memory, in front of the ``cloud-cache`` KV bucket. No I/O.
+
+An entry never changes under its key (the key hashes everything the answer depends on); it only expires.
+So a copy in memory is safe to serve for a short while: a hit skips a JetStream round trip. The KV bucket
+stays the store every adapter shares; the copy lives at most ``ttl_s`` (an entry purged from KV, or past
+its KV TTL, can be served from memory for at most that long) and the copies together take at most
+``max_bytes``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from services.cloud_adapter.cache import Entry
+
+
+@dataclass
+class NearCache:
+    """A least-recently-used map of cache entries, bounded in bytes and in age."""
+
+    max_bytes: int
+    ttl_s: float
+    clock: Callable[[], float] = time.monotonic
+    _entries: OrderedDict[str, tuple[float, int, Entry]] = field(default_factory=OrderedDict)
+    _bytes: int = 0
+
+    def get(self, key: str) -> Entry | None:
+        """The entry under ``key`` if held and young enough."""
+        held = self._entries.get(key)
+        if held is None:
+            return None
+        expires, _, entry = held
+        if self.clock() >= expires:
+            self._drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: str, entry: Entry, size: int) -> None:
+        """Hold ``entry`` (``size``: its encoded bytes), evicting the least recently used past the bound."""
+        if size > self.max_bytes:
+            return
+        if key in self._entries:
+            self._drop(key)
+        self._entries[key] = (self.clock() + self.ttl_s, size, entry)
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes held."""
+        return self._bytes
+
+    def _drop(self, key: str) -> None:
+        _, size, _ = self._entries.pop(key)
+        self._bytes -= size
