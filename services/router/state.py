@@ -64,7 +64,7 @@ class LiveState:
         """A snapshot for one decision."""
         now = time.time() if now is None else now
         workers = self.catalog.alive(now)
-        served = frozenset(m.name for b in workers for m in b.models)
+        served = frozenset(m.name for b in workers for m in b.models if m.kind == "chat")
         saturated = frozenset(
             name for name in served
             if all(b.inflight >= b.capacity for b in workers if any(m.name == name for m in b.models)))

@@ -1,0 +1,48 @@
+"""The router's live state, as one decision sees it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from schemas.cloud import BudgetStatus, budget_window
+from schemas.control import ModelInfo, WorkerHeartbeat
+from services.router.catalog import Catalog
+from services.router.decide import Facts, plan
+from services.router.masking import Masker
+from services.router.policy import Policy
+from services.router.signals import Signals
+from services.router.state import LiveState
+from shared.errors import ModelNotFound
+
+
+def state_with(*models: tuple[str, str], inflight: int = 0) -> LiveState:
+    catalog = Catalog("edge1")
+    catalog.seen(WorkerHeartbeat(worker_id="w", service="local-inference", site="edge1", inflight=inflight,
+                                 capacity=1, models=[ModelInfo(name=n, kind=k) for n, k in models]))  # type: ignore[arg-type]
+    return LiveState(catalog, Policy(), Masker(()))
+
+
+class TestConditions:
+    def test_only_chat_models_are_chat_targets(self) -> None:
+        """A chat request naming an embeddings model is a 404, not work for a worker that cannot do it."""
+        state = state_with(("small", "chat"), ("minilm", "embeddings"))
+        assert state.conditions("t").local_models == {"small"}
+        with pytest.raises(ModelNotFound):
+            plan(state.policy, Facts("minilm", "t", None, False, Signals(1, 0)), state.conditions("t"))
+
+    def test_busy_workers_saturate_their_model(self) -> None:
+        """A model whose every worker is at capacity is saturated."""
+        assert state_with(("small", "chat"), inflight=1).conditions("t").saturated == {"small"}
+        assert state_with(("small", "chat")).conditions("t").saturated == frozenset()
+
+    def test_budget_of_a_past_window_does_not_count(self) -> None:
+        """An exhausted budget entry of yesterday no longer limits anything; today's does."""
+        state = state_with(("small", "chat"))
+        now = time.time()
+        for window, key in ((budget_window("daily", now - 86_400), "old"), (budget_window("daily", now), "new")):
+            state.budget_changed(key, BudgetStatus(scope="global", period="daily", window=window, spent_usd=2,
+                                                   limit_usd=1, state="exhausted"))
+            expected = "ok" if key == "old" else "exhausted"
+            assert state.budget_level("t", now) == expected
