@@ -17,8 +17,9 @@ class GatewaySettings(ServiceSettings):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, alias="LW_GATEWAY_MAX_BODY_BYTES")
     request_timeout_s: float = Field(default=300.0, gt=0, alias="LW_GATEWAY_REQUEST_TIMEOUT_S",
                                      description="deadline of a whole request")
-    idle_timeout_s: float = Field(default=60.0, gt=0, alias="LW_GATEWAY_IDLE_TIMEOUT_S",
-                                  description="longest wait for the first or the next piece of an answer")
+    idle_timeout_s: float = Field(default=90.0, gt=0, alias="LW_GATEWAY_IDLE_TIMEOUT_S",
+                                  description="longest wait for the first or the next piece of an answer; keep "
+                                              "it above the router's cloud admission timeout")
     models_timeout_s: float = Field(default=2.0, gt=0, alias="LW_GATEWAY_MODELS_TIMEOUT_S")
     api_keys: str = Field(default="", alias="LW_GATEWAY_API_KEYS",
                           description="comma-separated key:tenant pairs")

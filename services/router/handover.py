@@ -15,7 +15,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from schemas.chat import ChatCompletionRequest
-from schemas.control import ModelKind
+from schemas.control import Cancel, ModelKind
 from services.router.decide import Plan, is_cloud
 from services.router.settings import RouterSettings
 from services.router.state import LiveState
@@ -28,6 +28,11 @@ from shared.replies import Event, error_of
 log = get_logger("leafwire.router")
 
 FALLBACK_CODES = frozenset({"context_length_exceeded", "model_not_found", "budget_exceeded"})
+
+
+def env_site(subject: str) -> str:
+    """The site token of a ``lw.v1.<site>....`` subject."""
+    return subject.split(".", 3)[2]
 
 
 def falls_back(err: LeafwireError) -> bool:
@@ -44,6 +49,9 @@ async def admit(nc: NATS, subject: str, payload: bytes, env: Envelope, wait_s: f
     try:
         reply = await nc.request(subject, payload, timeout=timeout, headers=env.headers())
     except (NatsTimeout, TimeoutError) as exc:
+        # Whoever got it may still take it later and answer the caller beside the next target: stop it.
+        await nc.publish(subjects.cancel(env_site(subject)),
+                         Cancel(request_id=env.request_id, reason="not taken in time").model_dump_json().encode())
         raise Unavailable(f"nobody took the request within {timeout:.1f} s", retry_after=2) from exc
     headers = reply.headers or {}
     if headers.get(EVENT) == Event.ERROR.value:

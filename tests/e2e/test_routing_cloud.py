@@ -43,6 +43,7 @@ class Site:
     router: Service
     gateway: Service
     provider: FakeProvider
+    adapter: Service
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +60,12 @@ def site(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> I
     adapter = Service("cloud_adapter", {**env, "LW_PROVIDERS_FILE": str(providers), "LW_TEST_KEY": KEY,
                                         "LW_CLOUD_BACKOFF_BASE_S": "0.01", "LW_CLOUD_BACKOFF_CAP_S": "0.02",
                                         "LW_CLOUD_BREAKER_FAILURES": "1000"})
-    router = Service("router", {**env, "LW_ROUTER_UPLINK": "up",
+    router = Service("router", {**env, "LW_ROUTER_UPLINK": "up", "LW_ROUTER_CLOUD_ADMISSION_TIMEOUT_S": "1.5",
                                 "LW_ROUTER_POLICY_FILE": str(write_policy(tmp / "policy.yaml", POLICY))})
     gateway = Service("gateway", env)
     try:
         with running(worker, adapter, router, gateway):
-            yield Site(nats_server, worker, router, gateway, provider)
+            yield Site(nats_server, worker, router, gateway, provider, adapter)
     finally:
         provider.stop()
 
@@ -87,6 +88,25 @@ def test_provider_failing_before_its_first_byte_falls_back(site: Site) -> None:
     assert "fell back from fake/echo (" in r.headers["x-leafwire-route"]
     assert len(site.provider.calls) == 3  # the adapter's retries, then the fallback
     assert generations(site) == before + 1
+
+
+def test_a_target_too_slow_to_take_it_is_cancelled(site: Site) -> None:
+    """A provider silent past the router's wait is cancelled (the adapter hangs up on it) and the caller
+    gets the local answer alone."""
+    site.provider.reset()
+    site.provider.script(Fault.slow(8))
+
+    def cancelled() -> float:
+        return metric(site.adapter.metrics(), "leafwire_cloud_requests_total", provider="fake", model="echo",
+                      outcome="cancelled")
+
+    before = cancelled()
+    r = httpx.post(f"{site.gateway.base}/v1/chat/completions", timeout=30,
+                   json={"model": "fake/echo", "messages": ASK, "max_tokens": 3})
+    assert r.status_code == 200
+    assert r.json()["model"] == "tiny"
+    assert "fell back from fake/echo (503 unavailable)" in r.headers["x-leafwire-route"]
+    eventually(lambda: cancelled() == before + 1, 10, "the adapter to drop the cancelled call")
 
 
 def test_no_fallback_after_the_first_byte(site: Site) -> None:
