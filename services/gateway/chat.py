@@ -24,6 +24,7 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
 
+
 class ChatBridge(Bridge):
     """``POST /v1/chat/completions`` over NATS."""
 
