@@ -103,6 +103,8 @@ async def run_chain(nc: NATS, settings: RouterSettings, state: LiveState, plan: 
     for target in plan.chain:
         decision = plan.decision(target, failed)
         payload, masked = prepare(state, request, target)
+        for pattern, n in masked.items():  # counted as it leaves for the cloud-adapter, taken or not
+            metrics.MASKED.labels(pattern).inc(n)
         try:
             await offer(nc, settings, target, payload, env.with_route(decision.header()))
         except LeafwireError as err:
@@ -115,8 +117,6 @@ async def run_chain(nc: NATS, settings: RouterSettings, state: LiveState, plan: 
             failed.append((target, f"{err.status} {err.code or err.type}"))
             first = first or err
             continue
-        for pattern, n in masked.items():
-            metrics.MASKED.labels(pattern).inc(n)
         metrics.ROUTE_DECISIONS.labels("cloud" if is_cloud(target) else "local", plan.rule, "admitted").inc()
         log.info("routed", target=target, rule=plan.rule, variant=plan.variant, fallbacks=len(failed),
                  masked=sum(masked.values()))
