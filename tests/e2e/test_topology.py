@@ -8,7 +8,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.support import NatsServer, Service, metric, running, start_hub_and_edge, write_registry
+from tests.support import NatsServer, Service, eventually, metric, running, start_hub_and_edge, write_registry
 
 pytestmark = pytest.mark.e2e
 
@@ -63,4 +63,5 @@ def test_edge_first_then_hub_through_the_batcher(topology: tuple[list[NatsServer
         assert [served_by(gateway) for _ in range(3)] == ["plant7"] * 3
         edge_worker.kill()
         assert [served_by(gateway) for _ in range(3)] == ["hub"] * 3
-        assert metric(batcher.metrics(), "leafwire_batch_dispatches_total", model="tiny", outcome="taken") == 6
+        eventually(lambda: metric(batcher.metrics(), "leafwire_batch_dispatches_total", model="tiny",
+                                  outcome="taken") == 6, 10, "six batches taken by workers")
