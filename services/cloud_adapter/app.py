@@ -11,7 +11,6 @@ handlers.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from contextlib import AsyncExitStack
 
@@ -30,6 +29,7 @@ from shared import subjects
 from shared.envelope import Envelope
 from shared.errors import InvalidRequest
 from shared.handling import ErrorReplies
+from shared.heartbeat import announce, announce_every
 from shared.intake import Handler, Intake
 from shared.logging import get_logger, register_secret
 from shared.nats import broker as make_broker
@@ -92,15 +92,7 @@ def build_broker(settings: CloudSettings, adapter: CloudAdapter) -> NatsBroker:
 
 async def publish_heartbeat(nc: NATS, adapter: CloudAdapter) -> None:
     """Tell routers which cloud models this adapter calls."""
-    await nc.publish(subjects.heartbeat(adapter.settings.site), adapter.heartbeat().model_dump_json().encode())
-
-
-async def heartbeats(nc: NATS, adapter: CloudAdapter) -> None:
-    """Announce the adapter every ``heartbeat_s`` seconds until cancelled."""
-    while True:
-        with contextlib.suppress(Exception):
-            await publish_heartbeat(nc, adapter)
-        await asyncio.sleep(adapter.settings.heartbeat_s)
+    await announce(nc, adapter.settings.site, adapter.heartbeat())
 
 
 def load_adapter(settings: CloudSettings) -> CloudAdapter:
@@ -141,7 +133,7 @@ async def main(settings: CloudSettings, readiness: Readiness, stack: AsyncExitSt
     state.spawn(state.open())
     state.spawn(state.health_loop(adapter.healths, adapter.health_changed))
     state.spawn(state.budget_loop(adapter.budget_alert, adapter.budget_metrics))
-    state.spawn(heartbeats(nc, adapter))
+    state.spawn(announce_every(nc, settings.site, adapter.heartbeat, settings.heartbeat_s))
     readiness.add("jetstream", state.problem)
     intake = Intake(nc, subject=subjects.cloud_chat(sites_of(settings)), queue=subjects.CLOUD_QUEUE,
                     model=ChatCompletionRequest, handler=chat_handler(adapter), site=settings.site, service=SERVICE)

@@ -31,6 +31,7 @@ from shared import metrics, subjects
 from shared.envelope import EVENT, Envelope
 from shared.errors import InvalidRequest
 from shared.handling import ErrorReplies
+from shared.heartbeat import announce, announce_every
 from shared.logging import bind_request, get_logger
 from shared.nats import broker as make_broker
 from shared.ops import Readiness
@@ -146,15 +147,7 @@ def build_broker(settings: InferenceSettings, worker: Worker, chat: list[str] | 
 
 async def publish_heartbeat(nc: NATS, worker: Worker) -> None:
     """Tell routers and batchers this worker is here, what it serves and what is idle."""
-    await nc.publish(subjects.heartbeat(worker.settings.site), worker.heartbeat().model_dump_json().encode())
-
-
-async def heartbeats(nc: NATS, worker: Worker) -> None:
-    """Announce the worker every ``heartbeat_s`` seconds until cancelled."""
-    while True:
-        with contextlib.suppress(Exception):
-            await publish_heartbeat(nc, worker)
-        await asyncio.sleep(worker.settings.heartbeat_s)
+    await announce(nc, worker.settings.site, worker.heartbeat())
 
 
 async def start_engines(settings: InferenceSettings, stack: AsyncExitStack) -> Worker:
@@ -224,7 +217,7 @@ async def main(settings: InferenceSettings, readiness: Readiness, stack: AsyncEx
     worker.on_idle = lambda: worker.spawn(publish_heartbeat(nc, worker))
     readiness.add("models", lambda: None if all(e.ready for e in worker.engines.values())
                   and all(e.ready for e in worker.embedders.values()) else "model not loaded")
-    beat = asyncio.create_task(heartbeats(nc, worker))
+    beat = asyncio.create_task(announce_every(nc, settings.site, worker.heartbeat, settings.heartbeat_s))
     stack.callback(beat.cancel)
     log.info("worker started", worker_id=worker.worker_id, chat=list(worker.engines),
              embeddings=list(worker.embedders))
