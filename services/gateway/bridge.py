@@ -5,20 +5,22 @@ broadcast a cancel when the caller is gone before the answer ended.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
 from schemas.control import Cancel
-from services.gateway.errors import log
+from services.gateway.errors import error_response, log
 from services.gateway.settings import GatewaySettings
 from shared import envelope as hdr
-from shared import subjects
+from shared import metrics, subjects
 from shared.envelope import Envelope, new_request_id
-from shared.errors import DeadlineExceeded
+from shared.errors import DeadlineExceeded, LeafwireError
 from shared.replies import Reply, ReplyReader, ReplyStream
 
 RESIDENCY_HEADER = "x-leafwire-residency"  # "onsite": keep this request on the site
@@ -30,6 +32,18 @@ def request_headers(env: Envelope, http: web.Request) -> dict[str, str]:
     if http.headers.get(RESIDENCY_HEADER, "").lower() == "onsite":
         headers[hdr.RESIDENCY] = "onsite"
     return headers
+
+
+@dataclass
+class Exchange:
+    """One request in flight: where its replies arrive, and whether its answer has ended."""
+
+    stream: ReplyStream
+    env: Envelope
+    finished: bool = False
+
+
+Respond = Callable[[Exchange], Awaitable[web.StreamResponse]]
 
 
 @dataclass
@@ -71,6 +85,23 @@ class Bridge:
         if cached := first.headers.get(hdr.CACHE):
             headers["x-leafwire-cache"] = cached
         return headers
+
+    async def exchange(self, env: Envelope, respond: Respond) -> web.StreamResponse:
+        """Run one request: ``respond`` asks and answers, setting ``finished`` once the answer ended. A
+        failure becomes OpenAI's error shape; a caller gone, or an answer left unfinished, cancels the request
+        at the site (it may still be waiting in the batcher, or generating)."""
+        async with self.replies.stream() as stream:
+            exchange = Exchange(stream, env)
+            try:
+                return await respond(exchange)
+            except LeafwireError as err:
+                return error_response(err, {"x-request-id": env.request_id})
+            except (asyncio.CancelledError, ConnectionResetError):
+                metrics.CLIENT_DISCONNECTS.inc()
+                raise
+            finally:
+                if not exchange.finished:
+                    await self.cancel(env)
 
     async def cancel(self, env: Envelope, reason: str = "the caller stopped reading the answer") -> None:
         """Tell every worker and batcher of the site to stop this request (best effort)."""

@@ -8,14 +8,11 @@ the gateway broadcasts a cancel so the worker frees the row.
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
 from schemas.chat import ChatCompletionRequest
-from services.gateway.bridge import Bridge
-from services.gateway.errors import error_response
-from shared import metrics, subjects
+from services.gateway.bridge import Bridge, Exchange
+from shared import subjects
 from shared.envelope import Envelope
 from shared.errors import LeafwireError
 from shared.replies import Event, Reply, ReplyStream
@@ -32,27 +29,19 @@ class ChatBridge(Bridge):
                        tenant: str) -> web.StreamResponse:
         """Answer one chat completion request."""
         env = self.envelope(tenant)
-        async with self.replies.stream() as stream:
-            finished = False
-            try:
-                await self.ask(subjects.chat(self.settings.site), raw, stream, env, http)
-                first = await self.next(stream, env)
-                finished = first.event in (Event.ERROR, Event.RESULT)
-                response_headers = self.answer_headers(first, env)
-                first.raise_for_error()
-                if first.event is Event.RESULT:
-                    return web.Response(body=first.data, content_type="application/json",
-                                        headers=response_headers)
-                resp, finished = await self._stream(http, stream, env, first, response_headers)
-                return resp
-            except LeafwireError as err:
-                return error_response(err, {"x-request-id": env.request_id})
-            except (asyncio.CancelledError, ConnectionResetError):
-                metrics.CLIENT_DISCONNECTS.inc()
-                raise
-            finally:
-                if not finished:
-                    await self.cancel(env)
+
+        async def respond(exchange: Exchange) -> web.StreamResponse:
+            await self.ask(subjects.chat(self.settings.site), raw, exchange.stream, env, http)
+            first = await self.next(exchange.stream, env)
+            exchange.finished = first.event in (Event.ERROR, Event.RESULT)
+            response_headers = self.answer_headers(first, env)
+            first.raise_for_error()
+            if first.event is Event.RESULT:
+                return web.Response(body=first.data, content_type="application/json", headers=response_headers)
+            resp, exchange.finished = await self._stream(http, exchange.stream, env, first, response_headers)
+            return resp
+
+        return await self.exchange(env, respond)
 
     async def _stream(self, http: web.Request, stream: ReplyStream, env: Envelope, first: Reply,
                       headers: dict[str, str]) -> tuple[web.StreamResponse, bool]:

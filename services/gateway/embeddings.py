@@ -5,39 +5,31 @@ its request cancelled (it may still be waiting in the batcher).
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
 from schemas.embeddings import EmbeddingRequest
-from services.gateway.bridge import Bridge
-from services.gateway.errors import error_response
-from shared import metrics, subjects
-from shared.errors import LeafwireError, UpstreamError
+from services.gateway.bridge import Bridge, Exchange
+from shared import subjects
+from shared.errors import UpstreamError
+from shared.replies import Event
 
 
 class EmbeddingsBridge(Bridge):
     """``POST /v1/embeddings`` over NATS."""
 
-    async def create(self, http: web.Request, request: EmbeddingRequest, raw: bytes, tenant: str) -> web.Response:
+    async def create(self, http: web.Request, request: EmbeddingRequest, raw: bytes,
+                     tenant: str) -> web.StreamResponse:
         """Answer one embeddings request."""
         env = self.envelope(tenant)
-        async with self.replies.stream() as stream:
-            answered = False
-            try:
-                await self.ask(subjects.embeddings(self.settings.site), raw, stream, env, http)
-                reply = await self.next(stream, env)
-                answered = True
-                headers = self.answer_headers(reply, env)
-                reply.raise_for_error()
-                if reply.event.value != "result":
-                    raise UpstreamError(f"unexpected {reply.event.value!r} event for an embeddings request")
-                return web.Response(body=reply.data, content_type="application/json", headers=headers)
-            except LeafwireError as err:
-                return error_response(err, {"x-request-id": env.request_id})
-            except (asyncio.CancelledError, ConnectionResetError):
-                metrics.CLIENT_DISCONNECTS.inc()
-                raise
-            finally:
-                if not answered:
-                    await self.cancel(env)
+
+        async def respond(exchange: Exchange) -> web.StreamResponse:
+            await self.ask(subjects.embeddings(self.settings.site), raw, exchange.stream, env, http)
+            reply = await self.next(exchange.stream, env)
+            exchange.finished = True
+            headers = self.answer_headers(reply, env)
+            reply.raise_for_error()
+            if reply.event is not Event.RESULT:
+                raise UpstreamError(f"unexpected {reply.event.value!r} event for an embeddings request")
+            return web.Response(body=reply.data, content_type="application/json", headers=headers)
+
+        return await self.exchange(env, respond)
