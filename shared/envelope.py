@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from schemas.batch import RowEnvelope
+from shared.errors import InvalidRequest
 
 REQUEST_ID = "Lw-Request-Id"
 TENANT = "Lw-Tenant"
@@ -97,6 +98,12 @@ class Envelope:
             if key == "variant" and value:
                 return value
         return None
+
+    def require_reply(self) -> Envelope:
+        """This envelope, if it names the caller's subject (``Lw-Reply``), as a forwarded request must."""
+        if not self.reply:
+            raise InvalidRequest("no Lw-Reply header: nowhere to send the answer")
+        return self
 
     def remaining(self) -> float:
         """Seconds left before the deadline (negative once passed)."""

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from shared import metrics, subjects
 from shared.envelope import Envelope
 from shared.errors import InvalidRequest, LeafwireError
-from shared.logging import get_logger
+from shared.logging import bind_request, get_logger
 from shared.replies import publish_error
 
 log = get_logger("leafwire.handling")
@@ -49,6 +49,13 @@ async def dead_letter(nc: NATS, site: str, service: str, subject: str, data: byt
         await nc.publish(subjects.dead_letter(site, service), data, headers=h)
     except Exception as exc:  # the DLQ is best effort: never let it take the service down
         log.error("dead letter lost", error=repr(exc), subject=subject)
+
+
+def forwarded_envelope(msg: StreamMessage[Any]) -> Envelope:
+    """The envelope of a request a router forwarded (it must name the caller's subject), bound to the logs."""
+    env = Envelope.from_message(msg.headers, None)
+    bind_request(env.request_id, env.tenant, str(getattr(msg.raw_message, "subject", "")))
+    return env.require_reply()
 
 
 async def answer_failure(nc: NATS, *, site: str, service: str, subject: str, data: bytes,

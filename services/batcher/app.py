@@ -25,24 +25,14 @@ from services.batcher.settings import BatcherSettings
 from services.batcher.transport import NatsTransport
 from shared import subjects
 from shared.envelope import EVENT, Envelope
-from shared.errors import InvalidRequest
-from shared.handling import ErrorReplies
-from shared.logging import bind_request, get_logger
+from shared.handling import ErrorReplies, forwarded_envelope
+from shared.logging import get_logger
 from shared.nats import broker as make_broker
 from shared.ops import Readiness
 from shared.replies import Event
 from shared.service import attach_broker
 
 log = get_logger("leafwire.batcher")
-
-
-def envelope_of(msg: NatsMessage) -> Envelope:
-    """The envelope of a request forwarded by the router; it must name the caller's reply subject."""
-    env = Envelope.from_message(msg.headers, None)
-    bind_request(env.request_id, env.tenant, msg.raw_message.subject)
-    if not env.reply:
-        raise InvalidRequest("no Lw-Reply header: nowhere to send the answer")
-    return env
 
 
 async def admitted(broker: NatsBroker, batcher: Batcher, msg: NatsMessage, env: Envelope) -> None:
@@ -63,7 +53,7 @@ def build_broker(settings: BatcherSettings, batcher: Batcher) -> NatsBroker:
                                    "Answers `admitted` once queued, or an error (429 queue full, 504 deadline, "
                                    "503 code not_batched: go to the workers directly).")
     async def on_chat(body: ChatCompletionRequest, msg: NatsMessage) -> None:
-        env = envelope_of(msg)
+        env = forwarded_envelope(msg)
         batcher.admit("chat", body, env)
         await admitted(broker, batcher, msg, env)
 
@@ -71,7 +61,7 @@ def build_broker(settings: BatcherSettings, batcher: Batcher) -> NatsBroker:
                        no_reply=True, title="batch/embeddings",
                        description="Embeddings work for a model (router -> batcher); answered like batch/chat.")
     async def on_embeddings(body: EmbeddingRequest, msg: NatsMessage) -> None:
-        env = envelope_of(msg)
+        env = forwarded_envelope(msg)
         batcher.admit("embeddings", body, env, body.count())
         await admitted(broker, batcher, msg, env)
 

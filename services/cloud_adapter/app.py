@@ -27,7 +27,6 @@ from services.cloud_adapter.settings import CloudSettings
 from services.cloud_adapter.state import CloudState
 from shared import subjects
 from shared.envelope import Envelope
-from shared.errors import InvalidRequest
 from shared.handling import ErrorReplies
 from shared.heartbeat import announce, announce_every
 from shared.intake import Handler, Intake
@@ -54,8 +53,7 @@ def chat_handler(adapter: CloudAdapter) -> Handler[ChatCompletionRequest]:
     """Admit cloud chat work; the call itself runs in the background (the intake must not wait on it)."""
 
     async def on_chat(body: ChatCompletionRequest, msg: Msg, env: Envelope) -> None:
-        if not env.reply:
-            raise InvalidRequest("no Lw-Reply header: nowhere to send the answer")
+        env.require_reply()
         adapter.start(adapter.admit(body, env), body, env, msg.reply or None)
 
     return on_chat

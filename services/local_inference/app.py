@@ -29,10 +29,9 @@ from services.local_inference.settings import InferenceSettings
 from services.local_inference.worker import SERVICE, Worker
 from shared import metrics, subjects
 from shared.envelope import EVENT, Envelope
-from shared.errors import InvalidRequest
-from shared.handling import ErrorReplies
+from shared.handling import ErrorReplies, forwarded_envelope
 from shared.heartbeat import announce, announce_every
-from shared.logging import bind_request, get_logger
+from shared.logging import get_logger
 from shared.nats import broker as make_broker
 from shared.ops import Readiness
 from shared.replies import Event
@@ -50,20 +49,11 @@ async def admitted(nc: NATS, msg: NatsMessage, worker: Worker, env: Envelope) ->
         await nc.publish(msg.reply_to, body.model_dump_json().encode(), headers={EVENT: Event.ADMITTED.value})
 
 
-def direct_envelope(msg: NatsMessage) -> Envelope:
-    """The envelope of a single request from the router; it must name the caller's reply subject."""
-    env = Envelope.from_message(msg.headers, None)
-    bind_request(env.request_id, env.tenant, msg.raw_message.subject)
-    if not env.reply:
-        raise InvalidRequest("no Lw-Reply header: nowhere to send the answer")
-    return env
-
-
 def chat_handler(broker: NatsBroker, worker: Worker, model: str) -> Callable[..., Awaitable[None]]:
     """The handler admitting single chat requests for ``model`` (the path without a batcher)."""
 
     async def on_chat(body: ChatCompletionRequest, msg: NatsMessage) -> None:
-        env = direct_envelope(msg)
+        env = forwarded_envelope(msg)
         worker.admit(model, body, env)
         await admitted(broker.connection, msg, worker, env)
 
@@ -74,7 +64,7 @@ def embeddings_handler(broker: NatsBroker, worker: Worker, model: str) -> Callab
     """The handler admitting single embeddings requests for ``model`` (the path without a batcher)."""
 
     async def on_embeddings(body: EmbeddingRequest, msg: NatsMessage) -> None:
-        env = direct_envelope(msg)
+        env = forwarded_envelope(msg)
         worker.admit_embeddings(model, body, env)
         await admitted(broker.connection, msg, worker, env)
 
