@@ -7,6 +7,7 @@ never by sleeping a fixed time and hoping.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import nats
 import yaml
 
 from deploy import topology
@@ -156,6 +158,16 @@ def write_registry(path: Path, name: str = "tiny", model: Path = FIXTURE_MODEL, 
         models.append(embed)
     path.write_text(yaml.safe_dump({"models": models}, sort_keys=False))
     return path
+
+
+async def last_usage(url: str, site: str) -> dict[str, object]:
+    """The newest usage event of ``site`` in the ``USAGE`` stream."""
+    nc = await nats.connect(url)
+    try:
+        msg = await nc.jetstream().get_last_msg("USAGE", f"lw.v1.{site}.usage.events")
+    finally:
+        await nc.drain()
+    return dict(json.loads(msg.data))
 
 
 def model_name(registry: Path) -> str:

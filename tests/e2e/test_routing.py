@@ -22,7 +22,17 @@ from nats.js.errors import BucketNotFoundError
 
 from schemas.cloud import BreakerState, BudgetStatus, ProviderHealth, budget_window
 from tests.conftest import stack_services
-from tests.support import ROOT, NatsServer, Service, eventually, metric, running, write_policy, write_registry
+from tests.support import (
+    ROOT,
+    NatsServer,
+    Service,
+    eventually,
+    last_usage,
+    metric,
+    running,
+    write_policy,
+    write_registry,
+)
 
 pytestmark = pytest.mark.e2e
 SITE = "routing"
@@ -54,15 +64,6 @@ async def nats_dry_run(url: str, body: dict[str, object]) -> dict[str, object]:
     nc = await nats.connect(url)
     try:
         msg = await nc.request(f"lw.v1.{SITE}.route.dry_run", json.dumps(body).encode(), timeout=5)
-    finally:
-        await nc.drain()
-    return dict(json.loads(msg.data))
-
-
-async def last_usage(url: str) -> dict[str, object]:
-    nc = await nats.connect(url)
-    try:
-        msg = await nc.jetstream().get_last_msg("USAGE", f"lw.v1.{SITE}.usage.events")
     finally:
         await nc.drain()
     return dict(json.loads(msg.data))
@@ -211,7 +212,7 @@ class TestPolicyReload:
             assert len({variant("operator-7") for _ in range(5)}) == 1
             assert {variant(f"user-{i}") for i in range(30)} == {"blue", "green"}
             r = chat(gateway, "assistant", user="operator-7")
-            event = eventually(lambda: (e := asyncio.run(last_usage(nats_server.url)))["request_id"]
+            event = eventually(lambda: (e := asyncio.run(last_usage(nats_server.url, SITE)))["request_id"]
                                == r.headers["x-request-id"] and e, 10, "the usage event")
             assert event["target"] == "local/tiny"
             assert event["variant"] == variant("operator-7")

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import nats
 import pytest
 
 from tests.fakes import FakeProvider, Fault
-from tests.support import NatsServer, Service, eventually, metric, running, write_policy, write_registry
+from tests.support import NatsServer, Service, eventually, last_usage, metric, running, write_policy, write_registry
 
 pytestmark = pytest.mark.e2e
 SITE = "rc"
@@ -126,15 +125,6 @@ def test_no_fallback_after_the_first_byte(site: Site) -> None:
     assert generations(site) == before
 
 
-async def last_usage(url: str) -> dict[str, object]:
-    nc = await nats.connect(url)
-    try:
-        msg = await nc.jetstream().get_last_msg("USAGE", f"lw.v1.{SITE}.usage.events")
-    finally:
-        await nc.drain()
-    return dict(json.loads(msg.data))
-
-
 def test_variant_in_headers_and_usage_events(site: Site) -> None:
     """The A/B variant a user got is in the response's route header and in the usage event."""
     site.provider.reset()
@@ -143,7 +133,7 @@ def test_variant_in_headers_and_usage_events(site: Site) -> None:
     assert r.status_code == 200
     variant = r.headers["x-leafwire-route"].split("variant=")[1].split(";")[0]
     assert variant in ("blue", "green")
-    event = eventually(lambda: (e := asyncio.run(last_usage(site.nats.url)))["request_id"]
+    event = eventually(lambda: (e := asyncio.run(last_usage(site.nats.url, SITE)))["request_id"]
                        == r.headers["x-request-id"] and e, 10, "the usage event")
     assert event["variant"] == variant
     assert event["target"] == "fake/echo"
