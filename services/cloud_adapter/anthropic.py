@@ -40,7 +40,7 @@ from services.cloud_adapter.dialect import (
     as_int,
     bad_response,
     load_json,
-    text_of,
+    read_error,
 )
 from shared.errors import InvalidRequest, LeafwireError, UpstreamError, UpstreamRateLimited
 
@@ -187,6 +187,15 @@ def _stream_error(provider: str, error: Any) -> LeafwireError:
     return UpstreamError(f"{provider} reported {kind or 'an error'} mid-stream: {message}", retryable=True)
 
 
+def _error_info(parsed: Any) -> ErrorInfo | None:
+    """``{"type": "error", "error": {"type", "message"}}``; ``None`` for any other shape."""
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if not isinstance(error, dict):
+        return None
+    kind = error.get("type") if isinstance(error.get("type"), str) else None
+    return ErrorInfo(message=str(error.get("message") or "no message"), type=kind, code=kind)
+
+
 @dataclass
 class AnthropicStream:
     """Parser of one Anthropic Messages stream, producing OpenAI pieces."""
@@ -293,12 +302,4 @@ class Anthropic:
 
     def error_info(self, body: bytes) -> ErrorInfo:
         """``{"type": "error", "error": {"type", "message"}}``, or the body's text."""
-        try:
-            parsed = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return ErrorInfo(message=text_of(body))
-        error = parsed.get("error") if isinstance(parsed, dict) else None
-        if isinstance(error, dict):
-            kind = error.get("type") if isinstance(error.get("type"), str) else None
-            return ErrorInfo(message=str(error.get("message") or "no message"), type=kind, code=kind)
-        return ErrorInfo(message=text_of(body))
+        return read_error(body, _error_info)

@@ -21,6 +21,7 @@ How a provider's HTTP status maps (``classify``), and whether it is retried:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -148,6 +149,16 @@ def as_int(value: Any) -> int | None:
 def text_of(body: bytes) -> str:
     """A short, printable excerpt of a body that is not a known error object."""
     return body[:200].decode(errors="replace").strip() or "(empty body)"
+
+
+def read_error(body: bytes, pick: Callable[[Any], ErrorInfo | None]) -> ErrorInfo:
+    """A provider's error from its body: ``pick`` reads the dialect's JSON shape; when the body is not JSON,
+    or ``pick`` finds no error in it, the body's text."""
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return ErrorInfo(message=text_of(body))
+    return pick(parsed) or ErrorInfo(message=text_of(body))
 
 
 def classify(provider: str, model: str, status: int, info: ErrorInfo,

@@ -25,7 +25,7 @@ from services.cloud_adapter.dialect import (
     bad_response,
     finish_reason,
     load_json,
-    text_of,
+    read_error,
 )
 from shared.errors import UpstreamError
 
@@ -125,10 +125,5 @@ class OpenAICompatible:
 
     def error_info(self, body: bytes) -> ErrorInfo:
         """``{"error": {"message", "type", "code", "param"}}``, or the body's text."""
-        try:
-            parsed = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return ErrorInfo(message=text_of(body))
-        if isinstance(parsed, dict) and "error" in parsed:
-            return _error_info(parsed["error"])
-        return ErrorInfo(message=text_of(body))
+        return read_error(body, lambda parsed: _error_info(parsed["error"])
+                          if isinstance(parsed, dict) and "error" in parsed else None)
