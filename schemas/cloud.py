@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import lru_cache
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -40,7 +41,14 @@ BudgetPeriod = Literal["daily", "monthly"]
 
 def budget_window(period: BudgetPeriod, now: float) -> str:
     """The window a budget counts at ``now``: ``2026-11-21`` (daily) or ``2026-11`` (monthly), UTC."""
-    day = datetime.fromtimestamp(now, UTC)
+    return _window(period, int(now))
+
+
+@lru_cache(maxsize=8)
+def _window(period: BudgetPeriod, second: int) -> str:
+    # Asked for every routed and every charged request: formatting a date costs more than the rest of a
+    # budget check, and within a second the answer cannot change.
+    day = datetime.fromtimestamp(second, UTC)
     return day.strftime("%Y-%m-%d" if period == "daily" else "%Y-%m")
 
 

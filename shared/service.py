@@ -8,6 +8,7 @@ HTTP, stop worker processes) in reverse order.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -65,6 +66,7 @@ async def _serve(service: str, settings: S, main: Main[S], ops_server: bool) -> 
             await ops.start()
             stack.push_async_callback(ops.stop)
         await main(settings, readiness, stack)
+        settle_garbage_collector()
         metrics.UP.labels(service).set(1)
         log.info("service started", site=settings.site, nats=settings.nats_url,
                  ops_port=ops.port if ops_server else None)
@@ -78,6 +80,22 @@ async def _serve(service: str, settings: S, main: Main[S], ops_server: bool) -> 
             log.info("stopped")
         except (TimeoutError, asyncio.CancelledError):
             log.error("shutdown did not finish in time; exiting anyway")
+
+
+def settle_garbage_collector() -> None:
+    """Keep the collector off what start-up built and make young collections rarer.
+
+    The modules, settings and connections a service builds at start-up (a few hundred thousand objects)
+    live until it stops; a full collection scanning them all took tens of milliseconds every few hundred
+    requests. ``gc.freeze`` moves them out of the collector's sight; a larger first generation means fewer
+    collections of the short-lived objects each request makes. Cycles are still collected.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
+GC_YOUNG_THRESHOLD = 20_000
 
 
 async def attach_broker(broker: NatsBroker, settings: ServiceSettings, service: str, readiness: Readiness,

@@ -1,15 +1,14 @@
 """Usage events into the site's ``USAGE`` stream: one per answered request, local or cloud.
 
-Publishing never blocks an answer: events are published asynchronously, their acks awaited in the
-background, and at most ``max_pending`` may await an ack — past that (JetStream down or slow) events are
-dropped and counted (``leafwire_usage_events_dropped_total``) rather than held without bound.
+Publishing never blocks an answer: events are gathered for a moment and published together, their acks
+awaited in the background, and at most ``max_pending`` may be gathered or await an ack — past that
+(JetStream down or slow) events are dropped and counted (``leafwire_usage_events_dropped_total``) rather
+than held without bound.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
@@ -22,6 +21,7 @@ from shared.streams import ensure_stream
 log = get_logger("leafwire.usage")
 MONTH_S = 31 * 24 * 3600
 ACK_TIMEOUT_S = 10.0
+BATCH_INTERVAL_S = 0.05
 
 
 def usage_stream(site: str, replicas: int = 1) -> StreamConfig:
@@ -32,13 +32,22 @@ def usage_stream(site: str, replicas: int = 1) -> StreamConfig:
 
 
 class UsagePublisher:
-    """Publishes to a site's ``USAGE`` stream without ever waiting on JetStream in the answer path."""
+    """Publishes to a site's ``USAGE`` stream without ever waiting on JetStream in the answer path.
 
-    def __init__(self, nc: NATS, site: str, max_pending: int = 10_000) -> None:
+    Events are gathered for ``interval_s`` and published together: their acks then come back in one burst,
+    instead of waking the service once for every answered request (a quarter of a cloud-adapter's CPU at
+    hundreds of requests a second). An event reaches the stream at most ``interval_s`` late.
+    """
+
+    def __init__(self, nc: NATS, site: str, max_pending: int = 10_000, interval_s: float = BATCH_INTERVAL_S) -> None:
         self._site = site
         self._max_pending = max_pending
+        self._interval_s = interval_s
         self._js = nc.jetstream(timeout=5, publish_async_max_pending=max_pending)
         self._nc = nc
+        self._batch: list[tuple[str, bytes]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._sending: set[asyncio.Task[None]] = set()
 
     async def ensure_stream(self, replicas: int = 1) -> None:
         """Create the stream, or add this site's subjects to it (idempotent)."""
@@ -49,29 +58,45 @@ class UsagePublisher:
         await self.publish(subjects.usage(self._site), event.model_dump_json().encode())
 
     async def publish(self, subject: str, data: bytes) -> None:
-        """Publish to the stream; the ack is awaited in the background."""
-        if self._js.publish_async_pending() >= self._max_pending:
+        """Queue for the stream; published with the others of the batch within ``interval_s``."""
+        if len(self._batch) + self._js.publish_async_pending() >= self._max_pending:
             metrics.USAGE_EVENTS_DROPPED.inc()
             log.warning("usage event dropped: too many awaiting their ack")
             return
-        try:
-            # A free slot was just checked: no stall wait (a timed wait costs a task per event).
-            ack = await self._js.publish_async(subject, data)
-        except Exception as exc:
-            metrics.USAGE_EVENTS_DROPPED.inc()
-            log.warning("usage event dropped", error=repr(exc))
-            return
-        handle = asyncio.get_running_loop().call_later(ACK_TIMEOUT_S, ack.cancel)
-        ack.add_done_callback(lambda f: self._acked(f, handle))
+        self._batch.append((subject, data))
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._interval_s, self._send_batch)
 
-    @staticmethod
-    def _acked(future: asyncio.Future[Any], handle: asyncio.TimerHandle) -> None:
-        handle.cancel()
-        if future.cancelled() or future.exception() is not None:
-            metrics.USAGE_EVENTS_DROPPED.inc()
+    def _send_batch(self) -> None:
+        self._timer = None
+        batch, self._batch = self._batch, []
+        if batch:
+            task = asyncio.create_task(self._send(batch))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[str, bytes]]) -> None:
+        acks = []
+        dropped = 0
+        for subject, data in batch:
+            try:
+                # Free slots were checked when queued: no stall wait (a timed wait costs a task per event).
+                acks.append(await self._js.publish_async(subject, data))
+            except Exception as exc:
+                dropped += 1
+                log.warning("usage event dropped", error=repr(exc))
+        if acks:
+            done, late = await asyncio.wait(acks, timeout=ACK_TIMEOUT_S)
+            for ack in late:
+                ack.cancel()
+            dropped += len(late) + sum(1 for ack in done if ack.cancelled() or ack.exception() is not None)
+        if dropped:
+            metrics.USAGE_EVENTS_DROPPED.inc(dropped)
 
     async def flush(self, wait_s: float = 5.0) -> None:
-        """Wait (up to ``wait_s``) for the acks still pending, at shutdown."""
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(wait_s):
-                await self._js.publish_async_completed()
+        """Publish what is gathered and wait (up to ``wait_s``) for the acks still pending, at shutdown."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._send_batch()
+        if self._sending:
+            await asyncio.wait(set(self._sending), timeout=wait_s)

@@ -125,6 +125,12 @@ class Admission:
             await publisher.error(err)
 
 
+async def answer_leaves() -> None:
+    """Let the answer leave before the bookkeeping that follows it: a publish only queues the message for
+    the connection's flusher, which runs once this task yields."""
+    await asyncio.sleep(0)
+
+
 class CloudAdapter:
     """The adapter's providers, ledger, state and the requests it is answering."""
 
@@ -218,9 +224,11 @@ class CloudAdapter:
                 await answer.whole(hit.message, hit.finish_reason, hit.usage)
                 await admission.admit()
                 outcome = "cache_hit"
+                await answer_leaves()
                 return
             await self._call(target, request, env, admission, answer, tally, started)
             outcome = "ok"
+            await answer_leaves()
             if key and tally.finish in cache.STORED_REASONS:
                 message = tally.message if request.stream else answer.message
                 self.state.cache_put(key, cache.Entry(message, tally.finish or "stop", tally.usage(request)))

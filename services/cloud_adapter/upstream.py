@@ -173,7 +173,9 @@ class Upstream:
         connector = aiohttp.TCPConnector(limit=spec.max_concurrent, ttl_dns_cache=300, keepalive_timeout=30,
                                          resolver=None if spec.local else PublicOnlyResolver())
         self._session = aiohttp.ClientSession(
-            connector=connector, trust_env=False, raise_for_status=False,
+            # No cookie jar: a provider's cookies must never be replayed across tenants' requests (and a
+            # jar costs every request a lookup).
+            connector=connector, trust_env=False, raise_for_status=False, cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=None, connect=spec.timeouts.connect_s,
                                           sock_connect=spec.timeouts.connect_s))
 
@@ -275,6 +277,8 @@ class Upstream:
         body = bytearray()
         try:
             async with asyncio.timeout(max(call.left(), 0.0)):
+                if resp.content_length is not None and resp.content_length <= self.max_response_bytes:
+                    return await resp.read()  # a declared length within the limit: one read
                 while chunk := await resp.content.read(65536):
                     body += chunk
                     if len(body) > self.max_response_bytes:

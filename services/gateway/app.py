@@ -20,7 +20,7 @@ from schemas.embeddings import EmbeddingRequest
 from services.gateway.bridge import request_headers
 from services.gateway.chat import ChatBridge
 from services.gateway.embeddings import EmbeddingsBridge
-from services.gateway.errors import openai_errors, read_json, validate
+from services.gateway.errors import openai_errors, read_json, read_model, validate
 from services.gateway.settings import GatewaySettings
 from shared import metrics, subjects
 from shared import nats as lw_nats
@@ -62,10 +62,9 @@ class Gateway:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/chat/completions``"""
         tenant = self.tenant_of(request)
-        body = await read_json(request)
-        chat = validate(ChatCompletionRequest, body)
+        chat, raw = await read_model(request, ChatCompletionRequest)
         bind_request("-", tenant, subjects.chat(self.settings.site))
-        return await self.bridge.complete(request, chat, await request.read(), tenant)
+        return await self.bridge.complete(request, chat, raw, tenant)
 
     async def dry_run(self, request: web.Request) -> web.Response:
         """``POST /v1/route/dry-run``: where a chat request would run, and why, without running it."""
@@ -86,9 +85,9 @@ class Gateway:
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/embeddings``"""
         tenant = self.tenant_of(request)
-        body = validate(EmbeddingRequest, await read_json(request))
+        body, raw = await read_model(request, EmbeddingRequest)
         bind_request("-", tenant, subjects.embeddings(self.settings.site))
-        return await self.embed.create(request, body, await request.read(), tenant)
+        return await self.embed.create(request, body, raw, tenant)
 
     async def _models(self) -> bytes:
         try:

@@ -30,7 +30,7 @@ from services.router.decide import Facts, Plan
 from services.router.handover import offer_local, run_chain
 from services.router.masking import Masker
 from services.router.settings import RouterSettings
-from services.router.signals import signals
+from services.router.signals import UNMEASURED, signals
 from services.router.state import LiveState
 from shared import metrics, subjects
 from shared.envelope import RESIDENCY, Envelope
@@ -47,18 +47,19 @@ log = get_logger("leafwire.router")
 
 
 def facts_of(request: ChatCompletionRequest, env: Envelope, headers: Mapping[str, str] | None,
-             state: LiveState) -> Facts:
-    """What the policy may look at: model, tenant, user, residency and the prompt's signals."""
+             state: LiveState, measure: bool = True) -> Facts:
+    """What the policy may look at: model, tenant, user, residency and (if ``measure``) the prompt's signals."""
     onsite = (headers or {}).get(RESIDENCY, "").lower() == "onsite" or \
         env.tenant in state.policy.residency.onsite_tenants
-    text = "\n".join(m.text() for m in request.messages)
-    return Facts(model=request.model, tenant=env.tenant, user=request.user, onsite=onsite, signals=signals(text))
+    measured = signals("\n".join(m.text() for m in request.messages)) if measure else UNMEASURED
+    return Facts(model=request.model, tenant=env.tenant, user=request.user, onsite=onsite, signals=measured)
 
 
 def decide_for(state: LiveState, request: ChatCompletionRequest, env: Envelope,
-               headers: Mapping[str, str] | None) -> tuple[Plan, Facts]:
-    """The plan for a request under the current policy and state."""
-    facts = facts_of(request, env, headers, state)
+               headers: Mapping[str, str] | None, *, measure: bool = True) -> tuple[Plan, Facts]:
+    """The plan for a request under the current policy and state; ``measure=False`` skips the prompt's
+    signals when no rule reads them."""
+    facts = facts_of(request, env, headers, state, measure)
     return decide.plan(state.policy, facts, state.conditions(env.tenant)), facts
 
 
@@ -98,8 +99,8 @@ def chat_handler(nc: NATS, settings: RouterSettings, state: LiveState) -> Handle
         started = time.perf_counter()
         if not msg.reply:
             raise InvalidRequest("a chat request needs a reply subject to answer on")
-        plan, _ = decide_for(state, body, env, msg.headers)
-        await run_chain(nc, settings, state, plan, body, env)
+        plan, _ = decide_for(state, body, env, msg.headers, measure=state.policy.reads_prompt)
+        await run_chain(nc, settings, state, plan, body, env, raw=msg.data)
         metrics.ROUTE_DURATION.observe(time.perf_counter() - started)
 
     return on_chat

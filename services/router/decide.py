@@ -101,18 +101,15 @@ def resolve(policy: Policy, model: str, user: str | None, tenant: str) -> tuple[
 
 def holds(when: When, facts: Facts, requested: str | None, conditions: Conditions) -> bool:
     """True when every condition the rule gives holds."""
-    checks = [
-        when.tenant is None or facts.tenant in when.tenant,
-        when.model is None or facts.model in when.model or (requested or AUTO) in when.model,
-        when.residency is None or (when.residency == "onsite") == facts.onsite,
-        when.prompt_tokens is None or when.prompt_tokens.holds(facts.signals.prompt_tokens),
-        when.complexity is None or when.complexity.holds(facts.signals.complexity),
-        when.budget is None or conditions.budget in when.budget,
-        when.uplink is None or (when.uplink == "up") == conditions.uplink_up,
-        when.provider_health is None or all(conditions.provider_health.get(p, "closed") in states
-                                            for p, states in when.provider_health.items()),
-    ]
-    return all(checks)
+    return ((when.tenant is None or facts.tenant in when.tenant)
+            and (when.model is None or facts.model in when.model or (requested or AUTO) in when.model)
+            and (when.residency is None or (when.residency == "onsite") == facts.onsite)
+            and (when.prompt_tokens is None or when.prompt_tokens.holds(facts.signals.prompt_tokens))
+            and (when.complexity is None or when.complexity.holds(facts.signals.complexity))
+            and (when.budget is None or conditions.budget in when.budget)
+            and (when.uplink is None or (when.uplink == "up") == conditions.uplink_up)
+            and (when.provider_health is None or all(conditions.provider_health.get(p, "closed") in states
+                                                     for p, states in when.provider_health.items())))
 
 
 def first_rule(policy: Policy, facts: Facts, requested: str | None, conditions: Conditions) -> Rule:

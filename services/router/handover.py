@@ -87,22 +87,32 @@ async def offer(nc: NATS, settings: RouterSettings, target: str, payload: bytes,
         raise Unavailable("no cloud adapter is running right now", retry_after=2) from exc
 
 
-def prepare(state: LiveState, request: ChatCompletionRequest, target: str) -> tuple[bytes, Counter[str]]:
-    """The payload for ``target``: the model set to it, personal data masked if it leaves the site."""
+def prepare(state: LiveState, request: ChatCompletionRequest, target: str,
+            raw: bytes | None = None) -> tuple[bytes, Counter[str]]:
+    """The payload for ``target``: the model set to it, personal data masked if it leaves the site.
+
+    A request that needs neither change travels on as ``raw``, the bytes it came in (the next hop parses
+    them with the same schema), instead of being serialised again.
+    """
     counts: Counter[str] = Counter()
+    sent = request
     if is_cloud(target):
-        request, counts = state.masker.mask_request(request)
-    return request.model_copy(update={"model": target}).model_dump_json(exclude_unset=True).encode(), counts
+        sent, counts = state.masker.mask_request(request)
+    if raw is not None and sent is request and request.model == target:
+        return raw, counts
+    return sent.model_copy(update={"model": target}).model_dump_json(exclude_unset=True).encode(), counts
 
 
 async def run_chain(nc: NATS, settings: RouterSettings, state: LiveState, plan: Plan,
-                    request: ChatCompletionRequest, env: Envelope) -> str:
-    """Offer the request to each target of the plan until one takes it; return the target that did."""
+                    request: ChatCompletionRequest, env: Envelope, raw: bytes | None = None) -> str:
+    """Offer the request to each target of the plan until one takes it; return the target that did.
+
+    ``raw`` is the request as it arrived, forwarded as is to a target that needs no change of it."""
     failed: list[tuple[str, str]] = []
     first: LeafwireError | None = None
     for target in plan.chain:
         decision = plan.decision(target, failed)
-        payload, masked = prepare(state, request, target)
+        payload, masked = prepare(state, request, target, raw)
         for pattern, n in masked.items():  # counted as it leaves for the cloud-adapter, taken or not
             metrics.MASKED.labels(pattern).inc(n)
         try:

@@ -33,6 +33,7 @@ No I/O here: parsing and validation only.
 from __future__ import annotations
 
 import re
+from functools import cached_property
 from typing import Annotated, Literal
 
 import yaml
@@ -169,6 +170,12 @@ class Policy(Strict):
     masking: Masking = Masking()
     rules: Annotated[list[Rule], Field(min_length=1)] = Field(
         default_factory=lambda: [Rule(name="default", route=[REQUESTED])])
+
+    @cached_property
+    def reads_prompt(self) -> bool:
+        """Whether a rule looks at the prompt (its token estimate or complexity): if none does, routing
+        need not measure it."""
+        return any(r.when.prompt_tokens is not None or r.when.complexity is not None for r in self.rules)
 
     @model_validator(mode="after")
     def _consistent(self) -> Policy:

@@ -70,6 +70,9 @@ def complexity(text: str, tokens: int) -> float:
     return round(sum(WEIGHTS[k] * v for k, v in parts.items()), 4)
 
 
+UNMEASURED = Signals(0, 0.0)  # for a policy whose rules never read the prompt
+
+
 def signals(text: str) -> Signals:
     """Token estimate and complexity of the prompt text."""
     tokens = estimate_tokens(text)

@@ -54,6 +54,8 @@ class LiveState:
 
         An entry of a past day or month no longer limits anything (a new window starts from zero).
         """
+        if not self.budgets:
+            return "ok"
         now = time.time() if now is None else now
         scopes = {subjects.GLOBAL_SCOPE, subjects.tenant_scope(tenant)}
         current = {p: budget_window(p, now) for p in ("daily", "monthly")}
