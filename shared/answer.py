@@ -10,18 +10,20 @@ Chunks are built from pre-serialised JSON around each delta: this runs once per 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic_core import to_json
+
 from schemas.chat import ChatCompletionRequest, FinishReason, StreamEnd, Usage, dump
 from shared.replies import Event, ReplyPublisher
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+def _json(value: Any) -> bytes:
+    """Compact UTF-8 JSON, from pydantic-core's serialiser (several times faster than ``json.dumps``)."""
+    return to_json(value)
 
 
 def merge_delta(message: dict[str, Any], delta: Mapping[str, Any]) -> None:
@@ -89,9 +91,10 @@ class Answer:
     _prefix: bytes = b""
 
     def __post_init__(self) -> None:
-        self._prefix = (f'{{"id":{_json(self.completion_id)},"object":"chat.completion.chunk",'
-                        f'"created":{self.created},"model":{_json(self.model)},'
-                        f'"choices":[{{"index":0,"delta":').encode()
+        if self.stream:
+            self._prefix = (b'{"id":' + _json(self.completion_id) + b',"object":"chat.completion.chunk","created":'
+                            + str(self.created).encode() + b',"model":' + _json(self.model)
+                            + b',"choices":[{"index":0,"delta":')
 
     @property
     def completion_id(self) -> str:
@@ -105,8 +108,8 @@ class Answer:
         return cls(publisher, request_id, model, request.stream, request.include_usage())
 
     def _chunk(self, delta: Mapping[str, Any], finish: FinishReason | None = None) -> bytes:
-        tail = f',"logprobs":null,"finish_reason":{_json(finish)}}}],"usage":null,"system_fingerprint":null}}'
-        return self._prefix + _json(delta).encode() + tail.encode()
+        return (self._prefix + _json(delta) + b',"logprobs":null,"finish_reason":' + _json(finish)
+                + b'}],"usage":null,"system_fingerprint":null}')
 
     async def begin(self) -> None:
         """The first chunk (the assistant role), sent as soon as the answer starts."""
@@ -144,7 +147,7 @@ class Answer:
             "choices": [{"index": 0, "message": final_message(self.message), "logprobs": None,
                          "finish_reason": reason}],
             "usage": usage.model_dump(), "system_fingerprint": None,
-        }).encode()
+        })
 
     async def finish(self, reason: FinishReason, usage: Usage) -> None:
         """End the answer: last chunk, usage chunk if asked, then ``done``; or the whole result."""
@@ -157,6 +160,6 @@ class Answer:
             await self.publisher.send(Event.CHUNK, _json({
                 "id": self.completion_id, "object": "chat.completion.chunk", "created": self.created,
                 "model": self.model, "choices": [], "usage": usage.model_dump(), "system_fingerprint": None,
-            }).encode())
+            }))
         await self.publisher.send(Event.DONE, dump(StreamEnd(request_id=self.request_id, finish_reason=reason,
                                                              usage=usage)))

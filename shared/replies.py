@@ -151,6 +151,8 @@ class ReplyStream:
         if self.overflowed:
             err = UpstreamError("reply stream overflowed: the reader fell too far behind")
             return Reply(Event.ERROR, err.to_response().model_dump_json().encode(), {hdr.STATUS: "502"})
+        if not self._queue.empty():
+            return self._queue.get_nowait()  # already here: no timer to arm
         async with asyncio.timeout(wait_s):
             return await self._queue.get()
 

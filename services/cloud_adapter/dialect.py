@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pydantic_core import from_json
+
 from schemas.chat import ChatCompletionRequest, FinishReason
 from services.cloud_adapter.config import ModelSpec
 from shared.errors import (
@@ -129,7 +131,7 @@ def bad_response(provider: str, what: str) -> UpstreamError:
 def load_json(provider: str, data: bytes | str) -> Any:
     """JSON from the provider, or a bad-response error."""
     try:
-        return json.loads(data)
+        return from_json(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_response(provider, f"malformed JSON ({str(exc)[:80]})") from exc
 

@@ -8,9 +8,10 @@ are relayed as they come (``content``, ``tool_calls``, ``refusal``, ``reasoning_
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
+
+from pydantic_core import to_json
 
 from schemas.chat import ChatCompletionRequest
 from services.cloud_adapter.config import ModelSpec
@@ -100,7 +101,7 @@ class OpenAICompatible:
             out["stream_options"] = {"include_usage": True}
         else:
             out.pop("stream", None)
-        return json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode()
+        return to_json(out)
 
     def headers(self) -> dict[str, str]:
         """No extra headers beyond the key."""
