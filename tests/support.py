@@ -6,7 +6,9 @@ never by sleeping a fixed time and hoping.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -17,7 +19,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -45,6 +47,20 @@ def eventually(probe: Callable[[], T | None], timeout: float = 20.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(0.02)
+
+
+async def eventually_async(probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], within_s: float = 20.0,
+                           what: str = "condition") -> T:
+    """Await ``probe`` until ``done`` says yes of its value; fail after ``within_s`` seconds."""
+    deadline = time.monotonic() + within_s
+    for _ in itertools.count():
+        value = await probe()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out after {within_s:g} s waiting for {what}")
 
 
 def http_status(url: str) -> int:

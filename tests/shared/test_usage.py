@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 
 import nats
@@ -13,7 +11,7 @@ import pytest
 from schemas.cloud import UsageEvent
 from shared import metrics
 from shared.usage import UsagePublisher
-from tests.support import NatsServer
+from tests.support import NatsServer, eventually_async
 
 SITE = "usage1"
 
@@ -44,10 +42,7 @@ async def test_events_reach_the_stream_without_a_flush(nc: nats.NATS) -> None:
     before = await stored(nc)
     for n in range(25):
         await publisher.usage(event(n))
-    deadline = time.monotonic() + 5
-    while await stored(nc) < before + 25 and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
-    assert await stored(nc) == before + 25
+    await eventually_async(lambda: stored(nc), lambda count: count == before + 25, within_s=5, what="25 events")
     js = nc.jetstream()
     last = await js.get_last_msg("USAGE", f"lw.v1.{SITE}.usage.events")
     assert json.loads(last.data)["request_id"] == "r24"
