@@ -84,6 +84,28 @@ def _shared_processors(service: str) -> list[Any]:
     ]
 
 
+_root_level = logging.INFO
+
+
+class LeveledLogger(structlog.stdlib.BoundLogger):
+    """structlog's stdlib logger, returning at once for debug and info events below the root level.
+
+    Hot paths log a line per request at debug or info; with the service at ``warning`` each such call
+    would still copy the context and raise and catch ``DropEvent`` in ``filter_by_level`` (kept for
+    loggers set above the root level, like FastStream's).
+    """
+
+    def debug(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if _root_level > logging.DEBUG:
+            return None
+        return super().debug(event, *args, **kw)
+
+    def info(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if _root_level > logging.INFO:
+            return None
+        return super().info(event, *args, **kw)
+
+
 def configure(service: str, level: str = "info") -> None:
     """Send structlog and stdlib logging to stderr as JSON lines, at ``level``."""
     shared = _shared_processors(service)
@@ -93,7 +115,7 @@ def configure(service: str, level: str = "info") -> None:
         processors=[structlog.stdlib.filter_by_level, *shared, structlog.processors.format_exc_info,
                     structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        wrapper_class=LeveledLogger,
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
@@ -104,9 +126,11 @@ def configure(service: str, level: str = "info") -> None:
                     scrub_secret_values,
                     structlog.processors.JSONRenderer()],
     ))
+    global _root_level
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    _root_level = root.level
     for noisy in ("faststream", "faststream.access", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 

@@ -15,7 +15,7 @@ started before a budget ran out is still answered, so a budget can be overrun by
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -81,6 +81,7 @@ class Ledger:
         self._clock = clock
         self.accounts: dict[str, Account] = {}
         self._windows: tuple[int, dict[str, str]] = (-1, {})
+        self._by_tenant: dict[str, tuple[str, list[Account]]] = {}
 
     def _limits(self, scope: str) -> BudgetLimits:
         if scope == subjects.GLOBAL_SCOPE:
@@ -110,10 +111,17 @@ class Ledger:
             self.accounts[key] = acct
         return acct
 
-    def _accounts_of(self, tenant: str) -> Iterator[Account]:
-        for scope in (subjects.GLOBAL_SCOPE, subjects.tenant_scope(tenant)):
-            for period in PERIODS:
-                yield self.account(scope, period)
+    def _accounts_of(self, tenant: str) -> list[Account]:
+        """The global and the tenant's accounts, daily and monthly: looked up once a day per tenant (every
+        request is checked and charged)."""
+        day = self._window("daily")
+        known = self._by_tenant.get(tenant)
+        if known is not None and known[0] == day:
+            return known[1]
+        accounts = [self.account(scope, period)
+                    for scope in (subjects.GLOBAL_SCOPE, subjects.tenant_scope(tenant)) for period in PERIODS]
+        self._by_tenant[tenant] = (day, accounts)
+        return accounts
 
     def check(self, tenant: str) -> None:
         """Raise ``BudgetExceeded`` when the tenant's or the global budget is spent."""
