@@ -2,6 +2,7 @@
 
     uv run python -m loadtests.cloud_bench                 # 100, 250, 500, 1000 requests/s, 10 s each
     uv run python -m loadtests.cloud_bench --rates 1000 --duration 30 --stream
+    uv run python -m loadtests.cloud_bench --floor         # the same path with do-nothing services
 
 Starts its own nats-server (JetStream), the fake upstream (loadtests/fake_upstream.py), a cloud-adapter,
 a router and a gateway, each as its own process. For each rate it sends requests open-loop (at fixed
@@ -11,7 +12,9 @@ both paths and what the leafwire path adds, and the CPU (share of one core) and 
 Then it measures cache hits: the same temperature-0 request, one at a time, answered from NATS KV.
 With ``--adapter-alone`` it also drives the cloud-adapter by itself over NATS, the way a router does
 (request on ``lw.v1.bench.cloud.chat``, answer on the ``Lw-Reply`` subject), to separate its share.
-Services log at ``warning`` (``--log-level info`` to include per-request log lines).
+Services log at ``warning`` (``--log-level info`` to include per-request log lines). With ``--floor`` the
+do-nothing services of ``loadtests/skeleton.py`` stand in for leafwire's (same processes, hops and messages):
+the floor of this path on this machine, to compare with.
 
 Every HTTP call goes through ``loadtests/httpload.py`` (keep-alive HTTP/1.1 on asyncio Protocols) and the
 upstream is a raw-Protocol server: both share the two cores with the services under test, so the harness is
@@ -93,12 +96,14 @@ def wait_http(url: str, timeout: float = 60) -> None:
 
 
 @contextmanager
-def stack(tmp: Path, log_level: str, profile: Path | None = None) -> Iterator[tuple[list[Proc], str, str, str]]:
+def stack(tmp: Path, log_level: str, profile: Path | None = None,
+          floor: bool = False) -> Iterator[tuple[list[Proc], str, str, str]]:
     """nats-server, fake upstream, cloud-adapter, router, gateway; yields (processes, upstream URL, gateway URL,
     NATS URL).
 
     With ``profile``, the three services run under cProfile (CPU time, see loadtests/cpu_profile.py) and
-    leave ``<service>.prof`` there on exit."""
+    leave ``<service>.prof`` there on exit. With ``floor``, the skeleton services of loadtests/skeleton.py
+    stand in for leafwire's."""
     procs: list[Proc] = []
     client, monitor, up_port, gw_port = free_port(), free_port(), free_port(), free_port()
     conf = tmp / "nats.conf"
@@ -128,7 +133,18 @@ def stack(tmp: Path, log_level: str, profile: Path | None = None) -> Iterator[tu
         start("nats-server", node.command(), {})
         topology.wait_healthy([node], procs=[procs[0].popen])
         start("upstream", [sys.executable, "-m", "loadtests.fake_upstream", "--port", str(up_port)], {})
+        if floor:
+            skeleton = [sys.executable, "-m", "loadtests.skeleton"]
+            start("cloud-adapter", [*skeleton, "adapter", "--nats", node.url,
+                                    "--upstream", f"http://127.0.0.1:{up_port}/v1/chat/completions"], {})
+            start("router", [*skeleton, "router", "--nats", node.url], {})
+            start("gateway", [*skeleton, "gateway", "--nats", node.url, "--port", str(gw_port)], {})
+            wait_http(f"http://127.0.0.1:{gw_port}/readyz")
+            yield procs, f"http://127.0.0.1:{up_port}/v1/chat/completions", \
+                f"http://127.0.0.1:{gw_port}/v1/chat/completions", node.url
+            return
         ops = {}
+
         def command(service: str) -> list[str]:
             prof = ["-m", "loadtests.cpu_profile", str(profile / f"{service}.prof")] if profile else []
             return [sys.executable, *prof, *([] if profile else ["-m"]), f"services.{service}"]
@@ -299,12 +315,14 @@ async def run(args: argparse.Namespace) -> None:
     raw = json.dumps(body).encode()
     me = psutil.Process()
     with tempfile.TemporaryDirectory(prefix="lw-bench-") as tmp, \
-            stack(Path(tmp), args.log_level, args.profile) as (procs, up, gw, nats_url):
+            stack(Path(tmp), args.log_level, args.profile, args.floor) as (procs, up, gw, nats_url):
         up_pool = await HttpPool.open(up, limit=2000, request_timeout=30)
         gw_pool = await HttpPool.open(gw, limit=2000, request_timeout=30)
         try:
             await open_loop(gw_pool, gw, raw, 100, args.warmup)  # warm connections, caches, JIT-free paths
             await open_loop(up_pool, up, raw, 100, 1)
+            if args.floor:
+                print("skeleton services (loadtests/skeleton.py) in place of leafwire's: the floor of this path")
             print(f"load before: {os.getloadavg()[0]:.2f} (1-min average) on {os.cpu_count()} CPUs; "
                   f"{'streamed' if args.stream else 'non-streamed'} requests; {args.duration:g} s per phase\n")
             header = ["rate/s", "achieved/s", "errors", "direct p50/p99 ms", "leafwire p50/p99 ms",
@@ -329,6 +347,9 @@ async def run(args: argparse.Namespace) -> None:
             print(fmt_row(header))
             print(fmt_row(["---"] * len(header)))
             print("\n".join(rows))
+            if args.floor:  # the skeleton has no cache
+                print(f"load after: {os.getloadavg()[0]:.2f}")
+                return
             cached = json.dumps({**BODY, "temperature": 0, "messages": [{"role": "user", "content": "cache bench"}]})
             await gw_pool.post(urlsplit(gw).path, cached.encode())  # the miss that stores it
             hits = await one_at_a_time(gw_pool, gw, cached.encode(), args.cache_requests, cache_hit=True)
@@ -356,6 +377,9 @@ def main() -> None:
     parser.add_argument("--adapter-alone", action="store_true",
                         help="also drive the cloud-adapter by itself over NATS at the same rates")
     parser.add_argument("--profile", type=Path, help="run the services under cProfile, writing <service>.prof here")
+    parser.add_argument("--floor", action="store_true",
+                        help="run loadtests/skeleton.py's do-nothing services instead of leafwire's: the floor of "
+                             "this path on this machine")
     args = parser.parse_args()
     try:
         import uvloop

@@ -1,0 +1,122 @@
+"""The cloud path with nothing on it: the least a gateway, a router and a cloud-adapter can do per request.
+
+    uv run python -m loadtests.cloud_bench --floor      # runs these instead of leafwire's services
+
+Each role is its own process, like leafwire's services, and keeps the path's hops and messages: the gateway
+(aiohttp) reads the body and publishes it with a reply subject, then answers with what arrives there; the
+router (nats-py) offers it to the adapter with the caller's subject in ``Lw-Reply`` and waits for the
+adapter's admission; the adapter (nats-py and one pooled aiohttp session) POSTs it to the upstream, answers
+``admitted`` to the router and the upstream's body to the caller. Nothing else: no validation, routing
+policy, masking, cache, retries, breaker, budgets, usage events, metrics or logs. What this path cannot do
+on a machine, leafwire cannot either: the difference between the two is what leafwire's features cost.
+Never a service: benchmarks only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+
+import aiohttp
+import nats
+from aiohttp import web
+from nats.aio.msg import Msg
+
+CHAT, CLOUD = "skeleton.chat", "skeleton.cloud"
+REPLY = "Lw-Reply"
+
+
+async def gateway(nats_url: str, port: int) -> None:
+    """HTTP in, one NATS message out with a reply subject, the first reply back as the HTTP answer."""
+    nc = await nats.connect(nats_url)
+    prefix = nc.new_inbox()
+    waiting: dict[str, asyncio.Future[bytes]] = {}
+    ids = itertools.count()
+
+    async def on_reply(msg: Msg) -> None:
+        future = waiting.pop(msg.subject[len(prefix) + 1:], None)
+        if future is not None and not future.done():
+            future.set_result(msg.data)
+
+    await nc.subscribe(f"{prefix}.*", cb=on_reply)
+
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.read()
+        key = str(next(ids))
+        answer = waiting[key] = asyncio.get_running_loop().create_future()
+        try:
+            await nc.publish(CHAT, body, reply=f"{prefix}.{key}")
+            async with asyncio.timeout(30):
+                return web.Response(body=await answer, content_type="application/json")
+        finally:
+            waiting.pop(key, None)
+
+    async def ready(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/readyz", ready)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await asyncio.Event().wait()
+
+
+async def router(nats_url: str) -> None:
+    """Offer each request to the adapter, the caller's subject in ``Lw-Reply``, and wait for admission."""
+    nc = await nats.connect(nats_url)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def offer(msg: Msg) -> None:
+        await nc.request(CLOUD, msg.data, timeout=30, headers={REPLY: msg.reply})
+
+    async def on_chat(msg: Msg) -> None:
+        task = asyncio.create_task(offer(msg))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    await nc.subscribe(CHAT, queue="router", cb=on_chat)
+    await asyncio.Event().wait()
+
+
+async def adapter(nats_url: str, upstream: str) -> None:
+    """POST each request to the upstream; ``admitted`` to the router, the answer to the caller."""
+    nc = await nats.connect(nats_url)
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4096),
+                                    cookie_jar=aiohttp.DummyCookieJar())
+    headers = {"Content-Type": "application/json"}
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def call(msg: Msg) -> None:
+        async with session.post(upstream, data=msg.data, headers=headers) as resp:
+            body = await resp.read()
+        await nc.publish(msg.reply, b"{}", headers={"Lw-Event": "admitted"})
+        await nc.publish((msg.headers or {})[REPLY], body, headers={"Lw-Event": "result"})
+
+    async def on_cloud(msg: Msg) -> None:
+        task = asyncio.create_task(call(msg))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    await nc.subscribe(CLOUD, queue="adapter", cb=on_cloud)
+    await asyncio.Event().wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("role", choices=["gateway", "router", "adapter"])
+    parser.add_argument("--nats", required=True)
+    parser.add_argument("--port", type=int, default=0, help="the gateway's HTTP port")
+    parser.add_argument("--upstream", default="", help="the adapter's upstream URL")
+    args = parser.parse_args()
+    roles = {"gateway": lambda: gateway(args.nats, args.port), "router": lambda: router(args.nats),
+             "adapter": lambda: adapter(args.nats, args.upstream)}
+    import uvloop
+
+    uvloop.run(roles[args.role]())
+
+
+if __name__ == "__main__":
+    main()
