@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -136,25 +137,33 @@ class ReplyStream:
         self.subject = subject
         self._reader = reader
         self._key = key
-        self._queue: asyncio.Queue[Reply] = asyncio.Queue(maxsize)
+        self._maxsize = maxsize
+        self._replies: deque[Reply] = deque()
+        self._waiter: asyncio.Future[None] | None = None  # the reader, while it waits for a reply
         self.unavailable = "no service is listening for this request"
         self.overflowed = False
 
     def _put(self, msg: Msg) -> None:
-        try:
-            self._queue.put_nowait(_as_reply(msg, self.unavailable))
-        except asyncio.QueueFull:
+        if len(self._replies) >= self._maxsize:
             self.overflowed = True
+            return
+        self._replies.append(_as_reply(msg, self.unavailable))
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def next(self, wait_s: float) -> Reply:
         """The next reply; ``TimeoutError`` when none comes within ``wait_s`` seconds."""
         if self.overflowed:
             err = UpstreamError("reply stream overflowed: the reader fell too far behind")
             return Reply(Event.ERROR, err.to_response().model_dump_json().encode(), {hdr.STATUS: "502"})
-        if not self._queue.empty():
-            return self._queue.get_nowait()  # already here: no timer to arm
-        async with asyncio.timeout(wait_s):
-            return await self._queue.get()
+        if not self._replies:  # (one already here needs no timer)
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(wait_s):
+                    await self._waiter
+            finally:
+                self._waiter = None
+        return self._replies.popleft()
 
     def close(self) -> None:
         """Stop receiving; later messages for this request are dropped."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from schemas.control import RouteDecision
 from services.router.policy import LOCAL, REQUESTED, BudgetLevel, Experiment, Health, Policy, Rule, When
@@ -82,6 +83,16 @@ class Plan:
         kind = "cloud" if is_cloud(target) else "local"
         return RouteDecision(target=f"{kind}/{target}" if kind == "local" else target, rule=self.rule,
                              reason=", ".join(reasons), variant=self.variant)
+
+    def header(self, target: str, failed: list[tuple[str, str]] | None = None) -> str:
+        """``decision(target, failed)`` in its header form; the same few plans route most requests, so the
+        string is built once per distinct plan and fallback history."""
+        return _route_header(self, target, tuple(failed or ()))
+
+
+@lru_cache(maxsize=4096)
+def _route_header(plan: Plan, target: str, failed: tuple[tuple[str, str], ...]) -> str:
+    return plan.decision(target, list(failed)).header()
 
 
 def resolve(policy: Policy, model: str, user: str | None, tenant: str) -> tuple[str | None, str | None]:

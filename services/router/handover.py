@@ -111,12 +111,11 @@ async def run_chain(nc: NATS, settings: RouterSettings, state: LiveState, plan: 
     failed: list[tuple[str, str]] = []
     first: LeafwireError | None = None
     for target in plan.chain:
-        decision = plan.decision(target, failed)
         payload, masked = prepare(state, request, target, raw)
         for pattern, n in masked.items():  # counted as it leaves for the cloud-adapter, taken or not
             metrics.MASKED.labels(pattern).inc(n)
         try:
-            await offer(nc, settings, target, payload, env.with_route(decision.header()))
+            await offer(nc, settings, target, payload, env.with_route(plan.header(target, failed)))
         except LeafwireError as err:
             kind = "cloud" if is_cloud(target) else "local"
             if not falls_back(err):
