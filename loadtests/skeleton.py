@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import nats
@@ -25,6 +26,18 @@ from nats.aio.msg import Msg
 
 CHAT, CLOUD = "skeleton.chat", "skeleton.cloud"
 REPLY = "Lw-Reply"
+
+
+def in_tasks(handle: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], Awaitable[None]]:
+    """A subscription callback that runs ``handle`` in a task per message, as the services' intakes do."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def deliver(msg: Msg) -> None:
+        task = asyncio.create_task(handle(msg))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    return deliver
 
 
 async def gateway(nats_url: str, port: int) -> None:
@@ -67,17 +80,11 @@ async def gateway(nats_url: str, port: int) -> None:
 async def router(nats_url: str) -> None:
     """Offer each request to the adapter, the caller's subject in ``Lw-Reply``, and wait for admission."""
     nc = await nats.connect(nats_url)
-    tasks: set[asyncio.Task[None]] = set()
 
     async def offer(msg: Msg) -> None:
         await nc.request(CLOUD, msg.data, timeout=30, headers={REPLY: msg.reply})
 
-    async def on_chat(msg: Msg) -> None:
-        task = asyncio.create_task(offer(msg))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    await nc.subscribe(CHAT, queue="router", cb=on_chat)
+    await nc.subscribe(CHAT, queue="router", cb=in_tasks(offer))
     await asyncio.Event().wait()
 
 
@@ -87,7 +94,6 @@ async def adapter(nats_url: str, upstream: str) -> None:
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4096),
                                     cookie_jar=aiohttp.DummyCookieJar())
     headers = {"Content-Type": "application/json"}
-    tasks: set[asyncio.Task[None]] = set()
 
     async def call(msg: Msg) -> None:
         async with session.post(upstream, data=msg.data, headers=headers) as resp:
@@ -95,12 +101,7 @@ async def adapter(nats_url: str, upstream: str) -> None:
         await nc.publish(msg.reply, b"{}", headers={"Lw-Event": "admitted"})
         await nc.publish((msg.headers or {})[REPLY], body, headers={"Lw-Event": "result"})
 
-    async def on_cloud(msg: Msg) -> None:
-        task = asyncio.create_task(call(msg))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    await nc.subscribe(CLOUD, queue="adapter", cb=on_cloud)
+    await nc.subscribe(CLOUD, queue="adapter", cb=in_tasks(call))
     await asyncio.Event().wait()
 
 

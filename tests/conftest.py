@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import nats
 import openai
 import pytest
 
@@ -21,6 +22,16 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[nats.NATS]:
+    """A nats-py client of the module's server, drained after the test."""
+    client = await nats.connect(nats_server.url)
+    try:
+        yield client
+    finally:
+        await client.drain()
 
 
 @dataclass

@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 
 import nats
-import pytest
 
 from schemas.cloud import UsageEvent
 from shared import metrics
 from shared.usage import UsagePublisher
-from tests.support import NatsServer, eventually_async
+from tests.support import eventually_async
 
 SITE = "usage1"
-
-
-@pytest.fixture
-async def nc(nats_server: NatsServer) -> AsyncIterator[nats.NATS]:
-    client = await nats.connect(nats_server.url)
-    try:
-        yield client
-    finally:
-        await client.drain()
 
 
 def event(n: int) -> UsageEvent:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -20,19 +20,9 @@ from services.cloud_adapter.config import Budgets
 from services.cloud_adapter.settings import CloudSettings
 from services.cloud_adapter.state import CloudState
 from shared.streams import ensure_kv
-from tests.support import NatsServer
 
 T = TypeVar("T")
 BUDGETS = Budgets.model_validate({"tenant_default": {"daily_usd": 1.0}})
-
-
-@pytest.fixture
-async def nc(nats_server: NatsServer) -> AsyncIterator[nats.NATS]:
-    client = await nats.connect(nats_server.url)
-    try:
-        yield client
-    finally:
-        await client.drain()
 
 
 async def opened(nc: nats.NATS, ledger: Ledger, tmp: Path, **env: object) -> CloudState:
