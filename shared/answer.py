@@ -5,7 +5,8 @@ the assistant's message — text, or any delta fields a provider sends (``tool_c
 ``refusal``...) — and then the end (finish reason and usage). ``Answer`` turns them into ``chunk`` events
 and a closing ``done`` for ``stream: true``, or collects them into one ``result`` (a ``chat.completion``).
 
-Chunks are built from pre-serialised JSON around each delta: this runs once per token on hot paths.
+Chunks are built from pre-serialised JSON around each delta: this runs once per token on hot paths, and
+JSON comes from pydantic-core's ``to_json`` (compact UTF-8, several times faster than ``json.dumps``).
 """
 
 from __future__ import annotations
@@ -19,11 +20,6 @@ from pydantic_core import to_json
 
 from schemas.chat import ChatCompletionRequest, FinishReason, StreamEnd, Usage, dump
 from shared.replies import Event, ReplyPublisher
-
-
-def _json(value: Any) -> bytes:
-    """Compact UTF-8 JSON, from pydantic-core's serialiser (several times faster than ``json.dumps``)."""
-    return to_json(value)
 
 
 def merge_delta(message: dict[str, Any], delta: Mapping[str, Any]) -> None:
@@ -92,8 +88,8 @@ class Answer:
 
     def __post_init__(self) -> None:
         if self.stream:
-            self._prefix = (b'{"id":' + _json(self.completion_id) + b',"object":"chat.completion.chunk","created":'
-                            + str(self.created).encode() + b',"model":' + _json(self.model)
+            self._prefix = (b'{"id":' + to_json(self.completion_id) + b',"object":"chat.completion.chunk","created":'
+                            + str(self.created).encode() + b',"model":' + to_json(self.model)
                             + b',"choices":[{"index":0,"delta":')
 
     @property
@@ -108,7 +104,7 @@ class Answer:
         return cls(publisher, request_id, model, request.stream, request.include_usage())
 
     def _chunk(self, delta: Mapping[str, Any], finish: FinishReason | None = None) -> bytes:
-        return (self._prefix + _json(delta) + b',"logprobs":null,"finish_reason":' + _json(finish)
+        return (self._prefix + to_json(delta) + b',"logprobs":null,"finish_reason":' + to_json(finish)
                 + b'}],"usage":null,"system_fingerprint":null}')
 
     async def begin(self) -> None:
@@ -142,7 +138,7 @@ class Answer:
 
     def result(self, reason: FinishReason, usage: Usage) -> bytes:
         """The ``chat.completion`` of the collected message."""
-        return _json({
+        return to_json({
             "id": self.completion_id, "object": "chat.completion", "created": self.created, "model": self.model,
             "choices": [{"index": 0, "message": final_message(self.message), "logprobs": None,
                          "finish_reason": reason}],
@@ -157,7 +153,7 @@ class Answer:
         await self.begin()
         await self.publisher.send(Event.CHUNK, self._chunk({}, reason))
         if self.include_usage:
-            await self.publisher.send(Event.CHUNK, _json({
+            await self.publisher.send(Event.CHUNK, to_json({
                 "id": self.completion_id, "object": "chat.completion.chunk", "created": self.created,
                 "model": self.model, "choices": [], "usage": usage.model_dump(), "system_fingerprint": None,
             }))

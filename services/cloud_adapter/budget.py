@@ -80,7 +80,6 @@ class Ledger:
         self.budgets = budgets
         self._clock = clock
         self.accounts: dict[str, Account] = {}
-        self._windows: tuple[int, dict[str, str]] = (-1, {})
         self._by_tenant: dict[str, tuple[str, list[Account]]] = {}
 
     def _limits(self, scope: str) -> BudgetLimits:
@@ -92,13 +91,8 @@ class Ledger:
         return self.budgets.tenant_default
 
     def _window(self, period: Period) -> str:
-        """``window(period, now)``, computed once a second (it runs for every request)."""
-        now = self._clock()
-        second, known = self._windows
-        if int(now) != second:
-            known = {p: window(p, now) for p in PERIODS}
-            self._windows = (int(now), known)
-        return known[period]
+        """The current window of ``period`` by this ledger's clock."""
+        return window(period, self._clock())
 
     def account(self, scope: str, period: Period) -> Account:
         """The account of a scope in the current window (a new window starts from zero)."""
