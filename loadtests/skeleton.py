@@ -4,9 +4,9 @@
 
 Each role is its own process, like leafwire's services, and keeps the path's hops and messages: the gateway
 (aiohttp) reads the body and publishes it with a reply subject, then answers with what arrives there; the
-router (nats-py) offers it to the adapter with the caller's subject in ``Lw-Reply`` and waits for the
-adapter's admission; the adapter (nats-py and one pooled aiohttp session) POSTs it to the upstream, answers
-``admitted`` to the router and the upstream's body to the caller. Nothing else: no validation, routing
+router (nats-py) hands it off to the adapter with the caller's subject in ``Lw-Reply``, as leafwire's router
+does a request with no fallback; the adapter (nats-py and one pooled aiohttp session) POSTs it to the
+upstream and publishes the upstream's body to the caller. Nothing else: no validation, routing
 policy, masking, cache, retries, breaker, budgets, usage events, metrics or logs. What this path cannot do
 on a machine, leafwire cannot either: the difference between the two is what leafwire's features cost.
 Never a service: benchmarks only.
@@ -78,18 +78,18 @@ async def gateway(nats_url: str, port: int) -> None:
 
 
 async def router(nats_url: str) -> None:
-    """Offer each request to the adapter, the caller's subject in ``Lw-Reply``, and wait for admission."""
+    """Hand each request off to the adapter, the caller's subject in ``Lw-Reply``."""
     nc = await nats.connect(nats_url)
 
-    async def offer(msg: Msg) -> None:
-        await nc.request(CLOUD, msg.data, timeout=30, headers={REPLY: msg.reply})
+    async def hand_off(msg: Msg) -> None:
+        await nc.publish(CLOUD, msg.data, headers={REPLY: msg.reply})
 
-    await nc.subscribe(CHAT, queue="router", cb=in_tasks(offer))
+    await nc.subscribe(CHAT, queue="router", cb=in_tasks(hand_off))
     await asyncio.Event().wait()
 
 
 async def adapter(nats_url: str, upstream: str) -> None:
-    """POST each request to the upstream; ``admitted`` to the router, the answer to the caller."""
+    """POST each request to the upstream; the answer to the caller."""
     nc = await nats.connect(nats_url)
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4096),
                                     cookie_jar=aiohttp.DummyCookieJar())
@@ -98,7 +98,6 @@ async def adapter(nats_url: str, upstream: str) -> None:
     async def call(msg: Msg) -> None:
         async with session.post(upstream, data=msg.data, headers=headers) as resp:
             body = await resp.read()
-        await nc.publish(msg.reply, b"{}", headers={"Lw-Event": "admitted"})
         await nc.publish((msg.headers or {})[REPLY], body, headers={"Lw-Event": "result"})
 
     await nc.subscribe(CLOUD, queue="adapter", cb=in_tasks(call))

@@ -25,10 +25,22 @@ EVENT = "Lw-Event"
 STATUS = "Lw-Status"
 RETRY_AFTER = "Lw-Retry-After"
 CACHE = "Lw-Cache"  # on the first message of an answer: "hit" (from the cache) or "miss" (looked up, absent)
+# "1": the sender waits for no admission; every answer, a refusal too, goes to Lw-Reply (the message's own
+# reply subject only catches NATS's no-responders status)
+HANDOFF = "Lw-Handoff"
 
 DEFAULT_TENANT = "default"
 DEFAULT_TIMEOUT_S = 300.0
 _MAX_ID_LEN = 128
+
+
+def admission_subject(headers: Mapping[str, str] | None, reply: str | None) -> str | None:
+    """Where the sender of a forwarded request waits for its admission (or refusal): the message's reply
+    subject, unless the request was handed off (``Lw-Handoff``) — then nobody waits and every answer goes
+    to the caller (``Lw-Reply``)."""
+    if headers and HANDOFF in headers:
+        return None
+    return reply or None
 
 
 def new_request_id() -> str:

@@ -20,7 +20,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import BaseModel
 
-from shared.envelope import Envelope
+from shared.envelope import Envelope, admission_subject
 from shared.handling import answer_failure
 from shared.logging import bind_request
 
@@ -84,4 +84,5 @@ class Intake(Generic[M]):
             await self._handler(self._model.model_validate_json(msg.data), msg, env)
         except Exception as exc:
             await answer_failure(self._nc, site=self._site, service=self._service, subject=msg.subject,
-                                 data=msg.data, headers=msg.headers, reply=msg.reply or None, exc=exc)
+                                 data=msg.data, headers=msg.headers, reply=admission_subject(msg.headers, msg.reply),
+                                 exc=exc)

@@ -2,7 +2,8 @@
 
 Admission answers the forwarding router on the message's own reply subject — ``admitted`` only once the
 provider's first byte arrived (or the cache had the answer), else an error the router can act on. The
-answer then goes straight to the caller's subject (``Lw-Reply``).
+answer then goes straight to the caller's subject (``Lw-Reply``). A handed-off request (``Lw-Handoff``:
+the router has no fallback for it) has nobody waiting for admission, and a refusal goes to the caller too.
 
 Chat work is the hot path and is read with an ``Intake`` (``shared/intake.py``: a plain nats-py queue
 subscription with FastStream's error contract); cancels and roll calls are rare and stay FastStream
@@ -26,7 +27,7 @@ from services.cloud_adapter.adapter import SERVICE, CloudAdapter
 from services.cloud_adapter.settings import CloudSettings
 from services.cloud_adapter.state import CloudState
 from shared import subjects
-from shared.envelope import Envelope
+from shared.envelope import Envelope, admission_subject
 from shared.handling import ErrorReplies
 from shared.heartbeat import announce, announce_every
 from shared.intake import Handler, Intake
@@ -41,7 +42,8 @@ log = get_logger("leafwire.cloud_adapter")
 CHAT_DOC = ("Chat work for cloud models `<provider>/<model>` (queue group `cloud-adapter`). Answers `admitted` "
             "on the message's reply subject once the provider's first byte arrived (or the cache had the answer), "
             "or an error; then streams the answer to the caller's subject given in the Lw-Reply header (first "
-            "message: Lw-Cache hit/miss when the cache was consulted).")
+            "message: Lw-Cache hit/miss when the cache was consulted). With header Lw-Handoff (a router with no "
+            "fallback for it), nothing is answered on the reply subject: a refusal goes to Lw-Reply too.")
 
 
 def sites_of(settings: CloudSettings) -> str:
@@ -54,7 +56,7 @@ def chat_handler(adapter: CloudAdapter) -> Handler[ChatCompletionRequest]:
 
     async def on_chat(body: ChatCompletionRequest, msg: Msg, env: Envelope) -> None:
         env.require_reply()
-        adapter.start(adapter.admit(body, env), body, env, msg.reply or None)
+        adapter.start(adapter.admit(body, env), body, env, admission_subject(msg.headers, msg.reply))
 
     return on_chat
 

@@ -2,9 +2,10 @@
 
 The caller's reply subject is the message's own; the router never answers with tokens. It decides a
 chain of targets from the policy and the live state, and offers the request to each in turn with the
-caller's subject in ``Lw-Reply``, until one takes it. Local targets are queued at the site's batcher (or,
-when none runs, handed to a worker directly). A refusal of every target, or a request no target may
-serve, is sent to the caller as an error event. Embeddings run on local models only.
+caller's subject in ``Lw-Reply``, until one takes it (a lone cloud target is handed off: there is nothing
+to wait for, see ``handover``). Local targets are queued at the site's batcher (or, when none runs, handed
+to a worker directly). A refusal of every target, or a request no target may serve, is sent to the caller
+as an error event. Embeddings run on local models only.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from services.router import decide, watch
 from services.router import policy as policies
 from services.router.catalog import Catalog
 from services.router.decide import Facts, Plan
-from services.router.handover import offer_local, run_chain
+from services.router.handover import Handoffs, offer_local, run_chain
 from services.router.masking import Masker
 from services.router.settings import RouterSettings
 from services.router.signals import UNMEASURED, signals
@@ -92,15 +93,16 @@ async def route_embeddings(nc: NATS, settings: RouterSettings, state: LiveState,
     metrics.ROUTE_DECISIONS.labels("local", "embeddings", "admitted").inc()
 
 
-def chat_handler(nc: NATS, settings: RouterSettings, state: LiveState) -> Handler[ChatCompletionRequest]:
-    """Route one chat request: decide the chain, offer it until a target takes it."""
+def chat_handler(nc: NATS, settings: RouterSettings, state: LiveState,
+                 handoffs: Handoffs | None = None) -> Handler[ChatCompletionRequest]:
+    """Route one chat request: decide the chain, offer it until a target takes it (or hand it off)."""
 
     async def on_chat(body: ChatCompletionRequest, msg: Msg, env: Envelope) -> None:
         started = time.perf_counter()
         if not msg.reply:
             raise InvalidRequest("a chat request needs a reply subject to answer on")
         plan, _ = decide_for(state, body, env, msg.headers, measure=state.policy.reads_prompt)
-        await run_chain(nc, settings, state, plan, body, env, raw=msg.data)
+        await run_chain(nc, settings, state, plan, body, env, raw=msg.data, handoffs=handoffs)
         metrics.ROUTE_DURATION.observe(time.perf_counter() - started)
 
     return on_chat
@@ -162,8 +164,11 @@ async def main(settings: RouterSettings, readiness: Readiness, stack: AsyncExitS
     broker = build_broker(settings, state)
     await attach_broker(broker, settings, SERVICE, readiness, stack)
     nc = broker.connection
+    handoffs = Handoffs(nc)
+    await handoffs.start()
+    stack.push_async_callback(handoffs.stop)
     intake = Intake(nc, subject=subjects.chat(settings.site), queue="router", model=ChatCompletionRequest,
-                    handler=chat_handler(nc, settings, state), site=settings.site, service=SERVICE,
+                    handler=chat_handler(nc, settings, state, handoffs), site=settings.site, service=SERVICE,
                     concurrency=settings.max_concurrency)
     await intake.start()
     stack.push_async_callback(intake.stop, settings.nats_drain_timeout_s)

@@ -4,13 +4,22 @@ A target "takes" a request when it answers ``admitted``: a local worker (or batc
 row, a cloud adapter once the provider's first byte arrived. Until then nothing has reached the client,
 so a refusal (busy, unavailable, over budget, context too small...) moves on to the next target. After
 admission the answer streams straight to the caller and any later failure ends it with an error event.
+
+A cloud target with nothing after it in the chain is not waited for: with no fallback, its refusal would
+only be passed on to the caller, so the request is *handed off* (``Lw-Handoff``) and the adapter answers
+the caller for everything, refusals included. That saves the admission message and a waiting task per
+request. Only NATS's no-responders status (no adapter runs) still comes back to the router (``Handoffs``).
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import asyncio
+import itertools
+from collections import Counter, deque
 
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
@@ -20,14 +29,16 @@ from services.router.decide import Plan, is_cloud
 from services.router.settings import RouterSettings
 from services.router.state import LiveState
 from shared import metrics, subjects
-from shared.envelope import EVENT, Envelope
+from shared.envelope import EVENT, HANDOFF, Envelope
 from shared.errors import LeafwireError, NotBatched, Unavailable
 from shared.logging import get_logger
-from shared.replies import Event, error_of
+from shared.replies import Event, error_of, publish_error
 
 log = get_logger("leafwire.router")
 
 FALLBACK_CODES = frozenset({"context_length_exceeded", "model_not_found", "budget_exceeded"})
+NO_CLOUD_ADAPTER = "no cloud adapter is running right now"
+NO_RESPONDERS = "503"  # the Status header of NATS's no-responders message
 
 
 def env_site(subject: str) -> str:
@@ -84,7 +95,68 @@ async def offer(nc: NATS, settings: RouterSettings, target: str, payload: bytes,
     try:
         await admit(nc, subjects.cloud_chat(settings.site), payload, env, settings.cloud_admission_timeout_s)
     except NoRespondersError as exc:
-        raise Unavailable("no cloud adapter is running right now", retry_after=2) from exc
+        raise Unavailable(NO_CLOUD_ADAPTER, retry_after=2) from exc
+
+
+class Handoffs:
+    """Requests handed to a target without waiting for its admission, until NATS could have said nobody
+    listens.
+
+    A handed-off message's reply subject is this router's hand-off inbox, used by nothing but NATS's
+    no-responders status (the target answers the caller, ``Lw-Handoff``). That status comes back within a
+    millisecond or so; a request is remembered for ``generation_s`` to twice that, in generations dropped
+    whole (no timer per request). A status for a remembered request answers its caller with a 503.
+    """
+
+    def __init__(self, nc: NATS, generation_s: float = 1.0) -> None:
+        self._nc = nc
+        self._prefix = nc.new_inbox()
+        self._tokens = itertools.count()
+        self._generation_s = generation_s
+        self._recent: deque[dict[str, tuple[Envelope, str]]] = deque([{}, {}], maxlen=2)
+        self._sub: Subscription | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def start(self) -> None:
+        """Listen for no-responders statuses; start the generations."""
+        self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_status)
+        self._turn()
+
+    async def stop(self) -> None:
+        """Forget every hand-off (the service is stopping)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+
+    def _turn(self) -> None:
+        self._recent.append({})
+        self._timer = asyncio.get_running_loop().call_later(self._generation_s, self._turn)
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self._recent)
+
+    async def hand(self, subject: str, payload: bytes, env: Envelope, rule: str) -> None:
+        """Publish ``payload`` to ``subject`` for its subscribers to answer the caller of ``env``."""
+        token = format(next(self._tokens), "x")
+        self._recent[-1][token] = (env, rule)
+        headers = env.headers()
+        headers[HANDOFF] = "1"
+        await self._nc.publish(subject, payload, reply=f"{self._prefix}.{token}", headers=headers)
+
+    async def _on_status(self, msg: Msg) -> None:
+        if (msg.headers or {}).get("Status") != NO_RESPONDERS:
+            return
+        token = msg.subject.rpartition(".")[2]
+        for generation in self._recent:
+            entry = generation.pop(token, None)
+            if entry is not None:
+                env, rule = entry
+                metrics.ROUTE_DECISIONS.labels("cloud", rule, "no_responders").inc()
+                log.warning("handed-off request had no taker", request_id=env.request_id)
+                await publish_error(self._nc, env.reply, env, Unavailable(NO_CLOUD_ADAPTER, retry_after=2))
+                return
 
 
 def prepare(state: LiveState, request: ChatCompletionRequest, target: str,
@@ -104,16 +176,25 @@ def prepare(state: LiveState, request: ChatCompletionRequest, target: str,
 
 
 async def run_chain(nc: NATS, settings: RouterSettings, state: LiveState, plan: Plan,
-                    request: ChatCompletionRequest, env: Envelope, raw: bytes | None = None) -> str:
+                    request: ChatCompletionRequest, env: Envelope, raw: bytes | None = None,
+                    handoffs: Handoffs | None = None) -> str:
     """Offer the request to each target of the plan until one takes it; return the target that did.
 
-    ``raw`` is the request as it arrived, forwarded as is to a target that needs no change of it."""
+    ``raw`` is the request as it arrived, forwarded as is to a target that needs no change of it. With
+    ``handoffs``, a lone cloud target is handed off instead of offered (see the module doc)."""
     failed: list[tuple[str, str]] = []
     first: LeafwireError | None = None
     for target in plan.chain:
         payload, masked = prepare(state, request, target, raw)
         for pattern, n in masked.items():  # counted as it leaves for the cloud-adapter, taken or not
             metrics.MASKED.labels(pattern).inc(n)
+        if handoffs is not None and len(plan.chain) == 1 and is_cloud(target):
+            await handoffs.hand(subjects.cloud_chat(settings.site), payload,
+                                env.with_route(plan.header(target, failed)), plan.rule)
+            metrics.ROUTE_DECISIONS.labels("cloud", plan.rule, "handed_off").inc()
+            log.info("handed off", target=target, rule=plan.rule, variant=plan.variant,
+                     masked=sum(masked.values()))
+            return target
         try:
             await offer(nc, settings, target, payload, env.with_route(plan.header(target, failed)))
         except LeafwireError as err:
