@@ -16,12 +16,10 @@ import contextlib
 from contextlib import AsyncExitStack
 
 from faststream.nats import NatsBroker
-from faststream.nats.annotations import NatsMessage
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from schemas.chat import ChatCompletionRequest
-from schemas.control import Cancel
 from services.cloud_adapter import config
 from services.cloud_adapter.adapter import SERVICE, CloudAdapter
 from services.cloud_adapter.settings import CloudSettings
@@ -29,7 +27,7 @@ from services.cloud_adapter.state import CloudState
 from shared import subjects
 from shared.envelope import Envelope, admission_subject
 from shared.handling import ErrorReplies
-from shared.heartbeat import announce, announce_every
+from shared.heartbeat import announce, announce_every, subscribe_controls
 from shared.intake import Handler, Intake
 from shared.logging import get_logger, register_secret
 from shared.nats import broker as make_broker
@@ -74,19 +72,9 @@ def document_chat(broker: NatsBroker, settings: CloudSettings) -> None:
 def build_broker(settings: CloudSettings, adapter: CloudAdapter) -> NatsBroker:
     """The FastStream app: cancels and roll calls (chat work: an ``Intake``)."""
     broker = make_broker(settings, SERVICE, middlewares=[ErrorReplies.for_service(settings.site, SERVICE)])
-    sites = sites_of(settings)
-
-    @broker.subscriber(subjects.cancel(sites), no_reply=True, title="cloud/cancel",
-                       description="Stop a cloud request (its provider connection is closed).")
-    async def on_cancel(body: Cancel) -> None:
-        if adapter.cancel(body.request_id):
-            log.info("cancelled", request_id=body.request_id, reason=body.reason)
-
-    @broker.subscriber(subjects.roll_call(sites), no_reply=True, title="cloud/roll_call",
-                       description="Announce the cloud models at once on the heartbeat subject.")
-    async def on_roll_call(msg: NatsMessage) -> None:
-        await publish_heartbeat(broker.connection, adapter)
-
+    subscribe_controls(broker, sites_of(settings), site=settings.site, cancel=adapter.cancel, beat=adapter.heartbeat,
+                       title="cloud/", cancel_doc="Stop a cloud request (its provider connection is closed).",
+                       roll_call_doc="Announce the cloud models at once on the heartbeat subject.")
     return broker
 
 

@@ -20,7 +20,7 @@ from nats.aio.client import Client as NATS
 
 from schemas.batch import BatchAnswer, ChatBatch, EmbeddingsBatch, WorkerStatus
 from schemas.chat import ChatCompletionRequest
-from schemas.control import Admitted, Cancel
+from schemas.control import Admitted
 from schemas.embeddings import EmbeddingRequest
 from services.local_inference import registry
 from services.local_inference.embedder import EmbedEngine
@@ -30,7 +30,7 @@ from services.local_inference.worker import SERVICE, Worker
 from shared import metrics, subjects
 from shared.envelope import EVENT, Envelope
 from shared.handling import ErrorReplies, forwarded_envelope
-from shared.heartbeat import announce, announce_every
+from shared.heartbeat import announce, announce_every, subscribe_controls
 from shared.logging import get_logger
 from shared.nats import broker as make_broker
 from shared.ops import Readiness
@@ -120,18 +120,9 @@ def build_broker(settings: InferenceSettings, worker: Worker, chat: list[str] | 
     subscribe_models(broker, worker, sites, list(worker.engines) if chat is None else chat,
                      list(worker.embedders) if embeddings is None else embeddings)
     subscribe_batches(broker, worker)
-
-    @broker.subscriber(subjects.cancel(sites), no_reply=True, title="cancel",
-                       description="Stop generating for a request id (every worker and batcher listens).")
-    async def on_cancel(body: Cancel) -> None:
-        if worker.cancel(body.request_id):
-            log.info("cancelled", request_id=body.request_id, reason=body.reason)
-
-    @broker.subscriber(subjects.roll_call(sites), no_reply=True, title="roll_call",
-                       description="Announce this worker at once on the heartbeat subject.")
-    async def on_roll_call(msg: NatsMessage) -> None:
-        await publish_heartbeat(broker.connection, worker)
-
+    subscribe_controls(broker, sites, site=settings.site, cancel=worker.cancel, beat=worker.heartbeat, title="",
+                       cancel_doc="Stop generating for a request id (every worker and batcher listens).",
+                       roll_call_doc="Announce this worker at once on the heartbeat subject.")
     return broker
 
 
