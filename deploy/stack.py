@@ -4,15 +4,17 @@
     python -m deploy.stack down     # stop everything `up` started (from another terminal)
     python -m deploy.stack status
 
-Processes are run by supervisor (priority-ordered start and reverse-ordered stop: NATS first up and last
-down; restart on crash; a log file per process under ``.run/logs``). This launcher only renders the
-configuration, waits for health, prints the banner, and turns Ctrl-C into an orderly supervisor shutdown.
-Everything it writes lives in the run folder (``$LW_RUN_DIR``, default ``.run``).
+Processes are run by supervisor in four groups (started by priority, NATS first; restarted on crash; a log
+file per process under ``.run/logs``). This launcher renders the configuration, waits for health, prints
+the banner, and stops the stack group by group, each group at once (``deploy/shutdown.py``): on Ctrl-C here,
+or from ``down`` in another terminal. Everything it writes lives in the run folder (``$LW_RUN_DIR``,
+default ``.run``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -20,19 +22,22 @@ import signal
 import string
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+import xmlrpc.client
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deploy import topology
+from deploy import shutdown, topology
 from deploy.topology import Node
-from services.local_inference import registry
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ["router", "local_inference", "batcher", "cloud_adapter", "retrieval"]
+EXIT_WAIT_S = 10.0  # for supervisord to exit once its programs have stopped
+SIGTERM_WAIT_S = 4 * (shutdown.STOP_WAIT_S + 10)  # supervisord stopping its groups itself, one after another
 
 
 def say(msg: str) -> None:
@@ -105,15 +110,34 @@ def _clear_stale(stack: Stack) -> None:
 
 def _program(name: str, command: str, priority: int, env: dict[str, str], log_dir: Path) -> str:
     environment = ",".join(f'{k}="{v}"' for k, v in env.items())
+    # SIGTERM to the program only: local-inference stops its decoder process itself once the answers in flight
+    # are done (a SIGTERM to the whole group killed it mid-answer). SIGKILL goes to the group: nothing is left.
+    # stopwaitsecs is supervisord's own SIGKILL, a backstop behind deploy/shutdown.py's (which says so).
     return (f"[program:{name}]\ncommand={command}\ndirectory={ROOT}\npriority={priority}\n"
             f"environment={environment}\nautorestart=true\nstartsecs=1\nstartretries=5\n"
-            f"stopsignal=TERM\nstopwaitsecs=20\nstopasgroup=true\nkillasgroup=true\n"
+            f"stopsignal=TERM\nstopwaitsecs={shutdown.STOP_WAIT_S + 10:g}\nstopasgroup=false\nkillasgroup=true\n"
             f"redirect_stderr=true\nstdout_logfile={log_dir / name}.log\nstdout_logfile_maxbytes=20MB\n"
             f"stdout_logfile_backups=2\n\n")
 
 
+def group(name: str, priority: int, programs: dict[str, tuple[str, dict[str, str]]], log_dir: Path) -> str:
+    """A supervisord group of programs (``{name: (command, environment)}``), which start and stop together."""
+    text = "".join(_program(n, command, priority, env, log_dir) for n, (command, env) in programs.items())
+    return text + f"[group:{name}]\nprograms={','.join(programs)}\npriority={priority}\n\n"
+
+
+def supervisord_conf(run_dir: Path) -> str:
+    """supervisord's own sections, with a fresh password on its control socket; the groups follow."""
+    return string.Template((ROOT / "deploy" / "supervisord.conf.tmpl").read_text()).substitute(
+        run_dir=run_dir, password=secrets.token_urlsafe(16), user_line="user=root" if os.geteuid() == 0 else "")
+
+
 def render(stack: Stack, hub: list[Node], edge: Node) -> Path:
-    """Write supervisord.conf: NATS servers first (priority 10/20), services (100), gateway last (200)."""
+    """Write supervisord.conf: groups nats-hub (priority 10), nats-edge (20), services (100), gateway (200).
+
+    Started lowest priority first, stopped highest first: the gateway before the services, so that the answers
+    it has in flight finish; NATS after every client of it.
+    """
     logs = stack.run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     base_env = {
@@ -122,18 +146,15 @@ def render(stack: Stack, hub: list[Node], edge: Node) -> Path:
         "LW_PROVIDERS_FILE": str(stack.providers_file),
         "LW_NATS_CONNECT_TIMEOUT_S": "60", "PYTHONUNBUFFERED": "1",
     }
-    text = string.Template((ROOT / "deploy" / "supervisord.conf.tmpl").read_text()).substitute(
-        run_dir=stack.run_dir, password=secrets.token_urlsafe(16),
-        user_line="user=root" if os.geteuid() == 0 else "")
-    for node in hub:
-        text += _program(node.name, " ".join(node.command()), 10, {}, logs)
-    text += _program(edge.name, " ".join(edge.command()), 20, {}, logs)
     python = sys.executable
-    for service in SERVICES:
-        env = {**base_env, "LW_OPS_PORT": str(stack.ops_port(service))}
-        text += _program(service.replace("_", "-"), f"{python} -m services.{service}", 100, env, logs)
+    services = {s.replace("_", "-"): (f"{python} -m services.{s}", {**base_env, "LW_OPS_PORT": str(stack.ops_port(s))})
+                for s in SERVICES}
     gw_env = {**base_env, "LW_GATEWAY_HOST": stack.host, "LW_GATEWAY_PORT": str(stack.gateway_port)}
-    text += _program("gateway", f"{python} -m services.gateway", 200, gw_env, logs)
+    text = (supervisord_conf(stack.run_dir)
+            + group("nats-hub", 10, {n.name: (" ".join(n.command()), {}) for n in hub}, logs)
+            + group("nats-edge", 20, {edge.name: (" ".join(edge.command()), {})}, logs)
+            + group("services", 100, services, logs)
+            + group("gateway", 200, {"gateway": (f"{python} -m services.gateway", gw_env)}, logs))
     conf = stack.run_dir / "supervisord.conf"
     conf.write_text(text)
     return conf
@@ -206,6 +227,9 @@ Try it:
 
 def up(stack: Stack) -> int:
     """Start the stack in the foreground; Ctrl-C (or `down`) stops it in order."""
+    # Imported here, not at the top: pydantic and the registry take ~0.6 s to import, which `down` does not need.
+    from services.local_inference import registry
+
     stack.run_dir.mkdir(parents=True, exist_ok=True)
     _clear_stale(stack)
     if (pid := _alive(stack.pidfile, "supervisord")) is not None:
@@ -230,52 +254,109 @@ def up(stack: Stack) -> int:
     say(f"starting leafwire (run folder {stack.run_dir})")
     supervisor = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)],
                                   start_new_session=True, cwd=ROOT)
-    stopping = False
+    stopper: threading.Thread | None = None
 
     def stop(*_: object) -> None:
-        nonlocal stopping
-        if not stopping:
-            stopping = True
-            say("\nstopping leafwire (gateway and services first, NATS last)...")
-            supervisor.send_signal(signal.SIGTERM)
+        # In a thread, not in this handler: a stop takes as long as the groups take to drain, while the main
+        # thread goes on waiting for supervisord to exit.
+        nonlocal stopper
+        if stopper is None:
+            say("\nstopping leafwire (gateway, then services, then NATS)...")
+            stopper = threading.Thread(target=stop_stack, args=(stack, supervisor.pid), name="stop", daemon=True)
+            stopper.start()
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    failed = False
     try:
         wait_healthy(stack, hub, edge, supervisor)
         say(banner(stack, edge))
     except TimeoutError as exc:
         say(f"  !!  timed out waiting for {exc}; the logs in {stack.run_dir / 'logs'} say why. Stopping.")
+        failed = True
         stop()
     except SystemExit as exc:
         say(f"  !!  {exc}")
     code = supervisor.wait()
+    if stopper is not None:
+        stopper.join(EXIT_WAIT_S)
     stack.launcher_pidfile.unlink(missing_ok=True)
-    say("leafwire stopped." if stopping else f"supervisord exited with code {code}.")
-    return 0 if stopping else 1
+    if code != 0:  # supervisord exits 0 only when asked to: from here, or by `down`
+        say(f"supervisord exited with code {code}.")
+        return 1
+    say("leafwire stopped.")
+    return 1 if failed else 0
+
+
+def stop_stack(stack: Stack, supervisor: int) -> bool:
+    """Stop every group in order, then supervisord. False when that failed and supervisord got a SIGTERM instead."""
+    try:
+        shutdown.stop_in_order(shutdown.RpcControl(stack.run_dir / "supervisord.conf"), say)
+        return True
+    except (OSError, KeyError, xmlrpc.client.Error, shutdown.StopTimeout) as exc:
+        say(f"  !!  could not stop the groups over supervisord's socket ({type(exc).__name__}: {exc}); "
+            f"SIGTERM to supervisord, which stops them itself (slower: up to a second a group)")
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(supervisor, signal.SIGTERM)
+    return False
 
 
 def down(stack: Stack) -> int:
-    """Stop a stack started by `up`, waiting until every process is gone."""
+    """Stop a stack started by `up` in order, waiting (bounded) until every process is gone."""
     launcher = _alive(stack.launcher_pidfile, "deploy.stack")
     supervisor = _alive(stack.pidfile, "supervisord")
     if launcher is None and supervisor is None:
         _clear_stale(stack)
         say("leafwire is not running.")
         return 0
-    target = launcher if launcher is not None else supervisor
-    assert target is not None
-    os.kill(target, signal.SIGTERM)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and (_alive(stack.pidfile, "supervisord") or
-                                           _alive(stack.launcher_pidfile, "deploy.stack")):
-        time.sleep(0.2)
-    if (pid := _alive(stack.pidfile, "supervisord")) is not None:
-        os.killpg(pid, signal.SIGKILL)
-        say("supervisord did not stop in 90 s: killed its process group.")
+    say("stopping leafwire (gateway, then services, then NATS)...")
+    wait_s = SIGTERM_WAIT_S
+    if supervisor is not None:
+        wait_s = EXIT_WAIT_S if stop_stack(stack, supervisor) else SIGTERM_WAIT_S
+    elif launcher is not None:  # the launcher is starting supervisord: it stops what it started
+        os.kill(launcher, signal.SIGTERM)
+    if not _gone(stack, wait_s):
+        _kill_left(stack, wait_s)
     _clear_stale(stack)
     say("leafwire stopped.")
     return 0
+
+
+def _gone(stack: Stack, timeout: float) -> bool:
+    """Wait until neither supervisord nor the launcher runs; False after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while _alive(stack.pidfile, "supervisord") or _alive(stack.launcher_pidfile, "deploy.stack"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _kill_left(stack: Stack, waited: float) -> None:
+    """SIGKILL, by PID, supervisord, whatever it still runs, and the launcher."""
+    if (pid := _alive(stack.pidfile, "supervisord")) is not None:
+        children = _children(pid)
+        say(f"  !!  supervisord (pid {pid}) did not exit in {waited:g} s: killing it and its programs "
+            f"(pids {children or 'none'})")
+        for child in children:
+            shutdown.kill_group(child)
+        shutdown.kill_group(pid)
+    if (pid := _alive(stack.launcher_pidfile, "deploy.stack")) is not None:
+        say(f"  !!  the launcher (pid {pid}) did not exit: killing it")
+        os.kill(pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def status(stack: Stack) -> int:

@@ -102,6 +102,7 @@ def test_up_serves_then_down_leaves_nothing_behind(tmp_path: Path) -> None:
         down = subprocess.run([sys.executable, "-m", "deploy.stack", "down"], env=env, cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
         assert "leafwire stopped" in down.stdout
+        assert re.findall(r"stopped (\S+) \(", down.stdout) == ["gateway", "services", "nats-edge", "nats-hub"]
         assert up.wait(30) == 0
     finally:
         if up.poll() is None:
@@ -109,6 +110,25 @@ def test_up_serves_then_down_leaves_nothing_behind(tmp_path: Path) -> None:
     assert leafwire_pids(run_dir) == []
     assert not (run_dir / "supervisord.pid").exists()
     assert not (run_dir / "launcher.pid").exists()
+
+
+def test_ctrl_c_stops_in_order_and_up_starts_again_at_once(tmp_path: Path) -> None:
+    """Ctrl-C on `up` stops the groups in order, and an `up` right after it serves again on the same ports."""
+    env = stack_env(tmp_path)
+    run_dir = Path(env["LW_RUN_DIR"])
+    for attempt in ("first", "again"):
+        log = tmp_path / f"up-{attempt}.log"
+        up = start_up(env, log)
+        try:
+            eventually(lambda log=log: "OpenAI-compatible API" in log.read_text(), 120, f"the {attempt} banner")
+            up.send_signal(signal.SIGINT)
+            assert up.wait(60) == 0
+        finally:
+            if up.poll() is None:
+                up.send_signal(signal.SIGKILL)
+        assert re.findall(r"stopped (\S+) \(", log.read_text()) == ["gateway", "services", "nats-edge", "nats-hub"]
+        assert "leafwire stopped" in log.read_text()
+        assert leafwire_pids(run_dir) == []
 
 
 def test_down_with_stale_pid_files(tmp_path: Path) -> None:
