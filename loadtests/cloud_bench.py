@@ -8,10 +8,11 @@ Starts its own nats-server (JetStream), the fake upstream (loadtests/fake_upstre
 a router and a gateway, each as its own process. For each rate it sends requests open-loop (at fixed
 times, whatever the answers do; latency counts from the time a request was due, so a backlog shows) first
 straight to the upstream, then through the gateway, and prints: the achieved rate, errors, p50/p99 of
-both paths and what the leafwire path adds, and the CPU (share of one core) and RSS of every process.
+both paths and what the leafwire path adds, the CPU (share of one core) and RSS of every process, and the
+CPU time of all of them together per request (two cores have 2 ms to give each request at 1,000/s).
 Then it measures cache hits: the same temperature-0 request, one at a time, answered from NATS KV.
 With ``--adapter-alone`` it also drives the cloud-adapter by itself over NATS, the way a router does
-(request on ``lw.v1.bench.cloud.chat``, answer on the ``Lw-Reply`` subject), to separate its share.
+(a hand-off on ``lw.v1.bench.cloud.chat``, answer on the ``Lw-Reply`` subject), to separate its share.
 Services log at ``warning`` (``--log-level info`` to include per-request log lines). With ``--floor`` the
 do-nothing services of ``loadtests/skeleton.py`` stand in for leafwire's (same processes, hops and messages):
 the floor of this path on this machine, to compare with.
@@ -289,7 +290,7 @@ async def adapter_alone(nats_url: str, body: bytes, args: argparse.Namespace, ad
             due[key] = at
             await nc.publish(subjects.cloud_chat(SITE), body, reply=f"{admissions}.{key}",
                              headers={"Lw-Reply": f"{inbox}.{key}", "Lw-Request-Id": uuid.uuid4().hex,
-                                      "Lw-Deadline": f"{time.time() + 30:.3f}"})
+                                      "Lw-Deadline": f"{time.time() + 30:.3f}", "Lw-Handoff": "1"})
         sent_all = True
         if due:
             with contextlib.suppress(TimeoutError):
@@ -326,7 +327,8 @@ async def run(args: argparse.Namespace) -> None:
             print(f"load before: {os.getloadavg()[0]:.2f} (1-min average) on {os.cpu_count()} CPUs; "
                   f"{'streamed' if args.stream else 'non-streamed'} requests; {args.duration:g} s per phase\n")
             header = ["rate/s", "achieved/s", "errors", "direct p50/p99 ms", "leafwire p50/p99 ms",
-                      "added p50/p99 ms", *[f"{p.name} CPU% / MiB" for p in procs], "loadgen CPU%"]
+                      "added p50/p99 ms", *[f"{p.name} CPU% / MiB" for p in procs], "loadgen CPU%",
+                      "CPU ms/request (all)"]
             rows = []
             for rate in args.rates:
                 direct = await open_loop(up_pool, up, raw, rate, args.duration)
@@ -337,11 +339,12 @@ async def run(args: argparse.Namespace) -> None:
                 c1 = me.cpu_times()
                 usage = [p.usage() for p in procs]
                 gen = (c1.user + c1.system - c0.user - c0.system) / via.elapsed * 100
+                every = (sum(cpu for cpu, _ in usage) + gen) * 10 / max(via.achieved, 1e-9)  # % of a core -> ms/s
                 rows.append(fmt_row([
                     f"{rate:g}", f"{via.achieved:.0f}", f"{via.sent - len(via.latencies)}",
                     f"{direct.pct(0.5):.2f} / {direct.pct(0.99):.2f}", f"{via.pct(0.5):.2f} / {via.pct(0.99):.2f}",
                     f"{via.pct(0.5) - direct.pct(0.5):.2f} / {via.pct(0.99) - direct.pct(0.99):.2f}",
-                    *[f"{cpu:.0f} / {rss:.0f}" for cpu, rss in usage], f"{gen:.0f}"]))
+                    *[f"{cpu:.0f} / {rss:.0f}" for cpu, rss in usage], f"{gen:.0f}", f"{every:.2f}"]))
                 print(rows[-1], flush=True)
             print()
             print(fmt_row(header))
