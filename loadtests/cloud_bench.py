@@ -159,9 +159,10 @@ def stack(tmp: Path, log_level: str, profile: Path | None = None,
         yield procs, f"http://127.0.0.1:{up_port}/v1/chat/completions", \
             f"http://127.0.0.1:{gw_port}/v1/chat/completions", node.url
     finally:
+        # One at a time, newest first: a service drains its NATS connection (and, under --profile, writes
+        # its profile) while nats-server is still there.
         for p in reversed(procs):
             p.popen.terminate()
-        for p in reversed(procs):
             try:
                 p.popen.wait(15)
             except subprocess.TimeoutExpired:
