@@ -9,7 +9,9 @@ a router and a gateway, each as its own process. For each rate it sends requests
 times, whatever the answers do; latency counts from the time a request was due, so a backlog shows) first
 straight to the upstream, then through the gateway, and prints: the achieved rate, errors, p50/p99 of
 both paths and what the leafwire path adds, the CPU (share of one core) and RSS of every process, and the
-CPU time of all of them together per request (two cores have 2 ms to give each request at 1,000/s).
+CPU time of all of them together per request (two cores have 2 ms to give each request at 1,000/s), and the
+share of the machine's CPU its hypervisor gave to other guests meanwhile ("steal": on a shared VM, a phase
+with steal measured the neighbours too).
 Then it measures cache hits: the same temperature-0 request, one at a time, answered from NATS KV.
 With ``--adapter-alone`` it also drives the cloud-adapter by itself over NATS, the way a router does
 (a hand-off on ``lw.v1.bench.cloud.chat``, answer on the ``Lw-Reply`` subject), to separate its share.
@@ -308,6 +310,22 @@ async def adapter_alone(nats_url: str, body: bytes, args: argparse.Namespace, ad
     await nc.drain()
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """The machine's (steal, total) CPU ticks so far, from /proc/stat ((0, 0) where there is none)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    # user nice system idle iowait irq softirq steal [guest guest_nice: already counted in user and nice]
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_share(before: tuple[int, int], after: tuple[int, int]) -> str:
+    """The share of the machine's CPU time that its hypervisor gave to others between two readings."""
+    total = after[1] - before[1]
+    return f"{(after[0] - before[0]) * 100 / total:.0f}" if total > 0 else "n/a"
+
+
 def fmt_row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -329,15 +347,15 @@ async def run(args: argparse.Namespace) -> None:
                   f"{'streamed' if args.stream else 'non-streamed'} requests; {args.duration:g} s per phase\n")
             header = ["rate/s", "achieved/s", "errors", "direct p50/p99 ms", "leafwire p50/p99 ms",
                       "added p50/p99 ms", *[f"{p.name} CPU% / MiB" for p in procs], "loadgen CPU%",
-                      "CPU ms/request (all)"]
+                      "CPU ms/request (all)", "steal %"]
             rows = []
             for rate in args.rates:
                 direct = await open_loop(up_pool, up, raw, rate, args.duration)
                 for p in procs:
                     p.mark()
-                c0 = me.cpu_times()
+                c0, t0 = me.cpu_times(), cpu_ticks()
                 via = await open_loop(gw_pool, gw, raw, rate, args.duration)
-                c1 = me.cpu_times()
+                c1, t1 = me.cpu_times(), cpu_ticks()
                 usage = [p.usage() for p in procs]
                 gen = (c1.user + c1.system - c0.user - c0.system) / via.elapsed * 100
                 every = (sum(cpu for cpu, _ in usage) + gen) * 10 / max(via.achieved, 1e-9)  # % of a core -> ms/s
@@ -345,7 +363,8 @@ async def run(args: argparse.Namespace) -> None:
                     f"{rate:g}", f"{via.achieved:.0f}", f"{via.sent - len(via.latencies)}",
                     f"{direct.pct(0.5):.2f} / {direct.pct(0.99):.2f}", f"{via.pct(0.5):.2f} / {via.pct(0.99):.2f}",
                     f"{via.pct(0.5) - direct.pct(0.5):.2f} / {via.pct(0.99) - direct.pct(0.99):.2f}",
-                    *[f"{cpu:.0f} / {rss:.0f}" for cpu, rss in usage], f"{gen:.0f}", f"{every:.2f}"]))
+                    *[f"{cpu:.0f} / {rss:.0f}" for cpu, rss in usage], f"{gen:.0f}", f"{every:.2f}",
+                    steal_share(t0, t1)]))
                 print(rows[-1], flush=True)
             print()
             print(fmt_row(header))
