@@ -12,71 +12,115 @@ from collections.abc import Awaitable, Callable
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import KeyValueConfig
 from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError
-from nats.js.kv import KV_DEL, KV_PURGE
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from pydantic import ValidationError
 
 from schemas.cloud import BudgetStatus, ProviderHealth
 from services.router import policy as policies
+from services.router.layers import Layers, Step, source_of
+from services.router.masking import Masker
+from services.router.policy import Policy
 from services.router.state import LiveState
 from shared import metrics, subjects
 from shared.logging import get_logger
 
 log = get_logger("leafwire.router.watch")
 OnEntry = Callable[[str, bytes | None], Awaitable[None]]
+Settled = Callable[[], Awaitable[None]]
+Opener = Callable[[], Awaitable[KeyValue]]
 
 
-async def follow_bucket(js: JetStreamContext, bucket: str, keys: str, on_entry: OnEntry, *,
-                        create: KeyValueConfig | None = None, retry_s: float = 2.0) -> None:
-    """Deliver every current and future entry of ``bucket`` matching ``keys`` (``None`` for a delete).
+async def follow_bucket(open_bucket: Opener, keys: str, on_entry: OnEntry, *, name: str,
+                        settled: Settled | None = None, retry_s: float = 2.0) -> None:
+    """Deliver every current and future entry of the bucket ``open_bucket`` opens that matches ``keys``
+    (``None`` for a delete), then ``settled()`` each time the watch has caught up.
 
-    A bucket that does not exist yet is waited for (or created when ``create`` is given).
+    A bucket that does not exist yet is waited for; any failure reopens the bucket after ``retry_s``.
     """
     while True:
         try:
-            kv = await js.create_key_value(create) if create else await js.key_value(bucket)
+            kv = await open_bucket()
             watcher = await kv.watch(keys)
             async for entry in watcher:
                 if entry is not None:
                     deleted = entry.operation in (KV_DEL, KV_PURGE)
                     await on_entry(entry.key, None if deleted else entry.value)
+                if settled is not None and (entry is None or not entry.delta):
+                    await settled()
         except asyncio.CancelledError:
             raise
         except BucketNotFoundError:
             pass  # the service that owns the bucket has not started yet
         except Exception as exc:
-            log.warning("kv watch failed; retrying", bucket=bucket, error=repr(exc))
+            log.warning("kv watch failed; retrying", bucket=name, error=repr(exc))
         await asyncio.sleep(retry_s)
 
 
-def policy_updates(state: LiveState, nc: NATS, site: str) -> OnEntry:
-    """Apply policies written to the config bucket; keep the current one when a new one is invalid."""
+def existing(js: JetStreamContext, bucket: str) -> Opener:
+    """Open a bucket some other service creates."""
+    return lambda: js.key_value(bucket)
 
-    async def announce(outcome: str, **detail: object) -> None:
-        metrics.POLICY_RELOADS.labels(outcome).inc()
-        await nc.publish(subjects.policy_events(site), json.dumps({"outcome": outcome, **detail}).encode())
 
-    async def on_entry(_: str, value: bytes | None) -> None:
-        if value is None:
-            if state.file_policy is not None:
-                state.use_policy(state.file_policy, "file")
-            log.info("policy key deleted: back to the file policy")
-            await announce("reverted")
-            return
+Announce = Callable[[dict[str, object]], Awaitable[None]]
+
+
+def announcer(nc: NATS, site: str) -> Announce:
+    """Count a policy outcome and publish it on ``lw.v1.<site>.router.policy``."""
+
+    async def announce(event: dict[str, object]) -> None:
+        metrics.POLICY_RELOADS.labels(str(event["outcome"])).inc()
+        await nc.publish(subjects.policy_events(site), json.dumps(event).encode())
+
+    return announce
+
+
+class PolicyFollower:
+    """Apply the site's policy from the config bucket (see ``layers.py``); keep the current one when the
+    one that should take over is invalid; announce every outcome."""
+
+    def __init__(self, state: LiveState, site: str, announce: Announce) -> None:
+        self.state, self.layers, self.announce = state, Layers(site), announce
+
+    async def on_entry(self, key: str, value: bytes | None) -> None:
+        """Note a change of a key (acted on once the watch has caught up)."""
+        self.layers.seen(key, value)
+
+    async def settled(self) -> None:
+        """Act on the changes seen since the last call."""
+        for step in self.layers.settle():
+            await self._act(step)
+
+    async def _act(self, step: Step) -> None:
         try:
-            policy = policies.parse(value.decode(errors="replace"), "the policy in KV config/router.policy")
-            state.use_policy(policy, "kv")
+            policy = self._policy_of(step)
+            if step.outcome != "overridden":
+                self.state.use_policy(policy, source_of(step.key))
         except (policies.PolicyError, ValueError) as exc:
             message = exc.message if isinstance(exc, policies.PolicyError) else str(exc)
-            log.error("policy rejected; keeping the current one", error=message)
-            await announce("rejected", error=message)
+            log.error("policy rejected; keeping the current one", key=step.key, error=message,
+                      source=self.state.policy_source)
+            await self.announce({"outcome": "rejected", "key": step.key, "error": message,
+                                 "source": self.state.policy_source})
             return
-        log.info("policy applied", rules=[r.name for r in policy.rules])
-        await announce("applied", rules=[r.name for r in policy.rules])
+        if step.outcome == "overridden":
+            log.info("global policy changed; this site keeps its own", source=self.state.policy_source)
+            await self.announce({"outcome": "overridden", "key": step.key, "source": self.state.policy_source})
+            return
+        self.layers.switched(step.key)
+        rules = [r.name for r in self.state.policy.rules]
+        log.info("policy in force", outcome=step.outcome, source=self.state.policy_source, rules=rules)
+        await self.announce({"outcome": step.outcome, "source": self.state.policy_source, "rules": rules})
 
-    return on_entry
+    def _policy_of(self, step: Step) -> Policy:
+        """The policy a step names (validated; masking patterns compiled), or the file's."""
+        if step.text is None:  # the policy file, or a deleted key that only needed announcing
+            return self.state.file_policy or self.state.policy
+        policy = policies.parse(step.text.decode(errors="replace"),
+                                f"the policy in KV {subjects.CONFIG_BUCKET}/{step.key}")
+        Masker.from_policy(policy.masking)
+        return policy
 
 
 def health_updates(state: LiveState) -> OnEntry:
