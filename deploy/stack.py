@@ -103,17 +103,24 @@ def _clear_stale(stack: Stack) -> None:
         sock.unlink()
 
 
-def _program(name: str, command: str, priority: int, env: dict[str, str], log_dir: Path) -> str:
+def _program(name: str, command: str, priority: int, env: dict[str, str], log_dir: Path,
+             autostart: bool = True) -> str:
     environment = ",".join(f'{k}="{v}"' for k, v in env.items())
     return (f"[program:{name}]\ncommand={command}\ndirectory={ROOT}\npriority={priority}\n"
-            f"environment={environment}\nautorestart=true\nstartsecs=1\nstartretries=5\n"
+            f"environment={environment}\nautostart={str(autostart).lower()}\nautorestart=true\n"
+            f"startsecs=1\nstartretries=5\n"
             f"stopsignal=TERM\nstopwaitsecs=20\nstopasgroup=true\nkillasgroup=true\n"
             f"redirect_stderr=true\nstdout_logfile={log_dir / name}.log\nstdout_logfile_maxbytes=20MB\n"
             f"stdout_logfile_backups=2\n\n")
 
 
 def render(stack: Stack, hub: list[Node], edge: Node) -> Path:
-    """Write supervisord.conf: NATS servers first (priority 10/20), services (100), gateway last (200)."""
+    """Write supervisord.conf: NATS servers first (priority 10/20), services (100), gateway last (200).
+
+    The edge's server is started by the launcher once the hub is healthy (``start_edge``), not by
+    supervisord: its config bucket mirrors the hub's, and a mirror that meets a hub still recovering its
+    JetStream backs off for tens of seconds before it syncs.
+    """
     logs = stack.run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     base_env = {
@@ -127,7 +134,7 @@ def render(stack: Stack, hub: list[Node], edge: Node) -> Path:
         user_line="user=root" if os.geteuid() == 0 else "")
     for node in hub:
         text += _program(node.name, " ".join(node.command()), 10, {}, logs)
-    text += _program(edge.name, " ".join(edge.command()), 20, {}, logs)
+    text += _program(edge.name, " ".join(edge.command()), 20, {}, logs, autostart=False)
     python = sys.executable
     for service in SERVICES:
         env = {**base_env, "LW_OPS_PORT": str(stack.ops_port(service))}
@@ -167,6 +174,7 @@ def wait_healthy(stack: Stack, hub: list[Node], edge: Node, supervisor: subproce
     t0 = time.monotonic()
     wait_until("hub cluster (3 nodes, JetStream domain hub)",
                lambda: all((topology.healthz(n) or {}).get("status") == "ok" for n in hub), supervisor, 60, t0)
+    start_edge(stack, edge)
     wait_until(f"edge site '{stack.site}' joined as a leaf node",
                lambda: (topology.healthz(edge) or {}).get("status") == "ok" and topology.leafnode_connected(edge),
                supervisor, 60, t0)
@@ -175,6 +183,13 @@ def wait_healthy(stack: Stack, hub: list[Node], edge: Node, supervisor: subproce
                    _ready(f"http://{stack.host}:{stack.ops_port(service)}/readyz"), supervisor, 180, t0)
     wait_until("gateway ready", _ready(f"{stack.gateway}/readyz"), supervisor, 60, t0)
     wait_until(f"model {stack.chat_model} served", lambda: stack.chat_model in _model_ids(stack), supervisor, 60, t0)
+
+
+def start_edge(stack: Stack, edge: Node) -> None:
+    """Have supervisord start the edge's server (it does not on its own: see ``render``)."""
+    ctl = subprocess.run(_supervisorctl(stack, "start", edge.name), capture_output=True, text=True, timeout=30)
+    if ctl.returncode != 0:
+        raise SystemExit(f"could not start {edge.name}: {ctl.stdout.strip()} {ctl.stderr.strip()}")
 
 
 def _ready(url: str) -> Callable[[], bool]:
@@ -283,8 +298,11 @@ def status(stack: Stack) -> int:
     if _alive(stack.pidfile, "supervisord") is None:
         say("leafwire is not running.")
         return 1
-    return subprocess.call([sys.executable, "-m", "supervisor.supervisorctl", "-c",
-                            str(stack.run_dir / "supervisord.conf"), "status"])
+    return subprocess.call(_supervisorctl(stack, "status"))
+
+
+def _supervisorctl(stack: Stack, *args: str) -> list[str]:
+    return [sys.executable, "-m", "supervisor.supervisorctl", "-c", str(stack.run_dir / "supervisord.conf"), *args]
 
 
 def main() -> int:
