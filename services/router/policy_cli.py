@@ -27,6 +27,8 @@ import sys
 from pathlib import Path
 
 import nats
+from nats.aio.client import Client as NATS
+from nats.aio.subscription import Subscription
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import APIError
 
@@ -35,6 +37,7 @@ from services.router.policy import PolicyError, parse
 from shared import config_bucket, subjects
 from shared.errors import HubUnreachable
 
+NO_VERDICT = 2
 UNREACHABLE = 3
 
 
@@ -56,38 +59,62 @@ def key_for(scope: str, site: str) -> str:
     return subjects.POLICY_KEY if scope == "global" else subjects.site_policy_key(site)
 
 
-async def install(url: str, site: str, key: str, text: bytes | None, wait_s: float) -> int:
-    """Write (or delete) a policy key at the hub and report the site's router's verdict."""
+class Refused(Exception):
+    """The command could not finish; the message says why and ``status`` is the exit status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def connect(url: str) -> NATS:
+    """One attempt, no reconnects: the command should fail fast, not hang."""
     try:
-        nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0)
+        return await nats.connect(url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0)
     except Exception as exc:  # nats-py raises several unrelated types for "nobody there"
-        print(f"no NATS server at {url} ({exc!r}); nothing was written", file=sys.stderr)
-        return UNREACHABLE
+        raise Refused(f"no NATS server at {url} ({exc!r}); nothing was written", UNREACHABLE) from exc
+
+
+async def write(nc: NATS, url: str, key: str, text: bytes | None) -> str:
+    """Write (``text``) or delete the key where the config bucket's owner keeps it; say where."""
     try:
-        events = await nc.subscribe(subjects.policy_events(site))
-        await nc.flush()
+        writer = await config_bucket.writer(nc)
+    except HubUnreachable as exc:
+        raise Refused(f"{exc.message}. Nothing was written (from {url}); run it again once the hub answers.",
+                      UNREACHABLE) from exc
+    except (APIError, NatsTimeout) as exc:
+        raise Refused(f"JetStream at {url} does not answer ({exc!r}); nothing was written", UNREACHABLE) from exc
+    try:
+        await (writer.delete(key) if text is None else writer.put(key, text))
+    except HubUnreachable as exc:
+        raise Refused(f"{exc.message}. Run it again once the hub answers.", UNREACHABLE) from exc
+    return f"{'deleted' if text is None else 'wrote'} {key!r} in {writer.where}"
+
+
+async def verdict_of(events: Subscription, site: str, wait_s: float) -> dict[str, object]:
+    """The first outcome a router of the site announces."""
+    try:
+        return dict(json.loads((await events.next_msg(timeout=wait_s)).data))
+    except NatsTimeout as exc:
+        raise Refused(f"written; no router of site {site!r} answered within {wait_s:g} s (an edge applies it "
+                      "once its mirror of the hub's bucket has it: after an outage nats-server may take up to "
+                      f"~2 minutes; {subjects.policy_events(site)} announces it)", NO_VERDICT) from exc
+
+
+async def install(url: str, site: str, key: str, text: bytes | None, wait_s: float) -> int:
+    """Write (or delete) a policy key and report the site's router's verdict."""
+    try:
+        nc = await connect(url)
         try:
-            writer = await config_bucket.writer(nc)
-        except HubUnreachable as exc:
-            print(f"{exc.message}. Nothing was written (from {url}); run it again once the hub answers.",
-                  file=sys.stderr)
-            return UNREACHABLE
-        except (APIError, NatsTimeout) as exc:
-            print(f"JetStream at {url} does not answer ({exc!r}); nothing was written", file=sys.stderr)
-            return UNREACHABLE
-        try:
-            await (writer.delete(key) if text is None else writer.put(key, text))
-        except HubUnreachable as exc:
-            print(f"{exc.message}. Run it again once the hub answers.", file=sys.stderr)
-            return UNREACHABLE
-        print(f"{'deleted' if text is None else 'wrote'} {key!r} in {writer.where}", file=sys.stderr)
-        try:
-            verdict = json.loads((await events.next_msg(timeout=wait_s)).data)
-        except NatsTimeout:
-            print(f"written; no router of site {site!r} answered within {wait_s:g} s", file=sys.stderr)
-            return 2
-    finally:
-        await nc.drain()
+            events = await nc.subscribe(subjects.policy_events(site))
+            await nc.flush()
+            print(await write(nc, url, key, text), file=sys.stderr)
+            verdict = await verdict_of(events, site, wait_s)
+        finally:
+            await nc.drain()
+    except Refused as exc:
+        print(exc, file=sys.stderr)
+        return exc.status
     print(json.dumps(verdict))
     if verdict.get("outcome") == "overridden":
         print(f"site {site!r} keeps its own policy ({verdict.get('source')}); the global one applies to "
