@@ -88,9 +88,10 @@ async def ensure_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
     except APIError as exc:
         if exc.err_code == _REPLICAS_NOT_SUPPORTED and replicas > 1:
             return await ensure_bucket(js, 1)
-        if isinstance(exc, ServiceUnavailableError):
-            raise
-        return await js.key_value(subjects.CONFIG_BUCKET)  # created meanwhile by another process
+        try:
+            return await js.key_value(subjects.CONFIG_BUCKET)  # created meanwhile by another process
+        except BucketNotFoundError:
+            raise exc from None
     log.info("config bucket created", replicas=replicas)
     return kv
 

@@ -83,7 +83,8 @@ async def write(nc: NATS, url: str, key: str, text: bytes | None) -> str:
         raise Refused(f"{exc.message}. Nothing was written (from {url}); run it again once the hub answers.",
                       UNREACHABLE) from exc
     except (APIError, NatsTimeout) as exc:
-        raise Refused(f"JetStream at {url} does not answer ({exc!r}); nothing was written", UNREACHABLE) from exc
+        raise Refused(f"JetStream refused or did not answer ({exc!r}, from {url}); nothing was written",
+                      UNREACHABLE) from exc
     try:
         await (writer.delete(key) if text is None else writer.put(key, text))
     except HubUnreachable as exc:
