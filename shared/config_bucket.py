@@ -16,6 +16,8 @@ left in an edge's domain by an older leafwire is replaced by the mirror, and wha
 from __future__ import annotations
 
 import contextlib
+import math
+from collections.abc import Iterable
 from typing import Literal
 
 from nats.aio.client import Client as NATS
@@ -26,6 +28,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import (
     APIError,
     BucketNotFoundError,
+    KeyNotFoundError,
     NoKeysError,
     NoStreamResponseError,
     NotFoundError,
@@ -161,6 +164,35 @@ async def open_bucket(nc: NATS, wait_s: float = 5.0) -> KeyValue:
         await ensure_mirror(js)
         return await js.key_value(subjects.CONFIG_BUCKET)
     return await ensure_bucket(js, HUB_REPLICAS if role == "hub" else 1)
+
+
+async def mirror_silence_s(js: JetStreamContext) -> float | None:
+    """Seconds since this edge's mirror last heard from the hub (``inf``: not since its server started);
+    ``None`` where ``KV_config`` is no mirror (hub, standalone). An attached mirror hears a heartbeat
+    every second; nats-server re-attaches a silent one only after its stall check and retry back-off."""
+    info = await js.stream_info(STREAM)
+    if not is_hub_mirror(info.config) or info.mirror is None:
+        return None
+    active = info.mirror.active
+    return math.inf if active is None or active < 0 else active / 1e9
+
+
+async def read_hub(nc: NATS, keys: Iterable[str], wait_s: float = HUB_TIMEOUT_S) -> list[tuple[str, int, bytes | None]]:
+    """``(key, revision, value)`` of each key as the hub's bucket holds it now (value ``None``: deleted);
+    keys never written are left out. Raises ``HubUnreachable`` when the hub does not answer."""
+    found: list[tuple[str, int, bytes | None]] = []
+    try:
+        kv = await nc.jetstream(domain=subjects.HUB, timeout=wait_s).key_value(subjects.CONFIG_BUCKET)
+        for key in keys:
+            try:
+                entry = await kv.get(key)
+                found.append((key, entry.revision or 0, entry.value))
+            except KeyNotFoundError as exc:
+                if exc.entry is not None:  # deleted: the marker's revision
+                    found.append((key, exc.entry.revision or 0, None))
+    except _UNREACHABLE as exc:
+        raise HubUnreachable(f"the hub's JetStream (domain {subjects.HUB!r}) does not answer") from exc
+    return found
 
 
 class ConfigWriter:

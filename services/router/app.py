@@ -179,6 +179,8 @@ async def main(settings: RouterSettings, readiness: Readiness, stack: AsyncExitS
     ]
     if settings.uplink == "auto" and settings.site != subjects.HUB:
         tasks.append(watch.probe_uplink(nc, state, settings.uplink_probe_s))
+    if settings.site != subjects.HUB:
+        tasks.append(watch.catch_up_from_hub(nc, policy, settings.config_check_s))
     for coro in tasks:
         task = asyncio.create_task(coro)
         stack.callback(task.cancel)

@@ -27,12 +27,14 @@ def source_of(key: str | None) -> str:
     return FILE if key is None else f"kv:{key}"
 
 
+def policy_keys(site: str) -> tuple[str, str]:
+    """The keys a site reads, the strongest first (other sites' overrides are not its business)."""
+    return subjects.site_policy_key(site), subjects.POLICY_KEY
+
+
 def in_force(entries: Mapping[str, bytes], site: str) -> str | None:
     """The key whose policy ``site`` uses, ``None`` for its policy file."""
-    for key in (subjects.site_policy_key(site), subjects.POLICY_KEY):
-        if key in entries:
-            return key
-    return None
+    return next((key for key in policy_keys(site) if key in entries), None)
 
 
 @dataclass(frozen=True)
@@ -47,21 +49,30 @@ class Step:
 
 @dataclass
 class Layers:
-    """The policy keys of one site as last read, and the key whose policy is in force."""
+    """The policy keys of one site as last read, and the key whose policy is in force.
+
+    Entries may come twice, from the site's mirror and from the hub itself (a mirror is copied with the
+    hub's sequence numbers, so a key's revision is the same on both): a revision already seen, or older,
+    is ignored.
+    """
 
     site: str
     entries: dict[str, bytes] = field(default_factory=dict)
+    revisions: dict[str, int] = field(default_factory=dict)
     current: str | None = None
     pending: set[str] = field(default_factory=set)
 
     def relevant(self, key: str) -> bool:
-        """True for the keys this site reads (other sites' overrides are not its business)."""
-        return key in (subjects.POLICY_KEY, subjects.site_policy_key(self.site))
+        """True for the keys this site reads."""
+        return key in policy_keys(self.site)
 
-    def seen(self, key: str, value: bytes | None) -> None:
-        """A key was written (``value``) or deleted (``None``); acted on at ``settle``."""
-        if not self.relevant(key):
+    def seen(self, key: str, value: bytes | None, revision: int = 0) -> None:
+        """A key was written (``value``) or deleted (``None``) at ``revision`` (0: unknown); acted on at
+        ``settle``."""
+        if not self.relevant(key) or (revision and revision <= self.revisions.get(key, 0)):
             return
+        if revision:
+            self.revisions[key] = revision
         if value is None:
             self.entries.pop(key, None)
         else:

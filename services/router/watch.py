@@ -19,17 +19,19 @@ from pydantic import ValidationError
 
 from schemas.cloud import BudgetStatus, ProviderHealth
 from services.router import policy as policies
-from services.router.layers import Layers, Step, source_of
+from services.router.layers import Layers, Step, policy_keys, source_of
 from services.router.masking import Masker
 from services.router.policy import Policy
 from services.router.state import LiveState
-from shared import metrics, subjects
+from shared import config_bucket, metrics, subjects
 from shared.logging import get_logger
 
 log = get_logger("leafwire.router.watch")
-OnEntry = Callable[[str, bytes | None], Awaitable[None]]
+OnEntry = Callable[[str, bytes | None, int], Awaitable[None]]
+"""(key, value or ``None`` for a delete, revision)"""
 Settled = Callable[[], Awaitable[None]]
 Opener = Callable[[], Awaitable[KeyValue]]
+MIRROR_SILENT_S = 3.0  # an attached mirror hears from the hub every second
 
 
 async def follow_bucket(open_bucket: Opener, keys: str, on_entry: OnEntry, *, name: str,
@@ -46,7 +48,7 @@ async def follow_bucket(open_bucket: Opener, keys: str, on_entry: OnEntry, *, na
             async for entry in watcher:
                 if entry is not None:
                     deleted = entry.operation in (KV_DEL, KV_PURGE)
-                    await on_entry(entry.key, None if deleted else entry.value)
+                    await on_entry(entry.key, None if deleted else entry.value, entry.revision or 0)
                 if settled is not None and (entry is None or not entry.delta):
                     await settled()
         except asyncio.CancelledError:
@@ -83,9 +85,14 @@ class PolicyFollower:
     def __init__(self, state: LiveState, site: str, announce: Announce) -> None:
         self.state, self.layers, self.announce = state, Layers(site), announce
 
-    async def on_entry(self, key: str, value: bytes | None) -> None:
-        """Note a change of a key (acted on once the watch has caught up)."""
-        self.layers.seen(key, value)
+    @property
+    def keys(self) -> tuple[str, str]:
+        """The config keys this site's policy comes from."""
+        return policy_keys(self.layers.site)
+
+    async def on_entry(self, key: str, value: bytes | None, revision: int = 0) -> None:
+        """Note a change of a key (acted on once the watch has caught up, or at ``settled``)."""
+        self.layers.seen(key, value, revision)
 
     async def settled(self) -> None:
         """Act on the changes seen since the last call."""
@@ -123,10 +130,35 @@ class PolicyFollower:
         return policy
 
 
+async def catch_up_from_hub(nc: NATS, follower: PolicyFollower, interval_s: float,
+                            silent_s: float = MIRROR_SILENT_S) -> None:
+    """While this edge's config mirror does not hear from the hub, read the policy keys from the hub.
+
+    The mirror keeps the policy readable offline, but nats-server re-attaches a mirror that lost its hub
+    (an outage, a restart, a new stream leader at the hub) only after a stall check and a retry back-off:
+    seconds to minutes. Reading the hub meanwhile, when it answers, applies a change at once; the mirror
+    delivers the same revisions later, which are ignored.
+    """
+    js = nc.jetstream(timeout=interval_s)
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            silence = await config_bucket.mirror_silence_s(js)
+            if silence is None or silence < silent_s:
+                continue
+            for key, revision, value in await config_bucket.read_hub(nc, follower.keys):
+                await follower.on_entry(key, value, revision)
+            await follower.settled()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # hub unreachable, mirror not created yet, NATS reconnecting: next round
+            log.debug("config catch-up skipped", error=repr(exc))
+
+
 def health_updates(state: LiveState) -> OnEntry:
     """Track providers' breakers."""
 
-    async def on_entry(key: str, value: bytes | None) -> None:
+    async def on_entry(key: str, value: bytes | None, _: int) -> None:
         if value is None:
             state.provider_health.pop(key, None)
             return
@@ -141,7 +173,7 @@ def health_updates(state: LiveState) -> OnEntry:
 def budget_updates(state: LiveState) -> OnEntry:
     """Track budget ledgers."""
 
-    async def on_entry(key: str, value: bytes | None) -> None:
+    async def on_entry(key: str, value: bytes | None, _: int) -> None:
         try:
             state.budget_changed(key, None if value is None else BudgetStatus.model_validate_json(value))
         except ValidationError as exc:

@@ -67,8 +67,10 @@ def cli(*args: str, url: str, site: str = SITE, wait: float = 10) -> subprocess.
 
 
 def verdict(done: subprocess.CompletedProcess[str]) -> dict[str, object]:
-    assert done.stdout, done.stderr
-    return dict(json.loads(done.stdout.splitlines()[-1]))
+    """The router's announcement policy_cli printed."""
+    last = done.stdout.splitlines()[-1] if done.stdout else ""
+    assert last.startswith("{"), f"no verdict (exit {done.returncode}): {done.stderr}"
+    return dict(json.loads(last))
 
 
 async def _dry_run(url: str) -> tuple[str, str]:
@@ -99,6 +101,7 @@ def decides(site: CuttableSite, rule: str, source: str, within: float = 20) -> N
 
 
 async def _hub_value(url: str, key: str) -> bytes | None:
+    """The value of ``key`` in the config bucket of the server at ``url`` (None: absent)."""
     nc = await nats.connect(url)
     try:
         kv = await nc.jetstream().key_value("config")
@@ -172,6 +175,26 @@ class TestOffline:
             assert decision(site) == ("before", "kv:router.policy")
             site.link.restore()
             decides(site, "during", "kv:router.policy", within=60)
+
+
+    def test_change_reaches_a_router_whose_mirror_is_still_detached(self, site: CuttableSite,
+                                                                    tmp_path: Path) -> None:
+        """A mirror created while the uplink was down re-attaches only after nats-server's retry wait (30 s
+        and more); a policy pushed at the hub once the link is back still applies at once: the router reads
+        the hub while its mirror is silent."""
+        site.link.cut()
+        eventually(lambda: not topology.leafnode_connected(site.edge.node), 10, "the edge to lose its uplink")
+        with edge_router(site, tmp_path):
+            site.link.restore()
+            eventually(lambda: topology.leafnode_connected(site.edge.node), 20, "the uplink to return")
+            pushed = cli("push", str(policy(tmp_path, "from-hub")), url=site.hub.url)
+            assert verdict(pushed)["outcome"] == "applied", pushed.stderr
+            assert decision(site) == ("from-hub", "kv:router.policy")
+            assert asyncio.run(_edge_value(site.edge.url, "router.policy")) is None  # the mirror has not caught up
+
+
+async def _edge_value(url: str, key: str) -> bytes | None:
+    return await _hub_value(url, key)  # the same read, on the edge's mirror
 
 
 class TestSiteOverride:

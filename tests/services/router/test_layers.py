@@ -66,6 +66,18 @@ class TestLayers:
         assert changes(layers, ("router.policy.plant4", rule("x"))) == []
         assert changes(layers) == []
 
+    def test_a_revision_seen_before_is_ignored(self) -> None:
+        """The hub's copy and the mirror's carry the same revisions: the second arrival changes nothing,
+        and an older revision never replaces a newer one."""
+        layers = Layers(SITE)
+        layers.seen(GLOBAL, rule("new"), 7)
+        assert [s.outcome for s in layers.settle()] == ["applied"]
+        layers.switched(GLOBAL)
+        layers.seen(GLOBAL, rule("new"), 7)
+        layers.seen(GLOBAL, rule("old"), 5)
+        assert layers.settle() == []
+        assert layers.entries[GLOBAL] == rule("new")
+
     def test_rewriting_the_policy_in_force_applies_it_again(self) -> None:
         """Writing the same policy again is answered again (a push always gets a verdict)."""
         layers = Layers(SITE)
