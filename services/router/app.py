@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 from schemas.chat import ChatCompletionRequest
 from schemas.control import DryRun, ModelList, RouteDecision, SkippedTarget, WorkerHeartbeat
 from schemas.embeddings import EmbeddingRequest
-from services.router import decide, watch
+from services.router import decide, policy_watch, watch
 from services.router import policy as policies
 from services.router.catalog import Catalog
 from services.router.decide import Facts, Plan
@@ -168,7 +168,7 @@ async def main(settings: RouterSettings, readiness: Readiness, stack: AsyncExitS
     await intake.start()
     stack.push_async_callback(intake.stop, settings.nats_drain_timeout_s)
     js = nc.jetstream(timeout=5)
-    policy = watch.PolicyFollower(state, settings.site, watch.announcer(nc, settings.site))
+    policy = policy_watch.PolicyFollower(state, settings.site, policy_watch.announcer(nc, settings.site))
     tasks = [
         watch.follow_bucket(lambda: config_bucket.open_bucket(nc), subjects.ROUTER_KEYS, policy.on_entry,
                             name=subjects.CONFIG_BUCKET, settled=policy.settled),
@@ -180,7 +180,7 @@ async def main(settings: RouterSettings, readiness: Readiness, stack: AsyncExitS
     if settings.uplink == "auto" and settings.site != subjects.HUB:
         tasks.append(watch.probe_uplink(nc, state, settings.uplink_probe_s))
     if settings.site != subjects.HUB:
-        tasks.append(watch.catch_up_from_hub(nc, policy, settings.config_check_s))
+        tasks.append(policy_watch.catch_up_from_hub(nc, policy, settings.config_check_s))
     for coro in tasks:
         task = asyncio.create_task(coro)
         stack.callback(task.cancel)
