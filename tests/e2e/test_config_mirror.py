@@ -100,8 +100,8 @@ def decides(site: CuttableSite, rule: str, source: str, within: float = 20) -> N
     eventually(lambda: decision(site) == (rule, source), within, f"the edge router to use {rule} ({source})")
 
 
-async def _hub_value(url: str, key: str) -> bytes | None:
-    """The value of ``key`` in the config bucket of the server at ``url`` (None: absent)."""
+async def _config_value(url: str, key: str) -> bytes | None:
+    """The value of ``key`` in the config bucket (the hub's, or an edge's mirror) at ``url`` (None: absent)."""
     nc = await nats.connect(url)
     try:
         kv = await nc.jetstream().key_value("config")
@@ -140,7 +140,7 @@ class TestHubToEdge:
             assert pushed.returncode == 0, pushed.stderr
             assert "the hub's 'config' bucket" in pushed.stderr
             assert verdict(pushed)["outcome"] == "applied"
-        assert asyncio.run(_hub_value(site.hub.url, "router.policy")) == text.read_bytes()
+        assert asyncio.run(_config_value(site.hub.url, "router.policy")) == text.read_bytes()
         assert asyncio.run(_edge_stream_mirror(site.edge.url)) == "KV_config via $JS.hub.API"
 
     def test_cli_with_the_hub_down_says_so(self, site: CuttableSite, tmp_path: Path) -> None:
@@ -190,11 +190,7 @@ class TestOffline:
             pushed = cli("push", str(policy(tmp_path, "from-hub")), url=site.hub.url)
             assert verdict(pushed)["outcome"] == "applied", pushed.stderr
             assert decision(site) == ("from-hub", "kv:router.policy")
-            assert asyncio.run(_edge_value(site.edge.url, "router.policy")) is None  # the mirror has not caught up
-
-
-async def _edge_value(url: str, key: str) -> bytes | None:
-    return await _hub_value(url, key)  # the same read, on the edge's mirror
+            assert asyncio.run(_config_value(site.edge.url, "router.policy")) is None  # the mirror has not caught up
 
 
 class TestSiteOverride:
