@@ -4,7 +4,7 @@
     uv run python -m services.router.policy_cli push deploy/policy.yaml --nats nats://127.0.0.1:4222 --site edge1
     uv run python -m services.router.policy_cli push edge1.yaml --scope site --site edge1   # edge1 only
     uv run python -m services.router.policy_cli clear --scope site --site edge1             # edge1: global again
-    uv run python -m services.router.policy_cli clear                                       # every site: the file
+    uv run python -m services.router.policy_cli clear             # sites without their own key: their file
 
 ``push`` validates locally, writes the policy into the hub's ``config`` KV bucket (key ``router.policy``
 for every site, ``router.policy.<site>`` with ``--scope site``), and waits for a router of ``--site`` to
@@ -14,7 +14,7 @@ or an edge's (the write crosses the leaf connection); a standalone server withou
 keeps its own bucket. Edge sites read a mirror of the hub's bucket, so a router that starts while its
 uplink is down still has the last policy it received.
 
-Exit status: 0 done, 1 invalid or rejected, 2 written but no router of the site answered, 3 nothing
+Exit status: 0 done, 1 invalid or rejected, 2 written but no router of the site answered, 3 not
 written (NATS or the hub unreachable).
 """
 
