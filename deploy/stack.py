@@ -108,21 +108,24 @@ def _clear_stale(stack: Stack) -> None:
         sock.unlink()
 
 
-def _program(name: str, command: str, priority: int, env: dict[str, str], log_dir: Path) -> str:
+def _program(name: str, command: str, priority: int, env: dict[str, str], log_dir: Path,
+             autostart: bool = True) -> str:
     environment = ",".join(f'{k}="{v}"' for k, v in env.items())
     # SIGTERM to the program only: local-inference stops its decoder process itself once the answers in flight
     # are done (a SIGTERM to the whole group killed it mid-answer). SIGKILL goes to the group: nothing is left.
     # stopwaitsecs is supervisord's own SIGKILL, a backstop behind deploy/shutdown.py's (which says so).
     return (f"[program:{name}]\ncommand={command}\ndirectory={ROOT}\npriority={priority}\n"
-            f"environment={environment}\nautorestart=true\nstartsecs=1\nstartretries=5\n"
+            f"environment={environment}\nautostart={str(autostart).lower()}\nautorestart=true\n"
+            f"startsecs=1\nstartretries=5\n"
             f"stopsignal=TERM\nstopwaitsecs={shutdown.STOP_WAIT_S + 10:g}\nstopasgroup=false\nkillasgroup=true\n"
             f"redirect_stderr=true\nstdout_logfile={log_dir / name}.log\nstdout_logfile_maxbytes=20MB\n"
             f"stdout_logfile_backups=2\n\n")
 
 
-def group(name: str, priority: int, programs: dict[str, tuple[str, dict[str, str]]], log_dir: Path) -> str:
+def group(name: str, priority: int, programs: dict[str, tuple[str, dict[str, str]]], log_dir: Path,
+          autostart: bool = True) -> str:
     """A supervisord group of programs (``{name: (command, environment)}``), which start and stop together."""
-    text = "".join(_program(n, command, priority, env, log_dir) for n, (command, env) in programs.items())
+    text = "".join(_program(n, command, priority, env, log_dir, autostart) for n, (command, env) in programs.items())
     return text + f"[group:{name}]\nprograms={','.join(programs)}\npriority={priority}\n\n"
 
 
@@ -136,7 +139,9 @@ def render(stack: Stack, hub: list[Node], edge: Node) -> Path:
     """Write supervisord.conf: groups nats-hub (priority 10), nats-edge (20), services (100), gateway (200).
 
     Started lowest priority first, stopped highest first: the gateway before the services, so that the answers
-    it has in flight finish; NATS after every client of it.
+    it has in flight finish; NATS after every client of it. The edge's server is started by the launcher once
+    the hub is healthy (``start_edge``), not by supervisord: its config bucket mirrors the hub's, and a mirror
+    that meets a hub still recovering its JetStream backs off for tens of seconds before it syncs.
     """
     logs = stack.run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -152,7 +157,7 @@ def render(stack: Stack, hub: list[Node], edge: Node) -> Path:
     gw_env = {**base_env, "LW_GATEWAY_HOST": stack.host, "LW_GATEWAY_PORT": str(stack.gateway_port)}
     text = (supervisord_conf(stack.run_dir)
             + group("nats-hub", 10, {n.name: (" ".join(n.command()), {}) for n in hub}, logs)
-            + group("nats-edge", 20, {edge.name: (" ".join(edge.command()), {})}, logs)
+            + group("nats-edge", 20, {edge.name: (" ".join(edge.command()), {})}, logs, autostart=False)
             + group("services", 100, services, logs)
             + group("gateway", 200, {"gateway": (f"{python} -m services.gateway", gw_env)}, logs))
     conf = stack.run_dir / "supervisord.conf"
@@ -188,6 +193,7 @@ def wait_healthy(stack: Stack, hub: list[Node], edge: Node, supervisor: subproce
     t0 = time.monotonic()
     wait_until("hub cluster (3 nodes, JetStream domain hub)",
                lambda: all((topology.healthz(n) or {}).get("status") == "ok" for n in hub), supervisor, 60, t0)
+    start_edge(stack, edge)
     wait_until(f"edge site '{stack.site}' joined as a leaf node",
                lambda: (topology.healthz(edge) or {}).get("status") == "ok" and topology.leafnode_connected(edge),
                supervisor, 60, t0)
@@ -196,6 +202,14 @@ def wait_healthy(stack: Stack, hub: list[Node], edge: Node, supervisor: subproce
                    _ready(f"http://{stack.host}:{stack.ops_port(service)}/readyz"), supervisor, 180, t0)
     wait_until("gateway ready", _ready(f"{stack.gateway}/readyz"), supervisor, 60, t0)
     wait_until(f"model {stack.chat_model} served", lambda: stack.chat_model in _model_ids(stack), supervisor, 60, t0)
+
+
+def start_edge(stack: Stack, edge: Node) -> None:
+    """Have supervisord start the edge's server (it does not on its own: see ``render``)."""
+    ctl = subprocess.run(_supervisorctl(stack, "start", f"nats-edge:{edge.name}"), capture_output=True, text=True,
+                         timeout=30)
+    if ctl.returncode != 0:
+        raise SystemExit(f"could not start {edge.name}: {ctl.stdout.strip()} {ctl.stderr.strip()}")
 
 
 def _ready(url: str) -> Callable[[], bool]:
@@ -216,6 +230,8 @@ leafwire is up: hub cluster (3 nodes) + edge site '{stack.site}', all services, 
 
   OpenAI-compatible API  {stack.gateway}/v1      (no API key needed in development)
   NATS at the edge       {edge.url}   requests on lw.v1.{stack.site}.chat  (examples/nats_chat.py)
+  Routing policy         written at the hub, mirrored to the edge: uv run python -m services.router.policy_cli push
+                         deploy/policy.yaml --nats {edge.url} --site {stack.site}   (docs/routing.md)
   Logs                   {stack.run_dir / 'logs'}/      Metrics: {stack.gateway}/metrics
   Stop                   Ctrl-C here, or `uv run just down` from another terminal
 
@@ -364,8 +380,11 @@ def status(stack: Stack) -> int:
     if _alive(stack.pidfile, "supervisord") is None:
         say("leafwire is not running.")
         return 1
-    return subprocess.call([sys.executable, "-m", "supervisor.supervisorctl", "-c",
-                            str(stack.run_dir / "supervisord.conf"), "status"])
+    return subprocess.call(_supervisorctl(stack, "status"))
+
+
+def _supervisorctl(stack: Stack, *args: str) -> list[str]:
+    return [sys.executable, "-m", "supervisor.supervisorctl", "-c", str(stack.run_dir / "supervisord.conf"), *args]
 
 
 def main() -> int:

@@ -9,7 +9,8 @@
     ├── BudgetExceeded               429 insufficient_quota code=budget_exceeded (carries scope, period)
     ├── Unavailable                  503 service_unavailable (carries retry_after)
     │   ├── ProviderUnavailable      503 code=provider_unavailable (breaker open, provider without key)
-    │   └── NotBatched               503 code=not_batched: the batcher cannot queue it, go direct
+    │   ├── NotBatched               503 code=not_batched: the batcher cannot queue it, go direct
+    │   └── HubUnreachable           503 code=hub_unreachable: hub-owned state (config) cannot be written
     ├── DeadlineExceeded             504 timeout
     ├── Cancelled                    499 cancelled
     ├── UpstreamError                502 upstream_error (carries retryable, provider_fault)
@@ -124,6 +125,13 @@ class NotBatched(Unavailable):
     router then hands the request to the workers directly. Callers never see this error."""
 
     default_code = "not_batched"
+
+
+class HubUnreachable(Unavailable):
+    """The hub's JetStream does not answer (uplink down, hub stopped): what only the hub may write, such as
+    the config bucket, cannot be written now."""
+
+    default_code = "hub_unreachable"
 
 
 class DeadlineExceeded(LeafwireError):

@@ -177,8 +177,33 @@ def policy_events(site: str) -> str:
     return f"{PREFIX}.{site}.router.policy"
 
 
-HUB_JS_API_INFO = "$JS.hub.API.INFO"  # answered by the hub's JetStream only while the uplink is up
+HUB_JS_API = f"$JS.{HUB}.API"
+"""The hub's JetStream API seen from any site (a leaf maps it across the leaf connection)."""
+HUB_JS_API_INFO = f"{HUB_JS_API}.INFO"  # answered by the hub's JetStream only while the uplink is up
 
-# The routing policy's KV bucket and key, in the site's JetStream domain.
+
+def kv_stream(bucket: str) -> str:
+    """The JetStream stream that holds a KV bucket."""
+    return f"KV_{bucket}"
+
+
+def kv_put_subject(bucket: str, key: str, *, via_hub: bool) -> str:
+    """The subject a KV write of ``bucket``/``key`` is published on; ``via_hub`` reaches the hub's bucket from
+    any server of the hub's JetStream domain or of a leaf site (nats-py's KV puts cannot: they publish on the
+    bare ``$KV`` subject, which an edge does not forward to the hub)."""
+    bare = f"$KV.{bucket}.{key}"
+    return f"{HUB_JS_API}.{bare}" if via_hub else bare
+
+
+# The config bucket: owned by the hub (JetStream domain ``hub``), mirrored into every edge site's domain
+# (read-only there, readable offline). A standalone server without a JetStream domain keeps its own.
 CONFIG_BUCKET = "config"
 POLICY_KEY = "router.policy"
+"""the routing policy of every site (YAML, see services/router/policy.py)"""
+ROUTER_KEYS = "router.>"
+"""every key of the config bucket a router reads"""
+
+
+def site_policy_key(site: str) -> str:
+    """The routing policy of one site, which overrides ``POLICY_KEY`` there."""
+    return f"{POLICY_KEY}.{check_site(site)}"

@@ -13,9 +13,11 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -103,6 +105,13 @@ class NatsServer:
     def stop(self) -> None:
         stop_process(self.proc)
 
+    def restart(self, leaf: bool = False) -> None:
+        """Start the same server again (same ports, same data) and wait until it is healthy (and, with
+        ``leaf``, joined to the hub)."""
+        self.stop()
+        self.proc = subprocess.Popen(self.node.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        topology.wait_healthy([self.node], procs=[self.proc], leaf=[self.node] if leaf else None)
+
 
 def start_single(tmp: Path, domain: str | None = None) -> NatsServer:
     """A single JetStream server on free ports (its own domain when given)."""
@@ -130,6 +139,95 @@ def start_hub_and_edge(tmp: Path, site: str = "edge1", hub_nodes: int = 1) -> tu
     with stopped_on_error([*hub, edge]):
         topology.wait_healthy([*hub_nodes_, edge_node], procs=[s.proc for s in [*hub, edge]], leaf=[edge_node])
     return hub, edge
+
+
+class LinkProxy:
+    """A TCP relay in front of a port: ``cut()`` drops every connection and refuses new ones (an uplink
+    going down, both servers still running) until ``restore()``."""
+
+    def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
+        self.host, self.target, self.port = host, target_port, free_port(host)
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self.restore()
+
+    def restore(self) -> None:
+        """Accept connections again."""
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.host, self.port))
+        listener.listen(16)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        """Drop every relayed connection and stop listening."""
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+                upstream = socket.create_connection((self.host, self.target), timeout=2)
+            except OSError:
+                if self._listener is not listener:
+                    return
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._conns += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for conn in (src, dst):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+@dataclass
+class CuttableSite:
+    """A one-node hub and an edge site whose leaf connection runs through a ``LinkProxy``."""
+
+    hub: NatsServer
+    edge: NatsServer
+    link: LinkProxy
+
+    def stop(self) -> None:
+        self.link.cut()
+        for server in (self.edge, self.hub):
+            server.stop()
+
+
+def start_cuttable_site(tmp: Path, site: str) -> CuttableSite:
+    """A hub (domain ``hub``) and edge ``site`` joined as a leaf node through a relay the test can cut."""
+    hub_node = topology.render_hub(tmp, "127.0.0.1", [free_port()], [free_port()], [free_port()], [free_port()])[0]
+    assert hub_node.leaf_port is not None
+    link = LinkProxy(hub_node.leaf_port)
+    edge_node = topology.render_edge(tmp, site, "127.0.0.1", free_port(), free_port(),
+                                     [f"nats://127.0.0.1:{link.port}"])
+    servers = [NatsServer(n, subprocess.Popen(n.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+               for n in (hub_node, edge_node)]
+    with stopped_on_error(servers):
+        topology.wait_healthy([hub_node, edge_node], procs=[s.proc for s in servers], leaf=[edge_node])
+    return CuttableSite(servers[0], servers[1], link)
 
 
 @contextlib.contextmanager

@@ -19,12 +19,11 @@ from faststream.nats import NatsBroker
 from faststream.nats.annotations import NatsMessage
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.api import KeyValueConfig
 
 from schemas.chat import ChatCompletionRequest
 from schemas.control import DryRun, ModelList, RouteDecision, SkippedTarget, WorkerHeartbeat
 from schemas.embeddings import EmbeddingRequest
-from services.router import decide, watch
+from services.router import decide, policy_watch, watch
 from services.router import policy as policies
 from services.router.catalog import Catalog
 from services.router.decide import Facts, Plan
@@ -33,7 +32,7 @@ from services.router.masking import Masker
 from services.router.settings import RouterSettings
 from services.router.signals import UNMEASURED, signals
 from services.router.state import LiveState
-from shared import metrics, subjects
+from shared import config_bucket, metrics, subjects
 from shared.envelope import RESIDENCY, Envelope
 from shared.errors import InvalidRequest, ModelNotFound
 from shared.handling import ErrorReplies
@@ -159,7 +158,8 @@ def initial_state(settings: RouterSettings) -> LiveState:
 
 
 async def main(settings: RouterSettings, readiness: Readiness, stack: AsyncExitStack) -> None:
-    """Start routing: watch policy, provider health, budgets and the uplink; fill the catalog at once."""
+    """Start routing: watch the policy (config bucket: the hub's, mirrored on an edge), provider health,
+    budgets and the uplink; fill the catalog at once."""
     state = initial_state(settings)
     broker = build_broker(settings, state)
     await attach_broker(broker, settings, SERVICE, readiness, stack)
@@ -173,15 +173,19 @@ async def main(settings: RouterSettings, readiness: Readiness, stack: AsyncExitS
     await intake.start()
     stack.push_async_callback(intake.stop, settings.nats_drain_timeout_s)
     js = nc.jetstream(timeout=5)
+    policy = policy_watch.PolicyFollower(state, settings.site, policy_watch.announcer(nc, settings.site))
     tasks = [
-        watch.follow_bucket(js, subjects.CONFIG_BUCKET, subjects.POLICY_KEY,
-                            watch.policy_updates(state, nc, settings.site),
-                            create=KeyValueConfig(bucket=subjects.CONFIG_BUCKET, history=10)),
-        watch.follow_bucket(js, subjects.PROVIDER_HEALTH, ">", watch.health_updates(state)),
-        watch.follow_bucket(js, subjects.BUDGETS, ">", watch.budget_updates(state)),
+        watch.follow_bucket(lambda: config_bucket.open_bucket(nc), subjects.ROUTER_KEYS, policy.on_entry,
+                            name=subjects.CONFIG_BUCKET, settled=policy.settled),
+        watch.follow_bucket(watch.existing(js, subjects.PROVIDER_HEALTH), ">", watch.health_updates(state),
+                            name=subjects.PROVIDER_HEALTH),
+        watch.follow_bucket(watch.existing(js, subjects.BUDGETS), ">", watch.budget_updates(state),
+                            name=subjects.BUDGETS),
     ]
     if settings.uplink == "auto" and settings.site != subjects.HUB:
         tasks.append(watch.probe_uplink(nc, state, settings.uplink_probe_s))
+    if settings.site != subjects.HUB:
+        tasks.append(policy_watch.catch_up_from_hub(nc, policy, settings.config_check_s))
     for coro in tasks:
         task = asyncio.create_task(coro)
         stack.callback(task.cancel)

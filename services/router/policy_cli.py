@@ -1,12 +1,21 @@
-"""Check a routing policy, or install it live on a site.
+"""Check a routing policy, or install it live at the hub for every site or for one.
 
     uv run python -m services.router.policy_cli validate deploy/policy.yaml
     uv run python -m services.router.policy_cli push deploy/policy.yaml --nats nats://127.0.0.1:4222 --site edge1
-    uv run python -m services.router.policy_cli clear --nats nats://127.0.0.1:4222 --site edge1
+    uv run python -m services.router.policy_cli push edge1.yaml --scope site --site edge1   # edge1 only
+    uv run python -m services.router.policy_cli clear --scope site --site edge1             # edge1: global again
+    uv run python -m services.router.policy_cli clear             # sites without their own key: their file
 
-``push`` validates locally, writes the ``router.policy`` key of the site's ``config`` KV bucket, and
-waits for a router of the site to say whether it applied or rejected it. ``clear`` deletes the key:
-routers go back to their policy file.
+``push`` validates locally, writes the policy into the hub's ``config`` KV bucket (key ``router.policy``
+for every site, ``router.policy.<site>`` with ``--scope site``), and waits for a router of ``--site`` to
+say what it did: ``applied``, ``rejected`` (with the error), ``reverted`` (after ``clear``), or
+``overridden`` (a global policy while the site has its own). ``--nats`` may be any server: the hub's,
+or an edge's (the write crosses the leaf connection); a standalone server without a JetStream domain
+keeps its own bucket. Edge sites read a mirror of the hub's bucket, so a router that starts while its
+uplink is down still has the last policy it received.
+
+Exit status: 0 done, 1 invalid or rejected, 2 written but no router of the site answered, 3 not
+written (NATS or the hub unreachable).
 """
 
 from __future__ import annotations
@@ -18,11 +27,18 @@ import sys
 from pathlib import Path
 
 import nats
-from nats.js.api import KeyValueConfig
+from nats.aio.client import Client as NATS
+from nats.aio.subscription import Subscription
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import APIError
 
 from services.router.masking import Masker
 from services.router.policy import PolicyError, parse
-from shared import subjects
+from shared import config_bucket, subjects
+from shared.errors import HubUnreachable
+
+NO_VERDICT = 2
+UNREACHABLE = 3
 
 
 def validate(path: Path) -> int:
@@ -38,44 +54,95 @@ def validate(path: Path) -> int:
     return 0
 
 
-async def install(url: str, site: str, text: bytes | None, wait_s: float) -> int:
-    """Write (or delete) the policy key and report the router's verdict."""
-    nc = await nats.connect(url)
+def key_for(scope: str, site: str) -> str:
+    """The config key a scope writes: every site's, or one site's override."""
+    return subjects.POLICY_KEY if scope == "global" else subjects.site_policy_key(site)
+
+
+class Refused(Exception):
+    """The command could not finish; the message says why and ``status`` is the exit status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def connect(url: str) -> NATS:
+    """One attempt, no reconnects: the command should fail fast, not hang."""
     try:
-        events = await nc.subscribe(subjects.policy_events(site))
-        await nc.flush()
-        kv = await nc.jetstream().create_key_value(KeyValueConfig(bucket=subjects.CONFIG_BUCKET, history=10))
-        if text is None:
-            await kv.delete(subjects.POLICY_KEY)
-        else:
-            await kv.put(subjects.POLICY_KEY, text)
+        return await nats.connect(url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0)
+    except Exception as exc:  # nats-py raises several unrelated types for "nobody there"
+        raise Refused(f"no NATS server at {url} ({exc!r}); nothing was written", UNREACHABLE) from exc
+
+
+async def write(nc: NATS, url: str, key: str, text: bytes | None) -> str:
+    """Write (``text``) or delete the key where the config bucket's owner keeps it; say where."""
+    try:
+        writer = await config_bucket.writer(nc)
+    except HubUnreachable as exc:
+        raise Refused(f"{exc.message}. Nothing was written (from {url}); run it again once the hub answers.",
+                      UNREACHABLE) from exc
+    except (APIError, NatsTimeout) as exc:
+        raise Refused(f"JetStream refused or did not answer ({exc!r}, from {url}); nothing was written",
+                      UNREACHABLE) from exc
+    try:
+        await (writer.delete(key) if text is None else writer.put(key, text))
+    except HubUnreachable as exc:
+        raise Refused(f"{exc.message}. Run it again once the hub answers.", UNREACHABLE) from exc
+    return f"{'deleted' if text is None else 'wrote'} {key!r} in {writer.where}"
+
+
+async def verdict_of(events: Subscription, site: str, wait_s: float) -> dict[str, object]:
+    """The first outcome a router of the site announces."""
+    try:
+        return dict(json.loads((await events.next_msg(timeout=wait_s)).data))
+    except NatsTimeout as exc:
+        raise Refused(f"written; no router of site {site!r} answered within {wait_s:g} s (an edge applies it "
+                      "once its mirror of the hub's bucket has it: after an outage nats-server may take up to "
+                      f"~2 minutes; {subjects.policy_events(site)} announces it)", NO_VERDICT) from exc
+
+
+async def install(url: str, site: str, key: str, text: bytes | None, wait_s: float) -> int:
+    """Write (or delete) a policy key and report the site's router's verdict."""
+    try:
+        nc = await connect(url)
         try:
-            verdict = json.loads((await events.next_msg(timeout=wait_s)).data)
-        except nats.errors.TimeoutError:
-            print(f"written; no router of site {site!r} answered within {wait_s:g} s", file=sys.stderr)
-            return 2
-    finally:
-        await nc.drain()
+            events = await nc.subscribe(subjects.policy_events(site))
+            await nc.flush()
+            print(await write(nc, url, key, text), file=sys.stderr)
+            verdict = await verdict_of(events, site, wait_s)
+        finally:
+            await nc.drain()
+    except Refused as exc:
+        print(exc, file=sys.stderr)
+        return exc.status
     print(json.dumps(verdict))
-    return 0 if verdict.get("outcome") in ("applied", "reverted") else 1
+    if verdict.get("outcome") == "overridden":
+        print(f"site {site!r} keeps its own policy ({verdict.get('source')}); the global one applies to "
+              "sites without one", file=sys.stderr)
+    return 0 if verdict.get("outcome") in ("applied", "reverted", "overridden") else 1
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["validate", "push", "clear"])
     parser.add_argument("file", nargs="?", type=Path)
-    parser.add_argument("--nats", default="nats://127.0.0.1:4222")
-    parser.add_argument("--site", default="edge1")
+    parser.add_argument("--nats", default="nats://127.0.0.1:4222", help="any server: the hub's or an edge's")
+    parser.add_argument("--site", default="edge1", help="the site whose router's verdict to wait for")
+    parser.add_argument("--scope", choices=["global", "site"], default="global",
+                        help="global: router.policy, every site; site: router.policy.<site>, that site only")
     parser.add_argument("--wait", type=float, default=5.0, help="seconds to wait for a router's verdict")
     args = parser.parse_args()
+    subjects.check_site(args.site)
+    key = key_for(args.scope, args.site)
     if args.command == "clear":
-        return asyncio.run(install(args.nats, args.site, None, args.wait))
+        return asyncio.run(install(args.nats, args.site, key, None, args.wait))
     if args.file is None:
         parser.error(f"{args.command} needs a policy file")
     if validate(args.file) != 0:
         return 1
     if args.command == "push":
-        return asyncio.run(install(args.nats, args.site, args.file.read_bytes(), args.wait))
+        return asyncio.run(install(args.nats, args.site, key, args.file.read_bytes(), args.wait))
     return 0
 
 

@@ -25,3 +25,7 @@ class RouterSettings(ServiceSettings):
         default="auto", alias="LW_ROUTER_UPLINK",
         description="auto: up while the hub's JetStream answers; up/down: fixed (a site without a hub: up)")
     uplink_probe_s: float = Field(default=2.0, gt=0, alias="LW_ROUTER_UPLINK_PROBE_S")
+    config_check_s: float = Field(
+        default=1.0, gt=0, alias="LW_ROUTER_CONFIG_CHECK_S",
+        description="edge: how often to check that the config mirror hears from the hub; while it does not, "
+                    "the policy keys are read from the hub directly (when it answers)")

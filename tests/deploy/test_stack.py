@@ -83,6 +83,14 @@ def stale_pid_files(run_dir: Path) -> None:
     (run_dir / "launcher.pid").write_text(str(dead.pid))
 
 
+def push_policy(tmp: Path, edge_url: str) -> subprocess.CompletedProcess[str]:
+    """policy_cli against the edge's NATS, as the docs show it."""
+    policy = tmp / "policy.yaml"
+    policy.write_text("local_model: tiny\nrules: [{name: pushed, route: [requested]}]\n")
+    return subprocess.run([sys.executable, "-m", "services.router.policy_cli", "push", str(policy), "--nats", edge_url,
+                           "--site", "testsite"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
 def test_up_serves_then_down_leaves_nothing_behind(tmp_path: Path) -> None:
     """`up` starts over stale pid files, prints the gateway URL once healthy; `down` stops everything."""
     env = stack_env(tmp_path)
@@ -98,6 +106,9 @@ def test_up_serves_then_down_leaves_nothing_behind(tmp_path: Path) -> None:
             model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
         assert reply.usage is not None
         assert reply.usage.completion_tokens == 3
+        pushed = push_policy(tmp_path, f"nats://127.0.0.1:{env['LW_NATS_PORT']}")
+        assert pushed.returncode == 0, pushed.stderr  # written at the hub, applied by the edge's router
+        assert '"outcome": "applied"' in pushed.stdout
         assert len(leafwire_pids(run_dir)) >= 10  # launcher, supervisord, 4 nats-servers, 6 services
         down = subprocess.run([sys.executable, "-m", "deploy.stack", "down"], env=env, cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
@@ -129,6 +140,29 @@ def test_ctrl_c_stops_in_order_and_up_starts_again_at_once(tmp_path: Path) -> No
         assert re.findall(r"stopped (\S+) \(", log.read_text()) == ["gateway", "services", "nats-edge", "nats-hub"]
         assert "leafwire stopped" in log.read_text()
         assert leafwire_pids(run_dir) == []
+
+
+def test_policy_reaches_the_edge_after_a_restart(tmp_path: Path) -> None:
+    """After `down` and a second `up` on the same run folder (the hub recovering its JetStream), a policy
+    pushed at once still reaches the edge's router: the edge starts after the hub, so its config mirror
+    does not back off."""
+    env = stack_env(tmp_path)
+    log = tmp_path / "up.log"
+    for attempt in (1, 2):
+        log.write_text("")
+        up = start_up(env, log)
+        try:
+            eventually(lambda: "OpenAI-compatible API" in log.read_text(), 120, "the banner")
+            if attempt == 2:
+                pushed = push_policy(tmp_path, f"nats://127.0.0.1:{env['LW_NATS_PORT']}")
+                assert pushed.returncode == 0, pushed.stderr
+                assert '"outcome": "applied"' in pushed.stdout
+        finally:
+            subprocess.run([sys.executable, "-m", "deploy.stack", "down"], env=env, cwd=ROOT, capture_output=True,
+                           timeout=120)
+            if up.poll() is None:
+                up.send_signal(signal.SIGKILL)
+            up.wait(30)
 
 
 def test_down_with_stale_pid_files(tmp_path: Path) -> None:

@@ -1,0 +1,115 @@
+"""Keeping the router's policy current from the config bucket (see ``layers.py`` for the rules).
+
+The bucket's watch (``watch.follow_bucket``) feeds a ``PolicyFollower``; on an edge, ``catch_up_from_hub``
+also feeds it from the hub while the site's mirror is silent. Every outcome is announced on
+``lw.v1.<site>.router.policy``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+
+from nats.aio.client import Client as NATS
+
+from services.router import policy as policies
+from services.router.layers import Layers, Step, policy_keys, source_of
+from services.router.masking import Masker
+from services.router.policy import Policy
+from services.router.state import LiveState
+from shared import config_bucket, metrics, subjects
+from shared.logging import get_logger
+
+log = get_logger("leafwire.router.policy")
+MIRROR_SILENT_S = 3.0  # an attached mirror hears from the hub every second
+
+
+Announce = Callable[[dict[str, object]], Awaitable[None]]
+
+
+def announcer(nc: NATS, site: str) -> Announce:
+    """Count a policy outcome and publish it on ``lw.v1.<site>.router.policy``."""
+
+    async def announce(event: dict[str, object]) -> None:
+        metrics.POLICY_RELOADS.labels(str(event["outcome"])).inc()
+        await nc.publish(subjects.policy_events(site), json.dumps(event).encode())
+
+    return announce
+
+
+class PolicyFollower:
+    """Apply the site's policy from the config bucket (see ``layers.py``); keep the current one when the
+    one that should take over is invalid; announce every outcome."""
+
+    def __init__(self, state: LiveState, site: str, announce: Announce) -> None:
+        self.state, self.layers, self.announce = state, Layers(site), announce
+
+    @property
+    def keys(self) -> tuple[str, str]:
+        """The config keys this site's policy comes from."""
+        return policy_keys(self.layers.site)
+
+    async def on_entry(self, key: str, value: bytes | None, revision: int = 0) -> None:
+        """Note a change of a key (acted on once the watch has caught up, or at ``settled``)."""
+        self.layers.seen(key, value, revision)
+
+    async def settled(self) -> None:
+        """Act on the changes seen since the last call."""
+        for step in self.layers.settle():
+            await self._act(step)
+
+    async def _act(self, step: Step) -> None:
+        try:
+            policy = self._policy_of(step)
+            if step.outcome != "overridden":
+                self.state.use_policy(policy, source_of(step.key))
+        except (policies.PolicyError, ValueError) as exc:
+            message = exc.message if isinstance(exc, policies.PolicyError) else str(exc)
+            log.error("policy rejected; keeping the current one", key=step.key, error=message,
+                      source=self.state.policy_source)
+            await self.announce({"outcome": "rejected", "key": step.key, "error": message,
+                                 "source": self.state.policy_source})
+            return
+        if step.outcome == "overridden":
+            log.info("global policy changed; this site keeps its own", source=self.state.policy_source)
+            await self.announce({"outcome": "overridden", "key": step.key, "source": self.state.policy_source})
+            return
+        self.layers.switched(step.key)
+        rules = [r.name for r in self.state.policy.rules]
+        log.info("policy in force", outcome=step.outcome, source=self.state.policy_source, rules=rules)
+        await self.announce({"outcome": step.outcome, "source": self.state.policy_source, "rules": rules})
+
+    def _policy_of(self, step: Step) -> Policy:
+        """The policy a step names (validated; masking patterns compiled), or the file's."""
+        if step.text is None:  # the policy file, or a deleted key that only needed announcing
+            return self.state.file_policy or self.state.policy
+        policy = policies.parse(step.text.decode(errors="replace"),
+                                f"the policy in KV {subjects.CONFIG_BUCKET}/{step.key}")
+        Masker.from_policy(policy.masking)
+        return policy
+
+
+async def catch_up_from_hub(nc: NATS, follower: PolicyFollower, interval_s: float,
+                            silent_s: float = MIRROR_SILENT_S) -> None:
+    """While this edge's config mirror does not hear from the hub, read the policy keys from the hub.
+
+    The mirror keeps the policy readable offline, but nats-server re-attaches a mirror that lost its hub
+    (an outage, a restart, a new stream leader at the hub) only after a stall check and a retry back-off:
+    seconds to minutes. Reading the hub meanwhile, when it answers, applies a change at once; the mirror
+    delivers the same revisions later, which are ignored.
+    """
+    js = nc.jetstream(timeout=interval_s)
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            silence = await config_bucket.mirror_silence_s(js)
+            if silence is None or silence < silent_s:
+                continue
+            for key, revision, value in await config_bucket.read_hub(nc, follower.keys):
+                await follower.on_entry(key, value, revision)
+            await follower.settled()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # hub unreachable, mirror not created yet, NATS reconnecting: next round
+            log.debug("config catch-up skipped", error=repr(exc))
