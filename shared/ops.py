@@ -20,6 +20,7 @@ class Readiness:
     """Named checks that must all pass for the service to take traffic."""
 
     checks: dict[str, Check] = field(default_factory=dict)
+    starting: bool = True  # until the service's main() returned: connected, subscribed, serving
     stopping: bool = False
 
     def add(self, name: str, check: Check) -> None:
@@ -29,6 +30,8 @@ class Readiness:
     def problems(self) -> dict[str, str]:
         """What is wrong, by check name (empty when ready)."""
         found = {name: msg for name, check in self.checks.items() if (msg := check()) is not None}
+        if self.starting:
+            found["startup"] = "starting: not connected and subscribed yet"
         if self.stopping:
             found["shutdown"] = "shutting down"
         return found

@@ -66,6 +66,7 @@ async def _serve(service: str, settings: S, main: Main[S], ops_server: bool) -> 
             await ops.start()
             stack.push_async_callback(ops.stop)
         await main(settings, readiness, stack)
+        readiness.starting = False
         settle_garbage_collector()
         metrics.UP.labels(service).set(1)
         log.info("service started", site=settings.site, nats=settings.nats_url,
