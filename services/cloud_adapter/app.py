@@ -16,7 +16,6 @@ import contextlib
 from contextlib import AsyncExitStack
 
 from faststream.nats import NatsBroker
-from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from schemas.chat import ChatCompletionRequest
@@ -27,7 +26,7 @@ from services.cloud_adapter.state import CloudState
 from shared import subjects
 from shared.envelope import Envelope, admission_subject
 from shared.handling import ErrorReplies
-from shared.heartbeat import announce, announce_every, subscribe_controls
+from shared.heartbeat import announce_every, subscribe_controls
 from shared.intake import Handler, Intake
 from shared.logging import get_logger, register_secret
 from shared.nats import broker as make_broker
@@ -76,11 +75,6 @@ def build_broker(settings: CloudSettings, adapter: CloudAdapter) -> NatsBroker:
                        title="cloud/", cancel_doc="Stop a cloud request (its provider connection is closed).",
                        roll_call_doc="Announce the cloud models at once on the heartbeat subject.")
     return broker
-
-
-async def publish_heartbeat(nc: NATS, adapter: CloudAdapter) -> None:
-    """Tell routers which cloud models this adapter calls."""
-    await announce(nc, adapter.settings.site, adapter.heartbeat())
 
 
 def load_adapter(settings: CloudSettings) -> CloudAdapter:
