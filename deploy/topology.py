@@ -7,6 +7,7 @@ Ports and data folders come from the caller; nothing here is fixed per machine.
 from __future__ import annotations
 
 import json
+import random
 import socket
 import string
 import subprocess
@@ -47,11 +48,28 @@ class Node:
         return [str(nats_server()), "-c", str(self.conf)]
 
 
+_HANDED_OUT: set[int] = set()
+LOW, HIGH = 20000, 32767  # below Linux's ephemeral range (32768-60999): no outgoing connection takes these
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free right now on ``host``."""
-    with socket.socket() as s:
+    """A TCP port free right now on ``host``, never the same twice in one process.
+
+    Picked below the ephemeral range, where no outgoing connection can take it before its server binds it.
+    Two ports asked for one after the other (a service's and the next one's) must differ even though
+    neither is bound yet: a service that then could not bind would leave its port to the other, whose
+    ``/readyz`` would answer for both.
+    """
+    for _ in range(1000):
+        port = random.randint(LOW, HIGH)
+        if port not in _HANDED_OUT and not port_in_use(host, port):
+            _HANDED_OUT.add(port)
+            return port
+    with socket.socket() as s:  # a crowded range: any port the kernel gives
         s.bind((host, 0))
-        return int(s.getsockname()[1])
+        port = int(s.getsockname()[1])
+    _HANDED_OUT.add(port)
+    return port
 
 
 def port_in_use(host: str, port: int) -> bool:

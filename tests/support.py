@@ -328,11 +328,21 @@ class Service:
         return self
 
     def wait_ready(self, timeout: float = 60.0) -> Service:
+        """Wait until this service, and not another process on its port, says it is ready."""
+        name = self.module.replace("_", "-")
+
         def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.module} exited with {self.proc.returncode}:\n{self.log()}")
-            return http_status(f"{self.base}/readyz") == 200
+            try:
+                with urllib.request.urlopen(f"{self.base}/readyz", timeout=2) as resp:
+                    answered = json.loads(resp.read()).get("service")
+            except (OSError, ValueError):
+                return False
+            if answered != name:
+                raise AssertionError(f"port {self.port} of {self.module} is served by {answered!r}")
+            return True
 
         eventually(ready, timeout, f"{self.module} ready")
         return self
