@@ -375,12 +375,15 @@ async def run(args: argparse.Namespace) -> None:
                 return
             cached = json.dumps({**BODY, "temperature": 0, "messages": [{"role": "user", "content": "cache bench"}]})
             await gw_pool.post(urlsplit(gw).path, cached.encode())  # the miss that stores it
+            t0 = cpu_ticks()
             hits = await one_at_a_time(gw_pool, gw, cached.encode(), args.cache_requests, cache_hit=True)
+            t1 = cpu_ticks()
             direct_seq = await one_at_a_time(up_pool, up, raw, args.cache_requests, cache_hit=False)
             q = statistics.quantiles(hits, n=100)
             print(f"\ncache hit, end to end through the gateway, one at a time ({len(hits)} requests): "
-                  f"p50 {statistics.median(hits) * 1000:.2f} ms, p99 {q[98] * 1000:.2f} ms "
-                  f"(the upstream called directly: p50 {statistics.median(direct_seq) * 1000:.2f} ms)")
+                  f"p50 {statistics.median(hits) * 1000:.2f} ms, p99 {q[98] * 1000:.2f} ms, steal "
+                  f"{steal_share(t0, t1)}% (the upstream called directly: p50 "
+                  f"{statistics.median(direct_seq) * 1000:.2f} ms)")
             if args.adapter_alone:
                 await adapter_alone(nats_url, raw, args, next(p for p in procs if p.name == "cloud-adapter"))
             print(f"load after: {os.getloadavg()[0]:.2f}")
