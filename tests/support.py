@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nats
 import yaml
@@ -327,6 +327,16 @@ class Service:
         os.close(fd)
         return self
 
+    def readyz(self) -> tuple[int, dict[str, Any]]:
+        """The status and JSON body of ``/readyz`` (``(0, {})`` when nothing answers)."""
+        try:
+            with urllib.request.urlopen(f"{self.base}/readyz", timeout=5) as resp:
+                return int(resp.status), dict(json.loads(resp.read()))
+        except urllib.error.HTTPError as err:
+            return int(err.code), dict(json.loads(err.read()))
+        except (OSError, ValueError):
+            return 0, {}
+
     def wait_ready(self, timeout: float = 60.0) -> Service:
         """Wait until this service, and not another process on its port, says it is ready."""
         name = self.module.replace("_", "-")
@@ -335,14 +345,10 @@ class Service:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"{self.module} exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(f"{self.base}/readyz", timeout=2) as resp:
-                    answered = json.loads(resp.read()).get("service")
-            except (OSError, ValueError):
-                return False
-            if answered != name:
-                raise AssertionError(f"port {self.port} of {self.module} is served by {answered!r}")
-            return True
+            status, body = self.readyz()
+            if status and body.get("service") != name:
+                raise AssertionError(f"port {self.port} of {self.module} is served by {body.get('service')!r}")
+            return status == 200
 
         eventually(ready, timeout, f"{self.module} ready")
         return self

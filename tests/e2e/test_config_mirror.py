@@ -57,7 +57,7 @@ def edge_router(site: CuttableSite, tmp: Path) -> Iterator[Service]:
     router = Service("router", {"LW_NATS_URL": site.edge.url, "LW_SITE": SITE, "LW_ROUTER_UPLINK": "up",
                                 "LW_ROUTER_POLICY_FILE": str(policy(tmp, "from-file"))})
     with running(router):
-        eventually(lambda: answers(site), 20, "the router to answer dry runs")  # /readyz can pass before
+        eventually(lambda: answers(site), 20, "the router to answer dry runs")
         yield router
 
 

@@ -2,19 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
-
 from tests.support import NatsServer, Service, eventually, free_port, http_status
-
-
-def readyz(service: Service) -> tuple[int, dict[str, object]]:
-    try:
-        with urllib.request.urlopen(f"{service.base}/readyz", timeout=5) as resp:
-            return resp.status, dict(json.loads(resp.read()))
-    except urllib.error.HTTPError as err:
-        return err.code, dict(json.loads(err.read()))
 
 
 def test_not_ready_until_connected(nats_server: NatsServer) -> None:
@@ -24,14 +12,14 @@ def test_not_ready_until_connected(nats_server: NatsServer) -> None:
                                 "LW_NATS_CONNECT_TIMEOUT_S": "60", "LW_ROUTER_UPLINK": "up"}).start()
     try:
         eventually(lambda: http_status(f"{router.base}/healthz") == 200, 30, "the ops port")
-        status, body = readyz(router)
+        status, body = router.readyz()
         assert status == 503
-        assert "startup" in body["problems"]  # type: ignore[operator]
+        assert "startup" in body["problems"]
     finally:
         router.stop()
     ready = Service("router", {"LW_NATS_URL": nats_server.url, "LW_SITE": "ops1", "LW_ROUTER_UPLINK": "up"}).start()
     try:
         ready.wait_ready(60)
-        assert readyz(ready) == (200, {"status": "ready", "service": "router"})
+        assert ready.readyz() == (200, {"status": "ready", "service": "router"})
     finally:
         ready.stop()
