@@ -260,6 +260,12 @@ def up(stack: Stack) -> int:
     hub = stack.hub()
     edge = stack.edge(hub)
     ports = [*topology.ports_of([*hub, edge]), stack.gateway_port, *(stack.ops_port(s) for s in SERVICES)]
+    twice = sorted({p for p in ports if ports.count(p) > 1})
+    if twice:
+        say(f"ports asked for twice: {twice}. LW_NATS_PORT (now {stack.nats_port}) takes that port and +1..+3, "
+            f"+2000..+2002, +3200..+3202, +4000..+4003; LW_OPS_PORT_BASE (now {stack.ops_base}) takes +1..+"
+            f"{len(SERVICES)}; LW_GATEWAY_PORT (now {stack.gateway_port}) one more: move one of them.")
+        return 1
     busy = [p for p in ports if topology.port_in_use(stack.host, p)]
     if busy:
         say(f"ports already in use: {busy}. Move leafwire with LW_NATS_PORT (now {stack.nats_port}), "

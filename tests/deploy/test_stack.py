@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import openai
@@ -15,7 +16,7 @@ import pytest
 
 from deploy import topology
 from shared.natsbin import nats_server
-from tests.support import ROOT, eventually, write_registry
+from tests.support import ROOT, write_registry
 
 pytestmark = pytest.mark.e2e
 
@@ -45,9 +46,13 @@ def free_block(offsets: tuple[int, ...]) -> int:
             return base
 
 
+GATEWAY_OFFSET, OPS_OFFSET = 4500, 4600  # one block for every port: blocks picked apart could overlap
+
+
 def stack_env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "LW_RUN_DIR": str(tmp_path / "run"), "LW_NATS_PORT": str(free_block(STACK_OFFSETS)),
-            "LW_GATEWAY_PORT": str(free_block((0,))), "LW_OPS_PORT_BASE": str(free_block(tuple(range(7)))),
+    base = free_block((*STACK_OFFSETS, GATEWAY_OFFSET, *(OPS_OFFSET + i for i in range(7))))
+    return {**os.environ, "LW_RUN_DIR": str(tmp_path / "run"), "LW_NATS_PORT": str(base),
+            "LW_GATEWAY_PORT": str(base + GATEWAY_OFFSET), "LW_OPS_PORT_BASE": str(base + OPS_OFFSET),
             "LW_SITE": "testsite",
             "LW_MODELS_FILE": str(write_registry(tmp_path / "models.yaml")), "LW_CHAT_MODEL": "tiny",
             "PYTHONUNBUFFERED": "1"}
@@ -72,6 +77,23 @@ def leafwire_pids(run_dir: Path) -> list[int]:
             if str(run_dir).encode() in cmd or f"LW_RUN_DIR={run_dir}".encode() in env:
                 found.append(int(proc.name))
     return found
+
+
+BANNER_WAIT_S = 90  # up serves in ~12 s here; under the pytest timeout (120 s) so a stuck start shows its logs
+
+
+def wait_banner(up: subprocess.Popen[bytes], log: Path, run_dir: Path, what: str = "the banner") -> str:
+    """The gateway URL `up` prints once healthy; when `up` exits first or time runs out, fail with what `up`
+    and each program logged."""
+    deadline = time.monotonic() + BANNER_WAIT_S
+    while time.monotonic() < deadline and up.poll() is None:
+        if found := re.search(r"OpenAI-compatible API\s+(\S+)", log.read_text()):
+            return found.group(1)
+        time.sleep(0.05)
+    tails = [f"--- {f.name} (last 30 lines)\n" + "\n".join(f.read_text(errors="replace").splitlines()[-30:])
+             for f in sorted((run_dir / "logs").glob("*.log"))]
+    raise AssertionError(f"no {what} (up's exit code: {up.poll()}; waited up to {BANNER_WAIT_S} s)\n"
+                         f"--- up\n{log.read_text()}\n" + "\n".join(tails))
 
 
 def stale_pid_files(run_dir: Path) -> None:
@@ -99,8 +121,7 @@ def test_up_serves_then_down_leaves_nothing_behind(tmp_path: Path) -> None:
     log = tmp_path / "up.log"
     up = start_up(env, log)
     try:
-        url = eventually(lambda: re.search(r"OpenAI-compatible API\s+(\S+)", log.read_text()), 120,
-                         "the banner").group(1)
+        url = wait_banner(up, log, run_dir)
         assert "ok  edge site 'testsite' joined as a leaf node" in log.read_text()
         reply = openai.OpenAI(base_url=url, api_key="x", max_retries=0).chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
@@ -131,7 +152,7 @@ def test_ctrl_c_stops_in_order_and_up_starts_again_at_once(tmp_path: Path) -> No
         log = tmp_path / f"up-{attempt}.log"
         up = start_up(env, log)
         try:
-            eventually(lambda log=log: "OpenAI-compatible API" in log.read_text(), 120, f"the {attempt} banner")
+            wait_banner(up, log, run_dir, f"{attempt} banner")
             up.send_signal(signal.SIGINT)
             assert up.wait(60) == 0
         finally:
@@ -152,7 +173,7 @@ def test_policy_reaches_the_edge_after_a_restart(tmp_path: Path) -> None:
         log.write_text("")
         up = start_up(env, log)
         try:
-            eventually(lambda: "OpenAI-compatible API" in log.read_text(), 120, "the banner")
+            wait_banner(up, log, Path(env["LW_RUN_DIR"]))
             if attempt == 2:
                 pushed = push_policy(tmp_path, f"nats://127.0.0.1:{env['LW_NATS_PORT']}")
                 assert pushed.returncode == 0, pushed.stderr
@@ -174,3 +195,15 @@ def test_down_with_stale_pid_files(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert "not running" in down.stdout
     assert not (run_dir / "supervisord.pid").exists()
+
+
+def test_up_refuses_ports_asked_for_twice(tmp_path: Path) -> None:
+    """A gateway port inside NATS's block is refused before anything starts, naming the port: nothing would bind
+    it twice, and the launcher would wait for a service that cannot come up."""
+    env = stack_env(tmp_path)
+    env["LW_GATEWAY_PORT"] = str(int(env["LW_NATS_PORT"]) + 2000)  # the first hub node's cluster port
+    up = subprocess.run([sys.executable, "-m", "deploy.stack", "up"], env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=60)
+    assert up.returncode == 1
+    assert f"ports asked for twice: [{int(env['LW_NATS_PORT']) + 2000}]" in up.stdout
+    assert leafwire_pids(Path(env["LW_RUN_DIR"])) == []

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import socket
 import subprocess
 import sys
@@ -44,20 +43,10 @@ def completion(body: bytes) -> dict[str, object]:
 WHOLE = completion(fake_upstream.WHOLE)
 
 
-def port_below_ephemeral() -> int:
-    """A port free now below the ephemeral range (32768+), so that no outgoing connection can take it
-    between choosing it and the upstream binding it."""
-    rng = random.Random()
-    while True:
-        port = rng.randrange(10_000, 28_000)
-        if not topology.port_in_use("127.0.0.1", port):
-            return port
-
-
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[str]:
     """``loadtests.fake_upstream`` as its own process; yields its base URL, stops it by PID."""
-    port = port_below_ephemeral()
+    port = topology.free_port()
     proc = subprocess.Popen([sys.executable, "-m", "loadtests.fake_upstream", "--port", str(port)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
