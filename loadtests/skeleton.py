@@ -115,6 +115,9 @@ def main() -> None:
              "adapter": lambda: adapter(args.nats, args.upstream)}
     import uvloop
 
+    from shared import nats_headers
+
+    nats_headers.install()  # the same nats-py client as leafwire's services: not a feature, the floor's too
     uvloop.run(roles[args.role]())
 
 

@@ -10,6 +10,7 @@ import nats
 from faststream.nats import NatsBroker
 from nats.aio.client import Client as NATS
 
+from shared import nats_headers
 from shared.logging import get_logger
 from shared.settings import ServiceSettings
 
@@ -71,12 +72,14 @@ async def wait_for_server(settings: ServiceSettings) -> None:
 
 async def connect(settings: ServiceSettings, name: str) -> NATS:
     """A nats-py client that reconnects forever; waits for the server first."""
+    nats_headers.install()
     await wait_for_server(settings)
     return await nats.connect(**connect_options(settings, name))
 
 
 def broker(settings: ServiceSettings, name: str, **kwargs: Any) -> NatsBroker:
     """A FastStream NATS broker with leafwire's connection options (not connected yet)."""
+    nats_headers.install()
     opts = connect_options(settings, name)
     return NatsBroker(
         opts.pop("servers"),
