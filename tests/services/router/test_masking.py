@@ -57,6 +57,27 @@ class TestRequests:
         assert counts == {"email": 1, "national_id": 1}
         assert request.messages[0].text() == "Escalate to ops@plant.example"
 
+    def test_only_what_matched_changes(self) -> None:
+        """Messages and parts with nothing to mask stay as they were, beside ones that were masked; a request
+        with nothing to mask comes back as itself (so the router forwards the caller's bytes)."""
+        request = ChatCompletionRequest.model_validate({"model": "m", "messages": [
+            {"role": "system", "content": "You help at line 3."},
+            {"role": "user", "content": [{"type": "text", "text": "call +44 20 7946 0958"},
+                                         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}},
+                                         {"type": "text", "text": "about order 5511"}]},
+        ]})
+        masked, counts = MASKER.mask_request(request)
+        assert counts == {"phone": 1}
+        assert masked.messages[0] is request.messages[0]
+        parts = masked.messages[1].content
+        assert isinstance(parts, list)
+        assert [getattr(p, "text", None) for p in parts] == ["call [PHONE]", None, "about order 5511"]
+        assert parts[1] is request.messages[1].content[1]  # type: ignore[index]
+        clean = ChatCompletionRequest.model_validate({"model": "m", "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "why did line 3 stop on the 3rd?"}]}]})
+        assert MASKER.mask_request(clean) == (clean, {})
+        assert MASKER.mask_request(clean)[0] is clean
+
     def test_custom_pattern_and_disabled_masking(self) -> None:
         """Policies add their own patterns, or turn masking off."""
         custom = Masker.from_policy(Masking(patterns=[Pattern(name="badge", regex=r"BDG-\d{4}")]))
