@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import itertools
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -201,17 +201,9 @@ class ReplyReader:
             stream._put(msg)
 
     def open(self) -> ReplyStream:
-        """A new reply subject and the stream of what arrives on it."""
+        """A new reply subject and the stream of what arrives on it; ``close()`` it when done."""
         key = str(next(self._ids))
         stream = ReplyStream(self, f"{self._prefix}.{key}", key, self._maxsize)
         self._streams[key] = stream
         return stream
 
-    @contextlib.asynccontextmanager
-    async def stream(self) -> AsyncIterator[ReplyStream]:
-        """``open()`` as a context manager that closes the stream on exit."""
-        s = self.open()
-        try:
-            yield s
-        finally:
-            s.close()

@@ -131,8 +131,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         return resp
     finally:
         metrics.HTTP_INFLIGHT.dec()
-        metrics.HTTP_REQUESTS.labels(endpoint, str(status)).inc()
-        metrics.HTTP_DURATION.labels(endpoint).observe(time.perf_counter() - started)
+        metrics.child(metrics.HTTP_REQUESTS, endpoint, str(status)).inc()
+        metrics.child(metrics.HTTP_DURATION, endpoint).observe(time.perf_counter() - started)
 
 
 def build_app(gateway: Gateway, readiness: Readiness) -> web.Application:

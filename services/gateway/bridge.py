@@ -90,18 +90,21 @@ class Bridge:
         """Run one request: ``respond`` asks and answers, setting ``finished`` once the answer ended. A
         failure becomes OpenAI's error shape; a caller gone, or an answer left unfinished, cancels the request
         at the site (it may still be waiting in the batcher, or generating)."""
-        async with self.replies.stream() as stream:
-            exchange = Exchange(stream, env)
+        stream = self.replies.open()  # closed below: a generator-based context manager costs more, per request
+        exchange = Exchange(stream, env)
+        try:
+            return await respond(exchange)
+        except LeafwireError as err:
+            return error_response(err, {"x-request-id": env.request_id})
+        except (asyncio.CancelledError, ConnectionResetError):
+            metrics.CLIENT_DISCONNECTS.inc()
+            raise
+        finally:
             try:
-                return await respond(exchange)
-            except LeafwireError as err:
-                return error_response(err, {"x-request-id": env.request_id})
-            except (asyncio.CancelledError, ConnectionResetError):
-                metrics.CLIENT_DISCONNECTS.inc()
-                raise
-            finally:
                 if not exchange.finished:
                     await self.cancel(env)
+            finally:
+                stream.close()
 
     async def cancel(self, env: Envelope, reason: str = "the caller stopped reading the answer") -> None:
         """Tell every worker and batcher of the site to stop this request (best effort)."""

@@ -191,7 +191,7 @@ async def run_chain(nc: NATS, settings: RouterSettings, state: LiveState, plan: 
         if handoffs is not None and len(plan.chain) == 1 and is_cloud(target):
             await handoffs.hand(subjects.cloud_chat(settings.site), payload,
                                 env.with_route(plan.header(target, failed)), plan.rule)
-            metrics.ROUTE_DECISIONS.labels("cloud", plan.rule, "handed_off").inc()
+            metrics.child(metrics.ROUTE_DECISIONS, "cloud", plan.rule, "handed_off").inc()
             log.info("handed off", target=target, rule=plan.rule, variant=plan.variant,
                      masked=sum(masked.values()))
             return target
@@ -207,7 +207,8 @@ async def run_chain(nc: NATS, settings: RouterSettings, state: LiveState, plan: 
             failed.append((target, f"{err.status} {err.code or err.type}"))
             first = first or err
             continue
-        metrics.ROUTE_DECISIONS.labels("cloud" if is_cloud(target) else "local", plan.rule, "admitted").inc()
+        metrics.child(metrics.ROUTE_DECISIONS, "cloud" if is_cloud(target) else "local", plan.rule,
+                      "admitted").inc()
         log.info("routed", target=target, rule=plan.rule, variant=plan.variant, fallbacks=len(failed),
                  masked=sum(masked.values()))
         return target
