@@ -16,7 +16,8 @@ WEEK_S = 7 * 24 * 3600
 
 
 async def ensure_stream(nc: NATS, config: StreamConfig) -> None:
-    """Create the stream, or add our subjects to an existing one; never drop data or other subjects."""
+    """Create the stream, or add our subjects (and atomic batch publishing, if asked) to an existing one;
+    never drop data or other subjects."""
     js = nc.jetstream(timeout=5)
     try:
         info = await js.stream_info(str(config.name))
@@ -25,8 +26,10 @@ async def ensure_stream(nc: NATS, config: StreamConfig) -> None:
         return
     have = set(info.config.subjects or [])
     want = set(config.subjects or [])
-    if not want <= have:
+    atomic = bool(config.allow_atomic) and not info.config.allow_atomic  # a stream made before we asked for it
+    if not want <= have or atomic:
         info.config.subjects = sorted(have | want)
+        info.config.allow_atomic = info.config.allow_atomic or config.allow_atomic
         await js.update_stream(info.config)
 
 

@@ -4,11 +4,19 @@ Publishing never blocks an answer: events are gathered for a moment and publishe
 awaited in the background, and at most ``max_pending`` may be gathered or await an ack — past that
 (JetStream down or slow) events are dropped and counted (``leafwire_usage_events_dropped_total``) rather
 than held without bound.
+
+A gathered batch is one JetStream atomic batch (nats-server 2.12+, ``allow_atomic`` on the stream): still
+one message per event, but acknowledged once for the batch instead of once per event — one PubAck to parse
+instead of fifty at 1,000 requests/s. A batch the server does not commit is published again event by event,
+so a refused batch loses nothing the old way would have kept; a stream that does not allow atomic batches
+(made elsewhere, or an older server) gets every event that way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 
 from nats.aio.client import Client as NATS
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
@@ -22,13 +30,31 @@ log = get_logger("leafwire.usage")
 MONTH_S = 31 * 24 * 3600
 ACK_TIMEOUT_S = 10.0
 BATCH_INTERVAL_S = 0.05
+ATOMIC_MAX = 1000  # nats-server's limit of messages in one atomic batch
+ATOMIC_DISABLED = 10174  # JetStream's error code: atomic publish is disabled on this stream
+
+
+class BatchRefused(Exception):
+    """The server did not take an atomic batch; ``code`` is JetStream's error code (0 when none was given)."""
+
+    def __init__(self, description: str, code: int = 0) -> None:
+        super().__init__(description)
+        self.code = code
+
+
+def _refusal(data: bytes) -> BatchRefused | None:
+    """The error in a batch reply (a zero-byte reply or a PubAck without ``error`` is none)."""
+    if not data or b'"error"' not in data:
+        return None
+    error = json.loads(data).get("error") or {}
+    return BatchRefused(str(error.get("description", "refused")), int(error.get("err_code", 0)))
 
 
 def usage_stream(site: str, replicas: int = 1) -> StreamConfig:
     """The ``USAGE`` stream of a site: three months of usage events and budget alerts, at most 1 GiB."""
     return StreamConfig(name=subjects.USAGE, subjects=[subjects.usage_filter(site)], retention=RetentionPolicy.LIMITS,
                         storage=StorageType.FILE, max_age=3 * MONTH_S, max_bytes=1024**3,
-                        discard=DiscardPolicy.OLD, num_replicas=replicas)
+                        discard=DiscardPolicy.OLD, num_replicas=replicas, allow_atomic=True)
 
 
 class UsagePublisher:
@@ -48,6 +74,7 @@ class UsagePublisher:
         self._batch: list[tuple[str, bytes]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._sending: set[asyncio.Task[None]] = set()
+        self.atomic = True  # until the stream says it does not allow atomic batches
 
     async def ensure_stream(self, replicas: int = 1) -> None:
         """Create the stream, or add this site's subjects to it (idempotent)."""
@@ -76,6 +103,42 @@ class UsagePublisher:
             task.add_done_callback(self._sending.discard)
 
     async def _send(self, batch: list[tuple[str, bytes]]) -> None:
+        if self.atomic and len(batch) > 1:
+            try:
+                while batch:
+                    await self._send_atomic(batch[:ATOMIC_MAX])
+                    batch = batch[ATOMIC_MAX:]
+                return
+            except BatchRefused as exc:  # the rest of ``batch`` (from the refused part on) goes one by one
+                if exc.code == ATOMIC_DISABLED:
+                    self.atomic = False
+                log.warning("usage batch not committed; publishing its events one by one", error=str(exc),
+                            events=len(batch), atomic_disabled=not self.atomic)
+            except Exception as exc:  # a timeout, a lost connection: the server abandons the batch whole
+                log.warning("usage batch not committed; publishing its events one by one", error=repr(exc),
+                            events=len(batch))
+        await self._send_each(batch)
+
+    async def _send_atomic(self, batch: list[tuple[str, bytes]]) -> None:
+        """Publish ``batch`` as one atomic batch; raise unless the server committed all of it."""
+        batch_id = os.urandom(12).hex()
+        last = len(batch)
+        for seq, (subject, data) in enumerate(batch, start=1):
+            headers = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(seq)}
+            if seq == last:
+                headers["Nats-Batch-Commit"] = "1"
+            if seq in (1, last):  # the first is confirmed (or refused) at once; the last carries the PubAck
+                reply = await self._nc.request(subject, data, timeout=ACK_TIMEOUT_S, headers=headers)
+                if (refused := _refusal(reply.data)) is not None:
+                    raise refused
+            else:
+                await self._nc.publish(subject, data, headers=headers)
+        count = json.loads(reply.data).get("count")
+        if count != last:
+            raise BatchRefused(f"the server committed {count} of {last} events")
+
+    async def _send_each(self, batch: list[tuple[str, bytes]]) -> None:
+        """Publish each event with its own ack (a batch of one, or one the server did not commit)."""
         acks = []
         dropped = 0
         for subject, data in batch:

@@ -8,7 +8,7 @@ import nats
 
 from schemas.cloud import UsageEvent
 from shared import metrics
-from shared.usage import UsagePublisher
+from shared.usage import UsagePublisher, usage_stream
 from tests.support import eventually_async
 
 SITE = "usage1"
@@ -60,3 +60,53 @@ async def test_events_past_the_bound_are_dropped_and_counted(nc: nats.NATS) -> N
     assert metrics.USAGE_EVENTS_DROPPED._value.get() == dropped + 3
     await publisher.flush()
     assert await stored(nc) == before + 5
+
+
+async def test_a_batch_is_stored_as_one_atomic_batch_of_one_message_per_event(nc: nats.NATS) -> None:
+    """Events gathered together land as one atomic batch: each its own message, in order, intact."""
+    publisher = UsagePublisher(nc, SITE, interval_s=60)
+    await publisher.ensure_stream()
+    js = nc.jetstream()
+    first = (await js.stream_info("USAGE")).state.last_seq + 1
+    for n in range(40):
+        await publisher.usage(event(n))
+    await publisher.flush()
+    stored_msgs = [await js.get_msg("USAGE", seq) for seq in range(first, first + 40)]
+    assert [json.loads(m.data)["request_id"] for m in stored_msgs] == [f"r{n}" for n in range(40)]
+    assert {(m.headers or {}).get("Nats-Batch-Id") for m in stored_msgs} != {None}
+    assert len({(m.headers or {})["Nats-Batch-Id"] for m in stored_msgs}) == 1
+    assert publisher.atomic
+
+
+async def test_a_stream_without_atomic_batches_still_gets_every_event(nc: nats.NATS) -> None:
+    """A USAGE stream made without atomic batches (elsewhere, or by an older leafwire) refuses the batch;
+    its events are then published one by one and none is lost; the publisher stops trying batches."""
+    site = "usage2"
+    js = nc.jetstream()
+    config = usage_stream(site)
+    config.name, config.allow_atomic = "USAGE_PLAIN", False
+    await js.add_stream(config)
+    publisher = UsagePublisher(nc, site, interval_s=60)
+    dropped = metrics.USAGE_EVENTS_DROPPED._value.get()
+    for n in range(10):
+        await publisher.usage(event(n))
+    await publisher.flush()
+    assert (await js.stream_info("USAGE_PLAIN")).state.messages == 10
+    assert not publisher.atomic
+    assert metrics.USAGE_EVENTS_DROPPED._value.get() == dropped
+    await js.delete_stream("USAGE_PLAIN")
+
+
+async def test_an_existing_stream_is_given_atomic_batches(nc: nats.NATS) -> None:
+    """A site's USAGE stream created before atomic batches is updated in place, its events kept."""
+    site = "usage3"
+    js = nc.jetstream()
+    await js.delete_stream("USAGE")
+    old = usage_stream(site)
+    old.allow_atomic = False
+    await js.add_stream(old)
+    await js.publish(f"lw.v1.{site}.usage.events", b'{"old": true}')
+    await UsagePublisher(nc, site).ensure_stream()
+    info = await js.stream_info("USAGE")
+    assert info.config.allow_atomic
+    assert info.state.messages == 1
