@@ -75,6 +75,7 @@ class UsagePublisher:
         self._timer: asyncio.TimerHandle | None = None
         self._sending: set[asyncio.Task[None]] = set()
         self.atomic = True  # until the stream says it does not allow atomic batches
+        self._in_batches = 0  # events of atomic batches not yet committed (or handed to publish_async)
 
     async def ensure_stream(self, replicas: int = 1) -> None:
         """Create the stream, or add this site's subjects to it (idempotent)."""
@@ -86,7 +87,7 @@ class UsagePublisher:
 
     async def publish(self, subject: str, data: bytes) -> None:
         """Queue for the stream; published with the others of the batch within ``interval_s``."""
-        if len(self._batch) + self._js.publish_async_pending() >= self._max_pending:
+        if len(self._batch) + self._in_batches + self._js.publish_async_pending() >= self._max_pending:
             metrics.USAGE_EVENTS_DROPPED.inc()
             log.warning("usage event dropped: too many awaiting their ack")
             return
@@ -104,9 +105,11 @@ class UsagePublisher:
 
     async def _send(self, batch: list[tuple[str, bytes]]) -> None:
         if self.atomic and len(batch) > 1:
+            self._in_batches += len(batch)  # counted against max_pending until committed or handed on
             try:
                 while batch:
                     await self._send_atomic(batch[:ATOMIC_MAX])
+                    self._in_batches -= len(batch[:ATOMIC_MAX])
                     batch = batch[ATOMIC_MAX:]
                 return
             except BatchRefused as exc:  # the rest of ``batch`` (from the refused part on) goes one by one
@@ -117,6 +120,8 @@ class UsagePublisher:
             except Exception as exc:  # a timeout, a lost connection: the server abandons the batch whole
                 log.warning("usage batch not committed; publishing its events one by one", error=repr(exc),
                             events=len(batch))
+            finally:
+                self._in_batches -= len(batch)
         await self._send_each(batch)
 
     async def _send_atomic(self, batch: list[tuple[str, bytes]]) -> None:

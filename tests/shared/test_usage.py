@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import nats
+import pytest
 
 from schemas.cloud import UsageEvent
-from shared import metrics
+from shared import metrics, usage
 from shared.usage import UsagePublisher, usage_stream
 from tests.support import eventually_async
 
@@ -110,3 +111,22 @@ async def test_an_existing_stream_is_given_atomic_batches(nc: nats.NATS) -> None
     info = await js.stream_info("USAGE")
     assert info.config.allow_atomic
     assert info.state.messages == 1
+
+
+async def test_events_in_an_uncommitted_batch_count_against_the_bound(nc: nats.NATS,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a batch waits on a server that does not answer, its events count against ``max_pending``: later
+    events past the bound are dropped and counted, never held."""
+    monkeypatch.setattr(usage, "ACK_TIMEOUT_S", 1.0)
+    site = "usage4"
+    stalled = await nc.subscribe(f"lw.v1.{site}.usage.>")  # takes the batch's first message, answers nothing
+    publisher = UsagePublisher(nc, site, max_pending=8, interval_s=0.02)
+    dropped = metrics.USAGE_EVENTS_DROPPED._value.get()
+    for n in range(5):
+        await publisher.usage(event(n))
+    await stalled.next_msg(timeout=5)  # the batch of five is out, waiting for its first answer
+    for n in range(5, 10):
+        await publisher.usage(event(n))
+    assert metrics.USAGE_EVENTS_DROPPED._value.get() == dropped + 2  # 5 in the batch + 3 gathered = 8
+    await stalled.unsubscribe()
+    await publisher.flush(wait_s=5)
