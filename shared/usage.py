@@ -9,7 +9,7 @@ A gathered batch is one JetStream atomic batch (nats-server 2.12+, ``allow_atomi
 one message per event, but acknowledged once for the batch instead of once per event — one PubAck to parse
 instead of fifty at 1,000 requests/s. A batch the server does not commit is published again event by event,
 so a refused batch loses nothing the old way would have kept; a stream that does not allow atomic batches
-(made elsewhere, or an older server) gets every event that way.
+(made elsewhere), or a server that does not know them (before 2.12), gets every event that way.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ ACK_TIMEOUT_S = 10.0
 BATCH_INTERVAL_S = 0.05
 ATOMIC_MAX = 1000  # nats-server's limit of messages in one atomic batch
 ATOMIC_DISABLED = 10174  # JetStream's error code: atomic publish is disabled on this stream
+
+
+class NotBatching(Exception):
+    """The server stored the batch's first message as a plain publish: it does not know atomic batches
+    (nats-server before 2.12)."""
 
 
 class BatchRefused(Exception):
@@ -112,6 +117,11 @@ class UsagePublisher:
                     self._in_batches -= len(batch[:ATOMIC_MAX])
                     batch = batch[ATOMIC_MAX:]
                 return
+            except NotBatching:
+                self.atomic = False
+                self._in_batches -= 1
+                batch = batch[1:]  # the first is stored; the rest go one by one, now and from now on
+                log.warning("the USAGE stream's server does not know atomic batches; events go one by one")
             except BatchRefused as exc:  # the rest of ``batch`` (from the refused part on) goes one by one
                 if exc.code == ATOMIC_DISABLED:
                     self.atomic = False
@@ -136,6 +146,8 @@ class UsagePublisher:
                 reply = await self._nc.request(subject, data, timeout=ACK_TIMEOUT_S, headers=headers)
                 if (refused := _refusal(reply.data)) is not None:
                     raise refused
+                if seq == 1 and last > 1 and reply.data:  # a PubAck, not the empty reply of a batch start
+                    raise NotBatching
             else:
                 await self._nc.publish(subject, data, headers=headers)
         count = json.loads(reply.data).get("count")

@@ -6,6 +6,7 @@ import json
 
 import nats
 import pytest
+from nats.aio.msg import Msg
 
 from schemas.cloud import UsageEvent
 from shared import metrics, usage
@@ -130,3 +131,25 @@ async def test_events_in_an_uncommitted_batch_count_against_the_bound(nc: nats.N
     assert metrics.USAGE_EVENTS_DROPPED._value.get() == dropped + 2  # 5 in the batch + 3 gathered = 8
     await stalled.unsubscribe()
     await publisher.flush(wait_s=5)
+
+
+async def test_a_server_without_atomic_batches_stores_each_event_once(nc: nats.NATS) -> None:
+    """A server that does not know atomic batches (before 2.12) stores the batch's first message as a plain
+    publish: the rest are then published one by one, each event stored once, and batches are not tried again."""
+    site = "usage5"
+    seen: list[bytes] = []
+
+    async def old_server(msg: Msg) -> None:  # stores everything, answers each publish with a PubAck
+        seen.append(msg.data)
+        if msg.reply:
+            await msg.respond(json.dumps({"stream": "USAGE", "seq": len(seen)}).encode())
+
+    await nc.subscribe(f"lw.v1.{site}.usage.>", cb=old_server)
+    publisher = UsagePublisher(nc, site, interval_s=60)
+    dropped = metrics.USAGE_EVENTS_DROPPED._value.get()
+    for n in range(6):
+        await publisher.usage(event(n))
+    await publisher.flush()
+    assert sorted(json.loads(d)["request_id"] for d in seen) == [f"r{n}" for n in range(6)]
+    assert not publisher.atomic
+    assert metrics.USAGE_EVENTS_DROPPED._value.get() == dropped
