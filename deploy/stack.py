@@ -36,6 +36,11 @@ from deploy.topology import Node
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ["router", "local_inference", "batcher", "cloud_adapter", "retrieval"]
+# NATS ports, as offsets from LW_NATS_PORT (the edge's client port, 4222): the hub's client ports follow the
+# edge's (4223-4225); cluster 6222+, leaf 7422+, monitoring 8222+ (the edge's first).
+HUB_CLIENT, HUB_CLUSTER, HUB_LEAF, HUB_MONITOR = (1, 2, 3), (2000, 2001, 2002), (3200, 3201, 3202), (4001, 4002, 4003)
+EDGE_MONITOR = 4000
+NATS_OFFSETS = (0, *HUB_CLIENT, *HUB_CLUSTER, *HUB_LEAF, EDGE_MONITOR, *HUB_MONITOR)
 EXIT_WAIT_S = 10.0  # for supervisord to exit once its programs have stopped
 SIGTERM_WAIT_S = 4 * (shutdown.STOP_WAIT_S + 10)  # supervisord stopping its groups itself, one after another
 
@@ -62,15 +67,14 @@ class Stack:
     models_dir: Path = field(default_factory=lambda: Path(os.environ.get(
         "LW_MODELS_DIR", Path(os.environ.get("LW_HOME", Path.home() / ".cache" / "leafwire")) / "models")))
 
-    # Hub client ports follow the edge's (4223-4225); cluster 6222+, leaf 7422+, monitoring 8222+.
     def hub(self) -> list[Node]:
         p = self.nats_port
-        return topology.render_hub(self.run_dir, self.host, client=[p + 1, p + 2, p + 3],
-                                   cluster=[p + 2000, p + 2001, p + 2002], leaf=[p + 3200, p + 3201, p + 3202],
-                                   monitor=[p + 4001, p + 4002, p + 4003])
+        return topology.render_hub(self.run_dir, self.host, client=[p + d for d in HUB_CLIENT],
+                                   cluster=[p + d for d in HUB_CLUSTER], leaf=[p + d for d in HUB_LEAF],
+                                   monitor=[p + d for d in HUB_MONITOR])
 
     def edge(self, hub: list[Node]) -> Node:
-        return topology.render_edge(self.run_dir, self.site, self.host, self.nats_port, self.nats_port + 4000,
+        return topology.render_edge(self.run_dir, self.site, self.host, self.nats_port, self.nats_port + EDGE_MONITOR,
                                     [f"nats://{self.host}:{n.leaf_port}" for n in hub])
 
     def ops_port(self, service: str) -> int:
@@ -262,9 +266,9 @@ def up(stack: Stack) -> int:
     ports = [*topology.ports_of([*hub, edge]), stack.gateway_port, *(stack.ops_port(s) for s in SERVICES)]
     twice = sorted({p for p in ports if ports.count(p) > 1})
     if twice:
-        say(f"ports asked for twice: {twice}. LW_NATS_PORT (now {stack.nats_port}) takes that port and +1..+3, "
-            f"+2000..+2002, +3200..+3202, +4000..+4003; LW_OPS_PORT_BASE (now {stack.ops_base}) takes +1..+"
-            f"{len(SERVICES)}; LW_GATEWAY_PORT (now {stack.gateway_port}) one more: move one of them.")
+        say(f"ports asked for twice: {twice}. LW_NATS_PORT (now {stack.nats_port}) takes that port plus "
+            f"{', '.join(f'+{d}' for d in NATS_OFFSETS[1:])}; LW_OPS_PORT_BASE (now {stack.ops_base}) takes +1 "
+            f"to +{len(SERVICES)}; LW_GATEWAY_PORT (now {stack.gateway_port}) one more: move one of them.")
         return 1
     busy = [p for p in ports if topology.port_in_use(stack.host, p)]
     if busy:

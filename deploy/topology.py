@@ -13,6 +13,7 @@ import string
 import subprocess
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,16 +61,33 @@ def free_port(host: str = "127.0.0.1") -> int:
     neither is bound yet: a service that then could not bind would leave its port to the other, whose
     ``/readyz`` would answer for both.
     """
-    for _ in range(1000):
-        port = random.randint(LOW, HIGH)
-        if port not in _HANDED_OUT and not port_in_use(host, port):
-            _HANDED_OUT.add(port)
-            return port
+    port = _pick((0,), host)
+    if port is not None:
+        return port
     with socket.socket() as s:  # a crowded range: any port the kernel gives
         s.bind((host, 0))
         port = int(s.getsockname()[1])
     _HANDED_OUT.add(port)
     return port
+
+
+def free_block(offsets: Sequence[int], host: str = "127.0.0.1") -> int:
+    """A base port such that ``base + offset`` is free right now on ``host`` for every offset, none of them
+    handed out before in this process (``free_port``'s rules, for a whole stack's ports at once)."""
+    base = _pick(offsets, host)
+    if base is None:
+        raise OSError(f"no block of {len(offsets)} free ports between {LOW} and {HIGH} on {host}")
+    return base
+
+
+def _pick(offsets: Sequence[int], host: str) -> int | None:
+    for _ in range(1000):
+        base = random.randint(LOW, HIGH - max(offsets))
+        ports = [base + d for d in offsets]
+        if not any(p in _HANDED_OUT or port_in_use(host, p) for p in ports):
+            _HANDED_OUT.update(ports)
+            return base
+    return None
 
 
 def port_in_use(host: str, port: int) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import re
 import signal
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from deploy import topology
+from deploy import stack, topology
 from shared.natsbin import nats_server
 from tests.support import ROOT, write_registry
 
@@ -34,23 +33,12 @@ def test_rendered_configs_are_valid(tmp_path: Path) -> None:
     assert "domain: plant-9" in edge.conf.read_text()
 
 
-STACK_OFFSETS = (0, 1, 2, 3, 2000, 2001, 2002, 3200, 3201, 3202, 4000, 4001, 4002, 4003)
-
-
-def free_block(offsets: tuple[int, ...]) -> int:
-    """A base port below the ephemeral range (32768+) such that every base+offset binds now."""
-    rng = random.Random()
-    while True:
-        base = rng.randrange(10_000, 28_000)
-        if not any(topology.port_in_use("127.0.0.1", base + d) for d in offsets):
-            return base
-
-
 GATEWAY_OFFSET, OPS_OFFSET = 4500, 4600  # one block for every port: blocks picked apart could overlap
 
 
 def stack_env(tmp_path: Path) -> dict[str, str]:
-    base = free_block((*STACK_OFFSETS, GATEWAY_OFFSET, *(OPS_OFFSET + i for i in range(7))))
+    base = topology.free_block((*stack.NATS_OFFSETS, GATEWAY_OFFSET,
+                                *(OPS_OFFSET + 1 + i for i in range(len(stack.SERVICES)))))
     return {**os.environ, "LW_RUN_DIR": str(tmp_path / "run"), "LW_NATS_PORT": str(base),
             "LW_GATEWAY_PORT": str(base + GATEWAY_OFFSET), "LW_OPS_PORT_BASE": str(base + OPS_OFFSET),
             "LW_SITE": "testsite",
