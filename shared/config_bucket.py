@@ -47,8 +47,8 @@ HISTORY = 10
 HUB_REPLICAS = 3
 STREAM = subjects.kv_stream(subjects.CONFIG_BUCKET)
 HUB_TIMEOUT_S = 2.0
-_REPLICAS_NOT_SUPPORTED = 10074  # "replicas > 1 not supported in non-clustered mode": a one-node hub
-_UNREACHABLE = (ServiceUnavailableError, NoRespondersError, NoStreamResponseError, NatsTimeout, TimeoutError)
+REPLICAS_NOT_SUPPORTED = 10074  # "replicas > 1 not supported in non-clustered mode": a one-node hub
+HUB_UNREACHABLE = (ServiceUnavailableError, NoRespondersError, NoStreamResponseError, NatsTimeout, TimeoutError)
 
 
 async def role_of(js: JetStreamContext) -> Role:
@@ -89,7 +89,7 @@ async def ensure_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
     try:
         kv = await js.create_key_value(bucket_config(replicas))
     except APIError as exc:
-        if exc.err_code == _REPLICAS_NOT_SUPPORTED and replicas > 1:
+        if exc.err_code == REPLICAS_NOT_SUPPORTED and replicas > 1:
             return await ensure_bucket(js, 1)
         try:
             return await js.key_value(subjects.CONFIG_BUCKET)  # created meanwhile by another process
@@ -143,7 +143,7 @@ async def ensure_hub_bucket(nc: NATS, wait_s: float = HUB_TIMEOUT_S) -> KeyValue
     hub = nc.jetstream(domain=subjects.HUB, timeout=wait_s)
     try:
         return await ensure_bucket(hub, HUB_REPLICAS)
-    except _UNREACHABLE as exc:
+    except HUB_UNREACHABLE as exc:
         raise HubUnreachable(f"the hub's JetStream (domain {subjects.HUB!r}) does not answer within "
                              f"{wait_s:g} s: the uplink is down or the hub is not running") from exc
 
@@ -190,7 +190,7 @@ async def read_hub(nc: NATS, keys: Iterable[str], wait_s: float = HUB_TIMEOUT_S)
             except KeyNotFoundError as exc:
                 if exc.entry is not None:  # deleted: the marker's revision
                     found.append((key, exc.entry.revision or 0, None))
-    except _UNREACHABLE as exc:
+    except HUB_UNREACHABLE as exc:
         raise HubUnreachable(f"the hub's JetStream (domain {subjects.HUB!r}) does not answer") from exc
     return found
 
@@ -220,7 +220,7 @@ class ConfigWriter:
         subject = subjects.kv_put_subject(subjects.CONFIG_BUCKET, key, via_hub=self.via_hub)
         try:
             ack = await self._js.publish(subject, value, stream=STREAM, headers=headers)
-        except _UNREACHABLE as exc:
+        except HUB_UNREACHABLE as exc:
             raise HubUnreachable(f"{self.where} did not confirm the write of {key!r}: the uplink or the hub "
                                  "went away; the write may or may not have happened") from exc
         return int(ack.seq)

@@ -93,6 +93,10 @@ BUDGET_WARNINGS = Counter("leafwire_budget_warnings_total", "Budgets that crosse
                           "were spent, by kind of scope", ["scope_kind", "period", "level"])
 USAGE_EVENTS_DROPPED = Counter("leafwire_usage_events_dropped_total",
                                "Usage events that could not be published (JetStream unavailable, queue full)")
+USAGE_HUB_LAG = Gauge("leafwire_usage_hub_lag_events",
+                      "Usage events of this site not yet copied into the hub's USAGE stream, as the hub last said "
+                      "(-1 until the hub has been asked)")
+USAGE_HUB_LAG.set(-1)
 DECODE_RATE = Histogram("leafwire_decode_tokens_per_second", "Tokens per second of one answer, after its first",
                         ["model"], buckets=RATE_BUCKETS)
 BATCH_SIZE = Histogram("leafwire_batch_size_rows", "Requests decoded (chat) or encoded (embeddings) together",

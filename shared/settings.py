@@ -36,6 +36,9 @@ class ServiceSettings(BaseSettings):
                           description="port of /healthz /readyz /metrics; 0 = any free port")
     home: Path = Field(default_factory=default_home)
     instance: str = ""
+    usage_hub_check_s: float = Field(default=30.0, ge=0,
+                                     description="an edge's usage publishers check this often that the hub's USAGE "
+                                                 "stream sources the site's (0: never; the hub's list is kept by hand)")
 
     @field_validator("site")
     @classmethod

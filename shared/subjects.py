@@ -177,7 +177,12 @@ def policy_events(site: str) -> str:
     return f"{PREFIX}.{site}.router.policy"
 
 
-HUB_JS_API = f"$JS.{HUB}.API"
+def js_api(domain: str) -> str:
+    """The JetStream API of the domain ``domain`` (a site id, or ``hub``), reachable from any connected server."""
+    return f"$JS.{domain}.API"
+
+
+HUB_JS_API = js_api(HUB)
 """The hub's JetStream API seen from any site (a leaf maps it across the leaf connection)."""
 HUB_JS_API_INFO = f"{HUB_JS_API}.INFO"  # answered by the hub's JetStream only while the uplink is up
 

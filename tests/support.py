@@ -284,6 +284,21 @@ async def last_usage(url: str, site: str) -> dict[str, object]:
     return dict(json.loads(msg.data))
 
 
+async def usage_events(url: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(subject, event)`` of every message in the ``USAGE`` stream of the server at ``url``, in stream order."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        state = (await js.stream_info("USAGE")).state
+        found = []
+        for seq in range(state.first_seq, state.last_seq + 1) if state.messages else ():
+            msg = await js.get_msg("USAGE", seq)
+            found.append((msg.subject, dict(json.loads(msg.data or b"{}"))))
+    finally:
+        await nc.drain()
+    return found
+
+
 def model_name(registry: Path) -> str:
     """The first model name of a registry file written by ``write_registry``."""
     return registry.read_text().split("name: ", 1)[1].split()[0]

@@ -23,7 +23,7 @@ from services.cloud_adapter import config
 from services.cloud_adapter.adapter import SERVICE, CloudAdapter
 from services.cloud_adapter.settings import CloudSettings
 from services.cloud_adapter.state import CloudState
-from shared import subjects
+from shared import hub_usage, subjects
 from shared.envelope import Envelope, admission_subject
 from shared.handling import ErrorReplies
 from shared.heartbeat import announce_every, subscribe_controls
@@ -116,6 +116,7 @@ async def main(settings: CloudSettings, readiness: Readiness, stack: AsyncExitSt
     state.spawn(state.health_loop(adapter.healths, adapter.health_changed))
     state.spawn(state.budget_loop(adapter.budget_alert, adapter.budget_metrics))
     state.spawn(announce_every(nc, settings.site, adapter.heartbeat, settings.heartbeat_s))
+    state.spawn(hub_usage.keep_joined(nc, settings.site, settings.usage_hub_check_s))
     readiness.add("jetstream", state.problem)
     intake = Intake(nc, subject=subjects.cloud_chat(sites_of(settings)), queue=subjects.CLOUD_QUEUE,
                     model=ChatCompletionRequest, handler=chat_handler(adapter), site=settings.site, service=SERVICE)

@@ -27,7 +27,7 @@ from services.local_inference.embedder import EmbedEngine
 from services.local_inference.engine import Engine
 from services.local_inference.settings import InferenceSettings
 from services.local_inference.worker import SERVICE, Worker
-from shared import metrics, subjects
+from shared import hub_usage, metrics, subjects
 from shared.envelope import EVENT, Envelope
 from shared.handling import ErrorReplies, forwarded_envelope
 from shared.heartbeat import announce, announce_every, subscribe_controls
@@ -194,6 +194,8 @@ async def main(settings: InferenceSettings, readiness: Readiness, stack: AsyncEx
     except Exception as exc:  # JetStream off or electing: usage events are then dropped and counted
         log.warning("usage stream unavailable", error=repr(exc))
     stack.push_async_callback(worker.usage.flush)  # unwinds after the answers below have finished
+    forward = asyncio.create_task(hub_usage.keep_joined(nc, settings.site, settings.usage_hub_check_s))
+    stack.callback(forward.cancel)
     stack.push_async_callback(wait_for_answers, worker, settings.nats_drain_timeout_s)
     worker.on_idle = lambda: worker.spawn(publish_heartbeat(nc, worker))
     readiness.add("models", lambda: None if all(e.ready for e in worker.engines.values())

@@ -1,0 +1,150 @@
+"""Usage of every site at the hub: the hub's ``USAGE`` stream sources each edge site's (store and forward).
+
+An edge keeps its usage events in the ``USAGE`` stream of its own JetStream domain (subjects
+``lw.v1.<site>.usage.>``), which works offline. The hub's ``USAGE`` stream (domain ``hub``; its own subjects
+``lw.v1.hub.usage.>`` hold what is answered at the hub) lists each edge's stream as a source: nats-server copies
+what the edge stored, from where it stopped, whenever the leaf connection is up. Nothing is lost while a site is
+offline (within the edge stream's limits) and nothing is copied twice; the copies keep their subjects, so a
+reader of the hub's stream filters one site with ``lw.v1.<site>.usage.>``.
+
+An edge puts itself on the hub's list: its usage publishers (cloud-adapter, local-inference) run
+``keep_joined``, which adds the site's source when missing — creating the hub's stream if there is none —
+and checks again every ``check_s`` (the list is read, changed and written whole, so two sites joining at the
+same moment can overwrite each other; each reads the list back and adds itself again, after a random wait
+that doubles each time). A site already listed is never dropped this way: only one added between another's
+read and write can be. The hub's lag behind
+this site is exported as ``leafwire_usage_hub_lag_events``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+from nats.aio.client import Client as NATS
+from nats.js.api import ExternalStream, StreamConfig, StreamSource
+from nats.js.client import JetStreamContext
+from nats.js.errors import APIError, NotFoundError
+
+from shared import metrics, subjects
+from shared.config_bucket import HUB_REPLICAS, HUB_TIMEOUT_S, HUB_UNREACHABLE, REPLICAS_NOT_SUPPORTED, role_of
+from shared.errors import HubUnreachable
+from shared.logging import get_logger
+from shared.usage import usage_stream
+
+log = get_logger("leafwire.usage.hub")
+JOIN_TRIES = 8
+SETTLE_S = 0.05  # the first wait (at random, up to this, doubling each try) before reading the list back
+INFO_SUBJECT = f"{subjects.HUB_JS_API}.STREAM.INFO.{subjects.USAGE}"
+
+
+def site_source(site: str) -> StreamSource:
+    """The source entry of ``site``'s ``USAGE`` stream, read through the site's JetStream domain."""
+    return StreamSource(name=subjects.USAGE, external=ExternalStream(api=subjects.js_api(site)))
+
+
+def is_source_of(source: StreamSource, site: str) -> bool:
+    """True when ``source`` is ``site``'s ``USAGE`` stream."""
+    return (source.name == subjects.USAGE and source.external is not None
+            and source.external.api == subjects.js_api(site))
+
+
+def hub_stream(replicas: int, sources: list[StreamSource]) -> StreamConfig:
+    """The hub's ``USAGE`` stream: the hub's own events, and copies of the edges' from ``sources``."""
+    config = usage_stream(subjects.HUB, replicas)
+    config.sources = sources
+    return config
+
+
+async def read_hub(nc: NATS, site: str, wait_s: float) -> tuple[StreamConfig, int | None]:
+    """The hub stream's configuration, and how many events it lags behind ``site`` (``None``: not a source).
+
+    Raises ``NotFoundError`` when the hub has no ``USAGE`` stream yet. (nats-py's ``stream_info`` drops the
+    source's domain from the lag report, so the reply is read here.)
+    """
+    resp = json.loads((await nc.request(INFO_SUBJECT, b"", timeout=wait_s)).data)
+    if "error" in resp:
+        APIError.from_error(resp["error"])
+    api = subjects.js_api(site)
+    lag = next((int(s.get("lag") or 0) for s in resp.get("sources") or []
+                if (s.get("external") or {}).get("api") == api), None)
+    return StreamConfig.from_response(resp["config"]), lag
+
+
+async def _create(hub: JetStreamContext, site: str) -> None:
+    """Create the hub's stream with ``site`` as its first source (one replica on a one-node hub); a stream
+    created meanwhile by someone else is left as it is."""
+    for replicas in (HUB_REPLICAS, 1):
+        try:
+            await hub.add_stream(hub_stream(replicas, [site_source(site)]))
+            log.info("hub USAGE stream created", replicas=replicas, site=site)
+            return
+        except APIError as exc:
+            if exc.err_code == REPLICAS_NOT_SUPPORTED:
+                continue
+            try:
+                await hub.stream_info(subjects.USAGE)
+            except NotFoundError:
+                raise exc from None
+            return
+
+
+async def join(nc: NATS, site: str, wait_s: float = HUB_TIMEOUT_S) -> tuple[bool, int]:
+    """Make the hub's ``USAGE`` stream source ``site``'s: ``(added now, the hub's lag behind the site)``.
+
+    Raises ``HubUnreachable`` when the hub's JetStream does not answer, and ``RuntimeError`` when the source
+    did not stay on the list after ``JOIN_TRIES`` writes (other sites kept rewriting it).
+    """
+    hub = nc.jetstream(domain=subjects.HUB, timeout=wait_s)
+    added = False
+    try:
+        for attempt in range(JOIN_TRIES):
+            try:
+                config, lag = await read_hub(nc, site, wait_s)
+            except NotFoundError:
+                await _create(hub, site)
+                added = True
+                continue
+            if lag is not None:
+                return added, lag
+            config.sources = [*(config.sources or []), site_source(site)]
+            await hub.update_stream(config)
+            added = True
+            await asyncio.sleep(random.uniform(0, SETTLE_S * 2**attempt))
+    except HUB_UNREACHABLE as exc:
+        raise HubUnreachable(f"the hub's JetStream (domain {subjects.HUB!r}) does not answer within "
+                             f"{wait_s:g} s: the uplink is down or the hub is not running") from exc
+    raise RuntimeError(f"site {site!r} did not stay among the hub's USAGE sources after {JOIN_TRIES} writes")
+
+
+async def keep_joined(nc: NATS, site: str, check_s: float, retry_s: float = 5.0) -> None:
+    """Keep the hub's ``USAGE`` stream sourcing this site's, for as long as it runs; returns at once on the hub
+    or a standalone server (nothing to forward), and does nothing when ``check_s`` is 0."""
+    if check_s <= 0:
+        return
+    while True:
+        try:
+            role = await role_of(nc.jetstream(timeout=HUB_TIMEOUT_S))
+            break
+        except Exception as exc:  # JetStream still starting: ask again
+            log.debug("JetStream domain unknown yet", error=repr(exc))
+            await asyncio.sleep(retry_s)
+    if role != "edge":
+        return
+    unreachable = False
+    while True:
+        try:
+            added, lag = await join(nc, site)
+            metrics.USAGE_HUB_LAG.set(lag)
+            if added or unreachable:
+                log.info("the hub's USAGE stream sources this site's", site=site, lag=lag)
+            unreachable, wait = False, check_s
+        except HubUnreachable as exc:
+            if not unreachable:
+                log.info("hub not reachable: usage events wait in this site's stream", reason=exc.message)
+            unreachable, wait = True, retry_s
+        except Exception as exc:
+            log.warning("could not check the hub's USAGE sources; retrying", error=repr(exc), retry_s=retry_s)
+            wait = retry_s
+        await asyncio.sleep(wait)

@@ -1,0 +1,145 @@
+"""The hub's USAGE stream sources each edge site's: events stored at an edge reach the hub once, also those
+stored while the uplink was down. Real nats-servers: a one-node hub and an edge whose leaf link can be cut."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from schemas.cloud import UsageEvent
+from shared import hub_usage, metrics, subjects
+from shared.errors import HubUnreachable
+from shared.streams import ensure_stream
+from shared.usage import UsagePublisher, usage_stream
+from tests.support import CuttableSite, NatsServer, eventually_async, start_cuttable_site, usage_events
+
+SITE = "plant9"
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[CuttableSite]:
+    started = start_cuttable_site(tmp_path, SITE)
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture
+async def edge(site: CuttableSite) -> AsyncIterator[nats.NATS]:
+    client = await nats.connect(site.edge.url)
+    try:
+        yield client
+    finally:
+        await client.drain()
+
+
+@pytest.fixture
+async def hub(site: CuttableSite) -> AsyncIterator[nats.NATS]:
+    client = await nats.connect(site.hub.url)
+    try:
+        yield client
+    finally:
+        await client.drain()
+
+
+def event(n: int) -> UsageEvent:
+    return UsageEvent(request_id=f"r{n}", tenant="t", site=SITE, target="local/tiny", prompt_tokens=n,
+                      completion_tokens=1)
+
+
+async def request_ids(server: NatsServer, site: str) -> list[str]:
+    """The request ids of ``site``'s events in the USAGE stream of ``server``, in order."""
+    return [event["request_id"] for subject, event in await usage_events(server.url) if subject == subjects.usage(site)]
+
+
+async def hub_holds(site: CuttableSite, count: int) -> list[str]:
+    """The site's events at the hub, once there are ``count`` of them."""
+    return await eventually_async(lambda: request_ids(site.hub, SITE),
+                                  lambda ids: len(ids) >= count, within_s=20, what=f"{count} events at the hub")
+
+
+async def test_events_reach_the_hub_also_those_stored_offline(site: CuttableSite, edge: nats.NATS,
+                                                              hub: nats.NATS) -> None:
+    """Events stored at the edge reach the hub in order; those stored while the link was cut follow once it is
+    back, and none arrives twice."""
+    publisher = UsagePublisher(edge, SITE, interval_s=0.01)
+    await publisher.ensure_stream()
+    added, _ = await hub_usage.join(edge, SITE)
+    assert added
+    for n in range(5):
+        await publisher.usage(event(n))
+    await publisher.flush()
+    assert await hub_holds(site, 5) == [f"r{n}" for n in range(5)]
+
+    site.link.cut()
+    for n in range(5, 40):
+        await publisher.usage(event(n))
+    await publisher.flush()  # stored by the edge alone
+    with pytest.raises(HubUnreachable):
+        await hub_usage.join(edge, SITE, wait_s=0.5)
+    site.link.restore()
+    assert await hub_holds(site, 40) == [f"r{n}" for n in range(40)]
+    await asyncio.sleep(1)
+    assert await request_ids(site.hub, SITE) == [f"r{n}" for n in range(40)]
+    assert await hub_usage.join(edge, SITE) == (False, 0)  # already a source, and caught up
+
+
+async def test_sites_joining_together_all_stay_listed(edge: nats.NATS, hub: nats.NATS) -> None:
+    """Eight sites adding themselves at once: each reads the list back, so none is overwritten by another."""
+    names = [f"site{n}" for n in range(8)]
+    results = await asyncio.gather(*(hub_usage.join(edge, name) for name in names))
+    assert all(added for added, _ in results)
+    info = await hub.jetstream().stream_info("USAGE")
+    listed = [s.external.api for s in info.config.sources or [] if s.external is not None]
+    assert sorted(listed) == sorted(subjects.js_api(name) for name in names)
+
+
+async def test_the_hubs_own_stream_keeps_its_events_and_subjects(site: CuttableSite, edge: nats.NATS,
+                                                                 hub: nats.NATS) -> None:
+    """A USAGE stream the hub's own services made first gets the source added; their events stay, and their
+    publisher declaring the stream again keeps the source."""
+    hub_publisher = UsagePublisher(hub, subjects.HUB, interval_s=0.01)
+    await hub_publisher.ensure_stream()
+    await hub_publisher.usage(event(100))
+    await hub_publisher.flush()
+    await UsagePublisher(edge, SITE).ensure_stream()
+    assert (await hub_usage.join(edge, SITE))[0]
+    await ensure_stream(hub, usage_stream(subjects.HUB))
+    info = await hub.jetstream().stream_info("USAGE")
+    assert info.config.subjects == [subjects.usage_filter(subjects.HUB)]
+    assert [s.external.api for s in info.config.sources or [] if s.external] == [subjects.js_api(SITE)]
+    for n in range(101, 104):  # one atomic batch, on a stream that now has a source
+        await hub_publisher.usage(event(n))
+    await hub_publisher.flush()
+    assert hub_publisher.atomic
+    assert await request_ids(site.hub, subjects.HUB) == ["r100", "r101", "r102", "r103"]
+
+
+async def test_keep_joined_waits_for_the_uplink(site: CuttableSite, edge: nats.NATS, hub: nats.NATS) -> None:
+    """Started with the link cut, the loop joins once it is back and reports the hub's lag; at the hub
+    itself it has nothing to do and returns."""
+    await asyncio.wait_for(hub_usage.keep_joined(hub, subjects.HUB, check_s=1), 5)
+    await UsagePublisher(edge, SITE).ensure_stream()
+    site.link.cut()
+    loop = asyncio.create_task(hub_usage.keep_joined(edge, SITE, check_s=0.5, retry_s=0.2))
+    try:
+        await asyncio.sleep(1.5)
+        assert not loop.done()
+        site.link.restore()
+
+        async def sources() -> int:
+            try:
+                return len((await hub.jetstream().stream_info("USAGE")).config.sources or [])
+            except nats.js.errors.NotFoundError:
+                return 0
+
+        await eventually_async(sources, lambda n: n == 1, within_s=20, what="the site to be a source")
+        await eventually_async(lambda: asyncio.sleep(0, metrics.USAGE_HUB_LAG._value.get()),
+                               lambda lag: lag == 0, within_s=5, what="the lag to be reported")
+    finally:
+        loop.cancel()
