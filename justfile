@@ -25,6 +25,9 @@ logs:
 models *args:
     uv run python deploy/models/build.py {{args}}
 
+# who used what and what it cost (the usage report; --help for options)
+usage *args:
+    uv run leafwire usage {{args}}
 # run the test suite
 test *args:
     uv run pytest {{args}}

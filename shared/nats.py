@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import time
 from typing import Any
 
@@ -47,26 +49,52 @@ def connect_options(settings: ServiceSettings, name: str) -> dict[str, Any]:
     return opts
 
 
+class NoNatsServer(ConnectionError):
+    """No NATS server accepted a connection in the time given."""
+
+
+async def connect_once(servers: str | list[str], wait_s: float, **options: Any) -> NATS:
+    """A client connected to one of ``servers``, each tried without waiting between tries; ``NoNatsServer``
+    when none accepts within ``wait_s``. No reconnecting afterwards: for commands and probes.
+
+    Why not plain ``nats.connect(..., allow_reconnect=False, max_reconnect_attempts=0)``: nats-py reads 0 as
+    "no limit", so a refused first connection is retried forever, each failure logged with a traceback.
+    """
+
+    async def quiet(_: Exception) -> None:
+        pass
+
+    nc = NATS()
+    try:
+        async with asyncio.timeout(wait_s):
+            await nc.connect(servers, connect_timeout=math.ceil(wait_s), allow_reconnect=False,
+                             max_reconnect_attempts=1, reconnect_time_wait=0, error_cb=quiet, **options)
+    except (Exception, TimeoutError) as exc:  # nats-py raises several unrelated types for "nobody there"
+        with contextlib.suppress(Exception):
+            await nc.close()
+        where = servers if isinstance(servers, str) else ", ".join(servers)
+        raise NoNatsServer(f"no NATS server at {where} accepts a connection ({exc!r})") from exc
+    return nc
+
+
 async def wait_for_server(settings: ServiceSettings) -> None:
     """Return once a NATS server of ``settings`` accepts a connection; raise after the connect timeout.
 
     Services start in any order; this lets them wait for NATS instead of failing.
     """
     deadline = time.monotonic() + settings.nats_connect_timeout_s
+    creds = {"user_credentials": str(settings.nats_creds)} if settings.nats_creds else {}
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            nc = await nats.connect(settings.nats_servers, connect_timeout=1, allow_reconnect=False,
-                                    max_reconnect_attempts=0,
-                                    **({"user_credentials": str(settings.nats_creds)}
-                                       if settings.nats_creds else {}))
-        except Exception as exc:  # nats raises several unrelated types for "not there yet"
+            nc = await connect_once(settings.nats_servers, min(1.0, max(deadline - time.monotonic(), 0.1)), **creds)
+        except NoNatsServer as exc:
             last = exc
             await asyncio.sleep(0.2)
             continue
         await nc.close()
         return
-    raise ConnectionError(f"no NATS server at {settings.nats_url} after "
+    raise NoNatsServer(f"no NATS server at {settings.nats_url} after "
                           f"{settings.nats_connect_timeout_s:g} s") from last
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import TypeVar
@@ -18,7 +19,7 @@ from faststream.nats import NatsBroker
 
 from shared import logging as lw_logging
 from shared import metrics
-from shared.nats import start_broker
+from shared.nats import NoNatsServer, start_broker
 from shared.ops import OpsServer, Readiness
 from shared.settings import ServiceSettings
 from shared.streams import ensure_dead_letters
@@ -34,12 +35,17 @@ def run(service: str, settings_factory: Callable[[], S], main: Main[S], *, ops_s
     """
     settings = settings_factory()
     lw_logging.configure(service, settings.log_level)
+    serving = _serve(service, settings, main, ops_server)
     try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
-        asyncio.run(_serve(service, settings, main, ops_server))
-    else:
-        uvloop.run(_serve(service, settings, main, ops_server))
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+            asyncio.run(serving)
+        else:
+            uvloop.run(serving)
+    except NoNatsServer as exc:  # no NATS server within LW_NATS_CONNECT_TIMEOUT_S: say so, no traceback
+        lw_logging.get_logger(service).error("cannot start", error=str(exc))
+        sys.exit(1)
 
 
 async def _serve(service: str, settings: S, main: Main[S], ops_server: bool) -> None:

@@ -24,9 +24,9 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 from nats.errors import TimeoutError as NatsTimeout
@@ -36,6 +36,7 @@ from services.router.masking import Masker
 from services.router.policy import PolicyError, parse
 from shared import config_bucket, subjects
 from shared.errors import HubUnreachable
+from shared.nats import NoNatsServer, connect_once
 
 NO_VERDICT = 2
 UNREACHABLE = 3
@@ -70,9 +71,9 @@ class Refused(Exception):
 async def connect(url: str) -> NATS:
     """One attempt, no reconnects: the command should fail fast, not hang."""
     try:
-        return await nats.connect(url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0)
-    except Exception as exc:  # nats-py raises several unrelated types for "nobody there"
-        raise Refused(f"no NATS server at {url} ({exc!r}); nothing was written", UNREACHABLE) from exc
+        return await connect_once(url, 2.0)
+    except NoNatsServer as exc:
+        raise Refused(f"{exc}; nothing was written", UNREACHABLE) from exc
 
 
 async def write(nc: NATS, url: str, key: str, text: bytes | None) -> str:
@@ -123,8 +124,9 @@ async def install(url: str, site: str, key: str, text: bytes | None, wait_s: flo
     return 0 if verdict.get("outcome") in ("applied", "reverted", "overridden") else 1
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["validate", "push", "clear"])
     parser.add_argument("file", nargs="?", type=Path)
     parser.add_argument("--nats", default="nats://127.0.0.1:4222", help="any server: the hub's or an edge's")
@@ -132,7 +134,7 @@ def main() -> int:
     parser.add_argument("--scope", choices=["global", "site"], default="global",
                         help="global: router.policy, every site; site: router.policy.<site>, that site only")
     parser.add_argument("--wait", type=float, default=5.0, help="seconds to wait for a router's verdict")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     subjects.check_site(args.site)
     key = key_for(args.scope, args.site)
     if args.command == "clear":

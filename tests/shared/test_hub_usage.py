@@ -15,6 +15,7 @@ from shared import hub_usage, metrics, subjects
 from shared.errors import HubUnreachable
 from shared.streams import ensure_stream
 from shared.usage import UsagePublisher, usage_stream
+from shared.usage_report import report
 from tests.support import CuttableSite, NatsServer, eventually_async, start_cuttable_site, usage_events
 
 SITE = "plant9"
@@ -87,6 +88,8 @@ async def test_events_reach_the_hub_also_those_stored_offline(site: CuttableSite
     await asyncio.sleep(1)
     assert await request_ids(site.hub, SITE) == [f"r{n}" for n in range(40)]
     assert await hub_usage.join(edge, SITE) == (False, 0)  # already a source, and caught up
+    at_hub = await report(edge, by=("site",), domain=subjects.HUB)  # what `leafwire usage --domain hub` adds up
+    assert {key: totals.requests for key, totals in at_hub.groups.items()} == {(SITE,): 40}
 
 
 async def test_sites_joining_together_all_stay_listed(edge: nats.NATS, hub: nats.NATS) -> None:
