@@ -62,6 +62,19 @@ async def whole(nc: nats.NATS, site: str, body: dict[str, object], wait_s: float
     return 0
 
 
+async def connect(url: str) -> nats.NATS | None:
+    """Two quick tries, then give up (nats-py's defaults retry for two minutes, and 0 attempts means forever)."""
+
+    async def quiet(_: Exception) -> None:
+        pass
+
+    try:
+        return await nats.connect(url, connect_timeout=2, max_reconnect_attempts=1, reconnect_time_wait=0,
+                                  error_cb=quiet)
+    except Exception:  # nats-py raises several unrelated types for "nobody there"
+        return None
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", nargs="?", default="What is the capital of France?")
@@ -72,7 +85,10 @@ async def main() -> int:
     parser.add_argument("--timeout", type=float, default=60)
     args = parser.parse_args()
     body = {"model": args.model, "messages": [{"role": "user", "content": args.prompt}]}
-    nc = await nats.connect(args.nats)
+    nc = await connect(args.nats)
+    if nc is None:
+        print(f"no NATS server at {args.nats} (is `just up` running?)", file=sys.stderr)
+        return 2
     try:
         run = whole if args.no_stream else streamed
         return await run(nc, args.site, body, args.timeout)

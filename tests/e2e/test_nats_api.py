@@ -9,6 +9,7 @@ import sys
 import nats
 import pytest
 
+from deploy.topology import free_port
 from tests.conftest import Stack
 from tests.support import ROOT
 
@@ -92,3 +93,13 @@ def test_runnable_example(stack: Stack) -> None:
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "nats_chat.py"), "--nats", stack.nats.url,
                           "--model", "tiny", "hello"], capture_output=True, text=True, timeout=60, check=True)
     assert "completion tokens" in out.stdout
+
+
+def test_example_without_nats_says_so() -> None:
+    """With no NATS server there, the example exits 2 at once with a line saying so (not two minutes of
+    nats-py retrying)."""
+    url = f"nats://127.0.0.1:{free_port()}"
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "nats_chat.py"), "--nats", url, "hello"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"no NATS server at {url} (is `just up` running?)"
