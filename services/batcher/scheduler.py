@@ -194,8 +194,9 @@ class Batcher:
             if worker is not None and wait <= 0:
                 await self.hand(queue, worker, queue.take())
             elif wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), None if math.isinf(wait) else wait)
+                with contextlib.suppress(TimeoutError):  # not wait_for: 3.11's can swallow a cancel
+                    async with asyncio.timeout(None if math.isinf(wait) else wait):
+                        await wake.wait()
 
     def next_step(self, queue: ModelQueue) -> tuple[WorkerRef | None, float]:
         """The worker for the next batch and how long to wait before it may go (0: now, look again)."""

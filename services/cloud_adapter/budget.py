@@ -142,6 +142,16 @@ class Ledger:
         if status.window == acct.window and revision > acct.revision:
             acct.known, acct.revision = status.spent_usd, revision
 
+    def cleared(self, key: str) -> None:
+        """The bucket no longer holds ``key`` (deleted, or the bucket was reset): nothing known spent."""
+        if (acct := self.accounts.get(key)) is not None:
+            acct.known, acct.revision = 0.0, 0
+
+    def forget_revisions(self) -> None:
+        """The bucket was created anew: its revisions count from 1 again."""
+        for acct in self.accounts.values():
+            acct.revision = 0
+
     def due(self) -> list[Account]:
         """Accounts with spending to write."""
         return [a for a in self.accounts.values() if a.pending > 0]

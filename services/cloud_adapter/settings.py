@@ -49,6 +49,9 @@ class CloudSettings(ServiceSettings):
                                   description="how often spending is added to the budgets KV bucket")
     health_interval_s: float = Field(default=10.0, gt=0, alias="LW_CLOUD_HEALTH_INTERVAL_S",
                                      description="how often provider health is re-published even unchanged")
+    state_check_s: float = Field(default=10.0, gt=0, alias="LW_CLOUD_STATE_CHECK_S",
+                                 description="how often the buckets and the USAGE stream are checked to still "
+                                             "exist (created again when deleted)")
     heartbeat_s: float = Field(default=2.0, gt=0, alias="LW_CLOUD_HEARTBEAT_S")
     max_response_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, alias="LW_CLOUD_MAX_RESPONSE_BYTES",
                                     description="largest provider answer (or stream event) read")

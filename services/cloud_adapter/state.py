@@ -15,7 +15,7 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
@@ -25,6 +25,7 @@ from services.cloud_adapter.cache import Entry
 from services.cloud_adapter.near_cache import NearCache
 from services.cloud_adapter.settings import CloudSettings
 from shared import subjects
+from shared.kv_follow import follow_bucket
 from shared.logging import get_logger
 from shared.streams import ensure_kv
 from shared.usage import UsagePublisher
@@ -67,6 +68,34 @@ class CloudState:
         self.opened.set()
         log.info("JetStream state open", buckets=[subjects.CLOUD_CACHE, subjects.PROVIDER_HEALTH, subjects.BUDGETS],
                  stream=subjects.USAGE)
+        self.spawn(follow_bucket(self._budgets_bucket, ">", self._budget_entry, name=subjects.BUDGETS,
+                                 replaced=self._budgets_replaced, check_s=self._settings.state_check_s))
+        self.spawn(self._keep_open(retry_s))
+
+    async def _keep_open(self, retry_s: float) -> None:
+        """Create again what was deleted underneath (a bucket removed to reset it, a server that lost its
+        storage): checked every ``LW_CLOUD_STATE_CHECK_S``."""
+        while True:
+            await asyncio.sleep(self._settings.state_check_s)
+            try:
+                missing = await self._missing()
+                if missing:
+                    log.warning("JetStream state deleted underneath; creating it again", missing=missing)
+                    await self._open_once()
+            except Exception as exc:  # JetStream unavailable: the next round tries again
+                log.debug("JetStream state check failed", error=repr(exc))
+
+    async def _missing(self) -> list[str]:
+        """The buckets' streams and the usage stream that do not exist."""
+        js = self._nc.jetstream(timeout=5)
+        names = [subjects.kv_stream(b) for b in (subjects.CLOUD_CACHE, subjects.PROVIDER_HEALTH, subjects.BUDGETS)]
+        missing = []
+        for name in [*names, subjects.USAGE]:
+            try:
+                await js.stream_info(name)
+            except NotFoundError:
+                missing.append(name)
+        return missing
 
     async def _open_once(self) -> None:
         s = self._settings
@@ -79,18 +108,24 @@ class CloudState:
         self.budgets = await ensure_kv(self._nc, KeyValueConfig(
             bucket=subjects.BUDGETS, direct=True, **common))  # type: ignore[arg-type]
         await self._usage.ensure_stream(s.kv_replicas)
-        watcher = await self.budgets.watchall()
-        self._tasks.append(asyncio.create_task(self._watch_budgets(watcher)))
 
-    async def _watch_budgets(self, watcher: KeyValue.KeyWatcher) -> None:
+    async def _budgets_bucket(self) -> KeyValue:
+        if self.budgets is None:
+            raise BucketNotFoundError
+        return self.budgets
+
+    async def _budget_entry(self, key: str, value: bytes | None, revision: int) -> None:
         """Keep the ledger in step with what every adapter wrote."""
-        async for entry in watcher:
-            if entry is None or not entry.value:
-                continue
-            try:
-                self._ledger.seen(BudgetStatus.model_validate_json(entry.value), entry.revision or 0)
-            except ValidationError:
-                log.warning("unreadable budget entry", key=entry.key)
+        if value is None:
+            self._ledger.cleared(key)
+            return
+        try:
+            self._ledger.seen(BudgetStatus.model_validate_json(value), revision)
+        except ValidationError:
+            log.warning("unreadable budget entry", key=key)
+
+    async def _budgets_replaced(self) -> None:
+        self._ledger.forget_revisions()
 
     # -- cache
 

@@ -54,6 +54,10 @@ class PolicyFollower:
         """Note a change of a key (acted on once the watch has caught up, or at ``settled``)."""
         self.layers.seen(key, value, revision)
 
+    async def replaced(self) -> None:
+        """The bucket was created anew: its revisions count from 1 again."""
+        self.layers.revisions.clear()
+
     async def settled(self) -> None:
         """Act on the changes seen since the last call."""
         for step in self.layers.settle():

@@ -96,3 +96,40 @@ async def test_usage_events_are_kept(nc: nats.NATS, tmp_path: Path) -> None:
     await state.close(lambda _: None)
     msg = await nc.jetstream().get_last_msg("USAGE", "lw.v1.state.usage.events")
     assert json.loads(msg.data)["request_id"] == "u1"
+
+
+async def test_buckets_and_stream_deleted_underneath_come_back(nc: nats.NATS, tmp_path: Path) -> None:
+    """An operator resets budgets by deleting the bucket (or the server lost its storage): the adapter creates
+    what is missing again, forgets what the old bucket said was spent, and counts from zero; usage events
+    are stored again too."""
+    from schemas.cloud import UsageEvent
+    ledger = Ledger(BUDGETS)
+    state = await opened(nc, ledger, tmp_path, LW_CLOUD_STATE_CHECK_S=0.2)
+    ledger.charge("reset", 0.5)
+    await state.flush_budgets(lambda _: None)
+    await eventually(lambda: ledger.account("tenant-reset", "daily").spent == pytest.approx(0.5))
+    js = nc.jetstream()
+    await js.delete_key_value("budgets")
+    await js.delete_stream("USAGE")
+
+    async def exists(name: str) -> bool:
+        try:
+            await js.stream_info(name)
+            return True
+        except nats.js.errors.NotFoundError:
+            return False
+
+    async with asyncio.timeout(10):
+        while not (await exists("KV_budgets") and await exists("USAGE")):  # noqa: ASYNC110 - polling NATS
+            await asyncio.sleep(0.05)
+    await eventually(lambda: ledger.account("tenant-reset", "daily").spent == 0)
+    ledger.charge("reset", 0.1)
+    await state.flush_budgets(lambda _: None)
+    kv = await js.key_value("budgets")
+    stored = BudgetStatus.model_validate_json((await kv.get("tenant-reset.daily")).value or b"")
+    assert stored.spent_usd == pytest.approx(0.1)
+    await state.publish_usage(UsageEvent(request_id="after-reset", tenant="t", site="state", target="p/m",
+                                         prompt_tokens=1, completion_tokens=1))
+    await state.close(lambda _: None)
+    msg = await js.get_last_msg("USAGE", "lw.v1.state.usage.events")
+    assert json.loads(msg.data)["request_id"] == "after-reset"

@@ -59,3 +59,18 @@ class TestPolicyFollower:
         await self.feed(follower, GLOBAL, None)
         assert events[-1] == {"outcome": "reverted", "source": "file", "rules": ["from-file"]}
         assert follower.state.policy.rules[0].name == "from-file"
+
+    async def test_a_config_bucket_created_anew_counts_revisions_from_one(self) -> None:
+        """Revisions the router has seen are ignored when they come again (the hub read and the mirror overlap);
+        a bucket created anew starts from revision 1, and its policy applies."""
+        follower, events = self.follower()
+        await follower.on_entry(GLOBAL, rule("old"), 7)
+        await follower.settled()
+        await follower.on_entry(GLOBAL, rule("stale"), 6)  # older than what was seen: ignored
+        await follower.settled()
+        assert follower.state.policy.rules[0].name == "old"
+        await follower.replaced()
+        await follower.on_entry(GLOBAL, rule("new"), 1)
+        await follower.settled()
+        assert follower.state.policy.rules[0].name == "new"
+        assert events[-1] == {"outcome": "applied", "source": "kv:router.policy", "rules": ["new"]}
