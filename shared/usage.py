@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 
 from nats.aio.client import Client as NATS
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, PubAck, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NoStreamResponseError
 
 from schemas.cloud import UsageEvent
 from shared import metrics, subjects
@@ -31,6 +33,7 @@ MONTH_S = 31 * 24 * 3600
 ACK_TIMEOUT_S = 10.0
 BATCH_INTERVAL_S = 0.05
 ATOMIC_MAX = 1000  # nats-server's limit of messages in one atomic batch
+RESTORE_S = 5.0  # at most this often a missing stream is created again
 ATOMIC_DISABLED = 10174  # JetStream's error code: atomic publish is disabled on this stream
 
 
@@ -80,11 +83,29 @@ class UsagePublisher:
         self._timer: asyncio.TimerHandle | None = None
         self._sending: set[asyncio.Task[None]] = set()
         self.atomic = True  # until the stream says it does not allow atomic batches
+        self._replicas: int | None = None  # set by ensure_stream: only a publisher that made the stream restores it
+        self._restored_at = -RESTORE_S
         self._in_batches = 0  # events of atomic batches not yet committed (or handed to publish_async)
 
     async def ensure_stream(self, replicas: int = 1) -> None:
         """Create the stream, or add this site's subjects to it (idempotent)."""
+        self._replicas = replicas
         await ensure_stream(self._nc, usage_stream(self._site, replicas))
+
+    async def _restore_stream(self) -> bool:
+        """No stream took the events (deleted underneath, or a server that lost its storage): create it again,
+        at most once every ``RESTORE_S``. True when it was created."""
+        now = time.monotonic()
+        if self._replicas is None or now - self._restored_at < RESTORE_S:
+            return False
+        self._restored_at = now
+        try:
+            await self.ensure_stream(self._replicas)
+        except Exception as exc:  # JetStream down as well: the next failure tries again
+            log.warning("USAGE stream missing and not created again", error=repr(exc))
+            return False
+        log.warning("USAGE stream was missing; created it again", site=self._site)
+        return True
 
     async def usage(self, event: UsageEvent) -> None:
         """Record one answered request."""
@@ -154,22 +175,33 @@ class UsagePublisher:
         if count != last:
             raise BatchRefused(f"the server committed {count} of {last} events")
 
-    async def _send_each(self, batch: list[tuple[str, bytes]]) -> None:
-        """Publish each event with its own ack (a batch of one, or one the server did not commit)."""
-        acks = []
+    async def _send_each(self, batch: list[tuple[str, bytes]], again: bool = True) -> None:
+        """Publish each event with its own ack (a batch of one, or one the server did not commit). Events no
+        stream took are published once more after the stream is created again (``again``)."""
+        acks: list[tuple[asyncio.Future[PubAck], tuple[str, bytes]]] = []
         dropped = 0
-        for subject, data in batch:
+        for event in batch:
             try:
                 # Free slots were checked when queued: no stall wait (a timed wait costs a task per event).
-                acks.append(await self._js.publish_async(subject, data))
+                acks.append((await self._js.publish_async(*event), event))
             except Exception as exc:
                 dropped += 1
                 log.warning("usage event dropped", error=repr(exc))
+        unstored: list[tuple[str, bytes]] = []
+        no_stream = True
         if acks:
-            done, late = await asyncio.wait(acks, timeout=ACK_TIMEOUT_S)
+            done, late = await asyncio.wait([ack for ack, _ in acks], timeout=ACK_TIMEOUT_S)
             for ack in late:
                 ack.cancel()
-            dropped += len(late) + sum(1 for ack in done if ack.cancelled() or ack.exception() is not None)
+            dropped += len(late)
+            for ack, event in acks:
+                if ack in done and (ack.cancelled() or ack.exception() is not None):
+                    unstored.append(event)
+                    no_stream = no_stream and not ack.cancelled() and isinstance(ack.exception(), NoStreamResponseError)
+        if unstored and again and no_stream and await self._restore_stream():
+            await self._send_each(unstored, again=False)
+        else:
+            dropped += len(unstored)
         if dropped:
             metrics.USAGE_EVENTS_DROPPED.inc(dropped)
 

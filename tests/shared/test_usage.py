@@ -153,3 +153,20 @@ async def test_a_server_without_atomic_batches_stores_each_event_once(nc: nats.N
     assert sorted(json.loads(d)["request_id"] for d in seen) == [f"r{n}" for n in range(6)]
     assert not publisher.atomic
     assert metrics.USAGE_EVENTS_DROPPED._value.get() == dropped
+
+
+async def test_a_stream_deleted_underneath_is_created_again(nc: nats.NATS) -> None:
+    """The USAGE stream deleted while the service runs (or a server that lost its storage): the next batch
+    finds no stream, creates it again and is stored there; nothing is dropped."""
+    publisher = UsagePublisher(nc, SITE, interval_s=0.01)
+    await publisher.ensure_stream()
+    await nc.jetstream().delete_stream("USAGE")
+    dropped = metrics.USAGE_EVENTS_DROPPED._value.get()
+    for n in range(3):
+        await publisher.usage(event(n))
+    await publisher.flush()
+    assert await stored(nc) == 3
+    assert metrics.USAGE_EVENTS_DROPPED._value.get() == dropped
+    js = nc.jetstream()
+    last = await js.get_last_msg("USAGE", f"lw.v1.{SITE}.usage.events")
+    assert json.loads(last.data)["request_id"] == "r2"
