@@ -234,8 +234,9 @@ leafwire is up: hub cluster (3 nodes) + edge site '{stack.site}', all services, 
 
   OpenAI-compatible API  {stack.gateway}/v1      (no API key needed in development)
   NATS at the edge       {edge.url}   requests on lw.v1.{stack.site}.chat  (examples/nats_chat.py)
-  Routing policy         written at the hub, mirrored to the edge: uv run python -m services.router.policy_cli push
-                         deploy/policy.yaml --nats {edge.url} --site {stack.site}   (docs/routing.md)
+  Routing policy         written at the hub, mirrored to the edge: uv run leafwire policy push deploy/policy.yaml
+                         --nats {edge.url} --site {stack.site}   (docs/routing.md)
+  Usage and cost         uv run leafwire usage --nats {edge.url}   (--domain hub: every site's; docs/cloud.md)
   Logs                   {stack.run_dir / 'logs'}/      Metrics: {stack.gateway}/metrics
   Stop                   Ctrl-C here, or `uv run just down` from another terminal
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -15,7 +16,7 @@ import pytest
 
 from deploy import stack, topology
 from shared.natsbin import nats_server
-from tests.support import ROOT, write_registry
+from tests.support import ROOT, eventually, write_registry
 
 pytestmark = pytest.mark.e2e
 
@@ -93,12 +94,23 @@ def stale_pid_files(run_dir: Path) -> None:
     (run_dir / "launcher.pid").write_text(str(dead.pid))
 
 
+def leafwire(*args: str) -> subprocess.CompletedProcess[str]:
+    """The ``leafwire`` command, as the banner shows it."""
+    return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT)
+
+
 def push_policy(tmp: Path, edge_url: str) -> subprocess.CompletedProcess[str]:
-    """policy_cli against the edge's NATS, as the docs show it."""
+    """``leafwire policy push`` against the edge's NATS."""
     policy = tmp / "policy.yaml"
     policy.write_text("local_model: tiny\nrules: [{name: pushed, route: [requested]}]\n")
-    return subprocess.run([sys.executable, "-m", "services.router.policy_cli", "push", str(policy), "--nats", edge_url,
-                           "--site", "testsite"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    return leafwire("policy", "push", str(policy), "--nats", edge_url, "--site", "testsite")
+
+
+def hub_usage(edge_url: str) -> dict[str, object]:
+    """``leafwire usage --domain hub --json``: every site's usage as the hub has it."""
+    done = leafwire("usage", "--nats", edge_url, "--domain", "hub", "--by", "site", "--json")
+    return dict(json.loads(done.stdout)) if done.returncode == 0 else {"error": done.stderr}
 
 
 def test_up_serves_then_down_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -115,9 +127,13 @@ def test_up_serves_then_down_leaves_nothing_behind(tmp_path: Path) -> None:
             model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
         assert reply.usage is not None
         assert reply.usage.completion_tokens == 3
-        pushed = push_policy(tmp_path, f"nats://127.0.0.1:{env['LW_NATS_PORT']}")
+        edge_url = f"nats://127.0.0.1:{env['LW_NATS_PORT']}"
+        pushed = push_policy(tmp_path, edge_url)
         assert pushed.returncode == 0, pushed.stderr  # written at the hub, applied by the edge's router
         assert '"outcome": "applied"' in pushed.stdout
+        at_hub = eventually(lambda: (u := hub_usage(edge_url)).get("groups") and u, 30, "the answer's usage at the hub")
+        assert at_hub["groups"] == [{"site": "testsite", "requests": 1, "errors": 0, "cached": 0, "prompt_tokens":
+                                     reply.usage.prompt_tokens, "completion_tokens": 3, "cost_usd": 0.0}]
         assert len(leafwire_pids(run_dir)) >= 10  # launcher, supervisord, 4 nats-servers, 6 services
         down = subprocess.run([sys.executable, "-m", "deploy.stack", "down"], env=env, cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
