@@ -35,6 +35,7 @@ from deploy import shutdown, topology
 from deploy.topology import Node
 
 ROOT = Path(__file__).resolve().parent.parent
+SUPERVISOR_STATES = {"STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FATAL", "UNKNOWN"}
 SERVICES = ["router", "local_inference", "batcher", "cloud_adapter", "retrieval"]
 # NATS ports, as offsets from LW_NATS_PORT (the edge's client port, 4222): the hub's client ports follow the
 # edge's (4223-4225); cluster 6222+, leaf 7422+, monitoring 8222+ (the edge's first).
@@ -173,8 +174,11 @@ def _get_json(url: str) -> tuple[int, dict[str, object]]:
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:
             return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, {}
+    except urllib.error.HTTPError as exc:  # 503 from /readyz says why in its body
+        try:
+            return exc.code, dict(json.loads(exc.read()))
+        except (OSError, ValueError, TypeError):
+            return exc.code, {}
     except (OSError, ValueError):
         return 0, {}
 
@@ -387,11 +391,51 @@ def _children(pid: int) -> list[int]:
 
 
 def status(stack: Stack) -> int:
-    """Show each process's state."""
+    """Each process: supervisord's state, pid and uptime, and whether it is ready (its ``/readyz``, or a NATS
+    node's ``/healthz``). Exit 0 when every process runs and is ready, 1 when not running, 3 otherwise."""
     if _alive(stack.pidfile, "supervisord") is None:
         say("leafwire is not running.")
         return 1
-    return subprocess.call(_supervisorctl(stack, "status"))
+    ctl = subprocess.run(_supervisorctl(stack, "status"), capture_output=True, text=True, timeout=30)
+    rows = [("process", "state", "pid", "uptime", "ready")]
+    all_ok = True
+    for line in ctl.stdout.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) < 2 or parts[1] not in SUPERVISOR_STATES:
+            continue
+        program, state = parts[0].rpartition(":")[2], parts[1]  # "group:program", or a lone group's program
+        detail = parts[2] if len(parts) > 2 else ""
+        pid = detail.split("pid ", 1)[1].split(",", 1)[0] if "pid " in detail else "-"
+        uptime = detail.split("uptime ", 1)[1].strip() if "uptime " in detail else "-"
+        ready = _readiness(stack, program) if state == "RUNNING" else "-"
+        all_ok = all_ok and state == "RUNNING" and ready == "ok"
+        rows.append((program, state, pid, uptime, ready))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    say(f"leafwire at {stack.gateway}/v1 (run folder {stack.run_dir})")
+    for row in rows:
+        say("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0 if all_ok else 3
+
+
+def _readiness(stack: Stack, program: str) -> str:
+    """``ok``, or why a running program is not ready (what its ``/readyz`` lists; for NATS, ``/healthz``)."""
+    monitors = {f"hub{i}": stack.nats_port + d for i, d in enumerate(HUB_MONITOR, start=1)}
+    monitors[f"edge-{stack.site}"] = stack.nats_port + EDGE_MONITOR
+    if program in monitors:
+        code, body = _get_json(f"http://{stack.host}:{monitors[program]}/healthz")
+        return "ok" if code == 200 and body.get("status") == "ok" else str(body.get("error") or "not healthy")
+    service = program.replace("-", "_")
+    url = (f"{stack.gateway}/readyz" if program == "gateway" else
+           f"http://{stack.host}:{stack.ops_port(service)}/readyz" if service in SERVICES else None)
+    if url is None:
+        return "?"
+    code, body = _get_json(url)
+    if code == 200:
+        return "ok"
+    problems = body.get("problems")
+    if isinstance(problems, dict) and problems:
+        return "; ".join(f"{name}: {why}" for name, why in problems.items())
+    return "not ready" if code else "not answering"
 
 
 def _supervisorctl(stack: Stack, *args: str) -> list[str]:

@@ -107,6 +107,14 @@ def push_policy(tmp: Path, edge_url: str) -> subprocess.CompletedProcess[str]:
     return leafwire("policy", "push", str(policy), "--nats", edge_url, "--site", "testsite")
 
 
+def status(env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], dict[str, list[str]]]:
+    """``just status``: its output, and its rows by process name."""
+    shown = subprocess.run([sys.executable, "-m", "deploy.stack", "status"], env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=60)
+    rows = {line.split()[0]: line.split()[1:] for line in shown.stdout.splitlines()[2:] if line.strip()}
+    return shown, rows
+
+
 def hub_usage(edge_url: str) -> dict[str, object]:
     """``leafwire usage --domain hub --json``: every site's usage as the hub has it."""
     done = leafwire("usage", "--nats", edge_url, "--domain", "hub", "--by", "site", "--json")
@@ -135,6 +143,17 @@ def test_up_serves_then_down_leaves_nothing_behind(tmp_path: Path) -> None:
         assert at_hub["groups"] == [{"site": "testsite", "requests": 1, "errors": 0, "cached": 0, "prompt_tokens":
                                      reply.usage.prompt_tokens, "completion_tokens": 3, "cost_usd": 0.0}]
         assert len(leafwire_pids(run_dir)) >= 10  # launcher, supervisord, 4 nats-servers, 6 services
+        shown, rows = status(env)
+        assert shown.returncode == 0, shown.stdout
+        assert set(rows) == {"hub1", "hub2", "hub3", "edge-testsite", "router", "local-inference", "batcher",
+                             "cloud-adapter", "retrieval", "gateway"}
+        assert all(row[0] == "RUNNING" and row[-1] == "ok" for row in rows.values()), shown.stdout
+        subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c", str(run_dir / "supervisord.conf"),
+                        "stop", "services:retrieval"], capture_output=True, timeout=60, check=True)
+        shown, rows = status(env)
+        assert shown.returncode == 3
+        assert rows["retrieval"][0] == "STOPPED", shown.stdout
+        assert rows["router"][0] == "RUNNING"
         down = subprocess.run([sys.executable, "-m", "deploy.stack", "down"], env=env, cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
         assert "leafwire stopped" in down.stdout
