@@ -399,10 +399,11 @@ def status(stack: Stack) -> int:
     ctl = subprocess.run(_supervisorctl(stack, "status"), capture_output=True, text=True, timeout=30)
     rows = [("process", "state", "pid", "uptime", "ready")]
     all_ok = True
-    for line in ctl.stdout.splitlines():
-        parts = line.split(None, 2)
-        if len(parts) < 2 or parts[1] not in SUPERVISOR_STATES:
-            continue
+    start_order = ["nats-hub", "nats-edge", "services", "gateway"]
+    lines = [line.split(None, 2) for line in ctl.stdout.splitlines()]
+    lines = sorted((p for p in lines if len(p) >= 2 and p[1] in SUPERVISOR_STATES),
+                   key=lambda p: (start_order.index(g) if (g := p[0].partition(":")[0]) in start_order else 9, p[0]))
+    for parts in lines:
         program, state = parts[0].rpartition(":")[2], parts[1]  # "group:program", or a lone group's program
         detail = parts[2] if len(parts) > 2 else ""
         pid = detail.split("pid ", 1)[1].split(",", 1)[0] if "pid " in detail else "-"
