@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from dataclasses import dataclass
+from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.js.api import ExternalStream, StreamConfig, StreamSource
@@ -57,19 +59,88 @@ def hub_stream(replicas: int, sources: list[StreamSource]) -> StreamConfig:
     return config
 
 
+@dataclass(frozen=True)
+class SiteSource:
+    """One edge site the hub's ``USAGE`` stream sources, as the hub sees it."""
+
+    site: str
+    lag: int  # events the hub has not copied yet (as of its last contact)
+    heard_s: float | None  # seconds since the hub last heard from the site's stream; None: never
+    error: str | None  # what the hub's last attempt to reach it said
+
+
+def _unreachable(wait_s: float) -> HubUnreachable:
+    return HubUnreachable(f"the hub's JetStream (domain {subjects.HUB!r}) does not answer within {wait_s:g} s: "
+                          "the uplink is down or the hub is not running")
+
+
+async def _info(nc: NATS, wait_s: float) -> dict[str, Any]:
+    """The hub stream's info as JetStream sends it (nats-py's ``stream_info`` drops each source's domain)."""
+    resp: dict[str, Any] = json.loads((await nc.request(INFO_SUBJECT, b"", timeout=wait_s)).data)
+    if "error" in resp:
+        APIError.from_error(resp["error"])
+    return resp
+
+
+def _sources(resp: dict[str, Any]) -> list[SiteSource]:
+    found = []
+    for s in resp.get("sources") or []:
+        api = str((s.get("external") or {}).get("api") or "")
+        if not (api.startswith("$JS.") and api.endswith(".API")):
+            continue
+        active = int(s.get("active", -1))
+        error = s.get("error")
+        found.append(SiteSource(api[len("$JS."):-len(".API")], int(s.get("lag") or 0),
+                                None if active < 0 else active / 1e9,
+                                str(error.get("description", error)) if isinstance(error, dict) else None))
+    return found
+
+
 async def read_hub(nc: NATS, site: str, wait_s: float) -> tuple[StreamConfig, int | None]:
     """The hub stream's configuration, and how many events it lags behind ``site`` (``None``: not a source).
 
-    Raises ``NotFoundError`` when the hub has no ``USAGE`` stream yet. (nats-py's ``stream_info`` drops the
-    source's domain from the lag report, so the reply is read here.)
+    Raises ``NotFoundError`` when the hub has no ``USAGE`` stream yet.
     """
-    resp = json.loads((await nc.request(INFO_SUBJECT, b"", timeout=wait_s)).data)
-    if "error" in resp:
-        APIError.from_error(resp["error"])
-    api = subjects.js_api(site)
-    lag = next((int(s.get("lag") or 0) for s in resp.get("sources") or []
-                if (s.get("external") or {}).get("api") == api), None)
+    resp = await _info(nc, wait_s)
+    lag = next((s.lag for s in _sources(resp) if s.site == site), None)
     return StreamConfig.from_response(resp["config"]), lag
+
+
+async def sites(nc: NATS, wait_s: float = HUB_TIMEOUT_S) -> list[SiteSource]:
+    """Every site the hub's ``USAGE`` stream sources (none when it has no such stream yet). Raises
+    ``HubUnreachable`` when the hub's JetStream does not answer."""
+    try:
+        return _sources(await _info(nc, wait_s))
+    except NotFoundError:
+        return []
+    except HUB_UNREACHABLE as exc:
+        raise _unreachable(wait_s) from exc
+
+
+async def leave(nc: NATS, site: str, wait_s: float = HUB_TIMEOUT_S) -> bool:
+    """Take ``site`` off the hub stream's sources (what was copied stays); False when it was not on them.
+
+    A site whose usage publishers still run puts itself back within ``LW_USAGE_HUB_CHECK_S``. Raises
+    ``HubUnreachable`` when the hub does not answer, ``RuntimeError`` when the site kept coming back.
+    """
+    hub = nc.jetstream(domain=subjects.HUB, timeout=wait_s)
+    removed = False
+    try:
+        for attempt in range(JOIN_TRIES):
+            try:
+                config, lag = await read_hub(nc, site, wait_s)
+            except NotFoundError:
+                return removed
+            if lag is None:
+                return removed
+            config.sources = [s for s in config.sources or [] if not is_source_of(s, site)]
+            await hub.update_stream(config)
+            removed = True
+            await asyncio.sleep(random.uniform(0, SETTLE_S * 2**attempt))
+    except HUB_UNREACHABLE as exc:
+        raise _unreachable(wait_s) from exc
+    raise RuntimeError(f"site {site!r} came back among the hub's USAGE sources {JOIN_TRIES} times: is it "
+                       "still running? (LW_USAGE_HUB_CHECK_S=0 keeps it off)")
 
 
 async def _create(hub: JetStreamContext, site: str) -> None:
@@ -113,8 +184,7 @@ async def join(nc: NATS, site: str, wait_s: float = HUB_TIMEOUT_S) -> tuple[bool
             added = True
             await asyncio.sleep(random.uniform(0, SETTLE_S * 2**attempt))
     except HUB_UNREACHABLE as exc:
-        raise HubUnreachable(f"the hub's JetStream (domain {subjects.HUB!r}) does not answer within "
-                             f"{wait_s:g} s: the uplink is down or the hub is not running") from exc
+        raise _unreachable(wait_s) from exc
     raise RuntimeError(f"site {site!r} did not stay among the hub's USAGE sources after {JOIN_TRIES} writes")
 
 

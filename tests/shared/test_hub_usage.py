@@ -4,6 +4,8 @@ stored while the uplink was down. Real nats-servers: a one-node hub and an edge 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from shared.errors import HubUnreachable
 from shared.streams import ensure_stream
 from shared.usage import UsagePublisher, usage_stream
 from shared.usage_report import report
-from tests.support import CuttableSite, NatsServer, eventually_async, start_cuttable_site, usage_events
+from tests.support import ROOT, CuttableSite, NatsServer, eventually_async, start_cuttable_site, usage_events
 
 SITE = "plant9"
 
@@ -146,3 +148,39 @@ async def test_keep_joined_waits_for_the_uplink(site: CuttableSite, edge: nats.N
                                lambda lag: lag == 0, within_s=5, what="the lag to be reported")
     finally:
         loop.cancel()
+
+
+def leafwire(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT)
+
+
+async def test_the_sites_command_lists_and_removes(site: CuttableSite, edge: nats.NATS) -> None:
+    """`leafwire sites` shows each site the hub collects, how far behind it is and when it was last heard
+    from; `remove` takes one off the list and keeps what was copied."""
+    publisher = UsagePublisher(edge, SITE, interval_s=0.01)
+    await publisher.ensure_stream()
+    await hub_usage.join(edge, SITE)
+    await hub_usage.join(edge, "ghost")  # a site that never answers
+    await publisher.usage(event(1))
+    await publisher.flush()
+    await hub_holds(site, 1)
+    listed = leafwire("sites", "--nats", site.edge.url)
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in listed.stdout.splitlines()[1:]}
+    assert rows["ghost"] == ["0", "never"]
+    assert rows[SITE][0] == "0"
+    assert rows[SITE][-1] == "ago"
+
+    removed = leafwire("sites", "remove", "ghost", "--nats", site.hub.url)
+    assert removed.returncode == 0, removed.stderr
+    assert [s.site for s in await hub_usage.sites(edge)] == [SITE]
+    again = leafwire("sites", "remove", "ghost", "--nats", site.hub.url)
+    assert again.returncode == 2
+    assert "site 'ghost' is not among the hub's usage sources" in again.stderr
+    assert await request_ids(site.hub, SITE) == ["r1"]
+
+    site.link.cut()
+    offline = leafwire("sites", "--nats", site.edge.url, "--wait", "1")
+    assert offline.returncode == 2
+    assert "the hub's JetStream (domain 'hub') does not answer" in offline.stderr
