@@ -12,8 +12,8 @@ An edge puts itself on the hub's list: its usage publishers (cloud-adapter, loca
 and checks again every ``check_s`` (the list is read, changed and written whole, so two sites joining at the
 same moment can overwrite each other; each reads the list back and adds itself again, after a random wait
 that doubles each time). A site already listed is never dropped this way: only one added between another's
-read and write can be. The hub's lag behind
-this site is exported as ``leafwire_usage_hub_lag_events``.
+read and write can be. The hub's lag behind this site is exported as ``leafwire_usage_hub_lag_events``;
+``sites`` and ``leave`` are ``leafwire sites`` (list, remove a decommissioned site).
 """
 
 from __future__ import annotations
