@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -66,6 +67,21 @@ def leafwire_pids(run_dir: Path) -> list[int]:
             if str(run_dir).encode() in cmd or f"LW_RUN_DIR={run_dir}".encode() in env:
                 found.append(int(proc.name))
     return found
+
+
+def stop_leftovers(up: subprocess.Popen[bytes], env: dict[str, str]) -> None:
+    """Whatever a test did, passed or failed: stop what its `up` started (`down`), then kill by PID anything of
+    its run folder still there (killing `up` alone would leave supervisord and its children running)."""
+    run_dir = Path(env["LW_RUN_DIR"])
+    if up.poll() is None or leafwire_pids(run_dir):
+        subprocess.run([sys.executable, "-m", "deploy.stack", "down"], env=env, cwd=ROOT, capture_output=True,
+                       timeout=120)
+    if up.poll() is None:
+        up.send_signal(signal.SIGKILL)
+    up.wait(30)
+    for pid in leafwire_pids(run_dir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 BANNER_WAIT_S = 90  # up serves in ~12 s here; under the pytest timeout (120 s) so a stuck start shows its logs
@@ -159,12 +175,11 @@ def test_up_serves_then_down_leaves_nothing_behind(tmp_path: Path) -> None:
         assert "leafwire stopped" in down.stdout
         assert re.findall(r"stopped (\S+) \(", down.stdout) == ["gateway", "services", "nats-edge", "nats-hub"]
         assert up.wait(30) == 0
+        assert leafwire_pids(run_dir) == []
+        assert not (run_dir / "supervisord.pid").exists()
+        assert not (run_dir / "launcher.pid").exists()
     finally:
-        if up.poll() is None:
-            up.send_signal(signal.SIGKILL)
-    assert leafwire_pids(run_dir) == []
-    assert not (run_dir / "supervisord.pid").exists()
-    assert not (run_dir / "launcher.pid").exists()
+        stop_leftovers(up, env)
 
 
 def test_ctrl_c_stops_in_order_and_up_starts_again_at_once(tmp_path: Path) -> None:
@@ -178,12 +193,11 @@ def test_ctrl_c_stops_in_order_and_up_starts_again_at_once(tmp_path: Path) -> No
             wait_banner(up, log, run_dir, f"{attempt} banner")
             up.send_signal(signal.SIGINT)
             assert up.wait(60) == 0
+            assert leafwire_pids(run_dir) == []
         finally:
-            if up.poll() is None:
-                up.send_signal(signal.SIGKILL)
+            stop_leftovers(up, env)
         assert re.findall(r"stopped (\S+) \(", log.read_text()) == ["gateway", "services", "nats-edge", "nats-hub"]
         assert "leafwire stopped" in log.read_text()
-        assert leafwire_pids(run_dir) == []
 
 
 def test_policy_reaches_the_edge_after_a_restart(tmp_path: Path) -> None:
@@ -204,9 +218,7 @@ def test_policy_reaches_the_edge_after_a_restart(tmp_path: Path) -> None:
         finally:
             subprocess.run([sys.executable, "-m", "deploy.stack", "down"], env=env, cwd=ROOT, capture_output=True,
                            timeout=120)
-            if up.poll() is None:
-                up.send_signal(signal.SIGKILL)
-            up.wait(30)
+            stop_leftovers(up, env)
 
 
 def test_down_with_stale_pid_files(tmp_path: Path) -> None:
