@@ -202,19 +202,22 @@ async def keep_joined(nc: NATS, site: str, check_s: float, retry_s: float = 5.0)
             await asyncio.sleep(retry_s)
     if role != "edge":
         return
-    unreachable = False
+    unreachable, failures, said = False, 0, ""
     while True:
         try:
             added, lag = await join(nc, site)
             metrics.USAGE_HUB_LAG.set(lag)
-            if added or unreachable:
+            if added or unreachable or failures:
                 log.info("the hub's USAGE stream sources this site's", site=site, lag=lag)
-            unreachable, wait = False, check_s
+            unreachable, failures, said, wait = False, 0, "", check_s
         except HubUnreachable as exc:
             if not unreachable:
                 log.info("hub not reachable: usage events wait in this site's stream", reason=exc.message)
             unreachable, wait = True, retry_s
-        except Exception as exc:
-            log.warning("could not check the hub's USAGE sources; retrying", error=repr(exc), retry_s=retry_s)
-            wait = retry_s
+        except Exception as exc:  # refused (permissions, limits): said once per kind, asked less and less often
+            failures += 1
+            wait = min(check_s, retry_s * 2 ** (failures - 1))
+            if (text := str(exc) or repr(exc)) != said:  # str: nats-py's errors say nothing in their repr
+                said = text
+                log.warning("could not add this site to the hub's USAGE sources; retrying", error=said, retry_s=wait)
         await asyncio.sleep(wait)
