@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,9 +189,11 @@ async def join(nc: NATS, site: str, wait_s: float = HUB_TIMEOUT_S) -> tuple[bool
     raise RuntimeError(f"site {site!r} did not stay among the hub's USAGE sources after {JOIN_TRIES} writes")
 
 
-async def keep_joined(nc: NATS, site: str, check_s: float, retry_s: float = 5.0) -> None:
+async def keep_joined(nc: NATS, site: str, check_s: float, retry_s: float = 5.0,
+                      sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
     """Keep the hub's ``USAGE`` stream sourcing this site's, for as long as it runs; returns at once on the hub
-    or a standalone server (nothing to forward), and does nothing when ``check_s`` is 0."""
+    or a standalone server (nothing to forward), and does nothing when ``check_s`` is 0. (``sleep``: how it
+    waits between checks.)"""
     if check_s <= 0:
         return
     while True:
@@ -220,4 +223,4 @@ async def keep_joined(nc: NATS, site: str, check_s: float, retry_s: float = 5.0)
             if (text := str(exc) or repr(exc)) != said:  # str: nats-py's errors say nothing in their repr
                 said = text
                 log.warning("could not add this site to the hub's USAGE sources; retrying", error=said, retry_s=wait)
-        await asyncio.sleep(wait)
+        await sleep(wait)

@@ -191,19 +191,27 @@ async def test_a_refused_join_is_said_once_and_asked_less_often(edge: nats.NATS,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Edges that may not change the hub's streams (NATS permissions): one warning, not one every few seconds,
     and the hub is asked less and less often (up to every ``check_s``)."""
-    calls = 0
 
     async def refused(*_: object, **__: object) -> tuple[bool, int]:
-        nonlocal calls
-        calls += 1
         raise nats.js.errors.APIError(code=403, description="permissions violation")
+
+    waits: list[float] = []
+    six = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 6:
+            six.set()
+        await asyncio.sleep(0)
 
     monkeypatch.setattr(hub_usage, "join", refused)
     with structlog.testing.capture_logs() as logs:
-        loop = asyncio.create_task(hub_usage.keep_joined(edge, SITE, check_s=0.4, retry_s=0.1))
-        await asyncio.sleep(2.0)
-        loop.cancel()
+        loop = asyncio.create_task(hub_usage.keep_joined(edge, SITE, check_s=30, retry_s=5, sleep=sleep))
+        try:
+            await asyncio.wait_for(six.wait(), 10)
+        finally:
+            loop.cancel()
+    assert waits[:6] == [5, 10, 20, 30, 30, 30]
     warnings = [e for e in logs if e["log_level"] == "warning"]
     assert len(warnings) == 1
     assert "permissions violation" in warnings[0]["error"]
-    assert 3 <= calls <= 7  # waits of 0.1, 0.2, 0.4, 0.4...: about six in 2 s (at a steady 0.1 s: twenty)
