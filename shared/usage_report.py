@@ -154,17 +154,16 @@ async def events(nc: NATS, *, domain: str | None, site: str | None, since: float
     except (ServiceUnavailableError, NoRespondersError, NatsTimeout, TimeoutError):
         raise ReportError(f"JetStream in {where} does not answer (for the hub's: is the uplink up?)") from None
     try:
-        if (await sub.consumer_info()).num_pending == 0:
-            return
-        while True:
+        pending = (await sub.consumer_info()).num_pending
+        while pending:
             try:
                 batch = await sub.fetch(FETCH, timeout=wait_s)
             except (NatsTimeout, TimeoutError):
-                return  # nothing (more) to read
+                raise ReportError(f"JetStream in {where} stopped answering with {pending} events still to read; "
+                                  "no report rather than an incomplete one (try a larger --wait)") from None
             for msg in batch:
                 yield msg.data
-            if not batch or batch[-1].metadata.num_pending == 0:
-                return
+            pending = batch[-1].metadata.num_pending if batch else 0
     finally:
         await sub.unsubscribe()
 

@@ -4,6 +4,7 @@ stored while the uplink was down. Real nats-servers: a one-node hub and an edge 
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -14,7 +15,7 @@ import pytest
 import structlog.testing
 
 from schemas.cloud import UsageEvent
-from shared import hub_usage, metrics, subjects
+from shared import hub_usage, metrics, subjects, usage_report
 from shared.errors import HubUnreachable
 from shared.streams import ensure_stream
 from shared.usage import UsagePublisher, usage_stream
@@ -215,3 +216,22 @@ async def test_a_refused_join_is_said_once_and_asked_less_often(edge: nats.NATS,
     warnings = [e for e in logs if e["log_level"] == "warning"]
     assert len(warnings) == 1
     assert "permissions violation" in warnings[0]["error"]
+
+
+async def test_a_report_cut_short_says_so(site: CuttableSite, edge: nats.NATS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The uplink going down while the hub's usage is read: an error naming what was left, never a table
+    that quietly leaves events out."""
+    publisher = UsagePublisher(edge, SITE, interval_s=0.01)
+    await publisher.ensure_stream()
+    await hub_usage.join(edge, SITE)
+    for n in range(5):
+        await publisher.usage(event(n))
+    await publisher.flush()
+    await hub_holds(site, 5)
+    monkeypatch.setattr(usage_report, "FETCH", 2)
+    read = usage_report.events(edge, domain=subjects.HUB, site=SITE, since=None, wait_s=1)
+    first = [await anext(read), await anext(read)]
+    assert [json.loads(data)["request_id"] for data in first] == ["r0", "r1"]
+    site.link.cut()
+    with pytest.raises(usage_report.ReportError, match="stopped answering with 3 events still to read"):
+        await anext(read)
