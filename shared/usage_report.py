@@ -25,7 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError, ServiceUnavailableError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 from pydantic import ValidationError
 
 from schemas.cloud import UsageEvent
@@ -158,7 +158,7 @@ async def events(nc: NATS, *, domain: str | None, site: str | None, since: float
         while pending:
             try:
                 batch = await sub.fetch(FETCH, timeout=wait_s)
-            except (NatsTimeout, TimeoutError):
+            except (NatsTimeout, TimeoutError, NoRespondersError, APIError):  # how the link's loss shows varies
                 raise ReportError(f"JetStream in {where} stopped answering with {pending} events still to read; "
                                   "no report rather than an incomplete one (try a larger --wait)") from None
             for msg in batch:
