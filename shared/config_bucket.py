@@ -51,6 +51,12 @@ REPLICAS_NOT_SUPPORTED = 10074  # "replicas > 1 not supported in non-clustered m
 HUB_UNREACHABLE = (ServiceUnavailableError, NoRespondersError, NoStreamResponseError, NatsTimeout, TimeoutError)
 
 
+def hub_unreachable(wait_s: float) -> HubUnreachable:
+    """The error for a hub's JetStream that did not answer within ``wait_s``."""
+    return HubUnreachable(f"the hub's JetStream (domain {subjects.HUB!r}) does not answer within {wait_s:g} s: "
+                          "the uplink is down or the hub is not running")
+
+
 async def role_of(js: JetStreamContext) -> Role:
     """The part the connected server plays, from its JetStream domain."""
     domain = (await js.account_info()).domain
@@ -144,8 +150,7 @@ async def ensure_hub_bucket(nc: NATS, wait_s: float = HUB_TIMEOUT_S) -> KeyValue
     try:
         return await ensure_bucket(hub, HUB_REPLICAS)
     except HUB_UNREACHABLE as exc:
-        raise HubUnreachable(f"the hub's JetStream (domain {subjects.HUB!r}) does not answer within "
-                             f"{wait_s:g} s: the uplink is down or the hub is not running") from exc
+        raise hub_unreachable(wait_s) from exc
 
 
 async def open_bucket(nc: NATS, wait_s: float = 5.0) -> KeyValue:

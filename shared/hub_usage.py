@@ -31,7 +31,14 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
 from shared import metrics, subjects
-from shared.config_bucket import HUB_REPLICAS, HUB_TIMEOUT_S, HUB_UNREACHABLE, REPLICAS_NOT_SUPPORTED, role_of
+from shared.config_bucket import (
+    HUB_REPLICAS,
+    HUB_TIMEOUT_S,
+    HUB_UNREACHABLE,
+    REPLICAS_NOT_SUPPORTED,
+    hub_unreachable,
+    role_of,
+)
 from shared.errors import HubUnreachable
 from shared.logging import get_logger
 from shared.usage import usage_stream
@@ -68,11 +75,6 @@ class SiteSource:
     lag: int  # events the hub has not copied yet (as of its last contact)
     heard_s: float | None  # seconds since the hub last heard from the site's stream; None: never
     error: str | None  # what the hub's last attempt to reach it said
-
-
-def _unreachable(wait_s: float) -> HubUnreachable:
-    return HubUnreachable(f"the hub's JetStream (domain {subjects.HUB!r}) does not answer within {wait_s:g} s: "
-                          "the uplink is down or the hub is not running")
 
 
 async def _info(nc: NATS, wait_s: float) -> dict[str, Any]:
@@ -115,7 +117,7 @@ async def sites(nc: NATS, wait_s: float = HUB_TIMEOUT_S) -> list[SiteSource]:
     except NotFoundError:
         return []
     except HUB_UNREACHABLE as exc:
-        raise _unreachable(wait_s) from exc
+        raise hub_unreachable(wait_s) from exc
 
 
 async def leave(nc: NATS, site: str, wait_s: float = HUB_TIMEOUT_S) -> bool:
@@ -124,24 +126,8 @@ async def leave(nc: NATS, site: str, wait_s: float = HUB_TIMEOUT_S) -> bool:
     A site whose usage publishers still run puts itself back within ``LW_USAGE_HUB_CHECK_S``. Raises
     ``HubUnreachable`` when the hub does not answer, ``RuntimeError`` when the site kept coming back.
     """
-    hub = nc.jetstream(domain=subjects.HUB, timeout=wait_s)
-    removed = False
-    try:
-        for attempt in range(JOIN_TRIES):
-            try:
-                config, lag = await read_hub(nc, site, wait_s)
-            except NotFoundError:
-                return removed
-            if lag is None:
-                return removed
-            config.sources = [s for s in config.sources or [] if not is_source_of(s, site)]
-            await hub.update_stream(config)
-            removed = True
-            await asyncio.sleep(random.uniform(0, SETTLE_S * 2**attempt))
-    except HUB_UNREACHABLE as exc:
-        raise _unreachable(wait_s) from exc
-    raise RuntimeError(f"site {site!r} came back among the hub's USAGE sources {JOIN_TRIES} times: is it "
-                       "still running? (LW_USAGE_HUB_CHECK_S=0 keeps it off)")
+    removed, _ = await _set_listed(nc, site, False, wait_s)
+    return removed
 
 
 async def _create(hub: JetStreamContext, site: str) -> None:
@@ -168,25 +154,39 @@ async def join(nc: NATS, site: str, wait_s: float = HUB_TIMEOUT_S) -> tuple[bool
     Raises ``HubUnreachable`` when the hub's JetStream does not answer, and ``RuntimeError`` when the source
     did not stay on the list after ``JOIN_TRIES`` writes (other sites kept rewriting it).
     """
+    added, lag = await _set_listed(nc, site, True, wait_s)
+    return added, lag or 0
+
+
+async def _set_listed(nc: NATS, site: str, listed: bool, wait_s: float) -> tuple[bool, int | None]:
+    """Put ``site`` on (``listed``) or off the hub stream's sources, creating the stream to put it on: each
+    write is read back after a random wait that doubles each try, as another site may have rewritten the
+    list meanwhile. ``(whether this call changed it, the hub's lag behind the site when listed)``."""
     hub = nc.jetstream(domain=subjects.HUB, timeout=wait_s)
-    added = False
+    changed = False
     try:
         for attempt in range(JOIN_TRIES):
             try:
                 config, lag = await read_hub(nc, site, wait_s)
             except NotFoundError:
+                if not listed:
+                    return changed, None
                 await _create(hub, site)
-                added = True
+                changed = True
                 continue
-            if lag is not None:
-                return added, lag
-            config.sources = [*(config.sources or []), site_source(site)]
+            if (lag is not None) == listed:
+                return changed, lag
+            others = [s for s in config.sources or [] if not is_source_of(s, site)]
+            config.sources = [*others, site_source(site)] if listed else others
             await hub.update_stream(config)
-            added = True
+            changed = True
             await asyncio.sleep(random.uniform(0, SETTLE_S * 2**attempt))
     except HUB_UNREACHABLE as exc:
-        raise _unreachable(wait_s) from exc
-    raise RuntimeError(f"site {site!r} did not stay among the hub's USAGE sources after {JOIN_TRIES} writes")
+        raise hub_unreachable(wait_s) from exc
+    if listed:
+        raise RuntimeError(f"site {site!r} did not stay among the hub's USAGE sources after {JOIN_TRIES} writes")
+    raise RuntimeError(f"site {site!r} came back among the hub's USAGE sources {JOIN_TRIES} times: is it "
+                       "still running? (LW_USAGE_HUB_CHECK_S=0 keeps it off)")
 
 
 async def keep_joined(nc: NATS, site: str, check_s: float, retry_s: float = 5.0,
