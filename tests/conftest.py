@@ -11,7 +11,16 @@ import nats
 import openai
 import pytest
 
-from tests.support import NatsServer, Service, model_name, running, start_single, write_policy, write_registry
+from tests.support import (
+    NatsServer,
+    Service,
+    connected,
+    model_name,
+    running,
+    start_single,
+    write_policy,
+    write_registry,
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +36,8 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
 @pytest.fixture
 async def nc(nats_server: NatsServer) -> AsyncIterator[nats.NATS]:
     """A nats-py client of the module's server, drained after the test."""
-    client = await nats.connect(nats_server.url)
-    try:
+    async with connected(nats_server.url) as client:
         yield client
-    finally:
-        await client.drain()
 
 
 @dataclass

@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -215,6 +215,12 @@ class CuttableSite:
         for server in (self.edge, self.hub):
             server.stop()
 
+    def __enter__(self) -> CuttableSite:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
 
 def start_cuttable_site(tmp: Path, site: str) -> CuttableSite:
     """A hub (domain ``hub``) and edge ``site`` joined as a leaf node through a relay the test can cut."""
@@ -274,28 +280,32 @@ def write_registry(path: Path, name: str = "tiny", model: Path = FIXTURE_MODEL, 
     return path
 
 
-async def last_usage(url: str, site: str) -> dict[str, object]:
-    """The newest usage event of ``site`` in the ``USAGE`` stream."""
+@contextlib.asynccontextmanager
+async def connected(url: str) -> AsyncIterator[nats.NATS]:
+    """A nats-py client of the server at ``url``, drained at the end."""
     nc = await nats.connect(url)
     try:
-        msg = await nc.jetstream().get_last_msg("USAGE", f"lw.v1.{site}.usage.events")
+        yield nc
     finally:
         await nc.drain()
+
+
+async def last_usage(url: str, site: str) -> dict[str, object]:
+    """The newest usage event of ``site`` in the ``USAGE`` stream."""
+    async with connected(url) as nc:
+        msg = await nc.jetstream().get_last_msg("USAGE", f"lw.v1.{site}.usage.events")
     return dict(json.loads(msg.data))
 
 
 async def usage_events(url: str) -> list[tuple[str, dict[str, Any]]]:
     """``(subject, event)`` of every message in the ``USAGE`` stream of the server at ``url``, in stream order."""
-    nc = await nats.connect(url)
-    try:
+    async with connected(url) as nc:
         js = nc.jetstream()
         state = (await js.stream_info("USAGE")).state
         found = []
         for seq in range(state.first_seq, state.last_seq + 1) if state.messages else ():
             msg = await js.get_msg("USAGE", seq)
             found.append((msg.subject, dict(json.loads(msg.data or b"{}"))))
-    finally:
-        await nc.drain()
     return found
 
 

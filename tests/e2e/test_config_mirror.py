@@ -39,11 +39,8 @@ CLOUD = "openai/gpt-4o-mini"
 
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[CuttableSite]:
-    started = start_cuttable_site(tmp_path, SITE)
-    try:
+    with start_cuttable_site(tmp_path, SITE) as started:
         yield started
-    finally:
-        started.stop()
 
 
 def policy(tmp: Path, rule: str) -> Path:

@@ -20,36 +20,27 @@ from shared.errors import HubUnreachable
 from shared.streams import ensure_stream
 from shared.usage import UsagePublisher, usage_stream
 from shared.usage_report import report
-from tests.support import ROOT, CuttableSite, NatsServer, eventually_async, start_cuttable_site, usage_events
+from tests.support import ROOT, CuttableSite, NatsServer, connected, eventually_async, start_cuttable_site, usage_events
 
 SITE = "plant9"
 
 
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[CuttableSite]:
-    started = start_cuttable_site(tmp_path, SITE)
-    try:
+    with start_cuttable_site(tmp_path, SITE) as started:
         yield started
-    finally:
-        started.stop()
 
 
 @pytest.fixture
 async def edge(site: CuttableSite) -> AsyncIterator[nats.NATS]:
-    client = await nats.connect(site.edge.url)
-    try:
+    async with connected(site.edge.url) as client:
         yield client
-    finally:
-        await client.drain()
 
 
 @pytest.fixture
 async def hub(site: CuttableSite) -> AsyncIterator[nats.NATS]:
-    client = await nats.connect(site.hub.url)
-    try:
+    async with connected(site.hub.url) as client:
         yield client
-    finally:
-        await client.drain()
 
 
 def event(n: int) -> UsageEvent:

@@ -9,14 +9,13 @@ import subprocess
 import sys
 import time
 
-import nats
 import pytest
 
 from schemas.cloud import UsageEvent
 from shared import subjects
 from shared.usage import usage_stream
 from shared.usage_report import Report, Totals, report
-from tests.support import ROOT, NatsServer, start_single
+from tests.support import ROOT, NatsServer, connected, start_single
 
 DAY = 86400.0
 NOW = time.time()
@@ -36,29 +35,25 @@ def url(nats_server: NatsServer) -> str:
     """The module's server with a USAGE stream holding ``EVENTS`` and one message that is no event."""
 
     async def fill() -> None:
-        nc = await nats.connect(nats_server.url)
-        js = nc.jetstream()
-        config = usage_stream("plant1")
-        config.subjects = [subjects.usage_filter("plant1"), subjects.usage_filter("plant2")]
-        await js.add_stream(config)
-        for n, (site, tenant, target, prompt, completion, cost, outcome, cached, ago) in enumerate(EVENTS):
-            event = UsageEvent(request_id=f"r{n}", tenant=tenant, site=site, target=target, prompt_tokens=prompt,
-                               completion_tokens=completion, cost_usd=cost, outcome=outcome, cached=cached,
-                               at=NOW - ago)
-            await js.publish(subjects.usage(site), event.model_dump_json().encode())
-        await js.publish(subjects.usage("plant1"), b"not an event")
-        await nc.drain()
+        async with connected(nats_server.url) as nc:
+            js = nc.jetstream()
+            config = usage_stream("plant1")
+            config.subjects = [subjects.usage_filter("plant1"), subjects.usage_filter("plant2")]
+            await js.add_stream(config)
+            for n, (site, tenant, target, prompt, completion, cost, outcome, cached, ago) in enumerate(EVENTS):
+                event = UsageEvent(request_id=f"r{n}", tenant=tenant, site=site, target=target,
+                                   prompt_tokens=prompt, completion_tokens=completion, cost_usd=cost,
+                                   outcome=outcome, cached=cached, at=NOW - ago)
+                await js.publish(subjects.usage(site), event.model_dump_json().encode())
+            await js.publish(subjects.usage("plant1"), b"not an event")
 
     asyncio.run(fill())
     return nats_server.url
 
 
 async def run(url: str, **kwargs: object) -> Report:
-    nc = await nats.connect(url)
-    try:
+    async with connected(url) as nc:
         return await report(nc, **kwargs)  # type: ignore[arg-type]
-    finally:
-        await nc.drain()
 
 
 async def test_totals_by_site_over_the_last_day(url: str) -> None:
