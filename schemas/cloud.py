@@ -53,15 +53,20 @@ def _window(period: BudgetPeriod, second: int) -> str:
 
 
 class BudgetStatus(BaseModel):
-    """KV ``budgets``, key = ``<scope>.<period>`` (scope ``global`` or ``tenant-<tenant>``)."""
+    """KV ``budgets``, key = ``<scope>.<period>.<site>`` (scope ``global`` or ``tenant-<tenant>``): what one site
+    spent. A budget counts every site's spending; ``state`` is the level of that total as the writer knew it."""
 
     scope: str
     period: Literal["daily", "monthly"]
     window: str = Field(description="the period it counts, e.g. 2026-11-21 or 2026-11")
-    spent_usd: float
+    spent_usd: float = Field(description="what the site spent in the window")
     limit_usd: float | None
-    state: BudgetLevel
+    state: BudgetLevel = Field(description="the level of every site's spending together, as the writer knew it")
     updated_at: float = Field(default_factory=time.time)
+    site: str | None = Field(default=None, description="the site whose spending this is (none: an entry written "
+                                                       "before budgets counted across sites)")
+    total_usd: float | None = Field(default=None, description="every site's spending in the window, as the "
+                                                              "writer knew it")
 
 
 class UsageEvent(BaseModel):

@@ -1,4 +1,5 @@
-"""Usage of every site at the hub: the hub's ``USAGE`` stream sources each edge site's (store and forward).
+"""Usage of every site at the hub: the hub's ``USAGE`` stream sources each edge site's (store and forward), and
+so does the hub's ``budgets`` bucket (``BUDGETS``: each site's spending, see ``shared/budgets.py``).
 
 An edge keeps its usage events in the ``USAGE`` stream of its own JetStream domain (subjects
 ``lw.v1.<site>.usage.>``), which works offline. The hub's ``USAGE`` stream (domain ``hub``; its own subjects
@@ -13,7 +14,8 @@ and checks again every ``check_s`` (the list is read, changed and written whole,
 same moment can overwrite each other; each reads the list back and adds itself again, after a random wait
 that doubles each time). A site already listed is never dropped this way: only one added between another's
 read and write can be. The hub's lag behind this site is exported as ``leafwire_usage_hub_lag_events``;
-``sites`` and ``leave`` are ``leafwire sites`` (list, remove a decommissioned site).
+``sites`` and ``leave`` are ``leafwire sites`` (list, remove a decommissioned site). The cloud-adapter keeps its
+site's budgets bucket joined the same way (``keep_joined(..., collected=(USAGE, BUDGETS))``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +32,7 @@ from nats.js.api import ExternalStream, StreamConfig, StreamSource
 from nats.js.client import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 
-from shared import metrics, subjects
+from shared import budgets, metrics, subjects
 from shared.config_bucket import (
     HUB_REPLICAS,
     HUB_TIMEOUT_S,
@@ -46,18 +48,25 @@ from shared.usage import usage_stream
 log = get_logger("leafwire.usage.hub")
 JOIN_TRIES = 8
 SETTLE_S = 0.05  # the first wait (at random, up to this, doubling each try) before reading the list back
-INFO_SUBJECT = f"{subjects.HUB_JS_API}.STREAM.INFO.{subjects.USAGE}"
 
 
-def site_source(site: str) -> StreamSource:
-    """The source entry of ``site``'s ``USAGE`` stream, read through the site's JetStream domain."""
-    return StreamSource(name=subjects.USAGE, external=ExternalStream(api=subjects.js_api(site)))
+@dataclass(frozen=True)
+class Collected:
+    """A stream that each edge keeps in its own JetStream domain and the hub's stream of the same name sources."""
+
+    stream: str
+    create: Callable[[JetStreamContext, int, StreamSource], Awaitable[None]]
+    """makes the hub's stream (replicas, a first source); may leave the source for the caller to add"""
 
 
-def is_source_of(source: StreamSource, site: str) -> bool:
-    """True when ``source`` is ``site``'s ``USAGE`` stream."""
-    return (source.name == subjects.USAGE and source.external is not None
-            and source.external.api == subjects.js_api(site))
+def site_source(site: str, stream: str = subjects.USAGE) -> StreamSource:
+    """The source entry of ``site``'s ``stream``, read through the site's JetStream domain."""
+    return StreamSource(name=stream, external=ExternalStream(api=subjects.js_api(site)))
+
+
+def is_source_of(source: StreamSource, site: str, stream: str = subjects.USAGE) -> bool:
+    """True when ``source`` is ``site``'s ``stream``."""
+    return source.name == stream and source.external is not None and source.external.api == subjects.js_api(site)
 
 
 def hub_stream(replicas: int, sources: list[StreamSource]) -> StreamConfig:
@@ -65,6 +74,18 @@ def hub_stream(replicas: int, sources: list[StreamSource]) -> StreamConfig:
     config = usage_stream(subjects.HUB, replicas)
     config.sources = sources
     return config
+
+
+async def _create_usage(hub: JetStreamContext, replicas: int, first: StreamSource) -> None:
+    await hub.add_stream(hub_stream(replicas, [first]))
+
+
+async def _create_budgets(hub: JetStreamContext, replicas: int, _: StreamSource) -> None:
+    await hub.create_key_value(budgets.bucket_config(replicas))  # as the hub's adapters make it; sources follow
+
+
+USAGE = Collected(subjects.USAGE, _create_usage)
+BUDGETS = Collected(budgets.STREAM, _create_budgets)
 
 
 @dataclass(frozen=True)
@@ -77,9 +98,10 @@ class SiteSource:
     error: str | None  # what the hub's last attempt to reach it said
 
 
-async def _info(nc: NATS, wait_s: float) -> dict[str, Any]:
+async def _info(nc: NATS, wait_s: float, stream: str = subjects.USAGE) -> dict[str, Any]:
     """The hub stream's info as JetStream sends it (nats-py's ``stream_info`` drops each source's domain)."""
-    resp: dict[str, Any] = json.loads((await nc.request(INFO_SUBJECT, b"", timeout=wait_s)).data)
+    subject = f"{subjects.HUB_JS_API}.STREAM.INFO.{stream}"
+    resp: dict[str, Any] = json.loads((await nc.request(subject, b"", timeout=wait_s)).data)
     if "error" in resp:
         APIError.from_error(resp["error"])
     return resp
@@ -99,12 +121,12 @@ def _sources(resp: dict[str, Any]) -> list[SiteSource]:
     return found
 
 
-async def read_hub(nc: NATS, site: str, wait_s: float) -> tuple[StreamConfig, int | None]:
-    """The hub stream's configuration, and how many events it lags behind ``site`` (``None``: not a source).
+async def read_hub(nc: NATS, site: str, wait_s: float, stream: str = subjects.USAGE) -> tuple[StreamConfig, int | None]:
+    """The hub stream's configuration, and how many messages it lags behind ``site`` (``None``: not a source).
 
-    Raises ``NotFoundError`` when the hub has no ``USAGE`` stream yet.
+    Raises ``NotFoundError`` when the hub has no such stream yet.
     """
-    resp = await _info(nc, wait_s)
+    resp = await _info(nc, wait_s, stream)
     lag = next((s.lag for s in _sources(resp) if s.site == site), None)
     return StreamConfig.from_response(resp["config"]), lag
 
@@ -121,79 +143,84 @@ async def sites(nc: NATS, wait_s: float = HUB_TIMEOUT_S) -> list[SiteSource]:
 
 
 async def leave(nc: NATS, site: str, wait_s: float = HUB_TIMEOUT_S) -> bool:
-    """Take ``site`` off the hub stream's sources (what was copied stays); False when it was not on them.
+    """Take ``site`` off the sources of the hub's ``USAGE`` stream and ``budgets`` bucket (what was copied
+    stays); False when it was on neither.
 
-    A site whose usage publishers still run puts itself back within ``LW_USAGE_HUB_CHECK_S``. Raises
+    A site whose services still run puts itself back within ``LW_USAGE_HUB_CHECK_S``. Raises
     ``HubUnreachable`` when the hub does not answer, ``RuntimeError`` when the site kept coming back.
     """
-    removed, _ = await _set_listed(nc, site, False, wait_s)
-    return removed
+    removed = [(await _set_listed(nc, site, False, wait_s, collected))[0] for collected in (USAGE, BUDGETS)]
+    return any(removed)
 
 
-async def _create(hub: JetStreamContext, site: str) -> None:
+async def _create(hub: JetStreamContext, site: str, collected: Collected) -> None:
     """Create the hub's stream with ``site`` as its first source (one replica on a one-node hub); a stream
     created meanwhile by someone else is left as it is."""
     for replicas in (HUB_REPLICAS, 1):
         try:
-            await hub.add_stream(hub_stream(replicas, [site_source(site)]))
-            log.info("hub USAGE stream created", replicas=replicas, site=site)
+            await collected.create(hub, replicas, site_source(site, collected.stream))
+            log.info("hub stream created", stream=collected.stream, replicas=replicas, site=site)
             return
         except APIError as exc:
             if exc.err_code == REPLICAS_NOT_SUPPORTED:
                 continue
             try:
-                await hub.stream_info(subjects.USAGE)
+                await hub.stream_info(collected.stream)
             except NotFoundError:
                 raise exc from None
             return
 
 
-async def join(nc: NATS, site: str, wait_s: float = HUB_TIMEOUT_S) -> tuple[bool, int]:
-    """Make the hub's ``USAGE`` stream source ``site``'s: ``(added now, the hub's lag behind the site)``.
+async def join(nc: NATS, site: str, wait_s: float = HUB_TIMEOUT_S, collected: Collected = USAGE) -> tuple[bool, int]:
+    """Make the hub's stream source ``site``'s: ``(added now, the hub's lag behind the site)``.
 
     Raises ``HubUnreachable`` when the hub's JetStream does not answer, and ``RuntimeError`` when the source
     did not stay on the list after ``JOIN_TRIES`` writes (other sites kept rewriting it).
     """
-    added, lag = await _set_listed(nc, site, True, wait_s)
+    added, lag = await _set_listed(nc, site, True, wait_s, collected)
     return added, lag or 0
 
 
-async def _set_listed(nc: NATS, site: str, listed: bool, wait_s: float) -> tuple[bool, int | None]:
+async def _set_listed(nc: NATS, site: str, listed: bool, wait_s: float,
+                      collected: Collected) -> tuple[bool, int | None]:
     """Put ``site`` on (``listed``) or off the hub stream's sources, creating the stream to put it on: each
     write is read back after a random wait that doubles each try, as another site may have rewritten the
     list meanwhile. ``(whether this call changed it, the hub's lag behind the site when listed)``."""
     hub = nc.jetstream(domain=subjects.HUB, timeout=wait_s)
+    name = collected.stream
     changed = False
     try:
         for attempt in range(JOIN_TRIES):
             try:
-                config, lag = await read_hub(nc, site, wait_s)
+                config, lag = await read_hub(nc, site, wait_s, name)
             except NotFoundError:
                 if not listed:
                     return changed, None
-                await _create(hub, site)
+                await _create(hub, site, collected)
                 changed = True
                 continue
             if (lag is not None) == listed:
                 return changed, lag
-            others = [s for s in config.sources or [] if not is_source_of(s, site)]
-            config.sources = [*others, site_source(site)] if listed else others
+            others = [s for s in config.sources or [] if not is_source_of(s, site, name)]
+            config.sources = [*others, site_source(site, name)] if listed else others
             await hub.update_stream(config)
             changed = True
             await asyncio.sleep(random.uniform(0, SETTLE_S * 2**attempt))
     except HUB_UNREACHABLE as exc:
         raise hub_unreachable(wait_s) from exc
     if listed:
-        raise RuntimeError(f"site {site!r} did not stay among the hub's USAGE sources after {JOIN_TRIES} writes")
-    raise RuntimeError(f"site {site!r} came back among the hub's USAGE sources {JOIN_TRIES} times: is it "
+        raise RuntimeError(f"site {site!r} did not stay among the sources of the hub's {name} after {JOIN_TRIES} "
+                           "writes")
+    raise RuntimeError(f"site {site!r} came back among the sources of the hub's {name} {JOIN_TRIES} times: is it "
                        "still running? (LW_USAGE_HUB_CHECK_S=0 keeps it off)")
 
 
 async def keep_joined(nc: NATS, site: str, check_s: float, retry_s: float = 5.0,
-                      sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
-    """Keep the hub's ``USAGE`` stream sourcing this site's, for as long as it runs; returns at once on the hub
-    or a standalone server (nothing to forward), and does nothing when ``check_s`` is 0. (``sleep``: how it
-    waits between checks.)"""
+                      sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                      collected: Sequence[Collected] = (USAGE,)) -> None:
+    """Keep the hub's streams of ``collected`` sourcing this site's, for as long as it runs; returns at once on
+    the hub or a standalone server (nothing to forward), and does nothing when ``check_s`` is 0. (``sleep``:
+    how it waits between checks.)"""
     if check_s <= 0:
         return
     while True:
@@ -208,19 +235,22 @@ async def keep_joined(nc: NATS, site: str, check_s: float, retry_s: float = 5.0,
     unreachable, failures, said = False, 0, ""
     while True:
         try:
-            added, lag = await join(nc, site)
-            metrics.USAGE_HUB_LAG.set(lag)
-            if added or unreachable or failures:
-                log.info("the hub's USAGE stream sources this site's", site=site, lag=lag)
+            for each in collected:
+                added, lag = await join(nc, site, collected=each)
+                if each is USAGE:
+                    metrics.USAGE_HUB_LAG.set(lag)
+                if added or unreachable or failures:
+                    log.info("the hub's stream sources this site's", stream=each.stream, site=site, lag=lag)
             unreachable, failures, said, wait = False, 0, "", check_s
         except HubUnreachable as exc:
             if not unreachable:
-                log.info("hub not reachable: usage events wait in this site's stream", reason=exc.message)
+                log.info("hub not reachable: usage events and spending wait in this site's streams",
+                         reason=exc.message)
             unreachable, wait = True, retry_s
         except Exception as exc:  # refused (permissions, limits): said once per kind, asked less and less often
             failures += 1
             wait = min(check_s, retry_s * 2 ** (failures - 1))
             if (text := str(exc) or repr(exc)) != said:  # str: nats-py's errors say nothing in their repr
                 said = text
-                log.warning("could not add this site to the hub's USAGE sources; retrying", error=said, retry_s=wait)
+                log.warning("could not add this site to the hub's sources; retrying", error=said, retry_s=wait)
         await sleep(wait)

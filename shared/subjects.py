@@ -147,7 +147,10 @@ USAGE = "USAGE"
 PROVIDER_HEALTH = "provider-health"
 """key: the provider name; value: ``schemas.cloud.ProviderHealth``"""
 BUDGETS = "budgets"
-"""key: ``budget_key(scope, period)``; value: ``schemas.cloud.BudgetStatus``"""
+"""key: ``budget_key(scope, period, site)``; value: ``schemas.cloud.BudgetStatus``. Each site's holds its own
+spending; the hub's also holds every edge's (sourced), and each edge mirrors the hub's as ``HUB_BUDGETS``."""
+HUB_BUDGETS = "HUB_BUDGETS"
+"""An edge site's read-only mirror of the hub's ``budgets`` bucket stream: every site's spending, readable offline."""
 CLOUD_CACHE = "cloud-cache"
 """key: ``<tenant hash>.<request hash>`` (see services/cloud_adapter/cache.py); value: a cached answer"""
 
@@ -162,9 +165,10 @@ def tenant_scope(tenant: str) -> str:
     return f"tenant-sha-{hashlib.sha256(tenant.encode()).hexdigest()[:16]}"
 
 
-def budget_key(scope: str, period: str) -> str:
-    """The ``budgets`` KV key of a scope (``global`` or ``tenant_scope(...)``) and period (daily, monthly)."""
-    return f"{scope}.{period}"
+def budget_key(scope: str, period: str, site: str) -> str:
+    """The ``budgets`` KV key of what ``site`` spent in a scope (``global`` or ``tenant_scope(...)``) and period
+    (daily, monthly)."""
+    return f"{scope}.{period}.{site}"
 
 
 def route_dry_run(site: str) -> str:

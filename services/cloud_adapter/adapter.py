@@ -137,7 +137,7 @@ class CloudAdapter:
     def __init__(self, settings: CloudSettings, config: ProvidersFile, providers: list[Provider]) -> None:
         self.settings = settings
         self.worker_id = f"ca-{uuid.uuid4().hex[:8]}"
-        self.ledger = Ledger(config.budgets)
+        self.ledger = Ledger(config.budgets, settings.site)
         self.health_changed = asyncio.Event()
         self.upstreams = {p.spec.name: Upstream(p, settings.retry_policy(), self._breaker(p),
                                                 settings.max_response_bytes) for p in providers}

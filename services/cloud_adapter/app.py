@@ -116,7 +116,8 @@ async def main(settings: CloudSettings, readiness: Readiness, stack: AsyncExitSt
     state.spawn(state.health_loop(adapter.healths, adapter.health_changed))
     state.spawn(state.budget_loop(adapter.budget_alert, adapter.budget_metrics))
     state.spawn(announce_every(nc, settings.site, adapter.heartbeat, settings.heartbeat_s))
-    state.spawn(hub_usage.keep_joined(nc, settings.site, settings.usage_hub_check_s))
+    state.spawn(hub_usage.keep_joined(nc, settings.site, settings.usage_hub_check_s,
+                                      collected=(hub_usage.USAGE, hub_usage.BUDGETS)))
     readiness.add("jetstream", state.problem)
     intake = Intake(nc, subject=subjects.cloud_chat(sites_of(settings)), queue=subjects.CLOUD_QUEUE,
                     model=ChatCompletionRequest, handler=chat_handler(adapter), site=settings.site, service=SERVICE)

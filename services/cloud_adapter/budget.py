@@ -4,19 +4,24 @@ Spending is counted per scope (``global``, and ``tenant-<tenant>`` for each tena
 the UTC day, ``monthly``: the UTC month), whether or not a limit is set. A request is refused while any
 of its scopes has spent its limit (``BudgetExceeded``, Retry-After = until the period starts again).
 
-Several adapters share the ledger through the ``budgets`` KV bucket. Each keeps what it learned from the
-bucket (``known``, updated by a watcher) plus what it spent and has not yet written (``pending``), and
-adds its pending spend to the bucket every second with a compare-and-set. The adapter whose write
-takes a scope across its warning level (80% by default) or its limit reports that crossing, so each one
-is reported once. Between two writes other adapters' spending is up to a second late; a request that
-started before a budget ran out is still answered, so a budget can be overrun by what is in flight.
+A budget counts every site's spending. Each site writes only its own (``budgets`` key
+``<scope>.<period>.<site>``, see ``shared/budgets.py``) and learns the others' from the hub, so a site keeps
+counting offline and no write waits on the uplink. An account holds what this site's bucket says (``known``,
+updated by a watcher), what this adapter spent and has not yet written (``pending``), and what every other
+site spent as last heard (``others``).
+
+Several adapters of a site share its entries: each adds its pending spend with a compare-and-set every
+second. The adapter whose write takes a scope's total across its warning level (80% by default) or its
+limit reports that crossing, so each is reported once per site. Between two writes other adapters'
+spending is up to a second late (another site's: also the time its uplink is down); a request that started
+before a budget ran out is still answered, so a budget can be overrun by what is in flight or unheard of.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
@@ -52,32 +57,53 @@ def level(spent: float, limit: float | None, warn_ratio: float) -> BudgetLevel:
 
 @dataclass
 class Account:
-    """One scope and period: what the bucket says, what this adapter has not written yet."""
+    """One scope and period: what this site's bucket says, what this adapter has not written yet, and what
+    the other sites spent."""
 
     scope: str
     period: Period
     window: str
     limit: float | None
+    site: str
     known: float = 0.0
     pending: float = 0.0
     revision: int = 0
+    others: dict[str, tuple[str, float]] = field(default_factory=dict)  # site → (window, spent), as last heard
+    elsewhere: float = 0.0  # what the other sites spent in this window
+
+    def __post_init__(self) -> None:
+        self._add_up()
 
     @property
     def key(self) -> str:
         """Its key in the ``budgets`` bucket."""
-        return subjects.budget_key(self.scope, self.period)
+        return subjects.budget_key(self.scope, self.period, self.site)
 
     @property
     def spent(self) -> float:
-        """Spent in the current window, as far as this adapter knows."""
-        return self.known + self.pending
+        """Spent in the current window by every site, as far as this adapter knows."""
+        return self.known + self.pending + self.elsewhere
+
+    def heard(self, site: str, window: str, spent: float) -> None:
+        """What another site has spent (in ``window``)."""
+        self.others[site] = (window, spent)
+        self._add_up()
+
+    def forget(self, site: str) -> None:
+        """Another site's entry is gone."""
+        if self.others.pop(site, None) is not None:
+            self._add_up()
+
+    def _add_up(self) -> None:
+        self.elsewhere = sum(spent for window, spent in self.others.values() if window == self.window)
 
 
 class Ledger:
     """Every account this adapter knows, with the configured limits."""
 
-    def __init__(self, budgets: Budgets, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, budgets: Budgets, site: str, clock: Callable[[], float] = time.time) -> None:
         self.budgets = budgets
+        self.site = site
         self._clock = clock
         self.accounts: dict[str, Account] = {}
         self._by_tenant: dict[str, tuple[str, list[Account]]] = {}
@@ -97,11 +123,12 @@ class Ledger:
     def account(self, scope: str, period: Period) -> Account:
         """The account of a scope in the current window (a new window starts from zero)."""
         now_window = self._window(period)
-        key = subjects.budget_key(scope, period)
+        key = subjects.budget_key(scope, period, self.site)
         acct = self.accounts.get(key)
         if acct is None or acct.window != now_window:
-            pending = acct.pending if acct is not None else 0.0
-            acct = Account(scope, period, now_window, self._limits(scope).limit(period), pending=pending)
+            pending, others = (acct.pending, acct.others) if acct is not None else (0.0, {})
+            acct = Account(scope, period, now_window, self._limits(scope).limit(period), self.site,
+                           pending=pending, others=others)
             self.accounts[key] = acct
         return acct
 
@@ -135,17 +162,26 @@ class Ledger:
             acct.pending += cost_usd
 
     def seen(self, status: BudgetStatus, revision: int) -> None:
-        """What the bucket holds now (from the watcher): other adapters' spending becomes known."""
+        """An entry as a bucket holds it now (from a watcher): this site's (other adapters' spending becomes
+        known), another site's, or one written before budgets counted sites (what this site spent before)."""
         if status.period not in PERIODS:
             return
         acct = self.account(status.scope, status.period)
-        if status.window == acct.window and revision > acct.revision:
+        if status.site != self.site:
+            acct.heard(status.site or "", status.window, status.spent_usd)
+        elif status.window == acct.window and revision > acct.revision:
             acct.known, acct.revision = status.spent_usd, revision
 
     def cleared(self, key: str) -> None:
-        """The bucket no longer holds ``key`` (deleted, or the bucket was reset): nothing known spent."""
-        if (acct := self.accounts.get(key)) is not None:
+        """A bucket no longer holds ``key`` (deleted, or the bucket was reset): nothing known spent there."""
+        scope, period, *site = key.split(".")
+        acct = self.accounts.get(subjects.budget_key(scope, period, self.site))
+        if acct is None:
+            return
+        if site == [self.site]:
             acct.known, acct.revision = 0.0, 0
+        else:
+            acct.forget(site[0] if site else "")
 
     def forget_revisions(self) -> None:
         """The bucket was created anew: its revisions count from 1 again."""
@@ -157,15 +193,17 @@ class Ledger:
         return [a for a in self.accounts.values() if a.pending > 0]
 
     def status(self, acct: Account, spent: float) -> BudgetStatus:
-        """The bucket value of an account that has spent ``spent``."""
+        """This site's entry of an account when the site has spent ``spent``."""
+        total = spent + acct.elsewhere
         return BudgetStatus(scope=acct.scope, period=acct.period, window=acct.window, spent_usd=spent,
-                            limit_usd=acct.limit, state=level(spent, acct.limit, self.budgets.warn_ratio),
-                            updated_at=self._clock())
+                            limit_usd=acct.limit, state=level(total, acct.limit, self.budgets.warn_ratio),
+                            updated_at=self._clock(), site=self.site, total_usd=total)
 
     def written(self, acct: Account, amount: float, before: float, after: float, revision: int) -> BudgetLevel | None:
-        """Record a successful write of ``amount``; the level it crossed into, if it crossed one."""
+        """Record a successful write of ``amount`` (this site's entry went from ``before`` to ``after``); the
+        level every site's total crossed into, if it crossed one."""
         acct.pending = max(0.0, acct.pending - amount)
         acct.known, acct.revision = after, revision
-        old = level(before, acct.limit, self.budgets.warn_ratio)
-        new = level(after, acct.limit, self.budgets.warn_ratio)
+        old = level(before + acct.elsewhere, acct.limit, self.budgets.warn_ratio)
+        new = level(after + acct.elsewhere, acct.limit, self.budgets.warn_ratio)
         return new if new != old and new != "ok" else None

@@ -1,5 +1,7 @@
 """The cloud-adapter's state in NATS JetStream: the answer cache, provider health and budgets (KV buckets)
-and usage events (the ``USAGE`` stream), all in the JetStream domain of the adapter's site.
+and usage events (the ``USAGE`` stream), all in the JetStream domain of the adapter's site. On an edge site,
+also ``HUB_BUDGETS``: the mirror of the hub's budgets, where the other sites' spending is read
+(``shared/budgets.py``).
 
 This is the adapter's only JetStream boundary. JetStream may be unavailable (a cluster electing, a site
 starting): the adapter still answers — the cache misses, spending stays pending in memory and is written
@@ -24,7 +26,8 @@ from services.cloud_adapter.budget import Account, Ledger
 from services.cloud_adapter.cache import Entry
 from services.cloud_adapter.near_cache import NearCache
 from services.cloud_adapter.settings import CloudSettings
-from shared import subjects
+from shared import budgets, subjects
+from shared.config_bucket import Role, role_of
 from shared.kv_follow import follow_bucket
 from shared.logging import get_logger
 from shared.streams import ensure_kv
@@ -48,6 +51,7 @@ class CloudState:
         self.cache: KeyValue | None = None
         self.health: KeyValue | None = None
         self.budgets: KeyValue | None = None
+        self.role: Role | None = None
         self.opened = asyncio.Event()
         self._writes: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -70,6 +74,10 @@ class CloudState:
                  stream=subjects.USAGE)
         self.spawn(follow_bucket(self._budgets_bucket, ">", self._budget_entry, name=subjects.BUDGETS,
                                  replaced=self._budgets_replaced, check_s=self._settings.state_check_s))
+        if self.role == "edge":
+            self.spawn(follow_bucket(lambda: budgets.open_mirror(self._nc.jetstream(timeout=5)), ">",
+                                     self._other_sites_entry, name=subjects.HUB_BUDGETS,
+                                     check_s=self._settings.state_check_s))
         self.spawn(self._keep_open(retry_s))
 
     async def _keep_open(self, retry_s: float) -> None:
@@ -89,6 +97,8 @@ class CloudState:
         """The buckets' streams and the usage stream that do not exist."""
         js = self._nc.jetstream(timeout=5)
         names = [subjects.kv_stream(b) for b in (subjects.CLOUD_CACHE, subjects.PROVIDER_HEALTH, subjects.BUDGETS)]
+        if self.role == "edge":
+            names.append(subjects.HUB_BUDGETS)
         missing = []
         for name in [*names, subjects.USAGE]:
             try:
@@ -105,9 +115,12 @@ class CloudState:
             max_value_size=s.cache_max_entry_bytes, direct=True, **common))  # type: ignore[arg-type]
         self.health = await ensure_kv(self._nc, KeyValueConfig(
             bucket=subjects.PROVIDER_HEALTH, direct=True, **common))  # type: ignore[arg-type]
-        self.budgets = await ensure_kv(self._nc, KeyValueConfig(
-            bucket=subjects.BUDGETS, direct=True, **common))  # type: ignore[arg-type]
+        self.budgets = await ensure_kv(self._nc, budgets.bucket_config(s.kv_replicas))
         await self._usage.ensure_stream(s.kv_replicas)
+        js = self._nc.jetstream(timeout=5)
+        self.role = await role_of(js)
+        if self.role == "edge":
+            await budgets.ensure_mirror(js)
 
     async def _budgets_bucket(self) -> KeyValue:
         if self.budgets is None:
@@ -123,6 +136,13 @@ class CloudState:
             self._ledger.seen(BudgetStatus.model_validate_json(value), revision)
         except ValidationError:
             log.warning("unreadable budget entry", key=key)
+
+    async def _other_sites_entry(self, key: str, value: bytes | None, revision: int) -> None:
+        """Other sites' spending, from the edge's mirror of the hub (this site's own entries there are older
+        than its bucket's, and entries without a site count only where they were written)."""
+        if budgets.key_site(key) in (None, self._settings.site):
+            return
+        await self._budget_entry(key, value, revision)
 
     async def _budgets_replaced(self) -> None:
         self._ledger.forget_revisions()

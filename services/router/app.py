@@ -32,7 +32,7 @@ from services.router.masking import Masker
 from services.router.settings import RouterSettings
 from services.router.signals import UNMEASURED, signals
 from services.router.state import LiveState
-from shared import config_bucket, metrics, subjects
+from shared import budgets, config_bucket, metrics, subjects
 from shared.envelope import RESIDENCY, Envelope
 from shared.errors import InvalidRequest, ModelNotFound
 from shared.handling import ErrorReplies
@@ -182,6 +182,10 @@ async def main(settings: RouterSettings, readiness: Readiness, stack: AsyncExitS
         watch.follow_bucket(watch.existing(js, subjects.BUDGETS), ">", watch.budget_updates(state),
                             name=subjects.BUDGETS),
     ]
+    if settings.site != subjects.HUB:  # other sites' spending: the mirror of the hub's budgets (shared/budgets.py)
+        tasks.append(watch.follow_bucket(lambda: budgets.open_mirror(js), ">",
+                                         watch.budget_updates(state, skip_site=settings.site),
+                                         name=subjects.HUB_BUDGETS))
     if settings.uplink == "auto" and settings.site != subjects.HUB:
         tasks.append(watch.probe_uplink(nc, state, settings.uplink_probe_s))
     if settings.site != subjects.HUB:

@@ -52,15 +52,27 @@ class LiveState:
     def budget_level(self, tenant: str, now: float | None = None) -> BudgetLevel:
         """The worst of the global and the tenant's budgets, daily and monthly, in the current windows.
 
-        An entry of a past day or month no longer limits anything (a new window starts from zero).
+        Each site's entry says the level its writer saw; the sites' spending is also added up here, so a
+        budget that two sites spent together is exhausted even when neither knew of the other's last
+        spending. An entry of a past day or month no longer limits anything (a new window starts from zero).
         """
         if not self.budgets:
             return "ok"
         now = time.time() if now is None else now
         scopes = {subjects.GLOBAL_SCOPE, subjects.tenant_scope(tenant)}
         current = {p: budget_window(p, now) for p in ("daily", "monthly")}
-        levels = [s.state for s in self.budgets.values() if s.scope in scopes and s.window == current[s.period]]
-        return max(levels, key=_SEVERITY.__getitem__, default="ok")
+        worst: BudgetLevel = "ok"
+        totals: dict[tuple[str, str], list[float]] = {}  # (scope, period) → [spent, limit]
+        for s in self.budgets.values():
+            if s.scope in scopes and s.window == current[s.period]:
+                worst = max(worst, s.state, key=_SEVERITY.__getitem__)
+                total = totals.setdefault((s.scope, s.period), [0.0, float("inf")])
+                total[0] += s.spent_usd
+                if s.limit_usd is not None:
+                    total[1] = s.limit_usd
+        if any(spent >= limit for spent, limit in totals.values()):
+            return "exhausted"
+        return worst
 
     def conditions(self, tenant: str, now: float | None = None) -> Conditions:
         """A snapshot for one decision."""

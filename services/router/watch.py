@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from schemas.cloud import BudgetStatus, ProviderHealth
 from services.router.state import LiveState
-from shared import metrics, subjects
+from shared import budgets, metrics, subjects
 from shared.kv_follow import OnEntry, Opener, follow_bucket
 from shared.logging import get_logger
 
@@ -46,10 +46,13 @@ def health_updates(state: LiveState) -> OnEntry:
     return on_entry
 
 
-def budget_updates(state: LiveState) -> OnEntry:
-    """Track budget ledgers."""
+def budget_updates(state: LiveState, skip_site: str | None = None) -> OnEntry:
+    """Track budget ledgers; from the mirror of the hub's (an edge), ``skip_site``'s own entries and those
+    without a site are left to the site's own bucket."""
 
     async def on_entry(key: str, value: bytes | None, _: int) -> None:
+        if skip_site is not None and budgets.key_site(key) in (None, skip_site):
+            return
         try:
             state.budget_changed(key, None if value is None else BudgetStatus.model_validate_json(value))
         except ValidationError as exc:

@@ -307,7 +307,7 @@ class TestBudgetsAndUsage:
         the bucket says exhausted, and the next request is a 429 budget_exceeded with Retry-After."""
         alerts = subscribe(cloud, "lw.v1.hub.usage.budget")
         assert chat(cloud, "priced/echo", key="key-poor").status_code == 200  # 2+3 tokens at $1000/M: $0.005
-        eventually(lambda: kv_value(cloud, "budgets", "tenant-poor.daily", lambda v: v["state"] == "warning"),
+        eventually(lambda: kv_value(cloud, "budgets", "tenant-poor.daily.hub", lambda v: v["state"] == "warning"),
                    10, "the budget to reach its warning level")
         assert chat(cloud, "priced/echo", key="key-poor").status_code == 200  # $0.010: over
         r = cloud.post({"model": "priced/echo", "messages": MESSAGES}, key="key-poor")
@@ -316,7 +316,7 @@ class TestBudgetsAndUsage:
         assert r.json()["error"]["type"] == "insufficient_quota"
         assert int(r.headers["retry-after"]) >= 1
         assert len(cloud.openai_fake.calls) == 2
-        status = eventually(lambda: kv_value(cloud, "budgets", "tenant-poor.daily",
+        status = eventually(lambda: kv_value(cloud, "budgets", "tenant-poor.daily.hub",
                                              lambda v: v["state"] == "exhausted"), 10, "the budget to be exhausted")
         assert status["spent_usd"] == pytest.approx(0.010)
         assert status["limit_usd"] == 0.006

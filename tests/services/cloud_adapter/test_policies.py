@@ -209,7 +209,7 @@ class TestCache:
 class TestLedger:
     def ledger(self, clock: Clock, **kw: Any) -> Ledger:
         return Ledger(Budgets.model_validate({"global": {"daily_usd": 10}, "tenant_default": {"daily_usd": 1},
-                                              "tenants": {"acme": {"monthly_usd": 5}}, **kw}), clock=clock)
+                                              "tenants": {"acme": {"monthly_usd": 5}}, **kw}), "edge1", clock=clock)
 
     def test_windows_are_utc_days_and_months(self) -> None:
         """Budgets count per UTC day and per UTC month; Retry-After is the time until the next one."""
@@ -262,15 +262,57 @@ class TestLedger:
         ledger.check("bob")
 
     def test_other_adapters_spending_counts(self) -> None:
-        """What other adapters wrote to the bucket counts once seen."""
+        """What other adapters of the site wrote to the bucket counts once seen."""
         ledger = self.ledger(Clock())
         ledger.seen(BudgetStatus(scope="tenant-bob", period="daily", window="2026-11-21", spent_usd=1.5,
-                                 limit_usd=1, state="exhausted"), revision=7)
+                                 limit_usd=1, state="exhausted", site="edge1"), revision=7)
         with pytest.raises(BudgetExceeded):
             ledger.check("bob")
         ledger.seen(BudgetStatus(scope="tenant-dave", period="daily", window="2026-11-20", spent_usd=9,
-                                 limit_usd=1, state="exhausted"), revision=8)
+                                 limit_usd=1, state="exhausted", site="edge1"), revision=8)
         ledger.check("dave")  # yesterday's entry
+
+    def test_every_sites_spending_counts(self) -> None:
+        """Another site's spending adds to this site's against the same budget: the total refuses, an entry of
+        another day does not count, and a site's entry deleted no longer counts."""
+        ledger = self.ledger(Clock())
+
+        def elsewhere(site: str, spent: float, window: str = "2026-11-21") -> BudgetStatus:
+            return BudgetStatus(scope="tenant-bob", period="daily", window=window, spent_usd=spent, limit_usd=1,
+                                state="ok", site=site)
+
+        ledger.seen(elsewhere("hub", 0.6), revision=3)
+        ledger.seen(elsewhere("plant2", 5.0, window="2026-11-20"), revision=4)
+        ledger.charge("bob", 0.3)
+        ledger.check("bob")  # 0.9 of 1
+        acct = ledger.account("tenant-bob", "daily")
+        written = ledger.status(acct, 0.3)
+        assert (written.site, written.spent_usd, written.state) == ("edge1", 0.3, "warning")
+        assert written.total_usd == pytest.approx(0.9)
+        assert acct.key == "tenant-bob.daily.edge1"
+        ledger.charge("bob", 0.1)
+        with pytest.raises(BudgetExceeded, match=r"budget of \$1 is spent"):
+            ledger.check("bob")
+        ledger.cleared("tenant-bob.daily.hub")
+        ledger.check("bob")  # 0.4 of 1
+
+    def test_a_crossing_counts_the_other_sites(self) -> None:
+        """A write that takes the total (not this site's share) across 80% reports the warning."""
+        ledger = self.ledger(Clock())
+        ledger.seen(BudgetStatus(scope="tenant-bob", period="daily", window="2026-11-21", spent_usd=0.75,
+                                 limit_usd=1, state="ok", site="hub"), revision=1)
+        acct = ledger.account("tenant-bob", "daily")
+        assert ledger.written(acct, 0.1, 0.0, 0.1, 1) == "warning"
+
+    def test_an_entry_from_before_sites_still_counts(self) -> None:
+        """An entry written before budgets counted sites (key ``<scope>.<period>``, no site) is what was spent
+        earlier in the window: it adds to what the site writes now."""
+        ledger = self.ledger(Clock())
+        ledger.seen(BudgetStatus(scope="tenant-bob", period="daily", window="2026-11-21", spent_usd=0.5,
+                                 limit_usd=1, state="ok"), revision=1)
+        ledger.seen(BudgetStatus(scope="tenant-bob", period="daily", window="2026-11-21", spent_usd=0.3,
+                                 limit_usd=1, state="ok", site="edge1"), revision=2)
+        assert ledger.account("tenant-bob", "daily").spent == pytest.approx(0.8)
 
     def test_crossings_are_reported_once(self) -> None:
         """Writes crossing 80% and then 100% report warning then exhausted; writes within a level none."""

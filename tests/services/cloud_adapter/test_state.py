@@ -44,7 +44,7 @@ async def eventually(probe: Callable[[], T]) -> T:
 
 async def test_cache_round_trip(nc: nats.NATS, tmp_path: Path) -> None:
     """An answer stored under a key reads back whole; an absent key reads as a miss."""
-    state = await opened(nc, Ledger(BUDGETS), tmp_path)
+    state = await opened(nc, Ledger(BUDGETS, "state"), tmp_path)
     entry = Entry({"content": "hi"}, "stop", Usage.of(2, 1))
     state.cache_put("t.k1", entry)
     await eventually(lambda: state._writes == set())
@@ -66,7 +66,7 @@ async def test_changed_ttl_is_applied_to_the_existing_bucket(nc: nats.NATS) -> N
 async def test_two_adapters_share_one_ledger(nc: nats.NATS, tmp_path: Path) -> None:
     """Spending written by two adapters adds up in the bucket; each sees the other's; the crossing into
     'warning' is reported once, by the adapter whose write crossed it."""
-    a, b = Ledger(BUDGETS), Ledger(BUDGETS)
+    a, b = Ledger(BUDGETS, "state"), Ledger(BUDGETS, "state")
     state_a, state_b = await opened(nc, a, tmp_path), await opened(nc, b, tmp_path)
     alerts: list[tuple[str, BudgetStatus]] = []
     a.charge("shared", 0.5)
@@ -75,7 +75,7 @@ async def test_two_adapters_share_one_ledger(nc: nats.NATS, tmp_path: Path) -> N
     await eventually(lambda: b.account("tenant-shared", "daily").known == 0.5)  # b's watcher saw a's write
     await state_b.flush_budgets(lambda s: alerts.append(("b", s)))
     kv = await nc.jetstream().key_value("budgets")
-    stored = BudgetStatus.model_validate_json((await kv.get("tenant-shared.daily")).value or b"")
+    stored = BudgetStatus.model_validate_json((await kv.get("tenant-shared.daily.state")).value or b"")
     assert stored.spent_usd == pytest.approx(0.85)
     assert stored.state == "warning"
     assert [(who, s.scope, s.state) for who, s in alerts] == [("b", "tenant-shared", "warning")]
@@ -90,7 +90,7 @@ async def test_two_adapters_share_one_ledger(nc: nats.NATS, tmp_path: Path) -> N
 async def test_usage_events_are_kept(nc: nats.NATS, tmp_path: Path) -> None:
     """A usage event published by the state is stored by the site's USAGE stream."""
     from schemas.cloud import UsageEvent
-    state = await opened(nc, Ledger(BUDGETS), tmp_path)
+    state = await opened(nc, Ledger(BUDGETS, "state"), tmp_path)
     await state.publish_usage(UsageEvent(request_id="u1", tenant="t", site="state", target="p/m",
                                          prompt_tokens=1, completion_tokens=2, cost_usd=0.1))
     await state.close(lambda _: None)
@@ -103,7 +103,7 @@ async def test_buckets_and_stream_deleted_underneath_come_back(nc: nats.NATS, tm
     what is missing again, forgets what the old bucket said was spent, and counts from zero; usage events
     are stored again too."""
     from schemas.cloud import UsageEvent
-    ledger = Ledger(BUDGETS)
+    ledger = Ledger(BUDGETS, "state")
     state = await opened(nc, ledger, tmp_path, LW_CLOUD_STATE_CHECK_S=0.2)
     ledger.charge("reset", 0.5)
     await state.flush_budgets(lambda _: None)
@@ -126,7 +126,7 @@ async def test_buckets_and_stream_deleted_underneath_come_back(nc: nats.NATS, tm
     ledger.charge("reset", 0.1)
     await state.flush_budgets(lambda _: None)
     kv = await js.key_value("budgets")
-    stored = BudgetStatus.model_validate_json((await kv.get("tenant-reset.daily")).value or b"")
+    stored = BudgetStatus.model_validate_json((await kv.get("tenant-reset.daily.state")).value or b"")
     assert stored.spent_usd == pytest.approx(0.1)
     await state.publish_usage(UsageEvent(request_id="after-reset", tenant="t", site="state", target="p/m",
                                          prompt_tokens=1, completion_tokens=1))

@@ -1,0 +1,82 @@
+"""One budget ledger across sites: each site writes its own spending, the hub collects it, each edge mirrors it.
+
+A budget counts what every site spent, but an edge must keep counting while its uplink is down, so no site
+writes another's numbers (no write ever waits on the uplink, and nothing needs merging):
+
+    where                 stream          holds                                 written by
+    each site's domain    ``KV_budgets``  the site's spending (key ``<scope>.<period>.<site>``)    its adapters
+    the hub's domain      ``KV_budgets``  the hub's own, and every edge's (sourced from each edge)  hub adapters
+    each edge's domain    ``HUB_BUDGETS``  a mirror of the hub's: every site's, readable offline    nats-server
+
+An edge's adapters put the site's bucket on the hub's list of sources (``shared.hub_usage.keep_joined``, as
+for usage events), so what an edge spends reaches the hub, and then every other edge's mirror, within
+milliseconds while the links are up, and once they are back after an outage. A reader adds up the sites: its
+own from its own bucket (freshest), the others from the mirror (as last synced).
+
+nats-py's ``KeyValue`` reads the mirror as a read-only bucket (``open_mirror``): get, watch and status work on
+any stream whose messages carry ``$KV.budgets.<key>`` subjects.
+"""
+
+from __future__ import annotations
+
+from nats.js.api import DiscardPolicy, ExternalStream, KeyValueConfig, StorageType, StreamConfig, StreamSource
+from nats.js.client import JetStreamContext
+from nats.js.errors import APIError, NotFoundError
+from nats.js.kv import KeyValue
+
+from shared import subjects
+
+STREAM = subjects.kv_stream(subjects.BUDGETS)
+
+
+def bucket_config(replicas: int) -> KeyValueConfig:
+    """The ``budgets`` bucket of a site (or of the hub: the same, and it sources the edges')."""
+    return KeyValueConfig(bucket=subjects.BUDGETS, history=1, direct=True, storage=StorageType.FILE,
+                          replicas=replicas, description="leafwire budget ledger: spending by scope, period and site")
+
+
+def mirror_config() -> StreamConfig:
+    """An edge's copy of the hub's bucket stream. Not ``mirror_direct``: direct gets of ``KV_budgets`` in the
+    edge's domain must keep reaching the site's own bucket."""
+    return StreamConfig(name=subjects.HUB_BUDGETS, description="every site's budget spending, mirrored from the hub",
+                        mirror=StreamSource(name=STREAM, external=ExternalStream(api=subjects.HUB_JS_API)),
+                        max_msgs_per_subject=1, discard=DiscardPolicy.OLD, deny_delete=True,
+                        storage=StorageType.FILE)
+
+
+def is_hub_mirror(config: StreamConfig) -> bool:
+    """True when ``config`` mirrors the hub's budgets."""
+    source = config.mirror
+    return (source is not None and source.name == STREAM and source.external is not None
+            and source.external.api == subjects.HUB_JS_API)
+
+
+async def ensure_mirror(js: JetStreamContext) -> None:
+    """Create the edge's mirror when absent; needs no uplink (it fills in once the hub is reachable)."""
+    try:
+        info = await js.stream_info(subjects.HUB_BUDGETS)
+    except NotFoundError:
+        info = None
+    if info is not None:
+        if not is_hub_mirror(info.config):
+            raise RuntimeError(f"stream {subjects.HUB_BUDGETS} exists and is not a mirror of the hub's {STREAM}")
+        return
+    try:
+        await js.add_stream(mirror_config())
+    except APIError:  # another adapter of the site created it first
+        if not is_hub_mirror((await js.stream_info(subjects.HUB_BUDGETS)).config):
+            raise
+
+
+async def open_mirror(js: JetStreamContext) -> KeyValue:
+    """The mirror as a read-only bucket. Raises ``NotFoundError`` while there is none (no adapter at the site
+    has made it yet)."""
+    await js.stream_info(subjects.HUB_BUDGETS)
+    return KeyValue(name=subjects.BUDGETS, stream=subjects.HUB_BUDGETS, pre=f"$KV.{subjects.BUDGETS}.", js=js,
+                    direct=False)
+
+
+def key_site(key: str) -> str | None:
+    """The site a ``budgets`` key counts (``None``: a key written before budgets counted across sites)."""
+    parts = key.split(".")
+    return parts[2] if len(parts) == 3 else None
