@@ -1,4 +1,5 @@
-"""The adapter's JetStream state on a real nats-server: buckets, the cache, and one ledger shared by adapters."""
+"""The adapter's JetStream state on real nats-servers: buckets, the cache, and one ledger shared by adapters and
+by sites (a hub and an edge whose leaf link can be cut)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ from services.cloud_adapter.cache import Entry
 from services.cloud_adapter.config import Budgets
 from services.cloud_adapter.settings import CloudSettings
 from services.cloud_adapter.state import CloudState
+from shared import hub_usage
+from shared.errors import BudgetExceeded
 from shared.streams import ensure_kv
+from tests.support import CuttableSite, connected, start_cuttable_site
 
 T = TypeVar("T")
 BUDGETS = Budgets.model_validate({"tenant_default": {"daily_usd": 1.0}})
@@ -133,3 +137,55 @@ async def test_buckets_and_stream_deleted_underneath_come_back(nc: nats.NATS, tm
     await state.close(lambda _: None)
     msg = await js.get_last_msg("USAGE", "lw.v1.state.usage.events")
     assert json.loads(msg.data)["request_id"] == "after-reset"
+
+
+async def test_one_budget_across_sites_also_offline(tmp_path: Path) -> None:
+    """An edge's and the hub's spending count against one budget: each ledger learns the other's; with the
+    uplink cut the edge keeps counting (and refuses once its own spending takes the total over), and once the
+    link is back both know everything that was spent meanwhile."""
+    with start_cuttable_site(tmp_path, "plant7") as site:
+        async with connected(site.hub.url) as hub_nc, connected(site.edge.url) as edge_nc:
+            await sites_share_a_budget(site, hub_nc, edge_nc, tmp_path)
+
+
+async def sites_share_a_budget(site: CuttableSite, hub_nc: nats.NATS, edge_nc: nats.NATS, tmp: Path) -> None:
+    at_hub, at_edge = Ledger(BUDGETS, "hub"), Ledger(BUDGETS, "plant7")
+    hub_state = await opened(hub_nc, at_hub, tmp, site="hub")
+    edge_state = await opened(edge_nc, at_edge, tmp, site="plant7")
+    assert (await hub_usage.join(edge_nc, "plant7", collected=hub_usage.BUDGETS))[0]
+    alerts: list[tuple[str, BudgetStatus]] = []
+
+    def spent(ledger: Ledger) -> float:
+        return ledger.account("tenant-acme", "daily").spent
+
+    at_hub.charge("acme", 0.3)
+    await hub_state.flush_budgets(lambda s: alerts.append(("hub", s)))
+    at_edge.charge("acme", 0.4)
+    await edge_state.flush_budgets(lambda s: alerts.append(("edge", s)))
+    await eventually(lambda: spent(at_hub) == pytest.approx(0.7) and spent(at_edge) == pytest.approx(0.7))
+
+    site.link.cut()
+    at_edge.charge("acme", 0.35)
+    await edge_state.flush_budgets(lambda s: alerts.append(("edge", s)))  # written at the edge, offline
+    with pytest.raises(BudgetExceeded):
+        at_edge.check("acme")
+    await edge_state.close(lambda _: None)  # the edge's adapter restarts while offline: it reads what it knew
+    at_edge = Ledger(BUDGETS, "plant7")
+    edge_state = await opened(edge_nc, at_edge, tmp, site="plant7")
+    await eventually(lambda: spent(at_edge) == pytest.approx(1.05))
+    at_hub.charge("acme", 0.1)
+    await hub_state.flush_budgets(lambda s: alerts.append(("hub", s)))
+    at_hub.check("acme")  # 0.8 as far as the hub knows
+    assert [(who, s.state, round(s.total_usd or 0, 2)) for who, s in alerts] == [
+        ("edge", "exhausted", 1.05), ("hub", "warning", 0.8)]
+
+    site.link.restore()
+    await eventually(lambda: spent(at_hub) == pytest.approx(1.15) and spent(at_edge) == pytest.approx(1.15))
+    with pytest.raises(BudgetExceeded):
+        at_hub.check("acme")
+    kv = await hub_nc.jetstream().key_value("budgets")
+    stored = {key: BudgetStatus.model_validate_json((await kv.get(key)).value or b"").spent_usd
+              for key in ("tenant-acme.daily.hub", "tenant-acme.daily.plant7")}
+    assert stored == {"tenant-acme.daily.hub": pytest.approx(0.4), "tenant-acme.daily.plant7": pytest.approx(0.75)}
+    await hub_state.close(lambda _: None)
+    await edge_state.close(lambda _: None)

@@ -14,6 +14,7 @@ from services.router.masking import Masker
 from services.router.policy import Policy
 from services.router.signals import Signals
 from services.router.state import LiveState
+from services.router.watch import budget_updates
 from shared.errors import ModelNotFound
 
 
@@ -37,6 +38,21 @@ class TestConditions:
         assert state_with(("small", "chat"), inflight=1).conditions("t").saturated == {"small"}
         assert state_with(("small", "chat")).conditions("t").saturated == frozenset()
 
+    def test_sites_spending_adds_up(self) -> None:
+        """Two sites whose entries each say 'ok' but together spent the limit: the budget is exhausted; a
+        warning one site saw stays a warning while the total is under the limit."""
+        state = state_with(("small", "chat"))
+        now = time.time()
+        for site, spent, level in (("hub", 0.6, "warning"), ("plant1", 0.3, "ok")):
+            state.budget_changed(f"global.daily.{site}", BudgetStatus(
+                scope="global", period="daily", window=budget_window("daily", now), spent_usd=spent, limit_usd=1,
+                state=level, site=site))
+        assert state.budget_level("t", now) == "warning"
+        state.budget_changed("global.daily.plant1", BudgetStatus(
+            scope="global", period="daily", window=budget_window("daily", now), spent_usd=0.4, limit_usd=1,
+            state="ok", site="plant1"))
+        assert state.budget_level("t", now) == "exhausted"
+
     def test_budget_of_a_past_window_does_not_count(self) -> None:
         """An exhausted budget entry of yesterday no longer limits anything; today's does."""
         state = state_with(("small", "chat"))
@@ -46,3 +62,18 @@ class TestConditions:
                                                    limit_usd=1, state="exhausted"))
             expected = "ok" if key == "old" else "exhausted"
             assert state.budget_level("t", now) == expected
+
+
+async def test_the_hub_mirror_feeds_other_sites_only() -> None:
+    """At an edge, budget entries from the mirror of the hub's bucket count for the other sites; the site's
+    own (fresher in its own bucket) and entries without a site are left out."""
+    state = state_with(("small", "chat"))
+    on_entry = budget_updates(state, skip_site="edge1")
+    window = budget_window("daily", time.time())
+    for key, site in (("global.daily.edge1", "edge1"), ("global.daily", None), ("global.daily.hub", "hub")):
+        status = BudgetStatus(scope="global", period="daily", window=window, spent_usd=1, limit_usd=1,
+                              state="exhausted", site=site)
+        await on_entry(key, status.model_dump_json().encode(), 1)
+    assert list(state.budgets) == ["global.daily.hub"]
+    await on_entry("global.daily.hub", None, 2)
+    assert state.budgets == {}
