@@ -19,14 +19,19 @@ any stream whose messages carry ``$KV.budgets.<key>`` subjects.
 
 from __future__ import annotations
 
+from collections.abc import Container, Iterable
+from dataclasses import dataclass, field
+
 from nats.js.api import DiscardPolicy, ExternalStream, KeyValueConfig, StorageType, StreamConfig, StreamSource
 from nats.js.client import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 from nats.js.kv import KeyValue
 
+from schemas.cloud import BudgetLevel, BudgetStatus, budget_window
 from shared import subjects
 
 STREAM = subjects.kv_stream(subjects.BUDGETS)
+SEVERITY: dict[BudgetLevel, int] = {"ok": 0, "warning": 1, "exhausted": 2}
 
 
 def bucket_config(replicas: int) -> KeyValueConfig:
@@ -80,3 +85,40 @@ def key_site(key: str) -> str | None:
     """The site a ``budgets`` key counts (``None``: a key written before budgets counted across sites)."""
     parts = key.split(".")
     return parts[2] if len(parts) == 3 else None
+
+
+@dataclass
+class Total:
+    """One budget (scope and period) in its current window: every site's spending added up."""
+
+    scope: str
+    period: str
+    window: str
+    spent: float = 0.0
+    limit: float | None = None
+    worst: BudgetLevel = "ok"  # the worst state a writer saw
+    sites: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def level(self) -> BudgetLevel:
+        """``exhausted`` once the sites together reached the limit (even if no writer saw that total), else
+        the worst level a writer saw."""
+        return "exhausted" if self.limit is not None and self.spent >= self.limit else self.worst
+
+
+def totals(entries: Iterable[BudgetStatus], now: float, scopes: Container[str] | None = None) -> list[Total]:
+    """Each budget's total over the entries of its current window (of ``scopes`` only, when given); entries of
+    an earlier day or month count as nothing spent."""
+    current = {p: budget_window(p, now) for p in ("daily", "monthly")}
+    found: dict[tuple[str, str], Total] = {}
+    for s in entries:
+        if s.window != current[s.period] or (scopes is not None and s.scope not in scopes):
+            continue
+        total = found.get((s.scope, s.period))
+        if total is None:
+            total = found[(s.scope, s.period)] = Total(s.scope, s.period, s.window)
+        total.spent += s.spent_usd
+        total.sites[s.site or "(before sites)"] = s.spent_usd
+        total.limit = s.limit_usd if s.limit_usd is not None else total.limit
+        total.worst = max(total.worst, s.state, key=SEVERITY.__getitem__)
+    return list(found.values())

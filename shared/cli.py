@@ -3,6 +3,7 @@
     leafwire usage [...]     who used what, and what it cost (``shared.usage_report``)
     leafwire policy [...]    check a routing policy, or change it live (``services.router.policy_cli``)
     leafwire sites [...]     the sites whose usage the hub collects; remove one (``shared.sites_cli``)
+    leafwire budgets [...]   what every site spent against each budget (``shared.budgets_cli``)
 
 Each is also ``python -m`` of its module. Starting and stopping the local stack is ``just up`` / ``just down``.
 """
@@ -13,12 +14,13 @@ import sys
 from collections.abc import Callable, Sequence
 
 from services.router import policy_cli
-from shared import sites_cli, usage_report
+from shared import budgets_cli, sites_cli, usage_report
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str], str], int], str]] = {
     "usage": (usage_report.main, "who used what, and what it cost"),
     "policy": (policy_cli.main, "check a routing policy, or change it live"),
     "sites": (sites_cli.main, "the sites whose usage the hub collects; remove one"),
+    "budgets": (budgets_cli.main, "what every site spent today and this month, against each budget"),
 }
 
 

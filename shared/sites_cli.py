@@ -1,7 +1,7 @@
 """The edge sites whose usage the hub collects, and taking a decommissioned one off the list.
 
     uv run leafwire sites                          # each site: events not copied yet, when last heard from
-    uv run leafwire sites remove plant3            # stop collecting plant3's usage (what was copied stays)
+    uv run leafwire sites remove plant3            # stop collecting plant3's usage and spending (copies stay)
 
 An edge site puts itself on the list (``docs/cloud.md``, every site's usage at the hub); a site whose services
 still run puts itself back within ``LW_USAGE_HUB_CHECK_S``, so stop them (or set it to 0) first.
@@ -49,7 +49,8 @@ async def _run(args: argparse.Namespace) -> str:
         if args.command == "remove":
             if not await hub_usage.leave(nc, args.site, args.wait):
                 raise ValueError(f"site {args.site!r} is not among the hub's usage sources")
-            return f"the hub no longer collects the usage of site {args.site!r} (what it copied stays)"
+            return (f"the hub no longer collects the usage and budget spending of site {args.site!r} "
+                    "(what it copied stays)")
         return table(await hub_usage.sites(nc, args.wait))
     finally:
         await nc.drain()

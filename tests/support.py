@@ -309,6 +309,12 @@ async def usage_events(url: str) -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
+def leafwire(*args: str) -> subprocess.CompletedProcess[str]:
+    """The ``leafwire`` command (the package's console script), as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT)
+
+
 def model_name(registry: Path) -> str:
     """The first model name of a registry file written by ``write_registry``."""
     return registry.read_text().split("name: ", 1)[1].split()[0]

@@ -9,14 +9,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from schemas.cloud import BudgetStatus, ProviderHealth, budget_window
+from schemas.cloud import BudgetStatus, ProviderHealth
 from services.router.catalog import Catalog
 from services.router.decide import Conditions
 from services.router.masking import Masker
 from services.router.policy import BudgetLevel, Health, Policy
-from shared import subjects
-
-_SEVERITY: dict[BudgetLevel, int] = {"ok": 0, "warning": 1, "exhausted": 2}
+from shared import budgets, subjects
 
 
 @dataclass
@@ -59,20 +57,8 @@ class LiveState:
         if not self.budgets:
             return "ok"
         now = time.time() if now is None else now
-        scopes = {subjects.GLOBAL_SCOPE, subjects.tenant_scope(tenant)}
-        current = {p: budget_window(p, now) for p in ("daily", "monthly")}
-        worst: BudgetLevel = "ok"
-        totals: dict[tuple[str, str], list[float]] = {}  # (scope, period) → [spent, limit]
-        for s in self.budgets.values():
-            if s.scope in scopes and s.window == current[s.period]:
-                worst = max(worst, s.state, key=_SEVERITY.__getitem__)
-                total = totals.setdefault((s.scope, s.period), [0.0, float("inf")])
-                total[0] += s.spent_usd
-                if s.limit_usd is not None:
-                    total[1] = s.limit_usd
-        if any(spent >= limit for spent, limit in totals.values()):
-            return "exhausted"
-        return worst
+        found = budgets.totals(self.budgets.values(), now, {subjects.GLOBAL_SCOPE, subjects.tenant_scope(tenant)})
+        return max((t.level for t in found), key=budgets.SEVERITY.__getitem__, default="ok")
 
     def conditions(self, tenant: str, now: float | None = None) -> Conditions:
         """A snapshot for one decision."""

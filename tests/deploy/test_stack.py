@@ -17,7 +17,7 @@ import pytest
 
 from deploy import stack, topology
 from shared.natsbin import nats_server
-from tests.support import ROOT, eventually, write_registry
+from tests.support import ROOT, eventually, leafwire, write_registry
 
 pytestmark = pytest.mark.e2e
 
@@ -108,12 +108,6 @@ def stale_pid_files(run_dir: Path) -> None:
     dead.wait()
     (run_dir / "supervisord.pid").write_text(str(dead.pid))
     (run_dir / "launcher.pid").write_text(str(dead.pid))
-
-
-def leafwire(*args: str) -> subprocess.CompletedProcess[str]:
-    """The ``leafwire`` command, as the banner shows it."""
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=60,
-                          cwd=ROOT)
 
 
 def push_policy(tmp: Path, edge_url: str) -> subprocess.CompletedProcess[str]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -20,7 +18,15 @@ from shared.errors import HubUnreachable
 from shared.streams import ensure_stream
 from shared.usage import UsagePublisher, usage_stream
 from shared.usage_report import report
-from tests.support import ROOT, CuttableSite, NatsServer, connected, eventually_async, start_cuttable_site, usage_events
+from tests.support import (
+    CuttableSite,
+    NatsServer,
+    connected,
+    eventually_async,
+    leafwire,
+    start_cuttable_site,
+    usage_events,
+)
 
 SITE = "plant9"
 
@@ -141,11 +147,6 @@ async def test_keep_joined_waits_for_the_uplink(site: CuttableSite, edge: nats.N
                                lambda lag: lag == 0, within_s=5, what="the lag to be reported")
     finally:
         loop.cancel()
-
-
-def leafwire(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=60,
-                          cwd=ROOT)
 
 
 async def test_the_sites_command_lists_and_removes(site: CuttableSite, edge: nats.NATS) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 
 import pytest
@@ -15,7 +13,7 @@ from schemas.cloud import UsageEvent
 from shared import subjects
 from shared.usage import usage_stream
 from shared.usage_report import Report, Totals, report
-from tests.support import ROOT, NatsServer, connected, start_single
+from tests.support import NatsServer, connected, leafwire, start_single
 
 DAY = 86400.0
 NOW = time.time()
@@ -79,11 +77,6 @@ async def test_one_tenant_before_a_time_by_day(url: str) -> None:
     day = time.strftime("%Y-%m-%d", time.gmtime(NOW - 3 * DAY))
     assert list(result.groups) == [(day,)]
     assert result.groups[(day,)].requests == 1
-
-
-def leafwire(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=60,
-                          cwd=ROOT)
 
 
 def test_the_command_prints_a_table_most_expensive_first(url: str) -> None:

@@ -23,7 +23,7 @@ from services.cloud_adapter.state import CloudState
 from shared import hub_usage
 from shared.errors import BudgetExceeded
 from shared.streams import ensure_kv
-from tests.support import CuttableSite, connected, start_cuttable_site
+from tests.support import CuttableSite, connected, free_port, leafwire, start_cuttable_site, start_single
 
 T = TypeVar("T")
 BUDGETS = Budgets.model_validate({"tenant_default": {"daily_usd": 1.0}})
@@ -139,6 +139,21 @@ async def test_buckets_and_stream_deleted_underneath_come_back(nc: nats.NATS, tm
     assert json.loads(msg.data)["request_id"] == "after-reset"
 
 
+def test_the_budgets_command_before_any_spending_and_without_nats(tmp_path: Path) -> None:
+    """`leafwire budgets` on a server where no adapter ran says nothing was spent (exit 0); with no server
+    there, one line and exit 2."""
+    server = start_single(tmp_path)
+    try:
+        empty = leafwire("budgets", "--nats", server.url)
+    finally:
+        server.stop()
+    assert (empty.returncode, empty.stdout.strip()) == (0, "no cloud spending recorded in the current day or month")
+    absent = leafwire("budgets", "--nats", f"nats://127.0.0.1:{free_port()}", "--wait", "1")
+    assert absent.returncode == 2
+    assert absent.stderr.startswith("leafwire budgets: no NATS server at")
+    assert len(absent.stderr.splitlines()) == 1
+
+
 async def test_one_budget_across_sites_also_offline(tmp_path: Path) -> None:
     """An edge's and the hub's spending count against one budget: each ledger learns the other's; with the
     uplink cut the edge keeps counting (and refuses once its own spending takes the total over), and once the
@@ -178,11 +193,21 @@ async def sites_share_a_budget(site: CuttableSite, hub_nc: nats.NATS, edge_nc: n
     at_hub.check("acme")  # 0.8 as far as the hub knows
     assert [(who, s.state, round(s.total_usd or 0, 2)) for who, s in alerts] == [
         ("edge", "exhausted", 1.05), ("hub", "warning", 0.8)]
+    offline = await asyncio.to_thread(leafwire, "budgets", "--nats", site.edge.url, "--tenant", "acme", "--json")
+    assert offline.returncode == 0, offline.stderr
+    daily = next(b for b in json.loads(offline.stdout) if b["scope"] == "tenant-acme" and b["period"] == "daily")
+    assert (daily["spent_usd"], daily["limit_usd"], daily["state"]) == (1.05, 1.0, "exhausted")
+    assert daily["sites"] == {"hub": pytest.approx(0.3), "plant7": pytest.approx(0.75)}
 
     site.link.restore()
     await eventually(lambda: spent(at_hub) == pytest.approx(1.15) and spent(at_edge) == pytest.approx(1.15))
     with pytest.raises(BudgetExceeded):
         at_hub.check("acme")
+    table = await asyncio.to_thread(leafwire, "budgets", "--nats", site.hub.url)
+    assert table.returncode == 0, table.stderr
+    row = next(line.split() for line in table.stdout.splitlines() if line.startswith("tenant-acme  daily"))
+    assert row[3:7] == ["1.1500", "1", "115%", "exhausted"]
+    assert " ".join(row[7:]) == "plant7 0.7500, hub 0.4000"
     kv = await hub_nc.jetstream().key_value("budgets")
     stored = {key: BudgetStatus.model_validate_json((await kv.get(key)).value or b"").spent_usd
               for key in ("tenant-acme.daily.hub", "tenant-acme.daily.plant7")}
