@@ -28,6 +28,9 @@ models *args:
 # who used what and what it cost (the usage report; --help for options)
 usage *args:
     uv run leafwire usage {{args}}
+# each cloud budget today and this month: every site's spending against its limit
+budgets *args:
+    uv run leafwire budgets {{args}}
 # run the test suite
 test *args:
     uv run pytest {{args}}

@@ -241,6 +241,7 @@ leafwire is up: hub cluster (3 nodes) + edge site '{stack.site}', all services, 
   Routing policy         written at the hub, mirrored to the edge: uv run leafwire policy push deploy/policy.yaml
                          --nats {edge.url} --site {stack.site}   (docs/routing.md)
   Usage and cost         uv run leafwire usage --nats {edge.url}   (--domain hub: every site's; docs/cloud.md)
+                         uv run leafwire budgets --nats {edge.url}   (spending against each budget, all sites)
   Logs                   {stack.run_dir / 'logs'}/      Metrics: {stack.gateway}/metrics
   Stop                   Ctrl-C here, or `uv run just down` from another terminal
 
