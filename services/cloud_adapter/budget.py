@@ -174,14 +174,16 @@ class Ledger:
 
     def cleared(self, key: str) -> None:
         """A bucket no longer holds ``key`` (deleted, or the bucket was reset): nothing known spent there."""
-        scope, period, *site = key.split(".")
-        acct = self.accounts.get(subjects.budget_key(scope, period, self.site))
+        parts = key.split(".")
+        if len(parts) not in (2, 3):
+            return
+        acct = self.accounts.get(subjects.budget_key(parts[0], parts[1], self.site))
         if acct is None:
             return
-        if site == [self.site]:
+        if parts[2:] == [self.site]:
             acct.known, acct.revision = 0.0, 0
         else:
-            acct.forget(site[0] if site else "")
+            acct.forget(parts[2] if len(parts) == 3 else "")
 
     def forget_revisions(self) -> None:
         """The bucket was created anew: its revisions count from 1 again."""

@@ -16,6 +16,8 @@ from services.router.masking import Masker
 from services.router.policy import BudgetLevel, Health, Policy
 from shared import budgets, subjects
 
+MAX_REMEMBERED = 10_000  # tenants whose budget level is kept for the current second
+
 
 @dataclass
 class LiveState:
@@ -30,6 +32,7 @@ class LiveState:
     provider_health: dict[str, Health] = field(default_factory=dict)
     budgets: dict[str, BudgetStatus] = field(default_factory=dict)
     masked: Counter[str] = field(default_factory=Counter)
+    _levels: dict[str, tuple[int, BudgetLevel]] = field(default_factory=dict)  # tenant → (second, level)
 
     def use_policy(self, policy: Policy, source: str) -> None:
         """Switch to a validated policy (masking patterns are compiled first, so a bad one fails here)."""
@@ -46,6 +49,7 @@ class LiveState:
             self.budgets.pop(key, None)
         else:
             self.budgets[key] = status
+        self._levels.clear()
 
     def budget_level(self, tenant: str, now: float | None = None) -> BudgetLevel:
         """The worst of the global and the tenant's budgets, daily and monthly, in the current windows.
@@ -57,8 +61,16 @@ class LiveState:
         if not self.budgets:
             return "ok"
         now = time.time() if now is None else now
+        second = int(now)  # asked for every request: the answer is kept until the entries change or a second passes
+        known = self._levels.get(tenant)
+        if known is not None and known[0] == second:
+            return known[1]
         found = budgets.totals(self.budgets.values(), now, {subjects.GLOBAL_SCOPE, subjects.tenant_scope(tenant)})
-        return max((t.level for t in found), key=budgets.SEVERITY.__getitem__, default="ok")
+        level: BudgetLevel = max((t.level for t in found), key=budgets.SEVERITY.__getitem__, default="ok")
+        if len(self._levels) >= MAX_REMEMBERED:
+            self._levels.clear()
+        self._levels[tenant] = (second, level)
+        return level
 
     def conditions(self, tenant: str, now: float | None = None) -> Conditions:
         """A snapshot for one decision."""

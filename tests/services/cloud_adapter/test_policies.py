@@ -295,6 +295,7 @@ class TestLedger:
             ledger.check("bob")
         ledger.cleared("tenant-bob.daily.hub")
         ledger.check("bob")  # 0.4 of 1
+        ledger.cleared("junk")  # no key of a ledger: nothing happens
 
     def test_a_crossing_counts_the_other_sites(self) -> None:
         """A write that takes the total (not this site's share) across 80% reports the warning."""
