@@ -156,6 +156,7 @@ async def test_the_sites_command_lists_and_removes(site: CuttableSite, edge: nat
     await publisher.ensure_stream()
     await hub_usage.join(edge, SITE)
     await hub_usage.join(edge, "ghost")  # a site that never answers
+    await hub_usage.join(edge, "ghost", collected=hub_usage.BUDGETS)  # creates the hub's budgets bucket too
     await publisher.usage(event(1))
     await publisher.flush()
     await hub_holds(site, 1)
@@ -169,6 +170,9 @@ async def test_the_sites_command_lists_and_removes(site: CuttableSite, edge: nat
     removed = leafwire("sites", "remove", "ghost", "--nats", site.hub.url)
     assert removed.returncode == 0, removed.stderr
     assert [s.site for s in await hub_usage.sites(edge)] == [SITE]
+    budgets_config, ghost_lag = await hub_usage.read_hub(edge, "ghost", 2, hub_usage.BUDGETS.stream)
+    assert ghost_lag is None  # off the budgets bucket's sources as well
+    assert budgets_config.subjects == ["$KV.budgets.>"]  # a KV bucket as the hub's adapters make it
     again = leafwire("sites", "remove", "ghost", "--nats", site.hub.url)
     assert again.returncode == 2
     assert "site 'ghost' is not among the hub's usage sources" in again.stderr
