@@ -29,6 +29,7 @@ from nats.js.kv import KeyValue
 
 from schemas.cloud import BudgetLevel, BudgetStatus, budget_window
 from shared import subjects
+from shared.config_bucket import is_hub_mirror
 
 STREAM = subjects.kv_stream(subjects.BUDGETS)
 SEVERITY: dict[BudgetLevel, int] = {"ok": 0, "warning": 1, "exhausted": 2}
@@ -49,13 +50,6 @@ def mirror_config() -> StreamConfig:
                         storage=StorageType.FILE)
 
 
-def is_hub_mirror(config: StreamConfig) -> bool:
-    """True when ``config`` mirrors the hub's budgets."""
-    source = config.mirror
-    return (source is not None and source.name == STREAM and source.external is not None
-            and source.external.api == subjects.HUB_JS_API)
-
-
 async def ensure_mirror(js: JetStreamContext) -> None:
     """Create the edge's mirror when absent; needs no uplink (it fills in once the hub is reachable)."""
     try:
@@ -63,13 +57,13 @@ async def ensure_mirror(js: JetStreamContext) -> None:
     except NotFoundError:
         info = None
     if info is not None:
-        if not is_hub_mirror(info.config):
+        if not is_hub_mirror(info.config, STREAM):
             raise RuntimeError(f"stream {subjects.HUB_BUDGETS} exists and is not a mirror of the hub's {STREAM}")
         return
     try:
         await js.add_stream(mirror_config())
     except APIError:  # another adapter of the site created it first
-        if not is_hub_mirror((await js.stream_info(subjects.HUB_BUDGETS)).config):
+        if not is_hub_mirror((await js.stream_info(subjects.HUB_BUDGETS)).config, STREAM):
             raise
 
 
@@ -85,6 +79,12 @@ def key_site(key: str) -> str | None:
     """The site a ``budgets`` key counts (``None``: a key written before budgets counted across sites)."""
     parts = key.split(".")
     return parts[2] if len(parts) == 3 else None
+
+
+def elsewhere(key: str, site: str) -> bool:
+    """True when a key of the hub's mirror counts another site than ``site``: the site's own entries are
+    fresher in its own bucket, and entries without a site count only where they were written."""
+    return key_site(key) not in (None, site)
 
 
 @dataclass

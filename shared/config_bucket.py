@@ -79,10 +79,10 @@ def mirror_config() -> StreamConfig:
                         allow_direct=True, mirror_direct=True, deny_delete=True, storage=StorageType.FILE)
 
 
-def is_hub_mirror(config: StreamConfig) -> bool:
-    """True when ``config`` is a mirror of the hub's config stream."""
+def is_hub_mirror(config: StreamConfig, stream: str = STREAM) -> bool:
+    """True when ``config`` is a mirror of the hub's stream ``stream`` (by default the config bucket's)."""
     source = config.mirror
-    return (source is not None and source.name == STREAM and source.external is not None
+    return (source is not None and source.name == stream and source.external is not None
             and source.external.api == subjects.HUB_JS_API)
 
 

@@ -138,11 +138,9 @@ class CloudState:
             log.warning("unreadable budget entry", key=key)
 
     async def _other_sites_entry(self, key: str, value: bytes | None, revision: int) -> None:
-        """Other sites' spending, from the edge's mirror of the hub (this site's own entries there are older
-        than its bucket's, and entries without a site count only where they were written)."""
-        if budgets.key_site(key) in (None, self._settings.site):
-            return
-        await self._budget_entry(key, value, revision)
+        """Other sites' spending, from the edge's mirror of the hub."""
+        if budgets.elsewhere(key, self._settings.site):
+            await self._budget_entry(key, value, revision)
 
     async def _budgets_replaced(self) -> None:
         self._ledger.forget_revisions()

@@ -51,7 +51,7 @@ def budget_updates(state: LiveState, skip_site: str | None = None) -> OnEntry:
     without a site are left to the site's own bucket."""
 
     async def on_entry(key: str, value: bytes | None, _: int) -> None:
-        if skip_site is not None and budgets.key_site(key) in (None, skip_site):
+        if skip_site is not None and not budgets.elsewhere(key, skip_site):
             return
         try:
             state.budget_changed(key, None if value is None else BudgetStatus.model_validate_json(value))
