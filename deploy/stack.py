@@ -33,6 +33,7 @@ from pathlib import Path
 
 from deploy import shutdown, topology
 from deploy.topology import Node
+from shared.columns import aligned
 
 ROOT = Path(__file__).resolve().parent.parent
 SUPERVISOR_STATES = {"STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FATAL", "UNKNOWN"}
@@ -412,10 +413,9 @@ def status(stack: Stack) -> int:
         ready = _readiness(stack, program) if state == "RUNNING" else "-"
         all_ok = all_ok and state == "RUNNING" and ready == "ok"
         rows.append((program, state, pid, uptime, ready))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     say(f"leafwire at {stack.gateway}/v1 (run folder {stack.run_dir})")
-    for row in rows:
-        say("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for line in aligned(rows, indent="  "):
+        say(line)
     return 0 if all_ok else 3
 
 

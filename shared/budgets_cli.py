@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from schemas.cloud import BudgetStatus
 from shared import budgets, subjects
+from shared.columns import aligned
 from shared.config_bucket import HUB_UNREACHABLE, role_of
 from shared.nats import NoNatsServer, connect_once
 
@@ -77,13 +78,7 @@ def render(found: list[budgets.Total]) -> str:
         sites = ", ".join(f"{site} {spent:.4f}" for site, spent in sorted(t.sites.items(), key=lambda kv: -kv[1]))
         rows.append((t.scope, t.period, t.window, f"{t.spent:.4f}", "" if t.limit is None else f"{t.limit:g}",
                      used, t.level, sites))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-
-    def line(row: tuple[str, ...]) -> str:
-        return "  ".join(c.rjust(w) if 3 <= i <= 5 else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
-
-    return "\n".join(line(r) for r in rows)
+    return "\n".join(aligned(rows, right=(3, 4, 5)))
 
 
 def as_json(found: list[budgets.Total]) -> str:

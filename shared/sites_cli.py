@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from shared import hub_usage, subjects
+from shared.columns import aligned
 from shared.errors import HubUnreachable
 from shared.nats import NoNatsServer, connect_once
 
@@ -34,13 +35,7 @@ def table(found: list[hub_usage.SiteSource]) -> str:
         return "no site sends its usage to the hub yet"
     rows = [("site", "not copied yet", "last heard", "problem")]
     rows += [(s.site, str(s.lag), heard(s.heard_s), s.error or "") for s in sorted(found, key=lambda s: s.site)]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-
-    def line(row: tuple[str, ...]) -> str:
-        cells = (c.rjust(w) if i == 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-        return "  ".join(cells).rstrip()
-
-    return "\n".join(line(r) for r in rows)
+    return "\n".join(aligned(rows, right=(1,)))
 
 
 async def _run(args: argparse.Namespace) -> str:

@@ -30,6 +30,7 @@ from pydantic import ValidationError
 
 from schemas.cloud import UsageEvent
 from shared import subjects
+from shared.columns import aligned
 from shared.nats import NoNatsServer, connect_once
 
 FIELDS = ("site", "tenant", "target", "outcome", "variant", "cached", "day")
@@ -116,14 +117,8 @@ class Report:
         order = sorted(self.groups.items(), key=lambda kv: (-kv[1].cost_usd, -kv[1].requests, kv[0]))
         rows = [[*key, *_numbers(t)] for key, t in order]
         rows.append(["total", *[""] * (len(self.by) - 1), *_numbers(self.total())])
-        widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-        text_cols = len(self.by)
-
-        def line(cells: Sequence[str]) -> str:
-            return "  ".join(c.ljust(w) if i < text_cols else c.rjust(w)
-                             for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
-
-        out = [line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        out = aligned([head, ["-" * w for w in widths], *rows], right=range(len(self.by), len(head)))
         if self.unreadable:
             out.append(f"({self.unreadable} messages were not usage events and are left out)")
         return "\n".join(out)
