@@ -284,4 +284,8 @@ class CloudState:
         await self._usage.flush()
         for task in self._tasks:
             task.cancel()
+        while pending := [t for t in self._tasks if not t.done()]:
+            await asyncio.wait(pending, timeout=1)
+            for task in pending:  # a cancel swallowed by a library's wait_for (Python 3.11) is asked again
+                task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
