@@ -34,6 +34,7 @@ from shared import metrics
 from shared.envelope import Envelope
 from shared.errors import Cancelled, DeadlineExceeded, LeafwireError, NotBatched, Unavailable, UpstreamError
 from shared.logging import get_logger
+from shared.tasks import stop_tasks
 
 SERVICE = "batcher"
 log = get_logger("leafwire.batcher")
@@ -331,9 +332,7 @@ class Batcher:
     async def stop(self) -> None:
         """Stop dispatching; waiting requests get a 503 so their callers can retry elsewhere."""
         self.stopping = True
-        for task in self.tasks.values():
-            task.cancel()
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        await stop_tasks(self.tasks.values())
         for queue in self.queues.values():
             self.fail(queue, Unavailable("the batcher is shutting down", retry_after=1))
         await asyncio.gather(*self.pending, return_exceptions=True)

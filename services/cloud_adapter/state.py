@@ -31,6 +31,7 @@ from shared.config_bucket import Role, role_of
 from shared.kv_follow import follow_bucket
 from shared.logging import get_logger
 from shared.streams import ensure_kv
+from shared.tasks import stop_tasks
 from shared.usage import UsagePublisher
 
 log = get_logger("leafwire.cloud_adapter.state")
@@ -282,10 +283,4 @@ class CloudState:
         if self._writes:
             await asyncio.wait(set(self._writes), timeout=5)
         await self._usage.flush()
-        for task in self._tasks:
-            task.cancel()
-        while pending := [t for t in self._tasks if not t.done()]:
-            await asyncio.wait(pending, timeout=1)
-            for task in pending:  # a cancel swallowed by a library's wait_for (Python 3.11) is asked again
-                task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(self._tasks)

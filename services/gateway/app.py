@@ -29,6 +29,7 @@ from shared.errors import ModelNotFound, Unauthorized, Unavailable
 from shared.logging import bind_request, get_logger
 from shared.ops import Readiness, add_routes, bound_port
 from shared.replies import Event, ReplyReader, error_of
+from shared.tasks import stop_tasks
 
 SERVICE = "gateway"
 log = get_logger("leafwire.gateway")
@@ -174,7 +175,7 @@ async def main(settings: GatewaySettings, readiness: Readiness, stack: AsyncExit
     gateway = Gateway(settings, nc, ChatBridge(nc, replies, settings), EmbeddingsBridge(nc, replies, settings), keys)
     readiness.add("nats", gateway.ready)
     probe = asyncio.create_task(probe_router(gateway, readiness))
-    stack.callback(probe.cancel)
+    stack.push_async_callback(stop_tasks, [probe])
     runner = web.AppRunner(build_app(gateway, readiness), handler_cancellation=True, access_log=None)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)

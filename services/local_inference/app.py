@@ -36,6 +36,7 @@ from shared.nats import broker as make_broker
 from shared.ops import Readiness
 from shared.replies import Event
 from shared.service import attach_broker
+from shared.tasks import stop_tasks
 from shared.usage import UsagePublisher
 
 __all__ = ["SERVICE", "Worker", "build_broker", "main"]
@@ -164,9 +165,7 @@ async def wait_for_answers(worker: Worker, grace_s: float) -> None:
     await last_words(worker)
     if worker.tasks:
         _, pending = await asyncio.wait(set(worker.tasks), timeout=grace_s)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await stop_tasks(pending)
     await last_words(worker)
 
 
@@ -195,13 +194,13 @@ async def main(settings: InferenceSettings, readiness: Readiness, stack: AsyncEx
         log.warning("usage stream unavailable", error=repr(exc))
     stack.push_async_callback(worker.usage.flush)  # unwinds after the answers below have finished
     forward = asyncio.create_task(hub_usage.keep_joined(nc, settings.site, settings.usage_hub_check_s))
-    stack.callback(forward.cancel)
+    stack.push_async_callback(stop_tasks, [forward])
     stack.push_async_callback(wait_for_answers, worker, settings.nats_drain_timeout_s)
     worker.on_idle = lambda: worker.spawn(publish_heartbeat(nc, worker))
     readiness.add("models", lambda: None if all(e.ready for e in worker.engines.values())
                   and all(e.ready for e in worker.embedders.values()) else "model not loaded")
     beat = asyncio.create_task(announce_every(nc, settings.site, worker.heartbeat, settings.heartbeat_s))
-    stack.callback(beat.cancel)
+    stack.push_async_callback(stop_tasks, [beat])
     log.info("worker started", worker_id=worker.worker_id, chat=list(worker.engines),
              embeddings=list(worker.embedders))
 

@@ -41,6 +41,7 @@ from shared.logging import bind_request, get_logger
 from shared.nats import broker as make_broker
 from shared.ops import Readiness
 from shared.service import attach_broker
+from shared.tasks import stop_tasks
 
 SERVICE = "router"
 log = get_logger("leafwire.router")
@@ -190,9 +191,7 @@ async def main(settings: RouterSettings, readiness: Readiness, stack: AsyncExitS
         tasks.append(watch.probe_uplink(nc, state, settings.uplink_probe_s))
     if settings.site != subjects.HUB:
         tasks.append(policy_watch.catch_up_from_hub(nc, policy, settings.config_check_s))
-    for coro in tasks:
-        task = asyncio.create_task(coro)
-        stack.callback(task.cancel)
+    stack.push_async_callback(stop_tasks, [asyncio.create_task(coro) for coro in tasks])
     await nc.publish(subjects.roll_call(settings.site), b"")
     await nc.flush()
     await asyncio.sleep(settings.roll_call_wait_s)
