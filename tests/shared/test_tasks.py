@@ -44,7 +44,9 @@ async def test_plain_finished_and_failed_tasks_all_end_without_noise() -> None:
     reported: list[dict[str, object]] = []
     loop.set_exception_handler(lambda _, context: reported.append(context))
     await asyncio.wait_for(stop_tasks([sleeper, done, failed]), timeout=5)
-    assert sleeper.cancelled() and done.done() and failed.done()
+    assert sleeper.cancelled()
+    assert done.done()
+    assert failed.done()
     del failed
     gc.collect()
     assert reported == []  # the failure was retrieved: no "Task exception was never retrieved"
