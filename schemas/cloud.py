@@ -30,6 +30,8 @@ class ProviderHealth(BaseModel):
     provider: str
     state: BreakerState
     since: float = Field(description="unix time the breaker entered this state")
+    probe_at: float | None = Field(default=None, description="while open: unix time it half-opens and lets a probe "
+                                   "through (a reader may treat it as half open from then on)")
     consecutive_failures: int = 0
     error_rate: float = Field(default=0.0, description="failures / calls over the breaker's window")
     updated_at: float = Field(default_factory=time.time)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 from nats.js.api import DiscardPolicy, ExternalStream, KeyValueConfig, StorageType, StreamConfig, StreamSource
 from nats.js.client import JetStreamContext
@@ -30,9 +31,26 @@ from nats.js.kv import KeyValue
 from schemas.cloud import BudgetLevel, BudgetStatus, budget_window
 from shared import subjects
 from shared.config_bucket import is_hub_mirror
+from shared.errors import BudgetExceeded
 
 STREAM = subjects.kv_stream(subjects.BUDGETS)
 SEVERITY: dict[BudgetLevel, int] = {"ok": 0, "warning": 1, "exhausted": 2}
+
+
+def seconds_left(period: str, now: float) -> float:
+    """Seconds until the next ``daily`` or ``monthly`` period starts (UTC midnight, or the first of next month)."""
+    day = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    nxt = day + timedelta(days=1) if period == "daily" else (day.replace(day=1) + timedelta(days=32)).replace(day=1)
+    return nxt.timestamp() - now
+
+
+def exceeded(tenant: str, scope: str, period: str, limit: float, spent: float, window: str, now: float,
+             then: str = "cloud models are refused until it resets") -> BudgetExceeded:
+    """The refusal for a spent budget, naming it, with Retry-After = until its period starts again."""
+    which = (f"the global {period} cloud budget" if scope == subjects.GLOBAL_SCOPE
+             else f"the {period} cloud budget of tenant {tenant!r}")
+    return BudgetExceeded(f"{which} (${limit:g}) is spent: ${spent:.4f} in {window}; {then}",
+                          scope=scope, period=period, retry_after=seconds_left(period, now))
 
 
 def bucket_config(replicas: int) -> KeyValueConfig:

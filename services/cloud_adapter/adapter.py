@@ -9,6 +9,7 @@ answer goes straight to the caller's subject (``Lw-Reply``); a failure then ends
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Coroutine
@@ -18,7 +19,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 
 from schemas.chat import ChatCompletionRequest, FinishReason, Usage
-from schemas.cloud import BudgetStatus, ProviderHealth, UsageEvent
+from schemas.cloud import BreakerState, BudgetStatus, ProviderHealth, UsageEvent
 from schemas.control import Admitted, ModelInfo, WorkerHeartbeat
 from services.cloud_adapter import cache
 from services.cloud_adapter.breaker import Breaker
@@ -159,6 +160,9 @@ class CloudAdapter:
         log.warning("provider breaker changed", provider=breaker.provider, state=breaker.state.value,
                     consecutive_failures=breaker.consecutive_failures)
         self.health_changed.set()
+        if breaker.state is BreakerState.OPEN:  # half-open on time: the router sends nothing to an open provider
+            with contextlib.suppress(RuntimeError):  # no running loop (a breaker driven outside the service)
+                asyncio.get_running_loop().call_later(breaker.retry_in() + 0.001, breaker.tick)
 
     def healths(self) -> list[ProviderHealth]:
         """Every provider's breaker, as published to the ``provider-health`` bucket."""

@@ -5,9 +5,12 @@
     half_open ──probe succeeds──► closed (counters reset)      half_open ──probe fails──► open
 
 While open (and while half open with every probe slot taken) calls are refused without touching the
-provider. Failures are what says something about the provider (timeouts, connection errors, 5xx, 429,
-malformed answers, refused keys); a request the provider rejects as invalid is neither a success nor a
-failure. The window counts calls in one-second buckets, so memory stays fixed at any request rate.
+provider. Open half-opens when the next call asks or when ``tick()`` is called once ``open_s`` has passed:
+the adapter calls it then, so the ``provider-health`` bucket says ``half_open`` and the router, which sends
+no calls to an open provider, sends the probe. Failures are what says something about the provider
+(timeouts, connection errors, 5xx, 429, malformed answers, refused keys); a request the provider rejects as
+invalid is neither a success nor a failure. The window counts calls in one-second buckets, so memory stays
+fixed at any request rate.
 """
 
 from __future__ import annotations
@@ -93,15 +96,19 @@ class Breaker:
             return 0.0
         return max(0.0, self.since + self.policy.open_s - self._clock())
 
+    def tick(self) -> None:
+        """Half-open an open breaker whose ``open_s`` has passed (nothing otherwise)."""
+        if self.state is BreakerState.OPEN and self.retry_in() <= 0:
+            self._enter(BreakerState.HALF_OPEN)
+
     def acquire(self) -> bool | None:
         """Ask to make a call: ``None`` refused; ``True`` allowed as a half-open probe; ``False`` allowed.
 
         A probe must be ended with ``record(..., probe=True)`` or ``release_probe()``.
         """
+        self.tick()
         if self.state is BreakerState.OPEN:
-            if self.retry_in() > 0:
-                return None
-            self._enter(BreakerState.HALF_OPEN)
+            return None
         if self.state is BreakerState.HALF_OPEN:
             if self.probes_in_flight >= self.policy.probes:
                 return None
@@ -146,5 +153,6 @@ class Breaker:
     def health(self) -> ProviderHealth:
         """The breaker as the router reads it from the ``provider-health`` KV bucket."""
         return ProviderHealth(provider=self.provider, state=self.state, since=self.since,
+                              probe_at=self.since + self.policy.open_s if self.state is BreakerState.OPEN else None,
                               consecutive_failures=self.consecutive_failures, error_rate=self.error_rate(),
                               updated_at=self._clock())

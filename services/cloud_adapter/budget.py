@@ -22,13 +22,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from schemas.cloud import BudgetLevel, BudgetStatus, budget_window
 from services.cloud_adapter.config import BudgetLimits, Budgets
 from shared import subjects
-from shared.errors import BudgetExceeded
+from shared.budgets import exceeded
 
 Period = Literal["daily", "monthly"]
 PERIODS: tuple[Period, ...] = ("daily", "monthly")
@@ -37,13 +36,6 @@ PERIODS: tuple[Period, ...] = ("daily", "monthly")
 def window(period: Period, now: float) -> str:
     """The period that ``now`` falls in: ``2026-11-21`` (daily) or ``2026-11`` (monthly), UTC."""
     return budget_window(period, now)
-
-
-def seconds_left(period: Period, now: float) -> float:
-    """Seconds until the next period starts (UTC midnight, or the first of next month)."""
-    day = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    nxt = day + timedelta(days=1) if period == "daily" else (day.replace(day=1) + timedelta(days=32)).replace(day=1)
-    return nxt.timestamp() - now
 
 
 def level(spent: float, limit: float | None, warn_ratio: float) -> BudgetLevel:
@@ -148,11 +140,8 @@ class Ledger:
         """Raise ``BudgetExceeded`` when the tenant's or the global budget is spent."""
         for acct in self._accounts_of(tenant):
             if acct.limit is not None and acct.spent >= acct.limit:
-                who = "the global" if acct.scope == subjects.GLOBAL_SCOPE else f"tenant {tenant!r}'s"
-                raise BudgetExceeded(
-                    f"{who} {acct.period} cloud budget of ${acct.limit:g} is spent "
-                    f"(${acct.spent:.4f} in {acct.window}); cloud models are refused until it resets",
-                    scope=acct.scope, period=acct.period, retry_after=seconds_left(acct.period, self._clock()))
+                raise exceeded(tenant, acct.scope, acct.period, acct.limit, acct.spent, acct.window,
+                                       self._clock())
 
     def charge(self, tenant: str, cost_usd: float) -> None:
         """Count what a call cost against its tenant and the global scope."""

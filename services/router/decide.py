@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -19,6 +21,7 @@ from schemas.control import RouteDecision
 from services.router.policy import LOCAL, REQUESTED, BudgetLevel, Experiment, Health, Policy, Rule, When
 from services.router.signals import Signals
 from services.router.variants import pick
+from shared import budgets
 from shared.errors import BudgetExceeded, LeafwireError, ModelNotFound, Overloaded, Unavailable
 
 AUTO = "auto"
@@ -60,9 +63,12 @@ class Conditions:
 
     uplink_up: bool = True
     budget: BudgetLevel = "ok"
+    spent_budget: budgets.Total | None = None  # the budget that is exhausted, when one is
     provider_health: Mapping[str, Health] = field(default_factory=dict)
+    probes_in: Mapping[str, float] = field(default_factory=dict)  # open breakers: seconds until each half-opens
     local_models: frozenset[str] = frozenset()
     saturated: frozenset[str] = frozenset()
+    now: float = field(default_factory=time.time)
 
 
 @dataclass(frozen=True)
@@ -173,11 +179,11 @@ def plan(policy: Policy, facts: Facts, conditions: Conditions) -> Plan:
         else:
             skipped.append((model, why))
     if not chain:
-        raise refusal(rule, skipped)
+        raise refusal(rule, skipped, conditions, facts.tenant)
     return Plan(requested, rule.name, tuple(chain), variant, tuple(skipped))
 
 
-def refusal(rule: Rule, skipped: list[tuple[str, str]]) -> LeafwireError:
+def refusal(rule: Rule, skipped: list[tuple[str, str]], conditions: Conditions, tenant: str) -> LeafwireError:
     """The error for a request no target may serve, named after the first reason."""
     if not skipped:
         return Unavailable(f"rule {rule.name} names no target for this request", code="no_route")
@@ -186,8 +192,15 @@ def refusal(rule: Rule, skipped: list[tuple[str, str]]) -> LeafwireError:
     if why == "data must stay on site":
         return ResidencyViolation(f"This request must stay on site and no local model can serve it ({detail}).")
     if why == "budget exhausted":
+        spent = conditions.spent_budget
+        if spent is not None and spent.limit is not None:
+            return budgets.exceeded(tenant, spent.scope, spent.period, spent.limit, spent.spent, spent.window,
+                                    conditions.now, then=f"no local model can serve this ({detail})")
         return BudgetExceeded(f"The cloud budget is exhausted and no local model can serve this ({detail}).")
     if why == "all workers busy":
         return Overloaded(f"Every worker is busy ({detail}).", retry_after=1)
-    return Unavailable(f"No target can serve this request now ({detail}).", retry_after=5,
+    # an open breaker: until the first of them half-opens; the uplink: a guess at when to look again
+    opens = [conditions.probes_in[provider_of(t)] for t, _ in skipped if provider_of(t) in conditions.probes_in]
+    return Unavailable(f"No target can serve this request now ({detail}).",
+                       retry_after=max(1, math.ceil(min(opens))) if opens else 5,
                        code="uplink_down" if why == "uplink down" else "provider_unavailable")

@@ -9,12 +9,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from schemas.cloud import BudgetStatus, ProviderHealth
+from schemas.cloud import BreakerState, BudgetStatus, ProviderHealth
 from services.router.catalog import Catalog
 from services.router.decide import Conditions
 from services.router.masking import Masker
 from services.router.policy import BudgetLevel, Health, Policy
 from shared import budgets, subjects
+from shared.budgets import Total
 
 MAX_REMEMBERED = 10_000  # tenants whose budget level is kept for the current second
 
@@ -30,9 +31,11 @@ class LiveState:
     file_policy: Policy | None = None
     uplink_up: bool = True
     provider_health: dict[str, Health] = field(default_factory=dict)
+    probe_at: dict[str, float] = field(default_factory=dict)  # open breakers: when each lets a probe through
     budgets: dict[str, BudgetStatus] = field(default_factory=dict)
     masked: Counter[str] = field(default_factory=Counter)
-    _levels: dict[str, tuple[int, BudgetLevel]] = field(default_factory=dict)  # tenant → (second, level)
+    # tenant → (second, level, the exhausted budget if any)
+    _levels: dict[str, tuple[int, BudgetLevel, Total | None]] = field(default_factory=dict)
 
     def use_policy(self, policy: Policy, source: str) -> None:
         """Switch to a validated policy (masking patterns are compiled first, so a bad one fails here)."""
@@ -42,6 +45,15 @@ class LiveState:
     def provider_changed(self, health: ProviderHealth) -> None:
         """A provider's breaker moved."""
         self.provider_health[health.provider] = health.state.value
+        if health.state is BreakerState.OPEN and health.probe_at is not None:
+            self.probe_at[health.provider] = health.probe_at
+        else:
+            self.probe_at.pop(health.provider, None)
+
+    def provider_gone(self, provider: str) -> None:
+        """A provider's health entry was deleted."""
+        self.provider_health.pop(provider, None)
+        self.probe_at.pop(provider, None)
 
     def budget_changed(self, key: str, status: BudgetStatus | None) -> None:
         """A budget ledger entry changed (``None``: deleted)."""
@@ -52,25 +64,31 @@ class LiveState:
         self._levels.clear()
 
     def budget_level(self, tenant: str, now: float | None = None) -> BudgetLevel:
-        """The worst of the global and the tenant's budgets, daily and monthly, in the current windows.
+        """The worst of the global and the tenant's budgets, daily and monthly, in the current windows."""
+        return self.budget_state(tenant, now)[0]
+
+    def budget_state(self, tenant: str, now: float | None = None) -> tuple[BudgetLevel, Total | None]:
+        """The worst level of the global and the tenant's budgets, daily and monthly, in the current windows,
+        and the budget that is exhausted, if one is.
 
         Each site's entry says the level its writer saw; the sites' spending is also added up here, so a
         budget that two sites spent together is exhausted even when neither knew of the other's last
         spending. An entry of a past day or month no longer limits anything (a new window starts from zero).
         """
         if not self.budgets:
-            return "ok"
+            return "ok", None
         now = time.time() if now is None else now
         second = int(now)  # asked for every request: the answer is kept until the entries change or a second passes
         known = self._levels.get(tenant)
         if known is not None and known[0] == second:
-            return known[1]
+            return known[1], known[2]
         found = budgets.totals(self.budgets.values(), now, {subjects.GLOBAL_SCOPE, subjects.tenant_scope(tenant)})
         level: BudgetLevel = max((t.level for t in found), key=budgets.SEVERITY.__getitem__, default="ok")
+        spent = next((t for t in found if t.level == "exhausted"), None)
         if len(self._levels) >= MAX_REMEMBERED:
             self._levels.clear()
-        self._levels[tenant] = (second, level)
-        return level
+        self._levels[tenant] = (second, level, spent)
+        return level, spent
 
     def conditions(self, tenant: str, now: float | None = None) -> Conditions:
         """A snapshot for one decision."""
@@ -80,5 +98,14 @@ class LiveState:
         saturated = frozenset(
             name for name in served
             if all(b.inflight >= b.capacity for b in workers if any(m.name == name for m in b.models)))
-        return Conditions(uplink_up=self.uplink_up, budget=self.budget_level(tenant, now),
-                          provider_health=dict(self.provider_health), local_models=served, saturated=saturated)
+        health = dict(self.provider_health)
+        probes_in: dict[str, float] = {}
+        for provider, at in self.probe_at.items():  # an open breaker whose time is up is half open, even unheard
+            if health.get(provider) == "open":
+                if at <= now:
+                    health[provider] = "half_open"
+                else:
+                    probes_in[provider] = at - now
+        level, spent = self.budget_state(tenant, now)
+        return Conditions(uplink_up=self.uplink_up, budget=level, spent_budget=spent, provider_health=health,
+                          probes_in=probes_in, local_models=served, saturated=saturated, now=now)

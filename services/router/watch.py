@@ -36,7 +36,7 @@ def health_updates(state: LiveState) -> OnEntry:
 
     async def on_entry(key: str, value: bytes | None, _: int) -> None:
         if value is None:
-            state.provider_health.pop(key, None)
+            state.provider_gone(key)
             return
         try:
             state.provider_changed(ProviderHealth.model_validate_json(value))

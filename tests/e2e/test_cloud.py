@@ -61,7 +61,7 @@ def providers_file(path: Path, openai_fake: FakeProvider, claude_fake: FakeProvi
         "providers": [
             entry("fake", openai_fake, "LW_TEST_FAKE_KEY", {"echo": {"upstream": "echo-1", "input_per_mtok": 1,
                                                                      "output_per_mtok": 2}}),
-            {**entry("flaky", openai_fake, "LW_TEST_FAKE_KEY", {"echo": {}}), "breaker": {"failures": 3}},
+            {**entry("flaky", openai_fake, "LW_TEST_FAKE_KEY", {"echo": {}}), "breaker": {"failures": 3, "open_s": 3}},
             entry("wrongkey", openai_fake, "LW_TEST_WRONG_KEY", {"echo": {}}),
             entry("priced", openai_fake, "LW_TEST_FAKE_KEY", {"echo": {"input_per_mtok": 1000,
                                                                        "output_per_mtok": 1000}}),
@@ -223,9 +223,11 @@ class TestResilience:
         assert "ended before the answer did" in exc.value.message or "was cut" in exc.value.message
         assert len(cloud.openai_fake.calls) == 1
 
-    def test_breaker_opens_and_is_published(self, cloud: CloudStack) -> None:
+    def test_breaker_opens_is_published_and_recovers(self, cloud: CloudStack) -> None:
         """Three failed tries open `flaky`'s breaker: KV provider-health and the metric say open, and the
-        next request is refused with 503 without calling the provider."""
+        next request is refused with 503 (Retry-After: until it half-opens) without calling the provider.
+        After open_s it half-opens by itself: the router, which sends nothing to an open provider, lets the
+        next request through as the probe, and its success closes the breaker."""
         cloud.openai_fake.script(*[Fault.error(503)] * 3)
         assert cloud.post({"model": "flaky/echo", "messages": MESSAGES}).status_code == 502
         eventually(lambda: metric(cloud.adapter.metrics(), "leafwire_cloud_breaker_state", provider="flaky") == 2,
@@ -233,12 +235,20 @@ class TestResilience:
         r = cloud.post({"model": "flaky/echo", "messages": MESSAGES})
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "provider_unavailable"
-        assert int(r.headers["retry-after"]) >= 1
+        assert 1 <= int(r.headers["retry-after"]) <= 3  # open_s
         assert len(cloud.openai_fake.calls) == 3
         health = eventually(lambda: kv_value(cloud, "provider-health", "flaky", lambda v: v["state"] == "open"),
                             10, "provider-health to say open")
         assert health["consecutive_failures"] >= 3
+        assert health["probe_at"] == pytest.approx(health["since"] + 3)
         assert kv_value(cloud, "provider-health", "fake")["state"] == "closed"
+        eventually(lambda: kv_value(cloud, "provider-health", "flaky", lambda v: v["state"] == "half_open"),
+                   10, "provider-health to say half open")
+        assert cloud.post({"model": "flaky/echo", "messages": MESSAGES}).status_code == 200
+        assert len(cloud.openai_fake.calls) == 4
+        eventually(lambda: kv_value(cloud, "provider-health", "flaky", lambda v: v["state"] == "closed"),
+                   10, "provider-health to say closed")
+        assert metric(cloud.adapter.metrics(), "leafwire_cloud_breaker_state", provider="flaky") == 0
 
     def test_client_going_away_closes_the_provider_connection(self, cloud: CloudStack) -> None:
         """Closing a stream mid-answer cancels the cloud call: the provider sees its client leave."""
@@ -321,6 +331,17 @@ class TestBudgetsAndUsage:
         assert status["spent_usd"] == pytest.approx(0.010)
         assert status["limit_usd"] == 0.006
         assert [a["state"] for a in alerts.wait(2)] == ["warning", "exhausted"]
+
+        def refused_by_router() -> httpx.Response | None:  # once it has heard: before the adapter is asked
+            r = cloud.post({"model": "priced/echo", "messages": MESSAGES}, key="key-poor")
+            return r if "no local model can serve this" in r.json()["error"]["message"] else None
+
+        r = eventually(refused_by_router, 10, "the router to refuse on its own")
+        assert r.status_code == 429
+        assert r.json()["error"]["code"] == "budget_exceeded"
+        assert "the daily cloud budget of tenant 'poor' ($0.006) is spent: $0.0100" in r.json()["error"]["message"]
+        assert 1 <= int(r.headers["retry-after"]) <= 86_400  # until the next UTC day
+        assert len(cloud.openai_fake.calls) == 2
         assert cloud.post({"model": "fake/echo", "messages": MESSAGES}, key="key-acme").status_code == 200
 
     def test_every_call_publishes_a_usage_event(self, cloud: CloudStack) -> None:

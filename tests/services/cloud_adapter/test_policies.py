@@ -13,9 +13,10 @@ from schemas.chat import ChatCompletionRequest, Usage
 from schemas.cloud import BreakerState, BudgetStatus
 from services.cloud_adapter import cache
 from services.cloud_adapter.breaker import Breaker, BreakerPolicy
-from services.cloud_adapter.budget import Ledger, seconds_left, window
+from services.cloud_adapter.budget import Ledger, window
 from services.cloud_adapter.config import Budgets
 from services.cloud_adapter.retry import RetryPolicy, parse_duration, retry_hint
+from shared.budgets import seconds_left
 from shared.errors import BudgetExceeded
 
 NOW = datetime(2026, 11, 21, 22, 0, tzinfo=UTC).timestamp()
@@ -133,6 +134,23 @@ class TestBreaker:
         b.record(True, probe=True)
         assert b.state is BreakerState.CLOSED
         assert b.acquire() is False
+
+    def test_tick_half_opens_on_time_without_a_call(self) -> None:
+        """No call arrives while open (the router sends none to an open provider): ``tick`` half-opens it
+        once open_s has passed, and the published health says when that will be."""
+        clock = Clock()
+        b = self.make(clock)
+        for _ in range(3):
+            b.record(False)
+        assert b.health().probe_at == pytest.approx(NOW + 30)
+        clock.t += 29.9
+        b.tick()
+        assert b.state is BreakerState.OPEN
+        clock.t += 0.1
+        b.tick()
+        assert b.state is BreakerState.HALF_OPEN
+        assert b.health().probe_at is None
+        assert b.acquire() is True
 
     def test_half_open_probe_failure_reopens(self) -> None:
         """A failed probe opens the breaker again for another open_s."""
@@ -291,7 +309,7 @@ class TestLedger:
         assert written.total_usd == pytest.approx(0.9)
         assert acct.key == "tenant-bob.daily.edge1"
         ledger.charge("bob", 0.1)
-        with pytest.raises(BudgetExceeded, match=r"budget of \$1 is spent"):
+        with pytest.raises(BudgetExceeded, match=r"the daily cloud budget of tenant .bob. \(\$1\) is spent"):
             ledger.check("bob")
         ledger.cleared("tenant-bob.daily.hub")
         ledger.check("bob")  # 0.4 of 1

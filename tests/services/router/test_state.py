@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from schemas.cloud import BudgetStatus, budget_window
+from schemas.cloud import BreakerState, BudgetStatus, ProviderHealth, budget_window
 from schemas.control import ModelInfo, WorkerHeartbeat
 from services.router.catalog import Catalog
 from services.router.decide import Facts, plan
@@ -15,7 +15,7 @@ from services.router.policy import Policy
 from services.router.signals import Signals
 from services.router.state import LiveState
 from services.router.watch import budget_updates
-from shared.errors import ModelNotFound
+from shared.errors import BudgetExceeded, ModelNotFound, Unavailable
 
 
 def state_with(*models: tuple[str, str], inflight: int = 0) -> LiveState:
@@ -52,6 +52,37 @@ class TestConditions:
             scope="global", period="daily", window=budget_window("daily", now), spent_usd=0.4, limit_usd=1,
             state="ok", site="plant1"))
         assert state.budget_level("t", now) == "exhausted"
+
+    def test_an_open_breaker_is_half_open_once_its_time_is_up(self) -> None:
+        """While open, a provider's models are refused with Retry-After = until it half-opens; from then on
+        the router sends the probe even before the adapter's ``half_open`` arrives."""
+        state = state_with(("small", "chat"))
+        now = time.time()
+        state.provider_changed(ProviderHealth(provider="fk", state=BreakerState.OPEN, since=now - 20,
+                                              probe_at=now + 9.5))
+        with pytest.raises(Unavailable) as refused:
+            plan(state.policy, Facts("fk/ok", "t", None, False, Signals(1, 0)), state.conditions("t", now))
+        assert refused.value.retry_after == 10
+        assert "fk circuit open" in refused.value.message
+        later = state.conditions("t", now + 10)
+        assert later.provider_health["fk"] == "half_open"
+        assert plan(state.policy, Facts("fk/ok", "t", None, False, Signals(1, 0)), later).chain == ("fk/ok",)
+        state.provider_changed(ProviderHealth(provider="fk", state=BreakerState.CLOSED, since=now + 11))
+        assert state.probe_at == {}
+
+    def test_a_spent_budget_is_named_in_the_refusal(self) -> None:
+        """The router's own refusal names the budget, what was spent and when it resets (Retry-After)."""
+        state = state_with(("small", "chat"))
+        now = time.time()
+        state.budget_changed("tenant-poor.daily.hub", BudgetStatus(
+            scope="tenant-poor", period="daily", window=budget_window("daily", now), spent_usd=0.012,
+            limit_usd=0.01, state="exhausted", site="hub"))
+        with pytest.raises(BudgetExceeded) as refused:
+            plan(state.policy, Facts("fk/ok", "poor", None, False, Signals(1, 0)), state.conditions("poor", now))
+        assert refused.value.message.startswith("the daily cloud budget of tenant 'poor' ($0.01) is spent: $0.0120")
+        assert (refused.value.scope, refused.value.period) == ("tenant-poor", "daily")
+        assert refused.value.retry_after is not None
+        assert 0 < refused.value.retry_after <= 86_400
 
     def test_budget_of_a_past_window_does_not_count(self) -> None:
         """An exhausted budget entry of yesterday no longer limits anything; today's does."""
