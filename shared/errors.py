@@ -30,6 +30,7 @@ gateway maps them to OpenAI's error shape once, and NATS handlers to an ``error`
 from __future__ import annotations
 
 from schemas.errors import ErrorBody, ErrorResponse
+from shared.logging import scrub
 
 
 class LeafwireError(Exception):
@@ -54,9 +55,11 @@ class LeafwireError(Exception):
         self.retry_after = retry_after
 
     def to_response(self) -> ErrorResponse:
-        """This error in OpenAI's shape."""
-        return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param,
-                                             code=self.code))
+        """This error in OpenAI's shape, with every registered secret (a provider's key a provider echoed in
+        its error, say) replaced: what leaves a service is never a key."""
+        return ErrorResponse(error=ErrorBody(message=scrub(self.message), type=self.type,
+                                             param=None if self.param is None else scrub(self.param),
+                                             code=None if self.code is None else scrub(self.code)))
 
 
 class InvalidRequest(LeafwireError):

@@ -75,9 +75,9 @@ class Fault:
         return cls("late_end", delay_s=delay_s)
 
     @classmethod
-    def stream_error(cls, after: int) -> Fault:
-        """A stream that reports an error (overloaded) after ``after`` events."""
-        return cls("stream_error", after=after)
+    def stream_error(cls, after: int, message: str | None = None) -> Fault:
+        """A stream that reports an error (overloaded, or ``message``) after ``after`` events."""
+        return cls("stream_error", after=after, body=message)
 
 
 @dataclass
@@ -281,8 +281,9 @@ class FakeProvider:
                 request.transport.abort()  # the connection drops mid-answer
                 return
             if fault.kind == "stream_error" and i == fault.after:
-                error = ({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
-                         if self.kind == "anthropic" else {"error": {"message": "overloaded", "type": "server_error"}})
+                error = ({"type": "error", "error": {"type": "overloaded_error", "message": fault.body or "Overloaded"}}
+                         if self.kind == "anthropic"
+                         else {"error": {"message": fault.body or "overloaded", "type": "server_error"}})
                 prefix = "event: error\n" if self.kind == "anthropic" else ""
                 await resp.write(f"{prefix}data: {json.dumps(error)}\n\n".encode())
                 await resp.write_eof()

@@ -43,6 +43,7 @@ from services.cloud_adapter.dialect import (
     read_error,
 )
 from shared.errors import InvalidRequest, LeafwireError, UpstreamError, UpstreamRateLimited
+from shared.logging import scrub
 
 STOP_REASONS: dict[str, FinishReason] = {
     "end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
@@ -179,7 +180,7 @@ def _prompt_tokens(usage: dict[str, Any]) -> int | None:
 
 def _stream_error(provider: str, error: Any) -> LeafwireError:
     info = error if isinstance(error, dict) else {}
-    kind, message = str(info.get("type", "")), str(info.get("message", "no message"))[:300]
+    kind, message = scrub(str(info.get("type", "")))[:100], scrub(str(info.get("message", "no message")))[:300]
     if kind == "rate_limit_error":
         return UpstreamRateLimited(f"{provider} is rate limiting calls: {message}", retryable=True)
     if kind == "invalid_request_error":

@@ -150,7 +150,7 @@ def as_int(value: Any) -> int | None:
 
 def text_of(body: bytes) -> str:
     """A short, printable excerpt of a body that is not a known error object."""
-    return body[:200].decode(errors="replace").strip() or "(empty body)"
+    return scrub(body[:4096].decode(errors="replace"))[:200].strip() or "(empty body)"  # a key cut short would leak
 
 
 def read_error(body: bytes, pick: Callable[[Any], ErrorInfo | None]) -> ErrorInfo:

@@ -29,6 +29,7 @@ from services.cloud_adapter.dialect import (
     read_error,
 )
 from shared.errors import UpstreamError
+from shared.logging import scrub
 
 LEAFWIRE_FIELDS = frozenset({"cache"})
 
@@ -65,7 +66,7 @@ class OpenAIStream:
             raise bad_response(self.provider, "a stream event is not a JSON object")
         if "error" in chunk:
             info = _error_info(chunk["error"])
-            raise UpstreamError(f"{self.provider} reported an error mid-stream: {info.message[:300]}",
+            raise UpstreamError(f"{self.provider} reported an error mid-stream: {scrub(info.message)[:300]}",
                                 retryable=True)
         pieces: list[Piece] = []
         choices = chunk.get("choices")

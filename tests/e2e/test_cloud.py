@@ -375,6 +375,31 @@ class TestSecrets:
             assert key not in log
         assert b"upstream_auth_failed" in seen  # the capture did see the traffic
 
+    def test_a_key_a_provider_echoes_in_an_error_is_not_relayed(self, cloud: CloudStack) -> None:
+        """A provider that puts the adapter's key in an error's message, param or code (a 400, or an error
+        event mid-stream, cut at any length): the caller and NATS get the error without the key."""
+        traffic = subscribe(cloud, ">")
+        echoed = "x" * 190 + f"Bearer {KEY} was sent"  # the key straddles the 200-character excerpt
+        cloud.openai_fake.script(
+            Fault.error(400, {"error": {"message": f"bad request with Bearer {KEY}", "type": "invalid_request_error",
+                                        "param": f"Bearer {KEY}", "code": KEY}}),
+            Fault.error(418, echoed),
+            Fault.stream_error(2, message=f"oops Bearer {KEY}"))
+        refused = cloud.post({"model": "fake/echo", "messages": MESSAGES})
+        assert refused.status_code == 400
+        assert refused.json()["error"]["param"] == "Bearer [redacted]"
+        failed = cloud.post({"model": "fake/echo", "messages": MESSAGES, "temperature": 0.5})
+        assert failed.status_code == 502  # "refused the call (418): ..." with the body's first 200 characters
+        with httpx.stream("POST", f"{cloud.gateway.base}/v1/chat/completions", timeout=30,
+                          headers={"Authorization": "Bearer key-acme"},
+                          json={"model": "fake/echo", "messages": MESSAGES, "stream": True}) as r:
+            streamed = r.read().decode()
+        assert "reported an error mid-stream" in streamed
+        for text in (refused.text, failed.text, streamed):
+            assert KEY not in text
+            assert KEY[:12] not in text  # not even a part cut off at an excerpt's end
+        assert KEY.encode() not in traffic.raw(1)
+
 
 def test_bad_providers_file_refuses_the_start(tmp_path: Path, nats_server: NatsServer) -> None:
     """A provider at a loopback address not marked local: the adapter exits at once, saying why."""
