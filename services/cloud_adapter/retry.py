@@ -5,11 +5,14 @@ so that many adapters retrying at once spread out. When the provider says how lo
 ``retry-after-ms``, ``Retry-After`` (seconds or an HTTP date), or the reset time of an exhausted
 ``x-ratelimit-*`` / ``anthropic-ratelimit-*`` limit — that wait is honoured (plus up to 10% jitter);
 a wait longer than ``max_wait_s`` is not taken: the call fails at once with the hint, so the router can
-send the request elsewhere.
+send the request elsewhere. The reset of a limit with requests left says nothing about this 429 and is
+ignored (a reset without its ``remaining`` header counts, the shortest such). A hint is a finite number of
+seconds, at most ``MAX_HINT_S``: ``inf``, ``nan`` or a date in 2099 from a provider never reach a caller.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections.abc import Mapping
@@ -20,6 +23,7 @@ from email.utils import parsedate_to_datetime
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _EPOCH_THRESHOLD = 1_000_000_000  # a bare number larger than this is a unix time, not a duration
+MAX_HINT_S = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -47,13 +51,21 @@ class RetryPolicy:
         return max(0.0, hint) * (1.0 + (rng or random).uniform(0.0, 0.1))
 
 
+def _number(text: str) -> float | None:
+    """A finite number, or ``None`` (``inf``, ``nan`` and ``1e400`` included)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
 def parse_duration(text: str) -> float | None:
     """``1s``, ``6m0s``, ``20ms``, ``1h2m3.5s`` (OpenAI's reset headers), or a bare number of seconds."""
     text = text.strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
+    seconds = _number(text)
+    if seconds is not None:
+        return seconds
     parts = _DURATION_PART.findall(text)
     if not parts or "".join(n + u for n, u in parts) != text:
         return None
@@ -78,7 +90,7 @@ def _until(text: str, now: float) -> float | None:
 
 def _reset_hint(headers: Mapping[str, str], now: float) -> float | None:
     exhausted: list[float] = []
-    others: list[float] = []
+    unknown: list[float] = []  # resets whose remaining count was not sent
     for name, value in headers.items():
         lower = name.lower()
         if lower.startswith("x-ratelimit-reset"):
@@ -91,22 +103,30 @@ def _reset_hint(headers: Mapping[str, str], now: float) -> float | None:
         if seconds is None:
             continue
         left = next((v for k, v in headers.items() if k.lower() == remaining), None)
-        (exhausted if left is not None and left.strip() == "0" else others).append(max(0.0, seconds))
+        if left is None:
+            unknown.append(max(0.0, seconds))
+        elif left.strip() == "0":
+            exhausted.append(max(0.0, seconds))
     if exhausted:
         return max(exhausted)
-    return min(others) if others else None
+    return min(unknown) if unknown else None
 
 
 def retry_hint(headers: Mapping[str, str], now: float) -> float | None:
-    """How long the provider asks to wait before the next call, from its response headers (or ``None``)."""
+    """How long the provider asks to wait before the next call, from its response headers (or ``None``):
+    between 0 and ``MAX_HINT_S``."""
+    hint = _asked(headers, now)
+    return None if hint is None else min(max(0.0, hint), MAX_HINT_S)
+
+
+def _asked(headers: Mapping[str, str], now: float) -> float | None:
     lower = {k.lower(): v for k, v in headers.items()}
     if "retry-after-ms" in lower:
-        try:
-            return max(0.0, float(lower["retry-after-ms"]) / 1000)
-        except ValueError:
-            pass
+        millis = _number(lower["retry-after-ms"])
+        if millis is not None:
+            return millis / 1000
     if "retry-after" in lower:
         seconds = _until(lower["retry-after"], now)
         if seconds is not None:
-            return max(0.0, seconds)
+            return seconds
     return _reset_hint(headers, now)

@@ -23,7 +23,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def error_response(err: LeafwireError, headers: dict[str, str] | None = None) -> web.Response:
     """``err`` as an HTTP response (Retry-After included when the error carries one)."""
     h = dict(headers or {})
-    if err.retry_after is not None:
+    if err.retry_after is not None and math.isfinite(err.retry_after):
         h["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
     return web.json_response(err.to_response().model_dump(), status=err.status, headers=h)
 

@@ -193,6 +193,16 @@ class TestResilience:
         first, second = cloud.openai_fake.calls
         assert second.at - first.at >= 1.0
 
+    def test_429_with_a_retry_after_that_is_no_number(self, cloud: CloudStack) -> None:
+        """``Retry-After: inf`` is no hint: the call is retried with backoff, and the caller gets a 429
+        upstream_rate_limited in OpenAI's shape (it was a 500 from the gateway)."""
+        cloud.openai_fake.script(*[Fault.error(429, Retry_After="inf")] * 3)
+        r = cloud.post({"model": "fake/echo", "messages": MESSAGES})
+        assert r.status_code == 429
+        assert r.json()["error"]["code"] == "upstream_rate_limited"
+        assert "retry-after" not in r.headers
+        assert len(cloud.openai_fake.calls) == 3
+
     @pytest.mark.parametrize("stream", [False, True])
     def test_failure_before_first_byte_is_a_plain_http_error(self, cloud: CloudStack, stream: bool) -> None:
         """Failing tries before any byte: the caller gets an HTTP 502 (not a broken stream), so a router

@@ -76,6 +76,24 @@ class TestRetryWaits:
         anthropic = {"anthropic-ratelimit-requests-remaining": "0", "anthropic-ratelimit-requests-reset": reset}
         assert retry_hint(anthropic, NOW) == pytest.approx(9)
 
+    def test_reset_of_a_limit_with_requests_left_is_no_hint(self) -> None:
+        """A 429 with only a long window's reset for a limit not at 0 is retried with backoff (no hint);
+        a reset whose remaining count is not sent still counts."""
+        assert retry_hint({"x-ratelimit-remaining-requests": "5", "x-ratelimit-reset-requests": "6m0s"}, NOW) is None
+        assert retry_hint({"x-ratelimit-reset-requests": "2s", "x-ratelimit-reset-tokens": "6s"}, NOW) == 2
+
+    @pytest.mark.parametrize("headers", [{"Retry-After": "inf"}, {"Retry-After": "nan"}, {"Retry-After": "1e400"},
+                                         {"retry-after-ms": "inf"}, {"retry-after-ms": "-nan"},
+                                         {"x-ratelimit-reset-requests": "infinity"}])
+    def test_a_hint_that_is_no_number_is_ignored(self, headers: dict[str, str]) -> None:
+        """``inf`` or ``nan`` from a provider is no hint (it made the gateway fail with a 500)."""
+        assert retry_hint(headers, NOW) is None
+
+    def test_a_hint_is_at_most_a_day(self) -> None:
+        """A Retry-After date in 2099 is relayed as a day, not as 73 years."""
+        assert retry_hint({"Retry-After": "Wed, 21 Oct 2099 07:28:00 GMT"}, NOW) == 86_400
+        assert retry_hint({"Retry-After": "-5"}, NOW) == 0
+
 
 class TestBreaker:
     def make(self, clock: Clock, **kw: Any) -> Breaker:
