@@ -6,6 +6,7 @@ that produces the answer publishes it straight to the caller; replies never trav
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ HANDOFF = "Lw-Handoff"
 DEFAULT_TENANT = "default"
 DEFAULT_TIMEOUT_S = 300.0
 _MAX_ID_LEN = 128
+_EARLIEST = 1_000_000_000.0  # 2001-09-09: a smaller deadline is a duration by mistake, not a unix time
 
 
 def admission_subject(headers: Mapping[str, str] | None, reply: str | None) -> str | None:
@@ -59,17 +61,23 @@ class Envelope:
     route: str = ""
 
     @classmethod
-    def from_message(cls, headers: Mapping[str, str] | None, reply_to: str | None) -> Envelope:
+    def from_message(cls, headers: Mapping[str, str] | None, reply_to: str | None, *,
+                     strict: bool = True) -> Envelope:
         """Read the envelope of a received message; a missing request id or deadline gets a default.
 
-        ``Lw-Reply`` wins over the message's own reply subject: on internal hops the message's reply
-        subject belongs to the forwarding service (for the admission answer), not to the caller.
+        A deadline that is not a unix time (``soon``, ``inf``) is refused (``InvalidRequest``) unless
+        ``strict`` is false (answering such a message: it then gets the default). ``Lw-Reply`` wins over the
+        message's own reply subject: on internal hops the message's reply subject belongs to the forwarding
+        service (for the admission answer), not to the caller.
         """
         h = headers or {}
         request_id = h.get(REQUEST_ID, "")[:_MAX_ID_LEN] or new_request_id()
-        try:
-            deadline = float(h[DEADLINE])
-        except (KeyError, ValueError):
+        raw = h.get(DEADLINE)
+        deadline = _unix_time(raw) if raw is not None else None
+        if deadline is None:
+            if raw is not None and strict:
+                raise InvalidRequest(f"the {DEADLINE} header must be a unix time in seconds (the moment the answer "
+                                     f"is due, like {time.time() + 30:.0f}), not {raw[:40]!r}", param=DEADLINE)
             deadline = time.time() + DEFAULT_TIMEOUT_S
         return cls(
             request_id=request_id,
@@ -129,3 +137,13 @@ class Envelope:
         """A copy carrying the router's decision (built directly: ``dataclasses.replace`` costs ~5× more, once
         a request)."""
         return Envelope(self.request_id, self.tenant, self.reply, self.deadline, route)
+
+
+def _unix_time(text: str) -> float | None:
+    """A unix time in seconds, or ``None`` for anything else: not a number, not finite, or so small it must
+    be a duration someone meant (``30``) rather than a moment of 1970."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= _EARLIEST else None

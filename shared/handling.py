@@ -63,7 +63,7 @@ async def answer_failure(nc: NATS, *, site: str, service: str, subject: str, dat
     """What a message whose handling failed gets (see the module doc): an ``error`` answer to whoever
     waits for one (the message's reply subject, else the caller's ``Lw-Reply``), and a dead letter when
     it was unreadable or crashed its handler."""
-    env = Envelope.from_message(headers, reply)
+    env = Envelope.from_message(headers, reply, strict=False)
     dead: str | None = None
     if isinstance(exc, LeafwireError):
         err = exc

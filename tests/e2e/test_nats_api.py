@@ -67,6 +67,23 @@ async def test_bad_request_over_nats_gets_an_error_event(stack: Stack) -> None:
     assert not_json.headers["Lw-Status"] == "400"  # type: ignore[index]
 
 
+async def test_a_deadline_that_is_no_unix_time_gets_an_error_event(stack: Stack) -> None:
+    """``Lw-Deadline: 30`` (a duration where a unix time belongs) or ``soon``: a 400 error event naming the
+    header, not a request that expired in 1970 or a deadline silently ignored."""
+    nc = await nats.connect(stack.nats.url)
+    try:
+        answers = [await nc.request(f"lw.v1.{stack.site}.chat", json.dumps(REQUEST).encode(), timeout=10,
+                                    headers={"Lw-Deadline": deadline}) for deadline in ("30", "soon")]
+    finally:
+        await nc.drain()
+    for msg in answers:
+        assert msg.headers["Lw-Event"] == "error"  # type: ignore[index]
+        assert msg.headers["Lw-Status"] == "400"  # type: ignore[index]
+        error = json.loads(msg.data)["error"]
+        assert error["param"] == "Lw-Deadline"
+        assert "must be a unix time in seconds" in error["message"]
+
+
 async def test_poisoned_message_is_dead_lettered(stack: Stack) -> None:
     """A message the router cannot parse is kept in the DEAD_LETTERS stream with the reason."""
     nc = await nats.connect(stack.nats.url)

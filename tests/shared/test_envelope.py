@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from shared.envelope import DEFAULT_TENANT, Envelope
+from shared.errors import InvalidRequest
 
 
 class TestEnvelope:
     def test_round_trip(self) -> None:
         """An envelope written to headers reads back the same."""
-        env = Envelope("rid", "acme", "_INBOX.x", 1234.5, route="target=local/x")
+        env = Envelope("rid", "acme", "_INBOX.x", 1_763_760_000.5, route="target=local/x")
         assert Envelope.from_message(env.headers(), None) == env
 
     def test_reply_header_wins_over_message_reply(self) -> None:
@@ -26,9 +29,14 @@ class TestEnvelope:
         assert env.reply == "_INBOX.c"
         assert 290 < env.remaining() <= 300
 
-    def test_garbage_deadline_is_replaced(self) -> None:
-        """An unreadable deadline falls back to the default instead of failing the request."""
-        assert not Envelope.from_message({"Lw-Deadline": "soon"}, "r").expired()
+    @pytest.mark.parametrize("deadline", ["soon", "inf", "nan", "30", ""])
+    def test_a_deadline_that_is_no_unix_time_is_refused(self, deadline: str) -> None:
+        """Not a number, not finite, or a duration (30) where a unix time belongs: a 400 naming the header;
+        answering that message (strict=False) falls back to the default deadline."""
+        with pytest.raises(InvalidRequest, match="the Lw-Deadline header must be a unix time") as refused:
+            Envelope.from_message({"Lw-Deadline": deadline}, "r")
+        assert refused.value.param == "Lw-Deadline"
+        assert not Envelope.from_message({"Lw-Deadline": deadline}, "r", strict=False).expired()
 
     def test_expired(self) -> None:
         """A deadline in the past is expired."""
