@@ -15,6 +15,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    StrictBool,
     field_validator,
     model_serializer,
     model_validator,
@@ -50,6 +51,12 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
+    @model_validator(mode="after")
+    def _content_given(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":  # an assistant's may be null (it called tools)
+            raise ValueError(f"a {self.role} message needs content (a string or a list of parts)")
+        return self
+
     def text(self) -> str:
         """The message's text; non-text parts are skipped."""
         if self.content is None:
@@ -66,7 +73,7 @@ class ChatMessage(BaseModel):
 class StreamOptions(BaseModel):
     """OpenAI's ``stream_options``."""
 
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 MAX_STOP_SEQUENCES = 4
@@ -83,14 +90,14 @@ class ChatCompletionRequest(BaseModel):
     temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
     top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
     n: Annotated[int | None, Field(ge=1, le=1)] = None
-    stream: bool = False
+    stream: StrictBool = False  # "yes" or 1 is refused, as OpenAI does
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     presence_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
     frequency_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
     user: str | None = None
-    cache: bool | None = Field(
+    cache: StrictBool | None = Field(
         default=None, description="leafwire extension for cloud models: true answers from the exact-match "
                                   "cache when it can (and stores the answer), false never does; by default "
                                   "only requests with temperature 0 use it. Never sent to a provider.")

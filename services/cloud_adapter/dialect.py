@@ -144,7 +144,10 @@ def finish_reason(value: Any) -> FinishReason:
 
 
 def as_int(value: Any) -> int | None:
-    """A token count, or ``None`` when the provider did not give a number."""
+    """A token count, or ``None`` when the provider did not give a whole number (``100.0`` is one: some
+    OpenAI-compatible servers write counts as floats)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 

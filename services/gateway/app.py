@@ -145,7 +145,7 @@ def build_app(gateway: Gateway, readiness: Readiness) -> web.Application:
     app.router.add_post("/v1/embeddings", gateway.embeddings)
     app.router.add_get("/v1/models", gateway.list_models)
     app.router.add_post("/v1/route/dry-run", gateway.dry_run)
-    app.router.add_get("/v1/models/{model}", gateway.get_model)
+    app.router.add_get("/v1/models/{model:.+}", gateway.get_model)  # cloud models are <provider>/<model>
     add_routes(app, SERVICE, readiness)
     return app
 

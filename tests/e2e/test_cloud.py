@@ -155,6 +155,21 @@ class TestAnswers:
         cards = eventually(listed, 10, "cloud models in the catalog")
         assert cards["fake/echo"].model_extra["locations"] == [{"site": "hub", "workers": 1}]  # type: ignore[index]
 
+    def test_one_cloud_model_by_its_plain_path(self, cloud: CloudStack) -> None:
+        """GET /v1/models/fake/echo (the slash not escaped, as curl sends it) returns that model, as does
+        the openai client; an unconfigured one is a 404 model_not_found."""
+        eventually(lambda: httpx.get(f"{cloud.gateway.base}/v1/models/fake/echo", timeout=10,
+                                     headers={"Authorization": "Bearer key-acme"}).status_code == 200,
+                   10, "the cloud model in the catalog")
+        r = httpx.get(f"{cloud.gateway.base}/v1/models/fake/echo", timeout=10,
+                      headers={"Authorization": "Bearer key-acme"})
+        assert r.json()["id"] == "fake/echo"
+        assert cloud.client().models.retrieve("fake/echo").id == "fake/echo"
+        missing = httpx.get(f"{cloud.gateway.base}/v1/models/fake/nope", timeout=10,
+                            headers={"Authorization": "Bearer key-acme"})
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "model_not_found"
+
 
 class TestBadInput:
     @pytest.mark.parametrize("model", ["nobody/x", "fake/not-configured", "fake/../../etc/passwd",

@@ -49,6 +49,9 @@ class TestBadRequests:
         ("temperature", "hot"),
         ("max_tokens", "ten"),
         ("stream", "yes please"),
+        ("stream", "yes"),  # pydantic's lax mode took "yes", "true" and 1 for true; OpenAI refuses them
+        ("stream", 1),
+        ("cache", "true"),
         ("stop", 7),
     ])
     def test_wrong_types(self, stack: Stack, field: str, value: object) -> None:
@@ -56,6 +59,16 @@ class TestBadRequests:
         r = post(stack, {"model": "tiny", "messages": MESSAGES, field: value})
         assert r.status_code == 400
         assert str(error_of(r)["param"]).startswith(field)
+
+    @pytest.mark.parametrize("role", ["user", "system", "tool"])
+    def test_null_content(self, stack: Stack, role: str) -> None:
+        """A message other than the assistant's with ``content: null`` is a 400 pointing at it (it was sent on
+        to the model as an empty message)."""
+        r = post(stack, {"model": "tiny", "messages": [*MESSAGES, {"role": role, "content": None}]})
+        assert r.status_code == 400
+        err = error_of(r)
+        assert str(err["param"]).startswith("messages.1")
+        assert f"a {role} message needs content" in str(err["message"])
 
     def test_bad_role(self, stack: Stack) -> None:
         """An unknown role is a 400 pointing into `messages`."""

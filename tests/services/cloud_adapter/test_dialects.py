@@ -93,6 +93,18 @@ class TestOpenAICompatible:
         assert c.message == {"content": None, "tool_calls": calls}
         assert (c.finish, c.prompt_tokens, c.completion_tokens) == ("tool_calls", 9, 2)
 
+    @pytest.mark.parametrize(("usage", "counted"), [
+        ({"prompt_tokens": 100.0, "completion_tokens": 7.0}, (100, 7)),  # some servers write floats: still counted
+        ({"prompt_tokens": 10.5, "completion_tokens": -1}, (None, None)),  # not a token count: estimated instead
+        ({"prompt_tokens": True, "completion_tokens": "3"}, (None, None)),
+    ])
+    def test_usage_counts(self, usage: dict[str, Any], counted: tuple[int | None, int | None]) -> None:
+        """Whole-number counts are taken as the provider's, whatever their JSON type; anything else is not."""
+        data = json.dumps({"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
+                           "usage": usage}).encode()
+        c = OpenAICompatible("p").completion(data)
+        assert (c.prompt_tokens, c.completion_tokens) == counted
+
 
 class TestAnthropicRequest:
     def body(self, request: ChatCompletionRequest, stream: bool = False) -> dict[str, Any]:
