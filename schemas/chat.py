@@ -133,20 +133,35 @@ class ChatCompletionRequest(BaseModel):
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
 
-class Usage(BaseModel):
+class Compact(BaseModel):
+    """A model whose unset (``None``) fields are left out of its JSON, as OpenAI leaves them out."""
+
+    @model_serializer(mode="wrap")
+    def _drop_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class Usage(Compact):
     """Token counts of one answer."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: dict[str, int] | None = Field(
+        default=None, description="as OpenAI's: `cached_tokens`, the prompt tokens a provider read from its cache")
+    completion_tokens_details: dict[str, int] | None = Field(
+        default=None, description="as OpenAI's: `reasoning_tokens`, the completion tokens a model spent reasoning")
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
-        """Usage with the total filled in."""
+    def of(cls, prompt_tokens: int, completion_tokens: int, *, cached: int | None = None,
+           reasoning: int | None = None) -> Usage:
+        """Usage with the total filled in (and the details a provider gave)."""
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=None if cached is None else {"cached_tokens": cached},
+            completion_tokens_details=None if reasoning is None else {"reasoning_tokens": reasoning},
         )
 
 
@@ -178,15 +193,11 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
-class Delta(BaseModel):
+class Delta(Compact):
     """The new part of the answer in one chunk; absent keys are left out, as OpenAI does."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChunkChoice(BaseModel):

@@ -33,11 +33,13 @@ class Fault:
     delay_s: float = 0.0
     after: int = 0
     text: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)  # more usage fields (OpenAI's prompt_tokens_details...)
 
     @classmethod
-    def ok(cls, text: str | None = None, delay_s: float = 0.0) -> Fault:
-        """A normal answer (``text`` or the default echo), optionally after ``delay_s``."""
-        return cls("ok", text=text, delay_s=delay_s)
+    def ok(cls, text: str | None = None, delay_s: float = 0.0, **usage: Any) -> Fault:
+        """A normal answer (``text`` or the default echo), optionally after ``delay_s``, its usage with
+        ``usage``'s fields added."""
+        return cls("ok", text=text, delay_s=delay_s, usage=usage)
 
     @classmethod
     def error(cls, status: int, body: Any = None, **headers: str) -> Fault:
@@ -193,7 +195,9 @@ class FakeProvider:
             return await self._stream(request, body, fault, answer, prompt_tokens)
         if fault.kind == "malformed":
             return web.Response(text='{"id": "x", "choices": [', content_type="application/json")
-        return web.json_response(self._whole(body, answer, prompt_tokens))
+        whole = self._whole(body, answer, prompt_tokens)
+        whole["usage"].update(fault.usage)
+        return web.json_response(whole)
 
     def _error(self, status: int, message: str, type_: str, code: str | None = None,
                headers: dict[str, str] | None = None) -> web.Response:
@@ -221,7 +225,8 @@ class FakeProvider:
                                                      "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}}
 
-    def _events(self, body: dict[str, Any], answer: str, prompt_tokens: int) -> list[bytes]:
+    def _events(self, body: dict[str, Any], answer: str, prompt_tokens: int,
+                more_usage: dict[str, Any]) -> list[bytes]:
         pieces = [w + " " for w in words(answer)[:-1]] + words(answer)[-1:]
         if self.kind == "anthropic":
             def ev(name: str, data: dict[str, Any]) -> bytes:
@@ -229,7 +234,7 @@ class FakeProvider:
             return [
                 ev("message_start", {"type": "message_start", "message": {
                     "id": "msg_fake", "type": "message", "role": "assistant", "model": body["model"], "content": [],
-                    "usage": {"input_tokens": prompt_tokens, "output_tokens": 1}}}),
+                    "usage": {"input_tokens": prompt_tokens, "output_tokens": 1, **more_usage}}}),
                 ev("content_block_start", {"type": "content_block_start", "index": 0,
                                            "content_block": {"type": "text", "text": ""}}),
                 ev("ping", {"type": "ping"}),
@@ -253,14 +258,14 @@ class FakeProvider:
                chunk({}, "stop")]
         if (body.get("stream_options") or {}).get("include_usage"):
             out.append(chunk({}, usage={"prompt_tokens": prompt_tokens, "completion_tokens": n,
-                                        "total_tokens": prompt_tokens + n}))
+                                        "total_tokens": prompt_tokens + n, **more_usage}))
         return [*out, b"data: [DONE]\n\n"]
 
     async def _stream(self, request: web.Request, body: dict[str, Any], fault: Fault, answer: str,
                       prompt_tokens: int) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        events = self._events(body, answer, prompt_tokens)
+        events = self._events(body, answer, prompt_tokens, fault.usage)
         if fault.kind == "malformed":
             events = [b"data: {not json\n\n", *events]
         try:

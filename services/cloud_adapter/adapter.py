@@ -71,6 +71,8 @@ class Tally:
     finish: FinishReason | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
     chars: int = 0
 
     def add(self, piece: Piece) -> None:
@@ -86,6 +88,8 @@ class Tally:
         elif isinstance(piece, Tokens):
             self.prompt_tokens = piece.prompt if piece.prompt is not None else self.prompt_tokens
             self.completion_tokens = piece.completion if piece.completion is not None else self.completion_tokens
+            self.cached_tokens = piece.cached if piece.cached is not None else self.cached_tokens
+            self.reasoning_tokens = piece.reasoning if piece.reasoning is not None else self.reasoning_tokens
 
     def usage(self, request: ChatCompletionRequest) -> Usage:
         """Token usage as reported, or estimated (4 characters a token) where the provider gave none."""
@@ -95,7 +99,7 @@ class Tally:
         completion = self.completion_tokens
         if completion is None:
             completion = -(-self.chars // CHARS_PER_TOKEN)
-        return Usage.of(prompt, completion)
+        return Usage.of(prompt, completion, cached=self.cached_tokens, reasoning=self.reasoning_tokens)
 
 
 @dataclass
@@ -300,6 +304,7 @@ class CloudAdapter:
         target.first_byte.observe(time.monotonic() - started)
         tally.finish = completion.finish
         tally.prompt_tokens, tally.completion_tokens = completion.prompt_tokens, completion.completion_tokens
+        tally.cached_tokens, tally.reasoning_tokens = completion.cached_tokens, completion.reasoning_tokens
         content = completion.message.get("content")
         tally.chars = len(content) if isinstance(content, str) else 0
         await admission.admit()

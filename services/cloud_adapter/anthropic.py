@@ -216,7 +216,7 @@ class AnthropicStream:
 
     def _on_message_start(self, body: dict[str, Any]) -> list[Piece]:
         usage = (body.get("message") or {}).get("usage") or {}
-        return [Tokens(prompt=_prompt_tokens(usage))]
+        return [Tokens(prompt=_prompt_tokens(usage), cached=as_int(usage.get("cache_read_input_tokens")))]
 
     def _on_content_block_start(self, body: dict[str, Any]) -> list[Piece]:
         block = body.get("content_block") or {}
@@ -295,7 +295,8 @@ class Anthropic:
         message, _ = _message(body["content"])
         usage = body.get("usage") or {}
         return Completion(message, STOP_REASONS.get(str(body.get("stop_reason")), "stop"),
-                          _prompt_tokens(usage), as_int(usage.get("output_tokens")))
+                          _prompt_tokens(usage), as_int(usage.get("output_tokens")),
+                          as_int(usage.get("cache_read_input_tokens")))
 
     def stream_parser(self) -> AnthropicStream:
         """A parser for one streamed answer."""

@@ -63,6 +63,8 @@ class Tokens:
 
     prompt: int | None = None
     completion: int | None = None
+    cached: int | None = None  # of the prompt, read from the provider's prompt cache
+    reasoning: int | None = None  # of the completion, spent reasoning
 
 
 Piece = Delta | Finish | Tokens
@@ -76,6 +78,8 @@ class Completion:
     finish: FinishReason
     prompt_tokens: int | None
     completion_tokens: int | None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
 
 
 class StreamParser(Protocol):

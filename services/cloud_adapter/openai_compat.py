@@ -37,7 +37,10 @@ LEAFWIRE_FIELDS = frozenset({"cache"})
 def _usage(value: Any) -> Tokens | None:
     if not isinstance(value, dict):
         return None
-    return Tokens(as_int(value.get("prompt_tokens")), as_int(value.get("completion_tokens")))
+    prompt, completion = value.get("prompt_tokens_details"), value.get("completion_tokens_details")
+    return Tokens(as_int(value.get("prompt_tokens")), as_int(value.get("completion_tokens")),
+                  as_int(prompt.get("cached_tokens")) if isinstance(prompt, dict) else None,
+                  as_int(completion.get("reasoning_tokens")) if isinstance(completion, dict) else None)
 
 
 def _error_info(value: Any) -> ErrorInfo:
@@ -119,7 +122,8 @@ class OpenAICompatible:
             raise bad_response(self.provider, "no `message` in the answer's first choice")
         usage = _usage(body.get("usage")) or Tokens()
         return Completion({k: v for k, v in message.items() if k != "role"},
-                          finish_reason(choices[0].get("finish_reason")), usage.prompt, usage.completion)
+                          finish_reason(choices[0].get("finish_reason")), usage.prompt, usage.completion,
+                          usage.cached, usage.reasoning)
 
     def stream_parser(self) -> OpenAIStream:
         """A parser for one streamed answer."""

@@ -200,6 +200,28 @@ class TestBadInput:
         assert len(cloud.openai_fake.calls) == 1
 
 
+class TestUsageDetails:
+    @pytest.mark.parametrize("stream", [False, True])
+    def test_cached_and_reasoning_tokens_reach_the_caller(self, cloud: CloudStack, stream: bool) -> None:
+        """OpenAI's prompt_tokens_details.cached_tokens and completion_tokens_details.reasoning_tokens, and
+        Anthropic's cache_read_input_tokens, reach the caller's usage (whole, and a stream's last chunk)."""
+        cloud.openai_fake.script(Fault.ok(prompt_tokens_details={"cached_tokens": 2, "audio_tokens": 0},
+                                          completion_tokens_details={"reasoning_tokens": 1}))
+        cloud.claude_fake.script(Fault.ok(cache_read_input_tokens=1))
+        for model, cached, reasoning in (("fake/echo", 2, {"reasoning_tokens": 1}), ("claude/haiku", 1, None)):
+            if stream:
+                chunks = list(cloud.client().chat.completions.create(
+                    model=model, messages=MESSAGES, stream=True, stream_options={"include_usage": True}))
+                usage = chunks[-1].usage
+            else:
+                usage = cloud.client().chat.completions.create(model=model, messages=MESSAGES).usage
+            assert usage is not None
+            assert usage.prompt_tokens_details is not None
+            assert usage.prompt_tokens_details.cached_tokens == cached
+            details = usage.completion_tokens_details
+            assert (details.model_dump(exclude_none=True) if details else None) == reasoning
+
+
 class TestResilience:
     def test_429_with_retry_after_is_retried(self, cloud: CloudStack) -> None:
         """A rate-limited first call is retried after the provider's Retry-After; the caller sees an answer."""
