@@ -16,6 +16,7 @@ import json
 import sys
 
 import nats
+import nats.errors
 
 
 async def streamed(nc: nats.NATS, site: str, body: dict[str, object], wait_s: float) -> int:
@@ -92,6 +93,12 @@ async def main() -> int:
     try:
         run = whole if args.no_stream else streamed
         return await run(nc, args.site, body, args.timeout)
+    except nats.errors.NoRespondersError:
+        print(f"no router is serving site {args.site!r}", file=sys.stderr)
+        return 1
+    except (nats.errors.TimeoutError, TimeoutError):
+        print(f"no answer within {args.timeout:g} s", file=sys.stderr)
+        return 1
     finally:
         await nc.drain()
 

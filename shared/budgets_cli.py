@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from schemas.cloud import BudgetStatus
 from shared import budgets, subjects
+from shared.argtypes import seconds
 from shared.columns import aligned
 from shared.config_bucket import HUB_UNREACHABLE, role_of
 from shared.nats import NoNatsServer, connect_once
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--tenant", help="only the global budget and this tenant's")
     parser.add_argument("--json", action="store_true", help="JSON instead of a table")
     parser.add_argument("--nats", default="nats://127.0.0.1:4222", help="any server: an edge's or the hub's")
-    parser.add_argument("--wait", type=float, default=5.0, help="seconds to wait for NATS")
+    parser.add_argument("--wait", type=seconds, default=5.0, help="seconds to wait for NATS")
     args = parser.parse_args(argv)
     try:
         print(asyncio.run(_run(args)))

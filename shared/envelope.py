@@ -77,7 +77,9 @@ class Envelope:
         if deadline is None:
             if raw is not None and strict:
                 raise InvalidRequest(f"the {DEADLINE} header must be a unix time in seconds (the moment the answer "
-                                     f"is due, like {time.time() + 30:.0f}), not {raw[:40]!r}", param=DEADLINE)
+                                     f"is due, like {time.time() + 30:.0f}), not {raw[:40]!r}"
+                                     + (" (a time before 2001: a duration by mistake?)" if _is_number(raw) else ""),
+                                     param=DEADLINE)
             deadline = time.time() + DEFAULT_TIMEOUT_S
         return cls(
             request_id=request_id,
@@ -147,3 +149,10 @@ def _unix_time(text: str) -> float | None:
     except ValueError:
         return None
     return value if math.isfinite(value) and value >= _EARLIEST else None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False

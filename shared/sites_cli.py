@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from shared import hub_usage, subjects
+from shared.argtypes import seconds
 from shared.columns import aligned
 from shared.errors import HubUnreachable
 from shared.nats import NoNatsServer, connect_once
@@ -57,13 +58,15 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("command", nargs="?", choices=["list", "remove"], default="list")
     parser.add_argument("site", nargs="?", help="the site to remove")
     parser.add_argument("--nats", default="nats://127.0.0.1:4222", help="any server: the hub's or an edge's")
-    parser.add_argument("--wait", type=float, default=5.0, help="seconds to wait for NATS and the hub")
+    parser.add_argument("--wait", type=seconds, default=5.0, help="seconds to wait for NATS and the hub")
     args = parser.parse_args(argv)
     try:
         if args.command == "remove":
             if args.site is None:
                 raise ValueError("remove needs the site to take off the list")
             subjects.check_site(args.site)
+        elif args.site is not None:
+            raise ValueError(f"list takes no site (got {args.site!r}); did you mean `remove {args.site}`?")
         print(asyncio.run(_run(args)))
     except (ValueError, NoNatsServer, HubUnreachable, RuntimeError) as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)

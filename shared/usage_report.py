@@ -1,8 +1,8 @@
 """Who used what, and what it cost: the usage events of a ``USAGE`` stream, added up in a table.
 
-    uv run python -m shared.usage_report                              # the last 24 h, as this site has them
-    uv run python -m shared.usage_report --domain hub --by site       # every site, as the hub has them
-    uv run python -m shared.usage_report --since 2026-11-01 --by day,tenant --json
+    uv run leafwire usage                              # the last 24 h, as this site has them
+    uv run leafwire usage --domain hub --by site       # every site, as the hub has them
+    uv run leafwire usage --since 2026-11-01 --by day,tenant --json
 
 An edge's stream holds that site's events; the hub's holds the hub's own and a copy of every edge's
 (``docs/cloud.md``, every site's usage at the hub). Events are counted by when they were answered (their
@@ -30,6 +30,7 @@ from pydantic import ValidationError
 
 from schemas.cloud import UsageEvent
 from shared import subjects
+from shared.argtypes import seconds
 from shared.columns import aligned
 from shared.nats import NoNatsServer, connect_once
 
@@ -58,8 +59,8 @@ def parse_time(text: str, now: float) -> float | None:
 
 
 def parse_fields(text: str) -> tuple[str, ...]:
-    """The comma-separated fields to group by; each one of ``FIELDS``."""
-    fields = tuple(f.strip() for f in text.split(",") if f.strip())
+    """The comma-separated fields to group by; each one of ``FIELDS``, once (a repeat is dropped)."""
+    fields = tuple(dict.fromkeys(f.strip() for f in text.split(",") if f.strip()))
     unknown = [f for f in fields if f not in FIELDS]
     if unknown or not fields:
         raise ReportError(f"cannot group by {', '.join(unknown) or 'nothing'}: choose from {', '.join(FIELDS)}")
@@ -195,12 +196,15 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--site", help="only this site's events")
     parser.add_argument("--tenant", help="only this tenant's events")
     parser.add_argument("--json", action="store_true", help="JSON instead of a table")
-    parser.add_argument("--wait", type=float, default=5.0, help="seconds to wait for NATS")
+    parser.add_argument("--wait", type=seconds, default=5.0, help="seconds to wait for NATS")
     args = parser.parse_args(argv)
     try:
         now = dt.datetime.now(dt.UTC).timestamp()
         by = parse_fields(args.by)
         since, until = parse_time(args.since, now), None if args.until is None else parse_time(args.until, now)
+        if since is not None and until is not None and since >= until:
+            raise ReportError(f"--since ({args.since}) must come before --until ({args.until}): "
+                              "a span back from now is further back the larger it is")
         if args.site is not None:
             subjects.check_site(args.site)
         result = asyncio.run(_run(args, by, since, until))

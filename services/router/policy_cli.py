@@ -1,10 +1,10 @@
 """Check a routing policy, or install it live at the hub for every site or for one.
 
-    uv run python -m services.router.policy_cli validate deploy/policy.yaml
-    uv run python -m services.router.policy_cli push deploy/policy.yaml --nats nats://127.0.0.1:4222 --site edge1
-    uv run python -m services.router.policy_cli push edge1.yaml --scope site --site edge1   # edge1 only
-    uv run python -m services.router.policy_cli clear --scope site --site edge1             # edge1: global again
-    uv run python -m services.router.policy_cli clear             # sites without their own key: their file
+    uv run leafwire policy validate deploy/policy.yaml
+    uv run leafwire policy push deploy/policy.yaml --nats nats://127.0.0.1:4222 --site edge1
+    uv run leafwire policy push edge1.yaml --scope site --site edge1   # edge1 only
+    uv run leafwire policy clear --scope site --site edge1             # edge1: global again
+    uv run leafwire policy clear             # sites without their own key: their file
 
 ``push`` validates locally, writes the policy into the hub's ``config`` KV bucket (key ``router.policy``
 for every site, ``router.policy.<site>`` with ``--scope site``), and waits for a router of ``--site`` to
@@ -35,6 +35,7 @@ from nats.js.errors import APIError
 from services.router.masking import Masker
 from services.router.policy import PolicyError, parse
 from shared import config_bucket, subjects
+from shared.argtypes import seconds
 from shared.errors import HubUnreachable
 from shared.nats import NoNatsServer, connect_once
 
@@ -49,6 +50,9 @@ def validate(path: Path) -> int:
         Masker.from_policy(policy.masking)
     except (PolicyError, ValueError) as exc:
         print(f"invalid: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # missing, a directory, unreadable
+        print(f"cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     print(f"valid: {len(policy.rules)} rule(s) ({', '.join(r.name for r in policy.rules)}), "
           f"{len(policy.aliases)} alias(es)")
@@ -133,7 +137,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--site", default="edge1", help="the site whose router's verdict to wait for")
     parser.add_argument("--scope", choices=["global", "site"], default="global",
                         help="global: router.policy, every site; site: router.policy.<site>, that site only")
-    parser.add_argument("--wait", type=float, default=5.0, help="seconds to wait for a router's verdict")
+    parser.add_argument("--wait", type=seconds, default=5.0, help="seconds to wait for a router's verdict")
     args = parser.parse_args(argv)
     subjects.check_site(args.site)
     key = key_for(args.scope, args.site)

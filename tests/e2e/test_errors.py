@@ -51,6 +51,8 @@ class TestBadRequests:
         ("stream", "yes please"),
         ("stream", "yes"),  # pydantic's lax mode took "yes", "true" and 1 for true; OpenAI refuses them
         ("stream", 1),
+        ("max_tokens", True),  # lax mode took true for 1
+        ("max_tokens", "5"),
         ("cache", "true"),
         ("stop", 7),
     ])

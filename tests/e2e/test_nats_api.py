@@ -120,3 +120,13 @@ def test_example_without_nats_says_so() -> None:
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert out.stderr.strip() == f"no NATS server at {url} (is `just up` running?)"
+
+
+@pytest.mark.parametrize("args", [["--site", "nosuch", "--no-stream"], ["--site", "nosuch"],
+                                  ["--timeout", "0.001", "--no-stream"]])
+def test_example_that_gets_no_answer_says_so(stack: Stack, args: list[str]) -> None:
+    """A site nobody serves, or no answer in time: one line and exit 1, not a traceback."""
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "nats_chat.py"), "--nats", stack.nats.url,
+                          "--model", "tiny", *args, "hello"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.strip() in ("no router is serving site 'nosuch'", "no answer within 0.001 s")

@@ -182,6 +182,9 @@ async def test_the_sites_command_lists_and_removes(site: CuttableSite, edge: nat
     offline = leafwire("sites", "--nats", site.edge.url, "--wait", "1")
     assert offline.returncode == 2
     assert "the hub's JetStream (domain 'hub') does not answer" in offline.stderr
+    extra = leafwire("sites", "list", "ghost", "--nats", site.edge.url)  # refused before any NATS call
+    assert extra.returncode == 2
+    assert "list takes no site (got 'ghost'); did you mean `remove ghost`?" in extra.stderr
 
 
 async def test_a_refused_join_is_said_once_and_asked_less_often(edge: nats.NATS,

@@ -106,12 +106,21 @@ def test_the_command_as_json(url: str) -> None:
     (["--since", "yesterday"], "'yesterday' is not a time"),
     (["--site", "Plant 1"], "must match [a-z0-9_-]"),
     (["--domain", "nowhere", "--wait", "1"], "JetStream in domain 'nowhere' does not answer"),
+    (["--since", "7d", "--until", "8d"], "--since (7d) must come before --until (8d)"),
+    (["--wait", "-1"], "'-1': the wait must be more than 0 seconds"),
+    (["--wait", "soon"], "'soon' is not a number of seconds"),
 ])
 def test_what_the_command_refuses(url: str, args: list[str], said: str) -> None:
     done = leafwire("usage", "--nats", url, *args)
     assert done.returncode == 2
     assert said in done.stderr
     assert done.stdout == ""
+
+
+def test_a_field_named_twice_is_one_column(url: str) -> None:
+    done = leafwire("usage", "--nats", url, "--since", "all", "--by", "target,target", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["by"] == ["target"]
 
 
 def test_no_stream_yet(tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from services.router import policy_cli
 from services.router.policy import PolicyError, parse
 from tests.support import ROOT
 
@@ -39,3 +42,14 @@ class TestPolicy:
         """YAML that is not a mapping is refused."""
         with pytest.raises(PolicyError):
             parse(text)
+
+
+@pytest.mark.parametrize("name", ["missing.yaml", "."])
+def test_validate_a_file_it_cannot_read_says_so_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            name: str) -> None:
+    """`leafwire policy validate` (and push, which validates first) of a missing file or a directory: one line
+    on stderr and exit 1, not a traceback."""
+    assert policy_cli.main(["validate", str(tmp_path / name)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"cannot read {tmp_path / name}: ")
+    assert err.count("\n") == 1
