@@ -1,7 +1,13 @@
 """The decoder process: owns one onnxruntime-genai model and decodes static batches of rows.
 
 Runs in its own process (onnxruntime-genai holds the GIL while it computes). Between decode steps it
-reads the pipe, so cancellations and new rows are seen within one step. Queued rows (up to
+reads the pipe, so cancellations and new rows are seen within one step.
+
+A prompt longer than ``PREFILL_CHUNK`` tokens is decoded in a batch of its own and read into the model a
+chunk at a time (a 7,000-token prompt takes over a minute on two cores, in one call that nothing can stop).
+Between chunks the pipe is read: a cancel or a passed deadline ends the row there, and rows with short
+prompts that arrived meanwhile are answered first, in a batch of their own, so one long prompt does not stall
+everyone else for a minute. Queued rows (up to
 ``max_batch``, first come first served) are decoded together in one generator whatever their sampling
 parameters: when every row is greedy the library's own search picks the tokens; otherwise each row's
 token is chosen from its own logits (``sampling.py``). Each row finishes on its own (end of sequence,
@@ -38,6 +44,8 @@ from services.local_inference.sampling import RowSampler
 from services.local_inference.stops import StopMatcher
 
 ROLE_MAP = {"developer": "system"}
+PREFILL_CHUNK = 256
+"""Tokens read into the model per call for a long prompt (about a second each with one thread, two cores)."""
 
 
 @dataclass
@@ -70,6 +78,7 @@ class Decoder:
     queue: deque[RowSpec] = field(default_factory=deque)
     cancelled: set[int] = field(default_factory=set)
     running: bool = True
+    waiting_long: deque[LiveRow] = field(default_factory=deque)  # prepared rows with long prompts, oldest first
 
     def load(self, intra_op_threads: int) -> Loaded:
         """Load the model (the only slow step at start)."""
@@ -151,20 +160,53 @@ class Decoder:
                           history=(int(t) for t in prompt_ids) if d.repetition_penalty != 1.0 else ())
 
     def generator(self, rows: list[LiveRow]) -> Any:
-        """A greedy static-batch generator holding every row's prompt."""
+        """A greedy static-batch generator holding every row's prompt; ``None`` when the lone row of a long
+        prompt was cancelled or ran out of time while its prompt was read (its finish is sent)."""
         og = self.og
         params = og.GeneratorParams(self.model)
         longest = max(r.prompt_tokens for r in rows)
         params.set_search_options(batch_size=len(rows), do_sample=False,
                                   max_length=min(self.context_length, longest + max(r.max_new for r in rows)))
         generator = og.Generator(self.model, params)
-        generator.append_tokens(self.tokenizer.encode_batch([r.prompt for r in rows]))
+        if len(rows) > 1 or rows[0].prompt_tokens <= PREFILL_CHUNK:
+            generator.append_tokens(self.tokenizer.encode_batch([r.prompt for r in rows]))
+            return generator
+        row, ids = rows[0], self.tokenizer.encode(rows[0].prompt)
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            if start:
+                self.poll()
+                if row.spec.key in self.cancelled or not self.running:
+                    events: list[RowEvent] = []
+                    self.finish(row, "cancelled", events)
+                    self.send(events)
+                    return None
+                if time.time() >= row.spec.deadline:
+                    row.done = True
+                    self.send([Rejected(row.spec.key, "deadline", "the request's deadline passed while its prompt "
+                                        "was read", {})])
+                    return None
+                self.answer_short_waiting()
+            generator.append_tokens(ids[start:start + PREFILL_CHUNK])
         return generator
+
+    def answer_short_waiting(self) -> None:
+        """While a long prompt is read: decode the rows with short prompts that are queued (those with long
+        ones wait their turn)."""
+        while self.queue and self.running:
+            events: list[RowEvent] = []
+            rows = self.prepare(self.next_batch(), events)
+            self.send(events)
+            self.waiting_long.extend(r for r in rows if r.prompt_tokens > PREFILL_CHUNK)
+            short = [r for r in rows if r.prompt_tokens <= PREFILL_CHUNK]
+            if short:
+                self.decode(short)
 
     def decode(self, rows: list[LiveRow]) -> None:
         """Decode one static batch until every row has finished or been cancelled."""
-        generator = self.generator(rows)
         self.send([Started(r.spec.key, r.prompt_tokens, len(rows)) for r in rows])
+        generator = self.generator(rows)
+        if generator is None:
+            return
         choose = None if all(r.sampler.native for r in rows) else RowChoices(rows, self.pad_token())
         while not generator.is_done():
             if choose is not None:
@@ -226,8 +268,12 @@ class Decoder:
             events: list[RowEvent] = []
             rows = self.prepare(self.next_batch(), events)
             self.send(events)
-            if rows:
-                self.decode(rows)
+            short = [r for r in rows if r.prompt_tokens <= PREFILL_CHUNK]
+            self.waiting_long.extend(r for r in rows if r.prompt_tokens > PREFILL_CHUNK)
+            if short:
+                self.decode(short)
+            while self.waiting_long and self.running:  # each alone, its prompt read a chunk at a time
+                self.decode([self.waiting_long.popleft()])
 
 
 class RowChoices:
