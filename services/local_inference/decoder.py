@@ -31,6 +31,7 @@ from services.local_inference.ipc import (
     Delta,
     Finished,
     Loaded,
+    Reading,
     Rejected,
     RowEvent,
     RowSpec,
@@ -172,6 +173,7 @@ class Decoder:
             generator.append_tokens(self.tokenizer.encode_batch([r.prompt for r in rows]))
             return generator
         row, ids = rows[0], self.tokenizer.encode(rows[0].prompt)
+        self.send([Reading(row.spec.key, True)])
         for start in range(0, len(ids), PREFILL_CHUNK):
             if start:
                 self.poll()
@@ -187,6 +189,7 @@ class Decoder:
                     return None
                 self.answer_short_waiting()
             generator.append_tokens(ids[start:start + PREFILL_CHUNK])
+        self.send([Reading(row.spec.key, False)])
         return generator
 
     def answer_short_waiting(self) -> None:

@@ -52,6 +52,14 @@ class Started(NamedTuple):
     batch_size: int
 
 
+class Reading(NamedTuple):
+    """A lone long prompt is being read a chunk at a time (``True``), or has been read (``False``). While it
+    is read the decoder answers rows that arrive, so the worker may take more."""
+
+    key: int
+    reading: bool
+
+
 class Delta(NamedTuple):
     """New text of a row."""
 
@@ -83,6 +91,6 @@ class Rejected(NamedTuple):
     detail: dict[str, int]
 
 
-RowEvent = Started | Delta | Finished | Rejected
+RowEvent = Started | Reading | Delta | Finished | Rejected
 ToDecoder = Submit | CancelRow | Shutdown
 FromDecoder = Loaded | list[RowEvent]

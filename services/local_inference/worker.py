@@ -26,7 +26,7 @@ from schemas.control import ModelInfo, WorkerHeartbeat
 from schemas.embeddings import EmbeddingRequest
 from services.local_inference.embedder import EmbedEngine, TooLong
 from services.local_inference.engine import Engine, RowHandle
-from services.local_inference.ipc import Delta, Finished, Rejected, RowSpec, Started
+from services.local_inference.ipc import Delta, Finished, Reading, Rejected, RowSpec, Started
 from services.local_inference.rows import TokenClock, rejection, row_spec, too_long
 from services.local_inference.settings import InferenceSettings
 from services.local_inference.vectors import embedding_response
@@ -54,12 +54,14 @@ def new_worker_id(instance: str = "") -> str:
     return f"li-{instance or uuid.uuid4().hex[:8]}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Taken:
-    """A request this worker answers: its model, and how to stop it."""
+    """A request this worker answers: its model, how to stop it, and whether its decoder is reading its long
+    prompt (and answering other rows meanwhile)."""
 
     model: str
     stop: Callable[[], None]
+    reading: bool = False
 
 
 @dataclass
@@ -121,8 +123,9 @@ class Worker:
                 for name, e in self.embedders.items() if e.ready]
 
     def idle_model(self, model: str) -> bool:
-        """True when no request of ``model`` is being answered here."""
-        return not any(t.model == model for t in self.inflight.values())
+        """True when no request of ``model`` is being answered here, but for one whose long prompt is being
+        read: the decoder answers rows that arrive meanwhile, so a batcher may send them."""
+        return not any(t.model == model and not t.reading for t in self.inflight.values())
 
     def status(self) -> WorkerStatus:
         """The requests this worker is answering, for a batcher watching its rows."""
@@ -277,6 +280,8 @@ class Worker:
             async for event in handle.events():
                 if isinstance(event, Started):
                     await answer.begin()
+                elif isinstance(event, Reading):
+                    self.reading(env.request_id, event.reading)
                 elif isinstance(event, Delta):
                     clock.tick()
                     await answer.text(event.text)
@@ -338,6 +343,14 @@ class Worker:
             for job in jobs:
                 self.inflight.pop(job.env.request_id, None)
             if self.idle_model(model):
+                self.idle()
+
+    def reading(self, request_id: str, reading: bool) -> None:
+        """A row's long prompt began or ended being read: the model is takeable meanwhile (said at once)."""
+        taken = self.inflight.get(request_id)
+        if taken is not None:
+            taken.reading = reading
+            if reading and self.idle_model(taken.model):
                 self.idle()
 
     def idle(self) -> None:

@@ -11,7 +11,17 @@ from multiprocessing import Pipe
 from typing import Any
 
 from services.local_inference.decoder import PREFILL_CHUNK, Decoder
-from services.local_inference.ipc import CancelRow, Finished, Rejected, RowEvent, RowSpec, Shutdown, Started, Submit
+from services.local_inference.ipc import (
+    CancelRow,
+    Finished,
+    Reading,
+    Rejected,
+    RowEvent,
+    RowSpec,
+    Shutdown,
+    Started,
+    Submit,
+)
 from services.local_inference.registry import ModelSpec
 from tests.support import FIXTURE_MODEL
 
@@ -86,6 +96,11 @@ def test_short_prompts_that_arrive_are_answered_while_a_long_one_is_read() -> No
     assert long_done.completion_tokens == 3
     started = {e.key: e for e in events if isinstance(e, Started)}
     assert (started[1].batch_size, started[2].batch_size, started[3].batch_size) == (1, 2, 2)
+    # the worker is told while the long prompt is read, so it can say it takes more (a batcher then sends them)
+    marks = [(type(e).__name__, e.key) for e in events if isinstance(e, Reading | Finished)]
+    assert marks[0] == ("Reading", 1)
+    assert marks[3:] == [("Reading", 1), ("Finished", 1)]
+    assert [e.reading for e in events if isinstance(e, Reading)] == [True, False]
 
 
 def test_a_cancel_stops_a_long_prompt_while_it_is_read() -> None:
