@@ -175,34 +175,34 @@ class Decoder:
         row, ids = rows[0], self.tokenizer.encode(rows[0].prompt)
         self.send([Reading(row.spec.key, True)])
         for start in range(0, len(ids), PREFILL_CHUNK):
-            if start:
-                self.poll()
-                if row.spec.key in self.cancelled or not self.running:
-                    events: list[RowEvent] = []
-                    self.finish(row, "cancelled", events)
-                    self.send(events)
-                    return None
-                if time.time() >= row.spec.deadline:
-                    row.done = True
-                    self.send([Rejected(row.spec.key, "deadline", "the request's deadline passed while its prompt "
-                                        "was read", {})])
-                    return None
-                self.answer_short_waiting()
+            self.poll()
+            if row.spec.key in self.cancelled or not self.running:
+                events: list[RowEvent] = []
+                self.finish(row, "cancelled", events)
+                self.send(events)
+                return None
+            if time.time() >= row.spec.deadline:
+                row.done = True
+                self.send([Rejected(row.spec.key, "deadline", "the request's deadline passed while its prompt "
+                                    "was read", {})])
+                return None
+            self.answer_short_waiting()
             generator.append_tokens(ids[start:start + PREFILL_CHUNK])
         self.send([Reading(row.spec.key, False)])
         return generator
 
     def answer_short_waiting(self) -> None:
-        """While a long prompt is read: decode the rows with short prompts that are queued (those with long
-        ones wait their turn)."""
-        while self.queue and self.running:
-            events: list[RowEvent] = []
-            rows = self.prepare(self.next_batch(), events)
-            self.send(events)
-            self.waiting_long.extend(r for r in rows if r.prompt_tokens > PREFILL_CHUNK)
-            short = [r for r in rows if r.prompt_tokens <= PREFILL_CHUNK]
-            if short:
-                self.decode(short)
+        """While a long prompt is read: decode one batch of the queued rows with short prompts (those with long
+        ones wait their turn). One batch a chunk: under steady load the long prompt still moves on."""
+        if not self.queue or not self.running:
+            return
+        events: list[RowEvent] = []
+        rows = self.prepare(self.next_batch(), events)
+        self.send(events)
+        self.waiting_long.extend(r for r in rows if r.prompt_tokens > PREFILL_CHUNK)
+        short = [r for r in rows if r.prompt_tokens <= PREFILL_CHUNK]
+        if short:
+            self.decode(short)
 
     def decode(self, rows: list[LiveRow]) -> None:
         """Decode one static batch until every row has finished or been cancelled."""

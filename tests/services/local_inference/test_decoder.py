@@ -34,11 +34,12 @@ def row(key: int, text: str, max_tokens: int = 3, deadline_s: float = 60.0) -> R
 
 
 class Scripted(Decoder):
-    """A decoder that, the first time it reads the pipe while a lone long prompt is being read, runs
+    """A decoder that, when it reads the pipe after the first chunk of a lone long prompt was read, runs
     ``meanwhile`` (as if the worker had just sent something, or time had passed)."""
 
     meanwhile: Callable[[Decoder], None] | None = None
     reading_long = False
+    polls = 0
 
     def generator(self, rows: list[Any]) -> Any:
         self.reading_long = len(rows) == 1 and rows[0].prompt_tokens > PREFILL_CHUNK
@@ -48,9 +49,11 @@ class Scripted(Decoder):
             self.reading_long = False
 
     def poll(self) -> None:
-        if self.reading_long and self.meanwhile is not None:
-            act, self.meanwhile = self.meanwhile, None
-            act(self)
+        if self.reading_long:
+            self.polls += 1
+            if self.polls == 2 and self.meanwhile is not None:  # before the second chunk
+                act, self.meanwhile = self.meanwhile, None
+                act(self)
         super().poll()
 
 
