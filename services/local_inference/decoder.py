@@ -1,17 +1,16 @@
 """The decoder process: owns one onnxruntime-genai model and decodes static batches of rows.
 
 Runs in its own process (onnxruntime-genai holds the GIL while it computes). Between decode steps it
-reads the pipe, so cancellations and new rows are seen within one step.
-
-A prompt longer than ``PREFILL_CHUNK`` tokens is decoded in a batch of its own and read into the model a
-chunk at a time (a 7,000-token prompt takes over a minute on two cores, in one call that nothing can stop).
-Between chunks the pipe is read: a cancel or a passed deadline ends the row there, and rows with short
-prompts that arrived meanwhile are answered first, in a batch of their own, so one long prompt does not stall
-everyone else for a minute. Queued rows (up to
+reads the pipe, so cancellations and new rows are seen within one step. Queued rows (up to
 ``max_batch``, first come first served) are decoded together in one generator whatever their sampling
 parameters: when every row is greedy the library's own search picks the tokens; otherwise each row's
 token is chosen from its own logits (``sampling.py``). Each row finishes on its own (end of sequence,
 its own stop sequences, its own max_tokens) and the batch ends when no live row is left.
+
+A prompt longer than ``PREFILL_CHUNK`` tokens is decoded in a batch of its own and read into the model a
+chunk at a time (a 7,000-token prompt takes over a minute on two cores, in one call that nothing can stop).
+Before each chunk the pipe is read: a cancel or a passed deadline ends the row there, and one batch of rows
+with short prompts that arrived meanwhile is answered first, so one long prompt does not stall everyone else.
 """
 
 from __future__ import annotations
@@ -194,15 +193,19 @@ class Decoder:
     def answer_short_waiting(self) -> None:
         """While a long prompt is read: decode one batch of the queued rows with short prompts (those with long
         ones wait their turn). One batch a chunk: under steady load the long prompt still moves on."""
-        if not self.queue or not self.running:
-            return
+        if self.queue and self.running:
+            short = self.take_batch()
+            if short:
+                self.decode(short)
+
+    def take_batch(self) -> list[LiveRow]:
+        """The next queued rows, prepared: those with short prompts, to decode together; those with long ones
+        join ``waiting_long`` (each is decoded alone)."""
         events: list[RowEvent] = []
         rows = self.prepare(self.next_batch(), events)
         self.send(events)
         self.waiting_long.extend(r for r in rows if r.prompt_tokens > PREFILL_CHUNK)
-        short = [r for r in rows if r.prompt_tokens <= PREFILL_CHUNK]
-        if short:
-            self.decode(short)
+        return [r for r in rows if r.prompt_tokens <= PREFILL_CHUNK]
 
     def decode(self, rows: list[LiveRow]) -> None:
         """Decode one static batch until every row has finished or been cancelled."""
@@ -268,11 +271,7 @@ class Decoder:
             self.poll()
             if not self.queue:
                 continue
-            events: list[RowEvent] = []
-            rows = self.prepare(self.next_batch(), events)
-            self.send(events)
-            short = [r for r in rows if r.prompt_tokens <= PREFILL_CHUNK]
-            self.waiting_long.extend(r for r in rows if r.prompt_tokens > PREFILL_CHUNK)
+            short = self.take_batch()
             if short:
                 self.decode(short)
             while self.waiting_long and self.running:  # each alone, its prompt read a chunk at a time
