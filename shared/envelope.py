@@ -78,7 +78,7 @@ class Envelope:
             if raw is not None and strict:
                 raise InvalidRequest(f"the {DEADLINE} header must be a unix time in seconds (the moment the answer "
                                      f"is due, like {time.time() + 30:.0f}), not {raw[:40]!r}"
-                                     + (" (a time before 2001: a duration by mistake?)" if _is_number(raw) else ""),
+                                     + (" (a time before 2001: a duration by mistake?)" if _finite(raw) is not None else ""),
                                      param=DEADLINE)
             deadline = time.time() + DEFAULT_TIMEOUT_S
         return cls(
@@ -144,15 +144,13 @@ class Envelope:
 def _unix_time(text: str) -> float | None:
     """A unix time in seconds, or ``None`` for anything else: not a number, not finite, or so small it must
     be a duration someone meant (``30``) rather than a moment of 1970."""
+    value = _finite(text)
+    return value if value is not None and value >= _EARLIEST else None
+
+
+def _finite(text: str) -> float | None:
     try:
         value = float(text)
     except ValueError:
         return None
-    return value if math.isfinite(value) and value >= _EARLIEST else None
-
-
-def _is_number(text: str) -> bool:
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return False
+    return value if math.isfinite(value) else None
