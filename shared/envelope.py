@@ -76,10 +76,9 @@ class Envelope:
         deadline = _unix_time(raw) if raw is not None else None
         if deadline is None:
             if raw is not None and strict:
+                early = " (a time before 2001: a duration by mistake?)" if _finite(raw) is not None else ""
                 raise InvalidRequest(f"the {DEADLINE} header must be a unix time in seconds (the moment the answer "
-                                     f"is due, like {time.time() + 30:.0f}), not {raw[:40]!r}"
-                                     + (" (a time before 2001: a duration by mistake?)" if _finite(raw) is not None else ""),
-                                     param=DEADLINE)
+                                     f"is due, like {time.time() + 30:.0f}), not {raw[:40]!r}{early}", param=DEADLINE)
             deadline = time.time() + DEFAULT_TIMEOUT_S
         return cls(
             request_id=request_id,
