@@ -16,6 +16,7 @@ from faststream import BaseMiddleware
 from faststream.message import StreamMessage
 from nats.aio.client import Client as NATS
 from pydantic import ValidationError
+from pydantic_core import from_json
 
 from shared import metrics, subjects
 from shared.envelope import Envelope
@@ -37,6 +38,15 @@ def invalid_request(exc: ValidationError) -> InvalidRequest:
     param = ".".join(loc) or None
     where = f" at '{param}'" if param else ""
     return InvalidRequest(f"Invalid request{where}: {first.get('msg', 'invalid value')}", param=param)
+
+
+def not_json(data: bytes) -> InvalidRequest | None:
+    """The 400 for a body that is not JSON at all (said as such, on every subject), else ``None``."""
+    try:
+        from_json(data)
+    except ValueError as exc:
+        return InvalidRequest(f"Invalid JSON: {exc}")
+    return None
 
 
 async def dead_letter(nc: NATS, site: str, service: str, subject: str, data: bytes,
@@ -68,7 +78,7 @@ async def answer_failure(nc: NATS, *, site: str, service: str, subject: str, dat
     if isinstance(exc, LeafwireError):
         err = exc
     elif isinstance(exc, ValidationError):
-        err = invalid_request(exc)
+        err = not_json(data) or invalid_request(exc)
         dead = f"invalid: {exc.errors()[0].get('msg', '') if exc.errors() else ''}"
     else:
         log.error("handler crashed", subject=subject, exc_info=exc)

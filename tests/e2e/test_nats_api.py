@@ -60,8 +60,13 @@ async def test_bad_request_over_nats_gets_an_error_event(stack: Stack) -> None:
     try:
         msg = await nc.request(f"lw.v1.{stack.site}.chat", b'{"model": "tiny", "messages": "hi"}', timeout=10)
         not_json = await nc.request(f"lw.v1.{stack.site}.chat", b"\x00\x01 not json", timeout=10)
+        others = [await nc.request(f"lw.v1.{stack.site}.{subject}", b"garbage", timeout=10)
+                  for subject in ("embeddings", "route.dry_run")]
     finally:
         await nc.drain()
+    for answer in (not_json, *others):  # not JSON at all: said as such on every subject
+        assert answer.headers["Lw-Status"] == "400"  # type: ignore[index]
+        assert json.loads(answer.data)["error"]["message"].startswith("Invalid JSON: ")
     assert msg.headers == {"Lw-Event": "error", "Lw-Status": "400", "Lw-Request-Id": msg.headers["Lw-Request-Id"]}  # type: ignore[index]
     assert json.loads(msg.data)["error"]["param"] == "messages"
     assert not_json.headers["Lw-Status"] == "400"  # type: ignore[index]
