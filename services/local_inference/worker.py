@@ -123,9 +123,11 @@ class Worker:
                 for name, e in self.embedders.items() if e.ready]
 
     def idle_model(self, model: str) -> bool:
-        """True when no request of ``model`` is being answered here, but for one whose long prompt is being
-        read: the decoder answers rows that arrive meanwhile, so a batcher may send them."""
-        return not any(t.model == model and not t.reading for t in self.inflight.values())
+        """True when no request of ``model`` is being answered here, or when the decoder is reading one's long
+        prompt: it then answers rows that arrive before the next chunk (whatever else waits behind it), so a
+        batcher may send them."""
+        rows = [t for t in self.inflight.values() if t.model == model]
+        return not rows or any(t.reading for t in rows)
 
     def status(self) -> WorkerStatus:
         """The requests this worker is answering, for a batcher watching its rows."""
@@ -350,7 +352,7 @@ class Worker:
         taken = self.inflight.get(request_id)
         if taken is not None:
             taken.reading = reading
-            if reading and self.idle_model(taken.model):
+            if reading:
                 self.idle()
 
     def idle(self) -> None:
