@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class Event(StrEnum):
     RESULT = "result"
     ERROR = "error"
     ADMITTED = "admitted"  # on an admission reply (worker -> router), never on a caller's subject
+    PROGRESS = "progress"  # "still working on it", no body: resets a reader's idle timer; never final
 
 
 FINAL_EVENTS = frozenset({Event.DONE, Event.RESULT, Event.ERROR})
@@ -55,6 +57,7 @@ class ReplyPublisher:
         self._served_by = served_by
         self._first = True
         self._first_headers = first_headers
+        self.last_sent = time.monotonic()  # when the caller last heard of this request (taking it counts)
 
     def _headers(self, event: Event) -> dict[str, str]:
         h = {hdr.EVENT: event.value}
@@ -72,7 +75,15 @@ class ReplyPublisher:
     async def send(self, event: Event, body: bytes) -> None:
         """Publish one event (no-op when the caller left no reply subject)."""
         if self._subject:
+            self.last_sent = time.monotonic()
             await self._nc.publish(self._subject, body, headers=self._headers(event))
+
+    async def progress(self) -> None:
+        """Tell the caller the answer is still coming (a ``progress`` event, which keeps the first event's
+        headers for the first real one)."""
+        if self._subject:
+            self.last_sent = time.monotonic()
+            await self._nc.publish(self._subject, b"", headers={hdr.EVENT: Event.PROGRESS.value})
 
     async def error(self, err: LeafwireError) -> None:
         """Publish an error event; it ends the stream for the caller."""
@@ -140,10 +151,17 @@ class ReplyStream:
         self._maxsize = maxsize
         self._replies: deque[Reply] = deque()
         self._waiter: asyncio.Future[None] | None = None  # the reader, while it waits for a reply
+        self._timer: asyncio.Timeout | None = None  # its timer, which a progress event pushes back
+        self._extend: tuple[float, float] = (0.0, 0.0)  # (wait_s, latest loop time it may be pushed to)
         self.unavailable = "no service is listening for this request"
         self.overflowed = False
 
     def _put(self, msg: Msg) -> None:
+        if msg.headers is not None and msg.headers.get(hdr.EVENT) == Event.PROGRESS:
+            if self._timer is not None:
+                wait_s, until = self._extend
+                self._timer.reschedule(min(asyncio.get_running_loop().time() + wait_s, until))
+            return
         if len(self._replies) >= self._maxsize:
             self.overflowed = True
             return
@@ -151,18 +169,21 @@ class ReplyStream:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def next(self, wait_s: float) -> Reply:
-        """The next reply; ``TimeoutError`` when none comes within ``wait_s`` seconds."""
+    async def next(self, wait_s: float, cap_s: float | None = None) -> Reply:
+        """The next reply; ``TimeoutError`` when none comes within ``wait_s`` seconds. A ``progress`` event
+        (not returned) starts the ``wait_s`` again, up to ``cap_s`` from now (a deadline) when given."""
         if self.overflowed:
             err = UpstreamError("reply stream overflowed: the reader fell too far behind")
             return Reply(Event.ERROR, err.to_response().model_dump_json().encode(), {hdr.STATUS: "502"})
         if not self._replies:  # (one already here needs no timer)
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
+            self._extend = (wait_s, loop.time() + (cap_s if cap_s is not None else float("inf")))
             try:
-                async with asyncio.timeout(wait_s):
+                async with asyncio.timeout(wait_s) as self._timer:
                     await self._waiter
             finally:
-                self._waiter = None
+                self._waiter = self._timer = None
         return self._replies.popleft()
 
     def close(self) -> None:

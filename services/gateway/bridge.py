@@ -70,7 +70,7 @@ class Bridge:
         if wait <= 0:
             raise DeadlineExceeded("The request took longer than its deadline.")
         try:
-            return await stream.next(wait)
+            return await stream.next(wait, cap_s=env.remaining())
         except TimeoutError as exc:
             raise DeadlineExceeded(f"No answer arrived within {wait:.0f} s.") from exc
 

@@ -10,6 +10,7 @@ from the moment it is taken, so a batcher asking for this worker's status sees i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import Counter
@@ -47,6 +48,9 @@ from shared.usage import UsagePublisher
 
 SERVICE = "local-inference"
 log = get_logger("leafwire.local_inference")
+KEEPALIVE_S = 30.0
+"""A caller who heard nothing of its request for this long gets a ``progress`` event (well inside a gateway's
+90 s idle timeout)."""
 
 
 def new_worker_id(instance: str = "") -> str:
@@ -62,6 +66,7 @@ class Taken:
     model: str
     stop: Callable[[], None]
     reading: bool = False
+    publisher: ReplyPublisher | None = None  # a chat row's, once its answer has begun to be published
 
 
 @dataclass
@@ -277,6 +282,8 @@ class Worker:
         assert self.nc is not None
         publisher = ReplyPublisher(self.nc, env.reply, env, self.served_by)
         answer = Answer.for_request(publisher, env.request_id, engine.spec.name, request)
+        if (taken := self.inflight.get(env.request_id)) is not None:
+            taken.publisher = publisher
         clock = TokenClock(engine.spec.name, arrived)
         try:
             async for event in handle.events():
@@ -346,6 +353,16 @@ class Worker:
                 self.inflight.pop(job.env.request_id, None)
             if self.idle_model(model):
                 self.idle()
+
+    async def keep_callers(self) -> None:
+        """Send a ``progress`` event to each caller who has heard nothing of its request for ``KEEPALIVE_S``
+        (a row waiting behind long prompts, or whose own long prompt is read, can take longer than a
+        gateway's idle timeout of 90 s)."""
+        quiet_since = time.monotonic() - KEEPALIVE_S
+        for taken in list(self.inflight.values()):
+            if taken.publisher is not None and taken.publisher.last_sent <= quiet_since:
+                with contextlib.suppress(Exception):  # the connection may be going: the next round tries again
+                    await taken.publisher.progress()
 
     def reading(self, request_id: str, reading: bool) -> None:
         """A row's long prompt began or ended being read: the model is takeable meanwhile (said at once)."""
