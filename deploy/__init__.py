@@ -1,1 +1,1 @@
-"""Deployment: NATS configs and templates, the local stack launcher, model builds, compose/k8s/systemd."""
+"""Deployment: NATS configs and templates, the local stack launcher (supervisord), model builds."""

@@ -72,7 +72,7 @@ def rejection(model: str, event: Rejected) -> LeafwireError:
         return ContextLengthExceeded(model=model, context_length=d["context_length"],
                                      prompt_tokens=d["prompt_tokens"], max_tokens=d["max_tokens"])
     if event.reason == "deadline":
-        return DeadlineExceeded("the request's deadline passed before decoding started")
+        return DeadlineExceeded(event.message)  # before decoding, or while a long prompt was read
     return InvalidRequest(event.message)
 
 

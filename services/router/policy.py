@@ -65,6 +65,23 @@ class Range(Strict):
     lt: float | None = None
     lte: float | None = None
 
+    @model_validator(mode="after")
+    def _not_empty(self) -> Range:
+        if not self.meets(float("-inf"), float("inf")):
+            raise ValueError("no value meets these bounds together: the rule could never match")
+        return self
+
+    def meets(self, low: float, high: float) -> bool:
+        """Whether some value between ``low`` and ``high`` (inclusive) is inside every given bound."""
+        low_open = high_open = False
+        for bound, strict in ((self.gt, True), (self.gte, False)):
+            if bound is not None and (bound > low or (bound == low and strict)):
+                low, low_open = bound, strict
+        for bound, strict in ((self.lt, True), (self.lte, False)):
+            if bound is not None and (bound < high or (bound == high and strict)):
+                high, high_open = bound, strict
+        return low < high or (low == high and not (low_open or high_open))
+
     def holds(self, value: float) -> bool:
         """True when ``value`` is inside every given bound."""
         return ((self.gt is None or value > self.gt) and (self.gte is None or value >= self.gte)
@@ -82,6 +99,13 @@ class When(Strict):
     budget: list[BudgetLevel] | None = None
     provider_health: dict[str, list[Health]] | None = None
     uplink: Literal["up", "down"] | None = None
+
+    @field_validator("complexity")
+    @classmethod
+    def _in_unit_range(cls, value: Range | None) -> Range | None:
+        if value is not None and not value.meets(0.0, 1.0):
+            raise ValueError("complexity runs from 0 to 1: these bounds leave nothing to match")
+        return value
 
     @field_validator("tenant", "model", "budget", mode="before")
     @classmethod
@@ -185,6 +209,13 @@ class Policy(Strict):
         for alias in self.aliases:
             if "/" in alias or alias in (REQUESTED, LOCAL, "auto"):
                 raise ValueError(f"alias {alias!r} may not contain '/' or be a reserved name")
+        for alias in self.aliases:  # each alias must end at a model, not come back to itself
+            seen, at = [alias], self.aliases[alias]
+            while isinstance(at, str) and at in self.aliases:
+                if at in seen:
+                    raise ValueError(f"aliases go round in a circle: {' -> '.join([*seen, at])}")
+                seen.append(at)
+                at = self.aliases[at]
         uses_local = any(LOCAL in r.route for r in self.rules)
         if uses_local and not self.local_model:
             raise ValueError("a rule routes to 'local' but local_model is not set")

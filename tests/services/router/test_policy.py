@@ -21,6 +21,13 @@ class TestPolicy:
         """A policy without rules routes to the requested model (the local model follows as last resort)."""
         assert parse("local_model: m\n").rules[0].route == ["requested"]
 
+    @pytest.mark.parametrize("text", ["aliases: {a: b, b: m}", "rules: [{name: a, when: {complexity: {gte: 1}},"
+                                      " route: [x]}]", "rules: [{name: a, when: {prompt_tokens: {gte: 3, lte: 3}},"
+                                      " route: [x]}]"])
+    def test_edge_cases_that_can_match_are_valid(self, text: str) -> None:
+        """A chain of aliases ending at a model, complexity exactly 1, a range of one value: all fine."""
+        parse(text)
+
     @pytest.mark.parametrize(("text", "where"), [
         ("rules: [{name: a, route: []}]", "rules.0.route"),
         ("rules: [{name: a, route: [local]}]", "local_model"),
@@ -30,6 +37,11 @@ class TestPolicy:
         ("masking: {patterns: [{name: x, regex: '(('}]}", "masking.patterns"),
         ("rules: [{name: a, route: [x]}, {name: a, route: [y]}]", "unique"),
         ("version: 2", "version"),
+        ("aliases: {a: b, b: c, c: a}", "aliases go round in a circle: a -> b -> c -> a"),
+        ("rules: [{name: a, when: {prompt_tokens: {gt: 10, lt: 5}}, route: [x]}]", "could never match"),
+        ("rules: [{name: a, when: {prompt_tokens: {gt: 3, lte: 3}}, route: [x]}]", "could never match"),
+        ("rules: [{name: a, when: {complexity: {gte: 2}}, route: [x]}]", "complexity runs from 0 to 1"),
+        ("rules: [{name: a, when: {complexity: {lt: 0}}, route: [x]}]", "complexity runs from 0 to 1"),
     ])
     def test_invalid_policies_say_where(self, text: str, where: str) -> None:
         """An invalid policy is refused with the place of the first problem."""
