@@ -92,21 +92,24 @@ class Bridge:
         at the site (it may still be waiting in the batcher, or generating)."""
         stream = self.replies.open()  # closed below: a generator-based context manager costs more, per request
         exchange = Exchange(stream, env)
+        why = "the answer ended unfinished"
         try:
             return await respond(exchange)
         except LeafwireError as err:
+            why = f"the gateway answered the caller: {err.message}"  # a timeout, say: not the caller's doing
             return error_response(err, {"x-request-id": env.request_id})
         except (asyncio.CancelledError, ConnectionResetError):
+            why = "the caller stopped reading the answer"
             metrics.CLIENT_DISCONNECTS.inc()
             raise
         finally:
             try:
                 if not exchange.finished:
-                    await self.cancel(env)
+                    await self.cancel(env, why)
             finally:
                 stream.close()
 
-    async def cancel(self, env: Envelope, reason: str = "the caller stopped reading the answer") -> None:
+    async def cancel(self, env: Envelope, reason: str) -> None:
         """Tell every worker and batcher of the site to stop this request (best effort)."""
         log.info("cancelling", request_id=env.request_id, reason=reason)
         with contextlib.suppress(Exception):
