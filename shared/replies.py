@@ -28,6 +28,7 @@ from nats.aio.subscription import Subscription
 
 from schemas.errors import ErrorResponse
 from shared import envelope as hdr
+from shared import subjects
 from shared.envelope import Envelope
 from shared.errors import LeafwireError, RemoteError, Unavailable, UpstreamError
 
@@ -80,8 +81,9 @@ class ReplyPublisher:
 
     async def progress(self) -> None:
         """Tell the caller the answer is still coming (a ``progress`` event, which keeps the first event's
-        headers for the first real one)."""
-        if self._subject:
+        headers for the first real one). Only a leafwire reply reader is told: a plain ``nc.request`` takes the
+        first reply as the answer."""
+        if self._subject.startswith(subjects.READERS):
             self.last_sent = time.monotonic()
             await self._nc.publish(self._subject, b"", headers={hdr.EVENT: Event.PROGRESS.value})
 

@@ -134,9 +134,14 @@ def dead_letter_filter(site: str) -> str:
     return f"{PREFIX}.{site}.dlq.>"
 
 
+READERS = "_INBOX.lw."
+"""Reply subjects under here belong to leafwire's own reply readers (``shared.replies.ReplyReader``), which
+skip ``progress`` events; a NATS client's own inbox (``nc.request``) never gets one."""
+
+
 def reply_prefix(owner: str) -> str:
     """Inbox prefix for a process that reads reply streams (a gateway, a NATS client)."""
-    return f"_INBOX.lw.{token(owner)}"
+    return f"{READERS}{token(owner)}"
 
 
 # Stream names, after what they hold.

@@ -12,12 +12,13 @@ import pytest
 
 from services.local_inference.settings import InferenceSettings
 from services.local_inference.worker import KEEPALIVE_S, Taken, Worker
+from shared import subjects
 from shared.envelope import Envelope
 from shared.replies import Event, ReplyPublisher, ReplyReader
 
 
 async def test_progress_keeps_a_quiet_stream_alive_up_to_its_cap(nc: nats.NATS) -> None:
-    reader = ReplyReader(nc, "_TEST.progress")
+    reader = ReplyReader(nc, subjects.reply_prefix("test-progress"))
     await reader.start()
     stream = reader.open()
     publisher = ReplyPublisher(nc, stream.subject, Envelope("r1", "t", stream.subject, time.time() + 60),
@@ -50,16 +51,23 @@ async def test_progress_keeps_a_quiet_stream_alive_up_to_its_cap(nc: nats.NATS) 
         await reader.stop()
 
 
-async def test_the_worker_tells_quiet_callers_only(nc: nats.NATS) -> None:
-    inbox = nc.new_inbox()
+async def test_the_worker_tells_quiet_readers_only(nc: nats.NATS) -> None:
+    """Only a quiet caller reading through a leafwire reply reader is told: a NATS client's own inbox (a plain
+    ``nc.request``, which takes the first reply as the answer) never gets a progress event."""
+    inbox = f"{subjects.reply_prefix('test-worker')}.1"
+    client_inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
+    client = await nc.subscribe(client_inbox)
     await nc.flush()
     worker = Worker(settings=InferenceSettings(), engines={})
     quiet = ReplyPublisher(nc, inbox, Envelope("quiet", "t", inbox, time.time() + 60))
     quiet.last_sent -= KEEPALIVE_S + 1
     talking = ReplyPublisher(nc, inbox, Envelope("talking", "t", inbox, time.time() + 60))
+    plain = ReplyPublisher(nc, client_inbox, Envelope("plain", "t", client_inbox, time.time() + 60))
+    plain.last_sent -= KEEPALIVE_S + 1
     worker.inflight = {"quiet": Taken("tiny", lambda: None, publisher=quiet),
                        "talking": Taken("tiny", lambda: None, publisher=talking),
+                       "plain": Taken("tiny", lambda: None, publisher=plain),
                        "embeddings": Taken("minilm", lambda: None)}
     await worker.keep_callers()
     msg = await sub.next_msg(timeout=5)
@@ -69,3 +77,5 @@ async def test_the_worker_tells_quiet_callers_only(nc: nats.NATS) -> None:
     await worker.keep_callers()  # it has just been told: nothing again until it is quiet again
     with pytest.raises(nats.errors.TimeoutError):
         await sub.next_msg(timeout=0.3)
+    with pytest.raises(nats.errors.TimeoutError):
+        await client.next_msg(timeout=0.3)
