@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import math
+
+from shared.numbers import finite
 
 
 def seconds(text: str) -> float:
     """A wait in seconds: a finite number above 0 (argparse then says what was wrong, in one line)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value <= 0:
+    value = finite(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: the wait must be more than 0 seconds")
     return value

@@ -6,7 +6,6 @@ that produces the answer publishes it straight to the caller; replies never trav
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Mapping
@@ -14,6 +13,7 @@ from dataclasses import dataclass
 
 from schemas.batch import RowEnvelope
 from shared.errors import InvalidRequest
+from shared.numbers import finite
 
 REQUEST_ID = "Lw-Request-Id"
 TENANT = "Lw-Tenant"
@@ -76,7 +76,7 @@ class Envelope:
         deadline = _unix_time(raw) if raw is not None else None
         if deadline is None:
             if raw is not None and strict:
-                early = " (a time before 2001: a duration by mistake?)" if _finite(raw) is not None else ""
+                early = " (a time before 2001: a duration by mistake?)" if finite(raw) is not None else ""
                 raise InvalidRequest(f"the {DEADLINE} header must be a unix time in seconds (the moment the answer "
                                      f"is due, like {time.time() + 30:.0f}), not {raw[:40]!r}{early}", param=DEADLINE)
             deadline = time.time() + DEFAULT_TIMEOUT_S
@@ -143,13 +143,5 @@ class Envelope:
 def _unix_time(text: str) -> float | None:
     """A unix time in seconds, or ``None`` for anything else: not a number, not finite, or so small it must
     be a duration someone meant (``30``) rather than a moment of 1970."""
-    value = _finite(text)
+    value = finite(text)
     return value if value is not None and value >= _EARLIEST else None
-
-
-def _finite(text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None

@@ -12,13 +12,14 @@ seconds, at most ``MAX_HINT_S``: ``inf``, ``nan`` or a date in 2099 from a provi
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
+
+from shared.numbers import finite
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -51,19 +52,10 @@ class RetryPolicy:
         return max(0.0, hint) * (1.0 + (rng or random).uniform(0.0, 0.1))
 
 
-def _number(text: str) -> float | None:
-    """A finite number, or ``None`` (``inf``, ``nan`` and ``1e400`` included)."""
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
 def parse_duration(text: str) -> float | None:
     """``1s``, ``6m0s``, ``20ms``, ``1h2m3.5s`` (OpenAI's reset headers), or a bare number of seconds."""
     text = text.strip()
-    seconds = _number(text)
+    seconds = finite(text)
     if seconds is not None:
         return seconds
     parts = _DURATION_PART.findall(text)
@@ -122,7 +114,7 @@ def retry_hint(headers: Mapping[str, str], now: float) -> float | None:
 def _asked(headers: Mapping[str, str], now: float) -> float | None:
     lower = {k.lower(): v for k, v in headers.items()}
     if "retry-after-ms" in lower:
-        millis = _number(lower["retry-after-ms"])
+        millis = finite(lower["retry-after-ms"])
         if millis is not None:
             return millis / 1000
     if "retry-after" in lower:
