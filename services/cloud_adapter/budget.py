@@ -27,7 +27,7 @@ from typing import Literal
 from schemas.cloud import BudgetLevel, BudgetStatus, budget_window
 from services.cloud_adapter.config import BudgetLimits, Budgets
 from shared import subjects
-from shared.budgets import exceeded
+from shared.budgets import exceeded, key_site
 
 Period = Literal["daily", "monthly"]
 PERIODS: tuple[Period, ...] = ("daily", "monthly")
@@ -140,8 +140,7 @@ class Ledger:
         """Raise ``BudgetExceeded`` when the tenant's or the global budget is spent."""
         for acct in self._accounts_of(tenant):
             if acct.limit is not None and acct.spent >= acct.limit:
-                raise exceeded(tenant, acct.scope, acct.period, acct.limit, acct.spent, acct.window,
-                                       self._clock())
+                raise exceeded(tenant, acct.scope, acct.period, acct.limit, acct.spent, acct.window, self._clock())
 
     def charge(self, tenant: str, cost_usd: float) -> None:
         """Count what a call cost against its tenant and the global scope."""
@@ -169,10 +168,11 @@ class Ledger:
         acct = self.accounts.get(subjects.budget_key(parts[0], parts[1], self.site))
         if acct is None:
             return
-        if parts[2:] == [self.site]:
+        site = key_site(key)
+        if site == self.site:
             acct.known, acct.revision = 0.0, 0
         else:
-            acct.forget(parts[2] if len(parts) == 3 else "")
+            acct.forget(site or "")
 
     def forget_revisions(self) -> None:
         """The bucket was created anew: its revisions count from 1 again."""

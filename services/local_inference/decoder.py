@@ -59,6 +59,7 @@ class LiveRow:
     matcher: StopMatcher
     stream: Any
     sampler: RowSampler
+    ids: Any = None  # the prompt's token ids, as tokenized to check its length
     generated: int = 0
     done: bool = False
 
@@ -149,7 +150,7 @@ class Decoder:
                 continue
             max_new = row.max_tokens or min(self.spec.defaults.max_tokens, room)
             live.append(LiveRow(row, prompt, n, max_new, StopMatcher(row.stop),
-                                self.tokenizer.create_stream(), self.sampler(row, ids)))
+                                self.tokenizer.create_stream(), self.sampler(row, ids), ids))
         return live
 
     def sampler(self, row: RowSpec, prompt_ids: Any) -> RowSampler:
@@ -171,7 +172,7 @@ class Decoder:
         if len(rows) > 1 or rows[0].prompt_tokens <= PREFILL_CHUNK:
             generator.append_tokens(self.tokenizer.encode_batch([r.prompt for r in rows]))
             return generator
-        row, ids = rows[0], self.tokenizer.encode(rows[0].prompt)
+        row, ids = rows[0], rows[0].ids
         self.send([Reading(row.spec.key, True)])
         for start in range(0, len(ids), PREFILL_CHUNK):
             self.poll()
