@@ -38,15 +38,6 @@ def _echo(listener: socket.socket) -> None:
     os._exit(0)
 
 
-def _cpu(who: int) -> float:
-    usage = resource.getrusage(who)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _sys(who: int) -> float:
-    return resource.getrusage(who).ru_stime
-
-
 def measure(count: int, in_flight: int) -> dict[str, float]:
     """Round trips with ``in_flight`` messages outstanding: wall µs per round trip, CPU µs per hop each side."""
     listener = socket.socket()
@@ -71,10 +62,12 @@ def measure(count: int, in_flight: int) -> dict[str, float]:
             received += len(sock.recv(65536))
 
     run(min(1000, count))  # warm up
-    started, cpu0, sys0 = time.perf_counter(), _cpu(resource.RUSAGE_SELF), _sys(resource.RUSAGE_SELF)
+    started, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     run(count)
     wall = time.perf_counter() - started
-    cpu, sys_ = _cpu(resource.RUSAGE_SELF) - cpu0, _sys(resource.RUSAGE_SELF) - sys0
+    after = resource.getrusage(resource.RUSAGE_SELF)  # one reading each side: user and system time agree
+    sys_ = after.ru_stime - before.ru_stime
+    cpu = after.ru_utime - before.ru_utime + sys_
     sock.close()
     _, _, usage = os.wait4(pid, 0)
     echo_cpu = usage.ru_utime + usage.ru_stime  # warm-up included: a slight overestimate
