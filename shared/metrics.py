@@ -39,6 +39,9 @@ HTTP_DURATION = Histogram("leafwire_http_request_duration_seconds", "HTTP reques
 HTTP_INFLIGHT = Gauge("leafwire_http_inflight_requests", "HTTP requests being answered")
 CLIENT_DISCONNECTS = Counter("leafwire_client_disconnects_total",
                              "Requests whose HTTP client went away before the answer ended")
+CALLERS_GONE = Counter("leafwire_callers_gone_total",
+                       "Requests dropped by the service holding them because their caller no longer waited",
+                       ["service"])
 
 # -- router
 ROUTE_DECISIONS = Counter("leafwire_route_decisions_total", "Requests routed, by target kind, rule and outcome",

@@ -9,6 +9,13 @@ On the caller's reply subject a worker publishes, with the event kind in the ``L
 
 A request sent with a reply subject to a subject nobody serves gets the server's no-responders status,
 which readers turn into ``Unavailable``.
+
+Keeping callers: a service holding a request (queued in the batcher, decoded by a worker, waiting for a cloud
+provider) sends its caller a ``progress`` event at least every ``LW_KEEPALIVE_S`` (5 s) while it holds it
+(``keep_callers``). That is how a reader tells a slow answer from a dead holder: a gateway answers 504 when
+it has heard nothing for its idle timeout (20 s). The progress event is sent as a NATS request, and the
+reader answers whether it still waits; an answer of ``gone``, or the server's no-responders status (the
+caller's process is gone), makes the holder drop the request, so no model keeps decoding for nobody.
 """
 
 from __future__ import annotations
@@ -18,13 +25,16 @@ import contextlib
 import itertools
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol, TypeVar
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 
 from schemas.errors import ErrorResponse
 from shared import envelope as hdr
@@ -45,6 +55,23 @@ class Event(StrEnum):
 
 
 FINAL_EVENTS = frozenset({Event.DONE, Event.RESULT, Event.ERROR})
+GONE = b"gone"  # a reader's answer to a progress event about a request it no longer waits for
+PING_TIMEOUT_S = 2.0  # a reader that does not answer a progress event in this time is busy, not gone
+
+
+async def ping(nc: NATS, subject: str) -> bool:
+    """Send a ``progress`` event to a leafwire reader's subject as a request; False when the caller is gone
+    (its reader answered ``gone``, or nobody listens on the subject any more). A reader too busy to answer
+    in time counts as there. Other subjects (a plain ``nc.request``) are not told and count as there."""
+    if not subject.startswith(subjects.READERS):
+        return True
+    try:
+        answer = await nc.request(subject, b"", timeout=PING_TIMEOUT_S, headers={hdr.EVENT: Event.PROGRESS.value})
+    except NoRespondersError:
+        return False
+    except (NatsTimeout, TimeoutError):
+        return True
+    return answer.data != GONE
 
 
 class ReplyPublisher:
@@ -58,7 +85,7 @@ class ReplyPublisher:
         self._served_by = served_by
         self._first = True
         self._first_headers = first_headers
-        self.last_sent = time.monotonic()  # when the caller last heard of this request (taking it counts)
+        self.pinged = time.monotonic()  # when the caller was last asked whether it waits (taking it counts)
 
     def _headers(self, event: Event) -> dict[str, str]:
         h = {hdr.EVENT: event.value}
@@ -76,31 +103,56 @@ class ReplyPublisher:
     async def send(self, event: Event, body: bytes) -> None:
         """Publish one event (no-op when the caller left no reply subject)."""
         if self._subject:
-            self.last_sent = time.monotonic()
             await self._nc.publish(self._subject, body, headers=self._headers(event))
 
-    async def progress(self) -> None:
-        """Tell the caller the answer is still coming (a ``progress`` event, which keeps the first event's
-        headers for the first real one). Only a leafwire reply reader is told: a plain ``nc.request`` takes the
-        first reply as the answer."""
-        if self._subject.startswith(subjects.READERS):
-            self.last_sent = time.monotonic()
-            await self._nc.publish(self._subject, b"", headers={hdr.EVENT: Event.PROGRESS.value})
+    @property
+    def request_id(self) -> str:
+        """The id of the request answered."""
+        return self._env.request_id
+
+    async def ping(self) -> bool:
+        """Tell the caller the answer is still coming; False when it no longer waits (see ``ping``). The
+        first event's headers stay for the first real event."""
+        self.pinged = time.monotonic()
+        return await ping(self._nc, self._subject)
 
     async def error(self, err: LeafwireError) -> None:
         """Publish an error event; it ends the stream for the caller."""
         if not self._subject:
             return
-        h = self._headers(Event.ERROR)
-        h[hdr.STATUS] = str(err.status)
-        if err.retry_after is not None:
-            h[hdr.RETRY_AFTER] = f"{err.retry_after:g}"
+        h = self._headers(Event.ERROR) | _error_headers(err)
         await self._nc.publish(self._subject, err.to_response().model_dump_json().encode(), headers=h)
 
 
 async def publish_error(nc: NATS, subject: str, env: Envelope, err: LeafwireError) -> None:
     """Send ``err`` about the request of ``env`` to ``subject``."""
     await ReplyPublisher(nc, subject, env).error(err)
+
+
+class Held(Protocol):
+    """A request a service holds for a caller, with when that caller was last pinged (monotonic)."""
+
+    pinged: float
+
+
+H = TypeVar("H", bound=Held)
+
+
+async def keep_callers(held: Iterable[H], every_s: float, ping: Callable[[H], Awaitable[bool]],
+                       gone: Callable[[H], None]) -> int:
+    """One round of keeping callers: ``ping`` the caller of each held request not pinged for ``every_s``,
+    all at once, and call ``gone`` for each that no longer waits. Returns how many were gone."""
+    now = time.monotonic()
+    asked = [h for h in held if h.pinged <= now - every_s]
+    if not asked:
+        return 0
+    for h in asked:
+        h.pinged = now
+    answers = await asyncio.gather(*(ping(h) for h in asked), return_exceptions=True)
+    lost = [h for h, there in zip(asked, answers, strict=True) if there is False]
+    for h in lost:
+        gone(h)
+    return len(lost)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +178,13 @@ def error_of(headers: Mapping[str, str], data: bytes) -> LeafwireError:
                            float(retry) if retry else None)
     except ValueError:
         return UpstreamError(f"malformed error event: {data[:200]!r}")
+
+
+def _error_headers(err: LeafwireError) -> dict[str, str]:
+    headers = {hdr.STATUS: str(err.status)}
+    if err.retry_after is not None:
+        headers[hdr.RETRY_AFTER] = f"{err.retry_after:g}"
+    return headers
 
 
 def _as_reply(msg: Msg, unavailable: str) -> Reply:
@@ -157,6 +216,8 @@ class ReplyStream:
         self._extend: tuple[float, float] = (0.0, 0.0)  # (wait_s, latest loop time it may be pushed to)
         self.unavailable = "no service is listening for this request"
         self.overflowed = False
+        self.given_up: str | None = None  # why the reader ended the stream itself (the site must be told)
+        self.sent = False  # whether its request went out (its owner says so)
 
     def _put(self, msg: Msg) -> None:
         if msg.headers is not None and msg.headers.get(hdr.EVENT) == Event.PROGRESS:
@@ -166,8 +227,17 @@ class ReplyStream:
             return
         if len(self._replies) >= self._maxsize:
             self.overflowed = True
+            self.given_up = "the reply stream overflowed"
             return
         self._replies.append(_as_reply(msg, self.unavailable))
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def fail(self, err: LeafwireError) -> None:
+        """End the stream with ``err`` as its next reply, ahead of anything waiting (the reader stops)."""
+        self.given_up = err.message
+        self._replies.appendleft(Reply(Event.ERROR, err.to_response().model_dump_json().encode(),
+                                       _error_headers(err)))
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -190,7 +260,7 @@ class ReplyStream:
 
     def close(self) -> None:
         """Stop receiving; later messages for this request are dropped."""
-        self._reader._streams.pop(self._key, None)
+        self._reader._closed(self._key)
 
 
 class ReplyReader:
@@ -203,6 +273,8 @@ class ReplyReader:
         self._streams: dict[str, ReplyStream] = {}
         self._sub: Subscription | None = None
         self._ids = itertools.count()
+        self._ended: LeafwireError | None = None
+        self._emptied: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         """Subscribe (and flush, so replies sent right after are not missed)."""
@@ -222,11 +294,44 @@ class ReplyReader:
         stream = self._streams.get(msg.subject[len(self._prefix) + 1:])
         if stream is not None:
             stream._put(msg)
+        if msg.reply:  # a holder's progress event asks whether the request is still waited for
+            with contextlib.suppress(Exception):
+                await self._nc.publish(msg.reply, b"" if stream is not None else GONE)
 
     def open(self) -> ReplyStream:
-        """A new reply subject and the stream of what arrives on it; ``close()`` it when done."""
+        """A new reply subject and the stream of what arrives on it; ``close()`` it when done. Once the
+        reader is ``ended``, a new stream holds that error from the start."""
         key = str(next(self._ids))
         stream = ReplyStream(self, f"{self._prefix}.{key}", key, self._maxsize)
         self._streams[key] = stream
+        if self._ended is not None:
+            stream.fail(self._ended)
         return stream
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def _closed(self, key: str) -> None:
+        self._streams.pop(key, None)
+        if not self._streams and self._emptied is not None and not self._emptied.done():
+            self._emptied.set_result(None)
+
+    async def emptied(self, within_s: float) -> bool:
+        """Wait until no stream is open (at most ``within_s``); False when some still are."""
+        if self._streams:
+            self._emptied = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(within_s):
+                    await self._emptied
+        return not self._streams
+
+    def refuse_new(self, err: LeafwireError) -> None:
+        """Streams opened from now on hold ``err`` from the start (shutting down); open ones go on."""
+        self._ended = err
+
+    def end(self, err: LeafwireError) -> None:
+        """Give every open stream, and any opened from now on, ``err`` as its next reply (shutting down)."""
+        self._ended = err
+        for stream in list(self._streams.values()):
+            stream.fail(err)
 

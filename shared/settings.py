@@ -36,6 +36,9 @@ class ServiceSettings(BaseSettings):
                           description="port of /healthz /readyz /metrics; 0 = any free port")
     home: Path = Field(default_factory=default_home)
     instance: str = ""
+    keepalive_s: float = Field(default=5.0, gt=0,
+                               description="while a service holds a request, it sends the caller a progress event "
+                                           "this often and drops the request if the caller no longer waits")
     usage_hub_check_s: float = Field(default=30.0, ge=0,
                                      description="an edge's usage publishers check this often that the hub's USAGE "
                                                  "stream sources the site's (0: never; the hub's list is kept by hand)")

@@ -9,7 +9,7 @@ shutdown, and every test that closes one, would hang there. ``stop_tasks`` asks 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from shared.logging import get_logger
@@ -36,3 +36,13 @@ async def stop_tasks(tasks: Iterable[asyncio.Task[Any]], *, ask_every_s: float =
         if asks == WARN_AFTER_ASKS:
             log.warning("tasks still running after repeated cancels",
                         tasks=[task.get_name() for task in pending if not task.done()])
+
+
+async def every(interval_s: float, job: Callable[[], Awaitable[None]]) -> None:
+    """Run ``job`` every ``interval_s`` seconds until cancelled; a round that fails is logged, not fatal."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await job()
+        except Exception:
+            log.exception("periodic job failed", job=getattr(job, "__qualname__", repr(job)))

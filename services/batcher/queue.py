@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from schemas.chat import ChatCompletionRequest
 from schemas.control import BatchingOptions, ModelKind
@@ -27,6 +27,10 @@ class Row:
     request: ChatCompletionRequest | EmbeddingRequest
     size: int  # 1 for chat; the number of inputs for embeddings
     arrived: float  # monotonic seconds
+    pinged: float = field(init=False)  # when its caller was last asked whether it still waits (monotonic)
+
+    def __post_init__(self) -> None:
+        self.pinged = self.arrived
 
     @property
     def request_id(self) -> str:

@@ -34,7 +34,8 @@ from shared import metrics
 from shared.envelope import Envelope
 from shared.errors import Cancelled, DeadlineExceeded, LeafwireError, NotBatched, Unavailable, UpstreamError
 from shared.logging import get_logger
-from shared.tasks import stop_tasks
+from shared.replies import keep_callers
+from shared.tasks import every, stop_tasks
 
 SERVICE = "batcher"
 log = get_logger("leafwire.batcher")
@@ -85,6 +86,10 @@ class Transport(Protocol):
 
     async def cancel(self, request_id: str) -> None:
         """Ask every worker of the site to stop a request."""
+        ...
+
+    async def ping(self, row: Row) -> bool:
+        """Tell the row's caller it still waits here; False when the caller no longer waits."""
         ...
 
 
@@ -263,7 +268,22 @@ class Batcher:
             self.spawn_error(row, err)
         metrics.QUEUE_DEPTH.labels(queue.model).set(0)
 
-    # -- deadlines and watching -------------------------------------------------------------------
+    # -- deadlines, callers and watching ----------------------------------------------------------
+
+    async def keep_callers(self) -> None:
+        """Tell each waiting caller, every ``keepalive_s``, that its request is still queued (so its gateway
+        can tell a long queue from a dead batcher); drop the rows of callers that no longer wait."""
+        waiting = [row for queue in self.queues.values() for row in queue]
+        await keep_callers(waiting, self.settings.keepalive_s, self.transport.ping, self.caller_gone)
+
+    def caller_gone(self, row: Row) -> None:
+        """Nobody waits for this row any more: take it out of its queue, unanswered."""
+        for queue in self.queues.values():
+            if queue.remove(row.request_id) is not None:
+                metrics.QUEUE_DEPTH.labels(queue.model).set(len(queue))
+                metrics.CALLERS_GONE.labels(SERVICE).inc()
+                log.info("caller gone: request dropped from the queue", request_id=row.request_id)
+                return
 
     async def sweep(self) -> None:
         """Drop waiting requests whose deadline passed; their callers get a timeout error at once."""
@@ -325,9 +345,11 @@ class Batcher:
     # -- life cycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the deadline sweeper and the watcher."""
+        """Start the deadline sweeper, the watcher and the callers' keepalive."""
         self.tasks["sweep"] = asyncio.create_task(self.sweep(), name="sweep")
         self.tasks["watch"] = asyncio.create_task(self.watch(), name="watch")
+        self.tasks["keep"] = asyncio.create_task(every(self.settings.keepalive_s / 5, self.keep_callers),
+                                                 name="keep-callers")
 
     async def stop(self) -> None:
         """Stop dispatching; waiting requests get a 503 so their callers can retry elsewhere."""

@@ -34,7 +34,7 @@ from shared.answer import Answer, merge_delta
 from shared.envelope import CACHE, EVENT, Envelope
 from shared.errors import Cancelled, DeadlineExceeded, InvalidRequest, LeafwireError, ModelNotFound
 from shared.logging import get_logger
-from shared.replies import Event, ReplyPublisher, publish_error
+from shared.replies import Event, ReplyPublisher, keep_callers, publish_error
 
 SERVICE = "cloud-adapter"
 log = get_logger("leafwire.cloud_adapter")
@@ -149,6 +149,7 @@ class CloudAdapter:
         self.targets = {f"{name}/{model}": Target(u, model, spec) for name, u in self.upstreams.items()
                         for model, spec in u.provider.spec.models.items()}
         self.inflight: dict[str, asyncio.Task[None]] = {}
+        self.callers: dict[str, ReplyPublisher] = {}  # of the requests in flight: kept alive while they wait
         self._background: set[asyncio.Task[None]] = set()
         self.nc: NATS | None = None
         self.state: CloudState | None = None
@@ -211,6 +212,18 @@ class CloudAdapter:
         task.cancel()
         return True
 
+    async def keep_callers(self) -> None:
+        """Tell each caller, every ``keepalive_s``, that its answer is still coming (a provider's first byte,
+        a retry's backoff or a slow stream can be quiet for long); stop the calls nobody waits for."""
+        await keep_callers(list(self.callers.values()), self.settings.keepalive_s, ReplyPublisher.ping,
+                           self.caller_gone)
+
+    def caller_gone(self, publisher: ReplyPublisher) -> None:
+        """The caller no longer waits: stop its call (and close the provider connection)."""
+        if self.cancel(publisher.request_id):
+            metrics.CALLERS_GONE.labels(SERVICE).inc()
+            log.info("caller gone: call stopped", request_id=publisher.request_id)
+
     # -- answering
 
     async def serve(self, target: Target, request: ChatCompletionRequest, env: Envelope,
@@ -227,6 +240,7 @@ class CloudAdapter:
         answer = Answer.for_request(publisher, env.request_id, request.model, request)
         tally = Tally(keep_message=key is not None and request.stream)
         outcome = "error"
+        self.callers[env.request_id] = publisher
         try:
             if hit is not None:  # the caller's answer first: the router only waits to know it was taken
                 await answer.whole(hit.message, hit.finish_reason, hit.usage)
@@ -251,6 +265,7 @@ class CloudAdapter:
             await self._fail(LeafwireError(f"internal error in the cloud adapter: {type(exc).__name__}"),
                              admission, publisher, target)
         finally:
+            self.callers.pop(env.request_id, None)
             event = self._account(target, request, env, tally, outcome, time.monotonic() - started, hit)
             await self.state.publish_usage(event)
 

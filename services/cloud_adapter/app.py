@@ -32,6 +32,7 @@ from shared.logging import get_logger, register_secret
 from shared.nats import broker as make_broker
 from shared.ops import Readiness
 from shared.service import attach_broker
+from shared.tasks import every
 
 log = get_logger("leafwire.cloud_adapter")
 
@@ -116,6 +117,7 @@ async def main(settings: CloudSettings, readiness: Readiness, stack: AsyncExitSt
     state.spawn(state.health_loop(adapter.healths, adapter.health_changed))
     state.spawn(state.budget_loop(adapter.budget_alert, adapter.budget_metrics))
     state.spawn(announce_every(nc, settings.site, adapter.heartbeat, settings.heartbeat_s))
+    state.spawn(every(settings.keepalive_s / 5, adapter.keep_callers))
     state.spawn(hub_usage.keep_joined(nc, settings.site, settings.usage_hub_check_s,
                                       collected=(hub_usage.USAGE, hub_usage.BUDGETS)))
     readiness.add("jetstream", state.problem)

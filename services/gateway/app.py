@@ -164,6 +164,23 @@ async def probe_router(gateway: Gateway, readiness: Readiness, interval: float =
         await asyncio.sleep(interval if state["router"] is None else 0.5)
 
 
+ANSWERS_END_S = 3.0  # after the grace: how long handlers get to write their last error and cancel at the site
+
+
+async def wind_down(runner: web.AppRunner, replies: ReplyReader, grace_s: float) -> None:
+    """Shutdown, first step (NATS is still up): take no new connections nor requests (503), give the answers
+    in flight ``grace_s`` to finish, then end the rest with the same 503, which a stream gets as an error
+    event, and cancel them at the site. Then aiohttp closes the connections."""
+    for site in list(runner.sites):
+        await site.stop()
+    stopping = Unavailable("The gateway is shutting down; send the request again.", retry_after=1,
+                           code="shutting_down")
+    replies.refuse_new(stopping)  # a request on a kept-alive connection: 503 at once, never sent to the site
+    if not await replies.emptied(grace_s):
+        log.warning("shutting down: ending answers in flight", answers=len(replies), grace_s=grace_s)
+    replies.end(stopping)
+
+
 async def main(settings: GatewaySettings, readiness: Readiness, stack: AsyncExitStack) -> None:
     """Connect to NATS and serve HTTP."""
     keys = settings.key_table()
@@ -176,10 +193,12 @@ async def main(settings: GatewaySettings, readiness: Readiness, stack: AsyncExit
     readiness.add("nats", gateway.ready)
     probe = asyncio.create_task(probe_router(gateway, readiness))
     stack.push_async_callback(stop_tasks, [probe])
-    runner = web.AppRunner(build_app(gateway, readiness), handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(build_app(gateway, readiness), handler_cancellation=True, access_log=None,
+                           shutdown_timeout=ANSWERS_END_S)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
-    site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=settings.nats_drain_timeout_s)
+    site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
+    stack.push_async_callback(wind_down, runner, replies, settings.shutdown_grace_s)
     port = bound_port(site, settings.port)
     log.info("gateway listening", url=f"http://{settings.host}:{port}/v1", auth=bool(keys))

@@ -60,9 +60,12 @@ class Bridge:
                         deadline=time.time() + self.settings.request_timeout_s)
 
     async def ask(self, subject: str, raw: bytes, stream: ReplyStream, env: Envelope, http: web.Request) -> None:
-        """Publish the request, replies to ``stream``."""
+        """Publish the request, replies to ``stream`` (not when the stream was refused: shutting down)."""
+        if stream.given_up:
+            return
         stream.unavailable = f"no router is serving site '{self.settings.site}'"
         await self.nc.publish(subject, raw, reply=stream.subject, headers=request_headers(env, http))
+        stream.sent = True
 
     async def next(self, stream: ReplyStream, env: Envelope) -> Reply:
         """The next reply, or 504 when none comes within the idle timeout or the deadline."""
@@ -72,7 +75,12 @@ class Bridge:
         try:
             return await stream.next(wait, cap_s=env.remaining())
         except TimeoutError as exc:
-            raise DeadlineExceeded(f"No answer arrived within {wait:.0f} s.") from exc
+            if wait < self.settings.idle_timeout_s:
+                raise DeadlineExceeded("The request took longer than its deadline.") from exc
+            raise DeadlineExceeded(
+                f"Nothing was heard of this request for {wait:g} s: the service answering it stopped or was cut "
+                f"off (a service at work on a request says so every few seconds).", code="no_sign_of_life"
+            ) from exc
 
     @staticmethod
     def answer_headers(first: Reply, env: Envelope) -> dict[str, str]:
@@ -104,8 +112,9 @@ class Bridge:
             raise
         finally:
             try:
-                if not exchange.finished:
-                    await self.cancel(env, why)
+                if stream.sent and (not exchange.finished or stream.given_up):
+                    await self.cancel(env, f"the gateway gave up on it: {stream.given_up}" if stream.given_up
+                                      else why)
             finally:
                 stream.close()
 

@@ -17,9 +17,14 @@ class GatewaySettings(ServiceSettings):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, alias="LW_GATEWAY_MAX_BODY_BYTES")
     request_timeout_s: float = Field(default=300.0, gt=0, alias="LW_GATEWAY_REQUEST_TIMEOUT_S",
                                      description="deadline of a whole request")
-    idle_timeout_s: float = Field(default=90.0, gt=0, alias="LW_GATEWAY_IDLE_TIMEOUT_S",
-                                  description="longest wait for the first or the next piece of an answer; keep "
-                                              "it above the router's cloud admission timeout")
+    idle_timeout_s: float = Field(default=20.0, gt=0, alias="LW_GATEWAY_IDLE_TIMEOUT_S",
+                                  description="a request nothing was heard of for this long (no piece of the "
+                                              "answer, no progress event) gets a 504; the services holding a "
+                                              "request say so every LW_KEEPALIVE_S (5 s): keep it 3 times that "
+                                              "or more")
+    shutdown_grace_s: float = Field(default=10.0, ge=0, alias="LW_GATEWAY_SHUTDOWN_GRACE_S",
+                                    description="on SIGTERM, answers in flight get this long to finish; the rest "
+                                                "end with a 503 (an error event in a stream) and are cancelled")
     models_timeout_s: float = Field(default=2.0, gt=0, alias="LW_GATEWAY_MODELS_TIMEOUT_S")
     api_keys: str = Field(default="", alias="LW_GATEWAY_API_KEYS",
                           description="comma-separated key:tenant pairs")

@@ -26,7 +26,7 @@ from services.local_inference import registry
 from services.local_inference.embedder import EmbedEngine
 from services.local_inference.engine import Engine
 from services.local_inference.settings import InferenceSettings
-from services.local_inference.worker import KEEPALIVE_S, SERVICE, Worker
+from services.local_inference.worker import SERVICE, Worker
 from shared import hub_usage, metrics, subjects
 from shared.envelope import EVENT, Envelope
 from shared.handling import ErrorReplies, forwarded_envelope
@@ -36,7 +36,7 @@ from shared.nats import broker as make_broker
 from shared.ops import Readiness
 from shared.replies import Event
 from shared.service import attach_broker
-from shared.tasks import stop_tasks
+from shared.tasks import every, stop_tasks
 from shared.usage import UsagePublisher
 
 __all__ = ["SERVICE", "Worker", "build_broker", "main"]
@@ -200,17 +200,10 @@ async def main(settings: InferenceSettings, readiness: Readiness, stack: AsyncEx
     readiness.add("models", lambda: None if all(e.ready for e in worker.engines.values())
                   and all(e.ready for e in worker.embedders.values()) else "model not loaded")
     beat = asyncio.create_task(announce_every(nc, settings.site, worker.heartbeat, settings.heartbeat_s))
-    keepalive = asyncio.create_task(every(KEEPALIVE_S / 3, worker.keep_callers))
+    keepalive = asyncio.create_task(every(settings.keepalive_s / 5, worker.keep_callers))
     stack.push_async_callback(stop_tasks, [beat, keepalive])
     log.info("worker started", worker_id=worker.worker_id, chat=list(worker.engines),
              embeddings=list(worker.embedders))
-
-
-async def every(interval_s: float, job: Callable[[], Awaitable[None]]) -> None:
-    """Run ``job`` every ``interval_s`` seconds until cancelled."""
-    while True:
-        await asyncio.sleep(interval_s)
-        await job()
 
 
 def spawn_restart(worker: Worker, engine: Engine) -> None:

@@ -10,7 +10,6 @@ from the moment it is taken, so a batcher asking for this worker's status sees i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections import Counter
@@ -43,16 +42,11 @@ from shared.errors import (
     Unavailable,
 )
 from shared.logging import get_logger
-from shared.replies import Event, ReplyPublisher, publish_error
+from shared.replies import Event, ReplyPublisher, keep_callers, publish_error
 from shared.usage import UsagePublisher
 
 SERVICE = "local-inference"
 log = get_logger("leafwire.local_inference")
-KEEPALIVE_S = 30.0
-"""A caller who heard nothing of its request for this long gets a ``progress`` event (well inside a gateway's
-90 s idle timeout)."""
-
-
 def new_worker_id(instance: str = "") -> str:
     """``li-<instance>`` when the deployment names the instance, else ``li-<random>``."""
     return f"li-{instance or uuid.uuid4().hex[:8]}"
@@ -76,6 +70,7 @@ class EmbedJob:
     env: Envelope
     request: EmbeddingRequest
     texts: list[str]
+    publisher: ReplyPublisher | None = None  # once taken
 
 
 @dataclass
@@ -242,8 +237,9 @@ class Worker:
                 jobs.append(self._embed_job(engine, item, env))
             except LeafwireError as err:
                 self.refuse(env, err)
-        for job in jobs:
-            self.inflight[job.env.request_id] = Taken(batch.model, lambda: None)  # too quick to be worth stopping
+        for job in jobs:  # a batch is not stopped midway; its callers are kept waiting while it runs
+            job.publisher = ReplyPublisher(self.nc, job.env.reply, job.env, self.served_by) if self.nc else None
+            self.inflight[job.env.request_id] = Taken(batch.model, lambda: None, publisher=job.publisher)
         answer = self.accepted(batch.model, [job.env.request_id for job in jobs])
         if jobs:
             self.spawn(self.embed(engine, jobs))
@@ -335,7 +331,7 @@ class Worker:
             metrics.BATCH_SIZE.labels(model).observe(sum(len(j.texts) for j in jobs))
             results = await engine.embed_many([j.texts for j in jobs])
             for job, result in zip(jobs, results, strict=True):
-                publisher = ReplyPublisher(self.nc, job.env.reply, job.env, self.served_by)
+                publisher = job.publisher or ReplyPublisher(self.nc, job.env.reply, job.env, self.served_by)
                 if isinstance(result, TooLong):
                     await publisher.error(too_long(model, result))
                     continue
@@ -355,14 +351,17 @@ class Worker:
                 self.idle()
 
     async def keep_callers(self) -> None:
-        """Send a ``progress`` event to each caller who has heard nothing of its request for ``KEEPALIVE_S``
-        (a row waiting behind long prompts, or whose own long prompt is read, can take longer than a
-        gateway's idle timeout of 90 s)."""
-        quiet_since = time.monotonic() - KEEPALIVE_S
-        for taken in list(self.inflight.values()):
-            if taken.publisher is not None and taken.publisher.last_sent <= quiet_since:
-                with contextlib.suppress(Exception):  # the connection may be going: the next round tries again
-                    await taken.publisher.progress()
+        """Tell each caller its answer is still coming, every ``keepalive_s`` (a row waiting behind long
+        prompts, or whose own long prompt is read, can be quiet for long); stop the answers nobody waits for
+        any more (the caller's gateway died, or never heard the cancel)."""
+        held = [taken.publisher for taken in self.inflight.values() if taken.publisher is not None]
+        await keep_callers(held, self.settings.keepalive_s, ReplyPublisher.ping, self.caller_gone)
+
+    def caller_gone(self, publisher: ReplyPublisher) -> None:
+        """The caller of a request no longer waits: stop decoding for it."""
+        if self.cancel(publisher.request_id):
+            metrics.CALLERS_GONE.labels(SERVICE).inc()
+            log.info("caller gone: answer stopped", request_id=publisher.request_id)
 
     def reading(self, request_id: str, reading: bool) -> None:
         """A row's long prompt began or ended being read: the model is takeable meanwhile (said at once)."""

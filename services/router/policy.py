@@ -37,7 +37,7 @@ from functools import cached_property
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from shared.errors import InvalidRequest
 
@@ -176,11 +176,28 @@ class Pattern(Strict):
 DEFAULT_PATTERNS = ("email", "phone", "national_id")
 
 
+TEXT, MAPPING = "(text)", "(mapping)"  # the branches of a name-or-mapping field; left out of error locations
+
+
+def _text_or_mapping(value: object) -> str:
+    return MAPPING if isinstance(value, dict | BaseModel) else TEXT
+
+
+PatternEntry = Annotated[Annotated[str, Tag(TEXT)] | Annotated[Pattern, Tag(MAPPING)],
+                         Discriminator(_text_or_mapping)]
+
+
 class Masking(Strict):
     """What is masked in prompts that leave the site."""
 
     enabled: bool = True
-    patterns: list[str | Pattern] = Field(default_factory=lambda: list[str | Pattern](DEFAULT_PATTERNS))
+    patterns: list[PatternEntry] = Field(default_factory=lambda: list[str | Pattern](DEFAULT_PATTERNS))
+
+
+AliasTarget = Annotated[Annotated[str, Tag(TEXT)] | Annotated[Experiment, Tag(MAPPING)],
+                        Discriminator(_text_or_mapping)]
+"""A model name, or an A/B experiment; a mapping is checked as an experiment only, so its error says what
+is wrong with it (not that it is no string)."""
 
 
 class Policy(Strict):
@@ -189,7 +206,7 @@ class Policy(Strict):
     version: Literal[1] = 1
     local_model: str | None = None
     last_resort: Literal["local", "none"] = "local"
-    aliases: dict[str, str | Experiment] = Field(default_factory=dict)
+    aliases: dict[str, AliasTarget] = Field(default_factory=dict)
     residency: Residency = Residency()
     masking: Masking = Masking()
     rules: Annotated[list[Rule], Field(min_length=1)] = Field(
@@ -234,6 +251,6 @@ def parse(text: str, source: str = "policy") -> Policy:
         return Policy.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        where = ".".join(str(p) for p in first["loc"] if p not in (TEXT, MAPPING))
         raise PolicyError(f"{source} is invalid at '{where}': {first['msg']} "
                           f"({exc.error_count()} error(s) in all)") from exc

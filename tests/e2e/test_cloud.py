@@ -52,6 +52,9 @@ class CloudStack:
                           headers={"Authorization": f"Bearer {key}"})
 
 
+KEEPALIVE = {"LW_KEEPALIVE_S": "0.3"}
+
+
 def providers_file(path: Path, openai_fake: FakeProvider, claude_fake: FakeProvider) -> Path:
     def entry(name: str, fake: FakeProvider, key_var: str, models: dict[str, Any]) -> dict[str, Any]:
         return {"name": name, "kind": "openai-compatible" if fake.kind == "openai" else "anthropic",
@@ -84,9 +87,10 @@ def cloud(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> 
         "LW_NATS_URL": nats_server.url, "LW_SITE": "hub", "LW_PROVIDERS_FILE": str(file),
         "LW_TEST_FAKE_KEY": KEY, "LW_TEST_WRONG_KEY": WRONG_KEY, "LW_TEST_CLAUDE_KEY": CLAUDE_KEY,
         "LW_CLOUD_BACKOFF_BASE_S": "0.01", "LW_CLOUD_BACKOFF_CAP_S": "0.05", "LW_CLOUD_BREAKER_FAILURES": "1000",
-        "LW_CLOUD_BREAKER_OPEN_S": "60", "LW_LOG_LEVEL": "debug"})
-    router = Service("router", {**env, **cloud_router_env(file.parent)})
-    gateway = Service("gateway", {**env, "LW_GATEWAY_API_KEYS": API_KEYS})
+        "LW_CLOUD_BREAKER_OPEN_S": "60", "LW_LOG_LEVEL": "debug", **KEEPALIVE})
+    router = Service("router", {**env, **cloud_router_env(file.parent), **KEEPALIVE})
+    # an idle timeout shorter than the provider's slowest answers: the adapter keeps its callers waiting
+    gateway = Service("gateway", {**env, "LW_GATEWAY_API_KEYS": API_KEYS, "LW_GATEWAY_IDLE_TIMEOUT_S": "1.5"})
     try:
         with running(adapter, router, gateway):
             yield CloudStack(nats_server, gateway, router, adapter, openai_fake, claude_fake)
@@ -252,7 +256,8 @@ class TestResilience:
         assert len(cloud.openai_fake.calls) == 3
 
     def test_slow_first_byte_then_answer(self, cloud: CloudStack) -> None:
-        """A provider silent past the first-byte timeout (2 s) is abandoned and retried."""
+        """A provider silent past the first-byte timeout (2 s) is abandoned and retried; the caller's
+        gateway, whose idle timeout is 1.5 s, keeps waiting: the adapter tells it the answer is coming."""
         cloud.openai_fake.script(Fault.slow(4))
         chunks = list(cloud.client().chat.completions.create(model="fake/echo", messages=MESSAGES, stream=True))
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "pong hello there"
@@ -309,6 +314,23 @@ class TestResilience:
         eventually(lambda: cloud.openai_fake.disconnects == 1, 10, "the provider to see the call cancelled")
         assert eventually(lambda: metric(cloud.adapter.metrics(), "leafwire_cloud_requests_total", provider="fake",
                                          model="echo", outcome="cancelled") >= 1, 10, "a cancelled outcome")
+
+
+    def test_a_killed_gateway_stops_its_cloud_calls(self, cloud: CloudStack) -> None:
+        """kill -9 of the gateway under a slow cloud answer: the adapter finds nobody waits for it and closes
+        the provider connection instead of paying for the rest of the answer."""
+        cloud.openai_fake.script(Fault.drip(0.3, text=" ".join(["word"] * 100)))
+        gateway = Service("gateway", {"LW_NATS_URL": cloud.nats.url, "LW_SITE": SITE, "LW_GATEWAY_API_KEYS": API_KEYS})
+        with running(gateway):
+            with httpx.stream("POST", f"{gateway.base}/v1/chat/completions", timeout=30,
+                              headers={"Authorization": "Bearer key-acme"},
+                              json={"model": "fake/echo", "messages": MESSAGES, "stream": True}) as r:
+                lines = r.iter_lines()
+                for _ in range(3):
+                    next(lines)
+                gateway.kill()
+            eventually(lambda: cloud.openai_fake.disconnects == 1, 10, "the provider to see the call stopped")
+        assert metric(cloud.adapter.metrics(), "leafwire_callers_gone_total", service="cloud-adapter") >= 1
 
 
 class TestCache:

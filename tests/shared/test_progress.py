@@ -11,10 +11,12 @@ import nats
 import pytest
 
 from services.local_inference.settings import InferenceSettings
-from services.local_inference.worker import KEEPALIVE_S, Taken, Worker
-from shared import subjects
+from services.local_inference.worker import Taken, Worker
+from shared import envelope as hdr
+from shared import replies, subjects
 from shared.envelope import Envelope
-from shared.replies import Event, ReplyPublisher, ReplyReader
+from shared.errors import Unavailable
+from shared.replies import Event, ReplyPublisher, ReplyReader, ping
 
 
 async def test_progress_keeps_a_quiet_stream_alive_up_to_its_cap(nc: nats.NATS) -> None:
@@ -27,7 +29,7 @@ async def test_progress_keeps_a_quiet_stream_alive_up_to_its_cap(nc: nats.NATS) 
     async def keep_going(times: int) -> None:
         for _ in range(times):
             await asyncio.sleep(0.1)
-            await publisher.progress()
+            await publisher.ping()
 
     try:
         beats = asyncio.create_task(keep_going(6))
@@ -51,31 +53,89 @@ async def test_progress_keeps_a_quiet_stream_alive_up_to_its_cap(nc: nats.NATS) 
         await reader.stop()
 
 
-async def test_the_worker_tells_quiet_readers_only(nc: nats.NATS) -> None:
-    """Only a quiet caller reading through a leafwire reply reader is told: a NATS client's own inbox (a plain
-    ``nc.request``, which takes the first reply as the answer) never gets a progress event."""
-    inbox = f"{subjects.reply_prefix('test-worker')}.1"
+async def test_a_ping_learns_whether_the_caller_still_waits(nc: nats.NATS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A progress event sent as a request: the reader answers for an open stream, says ``gone`` for a closed
+    one; nobody listening means gone; a reader too busy to answer counts as there."""
+    reader = ReplyReader(nc, subjects.reply_prefix("test-ping"))
+    await reader.start()
+    mute = await nc.subscribe(f"{subjects.reply_prefix('test-mute')}.*")  # takes messages, never answers
+    open_stream, closed_stream = reader.open(), reader.open()
+    closed_stream.close()
+    monkeypatch.setattr(replies, "PING_TIMEOUT_S", 0.2)
+    try:
+        assert await ping(nc, open_stream.subject) is True
+        assert await ping(nc, closed_stream.subject) is False
+        assert await ping(nc, f"{subjects.reply_prefix('test-nobody')}.1") is False
+        assert await ping(nc, f"{subjects.reply_prefix('test-mute')}.1") is True
+        assert await ping(nc, nc.new_inbox()) is True  # a plain client's inbox is never sent a progress event
+    finally:
+        open_stream.close()
+        await mute.unsubscribe()
+        await reader.stop()
+
+
+async def test_the_worker_stops_answers_nobody_waits_for(nc: nats.NATS) -> None:
+    """The worker pings each caller of a row every keepalive_s: a caller that waits keeps its answer, one
+    whose stream was closed or whose gateway is gone loses it; a plain client's inbox is never pinged."""
+    reader = ReplyReader(nc, subjects.reply_prefix("test-worker"))
+    await reader.start()
+    waiting, closed = reader.open(), reader.open()
+    closed.close()
     client_inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
     client = await nc.subscribe(client_inbox)
     await nc.flush()
-    worker = Worker(settings=InferenceSettings(), engines={})
-    quiet = ReplyPublisher(nc, inbox, Envelope("quiet", "t", inbox, time.time() + 60))
-    quiet.last_sent -= KEEPALIVE_S + 1
-    talking = ReplyPublisher(nc, inbox, Envelope("talking", "t", inbox, time.time() + 60))
-    plain = ReplyPublisher(nc, client_inbox, Envelope("plain", "t", client_inbox, time.time() + 60))
-    plain.last_sent -= KEEPALIVE_S + 1
-    worker.inflight = {"quiet": Taken("tiny", lambda: None, publisher=quiet),
-                       "talking": Taken("tiny", lambda: None, publisher=talking),
-                       "plain": Taken("tiny", lambda: None, publisher=plain),
-                       "embeddings": Taken("minilm", lambda: None)}
-    await worker.keep_callers()
-    msg = await sub.next_msg(timeout=5)
-    assert (msg.headers, msg.data) == ({"Lw-Event": "progress"}, b"")
-    with pytest.raises(nats.errors.TimeoutError):  # one event, for the quiet caller only
-        await sub.next_msg(timeout=0.3)
-    await worker.keep_callers()  # it has just been told: nothing again until it is quiet again
-    with pytest.raises(nats.errors.TimeoutError):
-        await sub.next_msg(timeout=0.3)
-    with pytest.raises(nats.errors.TimeoutError):
-        await client.next_msg(timeout=0.3)
+    worker = Worker(settings=InferenceSettings(keepalive_s=5), engines={})
+    stopped: list[str] = []
+
+    def taken(rid: str, subject: str, quiet_s: float) -> Taken:
+        publisher = ReplyPublisher(nc, subject, Envelope(rid, "t", subject, time.time() + 60))
+        publisher.pinged -= quiet_s
+        return Taken("tiny", lambda: stopped.append(rid), publisher=publisher)
+
+    worker.inflight = {"waiting": taken("waiting", waiting.subject, 6),
+                       "closed": taken("closed", closed.subject, 6),
+                       "gateway-gone": taken("gateway-gone", f"{subjects.reply_prefix('test-dead')}.7", 6),
+                       "just-pinged": taken("just-pinged", f"{subjects.reply_prefix('test-dead')}.8", 1),
+                       "plain": taken("plain", client_inbox, 6),
+                       "embeddings": Taken("minilm", lambda: stopped.append("embeddings"))}
+    try:
+        later = asyncio.create_task(waiting.next(1.0))
+        await worker.keep_callers()
+        assert sorted(stopped) == ["closed", "gateway-gone"]  # "just-pinged" waits for its turn
+        with pytest.raises(TimeoutError):  # the progress event pushes the timer back; it is never a reply
+            await later
+        with pytest.raises(nats.errors.TimeoutError):
+            await client.next_msg(timeout=0.3)
+        stopped.clear()
+        await worker.keep_callers()  # everyone was just asked: nothing until keepalive_s has passed again
+        assert stopped == []
+    finally:
+        waiting.close()
+        await reader.stop()
+
+
+async def test_ending_a_reader_ends_every_stream_with_its_error(nc: nats.NATS) -> None:
+    """On shutdown the gateway ends its reader: a waiting stream, and any opened later, gets the error at
+    once (marked as given up, so the site is told to stop); ``emptied`` says when every stream is closed."""
+    reader = ReplyReader(nc, subjects.reply_prefix("test-end"))
+    await reader.start()
+    stream = reader.open()
+    try:
+        waiting = asyncio.create_task(stream.next(30))
+        await asyncio.sleep(0.05)
+        assert await reader.emptied(0.05) is False
+        reader.end(Unavailable("going away", retry_after=1, code="shutting_down"))
+        reply = await asyncio.wait_for(waiting, 2)
+        assert reply.event is Event.ERROR
+        assert (reply.headers[hdr.STATUS], reply.headers[hdr.RETRY_AFTER]) == ("503", "1")
+        assert b"shutting_down" in reply.data
+        assert stream.given_up == "going away"
+        later = reader.open()
+        assert (await later.next(30)).event is Event.ERROR
+        later.close()
+        closing = asyncio.create_task(reader.emptied(5))
+        await asyncio.sleep(0.05)
+        stream.close()
+        assert await asyncio.wait_for(closing, 2) is True
+    finally:
+        await reader.stop()

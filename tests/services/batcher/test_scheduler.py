@@ -30,6 +30,8 @@ class FakeTransport:
     decline: dict[WorkerRef, str] = field(default_factory=dict)
     answering: dict[WorkerRef, set[str] | type[TimeoutError] | None] = field(default_factory=dict)
     cancels: list[str] = field(default_factory=list)
+    pings: list[str] = field(default_factory=list)
+    gone: set[str] = field(default_factory=set)  # callers that no longer wait
 
     async def offer(self, worker: WorkerRef, kind: ModelKind, model: str, rows: list[Row]) -> Offer:
         ids = [r.request_id for r in rows]
@@ -50,6 +52,10 @@ class FakeTransport:
 
     async def cancel(self, request_id: str) -> None:
         self.cancels.append(request_id)
+
+    async def ping(self, row: Row) -> bool:
+        self.pings.append(row.request_id)
+        return row.request_id not in self.gone
 
 
 def beat(worker: str, *, idle: bool = True, leaving: bool = False, inflight: int = 0,
@@ -76,7 +82,7 @@ async def until(check: Callable[[], object], within_s: float = 5.0) -> None:
 @pytest.fixture
 async def batcher() -> AsyncIterator[tuple[Batcher, FakeTransport]]:
     settings = BatcherSettings(watch_interval_s=0.02, sweep_interval_s=0.02, idle_poll_s=0.05,
-                               worker_timeout_s=0.3)
+                               worker_timeout_s=0.3, keepalive_s=0.2)
     transport = FakeTransport()
     b = Batcher(settings, WorkerPool("edge1"), transport)
     b.start()
@@ -176,6 +182,25 @@ class TestEndings:
         assert not b.cancel("unknown")
         await until(lambda: "r1" in t.errors)
         assert t.errors["r1"].status == 499
+        b.heartbeat(beat("a", options=BatchingOptions(max_batch=3, max_wait_ms=0, max_queue=4)))
+        await until(lambda: t.offers)
+        assert t.offers == [(A, ["r2"])]
+
+    async def test_waiting_callers_are_kept_and_gone_ones_dropped(
+            self, batcher: tuple[Batcher, FakeTransport]) -> None:
+        """Every keepalive_s each waiting caller hears its request is still queued; a caller that no longer
+        waits (its gateway died) loses its row silently, and the others still go."""
+        b, t = batcher
+        b.heartbeat(beat("a", idle=False))
+        admit(b, "r1", "r2")
+        await asyncio.sleep(0.1)
+        assert t.pings == []  # not before keepalive_s
+        await until(lambda: {"r1", "r2"} <= set(t.pings))
+        pinged = len(t.pings)
+        await until(lambda: len(t.pings) >= pinged + 2)  # and again, for as long as they wait
+        t.gone.add("r1")
+        await until(lambda: len(b.queues[("chat", "m")]) == 1)
+        assert "r1" not in t.errors  # nobody to tell
         b.heartbeat(beat("a", options=BatchingOptions(max_batch=3, max_wait_ms=0, max_queue=4)))
         await until(lambda: t.offers)
         assert t.offers == [(A, ["r2"])]

@@ -33,7 +33,12 @@ class TestPolicy:
         ("rules: [{name: a, route: [local]}]", "local_model"),
         ("rules: [{name: a, when: {uplink: sideways}, route: [x]}]", "rules.0.when.uplink"),
         ("rules: [{name: a, when: {colour: red}, route: [x]}]", "rules.0.when.colour"),
-        ("aliases: {a: {variants: [{name: v, target: x, weight: 0}]}}", "aliases.a"),
+        # a mapping is an experiment (not "no string"): the error names what is wrong in it
+        ("aliases: {a: {variants: [{name: v, target: x, weight: 0}]}}",
+         "'aliases.a.variants.0.weight': Input should be greater than 0"),
+        ("aliases: {a: {variants: [{target: x, weight: 1}]}}", "'aliases.a.variants.0.name': Field required"),
+        ("aliases: {a: 3}", "'aliases.a': Input should be a valid string"),
+        ("masking: {patterns: [{name: x}]}", "'masking.patterns.0.regex': Field required"),
         ("masking: {patterns: [{name: x, regex: '(('}]}", "masking.patterns"),
         ("rules: [{name: a, route: [x]}, {name: a, route: [y]}]", "unique"),
         ("version: 2", "version"),
