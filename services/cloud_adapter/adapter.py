@@ -345,7 +345,7 @@ class CloudAdapter:
             usage, cost = Usage.of(0, 0), 0.0  # nothing reached us: nothing to bill
         else:
             usage = tally.usage(request)
-            cost = target.spec.cost(usage.prompt_tokens, usage.completion_tokens)
+            cost = target.spec.cost(usage.prompt_tokens, usage.completion_tokens, tally.cached_tokens or 0)
             target.prompt_tokens.inc(usage.prompt_tokens)
             target.completion_tokens.inc(usage.completion_tokens)
             target.cost.inc(cost)

@@ -86,13 +86,19 @@ class ModelSpec(BaseModel):
     upstream: str | None = Field(default=None, description="the provider's own name, when it differs")
     input_per_mtok: Annotated[float, Field(ge=0)] = 0.0
     output_per_mtok: Annotated[float, Field(ge=0)] = 0.0
+    cached_input_per_mtok: Annotated[float | None, Field(ge=0)] = Field(
+        default=None, description="price of prompt tokens the provider read from its prompt cache (OpenAI's "
+                                  "cached_tokens, Anthropic's cache reads); unset: the input price")
     context_length: Annotated[int | None, Field(ge=1)] = None
     max_tokens: Annotated[int, Field(ge=1)] = Field(
         default=4096, description="completion limit sent when a request sets none (Anthropic requires one)")
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        """US dollars for this many tokens."""
-        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1_000_000
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
+        """US dollars for this many tokens, ``cached_tokens`` of the prompt at the cached-input price."""
+        cached = min(max(cached_tokens, 0), prompt_tokens) if self.cached_input_per_mtok is not None else 0
+        cached_price = self.cached_input_per_mtok or 0.0
+        return ((prompt_tokens - cached) * self.input_per_mtok + cached * cached_price
+                + completion_tokens * self.output_per_mtok) / 1_000_000
 
 
 class ProviderSpec(BaseModel):

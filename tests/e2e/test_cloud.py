@@ -63,7 +63,8 @@ def providers_file(path: Path, openai_fake: FakeProvider, claude_fake: FakeProvi
     config = {
         "providers": [
             entry("fake", openai_fake, "LW_TEST_FAKE_KEY", {"echo": {"upstream": "echo-1", "input_per_mtok": 1,
-                                                                     "output_per_mtok": 2}}),
+                                                                     "output_per_mtok": 2,
+                                                                     "cached_input_per_mtok": 0.5}}),
             {**entry("flaky", openai_fake, "LW_TEST_FAKE_KEY", {"echo": {}}), "breaker": {"failures": 3, "open_s": 3}},
             entry("wrongkey", openai_fake, "LW_TEST_WRONG_KEY", {"echo": {}}),
             entry("priced", openai_fake, "LW_TEST_FAKE_KEY", {"echo": {"input_per_mtok": 1000,
@@ -424,6 +425,14 @@ class TestBudgetsAndUsage:
         assert event["cost_usd"] == pytest.approx((2 * 1 + 3 * 2) / 1e6)
         assert event["outcome"] == "ok"
         assert event["cached"] is False
+
+    def test_prompt_tokens_from_the_providers_cache_cost_the_cached_price(self, cloud: CloudStack) -> None:
+        """Prompt tokens the provider read from its own prompt cache are charged at the cached-input price."""
+        cloud.openai_fake.script(Fault.ok(prompt_tokens_details={"cached_tokens": 2}))
+        request_id = chat(cloud, key="key-globex").headers["x-request-id"]
+        event = eventually(lambda: usage_event(cloud, request_id), 10, "the usage event")
+        assert (event["prompt_tokens"], event["completion_tokens"]) == (2, 3)
+        assert event["cost_usd"] == pytest.approx((2 * 0.5 + 3 * 2) / 1e6)  # not (2 * 1 + 3 * 2)
 
 
 class TestSecrets:

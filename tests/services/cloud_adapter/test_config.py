@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from services.cloud_adapter.config import ConfigError, ProviderSpec, load, parse
+from services.cloud_adapter.config import ConfigError, ModelSpec, ProviderSpec, load, parse
 from services.cloud_adapter.guard import DestinationRefused, PublicOnlyResolver
 
 OPENAI = """
@@ -111,6 +111,16 @@ class TestProvidersFile:
         """Cost is input and output tokens at the per-million prices of the file."""
         file = parse(OPENAI)
         assert file.providers[0].models["gpt-4o-mini"].cost(1_000_000, 500_000) == pytest.approx(0.45)
+
+    def test_cached_prompt_tokens_at_their_own_price(self) -> None:
+        """Prompt tokens read from the provider's cache cost the cached-input price when one is set (never
+        more of them than the prompt had); without one they cost the input price."""
+        cheap = ModelSpec(input_per_mtok=0.15, cached_input_per_mtok=0.075, output_per_mtok=0.6)
+        assert cheap.cost(1_000_000, 0, cached_tokens=400_000) == pytest.approx(0.6 * 0.15 + 0.4 * 0.075)
+        assert cheap.cost(1_000_000, 0, cached_tokens=5_000_000) == pytest.approx(0.075)
+        assert cheap.cost(1_000_000, 0, cached_tokens=-3) == pytest.approx(0.15)
+        assert ModelSpec(input_per_mtok=0.15).cost(1_000_000, 0, cached_tokens=400_000) == pytest.approx(0.15)
+        assert ModelSpec(input_per_mtok=1, cached_input_per_mtok=0).cost(10, 0, cached_tokens=10) == 0
 
     def test_the_shipped_file_is_valid(self) -> None:
         """deploy/providers.yaml parses (keys may be absent in development)."""
