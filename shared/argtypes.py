@@ -3,8 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
+from typing import Any
 
 from shared.numbers import finite
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+def add_nats(parser: argparse.ArgumentParser, about: str) -> None:
+    """``--nats`` and ``--creds``, which default to the services' own ``LW_NATS_URL`` and ``LW_NATS_CREDS``."""
+    parser.add_argument("--nats", default=os.environ.get("LW_NATS_URL") or DEFAULT_NATS_URL,
+                        help=f"{about}; comma-separated for several (default: $LW_NATS_URL, else {DEFAULT_NATS_URL})")
+    parser.add_argument("--creds", type=Path, default=os.environ.get("LW_NATS_CREDS") or None,
+                        help="NATS credentials file (default: $LW_NATS_CREDS)")
+
+
+def nats_servers(args: argparse.Namespace) -> list[str]:
+    """The servers of ``--nats``."""
+    return [u.strip() for u in str(args.nats).split(",") if u.strip()]
+
+
+def nats_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Connection options of ``--creds``."""
+    return {"user_credentials": str(args.creds)} if args.creds else {}
 
 
 def seconds(text: str) -> float:

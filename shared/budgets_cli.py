@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from schemas.cloud import BudgetStatus
 from shared import budgets, subjects
-from shared.argtypes import seconds
+from shared.argtypes import add_nats, nats_options, nats_servers, seconds
 from shared.columns import aligned
 from shared.config_bucket import HUB_UNREACHABLE, role_of
 from shared.nats import NoNatsServer, connect_once
@@ -88,7 +88,7 @@ def as_json(found: list[budgets.Total]) -> str:
 
 
 async def _run(args: argparse.Namespace) -> str:
-    nc = await connect_once(args.nats, args.wait)
+    nc = await connect_once(nats_servers(args), args.wait, **nats_options(args))
     try:
         entries = await read(nc, args.wait)
     finally:
@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tenant", help="only the global budget and this tenant's")
     parser.add_argument("--json", action="store_true", help="JSON instead of a table")
-    parser.add_argument("--nats", default="nats://127.0.0.1:4222", help="any server: an edge's or the hub's")
+    add_nats(parser, "any server: an edge's or the hub's")
     parser.add_argument("--wait", type=seconds, default=5.0, help="seconds to wait for NATS")
     args = parser.parse_args(argv)
     try:

@@ -108,6 +108,8 @@ EMBEDDING_INPUTS = Counter("leafwire_embedding_inputs_total", "Texts turned into
 
 # -- batcher
 QUEUE_DEPTH = Gauge("leafwire_queue_depth_requests", "Requests waiting in the batcher for a worker", ["model"])
+QUEUE_CAPACITY = Gauge("leafwire_queue_capacity_requests", "Requests a model's batcher queue holds at most (then 429)",
+                       ["model"])
 QUEUE_WAIT = Histogram("leafwire_queue_wait_seconds", "Time a request waited in the batcher", ["model"],
                        buckets=LATENCY_BUCKETS)
 DISPATCHES = Counter("leafwire_batch_dispatches_total", "Batches offered to workers, by outcome",

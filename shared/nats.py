@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 import time
 from typing import Any
 
@@ -12,24 +13,53 @@ import nats
 from faststream.nats import NatsBroker
 from nats.aio.client import Client as NATS
 
-from shared import nats_headers
+from shared import metrics, nats_headers
 from shared.logging import get_logger
 from shared.settings import ServiceSettings
 
 log = get_logger("leafwire.nats")
 
 
+_PASSWORD = re.compile(r"(://[^:/@,\s]*):[^@/,\s]*@")
+_TOKEN = re.compile(r"(://)[^:/@,\s]+@")
+
+
+def shown(servers: str | list[str]) -> str:
+    """NATS server URLs as they may be logged or printed: a password (``user:***@``) or a token (``***@``) in
+    them is hidden."""
+    text = servers if isinstance(servers, str) else ", ".join(servers)
+    return _TOKEN.sub(r"\1***@", _PASSWORD.sub(r"\1:***@", text))
+
+
+def secrets_of(servers: str) -> list[str]:
+    """The passwords and tokens in NATS server URLs (for the log scrubber)."""
+    found = []
+    for url in servers.split(","):
+        userinfo, at, _ = url.strip().partition("://")[2].partition("@")
+        if at:
+            user, colon, password = userinfo.partition(":")
+            found.append(password if colon else user)
+    return [s for s in found if s]
+
+
 def connect_options(settings: ServiceSettings, name: str) -> dict[str, Any]:
-    """Options for nats-py and FastStream alike: reconnect forever, ping often, log state changes."""
+    """Options for nats-py and FastStream alike: reconnect forever, ping often, log state changes (and keep
+    ``leafwire_nats_connected`` up to date)."""
+    connected = metrics.NATS_CONNECTED.labels(name)
 
     async def on_error(exc: Exception) -> None:
-        log.warning("nats error", error=repr(exc))
+        log.warning("nats error", error=shown(repr(exc)))
 
     async def on_disconnect() -> None:
+        connected.set(0)
         log.warning("nats disconnected")
 
     async def on_reconnect() -> None:
+        connected.set(1)
         log.info("nats reconnected")
+
+    async def on_closed() -> None:
+        connected.set(0)
 
     opts: dict[str, Any] = {
         "servers": settings.nats_servers,
@@ -43,6 +73,7 @@ def connect_options(settings: ServiceSettings, name: str) -> dict[str, Any]:
         "error_cb": on_error,
         "disconnected_cb": on_disconnect,
         "reconnected_cb": on_reconnect,
+        "closed_cb": on_closed,
     }
     if settings.nats_creds is not None:
         opts["user_credentials"] = str(settings.nats_creds)
@@ -72,8 +103,7 @@ async def connect_once(servers: str | list[str], wait_s: float, **options: Any) 
     except (Exception, TimeoutError) as exc:  # nats-py raises several unrelated types for "nobody there"
         with contextlib.suppress(Exception):
             await nc.close()
-        where = servers if isinstance(servers, str) else ", ".join(servers)
-        raise NoNatsServer(f"no NATS server at {where} accepts a connection ({exc!r})") from exc
+        raise NoNatsServer(f"no NATS server at {shown(servers)} accepts a connection ({shown(repr(exc))})") from exc
     return nc
 
 
@@ -94,7 +124,7 @@ async def wait_for_server(settings: ServiceSettings) -> None:
             continue
         await nc.close()
         return
-    raise NoNatsServer(f"no NATS server at {settings.nats_url} after "
+    raise NoNatsServer(f"no NATS server at {shown(settings.nats_url)} after "
                           f"{settings.nats_connect_timeout_s:g} s") from last
 
 
@@ -102,7 +132,9 @@ async def connect(settings: ServiceSettings, name: str) -> NATS:
     """A nats-py client that reconnects forever; waits for the server first."""
     nats_headers.install()
     await wait_for_server(settings)
-    return await nats.connect(**connect_options(settings, name))
+    nc = await nats.connect(**connect_options(settings, name))
+    metrics.NATS_CONNECTED.labels(name).set(1)
+    return nc
 
 
 def broker(settings: ServiceSettings, name: str, **kwargs: Any) -> NatsBroker:

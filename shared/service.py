@@ -19,7 +19,7 @@ from faststream.nats import NatsBroker
 
 from shared import logging as lw_logging
 from shared import metrics
-from shared.nats import NoNatsServer, start_broker
+from shared.nats import NoNatsServer, secrets_of, shown, start_broker
 from shared.ops import OpsServer, Readiness
 from shared.settings import ServiceSettings
 from shared.streams import ensure_dead_letters
@@ -35,6 +35,8 @@ def run(service: str, settings_factory: Callable[[], S], main: Main[S], *, ops_s
     """
     settings = settings_factory()
     lw_logging.configure(service, settings.log_level)
+    for secret in secrets_of(settings.nats_url):  # whatever logs the URL (a library's error, say) hides them
+        lw_logging.register_secret(secret)
     serving = _serve(service, settings, main, ops_server)
     try:
         try:
@@ -75,14 +77,15 @@ async def _serve(service: str, settings: S, main: Main[S], ops_server: bool) -> 
         readiness.starting = False
         settle_garbage_collector()
         metrics.UP.labels(service).set(1)
-        log.info("service started", site=settings.site, nats=settings.nats_url,
+        log.info("service started", site=settings.site, nats=shown(settings.nats_url),
                  ops_port=ops.port if ops_server else None)
         await stop.wait()
+        metrics.UP.labels(service).set(0)
         readiness.stopping = True
         log.info("shutting down: draining")
     finally:
         try:
-            async with asyncio.timeout(settings.nats_drain_timeout_s + 5):
+            async with asyncio.timeout(settings.stop_within_s):
                 await stack.aclose()
             log.info("stopped")
         except (TimeoutError, asyncio.CancelledError):

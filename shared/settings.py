@@ -55,6 +55,11 @@ class ServiceSettings(BaseSettings):
         return self
 
     @property
+    def stop_within_s(self) -> float:
+        """How long stopping may take (answers finishing, NATS draining) before the service exits anyway."""
+        return self.nats_drain_timeout_s + 5
+
+    @property
     def nats_servers(self) -> list[str]:
         """``nats_url`` split on commas (several seed servers)."""
         return [u.strip() for u in self.nats_url.split(",") if u.strip()]

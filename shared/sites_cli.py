@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from shared import hub_usage, subjects
-from shared.argtypes import seconds
+from shared.argtypes import add_nats, nats_options, nats_servers, seconds
 from shared.columns import aligned
 from shared.errors import HubUnreachable
 from shared.nats import NoNatsServer, connect_once
@@ -40,7 +40,7 @@ def table(found: list[hub_usage.SiteSource]) -> str:
 
 
 async def _run(args: argparse.Namespace) -> str:
-    nc = await connect_once(args.nats, args.wait)
+    nc = await connect_once(nats_servers(args), args.wait, **nats_options(args))
     try:
         if args.command == "remove":
             if not await hub_usage.leave(nc, args.site, args.wait):
@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", choices=["list", "remove"], default="list")
     parser.add_argument("site", nargs="?", help="the site to remove")
-    parser.add_argument("--nats", default="nats://127.0.0.1:4222", help="any server: the hub's or an edge's")
+    add_nats(parser, "any server: the hub's or an edge's")
     parser.add_argument("--wait", type=seconds, default=5.0, help="seconds to wait for NATS and the hub")
     args = parser.parse_args(argv)
     try:

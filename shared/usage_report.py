@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from schemas.cloud import UsageEvent
 from shared import subjects
-from shared.argtypes import seconds
+from shared.argtypes import add_nats, nats_options, nats_servers, seconds
 from shared.columns import aligned
 from shared.nats import NoNatsServer, connect_once
 
@@ -187,7 +187,7 @@ async def report(nc: NATS, *, by: tuple[str, ...], domain: str | None = None, si
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nats", default="nats://127.0.0.1:4222", help="a NATS server (the edge's or a hub's)")
+    add_nats(parser, "a NATS server (the edge's or a hub's)")
     parser.add_argument("--domain", help="read the USAGE stream of this JetStream domain (e.g. hub); default: "
                                          "the server's own")
     parser.add_argument("--since", default="24h", help="all, a span back from now (30m, 24h, 7d) or an ISO date")
@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
 
 async def _run(args: argparse.Namespace, by: tuple[str, ...], since: float | None, until: float | None) -> Report:
     try:
-        nc = await connect_once(args.nats, args.wait)
+        nc = await connect_once(nats_servers(args), args.wait, **nats_options(args))
     except NoNatsServer as exc:
         raise ReportError(str(exc)) from None
     try:

@@ -147,6 +147,7 @@ class Batcher:
             self.wake[key] = asyncio.Event()
             self.tasks[key] = asyncio.create_task(self.dispatch(key), name=f"dispatch-{kind}-{model}")
         self.queues[key].options = options
+        metrics.QUEUE_CAPACITY.labels(model).set(options.max_queue)
         return self.queues[key]
 
     def default_options(self, kind: ModelKind) -> BatchingOptions:
@@ -186,6 +187,7 @@ class Batcher:
             key = (model.kind, model.name)
             if key in self.queues and model.batching is not None and not beat.leaving:
                 self.queues[key].options = model.batching
+                metrics.QUEUE_CAPACITY.labels(model.name).set(model.batching.max_queue)
             if ((woke and model.idle) or beat.leaving) and (event := self.wake.get(key)) is not None:
                 event.set()
 

@@ -21,7 +21,7 @@ from services.gateway.bridge import request_headers
 from services.gateway.chat import ChatBridge
 from services.gateway.embeddings import EmbeddingsBridge
 from services.gateway.errors import openai_errors, read_json, read_model, validate
-from services.gateway.settings import GatewaySettings
+from services.gateway.settings import ANSWERS_END_S, GatewaySettings
 from shared import metrics, subjects
 from shared import nats as lw_nats
 from shared.envelope import EVENT
@@ -162,9 +162,6 @@ async def probe_router(gateway: Gateway, readiness: Readiness, interval: float =
             state["router"] = (f"router of site '{gateway.settings.site}' does not answer "
                                f"({type(exc).__name__})")
         await asyncio.sleep(interval if state["router"] is None else 0.5)
-
-
-ANSWERS_END_S = 3.0  # after the grace: how long handlers get to write their last error and cancel at the site
 
 
 async def wind_down(runner: web.AppRunner, replies: ReplyReader, grace_s: float) -> None:

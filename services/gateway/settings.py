@@ -8,6 +8,8 @@ from pydantic import Field, model_validator
 
 from shared.settings import ServiceSettings
 
+ANSWERS_END_S = 3.0  # after the shutdown grace: how long handlers get to write their last error and cancel
+
 
 class GatewaySettings(ServiceSettings):
     """Where the gateway listens, its limits, and who may call it."""
@@ -36,6 +38,11 @@ class GatewaySettings(ServiceSettings):
         if self.env == "production" and not (self.api_keys or self.api_keys_file):
             raise ValueError("production needs API keys: set LW_GATEWAY_API_KEYS or LW_GATEWAY_API_KEYS_FILE")
         return self
+
+    @property
+    def stop_within_s(self) -> float:
+        """The shutdown grace and the answers' ending come before the NATS drain."""
+        return self.shutdown_grace_s + ANSWERS_END_S + super().stop_within_s
 
     def key_table(self) -> dict[str, str]:
         """API key -> tenant. Empty means no key is needed (development only)."""

@@ -35,9 +35,9 @@ from nats.js.errors import APIError
 from services.router.masking import Masker
 from services.router.policy import PolicyError, parse
 from shared import config_bucket, subjects
-from shared.argtypes import seconds
+from shared.argtypes import add_nats, nats_options, nats_servers, seconds
 from shared.errors import HubUnreachable
-from shared.nats import NoNatsServer, connect_once
+from shared.nats import NoNatsServer, connect_once, shown
 
 NO_VERDICT = 2
 UNREACHABLE = 3
@@ -72,10 +72,10 @@ class Refused(Exception):
         self.status = status
 
 
-async def connect(url: str) -> NATS:
+async def connect(args: argparse.Namespace) -> NATS:
     """One attempt, no reconnects: the command should fail fast, not hang."""
     try:
-        return await connect_once(url, 2.0)
+        return await connect_once(nats_servers(args), 2.0, **nats_options(args))
     except NoNatsServer as exc:
         raise Refused(f"{exc}; nothing was written", UNREACHABLE) from exc
 
@@ -107,10 +107,11 @@ async def verdict_of(events: Subscription, site: str, wait_s: float) -> dict[str
                       f"~2 minutes; {subjects.policy_events(site)} announces it)", NO_VERDICT) from exc
 
 
-async def install(url: str, site: str, key: str, text: bytes | None, wait_s: float) -> int:
+async def install(args: argparse.Namespace, key: str, text: bytes | None) -> int:
     """Write (or delete) a policy key and report the site's router's verdict."""
+    site, wait_s, url = args.site, args.wait, shown(args.nats)
     try:
-        nc = await connect(url)
+        nc = await connect(args)
         try:
             events = await nc.subscribe(subjects.policy_events(site))
             await nc.flush()
@@ -133,7 +134,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["validate", "push", "clear"])
     parser.add_argument("file", nargs="?", type=Path)
-    parser.add_argument("--nats", default="nats://127.0.0.1:4222", help="any server: the hub's or an edge's")
+    add_nats(parser, "any server: the hub's or an edge's")
     parser.add_argument("--site", default="edge1", help="the site whose router's verdict to wait for")
     parser.add_argument("--scope", choices=["global", "site"], default="global",
                         help="global: router.policy, every site; site: router.policy.<site>, that site only")
@@ -142,13 +143,13 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     subjects.check_site(args.site)
     key = key_for(args.scope, args.site)
     if args.command == "clear":
-        return asyncio.run(install(args.nats, args.site, key, None, args.wait))
+        return asyncio.run(install(args, key, None))
     if args.file is None:
         parser.error(f"{args.command} needs a policy file")
     if validate(args.file) != 0:
         return 1
     if args.command == "push":
-        return asyncio.run(install(args.nats, args.site, key, args.file.read_bytes(), args.wait))
+        return asyncio.run(install(args, key, args.file.read_bytes()))
     return 0
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from deploy.topology import free_port
-from shared.nats import NoNatsServer, connect_once, wait_for_server
+from shared import metrics
+from shared.nats import NoNatsServer, connect, connect_once, secrets_of, shown, wait_for_server
 from shared.settings import ServiceSettings
-from tests.support import ROOT, NatsServer, start_single
+from tests.support import ROOT, NatsServer, eventually_async, start_single
 
 
 @pytest.fixture
@@ -74,3 +75,59 @@ def test_policy_command_without_nats_writes_nothing_and_says_so(dead_url: str, t
     assert done.returncode == 3
     assert f"no NATS server at {dead_url}" in done.stderr
     assert "nothing was written" in done.stderr
+
+
+def test_a_password_in_the_nats_url_is_never_logged(tmp_path: Path) -> None:
+    """A service given ``nats://user:password@...`` that cannot connect says where it tried, with the password
+    hidden; the password appears nowhere in its output."""
+    port = free_port()
+    url = f"nats://leaf:s3cret-Passw0rd@127.0.0.1:{port}"
+    done = subprocess.run([sys.executable, "-m", "services.router"], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LW_NATS_URL": url,
+                                         "LW_NATS_CONNECT_TIMEOUT_S": "1"})
+    assert done.returncode == 1
+    assert "s3cret-Passw0rd" not in done.stdout + done.stderr
+    assert f"no NATS server at nats://leaf:***@127.0.0.1:{port} after 1 s" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(("url", "hidden", "secrets"), [
+    ("nats://u:pw@h:4222", "nats://u:***@h:4222", ["pw"]),
+    ("nats://tok3n@h", "nats://***@h", ["tok3n"]),
+    ("nats://h1:4222,tls://a:b@h2", "nats://h1:4222,tls://a:***@h2", ["b"]),
+    ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222", []),
+])
+def test_credentials_in_urls_are_hidden(url: str, hidden: str, secrets: list[str]) -> None:
+    assert shown(url) == hidden
+    assert secrets_of(url) == secrets
+
+
+async def test_the_connected_metric_follows_the_connection(tmp_path: Path) -> None:
+    """``leafwire_nats_connected`` is 1 from the connection on, 0 while the server is gone, 1 again after it
+    is back: without anyone asking /readyz."""
+    server = start_single(tmp_path)
+    gauge = metrics.NATS_CONNECTED.labels("metric-test")
+    nc = await connect(ServiceSettings(nats_url=server.url), "metric-test")
+    try:
+        assert gauge._value.get() == 1
+        server.stop()
+        await eventually_async(lambda: asyncio.sleep(0.05, gauge._value.get()), lambda v: v == 0, 20)
+        server.restart()
+        await eventually_async(lambda: asyncio.sleep(0.05, gauge._value.get()), lambda v: v == 1, 30)
+    finally:
+        await nc.close()
+        server.stop()
+    assert gauge._value.get() == 0
+
+
+@pytest.mark.parametrize("command", [["budgets"], ["usage"], ["sites"], ["policy", "clear"]])
+def test_operator_commands_connect_where_the_services_do(command: list[str], tmp_path: Path) -> None:
+    """Without --nats an operator command uses LW_NATS_URL (and LW_NATS_CREDS), like the services; a password
+    in it is hidden in what the command prints."""
+    port = free_port()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LW_NATS_URL": f"nats://ops:s3cret-Passw0rd@127.0.0.1:{port}"}
+    done = subprocess.run([sys.executable, "-m", "shared.cli", *command, "--wait", "1"] if command[0] != "policy"
+                          else [sys.executable, "-m", "shared.cli", *command], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, env=env)
+    assert done.returncode != 0
+    assert f"nats://ops:***@127.0.0.1:{port}" in done.stderr
+    assert "s3cret-Passw0rd" not in done.stdout + done.stderr

@@ -15,6 +15,7 @@ from services.batcher.pool import WorkerPool, WorkerRef
 from services.batcher.queue import Row
 from services.batcher.scheduler import Batcher, Declined, Offer, Taken
 from services.batcher.settings import BatcherSettings
+from shared import metrics
 from shared.envelope import Envelope
 from shared.errors import LeafwireError, NotBatched, Overloaded
 
@@ -193,6 +194,7 @@ class TestEndings:
         b, t = batcher
         b.heartbeat(beat("a", idle=False))
         admit(b, "r1", "r2")
+        assert metrics.QUEUE_CAPACITY.labels("m")._value.get() == 4  # the bound the worker announced
         await asyncio.sleep(0.1)
         assert t.pings == []  # not before keepalive_s
         await until(lambda: {"r1", "r2"} <= set(t.pings))
