@@ -8,6 +8,7 @@ hub's. Providers are fault-injecting fakes (tests/fakes.py): an OpenAI-compatibl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -108,6 +109,18 @@ def _fresh_fakes(cloud: CloudStack) -> None:
 
 def chat(cloud: CloudStack, model: str = "fake/echo", key: str = "key-acme", **kw: Any) -> Any:
     return cloud.client(key).chat.completions.with_raw_response.create(model=model, messages=MESSAGES, **kw)
+
+
+@contextlib.contextmanager
+def streaming(gateway: Service) -> Iterator[None]:
+    """A streamed ``fake/echo`` answer through ``gateway``, its first lines read; closed on leaving."""
+    with httpx.stream("POST", f"{gateway.base}/v1/chat/completions", timeout=30,
+                      headers={"Authorization": "Bearer key-acme"},
+                      json={"model": "fake/echo", "messages": MESSAGES, "stream": True}) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+        yield
 
 
 class TestAnswers:
@@ -306,16 +319,11 @@ class TestResilience:
     def test_client_going_away_closes_the_provider_connection(self, cloud: CloudStack) -> None:
         """Closing a stream mid-answer cancels the cloud call: the provider sees its client leave."""
         cloud.openai_fake.script(Fault.drip(0.3, text=" ".join(["word"] * 40)))
-        with httpx.stream("POST", f"{cloud.gateway.base}/v1/chat/completions", timeout=30,
-                          headers={"Authorization": "Bearer key-acme"},
-                          json={"model": "fake/echo", "messages": MESSAGES, "stream": True}) as r:
-            lines = r.iter_lines()
-            for _ in range(3):
-                next(lines)
+        with streaming(cloud.gateway):
+            pass
         eventually(lambda: cloud.openai_fake.disconnects == 1, 10, "the provider to see the call cancelled")
         assert eventually(lambda: metric(cloud.adapter.metrics(), "leafwire_cloud_requests_total", provider="fake",
                                          model="echo", outcome="cancelled") >= 1, 10, "a cancelled outcome")
-
 
     def test_a_killed_gateway_stops_its_cloud_calls(self, cloud: CloudStack) -> None:
         """kill -9 of the gateway under a slow cloud answer: the adapter finds nobody waits for it and closes
@@ -323,12 +331,7 @@ class TestResilience:
         cloud.openai_fake.script(Fault.drip(0.3, text=" ".join(["word"] * 100)))
         gateway = Service("gateway", {"LW_NATS_URL": cloud.nats.url, "LW_SITE": SITE, "LW_GATEWAY_API_KEYS": API_KEYS})
         with running(gateway):
-            with httpx.stream("POST", f"{gateway.base}/v1/chat/completions", timeout=30,
-                              headers={"Authorization": "Bearer key-acme"},
-                              json={"model": "fake/echo", "messages": MESSAGES, "stream": True}) as r:
-                lines = r.iter_lines()
-                for _ in range(3):
-                    next(lines)
+            with streaming(gateway):
                 gateway.kill()
             eventually(lambda: cloud.openai_fake.disconnects == 1, 10, "the provider to see the call stopped")
         assert metric(cloud.adapter.metrics(), "leafwire_callers_gone_total", service="cloud-adapter") >= 1
