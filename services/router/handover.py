@@ -30,7 +30,7 @@ from services.router.settings import RouterSettings
 from services.router.state import LiveState
 from shared import metrics, subjects
 from shared.envelope import EVENT, HANDOFF, Envelope
-from shared.errors import LeafwireError, NotBatched, Unavailable
+from shared.errors import Cancelled, LeafwireError, NotBatched, Unavailable
 from shared.logging import get_logger
 from shared.replies import Event, error_of, publish_error
 
@@ -47,7 +47,10 @@ def env_site(subject: str) -> str:
 
 
 def falls_back(err: LeafwireError) -> bool:
-    """Whether the next target may succeed where this one failed (not for malformed requests)."""
+    """Whether the next target may succeed where this one failed: not for malformed requests, nor for a
+    request cancelled on its way (its caller left, or asked to stop it)."""
+    if err.status == Cancelled.status:
+        return False
     return err.status >= 429 or err.code in FALLBACK_CODES
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,26 @@ def test_a_target_too_slow_to_take_it_is_cancelled(site: Site) -> None:
     assert r.json()["model"] == "tiny"
     assert "fell back from fake/echo (503 unavailable)" in r.headers["x-leafwire-route"]
     eventually(lambda: cancelled() == before + 1, 10, "the adapter to drop the cancelled call")
+
+
+def test_a_cancelled_request_is_not_run_by_the_fallback(site: Site) -> None:
+    """A caller that leaves while the provider has not answered yet cancels its request: the cloud call is
+    dropped and the local model is not asked instead (a cancel is no refusal to fall back from)."""
+    site.provider.reset()
+    site.provider.script(Fault.slow(8))
+    before = generations(site)
+
+    def cancelled() -> float:
+        return metric(site.adapter.metrics(), "leafwire_cloud_requests_total", provider="fake", model="echo",
+                      outcome="cancelled")
+
+    dropped = cancelled()
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up before the router's 1.5 s wait ends
+        httpx.post(f"{site.gateway.base}/v1/chat/completions", timeout=0.7,
+                   json={"model": "fake/echo", "messages": ASK, "max_tokens": 3})
+    eventually(lambda: cancelled() == dropped + 1, 10, "the adapter to drop the cancelled call")
+    time.sleep(2)  # past the router's wait: a fallback would have run by now
+    assert generations(site) == before
 
 
 def test_no_fallback_after_the_first_byte(site: Site) -> None:
