@@ -25,6 +25,7 @@ RESIDENCY = "Lw-Residency"  # "onsite": the request must not leave the site
 EVENT = "Lw-Event"
 STATUS = "Lw-Status"
 RETRY_AFTER = "Lw-Retry-After"
+SEQ = "Lw-Seq"  # on each event of an answer after the first: its number (the first is 0), so a gap shows
 CACHE = "Lw-Cache"  # on the first message of an answer: "hit" (from the cache) or "miss" (looked up, absent)
 # "1": the sender waits for no admission; every answer, a refusal too, goes to Lw-Reply (the message's own
 # reply subject only catches NATS's no-responders status)

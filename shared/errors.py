@@ -200,6 +200,12 @@ class UpstreamError(LeafwireError):
         self.provider_fault = provider_fault
 
 
+class IncompleteAnswer(UpstreamError):
+    """Part of an answer never reached its reader (a NATS connection was cut while it was published)."""
+
+    default_code = "answer_incomplete"
+
+
 class UpstreamTimeout(UpstreamError):
     """A provider did not answer in time (connect, first byte, or the whole call)."""
 

@@ -15,7 +15,12 @@ provider) sends its caller a ``progress`` event at least every ``LW_KEEPALIVE_S`
 (``keep_callers``). That is how a reader tells a slow answer from a dead holder: a gateway answers 504 when
 it has heard nothing for its idle timeout (20 s). The progress event is sent as a NATS request, and the
 reader answers whether it still waits; an answer of ``gone``, or the server's no-responders status (the
-caller's process is gone), makes the holder drop the request, so no model keeps decoding for nobody.
+caller's process is gone) for ``2 × LW_KEEPALIVE_S`` (a gateway reconnecting to NATS is briefly not
+there), makes the holder drop the request, so no model keeps decoding for nobody.
+
+Each event of an answer after the first carries its number (``Lw-Seq``; the first is 0). Core NATS keeps
+nothing for a subscriber whose connection was cut; a reader that finds a number missing ends the answer with
+a 502 ``answer_incomplete`` instead of passing on an answer with a hole in it.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from schemas.errors import ErrorResponse
 from shared import envelope as hdr
 from shared import subjects
 from shared.envelope import Envelope
-from shared.errors import LeafwireError, RemoteError, Unavailable, UpstreamError
+from shared.errors import IncompleteAnswer, LeafwireError, RemoteError, Unavailable, UpstreamError
 
 
 class Event(StrEnum):
@@ -59,19 +64,27 @@ GONE = b"gone"  # a reader's answer to a progress event about a request it no lo
 PING_TIMEOUT_S = 2.0  # a reader that does not answer a progress event in this time is busy, not gone
 
 
-async def ping(nc: NATS, subject: str) -> bool:
-    """Send a ``progress`` event to a leafwire reader's subject as a request; False when the caller is gone
-    (its reader answered ``gone``, or nobody listens on the subject any more). A reader too busy to answer
-    in time counts as there. Other subjects (a plain ``nc.request``) are not told and count as there."""
+class Presence(StrEnum):
+    """What a progress event learnt of the caller."""
+
+    THERE = "there"  # its reader waits for the answer (or is too busy to say: that counts as there)
+    GONE = "gone"  # its reader said it no longer waits
+    UNHEARD = "unheard"  # nobody listens on its subject: its process is gone, or reconnecting to NATS
+
+
+async def ping(nc: NATS, subject: str) -> Presence:
+    """Send a ``progress`` event to a leafwire reader's subject as a request, and learn whether the caller
+    still waits. Other subjects (a plain ``nc.request``, which would take it for the answer) are not told and
+    count as there."""
     if not subject.startswith(subjects.READERS):
-        return True
+        return Presence.THERE
     try:
         answer = await nc.request(subject, b"", timeout=PING_TIMEOUT_S, headers={hdr.EVENT: Event.PROGRESS.value})
     except NoRespondersError:
-        return False
+        return Presence.UNHEARD
     except (NatsTimeout, TimeoutError):
-        return True
-    return answer.data != GONE
+        return Presence.THERE
+    return Presence.GONE if answer.data == GONE else Presence.THERE
 
 
 class ReplyPublisher:
@@ -84,11 +97,16 @@ class ReplyPublisher:
         self._env = env
         self._served_by = served_by
         self._first = True
+        self._seq = 0  # events sent so far: the next one's number
         self._first_headers = first_headers
         self.pinged = time.monotonic()  # when the caller was last asked whether it waits (taking it counts)
+        self.unheard_since: float | None = None  # since when nobody listens on its subject
 
     def _headers(self, event: Event) -> dict[str, str]:
         h = {hdr.EVENT: event.value}
+        if self._seq:
+            h[hdr.SEQ] = str(self._seq)
+        self._seq += 1
         if self._first:
             h[hdr.REQUEST_ID] = self._env.request_id
             if self._env.route:
@@ -110,8 +128,8 @@ class ReplyPublisher:
         """The id of the request answered."""
         return self._env.request_id
 
-    async def ping(self) -> bool:
-        """Tell the caller the answer is still coming; False when it no longer waits (see ``ping``). The
+    async def ping(self) -> Presence:
+        """Tell the caller the answer is still coming, and learn whether it still waits (see ``ping``). The
         first event's headers stay for the first real event."""
         self.pinged = time.monotonic()
         return await ping(self._nc, self._subject)
@@ -130,18 +148,23 @@ async def publish_error(nc: NATS, subject: str, env: Envelope, err: LeafwireErro
 
 
 class Held(Protocol):
-    """A request a service holds for a caller, with when that caller was last pinged (monotonic)."""
+    """A request a service holds for a caller: when that caller was last pinged, and since when nobody has
+    listened on its subject (monotonic seconds)."""
 
     pinged: float
+    unheard_since: float | None
 
 
 H = TypeVar("H", bound=Held)
+UNHEARD_ROUNDS = 2  # keepalives with nobody on the subject before the caller counts as gone
 
 
-async def keep_callers(held: Iterable[H], every_s: float, ping: Callable[[H], Awaitable[bool]],
+async def keep_callers(held: Iterable[H], every_s: float, ping: Callable[[H], Awaitable[Presence]],
                        gone: Callable[[H], None]) -> int:
     """One round of keeping callers: ``ping`` the caller of each held request not pinged for ``every_s``,
-    all at once, and call ``gone`` for each that no longer waits. Returns how many were gone."""
+    all at once, and call ``gone`` for each that no longer waits: its reader said so, or nobody has listened
+    on its subject for ``UNHEARD_ROUNDS × every_s`` (a caller's gateway reconnecting to NATS misses a ping or
+    two and is still there). Returns how many were gone."""
     now = time.monotonic()
     asked = [h for h in held if h.pinged <= now - every_s]
     if not asked:
@@ -149,7 +172,17 @@ async def keep_callers(held: Iterable[H], every_s: float, ping: Callable[[H], Aw
     for h in asked:
         h.pinged = now
     answers = await asyncio.gather(*(ping(h) for h in asked), return_exceptions=True)
-    lost = [h for h, there in zip(asked, answers, strict=True) if there is False]
+    lost = []
+    for h, presence in zip(asked, answers, strict=True):
+        if presence is Presence.GONE:
+            lost.append(h)
+        elif presence is Presence.UNHEARD:
+            if h.unheard_since is None:
+                h.unheard_since = now
+            elif now - h.unheard_since >= UNHEARD_ROUNDS * every_s - every_s / 2:
+                lost.append(h)
+        else:
+            h.unheard_since = None
     for h in lost:
         gone(h)
     return len(lost)
@@ -218,18 +251,41 @@ class ReplyStream:
         self.overflowed = False
         self.given_up: str | None = None  # why the reader ended the stream itself (the site must be told)
         self.sent = False  # whether its request went out (its owner says so)
+        self._received = 0  # events of the answer received: the number the next numbered one must carry
+        self._broken = False  # an event never arrived: the stream ended with an error, the rest is dropped
 
     def _put(self, msg: Msg) -> None:
-        if msg.headers is not None and msg.headers.get(hdr.EVENT) == Event.PROGRESS:
-            if self._timer is not None:
-                wait_s, until = self._extend
-                self._timer.reschedule(min(asyncio.get_running_loop().time() + wait_s, until))
+        headers = msg.headers
+        if headers is not None:
+            if headers.get(hdr.EVENT) == Event.PROGRESS:
+                if self._timer is not None:
+                    wait_s, until = self._extend
+                    self._timer.reschedule(min(asyncio.get_running_loop().time() + wait_s, until))
+                return
+            seq = headers.get(hdr.SEQ)
+            if seq is not None and seq != str(self._received):
+                self._lost()
+        if self._broken:
             return
+        self._received += 1
         if len(self._replies) >= self._maxsize:
             self.overflowed = True
             self.given_up = "the reply stream overflowed"
             return
         self._replies.append(_as_reply(msg, self.unavailable))
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _lost(self) -> None:
+        """An event of the answer never arrived (a NATS connection was cut meanwhile): what came before it
+        is passed on, then an error instead of an answer with a hole in it."""
+        if self._broken:
+            return
+        self._broken = True
+        err = IncompleteAnswer("Part of the answer was lost on the way (a NATS connection was cut meanwhile): the "
+                               "answer is incomplete. Send the request again.", retry_after=1)
+        self.given_up = err.message
+        self._replies.append(Reply(Event.ERROR, err.to_response().model_dump_json().encode(), _error_headers(err)))
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 

@@ -28,6 +28,7 @@ class Row:
     size: int  # 1 for chat; the number of inputs for embeddings
     arrived: float  # monotonic seconds
     pinged: float = field(init=False)  # when its caller was last asked whether it still waits (monotonic)
+    unheard_since: float | None = None  # since when nobody listens on its reply subject
 
     def __post_init__(self) -> None:
         self.pinged = self.arrived

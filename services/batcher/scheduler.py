@@ -5,10 +5,10 @@ hub's when the site has none); wait out the batching window (unless the batch is
 the batch. A worker that is busy after all declines, and the batch waits for the next idle one.
 
 Rows handed to a worker are watched: every ``watch_interval_s`` the batcher asks each worker holding rows
-which it is still answering. No responders means the worker is gone (a killed process loses its NATS
-subscriptions at once), so its unfinished rows' callers get an error within a fraction of a second
-instead of waiting out the idle timeout. A worker that stops answering for ``worker_timeout_s`` counts
-as gone too.
+which it is still answering. No responders for ``gone_after_s`` (2 s; a killed process loses its NATS
+subscriptions at once, one reconnecting to NATS is missing for a moment) means the worker is gone, so its
+unfinished rows' callers get an error within seconds instead of waiting out the idle timeout. A worker
+that stops answering for ``worker_timeout_s`` counts as gone too.
 
 NATS stays behind ``Transport``, so this module is tested with a fake one.
 """
@@ -34,7 +34,7 @@ from shared import metrics
 from shared.envelope import Envelope
 from shared.errors import Cancelled, DeadlineExceeded, LeafwireError, NotBatched, Unavailable, UpstreamError
 from shared.logging import get_logger
-from shared.replies import keep_callers
+from shared.replies import Presence, keep_callers
 from shared.tasks import every, stop_tasks
 
 SERVICE = "batcher"
@@ -88,8 +88,8 @@ class Transport(Protocol):
         """Ask every worker of the site to stop a request."""
         ...
 
-    async def ping(self, row: Row) -> bool:
-        """Tell the row's caller it still waits here; False when the caller no longer waits."""
+    async def ping(self, row: Row) -> Presence:
+        """Tell the row's caller it still waits here, and learn whether the caller still waits."""
         ...
 
 
@@ -114,6 +114,7 @@ class Batcher:
     wake: dict[Key, asyncio.Event] = field(default_factory=dict)
     out: dict[WorkerRef, dict[str, Out]] = field(default_factory=dict)
     heard: dict[WorkerRef, float] = field(default_factory=dict)
+    missing: dict[WorkerRef, float] = field(default_factory=dict)  # since when nobody listens on its status
     offering: dict[str, Row] = field(default_factory=dict)
     cancelled: set[str] = field(default_factory=set)
     batch_seconds: dict[str, float] = field(default_factory=dict)
@@ -307,6 +308,7 @@ class Batcher:
             for w in [w for w, rows in self.out.items() if not rows]:
                 self.out.pop(w, None)
                 self.heard.pop(w, None)
+                self.missing.pop(w, None)
             await asyncio.gather(*(self.check(w) for w in workers))
 
     async def check(self, worker: WorkerRef) -> None:
@@ -319,8 +321,11 @@ class Batcher:
                 self.lost(worker, f"did not answer for {self.settings.worker_timeout_s:g} s")
             return
         if still is None:
-            self.lost(worker, "is gone")
+            since = self.missing.setdefault(worker, asked)
+            if asked - since >= self.settings.gone_after_s:
+                self.lost(worker, "is gone")
             return
+        self.missing.pop(worker, None)
         self.heard[worker] = time.monotonic()
         rows = self.out.get(worker, {})
         for request_id in [r for r, o in rows.items() if o.handed < asked and r not in still]:
@@ -336,6 +341,7 @@ class Batcher:
         """The worker died under its rows: each caller gets a 502 now, not a hang."""
         rows = self.out.pop(worker, {})
         self.heard.pop(worker, None)
+        self.missing.pop(worker, None)
         self.pool.forget(worker)
         log.error("worker lost", worker_id=worker.worker_id, site=worker.site, why=why, rows=len(rows))
         for out in rows.values():

@@ -28,6 +28,9 @@ class BatcherSettings(ServiceSettings):
                                     description="how often workers holding rows are asked what they still answer")
     worker_timeout_s: float = Field(default=10.0, gt=0, alias="LW_BATCHER_WORKER_TIMEOUT_S",
                                     description="a worker silent this long under its rows counts as gone")
+    gone_after_s: float = Field(default=2.0, ge=0, alias="LW_BATCHER_GONE_AFTER_S",
+                                description="a worker whose status subject has had no listener this long counts "
+                                            "as gone (not at once: one reconnecting to NATS is briefly missing)")
     idle_poll_s: float = Field(default=0.5, gt=0, alias="LW_BATCHER_IDLE_POLL_S",
                                description="longest wait for an idle worker before looking again")
     sweep_interval_s: float = Field(default=0.1, gt=0, alias="LW_BATCHER_SWEEP_INTERVAL_S",

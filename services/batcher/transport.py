@@ -20,7 +20,7 @@ from services.batcher.settings import BatcherSettings
 from shared import envelope as hdr
 from shared import subjects
 from shared.errors import LeafwireError, Unavailable
-from shared.replies import Event, error_of, ping, publish_error
+from shared.replies import Event, Presence, error_of, ping, publish_error
 
 
 def batch_body(kind: ModelKind, model: str, rows: list[Row]) -> bytes:
@@ -89,6 +89,6 @@ class NatsTransport:
                               Cancel(request_id=request_id, reason="cancelled while being handed over")
                               .model_dump_json().encode())
 
-    async def ping(self, row: Row) -> bool:
-        """A progress event to the row's caller; False when the caller no longer waits."""
+    async def ping(self, row: Row) -> Presence:
+        """A progress event to the row's caller; whether it still waits."""
         return await ping(self.nc, row.env.reply)

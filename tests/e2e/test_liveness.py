@@ -13,12 +13,13 @@ import concurrent.futures
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import openai
 import pytest
 
 from tests.conftest import batcher_service
-from tests.support import NatsServer, Service, eventually, metric, running, write_registry
+from tests.support import LinkProxy, NatsServer, Service, eventually, metric, running, write_registry
 
 pytestmark = pytest.mark.e2e
 SITE = "alive"
@@ -111,6 +112,38 @@ def test_a_stopping_gateway_ends_its_streams_with_an_error(nats_server: NatsServ
         assert gw.proc.wait(15) == 0
         eventually(lambda: decoding(site) == 0, 10, "the answer cancelled at the worker")
         assert "the gateway gave up on it: The gateway is shutting down" in gw.log()  # the reason of its cancel
+
+
+def test_a_gateway_cut_off_for_a_moment_keeps_its_answer_and_sees_the_hole(
+        nats_server: NatsServer, tmp_path: Path) -> None:
+    """The gateway's NATS connection is cut for 4 s under a streamed answer, while the worker's first
+    keepalive (5 s) finds nobody on the caller's subject: the worker must keep the answer, the caller is only
+    reconnecting. What the worker published meanwhile is lost (core NATS keeps nothing for an absent
+    subscriber): the stream must not go on as if nothing happened and end with [DONE]; it ends with a 502
+    answer_incomplete error event."""
+    env = {"LW_NATS_URL": nats_server.url, "LW_SITE": "hole"}
+    registry = write_registry(tmp_path / "models.yaml")
+    worker = Service("local_inference", {**env, "LW_MODELS_FILE": str(registry)})
+    link = LinkProxy(nats_server.node.client_port)
+    gw = Service("gateway", {**env, "LW_NATS_URL": f"nats://127.0.0.1:{link.port}"})
+    try:
+        with running(worker, Service("router", env), gw):
+            long = start_long(client_of(gw))
+            reading = time.monotonic()
+            while time.monotonic() - reading < 3:
+                next(long)
+            link.cut()
+            time.sleep(4)
+            assert decoding(worker) == 1  # still answering: its keepalive found nobody, once, and kept it
+            link.restore()
+            with pytest.raises(openai.APIError, match="Part of the answer was lost on the way") as exc:
+                for _ in long:
+                    pass
+            assert exc.value.code == "answer_incomplete"
+            assert metric(worker.metrics(), "leafwire_callers_gone_total", service="local-inference") == 0
+            eventually(lambda: decoding(worker) == 0, 20, "the answer cancelled at the worker")
+    finally:
+        link.cut()
 
 
 def test_requests_after_a_stop_are_refused_not_hung(nats_server: NatsServer, site: Service) -> None:

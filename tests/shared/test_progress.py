@@ -16,7 +16,7 @@ from shared import envelope as hdr
 from shared import replies, subjects
 from shared.envelope import Envelope
 from shared.errors import Unavailable
-from shared.replies import Event, ReplyPublisher, ReplyReader, ping
+from shared.replies import Event, Presence, ReplyPublisher, ReplyReader, ping
 
 
 async def test_progress_keeps_a_quiet_stream_alive_up_to_its_cap(nc: nats.NATS) -> None:
@@ -63,11 +63,11 @@ async def test_a_ping_learns_whether_the_caller_still_waits(nc: nats.NATS, monke
     closed_stream.close()
     monkeypatch.setattr(replies, "PING_TIMEOUT_S", 0.2)
     try:
-        assert await ping(nc, open_stream.subject) is True
-        assert await ping(nc, closed_stream.subject) is False
-        assert await ping(nc, f"{subjects.reply_prefix('test-nobody')}.1") is False
-        assert await ping(nc, f"{subjects.reply_prefix('test-mute')}.1") is True
-        assert await ping(nc, nc.new_inbox()) is True  # a plain client's inbox is never sent a progress event
+        assert await ping(nc, open_stream.subject) is Presence.THERE
+        assert await ping(nc, closed_stream.subject) is Presence.GONE
+        assert await ping(nc, f"{subjects.reply_prefix('test-nobody')}.1") is Presence.UNHEARD
+        assert await ping(nc, f"{subjects.reply_prefix('test-mute')}.1") is Presence.THERE
+        assert await ping(nc, nc.new_inbox()) is Presence.THERE  # a plain client's inbox is never sent one
     finally:
         open_stream.close()
         await mute.unsubscribe()
@@ -75,43 +75,61 @@ async def test_a_ping_learns_whether_the_caller_still_waits(nc: nats.NATS, monke
 
 
 async def test_the_worker_stops_answers_nobody_waits_for(nc: nats.NATS) -> None:
-    """The worker pings each caller of a row every keepalive_s: a caller that waits keeps its answer, one
-    whose stream was closed or whose gateway is gone loses it; a plain client's inbox is never pinged."""
+    """The worker pings each caller of a row every keepalive_s. A caller that waits keeps its answer; one
+    whose stream was closed loses it at once; one whose subject nobody listens on (its gateway is gone)
+    loses it after two keepalives unheard, but a gateway that was only reconnecting (back by the next ping)
+    keeps it; a plain client's inbox is never pinged."""
     reader = ReplyReader(nc, subjects.reply_prefix("test-worker"))
     await reader.start()
     waiting, closed = reader.open(), reader.open()
     closed.close()
+    reconnecting = ReplyReader(nc, subjects.reply_prefix("test-reconnect"))
+    await reconnecting.start()
+    held = reconnecting.open()
+    await reconnecting.stop()  # its NATS connection is down for a moment
     client_inbox = nc.new_inbox()
     client = await nc.subscribe(client_inbox)
     await nc.flush()
-    worker = Worker(settings=InferenceSettings(keepalive_s=5), engines={})
+    worker = Worker(settings=InferenceSettings(keepalive_s=0.2), engines={})
     stopped: list[str] = []
 
-    def taken(rid: str, subject: str, quiet_s: float) -> Taken:
-        publisher = ReplyPublisher(nc, subject, Envelope(rid, "t", subject, time.time() + 60))
-        publisher.pinged -= quiet_s
-        return Taken("tiny", lambda: stopped.append(rid), publisher=publisher)
+    def stop(rid: str) -> None:  # as the row's answer ends: it leaves the worker
+        stopped.append(rid)
+        worker.inflight.pop(rid)
 
-    worker.inflight = {"waiting": taken("waiting", waiting.subject, 6),
-                       "closed": taken("closed", closed.subject, 6),
-                       "gateway-gone": taken("gateway-gone", f"{subjects.reply_prefix('test-dead')}.7", 6),
-                       "just-pinged": taken("just-pinged", f"{subjects.reply_prefix('test-dead')}.8", 1),
-                       "plain": taken("plain", client_inbox, 6),
+    def taken(rid: str, subject: str) -> Taken:
+        publisher = ReplyPublisher(nc, subject, Envelope(rid, "t", subject, time.time() + 60))
+        publisher.pinged -= 0.3
+        return Taken("tiny", lambda: stop(rid), publisher=publisher)
+
+    worker.inflight = {"waiting": taken("waiting", waiting.subject),
+                       "closed": taken("closed", closed.subject),
+                       "gateway-gone": taken("gateway-gone", f"{subjects.reply_prefix('test-dead')}.7"),
+                       "reconnecting": taken("reconnecting", held.subject),
+                       "plain": taken("plain", client_inbox),
                        "embeddings": Taken("minilm", lambda: stopped.append("embeddings"))}
     try:
-        later = asyncio.create_task(waiting.next(1.0))
+        later = asyncio.create_task(waiting.next(2.0))
         await worker.keep_callers()
-        assert sorted(stopped) == ["closed", "gateway-gone"]  # "just-pinged" waits for its turn
-        with pytest.raises(TimeoutError):  # the progress event pushes the timer back; it is never a reply
+        assert stopped == ["closed"]  # unheard once is not gone yet
+        await reconnecting.start()  # back before the next ping
+        await worker.keep_callers()  # everyone was just asked: nothing until keepalive_s has passed again
+        assert stopped == ["closed"]
+        await asyncio.sleep(0.25)
+        await worker.keep_callers()
+        assert stopped == ["closed"]  # unheard for one keepalive: still not
+        await asyncio.sleep(0.25)
+        await worker.keep_callers()
+        assert sorted(stopped) == ["closed", "gateway-gone"]  # "reconnecting" answered again: kept
+        with pytest.raises(TimeoutError):  # the progress events push the timer back; none is a reply
             await later
         with pytest.raises(nats.errors.TimeoutError):
             await client.next_msg(timeout=0.3)
-        stopped.clear()
-        await worker.keep_callers()  # everyone was just asked: nothing until keepalive_s has passed again
-        assert stopped == []
     finally:
         waiting.close()
+        held.close()
         await reader.stop()
+        await reconnecting.stop()
 
 
 async def test_ending_a_reader_ends_every_stream_with_its_error(nc: nats.NATS) -> None:

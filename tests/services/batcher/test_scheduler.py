@@ -18,6 +18,7 @@ from services.batcher.settings import BatcherSettings
 from shared import metrics
 from shared.envelope import Envelope
 from shared.errors import LeafwireError, NotBatched, Overloaded
+from shared.replies import Presence
 
 A, B = WorkerRef("a", "edge1"), WorkerRef("b", "edge1")
 
@@ -54,9 +55,9 @@ class FakeTransport:
     async def cancel(self, request_id: str) -> None:
         self.cancels.append(request_id)
 
-    async def ping(self, row: Row) -> bool:
+    async def ping(self, row: Row) -> Presence:
         self.pings.append(row.request_id)
-        return row.request_id not in self.gone
+        return Presence.GONE if row.request_id in self.gone else Presence.THERE
 
 
 def beat(worker: str, *, idle: bool = True, leaving: bool = False, inflight: int = 0,
@@ -83,7 +84,7 @@ async def until(check: Callable[[], object], within_s: float = 5.0) -> None:
 @pytest.fixture
 async def batcher() -> AsyncIterator[tuple[Batcher, FakeTransport]]:
     settings = BatcherSettings(watch_interval_s=0.02, sweep_interval_s=0.02, idle_poll_s=0.05,
-                               worker_timeout_s=0.3, keepalive_s=0.2)
+                               worker_timeout_s=0.3, keepalive_s=0.2, gone_after_s=0.15)
     transport = FakeTransport()
     b = Batcher(settings, WorkerPool("edge1"), transport)
     b.start()
@@ -221,6 +222,21 @@ class TestEndings:
         assert sorted(t.errors) == ["r2", "r3"]
         assert {e.status for e in t.errors.values()} == {502}
         assert not b.pool.serves("m", "chat")
+
+    async def test_a_worker_missing_for_a_moment_keeps_its_rows(
+            self, batcher: tuple[Batcher, FakeTransport]) -> None:
+        """No responders for less than gone_after_s (the worker, or the batcher, reconnecting to NATS) is not
+        a dead worker: its callers hear nothing and their answers go on."""
+        b, t = batcher
+        b.heartbeat(beat("a"))
+        admit(b, "r1", "r2", "r3")
+        await until(lambda: t.offers)
+        t.answering[A] = None
+        await asyncio.sleep(0.06)  # three status rounds without a listener
+        t.answering[A] = {"r1", "r2", "r3"}
+        await asyncio.sleep(0.3)
+        assert t.errors == {}
+        assert b.pool.serves("m", "chat")
 
     async def test_a_silent_worker_counts_as_lost(self, batcher: tuple[Batcher, FakeTransport]) -> None:
         """A worker that stops answering status for worker_timeout_s loses its rows the same way."""
