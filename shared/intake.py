@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Generic, TypeVar
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -21,6 +21,7 @@ from nats.aio.subscription import Subscription
 from pydantic import BaseModel
 
 from shared.envelope import Envelope, admission_subject
+from shared.errors import Overloaded
 from shared.handling import answer_failure
 from shared.logging import bind_request
 
@@ -32,11 +33,13 @@ class Intake(Generic[M]):
     """A queue subscription that parses each message as ``model`` and hands it to ``handler``.
 
     ``concurrency=None`` awaits the handler in the delivery loop (it must return quickly); an integer runs
-    each message in its own task, at most that many at once — past that, delivery waits for a slot.
+    each message in its own task, at most that many at once. Past that, as many again wait for a slot, each
+    at most ``slot_wait_s``; a message that finds no slot in time, or no room to wait, is refused at once
+    with a 503 and Retry-After (overload is answered, never queued without bound or left silent).
     """
 
     def __init__(self, nc: NATS, *, subject: str, queue: str, model: type[M], handler: Handler[M], site: str,
-                 service: str, concurrency: int | None = None) -> None:
+                 service: str, concurrency: int | None = None, slot_wait_s: float = 2.0) -> None:
         self._nc = nc
         self._subject = subject
         self._queue = queue
@@ -45,6 +48,9 @@ class Intake(Generic[M]):
         self._site = site
         self._service = service
         self._slots = asyncio.Semaphore(concurrency) if concurrency else None
+        self._concurrency = concurrency or 0
+        self._slot_wait_s = slot_wait_s
+        self._waiting = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._sub: Subscription | None = None
 
@@ -67,15 +73,45 @@ class Intake(Generic[M]):
         if self._slots is None:
             await self._handle(msg)
             return
-        await self._slots.acquire()
-        task = asyncio.create_task(self._handle(msg))
+        if not self._slots.locked():
+            await self._slots.acquire()  # free: returns at once
+            self._spawn(self._handle(msg))
+        elif self._waiting < self._concurrency:
+            self._waiting += 1  # counted now: the next message is delivered before this task starts
+            self._spawn(self._wait_for_slot(msg), slot=False)
+        else:
+            await self._refuse(msg)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], slot: bool = True) -> None:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._done)
+        task.add_done_callback(self._done if slot else self._tasks.discard)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if self._slots is not None:
             self._slots.release()
+
+    async def _wait_for_slot(self, msg: Msg) -> None:
+        assert self._slots is not None
+        try:
+            async with asyncio.timeout(self._slot_wait_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            await self._refuse(msg)
+            return
+        finally:
+            self._waiting -= 1
+        try:
+            await self._handle(msg)
+        finally:
+            self._slots.release()
+
+    async def _refuse(self, msg: Msg) -> None:
+        busy = Overloaded(f"{self._service} has {self._concurrency} requests in hand and as many waiting; "
+                          "try again shortly", retry_after=1)
+        await answer_failure(self._nc, site=self._site, service=self._service, subject=msg.subject, data=msg.data,
+                             headers=msg.headers, reply=admission_subject(msg.headers, msg.reply), exc=busy)
 
     async def _handle(self, msg: Msg) -> None:
         try:

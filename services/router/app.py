@@ -170,7 +170,7 @@ async def main(settings: RouterSettings, readiness: Readiness, stack: AsyncExitS
     stack.push_async_callback(handoffs.stop)
     intake = Intake(nc, subject=subjects.chat(settings.site), queue="router", model=ChatCompletionRequest,
                     handler=chat_handler(nc, settings, state, handoffs), site=settings.site, service=SERVICE,
-                    concurrency=settings.max_concurrency)
+                    concurrency=settings.max_concurrency, slot_wait_s=settings.slot_wait_s)
     await intake.start()
     stack.push_async_callback(intake.stop, settings.nats_drain_timeout_s)
     js = nc.jetstream(timeout=5)

@@ -19,7 +19,10 @@ class RouterSettings(ServiceSettings):
         description="wait for a cloud-adapter's admission (it admits at the provider's first byte, after "
                     "retries) when the route has a fallback (a lone cloud model is handed off, not waited "
                     "for); keep it above the providers' total_s (the adapter keeps the caller waiting meanwhile)")
-    max_concurrency: int = Field(default=256, ge=1, alias="LW_ROUTER_MAX_CONCURRENCY")
+    max_concurrency: int = Field(default=256, ge=1, alias="LW_ROUTER_MAX_CONCURRENCY",
+                                 description="chat requests routed at once; as many more may wait for a slot")
+    slot_wait_s: float = Field(default=2.0, gt=0, alias="LW_ROUTER_SLOT_WAIT_S",
+                               description="longest a chat request waits for a slot before a 429 with Retry-After")
     roll_call_wait_s: float = Field(default=0.5, ge=0, alias="LW_ROUTER_ROLL_CALL_WAIT_S")
     policy_file: Path = Field(default=Path("deploy/policy.yaml"), alias="LW_ROUTER_POLICY_FILE")
     uplink: Literal["auto", "up", "down"] = Field(
