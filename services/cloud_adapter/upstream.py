@@ -125,7 +125,8 @@ class OpenStream:
             async with asyncio.timeout(max(wait, 0.0)):
                 return await self._resp.content.readany()
         except TimeoutError as exc:
-            raise UpstreamTimeout(f"{self._upstream.name} sent nothing for {wait:.1f} s mid-answer") from exc
+            raise UpstreamTimeout(self._upstream.timed_out(wait, self._call, f"sent nothing for {wait:.1f} s "
+                                                           "mid-answer")) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamError(f"{self._upstream.name}'s stream was cut: {type(exc).__name__}",
                                 code="upstream_bad_response") from exc
@@ -269,6 +270,14 @@ class Upstream:
                 raise
         raise AssertionError("unreachable: the last try raises")  # pragma: no cover
 
+    def timed_out(self, wait: float, call: Call, silent: str) -> str:
+        """Why a wait of ``wait`` seconds ended: the provider was ``silent`` for its first-byte timeout, or
+        the call's whole time ran out (its ``total_s``, or the request's deadline, retries included)."""
+        if wait < self.provider.spec.timeouts.first_byte_s:
+            return (f"{self.name}'s call ran out of time: its total_s ({self.provider.spec.timeouts.total_s:g} s, "
+                    "retries included) or the request's deadline came first")
+        return f"{self.name} {silent}"
+
     async def _post(self, call: Call, stream: bool) -> aiohttp.ClientResponse:
         """Send one try and wait for the response headers (within the first-byte timeout)."""
         assert self._session is not None, "Upstream.start() was not called"
@@ -280,7 +289,8 @@ class Upstream:
                 return await self._session.post(self.provider.spec.url(call.spec.upstream or call.model),
                                                 data=body, headers=headers, allow_redirects=False)
         except TimeoutError as exc:
-            raise UpstreamTimeout(f"{self.name} did not answer within {wait:.1f} s", retryable=True) from exc
+            raise UpstreamTimeout(self.timed_out(wait, call, f"did not answer within {wait:.1f} s"),
+                                  retryable=True) from exc
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, DestinationRefused):
                 raise UpstreamError(f"{self.name}: {exc.os_error}", code="destination_refused") from exc
@@ -352,7 +362,8 @@ class Upstream:
                     if not chunk:
                         raise bad_response(self.name, "the stream ended before its first event")
         except TimeoutError as exc:
-            raise UpstreamTimeout(f"{self.name} sent no answer within {wait:.1f} s", retryable=True) from exc
+            raise UpstreamTimeout(self.timed_out(wait, call, f"sent no answer within {wait:.1f} s"),
+                                  retryable=True) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamError(f"{self.name}'s stream was cut before its first event: {type(exc).__name__}",
                                 retryable=True) from exc

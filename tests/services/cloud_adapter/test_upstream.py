@@ -224,6 +224,21 @@ class TestRetries:
         assert len(fake.calls) == 3
         assert time.monotonic() - started < 10
 
+    async def test_a_stream_past_total_s_says_so(self, fake: FakeProvider) -> None:
+        """A stream whose pieces come in time (every 0.6 s, first_byte_s 1 s) but whose whole answer takes
+        longer than total_s (2 s) ends with 504 naming total_s, not a provider "silent for 0.x s"."""
+        slow = spec(fake, timeouts={"connect_s": 2, "first_byte_s": 1.0, "total_s": 2})
+        u = Upstream(Provider(spec=slow, key=SecretStr(KEY)), FAST, Breaker("fake", BreakerPolicy(failures=10)))
+        await u.start()
+        fake.script(Fault.drip(0.6, text=" ".join(["word"] * 20)))
+        try:
+            with pytest.raises(UpstreamTimeout) as exc:
+                await stream(u)
+        finally:
+            await u.close()
+        assert exc.value.message == ("fake's call ran out of time: its total_s (2 s, retries included) or the "
+                                     "request's deadline came first")
+
     async def test_connection_refused_is_retried_then_502(self, fake: FakeProvider) -> None:
         """Nothing listening at the provider's address: retried, then 502 saying it could not connect."""
         from deploy.topology import free_port
