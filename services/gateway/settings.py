@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
+from schemas.embeddings import MAX_INPUTS
 from shared.settings import ServiceSettings
 
 ANSWERS_END_S = 3.0  # after the shutdown grace: how long handlers get to write their last error and cancel
@@ -28,6 +29,15 @@ class GatewaySettings(ServiceSettings):
                                     description="on SIGTERM, answers in flight get this long to finish; the rest "
                                                 "end with a 503 (an error event in a stream) and are cancelled")
     models_timeout_s: float = Field(default=2.0, gt=0, alias="LW_GATEWAY_MODELS_TIMEOUT_S")
+    embeddings_split: int = Field(default=256, ge=1, le=MAX_INPUTS, alias="LW_GATEWAY_EMBEDDINGS_SPLIT",
+                                  description="an embeddings request of more inputs is sent to the site as "
+                                              "requests (parts) of at most this many, merged into one answer: "
+                                              "each answer must fit NATS's max_payload (256 float vectors of "
+                                              "384 dimensions: ~2 MB); smaller parts let other requests in "
+                                              "sooner but cost the big one more; 2048: never split")
+    embeddings_parallel: int = Field(default=2, ge=1, le=32, alias="LW_GATEWAY_EMBEDDINGS_PARALLEL",
+                                     description="parts of one request out at the site at once: 2 keeps one "
+                                                 "worker busy; more suits more workers")
     api_keys: str = Field(default="", alias="LW_GATEWAY_API_KEYS",
                           description="comma-separated key:tenant pairs")
     api_keys_file: Path | None = Field(default=None, alias="LW_GATEWAY_API_KEYS_FILE",

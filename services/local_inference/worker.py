@@ -47,6 +47,21 @@ from shared.usage import UsagePublisher
 
 SERVICE = "local-inference"
 log = get_logger("leafwire.local_inference")
+HEADERS_ROOM = 4096  # the server counts headers in max_payload; nats.py checks the payload alone
+
+
+def answer_too_large(size: int, max_payload: int, request: EmbeddingRequest) -> InvalidRequest:
+    """The 413 for an embeddings answer that one NATS message cannot carry."""
+    fix = "send fewer inputs per request"
+    if request.encoding_format == "float":
+        fix += ", or ask for encoding_format base64 (a quarter of the size)"
+    err = InvalidRequest(f"The answer to these {request.count()} inputs ({size} bytes) is larger than the NATS "
+                         f"server's max_payload ({max_payload} bytes): {fix}.", param="input",
+                         code="answer_too_large")
+    err.status = 413
+    return err
+
+
 def new_worker_id(instance: str = "") -> str:
     """``li-<instance>`` when the deployment names the instance, else ``li-<random>``."""
     return f"li-{instance or uuid.uuid4().hex[:8]}"
@@ -338,7 +353,13 @@ class Worker:
                 metrics.EMBEDDING_INPUTS.labels(model).inc(len(job.texts))
                 metrics.PROMPT_TOKENS.labels(model).inc(result.tokens)
                 body = embedding_response(model, result.vectors, result.tokens, job.request.encoding_format)
-                await publisher.send(Event.RESULT, body.model_dump_json().encode())
+                answer = body.model_dump_json().encode()
+                if len(answer) + HEADERS_ROOM > self.nc.max_payload:
+                    log.warning("embeddings answer too large for NATS", model=model, request_id=job.env.request_id,
+                                bytes=len(answer), max_payload=self.nc.max_payload)
+                    await publisher.error(answer_too_large(len(answer), self.nc.max_payload, job.request))
+                    continue
+                await publisher.send(Event.RESULT, answer)
         except Exception as exc:  # the caller must hear of it, whatever broke
             log.exception("embeddings failed", model=model)
             for job in jobs:

@@ -1,22 +1,33 @@
 """POST /v1/embeddings end to end with the official client: OpenAI's shape, order, unit vectors, base64,
-batching, and an OpenAI-shaped error for each kind of bad input. Mechanics on the tiny BERT fixture;
-meaning on the real all-MiniLM-L6-v2 where `just models` has built it."""
+batching, many inputs sent in parts, and an OpenAI-shaped error for each kind of bad input. Mechanics on
+the tiny BERT fixture; meaning on the real all-MiniLM-L6-v2 where `just models` has built it."""
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import nats
 import numpy as np
 import openai
 import pytest
 
 from tests.conftest import Stack, batcher_service, stack_services
-from tests.support import REAL_MODELS, ROOT, NatsServer, metric, running
+from tests.support import (
+    REAL_MODELS,
+    ROOT,
+    NatsServer,
+    metric,
+    running,
+    start_single,
+    stopped_on_error,
+    write_registry,
+)
 
 pytestmark = pytest.mark.e2e
 MODEL = "tiny-embed"
@@ -143,6 +154,95 @@ class TestModels:
         with pytest.raises(openai.NotFoundError) as exc:
             stack.client().models.retrieve("gpt-17")
         assert exc.value.code == "model_not_found"
+
+
+MAX_PAYLOAD = 64 * 1024  # what one NATS message may carry on the tight site (8 MB in deployments)
+MANY = [f"gauge {i} reads {i * 7 % 50} bar at valve {chr(65 + i % 26)}" for i in range(150)]  # ~108 kB as floats
+
+
+@pytest.fixture(scope="module")
+def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NatsServer, openai.OpenAI]]:
+    """A site whose NATS carries at most 64 KiB a message, and whose gateway sends at most 16 inputs a request."""
+    server = start_single(tmp_path_factory.mktemp("nats-tight"))
+    with stopped_on_error([server]):
+        conf = server.node.conf.read_text()
+        assert "max_payload: 8MB" in conf
+        server.node.conf.write_text(conf.replace("max_payload: 8MB", f"max_payload: {MAX_PAYLOAD}"))
+        server.restart()
+    registry = write_registry(tmp_path_factory.mktemp("registry-tight") / "models.yaml", embedder=MODEL)
+    worker, router, gateway = stack_services(server.url, registry, site="tight",
+                                             gateway_env={"LW_GATEWAY_EMBEDDINGS_SPLIT": "16"})
+    try:
+        with running(worker, batcher_service(server.url, "tight"), router, gateway):
+            yield server, openai.OpenAI(base_url=f"{gateway.base}/v1", api_key="x", max_retries=0)
+    finally:
+        server.stop()
+
+
+class TestManyInputs:
+    def test_more_vectors_than_one_nats_message_carries_come_back_whole(
+            self, tight: tuple[NatsServer, openai.OpenAI]) -> None:
+        """150 float vectors (more than a NATS message carries here): every one, in input order, each the
+        vector its text gets alone, usage the sum of theirs."""
+        _, client = tight
+        r = client.embeddings.create(model=MODEL, input=MANY, encoding_format="float")
+        assert [d.index for d in r.data] == list(range(len(MANY)))
+        assert r.model == MODEL
+        with ThreadPoolExecutor(8) as pool:
+            alone = list(pool.map(lambda t: client.embeddings.create(model=MODEL, input=t, encoding_format="float"),
+                                  MANY))
+        assert np.allclose(np.array([d.embedding for d in r.data]), np.array([a.data[0].embedding for a in alone]),
+                           atol=1e-5)
+        assert r.usage.prompt_tokens == r.usage.total_tokens == sum(a.usage.prompt_tokens for a in alone)
+
+    def test_base64_in_parts_decodes_to_the_float_vectors(self, tight: tuple[NatsServer, openai.OpenAI]) -> None:
+        """The official client's default (base64) gets the same vectors, split or not."""
+        _, client = tight
+        encoded = client.embeddings.create(model=MODEL, input=MANY)
+        floats_ = client.embeddings.create(model=MODEL, input=MANY, encoding_format="float")
+        assert np.allclose(np.array([d.embedding for d in encoded.data]),
+                           np.array([d.embedding for d in floats_.data]), atol=1e-7)
+
+    def test_one_input_too_long_fails_the_whole_request_naming_it(
+            self, tight: tuple[NatsServer, openai.OpenAI]) -> None:
+        """Input 37 over the model's context: the whole request is a 400 naming input[37], not a partial list."""
+        _, client = tight
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.embeddings.create(model=MODEL, input=[*MANY[:37], "pump " * 100, *MANY[38:]])
+        assert exc.value.code == "context_length_exceeded"
+        assert "input[37] has" in exc.value.message
+
+    def test_many_token_arrays_get_the_answer_one_request_gets(
+            self, tight: tuple[NatsServer, openai.OpenAI]) -> None:
+        """Forty token arrays are sent in parts like strings: the text model's 400 naming token ids."""
+        _, client = tight
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.embeddings.create(model=MODEL, input=[[101, 2023 + i, 102] for i in range(40)])
+        assert exc.value.body["param"] == "input"  # type: ignore[index]
+        assert "token ids" in exc.value.message
+
+    async def test_a_nats_caller_whose_answer_is_too_large_is_told_what_to_do(
+            self, tight: tuple[NatsServer, openai.OpenAI]) -> None:
+        """Straight over NATS, 150 float vectors do not fit one message: a 413 naming max_payload and base64;
+        the same request as base64 fits and is answered (the worker is still connected)."""
+        server, _ = tight
+        nc = await nats.connect(server.url)
+        try:
+            ask = {"model": MODEL, "input": MANY, "encoding_format": "float"}
+            too_large = await nc.request("lw.v1.tight.embeddings", json.dumps(ask).encode(), timeout=20)
+            ask["encoding_format"] = "base64"
+            fits = await nc.request("lw.v1.tight.embeddings", json.dumps(ask).encode(), timeout=20)
+        finally:
+            await nc.drain()
+        assert too_large.headers is not None
+        assert (too_large.headers["Lw-Event"], too_large.headers["Lw-Status"]) == ("error", "413")
+        error = json.loads(too_large.data)["error"]
+        assert error["code"] == "answer_too_large"
+        assert f"max_payload ({MAX_PAYLOAD} bytes)" in error["message"]
+        assert "base64" in error["message"]
+        assert fits.headers is not None
+        assert fits.headers["Lw-Event"] == "result"
+        assert len(json.loads(fits.data)["data"]) == len(MANY)
 
 
 MINILM = REAL_MODELS / "all-minilm-l6-v2"
