@@ -75,7 +75,7 @@ class Bridge:
         try:
             return await stream.next(wait, cap_s=env.remaining())
         except TimeoutError as exc:
-            if wait < self.settings.idle_timeout_s:
+            if wait < self.settings.idle_timeout_s or env.remaining() < 0.1:  # (progress may push to the deadline)
                 raise DeadlineExceeded("The request took longer than its deadline.") from exc
             raise DeadlineExceeded(
                 f"Nothing was heard of this request for {wait:g} s: the service answering it stopped or was cut "
