@@ -52,7 +52,8 @@ ROUTE_DURATION = Histogram("leafwire_route_duration_seconds", "Time to decide an
                            buckets=LATENCY_BUCKETS)
 MASKED = Counter("leafwire_masked_total", "Personal data masked in prompts leaving the site", ["pattern"])
 POLICY_RELOADS = Counter("leafwire_policy_reloads_total", "Routing policies received from KV", ["outcome"])
-UPLINK_UP = Gauge("leafwire_uplink_up", "1 while the site reaches the hub")
+UPLINK_UP = Gauge("leafwire_uplink_up", "1 while the site reaches the hub (only where a router probes it)",
+                  ["site"])
 
 # -- local inference
 TTFT = Histogram("leafwire_time_to_first_token_seconds", "Time from request arrival to first token",

@@ -61,8 +61,9 @@ def budget_updates(state: LiveState, skip_site: str | None = None) -> OnEntry:
     return on_entry
 
 
-async def probe_uplink(nc: NATS, state: LiveState, interval_s: float) -> None:
+async def probe_uplink(nc: NATS, state: LiveState, interval_s: float, site: str) -> None:
     """The uplink is up while the hub's JetStream answers across the leaf connection."""
+    gauge = metrics.UPLINK_UP.labels(site)  # labelled: a service that does not probe exports no 0
     while True:
         try:
             await nc.request(subjects.HUB_JS_API_INFO, b"", timeout=1.0)
@@ -75,5 +76,5 @@ async def probe_uplink(nc: NATS, state: LiveState, interval_s: float) -> None:
         if up != state.uplink_up:
             log.warning("uplink " + ("up" if up else "down"))
         state.uplink_up = up
-        metrics.UPLINK_UP.set(1 if up else 0)
+        gauge.set(1 if up else 0)
         await asyncio.sleep(interval_s)
