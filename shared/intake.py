@@ -35,7 +35,7 @@ class Intake(Generic[M]):
     ``concurrency=None`` awaits the handler in the delivery loop (it must return quickly); an integer runs
     each message in its own task, at most that many at once. Past that, as many again wait for a slot, each
     at most ``slot_wait_s``; a message that finds no slot in time, or no room to wait, is refused at once
-    with a 503 and Retry-After (overload is answered, never queued without bound or left silent).
+    with a 429 and Retry-After (overload is answered, never queued without bound or left silent).
     """
 
     def __init__(self, nc: NATS, *, subject: str, queue: str, model: type[M], handler: Handler[M], site: str,
