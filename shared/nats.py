@@ -151,10 +151,11 @@ def broker(settings: ServiceSettings, name: str, **kwargs: Any) -> NatsBroker:
     )
 
 
-async def start_broker(b: NatsBroker, settings: ServiceSettings) -> NATS:
+async def start_broker(b: NatsBroker, settings: ServiceSettings, name: str) -> NATS:
     """Wait for NATS, start the broker and flush so its subscriptions are live before returning."""
     await wait_for_server(settings)
     await b.start()
     nc = b.connection
     await nc.flush(timeout=5)
+    metrics.NATS_CONNECTED.labels(name).set(1)  # from here on its callbacks keep it (connect_options)
     return nc

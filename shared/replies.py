@@ -131,7 +131,6 @@ class ReplyPublisher:
     async def ping(self) -> Presence:
         """Tell the caller the answer is still coming, and learn whether it still waits (see ``ping``). The
         first event's headers stay for the first real event."""
-        self.pinged = time.monotonic()
         return await ping(self._nc, self._subject)
 
     async def error(self, err: LeafwireError) -> None:

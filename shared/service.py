@@ -111,13 +111,11 @@ GC_YOUNG_THRESHOLD = 20_000
 async def attach_broker(broker: NatsBroker, settings: ServiceSettings, service: str, readiness: Readiness,
                         stack: AsyncExitStack) -> None:
     """Start a FastStream broker, make readiness follow its connection, drain it on shutdown."""
-    nc = await start_broker(broker, settings)
+    nc = await start_broker(broker, settings, service)
     stack.push_async_callback(broker.stop)
     await ensure_dead_letters(nc, settings.site)
 
     def connected() -> str | None:
-        up = nc.is_connected
-        metrics.NATS_CONNECTED.labels(service).set(1 if up else 0)
-        return None if up else "not connected to NATS"
+        return None if nc.is_connected else "not connected to NATS"
 
     readiness.add("nats", connected)

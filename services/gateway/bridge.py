@@ -111,12 +111,17 @@ class Bridge:
             metrics.CLIENT_DISCONNECTS.inc()
             raise
         finally:
-            try:
-                if stream.sent and (not exchange.finished or stream.given_up):
-                    await self.cancel(env, f"the gateway gave up on it: {stream.given_up}" if stream.given_up
-                                      else why)
-            finally:
-                stream.close()
+            await self.settle(stream, env, exchange.finished, why)
+
+    async def settle(self, stream: ReplyStream, env: Envelope, finished: bool, why: str) -> None:
+        """Close a request's reply stream; cancel the request at the site when it went out and its answer
+        did not end here (``why``), or the gateway gave up on it."""
+        try:
+            if stream.sent and (not finished or stream.given_up):
+                await self.cancel(env, f"the gateway gave up on it: {stream.given_up}" if stream.given_up
+                                  else why)
+        finally:
+            stream.close()
 
     async def cancel(self, env: Envelope, reason: str) -> None:
         """Tell every worker and batcher of the site to stop this request (best effort)."""

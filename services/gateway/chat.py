@@ -57,11 +57,11 @@ class ChatBridge(Bridge):
                 await resp.write_eof()
                 return resp, True
             elif reply.event is Event.ERROR:
-                # Headers are gone: the error travels as an event, as OpenAI does mid-stream. An overflow
-                # is the gateway's own error: the worker is still generating and must be told to stop.
+                # Headers are gone: the error travels as an event, as OpenAI does mid-stream. One the gateway
+                # made itself (an overflow, a hole) marks the stream given up, and the exchange cancels it.
                 await resp.write(b"data: " + reply.data + b"\n\n")
                 await resp.write_eof()
-                return resp, not stream.overflowed
+                return resp, True
             try:
                 reply = await self.next(stream, env)
             except LeafwireError as err:

@@ -167,9 +167,4 @@ class EmbeddingsBridge(Bridge):
                 raise
             raise whole from err
         finally:
-            try:
-                if stream.sent and (not answered or stream.given_up):
-                    await self.cancel(env, f"the gateway gave up on it: {stream.given_up}" if stream.given_up
-                                      else why)
-            finally:
-                stream.close()
+            await self.settle(stream, env, answered, why)

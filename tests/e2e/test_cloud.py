@@ -499,7 +499,8 @@ def test_no_providers_file_still_starts(tmp_path: Path, nats_server: NatsServer)
     adapter = Service("cloud_adapter", {"LW_NATS_URL": nats_server.url, "LW_SITE": "offline",
                                         "LW_PROVIDERS_FILE": str(tmp_path / "absent.yaml")})
     with running(adapter):
-        assert "leafwire_up" in adapter.metrics()
+        assert metric(adapter.metrics(), "leafwire_up", service="cloud-adapter") == 1
+        assert metric(adapter.metrics(), "leafwire_nats_connected", service="cloud-adapter") == 1
 
 
 # -- helpers reading NATS directly
