@@ -179,6 +179,7 @@ class Phase:
     rate: float
     duration: float
     latencies: list[float] = field(default_factory=list)
+    answered_at: list[float] = field(default_factory=list)  # due times (s into the phase), as latencies
     errors: int = 0
     sent: int = 0
     elapsed: float = 0.0
@@ -206,7 +207,7 @@ async def open_loop(pool: HttpPool, url: str, body: bytes, rate: float, duration
     clock = time.perf_counter
     phase = Phase(rate, duration)
     path = urlsplit(url).path
-    latencies = phase.latencies
+    latencies, answered_at = phase.latencies, phase.answered_at
     all_answered = asyncio.get_running_loop().create_future()
     total = int(rate * duration)
     left = total
@@ -215,6 +216,7 @@ async def open_loop(pool: HttpPool, url: str, body: bytes, rate: float, duration
         nonlocal left
         if not future.cancelled() and future.exception() is None and future.result()[0] == 200:
             latencies.append(clock() - due)
+            answered_at.append(due - start)
         else:
             phase.errors += 1
         left -= 1
@@ -366,6 +368,10 @@ async def run(args: argparse.Namespace) -> None:
                     *[f"{cpu:.0f} / {rss:.0f}" for cpu, rss in usage], f"{gen:.0f}", f"{every:.2f}",
                     steal_share(t0, t1)]))
                 print(rows[-1], flush=True)
+                if args.timeline:
+                    args.timeline.mkdir(parents=True, exist_ok=True)
+                    (args.timeline / f"{rate:g}.csv").write_text("due_s,latency_ms\n" + "".join(
+                        f"{d:.6f},{lat * 1000:.3f}\n" for d, lat in zip(via.answered_at, via.latencies, strict=True)))
             print()
             print(fmt_row(header))
             print(fmt_row(["---"] * len(header)))
@@ -402,6 +408,8 @@ def main() -> None:
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--adapter-alone", action="store_true",
                         help="also drive the cloud-adapter by itself over NATS at the same rates")
+    parser.add_argument("--timeline", type=Path,
+                        help="write <rate>.csv here: each answered request's due time and latency, to find stalls")
     parser.add_argument("--profile", type=Path, help="run the services under cProfile, writing <service>.prof here")
     parser.add_argument("--floor", action="store_true",
                         help="run loadtests/skeleton.py's do-nothing services instead of leafwire's: the floor of "
