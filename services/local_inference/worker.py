@@ -86,6 +86,11 @@ class EmbedJob:
     request: EmbeddingRequest
     texts: list[str]
     publisher: ReplyPublisher | None = None  # once taken
+    dropped: bool = False  # its caller left or cancelled: the batch still runs, its vectors are not sent
+
+    def drop(self) -> None:
+        """Send this request's caller nothing more (a batch is not stopped midway)."""
+        self.dropped = True
 
 
 @dataclass
@@ -254,7 +259,7 @@ class Worker:
                 self.refuse(env, err)
         for job in jobs:  # a batch is not stopped midway; its callers are kept waiting while it runs
             job.publisher = ReplyPublisher(self.nc, job.env.reply, job.env, self.served_by) if self.nc else None
-            self.inflight[job.env.request_id] = Taken(batch.model, lambda: None, publisher=job.publisher)
+            self.inflight[job.env.request_id] = Taken(batch.model, job.drop, publisher=job.publisher)
         answer = self.accepted(batch.model, [job.env.request_id for job in jobs])
         if jobs:
             self.spawn(self.embed(engine, jobs))
@@ -346,6 +351,8 @@ class Worker:
             metrics.BATCH_SIZE.labels(model).observe(sum(len(j.texts) for j in jobs))
             results = await engine.embed_many([j.texts for j in jobs])
             for job, result in zip(jobs, results, strict=True):
+                if job.dropped:
+                    continue
                 publisher = job.publisher or ReplyPublisher(self.nc, job.env.reply, job.env, self.served_by)
                 if isinstance(result, TooLong):
                     await publisher.error(too_long(model, result))
@@ -363,8 +370,9 @@ class Worker:
         except Exception as exc:  # the caller must hear of it, whatever broke
             log.exception("embeddings failed", model=model)
             for job in jobs:
-                await publish_error(self.nc, job.env.reply, job.env,
-                                    LeafwireError(f"embeddings failed: {type(exc).__name__}"))
+                if not job.dropped:
+                    await publish_error(self.nc, job.env.reply, job.env,
+                                        LeafwireError(f"embeddings failed: {type(exc).__name__}"))
         finally:
             for job in jobs:
                 self.inflight.pop(job.env.request_id, None)
