@@ -37,8 +37,10 @@ class Readiness:
         return found
 
 
-def add_routes(app: web.Application, service: str, readiness: Readiness) -> None:
-    """Add ``/healthz``, ``/readyz`` and ``/metrics`` to ``app``."""
+def add_routes(app: web.Application, service: str, readiness: Readiness,
+               metrics_guard: Callable[[web.Request], object] | None = None) -> None:
+    """Add ``/healthz``, ``/readyz`` and ``/metrics`` to ``app``; ``metrics_guard`` (which raises to refuse)
+    is asked before ``/metrics`` answers."""
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "service": service})
@@ -50,7 +52,9 @@ def add_routes(app: web.Application, service: str, readiness: Readiness) -> None
                                      status=503)
         return web.json_response({"status": "ready", "service": service})
 
-    async def metrics(_: web.Request) -> web.Response:
+    async def metrics(request: web.Request) -> web.Response:
+        if metrics_guard is not None:
+            metrics_guard(request)
         resp = web.Response(body=generate_latest())
         resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
         return resp

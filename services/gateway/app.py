@@ -146,7 +146,7 @@ def build_app(gateway: Gateway, readiness: Readiness) -> web.Application:
     app.router.add_get("/v1/models", gateway.list_models)
     app.router.add_post("/v1/route/dry-run", gateway.dry_run)
     app.router.add_get("/v1/models/{model:.+}", gateway.get_model)  # cloud models are <provider>/<model>
-    add_routes(app, SERVICE, readiness)
+    add_routes(app, SERVICE, readiness, gateway.tenant_of if gateway.settings.metrics_need_key else None)
     return app
 
 

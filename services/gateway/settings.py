@@ -42,11 +42,17 @@ class GatewaySettings(ServiceSettings):
                           description="comma-separated key:tenant pairs")
     api_keys_file: Path | None = Field(default=None, alias="LW_GATEWAY_API_KEYS_FILE",
                                        description="a file of key:tenant lines")
+    metrics_need_key: bool = Field(default=False, alias="LW_GATEWAY_METRICS_NEED_KEY",
+                                   description="/metrics answers only a caller with one of the API keys "
+                                               "(it is on the API's port; off: open, as vLLM's and LiteLLM's)")
 
     @model_validator(mode="after")
     def _keys_outside_development(self) -> GatewaySettings:
         if self.env == "production" and not (self.api_keys or self.api_keys_file):
             raise ValueError("production needs API keys: set LW_GATEWAY_API_KEYS or LW_GATEWAY_API_KEYS_FILE")
+        if self.metrics_need_key and not (self.api_keys or self.api_keys_file):
+            raise ValueError("LW_GATEWAY_METRICS_NEED_KEY needs API keys: set LW_GATEWAY_API_KEYS or "
+                             "LW_GATEWAY_API_KEYS_FILE")
         return self
 
     @property

@@ -92,7 +92,8 @@ def cloud(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> 
         "LW_CLOUD_BREAKER_OPEN_S": "60", "LW_LOG_LEVEL": "debug", **KEEPALIVE})
     router = Service("router", {**env, **cloud_router_env(file.parent), **KEEPALIVE})
     # an idle timeout shorter than the provider's slowest answers: the adapter keeps its callers waiting
-    gateway = Service("gateway", {**env, "LW_GATEWAY_API_KEYS": API_KEYS, "LW_GATEWAY_IDLE_TIMEOUT_S": "1.5"})
+    gateway = Service("gateway", {**env, "LW_GATEWAY_API_KEYS": API_KEYS, "LW_GATEWAY_IDLE_TIMEOUT_S": "1.5",
+                                  "LW_GATEWAY_METRICS_NEED_KEY": "true"})
     try:
         with running(adapter, router, gateway):
             yield CloudStack(nats_server, gateway, router, adapter, openai_fake, claude_fake)
@@ -439,6 +440,28 @@ class TestBudgetsAndUsage:
 
 
 class TestSecrets:
+    def test_a_wrong_api_key_is_401_and_runs_nothing(self, cloud: CloudStack) -> None:
+        """A missing or unknown key gets OpenAI's 401 (the client's AuthenticationError); no provider call."""
+        with pytest.raises(openai.AuthenticationError) as exc:
+            cloud.client("key-nobody").chat.completions.create(model="fake/echo", messages=MESSAGES)
+        assert exc.value.code == "invalid_api_key"
+        keyless = httpx.post(f"{cloud.gateway.base}/v1/chat/completions", json={"model": "fake/echo",
+                                                                                "messages": MESSAGES})
+        assert keyless.status_code == 401
+        assert keyless.json()["error"]["code"] == "invalid_api_key"
+        assert cloud.openai_fake.calls == []
+
+    def test_metrics_answer_only_a_caller_with_a_key_when_asked_to(self, cloud: CloudStack) -> None:
+        """With LW_GATEWAY_METRICS_NEED_KEY the gateway's /metrics (on the API's port) is a 401 in OpenAI's
+        shape without a key, and the usual text with one; health stays open to probes."""
+        bare = httpx.get(f"{cloud.gateway.base}/metrics")
+        assert bare.status_code == 401
+        assert bare.json()["error"]["code"] == "invalid_api_key"
+        keyed = httpx.get(f"{cloud.gateway.base}/metrics", headers={"Authorization": "Bearer key-globex"})
+        assert keyed.status_code == 200
+        assert "leafwire_http_requests_total" in keyed.text
+        assert httpx.get(f"{cloud.gateway.base}/readyz").status_code == 200
+
     def test_keys_never_reach_callers_nats_or_logs(self, cloud: CloudStack) -> None:
         """A provider refusing the key (and echoing it) yields a 502 without it; no key ever crosses NATS
         or appears in the adapter's log, even at debug level."""

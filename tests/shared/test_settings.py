@@ -26,6 +26,12 @@ class TestSettings:
         with pytest.raises(ValidationError, match="API keys"):
             GatewaySettings(env="production", nats_url="nats://u:p@127.0.0.1:4222")
 
+    def test_metrics_behind_a_key_need_keys(self) -> None:
+        """/metrics cannot be closed to callers without a key when no key exists."""
+        with pytest.raises(ValidationError, match="LW_GATEWAY_METRICS_NEED_KEY needs API keys"):
+            GatewaySettings(metrics_need_key=True)
+        assert GatewaySettings(metrics_need_key=True, api_keys="k1:acme").metrics_need_key
+
     def test_key_table(self) -> None:
         """API keys are key:tenant pairs."""
         assert GatewaySettings(api_keys="k1:acme, k2:globex").key_table() == {"k1": "acme", "k2": "globex"}
