@@ -2,7 +2,8 @@
 
     LeafwireError                    500 server_error
     ├── InvalidRequest               400 invalid_request_error
-    │   └── ContextLengthExceeded    400 code=context_length_exceeded
+    │   ├── ContextLengthExceeded    400 code=context_length_exceeded
+    │   └── TooLarge                 413 code=request_too_large (bigger than one NATS message may be)
     ├── Unauthorized                 401 authentication_error
     ├── ModelNotFound                404 code=model_not_found
     ├── Overloaded                   429 rate_limit_error  (carries retry_after)
@@ -85,6 +86,20 @@ class ContextLengthExceeded(InvalidRequest):
         self.context_length = context_length
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
+
+
+class TooLarge(InvalidRequest):
+    """A request bigger than one NATS message may be (the server's ``max_payload``, headers included)."""
+
+    status = 413
+    default_code = "request_too_large"
+
+    def __init__(self, size: int, max_payload: int) -> None:
+        super().__init__(f"The request is {size} bytes as sent between leafwire's services (its headers included), "
+                         f"more than one NATS message may carry (the server's max_payload: {max_payload} bytes). "
+                         "Send a smaller request.")
+        self.size = size
+        self.max_payload = max_payload
 
 
 class Unauthorized(LeafwireError):

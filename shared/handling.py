@@ -15,6 +15,7 @@ from typing import Any
 from faststream import BaseMiddleware
 from faststream.message import StreamMessage
 from nats.aio.client import Client as NATS
+from nats.errors import MaxPayloadError
 from pydantic import ValidationError
 from pydantic_core import from_json
 
@@ -22,6 +23,7 @@ from shared import metrics, subjects
 from shared.envelope import Envelope
 from shared.errors import InvalidRequest, LeafwireError
 from shared.logging import bind_request, get_logger
+from shared.nats_headers import too_large
 from shared.replies import publish_error
 
 log = get_logger("leafwire.handling")
@@ -77,6 +79,8 @@ async def answer_failure(nc: NATS, *, site: str, service: str, subject: str, dat
     dead: str | None = None
     if isinstance(exc, LeafwireError):
         err = exc
+    elif isinstance(exc, MaxPayloadError):  # what it would have sent on is too big: no dead letter either
+        err = too_large(exc, data, nc.max_payload)
     elif isinstance(exc, ValidationError):
         err = not_json(data) or invalid_request(exc)
         dead = f"invalid: {exc.errors()[0].get('msg', '') if exc.errors() else ''}"

@@ -7,6 +7,7 @@ import contextlib
 import math
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import nats
@@ -42,6 +43,16 @@ def secrets_of(servers: str) -> list[str]:
     return [s for s in found if s]
 
 
+_WHEN_CLOSED: list[Callable[[str], None]] = []
+
+
+def when_closed(hook: Callable[[str], None]) -> None:
+    """Call ``hook(name)`` whenever a connection made with :func:`connect_options` closes: at shutdown, or
+    for good while serving (nats-py gives up on a connection the server refused with a protocol error; it
+    does not reconnect)."""
+    _WHEN_CLOSED.append(hook)
+
+
 def connect_options(settings: ServiceSettings, name: str) -> dict[str, Any]:
     """Options for nats-py and FastStream alike: reconnect forever, ping often, log state changes (and keep
     ``leafwire_nats_connected`` up to date)."""
@@ -60,6 +71,8 @@ def connect_options(settings: ServiceSettings, name: str) -> dict[str, Any]:
 
     async def on_closed() -> None:
         connected.set(0)
+        for hook in _WHEN_CLOSED:
+            hook(name)
 
     opts: dict[str, Any] = {
         "servers": settings.nats_servers,

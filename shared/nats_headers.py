@@ -14,6 +14,11 @@ rules exactly — names stripped, empty names skipped, names that are not tokens
 and names with whitespace or non-ASCII bytes skipped, values decoded as UTF-8 with replacement — and
 ``tests/shared/test_nats_headers.py`` holds them to nats-py's own methods on the same inputs. A nats-py
 other than the version they were written against is left alone (the lock file pins it).
+
+One rule is added: a message whose headers and payload together exceed the server's ``max_payload`` is
+refused with :class:`MessageTooLarge` (a ``MaxPayloadError``) before anything is sent. nats-py checks the
+payload alone; the server counts both, and answers a message over the limit by closing the connection, for
+good: one oversized request would cut a service off from NATS.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from nats import errors
 from nats.aio import client as nats_client
 from nats.protocol import command as prot_command
 
+from shared.errors import TooLarge
 from shared.logging import get_logger
 
 log = get_logger("leafwire.nats")
@@ -100,15 +106,37 @@ def parse(raw: bytes) -> dict[str, str]:
     return out
 
 
+class MessageTooLarge(errors.MaxPayloadError):
+    """Headers and payload together are over the server's ``max_payload``; nothing was sent."""
+
+    def __init__(self, size: int, max_payload: int) -> None:
+        super().__init__()
+        self.size = size
+        self.max_payload = max_payload
+
+    def __str__(self) -> str:
+        return f"nats: message of {self.size} bytes (headers included) exceeds max_payload {self.max_payload}"
+
+
+def too_large(exc: errors.MaxPayloadError, payload: bytes, max_payload: int) -> TooLarge:
+    """The caller's 413 for a message NATS cannot carry (nats-py refuses a payload over the limit by itself,
+    :class:`MessageTooLarge` one that its headers push over it)."""
+    return TooLarge(exc.size if isinstance(exc, MessageTooLarge) else len(payload), max_payload)
+
+
 async def _send_publish(self: nats_client.Client, subject: str, reply: str, payload: bytes, payload_size: int,
                         headers: dict[str, Any] | None) -> None:
-    """nats-py's ``Client._send_publish`` with :func:`encode` building the header block."""
+    """nats-py's ``Client._send_publish`` with :func:`encode` building the header block, refusing a message
+    the server would close the connection for."""
     if subject == "":
         raise errors.BadSubjectError
     if headers is None:
         pub_cmd = prot_command.pub_cmd(subject, reply, payload)
     else:
-        pub_cmd = prot_command.hpub_cmd(subject, reply, encode(headers), payload)
+        block = encode(headers)
+        if len(block) + payload_size > self._max_payload:
+            raise MessageTooLarge(len(block) + payload_size, self._max_payload)
+        pub_cmd = prot_command.hpub_cmd(subject, reply, block, payload)
     self.stats["out_msgs"] += 1
     self.stats["out_bytes"] += payload_size
     await self._send_command(pub_cmd)

@@ -19,7 +19,7 @@ from faststream.nats import NatsBroker
 
 from shared import logging as lw_logging
 from shared import metrics
-from shared.nats import NoNatsServer, secrets_of, shown, start_broker
+from shared.nats import NoNatsServer, secrets_of, shown, start_broker, when_closed
 from shared.ops import OpsServer, Readiness
 from shared.settings import ServiceSettings
 from shared.streams import ensure_dead_letters
@@ -42,17 +42,31 @@ def run(service: str, settings_factory: Callable[[], S], main: Main[S], *, ops_s
         try:
             import uvloop
         except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
-            asyncio.run(serving)
+            code = asyncio.run(serving)
         else:
-            uvloop.run(serving)
+            code = uvloop.run(serving)
     except NoNatsServer as exc:  # no NATS server within LW_NATS_CONNECT_TIMEOUT_S: say so, no traceback
         lw_logging.get_logger(service).error("cannot start", error=str(exc))
         sys.exit(1)
+    if code:
+        sys.exit(code)
 
 
-async def _serve(service: str, settings: S, main: Main[S], ops_server: bool) -> None:
+async def _serve(service: str, settings: S, main: Main[S], ops_server: bool) -> int:
+    """Serve until signalled (exit status 0), or until a NATS connection is closed for good (1: a service cut
+    off from NATS stops, so that its supervisor starts it again, rather than answer nothing forever)."""
     log = lw_logging.get_logger(service)
     stop = asyncio.Event()
+    lost: list[str] = []
+
+    def closed(connection: str) -> None:
+        if not stop.is_set():
+            log.error("NATS connection closed for good: stopping, for a supervisor to start the service again",
+                      connection=connection)
+            lost.append(connection)
+            stop.set()
+
+    when_closed(closed)
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     signals = 0
@@ -90,6 +104,11 @@ async def _serve(service: str, settings: S, main: Main[S], ops_server: bool) -> 
             log.info("stopped")
         except (TimeoutError, asyncio.CancelledError):
             log.error("shutdown did not finish in time; exiting anyway")
+        except Exception as exc:  # every clean-up has run (an exit stack runs them all), some needed NATS
+            if not lost:
+                raise
+            log.warning("some clean-up needed the lost NATS connection", error=repr(exc))
+    return 1 if lost else 0
 
 
 def settle_garbage_collector() -> None:

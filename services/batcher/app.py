@@ -54,7 +54,7 @@ def build_broker(settings: BatcherSettings, batcher: Batcher) -> NatsBroker:
                                    "503 code not_batched: go to the workers directly).")
     async def on_chat(body: ChatCompletionRequest, msg: NatsMessage) -> None:
         env = forwarded_envelope(msg)
-        batcher.admit("chat", body, env)
+        batcher.admit("chat", body, env, nbytes=len(msg.body))
         await admitted(broker, batcher, msg, env)
 
     @broker.subscriber(subjects.batch_any(settings.site, "embeddings"), queue=subjects.BATCHER_QUEUE,
@@ -62,7 +62,7 @@ def build_broker(settings: BatcherSettings, batcher: Batcher) -> NatsBroker:
                        description="Embeddings work for a model (router -> batcher); answered like batch/chat.")
     async def on_embeddings(body: EmbeddingRequest, msg: NatsMessage) -> None:
         env = forwarded_envelope(msg)
-        batcher.admit("embeddings", body, env, body.count())
+        batcher.admit("embeddings", body, env, body.count(), len(msg.body))
         await admitted(broker, batcher, msg, env)
 
     @broker.subscriber(subjects.cancel(settings.site), no_reply=True, title="batcher/cancel",

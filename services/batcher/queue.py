@@ -18,6 +18,8 @@ from schemas.embeddings import EmbeddingRequest
 from shared.envelope import Envelope
 from shared.errors import InvalidRequest, Overloaded
 
+ROW_ROOM = 1024  # bytes a row's envelope and JSON framing add to its request in a batch message (~300 used)
+
 
 @dataclass
 class Row:
@@ -27,6 +29,7 @@ class Row:
     request: ChatCompletionRequest | EmbeddingRequest
     size: int  # 1 for chat; the number of inputs for embeddings
     arrived: float  # monotonic seconds
+    nbytes: int = ROW_ROOM  # what it adds to a batch message: its request's bytes and its envelope
     pinged: float = field(init=False)  # when its caller was last asked whether it still waits (monotonic)
     unheard_since: float | None = None  # since when nobody listens on its reply subject
 
@@ -73,14 +76,16 @@ class ModelQueue:
             return math.inf
         return self.options.max_wait_ms / 1000 - (now - self._rows[0].arrived)
 
-    def take(self) -> list[Row]:
-        """The next batch: oldest first, up to ``max_batch`` (a request bigger than that goes alone)."""
+    def take(self, max_bytes: int | None = None) -> list[Row]:
+        """The next batch: oldest first, up to ``max_batch`` and, as one message, ``max_bytes`` (a request
+        bigger than either goes alone)."""
         batch: list[Row] = []
-        budget = self.options.max_batch
-        while self._rows and (not batch or self._rows[0].size <= budget):
+        budget, room = self.options.max_batch, math.inf if max_bytes is None else max_bytes
+        while self._rows and (not batch or (self._rows[0].size <= budget and self._rows[0].nbytes <= room)):
             row = self._rows.popleft()
             batch.append(row)
             budget -= row.size
+            room -= row.nbytes
         return batch
 
     def put_back(self, rows: list[Row]) -> None:

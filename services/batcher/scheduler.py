@@ -28,17 +28,26 @@ from schemas.chat import ChatCompletionRequest
 from schemas.control import BatchingOptions, ModelKind, WorkerHeartbeat
 from schemas.embeddings import EmbeddingRequest
 from services.batcher.pool import WorkerPool, WorkerRef
-from services.batcher.queue import ModelQueue, Row, retry_after
+from services.batcher.queue import ROW_ROOM, ModelQueue, Row, retry_after
 from services.batcher.settings import BatcherSettings
 from shared import metrics
 from shared.envelope import Envelope
-from shared.errors import Cancelled, DeadlineExceeded, LeafwireError, NotBatched, Unavailable, UpstreamError
+from shared.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    LeafwireError,
+    NotBatched,
+    TooLarge,
+    Unavailable,
+    UpstreamError,
+)
 from shared.logging import get_logger
 from shared.replies import Presence, keep_callers
 from shared.tasks import every, stop_tasks
 
 SERVICE = "batcher"
 log = get_logger("leafwire.batcher")
+BATCH_HEADERS_ROOM = 4096  # a batch message's own headers (request/reply), counted by the server in max_payload
 Key = tuple[ModelKind, str]
 
 
@@ -71,6 +80,11 @@ Offer = Taken | Declined | Failed
 
 class Transport(Protocol):
     """What the scheduler needs from NATS."""
+
+    @property
+    def max_payload(self) -> int:
+        """The most bytes one message (a batch) may carry, headers included."""
+        ...
 
     async def offer(self, worker: WorkerRef, kind: ModelKind, model: str, rows: list[Row]) -> Offer:
         """Hand a batch to one worker."""
@@ -125,8 +139,11 @@ class Batcher:
     # -- admission, cancellation, heartbeats (called by the NATS handlers) ------------------------
 
     def admit(self, kind: ModelKind, request: ChatCompletionRequest | EmbeddingRequest, env: Envelope,
-              size: int = 1) -> None:
-        """Queue a request; raise what its sender should hear (full queue, no worker, deadline passed)."""
+              size: int = 1, nbytes: int = 0) -> None:
+        """Queue a request (``nbytes``: its body's size); raise what its sender should hear (full queue, no
+        worker, deadline passed, too big to hand on)."""
+        if nbytes + ROW_ROOM > self.batch_bytes():
+            raise TooLarge(nbytes + ROW_ROOM, self.transport.max_payload)
         if env.expired():
             raise DeadlineExceeded("the request's deadline passed before it reached the batcher")
         model = request.model
@@ -135,7 +152,8 @@ class Batcher:
         if not self.pool.serves(model, kind):
             raise NotBatched(f"this batcher knows no worker of {kind} model '{model}'")
         queue = self.queue(kind, model)
-        queue.push(Row(env, request, size, time.monotonic()), self.retry_after(queue))  # 429s: counted by ErrorReplies
+        row = Row(env, request, size, time.monotonic(), nbytes + ROW_ROOM)
+        queue.push(row, self.retry_after(queue))  # 429s: counted by ErrorReplies
         metrics.QUEUE_DEPTH.labels(model).set(len(queue))
         self.wake[(kind, model)].set()
 
@@ -150,6 +168,10 @@ class Batcher:
         self.queues[key].options = options
         metrics.QUEUE_CAPACITY.labels(model).set(options.max_queue)
         return self.queues[key]
+
+    def batch_bytes(self) -> int:
+        """The most a batch's rows may add up to: one NATS message, less room for its headers."""
+        return self.transport.max_payload - BATCH_HEADERS_ROOM
 
     def default_options(self, kind: ModelKind) -> BatchingOptions:
         """Options for a model whose workers announce none."""
@@ -201,7 +223,13 @@ class Batcher:
             wake.clear()
             worker, wait = self.next_step(queue)
             if worker is not None and wait <= 0:
-                await self.hand(queue, worker, queue.take())
+                rows = queue.take(self.batch_bytes())
+                try:
+                    await self.hand(queue, worker, rows)
+                except Exception as exc:  # this model's dispatching must outlive any one batch
+                    log.exception("handing a batch failed", model=queue.model, rows=len(rows))
+                    for row in rows:
+                        self.spawn_error(row, LeafwireError(f"internal error in the batcher: {type(exc).__name__}"))
             elif wait > 0:
                 with contextlib.suppress(TimeoutError):  # not wait_for: 3.11's can swallow a cancel
                     async with asyncio.timeout(None if math.isinf(wait) else wait):

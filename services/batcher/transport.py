@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 
 from nats.aio.client import Client as NATS
-from nats.errors import NoRespondersError
+from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from schemas.batch import BatchAnswer, ChatBatch, ChatRow, EmbeddingsBatch, EmbeddingsRow, WorkerStatus
@@ -20,6 +20,7 @@ from services.batcher.settings import BatcherSettings
 from shared import envelope as hdr
 from shared import subjects
 from shared.errors import LeafwireError, Unavailable
+from shared.nats_headers import too_large
 from shared.replies import Event, Presence, error_of, ping, publish_error
 
 
@@ -48,13 +49,21 @@ class NatsTransport:
         assert self.connection is not None, "the batcher's NATS connection is not up yet"
         return self.connection
 
+    @property
+    def max_payload(self) -> int:
+        """The most bytes one message may carry on this connection."""
+        return self.nc.max_payload
+
     async def offer(self, worker: WorkerRef, kind: ModelKind, model: str, rows: list[Row]) -> Offer:
         """Hand a batch to one worker and read its answer."""
         subject = subjects.worker_batch(worker.site, worker.worker_id, kind)
+        body = batch_body(kind, model, rows)
         try:
-            msg = await self.nc.request(subject, batch_body(kind, model, rows), timeout=self.settings.offer_timeout_s)
+            msg = await self.nc.request(subject, body, timeout=self.settings.offer_timeout_s)
         except NoRespondersError:
             return Declined("gone")
+        except MaxPayloadError as exc:  # the scheduler cuts batches to fit: only a row too big by itself
+            return Failed(too_large(exc, body, self.nc.max_payload))
         except (NatsTimeout, TimeoutError):
             return Failed(Unavailable(f"worker {worker.worker_id} did not take the request within "
                                       f"{self.settings.offer_timeout_s:g} s", retry_after=1))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 from nats.aio.client import Client as NATS
+from nats.errors import MaxPayloadError
 
 from schemas.control import Cancel
 from services.gateway.errors import error_response, log
@@ -21,6 +22,7 @@ from shared import envelope as hdr
 from shared import metrics, subjects
 from shared.envelope import Envelope, new_request_id
 from shared.errors import DeadlineExceeded, LeafwireError
+from shared.nats_headers import too_large
 from shared.replies import Reply, ReplyReader, ReplyStream
 
 RESIDENCY_HEADER = "x-leafwire-residency"  # "onsite": keep this request on the site
@@ -64,7 +66,10 @@ class Bridge:
         if stream.given_up:
             return
         stream.unavailable = f"no router is serving site '{self.settings.site}'"
-        await self.nc.publish(subject, raw, reply=stream.subject, headers=request_headers(env, http))
+        try:
+            await self.nc.publish(subject, raw, reply=stream.subject, headers=request_headers(env, http))
+        except MaxPayloadError as exc:
+            raise too_large(exc, raw, self.nc.max_payload) from exc
         stream.sent = True
 
     async def next(self, stream: ReplyStream, env: Envelope) -> Reply:

@@ -9,13 +9,16 @@ import json
 import subprocess
 import sys
 import threading
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
+from nats.aio.client import Client as NATS
 
 from deploy.topology import free_port
 from shared import metrics
 from shared.nats import NoNatsServer, connect, connect_once, secrets_of, shown, wait_for_server
+from shared.service import _serve
 from shared.settings import ServiceSettings
 from tests.support import ROOT, NatsServer, eventually_async, start_single
 
@@ -131,3 +134,25 @@ def test_operator_commands_connect_where_the_services_do(command: list[str], tmp
     assert done.returncode != 0
     assert f"nats://ops:***@127.0.0.1:{port}" in done.stderr
     assert "s3cret-Passw0rd" not in done.stdout + done.stderr
+
+
+async def test_a_service_cut_off_from_nats_for_good_stops_with_status_1(nats_server: NatsServer) -> None:
+    """nats-py does not reconnect a connection the server closed for a protocol error. A service whose
+    connection is closed so, while it serves, stops with exit status 1 (a supervisor starts it again)
+    instead of answering nothing forever."""
+    settings = ServiceSettings(nats_url=nats_server.url)
+    held: list[NATS] = []
+    connected = asyncio.Event()
+
+    async def main(s: ServiceSettings, _readiness: object, stack: AsyncExitStack) -> None:
+        nc = await connect(s, "test-service")
+        held.append(nc)
+        stack.push_async_callback(nc.drain)
+        connected.set()
+
+    serving = asyncio.create_task(_serve("test-service", settings, main, ops_server=False))
+    await asyncio.wait_for(connected.wait(), 10)
+    await held[0]._send_command(f"PUB cut.off {held[0].max_payload + 1}\r\n".encode())  # what the guard prevents
+    await held[0]._flush_pending()
+    assert await asyncio.wait_for(serving, 20) == 1
+    assert held[0].is_closed

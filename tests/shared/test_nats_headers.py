@@ -139,3 +139,25 @@ async def test_installed_clients_round_trip_headers_and_statuses(nats_server: Na
             await nc.request("nobody.listens", b"", timeout=5)
     finally:
         await nc.drain()
+
+
+async def test_a_message_over_max_payload_with_its_headers_is_refused_and_the_connection_lives(
+        nats_server: NatsServer) -> None:
+    """nats-py checks the payload alone; a server given more than max_payload with the headers closes the
+    connection for good. The fast path refuses such a message before sending, and the client stays up."""
+    assert nats_headers.install()
+    nc = await nats.connect(nats_server.url)
+    try:
+        sub = await nc.subscribe("big.test")
+        payload = b"x" * (nc.max_payload - 20)
+        with pytest.raises(nats_headers.MessageTooLarge) as refused:
+            await nc.publish("big.test", payload, headers=LEAFWIRE)
+        assert refused.value.size > nc.max_payload
+        assert isinstance(refused.value, errors.MaxPayloadError)
+        await nc.publish("big.test", payload)  # without headers it fits
+        await nc.publish("big.test", b"after", headers=LEAFWIRE)
+        assert (await sub.next_msg(timeout=5)).data == payload
+        assert (await sub.next_msg(timeout=5)).data == b"after"
+        assert nc.is_connected
+    finally:
+        await nc.drain()

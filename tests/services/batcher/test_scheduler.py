@@ -17,7 +17,7 @@ from services.batcher.scheduler import Batcher, Declined, Offer, Taken
 from services.batcher.settings import BatcherSettings
 from shared import metrics
 from shared.envelope import Envelope
-from shared.errors import LeafwireError, NotBatched, Overloaded
+from shared.errors import LeafwireError, NotBatched, Overloaded, TooLarge
 from shared.replies import Presence
 
 A, B = WorkerRef("a", "edge1"), WorkerRef("b", "edge1")
@@ -34,10 +34,14 @@ class FakeTransport:
     cancels: list[str] = field(default_factory=list)
     pings: list[str] = field(default_factory=list)
     gone: set[str] = field(default_factory=set)  # callers that no longer wait
+    max_payload: int = 1 << 20
+    broken: list[Exception] = field(default_factory=list)  # what the next offers raise
 
     async def offer(self, worker: WorkerRef, kind: ModelKind, model: str, rows: list[Row]) -> Offer:
         ids = [r.request_id for r in rows]
         self.offers.append((worker, ids))
+        if self.broken:
+            raise self.broken.pop(0)
         if worker in self.decline:
             return Declined(self.decline.pop(worker))
         self.answering.setdefault(worker, set()).update(ids)  # type: ignore[union-attr]
@@ -160,6 +164,45 @@ class TestBatches:
         b, _ = batcher
         with pytest.raises(NotBatched):
             admit(b, "r1")
+
+
+class TestSizes:
+    async def test_a_batch_is_cut_to_fit_one_nats_message(self, batcher: tuple[Batcher, FakeTransport]) -> None:
+        """Three big requests waiting for a batch of three go one by one when two would not fit in one
+        message (the server closes a connection that sends more than its max_payload)."""
+        b, t = batcher
+        t.max_payload = 12_000  # a batch may carry 12,000 - 4,096 bytes; each row here is 3,000 + 1,024
+        b.heartbeat(beat("a"))
+        for rid in ("r1", "r2", "r3"):  # all queued before the dispatcher runs: a full batch of three
+            req, env = request(rid)
+            b.admit("chat", req, env, nbytes=3_000)
+        await until(lambda: t.offers)
+        assert t.offers[0] == (A, ["r1"])
+        assert t.errors == {}
+
+    async def test_a_request_no_batch_could_carry_is_413_at_once(self, batcher: tuple[Batcher, FakeTransport]) -> None:
+        b, t = batcher
+        b.heartbeat(beat("a"))
+        req, env = request("big")
+        with pytest.raises(TooLarge) as refused:
+            b.admit("chat", req, env, nbytes=t.max_payload)
+        assert refused.value.status == 413
+        assert "max_payload" in refused.value.message
+
+    async def test_dispatching_outlives_a_batch_that_fails_to_go(self, batcher: tuple[Batcher, FakeTransport]) -> None:
+        """Whatever breaks while a batch is handed over, its callers get an error and the model's queue goes on
+        (it stopped for good, every later request of the model waiting out its deadline)."""
+        b, t = batcher
+        t.broken.append(RuntimeError("boom"))
+        b.heartbeat(beat("a", options=BatchingOptions(max_batch=1, max_wait_ms=0, max_queue=8)))
+        admit(b, "r1")
+        await until(lambda: "r1" in t.errors)
+        assert t.errors["r1"].status == 500
+        assert "batcher" in t.errors["r1"].message
+        b.heartbeat(beat("b", options=BatchingOptions(max_batch=1, max_wait_ms=0, max_queue=8)))
+        admit(b, "r2")
+        await until(lambda: any(ids == ["r2"] for _, ids in t.offers))
+        assert "r2" not in t.errors
 
 
 class TestEndings:
