@@ -204,9 +204,9 @@ class Upstream:
 
     def slot(self) -> Slot:
         """Take one of the provider's concurrent-call slots, or refuse at once (429)."""
-        if self.provider.missing_key is not None:
+        if self.provider.missing_key is not None:  # no Retry-After: trying again soon will not help
             raise ProviderUnavailable(f"provider {self.name} has no API key ({self.provider.missing_key})",
-                                      provider=self.name, retry_after=60)
+                                      provider=self.name)
         if self.inflight >= self.provider.spec.max_concurrent:
             metrics.REJECTED.labels("cloud-adapter", "provider_busy").inc()
             raise Overloaded(f"provider {self.name} has {self.inflight} calls in flight, its limit",

@@ -68,6 +68,7 @@ def providers_file(path: Path, openai_fake: FakeProvider, claude_fake: FakeProvi
                                                                      "cached_input_per_mtok": 0.5}}),
             {**entry("flaky", openai_fake, "LW_TEST_FAKE_KEY", {"echo": {}}), "breaker": {"failures": 3, "open_s": 3}},
             entry("wrongkey", openai_fake, "LW_TEST_WRONG_KEY", {"echo": {}}),
+            entry("keyless", openai_fake, "LW_TEST_UNSET_KEY", {"echo": {}}),
             entry("priced", openai_fake, "LW_TEST_FAKE_KEY", {"echo": {"input_per_mtok": 1000,
                                                                        "output_per_mtok": 1000}}),
             entry("claude", claude_fake, "LW_TEST_CLAUDE_KEY", {"haiku": {"upstream": "claude-haiku-x",
@@ -449,6 +450,17 @@ class TestSecrets:
                                                                                 "messages": MESSAGES})
         assert keyless.status_code == 401
         assert keyless.json()["error"]["code"] == "invalid_api_key"
+        assert cloud.openai_fake.calls == []
+
+    def test_a_provider_without_its_key_is_503_naming_it_and_not_worth_retrying_soon(self, cloud: CloudStack) -> None:
+        """A provider whose key is not set is refused at once with the variable to set, and no Retry-After:
+        the OpenAI client honours one of up to 60 s before each of its retries, for a fault only an operator
+        can mend."""
+        r = cloud.post({"model": "keyless/echo", "messages": MESSAGES})
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "provider_unavailable"
+        assert "LW_TEST_UNSET_KEY" in r.json()["error"]["message"]
+        assert "retry-after" not in r.headers
         assert cloud.openai_fake.calls == []
 
     def test_metrics_answer_only_a_caller_with_a_key_when_asked_to(self, cloud: CloudStack) -> None:
