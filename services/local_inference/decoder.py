@@ -3,9 +3,10 @@
 Runs in its own process (onnxruntime-genai holds the GIL while it computes). Between decode steps it
 reads the pipe, so cancellations and new rows are seen within one step. Queued rows (up to
 ``max_batch``, first come first served) are decoded together in one generator whatever their sampling
-parameters: when every row is greedy the library's own search picks the tokens; otherwise each row's
-token is chosen from its own logits (``sampling.py``). Each row finishes on its own (end of sequence,
-its own stop sequences, its own max_tokens) and the batch ends when no live row is left.
+parameters: when every row is greedy, with no penalty and no logit bias, the library's own search picks
+the tokens; otherwise each row's token is chosen from its own logits (``sampling.py``). Each row finishes
+on its own (end of sequence, its own stop sequences, its own max_tokens) and the batch ends when no live
+row is left.
 
 A prompt longer than ``PREFILL_CHUNK`` tokens is decoded in a batch of its own and read into the model a
 chunk at a time (a 7,000-token prompt takes over a minute on two cores, in one call that nothing can stop).
@@ -75,6 +76,7 @@ class Decoder:
     model: Any = None
     tokenizer: Any = None
     context_length: int = 0
+    vocab_size: int = 0
     eos: frozenset[int] = frozenset()
     queue: deque[RowSpec] = field(default_factory=deque)
     cancelled: set[int] = field(default_factory=set)
@@ -94,6 +96,8 @@ class Decoder:
         self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
         self.context_length = self.spec.resolved_context_length()
+        genai_config = json.loads((self.spec.path / "genai_config.json").read_text())
+        self.vocab_size = int(genai_config["model"]["vocab_size"])
         self.eos = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
         return Loaded(self.context_length, time.monotonic() - started)
 
@@ -136,6 +140,9 @@ class Decoder:
                 events.append(Rejected(row.key, "deadline", "the request's deadline passed before decoding",
                                        {}))
                 continue
+            if (unknown := self.unknown_bias_token(row)) is not None:
+                events.append(unknown)
+                continue
             messages = [{"role": ROLE_MAP.get(m["role"], m["role"]), "content": m["content"]}
                         for m in row.messages]
             prompt = self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
@@ -153,12 +160,22 @@ class Decoder:
                                 self.tokenizer.create_stream(), self.sampler(row, ids), ids))
         return live
 
+    def unknown_bias_token(self, row: RowSpec) -> Rejected | None:
+        """The refusal of a row whose ``logit_bias`` names a token the model does not have (as OpenAI's 400)."""
+        outside = sorted(t for t in row.logit_bias or {} if not 0 <= t < self.vocab_size)
+        if not outside:
+            return None
+        return Rejected(row.key, "invalid", f"Invalid key in 'logit_bias': {outside[0]}. This model's token ids "
+                        f"go from 0 to {self.vocab_size - 1}.", {"token": outside[0], "vocab_size": self.vocab_size})
+
     def sampler(self, row: RowSpec, prompt_ids: Any) -> RowSampler:
         """How ``row`` picks its tokens (the model's defaults fill in top_k and the repetition penalty)."""
         d = self.spec.defaults
         return RowSampler(temperature=row.temperature, top_p=row.top_p, top_k=d.top_k,
                           repetition_penalty=d.repetition_penalty, seed=row.seed,
-                          history=(int(t) for t in prompt_ids) if d.repetition_penalty != 1.0 else ())
+                          history=(int(t) for t in prompt_ids) if d.repetition_penalty != 1.0 else (),
+                          presence_penalty=row.presence_penalty, frequency_penalty=row.frequency_penalty,
+                          logit_bias=row.logit_bias)
 
     def generator(self, rows: list[LiveRow]) -> Any:
         """A greedy static-batch generator holding every row's prompt; ``None`` when the lone row of a long

@@ -19,6 +19,9 @@ class RowSpec(NamedTuple):
     seed: int | None
     stop: list[str]
     deadline: float
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
 
 
 class Submit(NamedTuple):

@@ -1,9 +1,18 @@
 """One request's side of decoding: the decoder's view of a chat request, the errors a row can end with,
-and the timing of its tokens (into the metrics). No NATS in here."""
+and the timing of its tokens (into the metrics). No NATS in here.
+
+A parameter a local model cannot honour is refused (400, ``param`` naming it, code
+``unsupported_parameter``) rather than ignored: code that asks for JSON mode, logprobs or a forced tool
+call must not get free text with a 200. Default values pass, since many clients send them.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from schemas.chat import ChatCompletionRequest, ChatMessage
 from services.local_inference.embedder import TooLong
@@ -41,11 +50,10 @@ class TokenClock:
 
 def row_spec(engine: Engine, request: ChatCompletionRequest, env: Envelope) -> RowSpec:
     """The decoder's view of a request, with the model's defaults filled in."""
-    defaults = engine.spec.defaults
+    defaults, extras = engine.spec.defaults, request.model_extra or {}
     for m in request.messages:
         refuse_unsupported(engine.spec.name, m)
-    if request.model_extra and request.model_extra.get("tools"):
-        raise InvalidRequest(f"model {engine.spec.name} does not support tools", param="tools")
+    refuse_unhonoured(engine.spec.name, extras)
     return RowSpec(
         key=engine.new_key(),
         messages=[{"role": m.role, "content": m.text()} for m in request.messages],
@@ -55,6 +63,9 @@ def row_spec(engine: Engine, request: ChatCompletionRequest, env: Envelope) -> R
         seed=request.seed,
         stop=request.stop_sequences(),
         deadline=env.deadline,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        logit_bias=logit_bias(extras.get("logit_bias")),
     )
 
 
@@ -65,6 +76,65 @@ def refuse_unsupported(model: str, message: ChatMessage) -> None:
                              param="messages")
 
 
+# OpenAI parameters a local model does not honour, with the values that ask for nothing (accepted). ``None``
+# and ``[]`` (no tools, no functions) count as absent for every parameter; ``{}`` does not (an empty
+# ``web_search_options`` asks for a search).
+UNHONOURED: dict[str, tuple[object, ...]] = {
+    "tools": (),
+    "tool_choice": ("none", "auto"),
+    "functions": (),
+    "function_call": ("none", "auto"),
+    "response_format": ({"type": "text"},),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "modalities": (["text"],),
+    "audio": (),
+    "reasoning_effort": (),
+    "verbosity": (),
+    "web_search_options": (),
+}
+NEUTRAL = frozenset({"logit_bias", "parallel_tool_calls", "store", "metadata", "service_tier", "prediction",
+                     "prompt_cache_key", "safety_identifier"})
+"""Request fields kept as extras that a local model accepts: ``logit_bias`` is honoured (``row_spec``); the
+others do not change its answer (no tools to call in parallel, nothing stored, no service tiers)."""
+MAX_LOGIT_BIAS = 100.0
+
+
+def refuse_unhonoured(model: str, extras: Mapping[str, Any]) -> None:
+    """Refuse the first parameter the local model would ignore: a known one set to a non-default value, or
+    one that is not an OpenAI chat parameter at all (OpenAI refuses those too)."""
+    for param, value in extras.items():
+        if value is None or value == [] or param in NEUTRAL:
+            continue
+        if param not in UNHONOURED:
+            raise InvalidRequest(f"Unrecognized request argument supplied: {param}. The local model {model} "
+                                 "takes OpenAI's chat parameters only.", param=param, code="unsupported_parameter")
+        accepted = UNHONOURED[param]
+        if value not in accepted:
+            other = f" other than {' or '.join(json.dumps(v) for v in accepted)}" if accepted else ""
+            raise InvalidRequest(f"The local model {model} does not support {param}{other}; OpenAI-compatible "
+                                 "cloud models (<provider>/<model>) do.", param=param, code="unsupported_parameter")
+
+
+def logit_bias(value: Any) -> dict[int, float] | None:
+    """OpenAI's ``logit_bias`` (token ids as strings -> -100..100), checked; ``None`` when absent or empty."""
+    if value is None or value == {}:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidRequest("logit_bias must be an object mapping token ids to biases", param="logit_bias")
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        token = str(key)
+        if not token.isdecimal():
+            raise InvalidRequest(f"Invalid key in 'logit_bias': {key!r} is not a token id", param="logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not (
+                math.isfinite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
+            raise InvalidRequest(f"Invalid value for 'logit_bias' token {key}: {bias!r}; biases go from -100 to 100",
+                                 param="logit_bias")
+        out[int(token)] = float(bias)
+    return out
+
+
 def rejection(model: str, event: Rejected) -> LeafwireError:
     """The caller-facing error for a row the decoder refused."""
     if event.reason == "context_length":
@@ -73,7 +143,7 @@ def rejection(model: str, event: Rejected) -> LeafwireError:
                                      prompt_tokens=d["prompt_tokens"], max_tokens=d["max_tokens"])
     if event.reason == "deadline":
         return DeadlineExceeded(event.message)  # before decoding, or while a long prompt was read
-    return InvalidRequest(event.message)
+    return InvalidRequest(event.message, param="logit_bias")  # the decoder finds only unknown token ids invalid
 
 
 def too_long(model: str, result: TooLong) -> InvalidRequest:

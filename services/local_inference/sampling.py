@@ -3,13 +3,14 @@
 onnxruntime-genai applies one set of search options to a whole static batch. To let requests with
 different temperature, top_p or seed share a batch, the decoder reads the batch's logits, picks every
 row's token here, and hands the choice back as one-hot logits to a greedy generator. A seeded row draws
-from its own random generator, so its answer depends on its seed and prompt only, never on which other
-rows shared its batch.
+from its own random generator, so its sampling never depends on which other rows shared its batch (the
+logits themselves may, in int4: docs/local-inference.md). OpenAI's ``logit_bias``, ``presence_penalty``
+and ``frequency_penalty`` are applied here too, per row.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import numpy.typing as npt
@@ -18,16 +19,24 @@ Logits = npt.NDArray[np.float32]
 
 
 class RowSampler:
-    """Greedy or top-k / top-p sampling with temperature and repetition penalty, for one row."""
+    """Greedy or top-k / top-p sampling with temperature, repetition penalty, OpenAI's presence and frequency
+    penalties and logit bias, for one row."""
 
     def __init__(self, *, temperature: float, top_p: float, top_k: int, repetition_penalty: float,
-                 seed: int | None, history: Iterable[int] = ()) -> None:
+                 seed: int | None, history: Iterable[int] = (), presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0, logit_bias: Mapping[int, float] | None = None) -> None:
         self.temperature = temperature
         self.top_p = top_p
         self.top_k = top_k
         self.penalty = repetition_penalty
         self.rng = np.random.default_rng(None if seed is None else seed % 2**63)
         self._seen: set[int] = set(history) if repetition_penalty != 1.0 else set()
+        self.presence = presence_penalty
+        self.frequency = frequency_penalty
+        self._counts: dict[int, int] = {}  # tokens this row generated, for the presence / frequency penalties
+        bias = logit_bias or {}
+        self._bias_ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
+        self._bias = np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
 
     @property
     def greedy(self) -> bool:
@@ -36,16 +45,24 @@ class RowSampler:
 
     @property
     def native(self) -> bool:
-        """True when onnxruntime-genai's own greedy search picks the same token (no penalty to apply)."""
-        return self.greedy and self.penalty == 1.0
+        """True when onnxruntime-genai's own greedy search picks the same token (nothing to apply)."""
+        return (self.greedy and self.penalty == 1.0 and self.presence == 0 and self.frequency == 0
+                and not self._bias_ids.size)
 
     def choose(self, logits: Logits) -> int:
         """The next token given the row's logits over the vocabulary."""
+        if self._bias_ids.size:
+            logits = logits.copy()
+            logits[self._bias_ids] += self._bias
         if self._seen:
             logits = penalize(logits, np.fromiter(self._seen, dtype=np.int64), self.penalty)
+        if self._counts:
+            logits = penalize_counts(logits, self._counts, self.presence, self.frequency)
         token = int(np.argmax(logits)) if self.greedy else self._sample(logits)
         if self.penalty != 1.0:
             self._seen.add(token)
+        if self.presence or self.frequency:
+            self._counts[token] = self._counts.get(token, 0) + 1
         return token
 
     def _sample(self, logits: Logits) -> int:
@@ -63,6 +80,15 @@ def penalize(logits: Logits, seen: npt.NDArray[np.int64], penalty: float) -> Log
     out = logits.copy()
     picked = out[seen]
     out[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
+    return out
+
+
+def penalize_counts(logits: Logits, counts: Mapping[int, int], presence: float, frequency: float) -> Logits:
+    """OpenAI's rule: ``logit[t] -= frequency * count[t] + presence * (count[t] > 0)`` over generated tokens."""
+    ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+    n = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
+    out = logits.copy()
+    out[ids] -= frequency * n + presence
     return out
 
 

@@ -138,3 +138,79 @@ class TestSampling:
         """temperature 0 gives the model's single most likely answer, every time."""
         answers = {complete(stack, max_tokens=16, temperature=0).choices[0].message.content for _ in range(3)}
         assert len(answers) == 1
+
+
+def refusal(stack: Stack, **body: object) -> dict[str, object]:
+    """The error body of a request the local model must refuse (and the status must be 400)."""
+    with pytest.raises(openai.BadRequestError) as exc:
+        stack.client().chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, extra_body=body)
+    assert exc.value.status_code == 400
+    return dict(exc.value.body)  # type: ignore[arg-type]
+
+
+class TestPenalties:
+    def test_frequency_penalty_changes_the_greedy_answer(self, stack: Stack) -> None:
+        """A strong frequency_penalty steers the greedy answer elsewhere, the same way every time."""
+        plain = complete(stack, max_tokens=24, temperature=0).choices[0].message.content
+        penalised = {complete(stack, max_tokens=24, temperature=0, frequency_penalty=2.0).choices[0].message.content
+                     for _ in range(2)}
+        assert len(penalised) == 1
+        assert penalised != {plain}
+
+    def test_presence_penalty_changes_the_greedy_answer(self, stack: Stack) -> None:
+        """A strong presence_penalty steers the greedy answer elsewhere too."""
+        plain = complete(stack, max_tokens=24, temperature=0).choices[0].message.content
+        assert complete(stack, max_tokens=24, temperature=0, presence_penalty=2.0).choices[0].message.content != plain
+
+    def test_logit_bias_forces_a_token(self, stack: Stack) -> None:
+        """A +100 logit_bias on one token makes the answer that token, over and over."""
+        text = complete(stack, max_tokens=8, temperature=0, logit_bias={"5": 100}).choices[0].message.content or ""
+        assert len(text) == 8
+        assert len(set(text)) == 1
+
+    @pytest.mark.parametrize("bias", [{"10000": 1}, {"-1": 1}, {"five": 1}, {"5": 101}, {"5": "up"}])
+    def test_a_bad_logit_bias_is_a_400(self, stack: Stack, bias: object) -> None:
+        """A token the model lacks, a key that is no token id, or a bias outside -100..100 is a 400 naming it."""
+        assert refusal(stack, logit_bias=bias)["param"] == "logit_bias"
+
+
+class TestUnhonouredParameters:
+    @pytest.mark.parametrize(("field", "value"), [
+        ("logprobs", True),
+        ("top_logprobs", 2),
+        ("response_format", {"type": "json_object"}),
+        ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
+        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+        ("tool_choice", "required"),
+        ("tool_choice", {"type": "function", "function": {"name": "f"}}),
+        ("functions", [{"name": "f", "parameters": {"type": "object", "properties": {}}}]),
+        ("function_call", {"name": "f"}),
+        ("modalities", ["text", "audio"]),
+        ("reasoning_effort", "low"),
+        ("web_search_options", {}),
+        ("top_k", 5),  # not OpenAI's: refused as OpenAI refuses it, not ignored
+    ])
+    def test_a_parameter_the_local_model_ignores_is_a_400(self, stack: Stack, field: str, value: object) -> None:
+        """A parameter the local model cannot honour is refused, naming it, instead of answered as if absent."""
+        err = refusal(stack, **{field: value})
+        assert (err["param"], err["type"], err["code"]) == (field, "invalid_request_error", "unsupported_parameter")
+        assert "local model tiny" in str(err["message"])
+
+    def test_a_refused_stream_is_a_400_before_any_chunk(self, stack: Stack) -> None:
+        """Asking for JSON mode in a stream is refused with a 400 too, not a stream of free text."""
+        r = httpx.post(f"{stack.base_url}/chat/completions", timeout=30, json={
+            "model": "tiny", "messages": MESSAGES, "max_tokens": 4, "stream": True,
+            "response_format": {"type": "json_object"}})
+        assert r.status_code == 400
+        assert r.json()["error"]["param"] == "response_format"
+
+    def test_default_values_are_accepted(self, stack: Stack) -> None:
+        """The defaults many clients send anyway ask for nothing and get the plain answer."""
+        plain = complete(stack, max_tokens=12, temperature=0).choices[0].message.content
+        r = complete(stack, max_tokens=12, temperature=0, logprobs=False, top_logprobs=0,
+                     response_format={"type": "text"}, tool_choice="none", tools=[], presence_penalty=0,
+                     frequency_penalty=0, logit_bias={}, parallel_tool_calls=False, user="bob", store=False,
+                     metadata={"a": "b"}, service_tier="auto", modalities=["text"],
+                     extra_body={"functions": [], "function_call": "none", "audio": None})
+        assert r.choices[0].message.content == plain
+        assert complete(stack, max_tokens=12, temperature=0, tool_choice="auto").choices[0].message.content == plain
