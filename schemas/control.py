@@ -61,6 +61,8 @@ class WorkerHeartbeat(BaseModel):
     sent_at: float = Field(default_factory=time.time)
     serves_all_sites: bool = Field(default=False, description="a hub worker that backs up every site")
     leaving: bool = Field(default=False, description="shutting down: finishing its answers, taking no new work")
+    cloud_models: list[str] | None = Field(default=None, description="a cloud-adapter's: every <provider>/<model> "
+                                           "it is configured for, its providers' keys set or not")
 
 
 class ModelLocation(BaseModel):

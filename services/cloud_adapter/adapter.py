@@ -389,7 +389,7 @@ class CloudAdapter:
                   for name, u in self.upstreams.items() if u.provider.missing_key is None
                   for model, spec in u.provider.spec.models.items()]
         return WorkerHeartbeat(worker_id=self.worker_id, service=SERVICE, site=self.settings.site, models=models,
-                               inflight=len(self.inflight),
+                               cloud_models=sorted(self.targets), inflight=len(self.inflight),
                                capacity=sum(u.provider.spec.max_concurrent for u in self.upstreams.values()) or 1,
                                interval_s=self.settings.heartbeat_s)
 

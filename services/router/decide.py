@@ -69,6 +69,8 @@ class Conditions:
     local_models: frozenset[str] = frozenset()
     saturated: frozenset[str] = frozenset()
     now: float = field(default_factory=time.time)
+    cloud_models: frozenset[str] | None = None  # every cloud model a live cloud-adapter is configured for (None:
+    # unknown: no adapter heard from, or one too old to say)
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,8 @@ def expand(route: list[str], requested: str | None, policy: Policy) -> list[str]
 def guard(model: str, facts: Facts, conditions: Conditions) -> str | None:
     """Why ``model`` must not be tried now, or ``None``."""
     if is_cloud(model):
+        if conditions.cloud_models is not None and model not in conditions.cloud_models:
+            return "no cloud-adapter is configured for it"
         if facts.onsite:
             return "data must stay on site"
         if not conditions.uplink_up:
@@ -167,8 +171,10 @@ def guard(model: str, facts: Facts, conditions: Conditions) -> str | None:
 def plan(policy: Policy, facts: Facts, conditions: Conditions) -> Plan:
     """Decide the ordered targets for a request; raise when nothing may serve it."""
     requested, variant = resolve(policy, facts.model, facts.user, facts.tenant)
-    if requested is not None and not is_cloud(requested) and requested not in conditions.local_models:
-        raise ModelNotFound(facts.model)
+    if requested is not None:
+        known = conditions.cloud_models if is_cloud(requested) else conditions.local_models
+        if known is not None and requested not in known:  # a cloud model is taken on trust while none is known
+            raise ModelNotFound(facts.model)
     rule = first_rule(policy, facts, requested, conditions)
     chain, skipped = [], []
     route = rule.route + ([LOCAL] if policy.last_resort == LOCAL and policy.local_model else [])

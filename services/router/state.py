@@ -107,5 +107,9 @@ class LiveState:
                 else:
                     probes_in[provider] = at - now
         level, spent = self.budget_state(tenant, now)
+        adapters = [b.cloud_models for b in workers if b.service == "cloud-adapter"]
+        cloud = frozenset(m for models in adapters for m in models or ()) \
+            if adapters and all(models is not None for models in adapters) else None
         return Conditions(uplink_up=self.uplink_up, budget=level, spent_budget=spent, provider_health=health,
-                          probes_in=probes_in, local_models=served, saturated=saturated, now=now)
+                          probes_in=probes_in, local_models=served, saturated=saturated, now=now,
+                          cloud_models=cloud)

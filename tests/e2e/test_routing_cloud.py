@@ -75,6 +75,19 @@ def generations(site: Site) -> float:
                for r in ("length", "stop", "cancelled"))
 
 
+def test_a_misspelt_cloud_model_is_404_not_a_local_answer(site: Site) -> None:
+    """A <provider>/<model> no cloud-adapter is configured for is not found, as OpenAI, LiteLLM and vLLM
+    answer an unknown model, rather than quietly answered by the local fallback with 200."""
+    site.provider.reset()
+    for model in ("fake/ecoh", "nope/echo"):
+        r = httpx.post(f"{site.gateway.base}/v1/chat/completions", timeout=30,
+                       json={"model": model, "messages": ASK, "max_tokens": 3})
+        assert r.status_code == 404, r.text
+        assert r.json()["error"]["code"] == "model_not_found"
+        assert model in r.json()["error"]["message"]
+    assert site.provider.calls == []
+
+
 def test_provider_failing_before_its_first_byte_falls_back(site: Site) -> None:
     """A provider that keeps failing before answering hands the request to the local model."""
     site.provider.reset()

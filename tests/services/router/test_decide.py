@@ -139,6 +139,21 @@ class TestGuards:
             plan(POLICY, facts("nope"), UP)
 
 
+    def test_a_cloud_model_no_adapter_is_configured_for_is_404(self) -> None:
+        """Once the live cloud-adapters say which cloud models they are configured for, any other
+        <provider>/<model> (a typo, say) is not found, as an unknown local name is, not quietly answered by
+        the local fallback; a route entry they lack is skipped, saying why. While no adapter has said (none
+        heard from), a cloud name is taken on trust and its failure falls back as before."""
+        known = Conditions(local_models=UP.local_models, cloud_models=frozenset({"openai/gpt-4o"}))
+        with pytest.raises(ModelNotFound):
+            plan(POLICY, facts("openai/gpt-4o-typo"), known)
+        assert chain(facts("openai/gpt-4o"), known) == (("openai/gpt-4o", "small"), "default")
+        assert chain(facts("openai/gpt-4o-typo")) == (("openai/gpt-4o-typo", "small"), "default")
+        routed = plan(POLICY, facts(tenant="ops"), known)  # the rule routes to anthropic/claude
+        assert routed.chain == ("small",)
+        assert routed.skipped == (("anthropic/claude", "no cloud-adapter is configured for it"),)
+
+
 class TestDecisionHeader:
     def test_header_names_rule_skips_and_fallbacks(self) -> None:
         """The decision says which rule chose the target, what was skipped and what failed before."""

@@ -33,6 +33,22 @@ class TestConditions:
         with pytest.raises(ModelNotFound):
             plan(state.policy, Facts("minilm", "t", None, False, Signals(1, 0)), state.conditions("t"))
 
+    def test_the_cloud_models_are_known_once_every_live_adapter_says_them(self) -> None:
+        """The cloud models a decision knows are those the live cloud-adapters are configured for, added up;
+        unknown (None) while no adapter is heard from or one does not say (an older adapter)."""
+        state = state_with(("small", "chat"))
+        assert state.conditions("t").cloud_models is None
+
+        def adapter(worker_id: str, cloud: list[str] | None) -> WorkerHeartbeat:
+            return WorkerHeartbeat(worker_id=worker_id, service="cloud-adapter", site="edge1", models=[],
+                                   cloud_models=cloud)
+
+        state.catalog.seen(adapter("ca-1", ["openai/gpt-4o"]))
+        state.catalog.seen(adapter("ca-2", ["anthropic/claude"]))
+        assert state.conditions("t").cloud_models == {"openai/gpt-4o", "anthropic/claude"}
+        state.catalog.seen(adapter("ca-old", None))
+        assert state.conditions("t").cloud_models is None
+
     def test_busy_workers_saturate_their_model(self) -> None:
         """A model whose every worker is at capacity is saturated."""
         assert state_with(("small", "chat"), inflight=1).conditions("t").saturated == {"small"}
