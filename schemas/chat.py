@@ -13,14 +13,18 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SerializerFunctionWrapHandler,
     StrictBool,
     StrictInt,
+    Tag,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "cancelled", "error"]
@@ -34,14 +38,34 @@ class TextPart(BaseModel):
     text: str
 
 
+PART_TYPES = ("text", "image_url", "input_audio", "refusal", "audio", "file")  # OpenAI's, in its order
+
+
 class OtherPart(BaseModel):
     """A non-text content part (an image, audio...): kept for providers whose models take it."""
 
     model_config = ConfigDict(extra="allow")
     type: str
 
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        if value not in PART_TYPES:  # as OpenAI refuses them: "input_text" is not taken for text
+            raise PydanticCustomError(
+                "invalid_value", "Invalid value: '{value}'. Supported values are: {supported}.",
+                {"value": value, "supported": ", ".join(repr(t) for t in PART_TYPES)})
+        return value
 
-ContentPart = TextPart | OtherPart
+
+def _part_kind(part: Any) -> str:
+    """A part is text when its type says so, whatever else it holds (a part without its text is refused as
+    such, not taken for an image)."""
+    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+    return "TextPart" if kind == "text" else "OtherPart"
+
+
+ContentPart = Annotated[Annotated[TextPart, Tag("TextPart")] | Annotated[OtherPart, Tag("OtherPart")],
+                        Discriminator(_part_kind)]
 
 
 class ChatMessage(BaseModel):
@@ -49,7 +73,7 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     role: Role
-    content: str | list[ContentPart] | None = None
+    content: str | Annotated[list[ContentPart], Field(min_length=1)] | None = None  # [] is refused, as OpenAI does
     name: str | None = None
 
     @model_validator(mode="after")
@@ -90,7 +114,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: Annotated[StrictInt | None, Field(ge=1)] = None
     temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
     top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
-    n: Annotated[StrictInt | None, Field(ge=1, le=1)] = None
+    n: Annotated[StrictInt | None, Field(ge=1, json_schema_extra={"maximum": 1})] = None  # one choice: see _one_choice
     stream: StrictBool = False  # "yes" or 1 is refused, as OpenAI does
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -113,11 +137,21 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("stop sequences must not be empty")
         return value
 
-    @model_validator(mode="after")
-    def _check_stream_options(self) -> ChatCompletionRequest:
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
-        return self
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int | None) -> int | None:
+        if value is not None and value > 1:
+            raise PydanticCustomError("n_unsupported", "n > 1 is not supported: each request is answered with one "
+                                      "choice; send {n} requests instead", {"n": value})
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _check_stream_options(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and info.data.get("stream") is False:  # (absent when stream itself was refused)
+            raise PydanticCustomError("stream_options_without_stream",
+                                      "stream_options is only allowed when stream is true")
+        return value
 
     def stop_sequences(self) -> list[str]:
         """The stop sequences as a list."""
