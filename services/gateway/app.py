@@ -191,7 +191,7 @@ async def main(settings: GatewaySettings, readiness: Readiness, stack: AsyncExit
     probe = asyncio.create_task(probe_router(gateway, readiness))
     stack.push_async_callback(stop_tasks, [probe])
     runner = web.AppRunner(build_app(gateway, readiness), handler_cancellation=True, access_log=None,
-                           shutdown_timeout=ANSWERS_END_S)
+                           shutdown_timeout=ANSWERS_END_S, auto_decompress=False)  # errors.read_body decodes
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     site = web.TCPSite(runner, settings.host, settings.port)
