@@ -141,6 +141,7 @@ def build_app(gateway: Gateway, readiness: Readiness) -> web.Application:
     app = web.Application(client_max_size=gateway.settings.max_body_bytes,
                           middlewares=[observe, openai_errors])
     app["max_body"] = gateway.settings.max_body_bytes
+    app["body_timeout_s"] = gateway.settings.body_timeout_s
     app.router.add_post("/v1/chat/completions", gateway.chat_completions)
     app.router.add_post("/v1/embeddings", gateway.embeddings)
     app.router.add_get("/v1/models", gateway.list_models)

@@ -139,10 +139,18 @@ def _decode(data: bytes, codings: list[str], limit: int) -> bytes:
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The request body, decoded from its Content-Encoding (off the event loop); a 413 over the body limit
-    (compressed or not), a 415 for a coding the gateway does not decode, a 400 for a body it cannot decode."""
+    """The request body, decoded from its Content-Encoding (off the event loop); a 408 when it does not arrive
+    within the body timeout, a 413 over the body limit (compressed or not), a 415 for a coding the gateway does
+    not decode, a 400 for a body it cannot decode."""
     codings = _codings(request)
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(request.app["body_timeout_s"]):
+            raw = await request.read()
+    except TimeoutError as exc:
+        err = InvalidRequest(f"The request body did not arrive within {request.app['body_timeout_s']:g} s.",
+                             code="request_timeout")
+        err.status = 408
+        raise err from exc
     if not codings:
         return raw
     return await asyncio.to_thread(_decode, raw, codings, request.app["max_body"])

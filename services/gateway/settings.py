@@ -18,6 +18,10 @@ class GatewaySettings(ServiceSettings):
     host: str = Field(default="127.0.0.1", alias="LW_GATEWAY_HOST")
     port: int = Field(default=8080, ge=0, le=65535, alias="LW_GATEWAY_PORT")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, alias="LW_GATEWAY_MAX_BODY_BYTES")
+    body_timeout_s: float = Field(default=30.0, gt=0, alias="LW_GATEWAY_BODY_TIMEOUT_S",
+                                  description="longest a client may take to send a request's body (then 408): a "
+                                              "client sending slowly, or a chunked body whose framing broke, "
+                                              "would otherwise hold its handler for ever")
     request_timeout_s: float = Field(default=300.0, gt=0, alias="LW_GATEWAY_REQUEST_TIMEOUT_S",
                                      description="deadline of a whole request")
     idle_timeout_s: float = Field(default=20.0, gt=0, alias="LW_GATEWAY_IDLE_TIMEOUT_S",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import socket
+import time
 import uuid
 import zlib
 
@@ -14,6 +16,7 @@ import nats
 import pytest
 
 from tests.conftest import Stack
+from tests.support import Service, running
 
 pytestmark = pytest.mark.e2e
 REQUEST = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
@@ -198,3 +201,27 @@ class TestValidationMessages:
                                       {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]))
         assert r.status_code == 400
         assert "text only" in str(error_of(r)["message"])
+
+
+def test_a_body_that_never_finishes_arriving_is_408(stack: Stack) -> None:
+    """A client that announces a body and stops sending it (or whose chunked framing broke) gets a 408 once
+    LW_GATEWAY_BODY_TIMEOUT_S has passed, and its connection is closed: it does not hold a handler for ever."""
+    gateway = Service("gateway", {"LW_NATS_URL": stack.nats.url, "LW_SITE": stack.site,
+                                  "LW_GATEWAY_BODY_TIMEOUT_S": "1"})
+    with running(gateway):
+        host, port = gateway.base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{\"model\": \"tiny\"")
+            started = time.monotonic()
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        waited = time.monotonic() - started
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), head
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert 0.9 <= waited < 8
