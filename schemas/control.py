@@ -82,6 +82,8 @@ class ModelCard(BaseModel):
     context_length: int | None = None
     kind: ModelKind = "chat"
     locations: list[ModelLocation] = Field(default_factory=list)
+    routed: bool = Field(default=False, description="a name the router resolves per request (an alias of the "
+                                                    "routing policy, or auto), not a model of its own")
 
 
 class ModelList(BaseModel):

@@ -21,12 +21,12 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from schemas.chat import ChatCompletionRequest
-from schemas.control import DryRun, ModelList, RouteDecision, SkippedTarget, WorkerHeartbeat
+from schemas.control import DryRun, ModelCard, ModelList, RouteDecision, SkippedTarget, WorkerHeartbeat
 from schemas.embeddings import EmbeddingRequest
 from services.router import decide, policy_watch, watch
 from services.router import policy as policies
 from services.router.catalog import Catalog
-from services.router.decide import Facts, Plan
+from services.router.decide import AUTO, Facts, Plan
 from services.router.handover import Handoffs, offer_local, run_chain
 from services.router.masking import Masker
 from services.router.settings import RouterSettings
@@ -140,7 +140,7 @@ def build_broker(settings: RouterSettings, state: LiveState, *, document_chat: b
     @broker.subscriber(subjects.models(settings.site), title="models",
                        description="Request/reply: the models this site can serve and where they run.")
     async def on_models() -> ModelList:
-        return ModelList(data=state.catalog.model_cards())
+        return ModelList(data=state.catalog.model_cards() + routed_cards(state.policy))
 
     @broker.subscriber(subjects.heartbeat(subjects.ANY_SITE), no_reply=True, title="heartbeats",
                        description="Worker announcements; the router's catalog of who serves what.")
@@ -148,6 +148,12 @@ def build_broker(settings: RouterSettings, state: LiveState, *, document_chat: b
         state.catalog.seen(body)
 
     return broker
+
+
+def routed_cards(policy: policies.Policy) -> list[ModelCard]:
+    """``auto`` and the policy's aliases, as ``GET /v1/models`` lists them: a UI that offers only listed
+    models (Open WebUI) can pick them."""
+    return [ModelCard(id=name, owned_by="leafwire-router", routed=True) for name in [AUTO, *sorted(policy.aliases)]]
 
 
 def initial_state(settings: RouterSettings) -> LiveState:

@@ -147,6 +147,18 @@ class TestModels:
         assert models["tiny"]["kind"] == "chat"  # type: ignore[index]
         assert models[MODEL]["kind"] == "embeddings"  # type: ignore[index]
         assert models[MODEL]["locations"] == [{"site": "edge1", "workers": 1}]  # type: ignore[index]
+        assert not models["tiny"]["routed"]  # type: ignore[index]
+
+    def test_auto_is_listed_for_uis_that_offer_only_listed_models(self, stack: Stack) -> None:
+        """`auto` (and each alias of the routing policy) is listed as routed: Open WebUI and the like offer only
+        what /v1/models lists; it is answered like any model."""
+        auto = stack.client().models.retrieve("auto")
+        assert auto.model_extra is not None
+        assert auto.model_extra["routed"] is True
+        assert auto.owned_by == "leafwire-router"
+        r = stack.client().chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}],
+                                                   max_tokens=2)
+        assert r.model == "tiny"
 
     def test_one_model_and_an_unknown_one(self, stack: Stack) -> None:
         """GET /v1/models/{id} returns that model; an unknown id is a 404 model_not_found."""
