@@ -390,6 +390,7 @@ class CloudAdapter:
                   for model, spec in u.provider.spec.models.items()]
         return WorkerHeartbeat(worker_id=self.worker_id, service=SERVICE, site=self.settings.site, models=models,
                                cloud_models=sorted(self.targets), inflight=len(self.inflight),
+                               uplink_free=sorted(n for n, t in self.targets.items() if t.upstream.provider.spec.local),
                                capacity=sum(u.provider.spec.max_concurrent for u in self.upstreams.values()) or 1,
                                interval_s=self.settings.heartbeat_s)
 

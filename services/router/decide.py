@@ -71,6 +71,7 @@ class Conditions:
     now: float = field(default_factory=time.time)
     cloud_models: frozenset[str] | None = None  # every cloud model a live cloud-adapter is configured for (None:
     # unknown: no adapter heard from, or one too old to say)
+    uplink_free: frozenset[str] = frozenset()  # cloud models of `local: true` providers of the site's adapters
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ def guard(model: str, facts: Facts, conditions: Conditions) -> str | None:
             return "no cloud-adapter is configured for it"
         if facts.onsite:
             return "data must stay on site"
-        if not conditions.uplink_up:
+        if not conditions.uplink_up and model not in conditions.uplink_free:
             return "uplink down"
         if conditions.budget == "exhausted":
             return "budget exhausted"

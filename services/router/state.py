@@ -107,9 +107,10 @@ class LiveState:
                 else:
                     probes_in[provider] = at - now
         level, spent = self.budget_state(tenant, now)
-        adapters = [b.cloud_models for b in workers if b.service == "cloud-adapter"]
-        cloud = frozenset(m for models in adapters for m in models or ()) \
-            if adapters and all(models is not None for models in adapters) else None
+        adapters = [b for b in workers if b.service == "cloud-adapter"]
+        cloud = frozenset(m for b in adapters for m in b.cloud_models or ()) \
+            if adapters and all(b.cloud_models is not None for b in adapters) else None
+        lan = frozenset(m for b in adapters if b.site == self.catalog.site for m in b.uplink_free)
         return Conditions(uplink_up=self.uplink_up, budget=level, spent_budget=spent, provider_health=health,
                           probes_in=probes_in, local_models=served, saturated=saturated, now=now,
-                          cloud_models=cloud)
+                          cloud_models=cloud, uplink_free=lan)

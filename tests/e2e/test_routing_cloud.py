@@ -184,3 +184,29 @@ def test_masked_before_leaving_the_site(site: Site, tmp_path: Path) -> None:
     sent = call.body["messages"][0]["content"]
     assert sent == "Call Jane at [PHONE] or [EMAIL] about line 3"
     assert metric(site.router.metrics(), "leafwire_masked_total", pattern="email") >= 1
+
+
+def test_a_provider_on_the_sites_network_answers_with_the_uplink_down(site: Site, tmp_path: Path) -> None:
+    """A provider marked `local: true` (a vLLM on the plant's LAN; here the fake on 127.0.0.1) is reached by
+    the site's own cloud-adapter without the uplink: with the uplink down its model still answers, where
+    every other cloud model is skipped ("uplink down")."""
+    site.provider.reset()
+    env = {"LW_NATS_URL": site.nats.url, "LW_SITE": "lan-site"}
+    providers = tmp_path / "providers.yaml"
+    providers.write_text(json.dumps({"providers": [{
+        "name": "lan", "kind": "openai-compatible", "base_url": site.provider.url, "local": True,
+        "api_key_env": "LW_TEST_KEY", "models": {"echo": {}},
+        "timeouts": {"connect_s": 2, "first_byte_s": 2, "total_s": 10}}]}))
+    adapter = Service("cloud_adapter", {**env, "LW_PROVIDERS_FILE": str(providers), "LW_TEST_KEY": KEY})
+    router = Service("router", {**env, "LW_ROUTER_UPLINK": "down",
+                                "LW_ROUTER_POLICY_FILE": str(write_policy(tmp_path / "policy.yaml", "{}"))})
+    gateway = Service("gateway", env)
+    with running(adapter, router, gateway):
+        def ask() -> httpx.Response:
+            return httpx.post(f"{gateway.base}/v1/chat/completions", timeout=30,
+                              json={"model": "lan/echo", "messages": ASK, "max_tokens": 3})
+
+        r = eventually(lambda: answer if (answer := ask()).status_code == 200 else None, 20,
+                       "the LAN provider to answer with the uplink down")
+        assert r.headers["x-leafwire-route"].startswith("target=lan/echo")
+        assert len(site.provider.calls) >= 1

@@ -154,6 +154,15 @@ class TestGuards:
         assert routed.skipped == (("anthropic/claude", "no cloud-adapter is configured for it"),)
 
 
+    def test_a_provider_on_the_sites_network_is_tried_with_the_uplink_down(self) -> None:
+        """A cloud model of a `local: true` provider (a vLLM on the plant's LAN) does not need the uplink: it
+        stays in the route while the uplink is down; others are skipped as before."""
+        policy = parse("local_model: small\nrules: [{name: default, route: [requested, local]}]")
+        offline = Conditions(uplink_up=False, local_models=UP.local_models, uplink_free=frozenset({"lan/llama"}))
+        assert plan(policy, facts("lan/llama"), offline).chain == ("lan/llama", "small")
+        assert plan(policy, facts("openai/gpt-4o"), offline).skipped == (("openai/gpt-4o", "uplink down"),)
+
+
 class TestDecisionHeader:
     def test_header_names_rule_skips_and_fallbacks(self) -> None:
         """The decision says which rule chose the target, what was skipped and what failed before."""

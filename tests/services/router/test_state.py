@@ -49,6 +49,15 @@ class TestConditions:
         state.catalog.seen(adapter("ca-old", None))
         assert state.conditions("t").cloud_models is None
 
+    def test_only_the_sites_own_adapters_make_a_model_free_of_the_uplink(self) -> None:
+        """A `local: true` provider of the site's own adapter is reachable without the uplink; one of a hub
+        adapter is not (it is on the hub's network)."""
+        state = state_with(("small", "chat"))
+        for site, models in (("edge1", ["lan/llama"]), ("hub", ["hublan/big"])):
+            state.catalog.seen(WorkerHeartbeat(worker_id=f"ca-{site}", service="cloud-adapter", site=site,
+                                               models=[], cloud_models=models, uplink_free=models))
+        assert state.conditions("t").uplink_free == {"lan/llama"}
+
     def test_busy_workers_saturate_their_model(self) -> None:
         """A model whose every worker is at capacity is saturated."""
         assert state_with(("small", "chat"), inflight=1).conditions("t").saturated == {"small"}
