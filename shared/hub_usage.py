@@ -15,7 +15,9 @@ same moment can overwrite each other; each reads the list back and adds itself a
 that doubles each time). A site already listed is never dropped this way: only one added between another's
 read and write can be. The hub's lag behind this site is exported as ``leafwire_usage_hub_lag_events``;
 ``sites`` and ``leave`` are ``leafwire sites`` (list, remove a decommissioned site). The cloud-adapter keeps its
-site's budgets bucket joined the same way (``keep_joined(..., collected=(USAGE, BUDGETS))``).
+site's budgets bucket joined the same way (``keep_joined(..., collected=(USAGE, BUDGETS))``). When the hub answers
+again after an outage, ``keep_joined`` has each of its streams change leader (``nudge``): nats-server retries a
+source that failed with a back-off of up to two minutes, and a new leader starts its sources at once.
 """
 
 from __future__ import annotations
@@ -215,6 +217,21 @@ async def _set_listed(nc: NATS, site: str, listed: bool, wait_s: float,
                        "still running? (LW_USAGE_HUB_CHECK_S=0 keeps it off)")
 
 
+async def nudge(nc: NATS, stream: str, wait_s: float = HUB_TIMEOUT_S) -> None:
+    """Have the hub's stream ``stream`` change leader, whose new leader starts its sources at once. After an
+    outage nats-server retries a source with a back-off of up to two minutes, which no setting changes: the
+    hub went on missing a site's events (and spending) 30-80 s after its link was back. Best effort: a hub
+    of one node has no other leader, and says so."""
+    subject = f"{subjects.HUB_JS_API}.STREAM.LEADER.STEPDOWN.{stream}"
+    try:
+        answer = json.loads((await nc.request(subject, b"", timeout=wait_s)).data)
+    except Exception as exc:
+        log.debug("could not move the hub stream's leader", stream=stream, error=repr(exc))
+        return
+    log.info("the hub's stream changed leader, to copy this site's at once", stream=stream,
+             error=(answer.get("error") or {}).get("description"))
+
+
 async def keep_joined(nc: NATS, site: str, check_s: float, retry_s: float = 5.0,
                       sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                       collected: Sequence[Collected] = (USAGE,)) -> None:
@@ -241,6 +258,8 @@ async def keep_joined(nc: NATS, site: str, check_s: float, retry_s: float = 5.0,
                     metrics.USAGE_HUB_LAG.set(lag)
                 if added or unreachable or failures:
                     log.info("the hub's stream sources this site's", stream=each.stream, site=site, lag=lag)
+                if unreachable:  # the link is back: have the hub copy what was stored meanwhile now
+                    await nudge(nc, each.stream)
             unreachable, failures, said, wait = False, 0, "", check_s
         except HubUnreachable as exc:
             if not unreachable:

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import nats
 import pytest
+from nats.aio.msg import Msg
 import structlog.testing
 
 from schemas.cloud import UsageEvent
 from shared import hub_usage, metrics, subjects, usage_report
+from shared.config_bucket import HUB_TIMEOUT_S
 from shared.errors import HubUnreachable
 from shared.streams import ensure_stream
 from shared.usage import UsagePublisher, usage_stream
@@ -145,6 +147,37 @@ async def test_keep_joined_waits_for_the_uplink(site: CuttableSite, edge: nats.N
         await eventually_async(sources, lambda n: n == 1, within_s=20, what="the site to be a source")
         await eventually_async(lambda: asyncio.sleep(0, metrics.USAGE_HUB_LAG._value.get()),
                                lambda lag: lag == 0, within_s=5, what="the lag to be reported")
+    finally:
+        loop.cancel()
+
+
+async def test_a_link_back_after_an_outage_has_the_hub_restart_its_sources(site: CuttableSite, edge: nats.NATS,
+                                                                           hub: nats.NATS) -> None:
+    """Once the hub answers again after an outage, the loop asks it to move its USAGE stream's leader, whose
+    new leader starts copying this site's at once (nats-server otherwise retries a source with a back-off of
+    up to two minutes: the hub missed the site's events 30-80 s after the link was back). A hub of one node
+    has no other leader and says so; the request is what this checks."""
+    await UsagePublisher(edge, SITE).ensure_stream()
+    await hub_usage.join(edge, SITE)
+    asked: list[str] = []
+
+    async def seen(msg: Msg) -> None:
+        asked.append(msg.subject)
+
+    await hub.subscribe("$JS.API.STREAM.LEADER.STEPDOWN.>", cb=seen)  # the hub's own JetStream API
+    await hub.flush()
+    loop = asyncio.create_task(hub_usage.keep_joined(edge, SITE, check_s=0.3, retry_s=0.2))
+    try:
+        await asyncio.sleep(1.0)
+        assert asked == []  # joined all along: nothing to restart
+        site.link.cut()
+        await asyncio.sleep(HUB_TIMEOUT_S + 1)  # a check finds the hub unreachable
+        site.link.restore()
+        await eventually_async(lambda: asyncio.sleep(0, list(asked)), lambda a: len(a) >= 1, within_s=20,
+                               what="the leader stepdown")
+        assert asked[0] == "$JS.API.STREAM.LEADER.STEPDOWN.USAGE"  # $JS.hub.API, as the hub's server maps it
+        await asyncio.sleep(1.0)
+        assert len(asked) == 1  # once per outage, not at every check
     finally:
         loop.cancel()
 
