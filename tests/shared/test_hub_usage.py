@@ -10,8 +10,8 @@ from pathlib import Path
 
 import nats
 import pytest
-from nats.aio.msg import Msg
 import structlog.testing
+from nats.aio.msg import Msg
 
 from schemas.cloud import UsageEvent
 from shared import hub_usage, metrics, subjects, usage_report
