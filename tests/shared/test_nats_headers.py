@@ -32,6 +32,7 @@ class Capture:
     def __init__(self) -> None:
         self.stats = {"out_msgs": 0, "out_bytes": 0}
         self._flush_queue = None
+        self._max_payload = 1 << 20
         self.sent: list[bytes] = []
 
     async def _send_command(self, cmd: bytes) -> None:
