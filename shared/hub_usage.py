@@ -98,6 +98,7 @@ class SiteSource:
     lag: int  # events the hub has not copied yet (as of its last contact)
     heard_s: float | None  # seconds since the hub last heard from the site's stream; None: never
     error: str | None  # what the hub's last attempt to reach it said
+    copied: int | None = None  # the sequence, in the site's stream, of the last message the hub copied
 
 
 async def _info(nc: NATS, wait_s: float, stream: str = subjects.USAGE) -> dict[str, Any]:
@@ -119,18 +120,32 @@ def _sources(resp: dict[str, Any]) -> list[SiteSource]:
         error = s.get("error")
         found.append(SiteSource(api[len("$JS."):-len(".API")], int(s.get("lag") or 0),
                                 None if active < 0 else active / 1e9,
-                                str(error.get("description", error)) if isinstance(error, dict) else None))
+                                str(error.get("description", error)) if isinstance(error, dict) else None,
+                                int(s["seq"]) if "seq" in s else None))
     return found
 
 
-async def read_hub(nc: NATS, site: str, wait_s: float, stream: str = subjects.USAGE) -> tuple[StreamConfig, int | None]:
-    """The hub stream's configuration, and how many messages it lags behind ``site`` (``None``: not a source).
+async def read_hub(nc: NATS, site: str, wait_s: float,
+                   stream: str = subjects.USAGE) -> tuple[StreamConfig, SiteSource | None]:
+    """The hub stream's configuration, and ``site`` as one of its sources (``None``: not a source).
 
     Raises ``NotFoundError`` when the hub has no such stream yet.
     """
     resp = await _info(nc, wait_s, stream)
-    lag = next((s.lag for s in _sources(resp) if s.site == site), None)
-    return StreamConfig.from_response(resp["config"]), lag
+    return StreamConfig.from_response(resp["config"]), next((s for s in _sources(resp) if s.site == site), None)
+
+
+async def behind(nc: NATS, source: SiteSource, stream: str) -> int:
+    """Messages of this site's ``stream`` the hub has not copied. The hub's own figure goes stale while its
+    source is detached (an outage, then nats-server's back-off) and says 0 meanwhile; what this site stored
+    past the last message the hub copied does not."""
+    if source.copied is None:
+        return source.lag
+    try:
+        last = (await nc.jetstream(timeout=HUB_TIMEOUT_S).stream_info(stream)).state.last_seq
+    except Exception:  # this site's own stream: not there (yet), or JetStream busy; the hub's figure then
+        return source.lag
+    return max(source.lag, last - source.copied)
 
 
 async def sites(nc: NATS, wait_s: float = HUB_TIMEOUT_S) -> list[SiteSource]:
@@ -194,15 +209,15 @@ async def _set_listed(nc: NATS, site: str, listed: bool, wait_s: float,
     try:
         for attempt in range(JOIN_TRIES):
             try:
-                config, lag = await read_hub(nc, site, wait_s, name)
+                config, source = await read_hub(nc, site, wait_s, name)
             except NotFoundError:
                 if not listed:
                     return changed, None
                 await _create(hub, site, collected)
                 changed = True
                 continue
-            if (lag is not None) == listed:
-                return changed, lag
+            if (source is not None) == listed:
+                return changed, None if source is None else await behind(nc, source, name)
             others = [s for s in config.sources or [] if not is_source_of(s, site, name)]
             config.sources = [*others, site_source(site, name)] if listed else others
             await hub.update_stream(config)

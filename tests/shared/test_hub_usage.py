@@ -182,6 +182,28 @@ async def test_a_link_back_after_an_outage_has_the_hub_restart_its_sources(site:
         loop.cancel()
 
 
+async def test_the_lag_counts_what_the_hub_has_not_copied_even_when_its_own_figure_is_stale(
+        site: CuttableSite, edge: nats.NATS, hub: nats.NATS) -> None:
+    """The hub's lag figure for a site stays as it was while the site is cut off (and while nats-server backs
+    off after the outage): 0, though the site stored more. The site counts from the last message the hub
+    copied instead, so leafwire_usage_hub_lag_events is not 0 while the hub is behind."""
+    publisher = UsagePublisher(edge, SITE, interval_s=0.01)
+    await publisher.ensure_stream()
+    await hub_usage.join(edge, SITE)
+    for n in range(3):
+        await publisher.usage(event(n))
+    await publisher.flush()
+    await hub_holds(site, 3)
+    _, source = await hub_usage.read_hub(edge, SITE, 2)
+    assert source is not None
+    assert (source.copied, source.lag) == (3, 0)
+    site.link.cut()
+    for n in range(3, 7):
+        await publisher.usage(event(n))
+    await publisher.flush()
+    assert await hub_usage.behind(edge, source, subjects.USAGE) == 4  # the hub's figure still says 0
+
+
 async def test_the_sites_command_lists_and_removes(site: CuttableSite, edge: nats.NATS) -> None:
     """`leafwire sites` shows each site the hub collects, how far behind it is and when it was last heard
     from; `remove` takes one off the list and keeps what was copied."""
@@ -203,8 +225,8 @@ async def test_the_sites_command_lists_and_removes(site: CuttableSite, edge: nat
     removed = leafwire("sites", "remove", "ghost", "--nats", site.hub.url)
     assert removed.returncode == 0, removed.stderr
     assert [s.site for s in await hub_usage.sites(edge)] == [SITE]
-    budgets_config, ghost_lag = await hub_usage.read_hub(edge, "ghost", 2, hub_usage.BUDGETS.stream)
-    assert ghost_lag is None  # off the budgets bucket's sources as well
+    budgets_config, ghost = await hub_usage.read_hub(edge, "ghost", 2, hub_usage.BUDGETS.stream)
+    assert ghost is None  # off the budgets bucket's sources as well
     assert budgets_config.subjects == ["$KV.budgets.>"]  # a KV bucket as the hub's adapters make it
     again = leafwire("sites", "remove", "ghost", "--nats", site.hub.url)
     assert again.returncode == 2
