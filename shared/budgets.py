@@ -19,10 +19,13 @@ any stream whose messages carry ``$KV.budgets.<key>`` subjects.
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from nats.aio.client import Client as NATS
 from nats.js.api import DiscardPolicy, ExternalStream, KeyValueConfig, StorageType, StreamConfig, StreamSource
 from nats.js.client import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
@@ -30,7 +33,7 @@ from nats.js.kv import KeyValue
 
 from schemas.cloud import BudgetLevel, BudgetStatus, budget_window
 from shared import subjects
-from shared.config_bucket import is_hub_mirror
+from shared.config_bucket import HUB_TIMEOUT_S, is_hub_mirror
 from shared.errors import BudgetExceeded
 
 STREAM = subjects.kv_stream(subjects.BUDGETS)
@@ -83,6 +86,38 @@ async def ensure_mirror(js: JetStreamContext) -> None:
     except APIError:  # another adapter of the site created it first
         if not is_hub_mirror((await js.stream_info(subjects.HUB_BUDGETS)).config, STREAM):
             raise
+
+
+STUCK_S = 5.0  # an attached mirror hears from the hub every second
+
+
+async def resync_mirror(nc: NATS, js: JetStreamContext, stuck_s: float = STUCK_S) -> float | None:
+    """Create the edge's mirror anew when it has heard nothing from the hub for ``stuck_s`` while the hub
+    answers; the seconds it had been silent (-1: never heard from since it was created), or ``None`` when it
+    was left as it is.
+
+    After an outage nats-server retries a mirror on its own back-off (a lost request waits 30 s, then up to
+    two minutes more), and no API call shortens that on a one-node server: the edge went on counting the
+    other sites' spending as before the outage for 30-150 s after its link was back, and overran budgets.
+    A new mirror copies the hub's bucket at once (~0.2 s, the same sequence numbers), and its readers
+    (``kv_follow``) open their watch again. Only right after the hub has answered: an edge left with an empty
+    mirror offline would forget the other sites' spending.
+    """
+    mirror = (await js.stream_info(subjects.HUB_BUDGETS)).mirror
+    active_ns = -1 if mirror is None or mirror.active is None else mirror.active
+    if 0 <= active_ns < stuck_s * 1e9:
+        return None
+    try:
+        answer = json.loads((await nc.request(f"{subjects.HUB_JS_API}.STREAM.INFO.{STREAM}", b"",
+                                              timeout=HUB_TIMEOUT_S)).data)
+    except Exception:  # the hub does not answer: the mirror waits for it as it is
+        return None
+    if "error" in answer:  # no bucket at the hub yet: nothing to copy
+        return None
+    with contextlib.suppress(NotFoundError):
+        await js.delete_stream(subjects.HUB_BUDGETS)
+    await ensure_mirror(js)
+    return -1.0 if active_ns < 0 else active_ns / 1e9
 
 
 async def open_mirror(js: JetStreamContext) -> KeyValue:

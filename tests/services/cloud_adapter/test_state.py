@@ -214,3 +214,27 @@ async def sites_share_a_budget(site: CuttableSite, hub_nc: nats.NATS, edge_nc: n
     assert stored == {"tenant-acme.daily.hub": pytest.approx(0.4), "tenant-acme.daily.plant7": pytest.approx(0.75)}
     await hub_state.close(lambda _: None)
     await edge_state.close(lambda _: None)
+
+
+async def test_after_an_outage_the_edge_learns_the_hubs_spending_at_once(tmp_path: Path) -> None:
+    """An outage long enough for nats-server to give up on the edge's mirror of the hub's budgets (a lost
+    request, then its back-off: 30-150 s more after the link is back). The edge's adapter, finding the mirror
+    silent while the hub answers, creates it anew: it knows what the hub spent meanwhile within seconds."""
+    with start_cuttable_site(tmp_path, "plant8") as site:
+        async with connected(site.hub.url) as hub_nc, connected(site.edge.url) as edge_nc:
+            at_hub, at_edge = Ledger(BUDGETS, "hub"), Ledger(BUDGETS, "plant8")
+            hub_state = await opened(hub_nc, at_hub, tmp_path, site="hub")
+            edge_state = await opened(edge_nc, at_edge, tmp_path, site="plant8", LW_CLOUD_STATE_CHECK_S=1)
+            try:
+                at_hub.charge("acme", 0.2)
+                await hub_state.flush_budgets(lambda _: None)
+                await eventually(lambda: at_edge.account("tenant-acme", "daily").spent == pytest.approx(0.2))
+                site.link.cut()
+                await asyncio.sleep(15)  # the mirror finds its source silent (10 s) and its next request is lost
+                at_hub.charge("acme", 0.5)
+                await hub_state.flush_budgets(lambda _: None)
+                site.link.restore()
+                await eventually(lambda: at_edge.account("tenant-acme", "daily").spent == pytest.approx(0.7))
+            finally:
+                await hub_state.close(lambda _: None)
+                await edge_state.close(lambda _: None)
