@@ -91,22 +91,24 @@ async def ensure_mirror(js: JetStreamContext) -> None:
 STUCK_S = 5.0  # an attached mirror hears from the hub every second
 
 
-async def resync_mirror(nc: NATS, js: JetStreamContext, stuck_s: float = STUCK_S) -> float | None:
-    """Create the edge's mirror anew when it has heard nothing from the hub for ``stuck_s`` while the hub
-    answers; the seconds it had been silent (-1: never heard from since it was created), or ``None`` when it
-    was left as it is.
+async def resync_mirror(nc: NATS, js: JetStreamContext, stuck_s: float = STUCK_S) -> str | None:
+    """Create the edge's mirror anew, while the hub answers, when it is stuck or copies a stream that is gone;
+    why, or ``None`` when it was left as it is.
 
-    After an outage nats-server retries a mirror on its own back-off (a lost request waits 30 s, then up to
-    two minutes more), and no API call shortens that on a one-node server: the edge went on counting the
-    other sites' spending as before the outage for 30-150 s after its link was back, and overran budgets.
-    A new mirror copies the hub's bucket at once (~0.2 s, the same sequence numbers), and its readers
+    - Stuck: it has heard nothing from the hub for ``stuck_s``. After an outage nats-server retries a mirror
+      on its own back-off (a lost request waits 30 s, then up to two minutes more), and no API call shortens
+      that on a one-node server: the edge went on counting the other sites' spending as before the outage
+      for 30-150 s after its link was back, and overran budgets.
+    - Gone: the hub's stream was created anew (its bucket deleted to reset it, or a hub that lost its
+      storage) and holds fewer messages than the mirror copied. The mirror would skip the new stream's
+      messages up to its old sequence, and keep the old entries.
+
+    A new mirror copies the hub's bucket at once (~0.2 s, the hub's sequence numbers), and its readers
     (``kv_follow``) open their watch again. Only right after the hub has answered: an edge left with an empty
     mirror offline would forget the other sites' spending.
     """
-    mirror = (await js.stream_info(subjects.HUB_BUDGETS)).mirror
-    active_ns = -1 if mirror is None or mirror.active is None else mirror.active
-    if 0 <= active_ns < stuck_s * 1e9:
-        return None
+    info = await js.stream_info(subjects.HUB_BUDGETS)
+    active_ns = -1 if info.mirror is None or info.mirror.active is None else info.mirror.active
     try:
         answer = json.loads((await nc.request(f"{subjects.HUB_JS_API}.STREAM.INFO.{STREAM}", b"",
                                               timeout=HUB_TIMEOUT_S)).data)
@@ -114,10 +116,18 @@ async def resync_mirror(nc: NATS, js: JetStreamContext, stuck_s: float = STUCK_S
         return None
     if "error" in answer:  # no bucket at the hub yet: nothing to copy
         return None
+    hub_last, copied = int(answer["state"]["last_seq"]), info.state.last_seq
+    if hub_last < copied:
+        why = f"the hub's stream was created anew ({hub_last} messages; the mirror had copied {copied})"
+    elif not 0 <= active_ns < stuck_s * 1e9:
+        silence = f"for {active_ns / 1e9:.0f} s" if active_ns >= 0 else "since it was made"
+        why = f"it had not heard from the hub {silence}"
+    else:
+        return None
     with contextlib.suppress(NotFoundError):
         await js.delete_stream(subjects.HUB_BUDGETS)
     await ensure_mirror(js)
-    return -1.0 if active_ns < 0 else active_ns / 1e9
+    return why
 
 
 async def open_mirror(js: JetStreamContext) -> KeyValue:

@@ -91,10 +91,9 @@ class CloudState:
                 if missing:
                     log.warning("JetStream state deleted underneath; creating it again", missing=missing)
                     await self._open_once()
-                elif self.role == "edge" and (silent := await budgets.resync_mirror(
+                elif self.role == "edge" and (why := await budgets.resync_mirror(
                         self._nc, self._nc.jetstream(timeout=5))) is not None:
-                    log.info("the mirror of the hub's budgets was stuck after an outage: created anew",
-                             silent_s=silent)
+                    log.info("the mirror of the hub's budgets was created anew", why=why)
             except Exception as exc:  # JetStream unavailable: the next round tries again
                 log.debug("JetStream state check failed", error=repr(exc))
 

@@ -230,11 +230,35 @@ async def test_after_an_outage_the_edge_learns_the_hubs_spending_at_once(tmp_pat
                 await hub_state.flush_budgets(lambda _: None)
                 await eventually(lambda: at_edge.account("tenant-acme", "daily").spent == pytest.approx(0.2))
                 site.link.cut()
-                await asyncio.sleep(15)  # the mirror finds its source silent (10 s) and its next request is lost
+                await asyncio.sleep(22)  # the mirror finds its source silent (10-15 s); its next request is lost
                 at_hub.charge("acme", 0.5)
                 await hub_state.flush_budgets(lambda _: None)
                 site.link.restore()
                 await eventually(lambda: at_edge.account("tenant-acme", "daily").spent == pytest.approx(0.7))
+            finally:
+                await hub_state.close(lambda _: None)
+                await edge_state.close(lambda _: None)
+
+
+async def test_a_hub_budgets_bucket_made_anew_reaches_the_edge(tmp_path: Path) -> None:
+    """The hub's budgets bucket deleted to reset it (or a hub that lost its storage) is made anew by the hub's
+    adapter. The edge's mirror would wait for the new stream's sequence to pass the old one, counting the old
+    spending until then; the edge's adapter makes the mirror anew and counts what the hub spends from then."""
+    with start_cuttable_site(tmp_path, "plant6") as site:
+        async with connected(site.hub.url) as hub_nc, connected(site.edge.url) as edge_nc:
+            at_hub, at_edge = Ledger(BUDGETS, "hub"), Ledger(BUDGETS, "plant6")
+            hub_state = await opened(hub_nc, at_hub, tmp_path, site="hub", LW_CLOUD_STATE_CHECK_S=1)
+            edge_state = await opened(edge_nc, at_edge, tmp_path, site="plant6", LW_CLOUD_STATE_CHECK_S=1)
+            try:
+                for _ in range(5):  # five writes: the hub's stream is at sequence 5
+                    at_hub.charge("acme", 0.04)
+                    await hub_state.flush_budgets(lambda _: None)
+                await eventually(lambda: at_edge.account("tenant-acme", "daily").spent == pytest.approx(0.2))
+                await hub_nc.jetstream().delete_stream("KV_budgets")
+                await eventually(lambda: at_hub.account("tenant-acme", "daily").spent == 0)  # reset at the hub
+                at_hub.charge("acme", 0.05)
+                await hub_state.flush_budgets(lambda _: None)
+                await eventually(lambda: at_edge.account("tenant-acme", "daily").spent == pytest.approx(0.05))
             finally:
                 await hub_state.close(lambda _: None)
                 await edge_state.close(lambda _: None)
