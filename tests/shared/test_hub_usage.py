@@ -67,6 +67,18 @@ async def hub_holds(site: CuttableSite, count: int) -> list[str]:
                                   lambda ids: len(ids) >= count, within_s=20, what=f"{count} events at the hub")
 
 
+async def copied_to_hub(site: CuttableSite, edge: nats.NATS, count: int) -> UsagePublisher:
+    """A publisher of the site's usage, the site joined to the hub, and ``count`` events copied there."""
+    publisher = UsagePublisher(edge, SITE, interval_s=0.01)
+    await publisher.ensure_stream()
+    await hub_usage.join(edge, SITE)
+    for n in range(count):
+        await publisher.usage(event(n))
+    await publisher.flush()
+    await hub_holds(site, count)
+    return publisher
+
+
 async def test_events_reach_the_hub_also_those_stored_offline(site: CuttableSite, edge: nats.NATS,
                                                               hub: nats.NATS) -> None:
     """Events stored at the edge reach the hub in order; those stored while the link was cut follow once it is
@@ -187,13 +199,7 @@ async def test_the_lag_counts_what_the_hub_has_not_copied_even_when_its_own_figu
     """The hub's lag figure for a site stays as it was while the site is cut off (and while nats-server backs
     off after the outage): 0, though the site stored more. The site counts from the last message the hub
     copied instead, so leafwire_usage_hub_lag_events is not 0 while the hub is behind."""
-    publisher = UsagePublisher(edge, SITE, interval_s=0.01)
-    await publisher.ensure_stream()
-    await hub_usage.join(edge, SITE)
-    for n in range(3):
-        await publisher.usage(event(n))
-    await publisher.flush()
-    await hub_holds(site, 3)
+    publisher = await copied_to_hub(site, edge, 3)
     _, source = await hub_usage.read_hub(edge, SITE, 2)
     assert source is not None
     assert (source.copied, source.lag) == (3, 0)
@@ -275,13 +281,7 @@ async def test_a_refused_join_is_said_once_and_asked_less_often(edge: nats.NATS,
 async def test_a_report_cut_short_says_so(site: CuttableSite, edge: nats.NATS, monkeypatch: pytest.MonkeyPatch) -> None:
     """The uplink going down while the hub's usage is read: an error naming what was left, never a table
     that quietly leaves events out."""
-    publisher = UsagePublisher(edge, SITE, interval_s=0.01)
-    await publisher.ensure_stream()
-    await hub_usage.join(edge, SITE)
-    for n in range(5):
-        await publisher.usage(event(n))
-    await publisher.flush()
-    await hub_holds(site, 5)
+    await copied_to_hub(site, edge, 5)
     monkeypatch.setattr(usage_report, "FETCH", 2)
     read = usage_report.events(edge, domain=subjects.HUB, site=SITE, since=None, wait_s=1)
     first = [await anext(read), await anext(read)]
