@@ -20,11 +20,11 @@ from schemas.embeddings import EmbeddingRequest
 from services.gateway.bridge import request_headers
 from services.gateway.chat import ChatBridge
 from services.gateway.embeddings import EmbeddingsBridge
-from services.gateway.errors import openai_errors, read_json, read_model, validate
+from services.gateway.errors import REQUEST_ID, openai_errors, read_json, read_model, validate
 from services.gateway.settings import ANSWERS_END_S, GatewaySettings
 from shared import metrics, subjects
 from shared import nats as lw_nats
-from shared.envelope import EVENT
+from shared.envelope import EVENT, new_request_id
 from shared.errors import ModelNotFound, Unauthorized, Unavailable
 from shared.logging import bind_request, get_logger
 from shared.ops import Readiness, add_routes, bound_port
@@ -81,7 +81,7 @@ class Gateway:
             raise Unavailable(f"no router is serving site '{self.settings.site}'", retry_after=2) from exc
         if (reply.headers or {}).get(EVENT) == Event.ERROR.value:
             raise error_of(reply.headers or {}, reply.data)
-        return web.Response(body=reply.data, content_type="application/json")
+        return web.Response(body=reply.data, content_type="application/json", headers={REQUEST_ID: env.request_id})
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/embeddings``"""
@@ -102,7 +102,8 @@ class Gateway:
     async def list_models(self, request: web.Request) -> web.Response:
         """``GET /v1/models``: what the site's router knows, with where each model runs and its kind."""
         self.tenant_of(request)
-        return web.Response(body=await self._models(), content_type="application/json")
+        return web.Response(body=await self._models(), content_type="application/json",
+                            headers={REQUEST_ID: new_request_id()})
 
     async def get_model(self, request: web.Request) -> web.Response:
         """``GET /v1/models/{model}``: one model; 404 when nobody serves it."""
@@ -111,7 +112,7 @@ class Gateway:
         card = next((c for c in ModelList.model_validate_json(await self._models()).data if c.id == name), None)
         if card is None:
             raise ModelNotFound(name)
-        return web.json_response(card.model_dump())
+        return web.json_response(card.model_dump(), headers={REQUEST_ID: new_request_id()})
 
     def ready(self) -> str | None:
         """Ready when connected to NATS (the router is probed separately)."""

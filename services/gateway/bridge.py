@@ -16,7 +16,7 @@ from nats.aio.client import Client as NATS
 from nats.errors import MaxPayloadError
 
 from schemas.control import Cancel
-from services.gateway.errors import error_response, log
+from services.gateway.errors import REQUEST_ID, error_response, log
 from services.gateway.settings import GatewaySettings
 from shared import envelope as hdr
 from shared import metrics, subjects
@@ -90,7 +90,7 @@ class Bridge:
     @staticmethod
     def answer_headers(first: Reply, env: Envelope) -> dict[str, str]:
         """``x-request-id``, and the route and worker the first reply names."""
-        headers = {"x-request-id": env.request_id}
+        headers = {REQUEST_ID: env.request_id}
         if route := first.headers.get(hdr.ROUTE):
             headers["x-leafwire-route"] = route
         if served_by := first.headers.get(hdr.SERVED_BY):
@@ -110,7 +110,7 @@ class Bridge:
             return await respond(exchange)
         except LeafwireError as err:
             why = f"the gateway answered the caller: {err.message}"  # a timeout, say: not the caller's doing
-            return error_response(err, {"x-request-id": env.request_id})
+            return error_response(err, {REQUEST_ID: env.request_id})
         except (asyncio.CancelledError, ConnectionResetError):
             why = "the caller stopped reading the answer"
             metrics.CLIENT_DISCONNECTS.inc()

@@ -149,6 +149,16 @@ class TestModels:
         assert models[MODEL]["locations"] == [{"site": "edge1", "workers": 1}]  # type: ignore[index]
         assert not models["tiny"]["routed"]  # type: ignore[index]
 
+    def test_model_answers_carry_a_request_id_as_every_answer_does(self, stack: Stack) -> None:
+        """GET /v1/models, /v1/models/{id} and a dry run carry x-request-id, each its own."""
+        dry = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+        answers = [httpx.get(f"{stack.base_url}/models", timeout=10),
+                   httpx.get(f"{stack.base_url}/models/tiny", timeout=10),
+                   httpx.post(f"{stack.base_url}/route/dry-run", timeout=10, json=dry)]
+        ids = [a.headers["x-request-id"] for a in answers]
+        assert all(len(i) == 32 for i in ids)
+        assert len(set(ids)) == 3
+
     def test_auto_is_listed_for_uis_that_offer_only_listed_models(self, stack: Stack) -> None:
         """`auto` (and each alias of the routing policy) is listed as routed: Open WebUI and the like offer only
         what /v1/models lists; it is answered like any model."""
