@@ -34,6 +34,7 @@ from shared.logging import get_logger
 
 log = get_logger("leafwire.nats")
 WRITTEN_FOR = "2.16.0"
+HEADERS_ROOM = 4096  # what to leave of max_payload for a message's headers when sizing its payload beforehand
 CACHE_LIMIT = 4096  # header names are few (leafwire's, JetStream's); a flood of distinct ones is not cached
 
 _HEAD = (nats_client.NATS_HDR_LINE + nats_client._CRLF_).decode()

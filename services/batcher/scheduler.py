@@ -42,12 +42,12 @@ from shared.errors import (
     UpstreamError,
 )
 from shared.logging import get_logger
+from shared.nats_headers import HEADERS_ROOM
 from shared.replies import Presence, keep_callers
 from shared.tasks import every, stop_tasks
 
 SERVICE = "batcher"
 log = get_logger("leafwire.batcher")
-BATCH_HEADERS_ROOM = 4096  # a batch message's own headers (request/reply), counted by the server in max_payload
 Key = tuple[ModelKind, str]
 
 
@@ -171,7 +171,7 @@ class Batcher:
 
     def batch_bytes(self) -> int:
         """The most a batch's rows may add up to: one NATS message, less room for its headers."""
-        return self.transport.max_payload - BATCH_HEADERS_ROOM
+        return self.transport.max_payload - HEADERS_ROOM
 
     def default_options(self, kind: ModelKind) -> BatchingOptions:
         """Options for a model whose workers announce none."""

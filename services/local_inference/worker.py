@@ -42,12 +42,12 @@ from shared.errors import (
     Unavailable,
 )
 from shared.logging import get_logger
+from shared.nats_headers import HEADERS_ROOM
 from shared.replies import Event, ReplyPublisher, keep_callers, publish_error
 from shared.usage import UsagePublisher
 
 SERVICE = "local-inference"
 log = get_logger("leafwire.local_inference")
-HEADERS_ROOM = 4096  # the server counts headers in max_payload; nats.py checks the payload alone
 
 
 def answer_too_large(size: int, max_payload: int, request: EmbeddingRequest) -> InvalidRequest:
