@@ -1,26 +1,24 @@
 """One request's side of decoding: the decoder's view of a chat request, the errors a row can end with,
 and the timing of its tokens (into the metrics). No NATS in here.
 
-A parameter a local model cannot honour is refused (400, ``param`` naming it, code
-``unsupported_parameter``) rather than ignored: code that asks for JSON mode, logprobs or a forced tool
-call must not get free text with a 200. Default values pass, since many clients send them.
+What a local model cannot honour is refused (``shared.local_params``): the router has already routed such a
+request elsewhere, but a NATS client may publish to a worker's subject directly.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from collections.abc import Mapping
 from typing import Any
 
-from schemas.chat import ChatCompletionRequest, ChatMessage
+from schemas.chat import ChatCompletionRequest
 from services.local_inference.embedder import TooLong
 from services.local_inference.engine import Engine
 from services.local_inference.ipc import Rejected, RowSpec
 from shared import metrics
 from shared.envelope import Envelope
 from shared.errors import ContextLengthExceeded, DeadlineExceeded, InvalidRequest, LeafwireError
+from shared.local_params import refuse_unhonoured, refuse_unsupported
 
 
 class TokenClock:
@@ -51,8 +49,7 @@ class TokenClock:
 def row_spec(engine: Engine, request: ChatCompletionRequest, env: Envelope) -> RowSpec:
     """The decoder's view of a request, with the model's defaults filled in."""
     defaults, extras = engine.spec.defaults, request.model_extra or {}
-    for m in request.messages:
-        refuse_unsupported(engine.spec.name, m)
+    refuse_unsupported(engine.spec.name, request.messages)
     refuse_unhonoured(engine.spec.name, extras)
     return RowSpec(
         key=engine.new_key(),
@@ -69,51 +66,7 @@ def row_spec(engine: Engine, request: ChatCompletionRequest, env: Envelope) -> R
     )
 
 
-def refuse_unsupported(model: str, message: ChatMessage) -> None:
-    """Local models read text only."""
-    if message.has_non_text():
-        raise InvalidRequest(f"model {model} reads text only; the message has non-text content",
-                             param="messages")
-
-
-# OpenAI parameters a local model does not honour, with the values that ask for nothing (accepted). ``None``
-# and ``[]`` (no tools, no functions) count as absent for every parameter; ``{}`` does not (an empty
-# ``web_search_options`` asks for a search).
-UNHONOURED: dict[str, tuple[object, ...]] = {
-    "tools": (),
-    "tool_choice": ("none", "auto"),
-    "functions": (),
-    "function_call": ("none", "auto"),
-    "response_format": ({"type": "text"},),
-    "logprobs": (False,),
-    "top_logprobs": (0,),
-    "modalities": (["text"],),
-    "audio": (),
-    "reasoning_effort": (),
-    "verbosity": (),
-    "web_search_options": (),
-}
-NEUTRAL = frozenset({"logit_bias", "parallel_tool_calls", "store", "metadata", "service_tier", "prediction",
-                     "prompt_cache_key", "safety_identifier"})
-"""Request fields kept as extras that a local model accepts: ``logit_bias`` is honoured (``row_spec``); the
-others do not change its answer (no tools to call in parallel, nothing stored, no service tiers)."""
 MAX_LOGIT_BIAS = 100.0
-
-
-def refuse_unhonoured(model: str, extras: Mapping[str, Any]) -> None:
-    """Refuse the first parameter the local model would ignore: a known one set to a non-default value, or
-    one that is not an OpenAI chat parameter at all (OpenAI refuses those too)."""
-    for param, value in extras.items():
-        if value is None or value == [] or param in NEUTRAL:
-            continue
-        if param not in UNHONOURED:
-            raise InvalidRequest(f"Unrecognized request argument supplied: {param}. The local model {model} "
-                                 "takes OpenAI's chat parameters only.", param=param, code="unsupported_parameter")
-        accepted = UNHONOURED[param]
-        if value not in accepted:
-            other = f" other than {' or '.join(json.dumps(v) for v in accepted)}" if accepted else ""
-            raise InvalidRequest(f"The local model {model} does not support {param}{other}; OpenAI-compatible "
-                                 "cloud models (<provider>/<model>) do.", param=param, code="unsupported_parameter")
 
 
 def logit_bias(value: Any) -> dict[int, float] | None:

@@ -53,7 +53,8 @@ def facts_of(request: ChatCompletionRequest, env: Envelope, headers: Mapping[str
     onsite = (headers or {}).get(RESIDENCY, "").lower() == "onsite" or \
         env.tenant in state.policy.residency.onsite_tenants
     measured = signals("\n".join(m.text() for m in request.messages)) if measure else UNMEASURED
-    return Facts(model=request.model, tenant=env.tenant, user=request.user, onsite=onsite, signals=measured)
+    return Facts(model=request.model, tenant=env.tenant, user=request.user, onsite=onsite, signals=measured,
+                 request=request)
 
 
 def decide_for(state: LiveState, request: ChatCompletionRequest, env: Envelope,

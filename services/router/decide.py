@@ -4,7 +4,8 @@
 2. The first rule whose conditions hold gives the route.
 3. Guards drop targets that must not or cannot be used, whatever the rule says: cloud targets when the
    request must stay on site, when the uplink is down, when the budget is exhausted, or when the
-   provider's breaker is open; local models whose workers are all saturated.
+   provider's breaker is open; local models whose workers are all saturated, or that cannot honour what
+   the request asks for (tools, JSON mode, images...: ``shared.local_params``).
 4. The policy's last resort (the local model, unless turned off) closes every chain.
 5. What is left is tried in order until one takes the request.
 """
@@ -17,12 +18,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from schemas.chat import ChatCompletionRequest
 from schemas.control import RouteDecision
 from services.router.policy import LOCAL, REQUESTED, BudgetLevel, Experiment, Health, Policy, Rule, When
 from services.router.signals import Signals
 from services.router.variants import pick
 from shared import budgets
-from shared.errors import BudgetExceeded, LeafwireError, ModelNotFound, Overloaded, Unavailable
+from shared.errors import BudgetExceeded, InvalidRequest, LeafwireError, ModelNotFound, Overloaded, Unavailable
+from shared.local_params import local_refusal
 
 AUTO = "auto"
 MAX_ALIAS_DEPTH = 4
@@ -55,6 +58,7 @@ class Facts:
     user: str | None
     onsite: bool
     signals: Signals
+    request: ChatCompletionRequest | None = None  # read for what a local model cannot honour (None: nothing)
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,16 @@ def guard(model: str, facts: Facts, conditions: Conditions) -> str | None:
     return None
 
 
+def incapable(model: str, facts: Facts) -> InvalidRequest | None:
+    """Why the local model ``model`` would refuse the request (a parameter it cannot honour), or ``None``."""
+    return None if facts.request is None or is_cloud(model) else local_refusal(model, facts.request)
+
+
+def capability(refused: InvalidRequest) -> str:
+    """A refusal of ``incapable`` as a skip reason."""
+    return "reads text only" if refused.param == "messages" else f"does not support {refused.param}"
+
+
 def plan(policy: Policy, facts: Facts, conditions: Conditions) -> Plan:
     """Decide the ordered targets for a request; raise when nothing may serve it."""
     requested, variant = resolve(policy, facts.model, facts.user, facts.tenant)
@@ -178,23 +192,34 @@ def plan(policy: Policy, facts: Facts, conditions: Conditions) -> Plan:
             raise ModelNotFound(facts.model)
     rule = first_rule(policy, facts, requested, conditions)
     chain, skipped = [], []
+    refusals: dict[str, InvalidRequest] = {}
     route = rule.route + ([LOCAL] if policy.last_resort == LOCAL and policy.local_model else [])
     for model in expand(route, requested, policy):
-        why = guard(model, facts, conditions)
+        refused = incapable(model, facts)
+        if refused is not None:
+            refusals[model] = refused
+        why = guard(model, facts, conditions) if refused is None else capability(refused)
         if why is None:
             chain.append(model)
         else:
             skipped.append((model, why))
     if not chain:
-        raise refusal(rule, skipped, conditions, facts.tenant)
+        raise refusal(rule, skipped, conditions, facts.tenant, refusals)
     return Plan(requested, rule.name, tuple(chain), variant, tuple(skipped))
 
 
-def refusal(rule: Rule, skipped: list[tuple[str, str]], conditions: Conditions, tenant: str) -> LeafwireError:
-    """The error for a request no target may serve, named after the first reason."""
+def refusal(rule: Rule, skipped: list[tuple[str, str]], conditions: Conditions, tenant: str,
+            refusals: Mapping[str, InvalidRequest] | None = None) -> LeafwireError:
+    """The error for a request no target may serve, named after the first reason that may pass (a
+    breaker, the uplink, a budget); when every target is a local model that cannot honour the request, that
+    model's own 400, as if it had been asked."""
     if not skipped:
         return Unavailable(f"rule {rule.name} names no target for this request", code="no_route")
-    why = skipped[0][1]
+    passing = [why for t, why in skipped if not refusals or t not in refusals]
+    if not passing:
+        assert refusals
+        return refusals[skipped[0][0]]
+    why = passing[0]
     detail = "; ".join(f"{t}: {w}" for t, w in skipped)
     if why == "data must stay on site":
         return ResidencyViolation(f"This request must stay on site and no local model can serve it ({detail}).")

@@ -210,3 +210,43 @@ def test_a_provider_on_the_sites_network_answers_with_the_uplink_down(site: Site
                        "the LAN provider to answer with the uplink down")
         assert r.headers["x-leafwire-route"].startswith("target=lan/echo")
         assert len(site.provider.calls) >= 1
+
+
+TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]
+
+
+def test_a_request_for_tools_skips_the_local_model(site: Site) -> None:
+    """The local model cannot call tools, so the router drops it from the chain and says so; a provider that
+    fails is then the caller's error, not a fallback to a model that would only refuse (or ignore) the tools."""
+    site.provider.reset()
+    r = httpx.post(f"{site.gateway.base}/v1/chat/completions", timeout=30,
+                   json={"model": "fake/echo", "messages": ASK, "max_tokens": 3, "tools": TOOLS})
+    assert r.status_code == 200, r.text
+    assert "skipped tiny (does not support tools)" in r.headers["x-leafwire-route"]
+    assert site.provider.calls[-1].body["tools"] == TOOLS
+
+    site.provider.reset()
+    site.provider.script(*[Fault.error(503)] * 3)
+    before = generations(site)
+    r = httpx.post(f"{site.gateway.base}/v1/chat/completions", timeout=30,
+                   json={"model": "fake/echo", "messages": ASK, "max_tokens": 3, "tools": TOOLS})
+    assert r.status_code >= 500, r.text
+    assert "tiny" not in r.json()["error"]["message"]
+    assert len(site.provider.calls) == 3
+    assert generations(site) == before
+
+
+def test_tools_for_the_local_model_alone_are_refused_by_the_router(site: Site) -> None:
+    """Asked of the local model, tools are the 400 the model would give, naming the parameter, and the
+    worker never sees the request."""
+    before = generations(site)
+    r = httpx.post(f"{site.gateway.base}/v1/chat/completions", timeout=30,
+                   json={"model": "tiny", "messages": ASK, "max_tokens": 3, "tools": TOOLS})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "tools"
+    assert r.json()["error"]["code"] == "unsupported_parameter"
+    dry = httpx.post(f"{site.gateway.base}/v1/route/dry-run", timeout=30,
+                     json={"model": "fake/echo", "messages": ASK, "tools": TOOLS})
+    assert dry.status_code == 200, dry.text
+    assert {"target": "tiny", "reason": "does not support tools"} in dry.json()["skipped"]
+    assert generations(site) == before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from schemas.chat import ChatCompletionRequest
 from services.router.decide import (
     Conditions,
     Facts,
@@ -12,7 +13,7 @@ from services.router.decide import (
 )
 from services.router.policy import Policy, parse
 from services.router.signals import Signals
-from shared.errors import BudgetExceeded, ModelNotFound, Overloaded, Unavailable
+from shared.errors import BudgetExceeded, InvalidRequest, ModelNotFound, Overloaded, Unavailable
 
 POLICY = parse("""
 local_model: small
@@ -172,3 +173,55 @@ class TestDecisionHeader:
         assert header.startswith("target=local/small; rule=ops-tenant")
         assert "skipped anthropic/claude (uplink down)" in header
         assert "fell back from x/y (503 unavailable)" in header
+
+
+def ask(model: str = "auto", tenant: str = "acme", **extra: object) -> Facts:
+    """Facts for a chat request carrying ``extra`` OpenAI parameters (tools, response_format...)."""
+    request = ChatCompletionRequest.model_validate(
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra})
+    return Facts(model=model, tenant=tenant, user=None, onsite=False, signals=Signals(10, 0.1), request=request)
+
+
+TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+
+
+class TestLocalCapabilities:
+    """A local model that cannot honour a request (tools, JSON mode, images) is skipped like a busy one."""
+
+    def test_tools_go_to_the_cloud_model_of_the_chain(self) -> None:
+        """A model with a cloud target first keeps it, and the local fallback is dropped, saying why."""
+        p = plan(POLICY, ask("smart", tools=TOOLS), UP)
+        assert p.chain == ("openai/gpt-4o",)
+        assert p.skipped == (("small", "does not support tools"),)
+
+    def test_a_local_chain_is_refused_at_once_as_the_model_would(self) -> None:
+        """Nothing else in the chain: the 400 the worker would give, naming the parameter, before any wait."""
+        with pytest.raises(InvalidRequest) as refused:
+            plan(POLICY, ask("fast", response_format={"type": "json_object"}), UP)
+        assert refused.value.status == 400
+        assert refused.value.param == "response_format"
+        assert refused.value.code == "unsupported_parameter"
+        assert "small" in refused.value.message
+
+    def test_images_are_refused_by_a_text_only_chain(self) -> None:
+        """An image part: the local model reads text only."""
+        request = ChatCompletionRequest.model_validate({"model": "small", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is it"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]})
+        with pytest.raises(InvalidRequest, match="reads text only"):
+            plan(POLICY, Facts("small", "acme", None, False, Signals(5, 0.0), request=request), UP)
+
+    def test_default_values_stay_local(self) -> None:
+        """Values that ask for nothing (no tools, tool_choice auto, text format) keep the local model."""
+        p = plan(POLICY, ask("fast", tools=[], tool_choice="auto", response_format={"type": "text"}), UP)
+        assert p.chain == ("small",)
+        assert p.skipped == ()
+
+    def test_a_passing_reason_is_named_before_the_capability(self) -> None:
+        """Cloud skipped for its open breaker, local for tools: a 503 (it may pass), the detail naming both,
+        not a 400 that would say the request itself is wrong."""
+        down = Conditions(local_models=UP.local_models, provider_health={"openai": "open"})
+        with pytest.raises(Unavailable) as refused:
+            plan(POLICY, ask("smart", tools=TOOLS), down)
+        assert refused.value.code == "provider_unavailable"
+        assert "small: does not support tools" in refused.value.message
