@@ -5,6 +5,7 @@ A parameter a local model cannot honour is refused (400, ``param`` naming it, co
 ``unsupported_parameter``) rather than ignored: code that asks for JSON mode, logprobs or a forced tool
 call must not get free text with a 200. Default values pass, since many clients send them.
 
+The cloud-adapter's Anthropic dialect reads the same table for what Anthropic has no counterpart for.
 The router reads it before it routes (a request a local model would refuse goes to a cloud model of its
 chain instead, or is refused at once when none is left); local-inference reads it again for what arrives
 without a router (a NATS client publishing to a worker's subject).
@@ -50,20 +51,25 @@ def refuse_unsupported(model: str, messages: Iterable[ChatMessage]) -> None:
                              param="messages")
 
 
-def refuse_unhonoured(model: str, extras: Mapping[str, Any]) -> None:
-    """Refuse the first parameter the local model would ignore: a known one set to a non-default value, or
-    one that is not an OpenAI chat parameter at all (OpenAI refuses those too)."""
+def refuse_unhonoured(model: str, extras: Mapping[str, Any], *, table: Mapping[str, tuple[object, ...]] = UNHONOURED,
+                      neutral: frozenset[str] = NEUTRAL, unknown: bool = True, speaker: str = "The local model",
+                      elsewhere: str = "OpenAI-compatible cloud models (<provider>/<model>) do") -> None:
+    """Refuse the first parameter ``model`` would ignore: one of ``table`` set to a value other than those
+    that ask for nothing, or (``unknown``) one that is not an OpenAI chat parameter at all (OpenAI refuses
+    those too). Parameters in ``neutral`` pass whatever their value."""
     for param, value in extras.items():
-        if value is None or value == [] or param in NEUTRAL:
+        if value is None or value == [] or param in neutral:
             continue
-        if param not in UNHONOURED:
-            raise InvalidRequest(f"Unrecognized request argument supplied: {param}. The local model {model} "
+        if param not in table:
+            if not unknown:
+                continue
+            raise InvalidRequest(f"Unrecognized request argument supplied: {param}. {speaker} {model} "
                                  "takes OpenAI's chat parameters only.", param=param, code="unsupported_parameter")
-        accepted = UNHONOURED[param]
+        accepted = table[param]
         if value not in accepted:
             other = f" other than {' or '.join(json.dumps(v) for v in accepted)}" if accepted else ""
-            raise InvalidRequest(f"The local model {model} does not support {param}{other}; OpenAI-compatible "
-                                 "cloud models (<provider>/<model>) do.", param=param, code="unsupported_parameter")
+            raise InvalidRequest(f"{speaker} {model} does not support {param}{other}; {elsewhere}.",
+                                 param=param, code="unsupported_parameter")
 
 
 def local_refusal(model: str, request: ChatCompletionRequest) -> InvalidRequest | None:

@@ -10,8 +10,11 @@ Request (OpenAI → Anthropic):
   auto/none/any/tool; ``parallel_tool_calls: false`` → ``disable_parallel_tool_use``.
 - ``max_tokens`` (required by Anthropic) defaults to the model's ``max_tokens`` in the providers file;
   ``stop`` → ``stop_sequences``; ``temperature`` above 1 is refused (400: Anthropic takes 0-1);
-  ``top_p``; ``user`` → ``metadata.user_id``. ``seed``, penalties and ``response_format`` are not
-  supported by Anthropic and are not sent.
+  ``top_p``; ``user`` → ``metadata.user_id``. ``seed`` is not sent (Anthropic has none; OpenAI calls it best
+  effort too). What Anthropic cannot honour and would change the answer is refused (400
+  ``unsupported_parameter``) rather than dropped: ``response_format`` other than text, ``logprobs``,
+  ``logit_bias``, non-zero penalties, audio and the other OpenAI-only parameters of
+  ``shared.local_params.UNHONOURED``. Other unknown fields are not sent.
 
 Answer (Anthropic → OpenAI): text blocks → ``content``; ``tool_use`` → ``tool_calls`` (input as JSON
 text); ``stop_reason`` end_turn/stop_sequence/pause_turn → stop, max_tokens → length, tool_use →
@@ -42,6 +45,7 @@ from services.cloud_adapter.dialect import (
     load_json,
     read_error,
 )
+from shared import local_params
 from shared.errors import InvalidRequest, LeafwireError, UpstreamError, UpstreamRateLimited
 from shared.logging import scrub
 
@@ -254,6 +258,22 @@ class AnthropicStream:
         raise _stream_error(self.provider, body.get("error"))
 
 
+UNHONOURED = {param: accepted for param, accepted in local_params.UNHONOURED.items()
+              if param not in ("tools", "tool_choice")} | {"logit_bias": ({},)}
+"""OpenAI parameters Anthropic's Messages API has no counterpart for, with the values that ask for nothing."""
+
+
+def refuse_unhonoured(upstream: str, request: ChatCompletionRequest) -> None:
+    """Refuse what Anthropic would ignore, naming it, instead of answering as if it were absent."""
+    for param in ("presence_penalty", "frequency_penalty"):
+        if getattr(request, param):
+            raise InvalidRequest(f"The Anthropic model {upstream} does not support {param} other than 0; "
+                                 "OpenAI-compatible providers do.", param=param, code="unsupported_parameter")
+    local_params.refuse_unhonoured(upstream, request_extras(request), table=UNHONOURED,
+                                   neutral=local_params.NEUTRAL - {"logit_bias"}, unknown=False,
+                                   speaker="The Anthropic model", elsewhere="OpenAI-compatible providers do")
+
+
 @dataclass(frozen=True)
 class Anthropic:
     """The dialect object for an Anthropic Messages provider."""
@@ -263,6 +283,7 @@ class Anthropic:
 
     def body(self, request: ChatCompletionRequest, model: ModelSpec, upstream: str, stream: bool) -> bytes:
         """The Messages API body of an OpenAI chat request."""
+        refuse_unhonoured(upstream, request)
         system, messages = translate_messages(request.messages)
         out: dict[str, Any] = {"model": upstream, "max_tokens": request.token_limit() or model.max_tokens,
                                "messages": messages}

@@ -163,13 +163,30 @@ class TestAnthropicRequest:
         ({"messages": [{"role": "system", "content": "only system"}]}, "messages"),
         ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
             {"id": "x", "type": "function", "function": {"name": "f", "arguments": "{bad"}}]}]}, "messages"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"logit_bias": {"50256": -100}}, "logit_bias"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": -1}, "frequency_penalty"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
     ])
     def test_what_anthropic_cannot_take_is_a_400(self, kw: dict[str, Any], param: str) -> None:
         """Temperature over 1, nameless or malformed tools, audio parts, no user turn, tool arguments that
-        are not JSON: 400 naming the parameter."""
+        are not JSON, and what Anthropic has no counterpart for (JSON mode, logprobs, logit_bias, penalties,
+        audio, legacy functions): 400 naming the parameter, never an answer as if it were absent."""
         with pytest.raises(InvalidRequest) as exc:
             self.body(req(**kw))
         assert exc.value.param == param
+
+    def test_values_that_ask_for_nothing_pass(self) -> None:
+        """Defaults many clients send anyway pass and are not sent; seed (best effort at OpenAI too) and
+        unknown fields are not sent either."""
+        body = self.body(req(response_format={"type": "text"}, logprobs=False, top_logprobs=0, logit_bias={},
+                             presence_penalty=0, frequency_penalty=0, seed=3, store=False, some_vendor_flag=1))
+        assert not {"response_format", "logprobs", "top_logprobs", "logit_bias", "presence_penalty",
+                    "frequency_penalty", "seed", "store", "some_vendor_flag"} & set(body)
 
 
 class TestAnthropicAnswer:
