@@ -19,6 +19,8 @@ from schemas.control import ModelList
 from schemas.embeddings import EmbeddingRequest
 from services.gateway.bridge import request_headers
 from services.gateway.chat import ChatBridge
+from services.gateway.completion_request import CompletionRequest
+from services.gateway.completions import CompletionsBridge
 from services.gateway.embeddings import EmbeddingsBridge
 from services.gateway.errors import REQUEST_ID, openai_errors, read_json, read_model, validate
 from services.gateway.settings import ANSWERS_END_S, GatewaySettings
@@ -45,6 +47,7 @@ class Gateway:
     nc: NATS
     bridge: ChatBridge
     embed: EmbeddingsBridge
+    complete: CompletionsBridge
     keys: dict[str, str]
     models_ok_at: float = 0.0
 
@@ -66,6 +69,13 @@ class Gateway:
         chat, raw = await read_model(request, ChatCompletionRequest)
         bind_request("-", tenant, subjects.chat(self.settings.site))
         return await self.bridge.complete(request, chat, raw, tenant)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/completions``: the legacy text completions, answered down the chat path."""
+        tenant = self.tenant_of(request)
+        body, _ = await read_model(request, CompletionRequest)
+        bind_request("-", tenant, subjects.chat(self.settings.site))
+        return await self.complete.create(request, body, tenant)
 
     async def dry_run(self, request: web.Request) -> web.Response:
         """``POST /v1/route/dry-run``: where a chat request would run, and why, without running it."""
@@ -144,6 +154,7 @@ def build_app(gateway: Gateway, readiness: Readiness) -> web.Application:
     app["max_body"] = gateway.settings.max_body_bytes
     app["body_timeout_s"] = gateway.settings.body_timeout_s
     app.router.add_post("/v1/chat/completions", gateway.chat_completions)
+    app.router.add_post("/v1/completions", gateway.completions)
     app.router.add_post("/v1/embeddings", gateway.embeddings)
     app.router.add_get("/v1/models", gateway.list_models)
     app.router.add_post("/v1/route/dry-run", gateway.dry_run)
@@ -188,7 +199,8 @@ async def main(settings: GatewaySettings, readiness: Readiness, stack: AsyncExit
     replies = ReplyReader(nc, subjects.reply_prefix(f"gw-{uuid.uuid4().hex[:12]}"))
     await replies.start()
     stack.push_async_callback(replies.stop)
-    gateway = Gateway(settings, nc, ChatBridge(nc, replies, settings), EmbeddingsBridge(nc, replies, settings), keys)
+    gateway = Gateway(settings, nc, ChatBridge(nc, replies, settings), EmbeddingsBridge(nc, replies, settings),
+                      CompletionsBridge(nc, replies, settings), keys)
     readiness.add("nats", gateway.ready)
     probe = asyncio.create_task(probe_router(gateway, readiness))
     stack.push_async_callback(stop_tasks, [probe])
