@@ -22,7 +22,15 @@ from services.gateway.chat import ChatBridge
 from services.gateway.completion_request import CompletionRequest
 from services.gateway.completions import CompletionsBridge
 from services.gateway.embeddings import EmbeddingsBridge
-from services.gateway.errors import REQUEST_ID, openai_errors, read_json, read_model, validate
+from services.gateway.errors import (
+    BODY_TIMEOUT_S,
+    MAX_BODY,
+    REQUEST_ID,
+    openai_errors,
+    read_json,
+    read_model,
+    validate,
+)
 from services.gateway.settings import ANSWERS_END_S, GatewaySettings
 from shared import metrics, subjects
 from shared import nats as lw_nats
@@ -151,8 +159,8 @@ def build_app(gateway: Gateway, readiness: Readiness) -> web.Application:
     """The aiohttp application."""
     app = web.Application(client_max_size=gateway.settings.max_body_bytes,
                           middlewares=[observe, openai_errors])
-    app["max_body"] = gateway.settings.max_body_bytes
-    app["body_timeout_s"] = gateway.settings.body_timeout_s
+    app[MAX_BODY] = gateway.settings.max_body_bytes
+    app[BODY_TIMEOUT_S] = gateway.settings.body_timeout_s
     app.router.add_post("/v1/chat/completions", gateway.chat_completions)
     app.router.add_post("/v1/completions", gateway.completions)
     app.router.add_post("/v1/embeddings", gateway.embeddings)

@@ -25,6 +25,8 @@ M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 REQUEST_ID = "x-request-id"
+MAX_BODY = web.AppKey("max_body", int)  # bytes a request body may have
+BODY_TIMEOUT_S = web.AppKey("body_timeout_s", float)  # seconds a request body may take to arrive
 CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}  # the Content-Encodings read (identity aside)
 ACCEPTED = ", ".join(CODINGS)
 NOT_JSON = ("We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP "
@@ -60,7 +62,7 @@ def _http_error(exc: web.HTTPException, request: web.Request) -> LeafwireError:
         err = InvalidRequest(f"Method {request.method} is not allowed on {request.path}.",
                              code="method_not_allowed")
     elif isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return too_large(request.app["max_body"])
+        return too_large(request.app[MAX_BODY])
     else:
         err = InvalidRequest(exc.reason or "bad request")
     err.status = exc.status
@@ -144,16 +146,16 @@ async def read_body(request: web.Request) -> bytes:
     not decode, a 400 for a body it cannot decode."""
     codings = _codings(request)
     try:
-        async with asyncio.timeout(request.app["body_timeout_s"]):
+        async with asyncio.timeout(request.app[BODY_TIMEOUT_S]):
             raw = await request.read()
     except TimeoutError as exc:
-        err = InvalidRequest(f"The request body did not arrive within {request.app['body_timeout_s']:g} s.",
+        err = InvalidRequest(f"The request body did not arrive within {request.app[BODY_TIMEOUT_S]:g} s.",
                              code="request_timeout")
         err.status = 408
         raise err from exc
     if not codings:
         return raw
-    return await asyncio.to_thread(_decode, raw, codings, request.app["max_body"])
+    return await asyncio.to_thread(_decode, raw, codings, request.app[MAX_BODY])
 
 
 def _encodable(value: str) -> bool:

@@ -34,7 +34,6 @@ from shared.errors import ContextLengthExceeded, InvalidRequest, UpstreamError
 from shared.ops import Readiness
 from shared.replies import ReplyReader
 
-pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web.NotAppKeyWarning")  # the app's string keys
 SITE = "texts"
 ENV = Envelope("r1", "t1", "", 2e9)
 
