@@ -29,6 +29,7 @@ from shared.local_params import local_refusal
 
 AUTO = "auto"
 MAX_ALIAS_DEPTH = 4
+UNCONFIGURED = "no cloud-adapter is configured for it"  # a skip that waiting does not undo
 
 
 class ResidencyViolation(LeafwireError):
@@ -158,7 +159,7 @@ def guard(model: str, facts: Facts, conditions: Conditions) -> str | None:
     """Why ``model`` must not be tried now, or ``None``."""
     if is_cloud(model):
         if conditions.cloud_models is not None and model not in conditions.cloud_models:
-            return "no cloud-adapter is configured for it"
+            return UNCONFIGURED
         if facts.onsite:
             return "data must stay on site"
         if not conditions.uplink_up and model not in conditions.uplink_free:
@@ -211,15 +212,16 @@ def plan(policy: Policy, facts: Facts, conditions: Conditions) -> Plan:
 def refusal(rule: Rule, skipped: list[tuple[str, str]], conditions: Conditions, tenant: str,
             refusals: Mapping[str, InvalidRequest] | None = None) -> LeafwireError:
     """The error for a request no target may serve, named after the first reason that may pass (a
-    breaker, the uplink, a budget); when every target is a local model that cannot honour the request, that
-    model's own 400, as if it had been asked."""
+    breaker, the uplink, a budget); when the others are local models that cannot honour the request (and
+    cloud models no adapter is configured for), the first such model's own 400, as if it had been asked."""
     if not skipped:
         return Unavailable(f"rule {rule.name} names no target for this request", code="no_route")
-    passing = [why for t, why in skipped if not refusals or t not in refusals]
-    if not passing:
-        assert refusals
-        return refusals[skipped[0][0]]
-    why = passing[0]
+    refusals = refusals or {}
+    guarded = [why for t, why in skipped if t not in refusals]
+    passing = [why for why in guarded if why != UNCONFIGURED]  # a cloud model no adapter has will not come
+    if refusals and not passing:
+        return refusals[next(t for t, _ in skipped if t in refusals)]
+    why = (passing or guarded)[0]
     detail = "; ".join(f"{t}: {w}" for t, w in skipped)
     if why == "data must stay on site":
         return ResidencyViolation(f"This request must stay on site and no local model can serve it ({detail}).")

@@ -225,3 +225,12 @@ class TestLocalCapabilities:
             plan(POLICY, ask("smart", tools=TOOLS), down)
         assert refused.value.code == "provider_unavailable"
         assert "small: does not support tools" in refused.value.message
+
+    def test_a_cloud_target_nobody_serves_does_not_hide_the_capability(self) -> None:
+        """A route's cloud model no adapter is configured for will not come back: the local model's 400 is
+        the answer, not a 503 telling the caller to retry in 5 s for ever."""
+        long_auto = Facts("auto", "acme", None, False, Signals(2000, 0.1), request=ask(tools=TOOLS).request)
+        conditions = Conditions(local_models=UP.local_models, cloud_models=frozenset({"anthropic/claude"}))
+        with pytest.raises(InvalidRequest) as refused:
+            plan(POLICY, long_auto, conditions)
+        assert (refused.value.param, refused.value.code) == ("tools", "unsupported_parameter")
