@@ -205,8 +205,22 @@ def plan(policy: Policy, facts: Facts, conditions: Conditions) -> Plan:
         else:
             skipped.append((model, why))
     if not chain:
-        raise refusal(rule, skipped, conditions, facts.tenant, refusals)
+        raise refusal(rule, held_back(requested, skipped, facts, conditions, refusals), conditions, facts.tenant,
+                      refusals)
     return Plan(requested, rule.name, tuple(chain), variant, tuple(skipped))
+
+
+def held_back(requested: str | None, skipped: list[tuple[str, str]], facts: Facts, conditions: Conditions,
+              refusals: Mapping[str, InvalidRequest]) -> list[tuple[str, str]]:
+    """``skipped``, led by the cloud model asked for when the rule left it out (an ``uplink: down`` rule
+    routing to ``local``) and only local models that cannot honour the request were left: what keeps that
+    model from the request now (the uplink, a budget, a breaker, residency), if anything, is the caller's
+    answer, rather than a 400 saying that cloud models would take the request."""
+    if (requested is None or not is_cloud(requested) or not refusals
+            or any(t not in refusals for t, _ in skipped)):
+        return skipped
+    why = guard(requested, facts, conditions)
+    return skipped if why is None else [(requested, why), *skipped]
 
 
 def refusal(rule: Rule, skipped: list[tuple[str, str]], conditions: Conditions, tenant: str,

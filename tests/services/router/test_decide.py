@@ -234,3 +234,23 @@ class TestLocalCapabilities:
         with pytest.raises(InvalidRequest) as refused:
             plan(POLICY, long_auto, conditions)
         assert (refused.value.param, refused.value.code) == ("tools", "unsupported_parameter")
+
+    def test_a_cloud_model_a_rule_left_out_for_the_uplink_names_the_uplink(self) -> None:
+        """An `uplink: down` rule routing to the local model (docs/routing.md's example policy) and tools for a
+        cloud model: the 503 uplink_down that passes, not a 400 saying cloud models take tools."""
+        offline = Conditions(uplink_up=False, local_models=UP.local_models)
+        with pytest.raises(Unavailable) as refused:
+            plan(POLICY, ask("smart", tools=TOOLS), offline)
+        assert refused.value.code == "uplink_down"
+        assert "openai/gpt-4o: uplink down" in refused.value.message
+        assert "small: does not support tools" in refused.value.message
+        broke = Conditions(budget="exhausted", local_models=UP.local_models)
+        with pytest.raises(BudgetExceeded):
+            plan(POLICY, ask("smart", tools=TOOLS), broke)
+
+    def test_a_cloud_model_a_rule_left_out_by_choice_is_the_local_400(self) -> None:
+        """A rule that keeps requests local while the cloud model could be used: the local model's 400."""
+        local_only = parse("local_model: small\nrules: [{name: local-only, route: [local]}]\n")
+        with pytest.raises(InvalidRequest) as refused:
+            plan(local_only, ask("openai/gpt-4o", tools=TOOLS), UP)
+        assert refused.value.param == "tools"
