@@ -36,7 +36,10 @@ from shared.replies import Event, error_of, publish_error
 
 log = get_logger("leafwire.router")
 
-FALLBACK_CODES = frozenset({"context_length_exceeded", "model_not_found", "budget_exceeded"})
+# refusals that say nothing of the next target: its context may be larger, it may exist, its budget may
+# allow it, it may honour the parameter (an Anthropic model refuses JSON mode, an OpenAI one takes it)
+FALLBACK_CODES = frozenset({"context_length_exceeded", "model_not_found", "budget_exceeded",
+                            "unsupported_parameter"})
 NO_CLOUD_ADAPTER = "no cloud adapter is running right now"
 NO_RESPONDERS = "503"  # the Status header of NATS's no-responders message
 
