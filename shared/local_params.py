@@ -56,9 +56,12 @@ def refuse_unhonoured(model: str, extras: Mapping[str, Any], *, table: Mapping[s
                       elsewhere: str = "OpenAI-compatible cloud models (<provider>/<model>) do") -> None:
     """Refuse the first parameter ``model`` would ignore: one of ``table`` set to a value other than those
     that ask for nothing, or (``unknown``) one that is not an OpenAI chat parameter at all (OpenAI refuses
-    those too). Parameters in ``neutral`` pass whatever their value."""
+    those too). Parameters in ``neutral`` pass whatever their value, and so do tools (functions) that
+    ``tool_choice`` (``function_call``) ``"none"`` forbids calling: the answer is text either way."""
+    uncalled = {"tools"} if extras.get("tool_choice") == "none" else set()
+    uncalled |= {"functions"} if extras.get("function_call") == "none" else set()
     for param, value in extras.items():
-        if value is None or value == [] or param in neutral:
+        if value is None or value == [] or param in neutral or param in uncalled:
             continue
         if param not in table:
             if not unknown:

@@ -92,7 +92,9 @@ def as_chat(request: CompletionRequest) -> ChatCompletionRequest:
     """The chat request every choice is a copy of (with its own prompt and seed); a 400 naming the parameter
     the chat path refuses (``temperature`` out of range, a fifth stop sequence...)."""
     body: dict[str, Any] = request.model_dump(exclude_unset=True, exclude=set(COMPLETION_ONLY))
-    body |= {"messages": [{"role": "user", "content": ""}], "max_tokens": request.max_tokens or DEFAULT_MAX_TOKENS}
+    # chat's newer name for the limit, if a caller sends it here, is the limit (never both: OpenAI refuses both)
+    limit = request.max_tokens or body.pop("max_completion_tokens", None) or DEFAULT_MAX_TOKENS
+    body |= {"messages": [{"role": "user", "content": ""}], "max_tokens": limit}
     return validate(ChatCompletionRequest, body)
 
 

@@ -57,6 +57,12 @@ class TestPlan:
                                      "temperature": 0.5, "stop": "x", "logit_bias": {"5": 1}, "user": "u",
                                      "stream": True, "stream_options": {"include_usage": True}}
 
+    def test_max_completion_tokens_is_the_limit_not_a_second_one(self) -> None:
+        """Chat's newer name for the limit, sent here, becomes max_tokens: never both (OpenAI refuses both)."""
+        (choice,) = plan(request(max_completion_tokens=40), ENV)
+        assert sent(choice.body)["max_tokens"] == 40
+        assert "max_completion_tokens" not in sent(choice.body)
+
     def test_choices_are_numbered_prompt_by_prompt_with_their_own_ids_and_seeds(self) -> None:
         """Two prompts, n=3: choice i*3+j is prompt i's j-th, id <id>-<index>, seed 40+j."""
         choices = plan(request(prompt=["a", "b"], n=3, seed=40, max_tokens=5), ENV)

@@ -211,6 +211,12 @@ class TestLocalCapabilities:
         with pytest.raises(InvalidRequest, match="reads text only"):
             plan(POLICY, Facts("small", "acme", None, False, Signals(5, 0.0), request=request), UP)
 
+    def test_tools_that_may_not_be_called_stay_local(self) -> None:
+        """tool_choice "none" forbids calling the tools: the answer is text, which the local model gives."""
+        assert plan(POLICY, ask("smart", tools=TOOLS, tool_choice="none"), UP).chain == ("openai/gpt-4o", "small")
+        with pytest.raises(InvalidRequest):
+            plan(POLICY, ask("fast", tools=TOOLS, tool_choice="auto"), UP)
+
     def test_default_values_stay_local(self) -> None:
         """Values that ask for nothing (no tools, tool_choice auto, text format) keep the local model."""
         p = plan(POLICY, ask("fast", tools=[], tool_choice="auto", response_format={"type": "text"}), UP)
