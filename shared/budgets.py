@@ -19,8 +19,6 @@ any stream whose messages carry ``$KV.budgets.<key>`` subjects.
 
 from __future__ import annotations
 
-import contextlib
-import json
 from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -33,8 +31,9 @@ from nats.js.kv import KeyValue
 
 from schemas.cloud import BudgetLevel, BudgetStatus, budget_window
 from shared import subjects
-from shared.config_bucket import HUB_TIMEOUT_S, is_hub_mirror
+from shared.config_bucket import is_hub_mirror
 from shared.errors import BudgetExceeded
+from shared.hub_mirror import STUCK_S, HubMirror
 
 STREAM = subjects.kv_stream(subjects.BUDGETS)
 SEVERITY: dict[BudgetLevel, int] = {"ok": 0, "warning": 1, "exhausted": 2}
@@ -88,46 +87,15 @@ async def ensure_mirror(js: JetStreamContext) -> None:
             raise
 
 
-STUCK_S = 5.0  # an attached mirror hears from the hub every second
-
-
 async def resync_mirror(nc: NATS, js: JetStreamContext, stuck_s: float = STUCK_S) -> str | None:
-    """Create the edge's mirror anew, while the hub answers, when it is stuck or copies a stream that is gone;
-    why, or ``None`` when it was left as it is.
+    """Make the edge's mirror anew, while the hub answers, when it is stuck or copies a stream that is gone
+    (``shared.hub_mirror``); why, or ``None`` when it was left as it is.
 
-    - Stuck: it has heard nothing from the hub for ``stuck_s``. After an outage nats-server retries a mirror
-      on its own back-off (a lost request waits 30 s, then up to two minutes more), and no API call shortens
-      that on a one-node server: the edge went on counting the other sites' spending as before the outage
-      for 30-150 s after its link was back, and overran budgets.
-    - Gone: the hub's stream was created anew (its bucket deleted to reset it, or a hub that lost its
-      storage) and holds fewer messages than the mirror copied. The mirror would skip the new stream's
-      messages up to its old sequence, and keep the old entries.
-
-    A new mirror copies the hub's bucket at once (~0.2 s, the hub's sequence numbers), and its readers
-    (``kv_follow``) open their watch again. Only right after the hub has answered: an edge left with an empty
-    mirror offline would forget the other sites' spending.
+    Stuck, the edge went on counting the other sites' spending as before an outage for 30-150 s after its
+    link was back, and overran budgets. Copying a stream that is gone (the hub's bucket deleted to reset it),
+    it kept counting the old spending.
     """
-    info = await js.stream_info(subjects.HUB_BUDGETS)
-    active_ns = -1 if info.mirror is None or info.mirror.active is None else info.mirror.active
-    try:
-        answer = json.loads((await nc.request(f"{subjects.HUB_JS_API}.STREAM.INFO.{STREAM}", b"",
-                                              timeout=HUB_TIMEOUT_S)).data)
-    except Exception:  # the hub does not answer: the mirror waits for it as it is
-        return None
-    if "error" in answer:  # no bucket at the hub yet: nothing to copy
-        return None
-    hub_last, copied = int(answer["state"]["last_seq"]), info.state.last_seq
-    if hub_last < copied:
-        why = f"the hub's stream was created anew ({hub_last} messages; the mirror had copied {copied})"
-    elif not 0 <= active_ns < stuck_s * 1e9:
-        silence = f"for {active_ns / 1e9:.0f} s" if active_ns >= 0 else "since it was made"
-        why = f"it had not heard from the hub {silence}"
-    else:
-        return None
-    with contextlib.suppress(NotFoundError):
-        await js.delete_stream(subjects.HUB_BUDGETS)
-    await ensure_mirror(js)
-    return why
+    return await HubMirror(subjects.HUB_BUDGETS, STREAM, ensure_mirror, stuck_s).resync(nc, js)
 
 
 async def open_mirror(js: JetStreamContext) -> KeyValue:

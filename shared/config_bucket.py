@@ -15,6 +15,7 @@ left in an edge's domain by an older leafwire is replaced by the mirror, and wha
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 from collections.abc import Iterable
@@ -163,12 +164,28 @@ async def open_bucket(nc: NATS, wait_s: float = 5.0) -> KeyValue:
     role = await role_of(js)
     if role == "edge":
         try:
-            await ensure_hub_bucket(nc)
+            hub = await ensure_hub_bucket(nc)
         except HubUnreachable as exc:
             log.info("hub not reachable: reading the config mirror as last synced", reason=exc.message)
+            hub = None
         await ensure_mirror(js)
+        if hub is not None:
+            await _copied(js, hub)
         return await js.key_value(subjects.CONFIG_BUCKET)
     return await ensure_bucket(js, HUB_REPLICAS if role == "hub" else 1)
+
+
+async def _copied(js: JetStreamContext, hub: KeyValue, within_s: float = HUB_TIMEOUT_S) -> None:
+    """Wait, at most ``within_s``, until the edge's mirror holds as much as the hub's bucket: a mirror just
+    made anew is empty for ~0.2 s, and a watch opened on it then would take the keys it has not copied yet
+    for deleted (the router falling back to its policy file meanwhile)."""
+    with contextlib.suppress(*HUB_UNREACHABLE):
+        async with asyncio.timeout(within_s):
+            last = (await hub.status()).stream_info.state.last_seq
+            while True:
+                if (await js.stream_info(STREAM)).state.last_seq >= last:
+                    return
+                await asyncio.sleep(0.05)
 
 
 async def mirror_silence_s(js: JetStreamContext) -> float | None:

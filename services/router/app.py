@@ -184,7 +184,8 @@ async def main(settings: RouterSettings, readiness: Readiness, stack: AsyncExitS
     policy = policy_watch.PolicyFollower(state, settings.site, policy_watch.announcer(nc, settings.site))
     tasks = [
         watch.follow_bucket(lambda: config_bucket.open_bucket(nc), subjects.ROUTER_KEYS, policy.on_entry,
-                            name=subjects.CONFIG_BUCKET, settled=policy.settled, replaced=policy.replaced),
+                            name=subjects.CONFIG_BUCKET, settled=policy.settled, replaced=policy.replaced,
+                            check_s=policy_watch.watch_check_s(settings)),
         watch.follow_bucket(watch.existing(js, subjects.PROVIDER_HEALTH), ">", watch.health_updates(state),
                             name=subjects.PROVIDER_HEALTH),
         watch.follow_bucket(watch.existing(js, subjects.BUDGETS), ">", watch.budget_updates(state),

@@ -53,7 +53,8 @@ class Layers:
 
     Entries may come twice, from the site's mirror and from the hub itself (a mirror is copied with the
     hub's sequence numbers, so a key's revision is the same on both): a revision already seen, or older,
-    is ignored.
+    is ignored. A bucket created anew (``replaced``) counts from 1 again and is read whole: what it does not
+    hold by the next ``settle`` is gone, also what was read from the hub alone.
     """
 
     site: str
@@ -61,6 +62,7 @@ class Layers:
     revisions: dict[str, int] = field(default_factory=dict)
     current: str | None = None
     pending: set[str] = field(default_factory=set)
+    reread: set[str] | None = None  # keys seen since the bucket was replaced, until the next settle
 
     def relevant(self, key: str) -> bool:
         """True for the keys this site reads."""
@@ -71,6 +73,8 @@ class Layers:
         ``settle``."""
         if not self.relevant(key) or (revision and revision <= self.revisions.get(key, 0)):
             return
+        if self.reread is not None:
+            self.reread.add(key)
         if revision:
             self.revisions[key] = revision
         if value is None:
@@ -82,6 +86,10 @@ class Layers:
     def settle(self) -> list[Step]:
         """What the changes seen since the last call mean: at most one policy to switch to, and an
         ``overridden`` note when the global key changed under a site override."""
+        if self.reread is not None:
+            for key in set(self.entries) - self.reread:  # held by the bucket that was replaced
+                self.seen(key, None)
+            self.reread = None
         changed, self.pending = self.pending, set()
         if not changed:
             return []
@@ -94,6 +102,12 @@ class Layers:
         if shadowed in changed and target == subjects.site_policy_key(self.site):
             steps.append(Step("overridden", shadowed, self.entries.get(shadowed)))
         return steps
+
+    def replaced(self) -> None:
+        """The bucket was created anew: its revisions count from 1 again, and the keys it does not bring by the
+        next ``settle`` are gone."""
+        self.revisions.clear()
+        self.reread = set()
 
     def switched(self, key: str | None) -> None:
         """The policy of ``key`` is now in force."""

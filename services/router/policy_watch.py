@@ -17,8 +17,10 @@ from services.router import policy as policies
 from services.router.layers import Layers, Step, policy_keys, source_of
 from services.router.masking import Masker
 from services.router.policy import Policy
+from services.router.settings import RouterSettings
 from services.router.state import LiveState
-from shared import config_bucket, metrics, subjects
+from shared import config_bucket, kv_follow, metrics, subjects
+from shared.hub_mirror import HubMirror
 from shared.logging import get_logger
 
 log = get_logger("leafwire.router.policy")
@@ -55,8 +57,8 @@ class PolicyFollower:
         self.layers.seen(key, value, revision)
 
     async def replaced(self) -> None:
-        """The bucket was created anew: its revisions count from 1 again."""
-        self.layers.revisions.clear()
+        """The bucket was created anew: its revisions count from 1 again, and what it does not hold is gone."""
+        self.layers.replaced()
 
     async def settled(self) -> None:
         """Act on the changes seen since the last call."""
@@ -94,9 +96,19 @@ class PolicyFollower:
         return policy
 
 
+def watch_check_s(settings: RouterSettings) -> float:
+    """How long the config bucket's watch waits for an update before it looks the bucket up: on an edge
+    ``LW_ROUTER_CONFIG_CHECK_S``, so that it follows a mirror ``catch_up_from_hub`` made anew at once."""
+    return kv_follow.CHECK_S if settings.site == subjects.HUB else settings.config_check_s
+
+
 async def catch_up_from_hub(nc: NATS, follower: PolicyFollower, interval_s: float,
                             silent_s: float = MIRROR_SILENT_S) -> None:
-    """While this edge's config mirror does not hear from the hub, read the policy keys from the hub.
+    """Keep this edge's config mirror copying the hub's bucket, and read the policy keys from the hub while
+    the mirror does not hear from it; checked every ``interval_s``.
+
+    A mirror that copies a hub stream created anew (the hub's ``config`` deleted and made again) or stays
+    stuck is made anew (``shared.hub_mirror``); the bucket's watch then reads it from revision 1.
 
     The mirror keeps the policy readable offline, but nats-server re-attaches a mirror that lost its hub
     (an outage, a restart, a new stream leader at the hub) only after a stall check and a retry back-off:
@@ -104,9 +116,13 @@ async def catch_up_from_hub(nc: NATS, follower: PolicyFollower, interval_s: floa
     delivers the same revisions later, which are ignored.
     """
     js = nc.jetstream(timeout=interval_s)
+    mirror = HubMirror(config_bucket.STREAM, config_bucket.STREAM, config_bucket.ensure_mirror)
     while True:
         await asyncio.sleep(interval_s)
         try:
+            if (why := await mirror.resync(nc, js)) is not None:
+                log.warning("the config mirror was created anew", why=why)
+                continue
             silence = await config_bucket.mirror_silence_s(js)
             if silence is None or silence < silent_s:
                 continue

@@ -31,5 +31,7 @@ class RouterSettings(ServiceSettings):
     uplink_probe_s: float = Field(default=2.0, gt=0, alias="LW_ROUTER_UPLINK_PROBE_S")
     config_check_s: float = Field(
         default=1.0, gt=0, alias="LW_ROUTER_CONFIG_CHECK_S",
-        description="edge: how often to check that the config mirror hears from the hub; while it does not, "
-                    "the policy keys are read from the hub directly (when it answers)")
+        description="edge: how often to check that the config mirror hears from the hub (while it does not, the "
+                    "policy keys are read from the hub directly) and still copies the hub's bucket (one stuck for "
+                    "5 s, or copying a hub bucket created anew, is made anew), and how often the bucket's watch "
+                    "looks up a mirror that brought no update (to follow one made anew)")

@@ -22,6 +22,7 @@ from nats.errors import NoRespondersError
 from nats.js.errors import KeyNotFoundError
 
 from deploy import topology
+from shared import config_bucket
 from tests.support import (
     ROOT,
     CuttableSite,
@@ -178,16 +179,53 @@ class TestOffline:
                                                                     tmp_path: Path) -> None:
         """A mirror created while the uplink was down re-attaches only after nats-server's retry wait (30 s
         and more); a policy pushed at the hub once the link is back still applies at once: the router reads
-        the hub while its mirror is silent."""
+        the hub while its mirror is silent. The mirror itself, silent while the hub answers, is made anew by
+        the router and holds the change within seconds (readable offline from then)."""
         site.link.cut()
         eventually(lambda: not topology.leafnode_connected(site.edge.node), 10, "the edge to lose its uplink")
         with edge_router(site, tmp_path):
             site.link.restore()
             eventually(lambda: topology.leafnode_connected(site.edge.node), 20, "the uplink to return")
-            pushed = cli("push", str(policy(tmp_path, "from-hub")), url=site.hub.url)
+            text = policy(tmp_path, "from-hub")
+            pushed = cli("push", str(text), url=site.hub.url)
             assert verdict(pushed)["outcome"] == "applied", pushed.stderr
             assert decision(site) == ("from-hub", "kv:router.policy")
-            assert asyncio.run(_config_value(site.edge.url, "router.policy")) is None  # the mirror has not caught up
+            eventually(lambda: asyncio.run(_config_value(site.edge.url, "router.policy")) == text.read_bytes(), 20,
+                       "the edge's mirror to hold the policy")
+
+
+class TestHubBucketCreatedAnew:
+    def test_edge_router_follows_a_hub_bucket_created_anew(self, site: CuttableSite, tmp_path: Path) -> None:
+        """The hub's config deleted and created anew (a reset) reaches the edge by itself: its router applies the
+        new bucket's policy, a site override only the old bucket had is gone, and the mirror holds what the hub
+        holds (it would have skipped the new stream's messages up to the old one's sequence)."""
+        with edge_router(site, tmp_path):
+            old = {"router.policy": rule_text("old-global"), f"router.policy.{SITE}": rule_text("old-own")}
+            asyncio.run(_write_at_hub(site.hub.url, old, fresh=False))
+            decides(site, "old-own", f"kv:router.policy.{SITE}")
+            asyncio.run(_write_at_hub(site.hub.url, {"router.policy": rule_text("new-global")}, fresh=True))
+            decides(site, "new-global", "kv:router.policy")
+        assert asyncio.run(_config_value(site.edge.url, "router.policy")) == rule_text("new-global")
+        assert asyncio.run(_config_value(site.edge.url, f"router.policy.{SITE}")) is None
+
+
+def rule_text(rule: str) -> bytes:
+    return f"rules: [{{name: {rule}, route: [requested]}}]\n".encode()
+
+
+async def _write_at_hub(url: str, values: dict[str, bytes], *, fresh: bool) -> None:
+    """Write ``values`` into the hub's config bucket; ``fresh``: delete the bucket first and create it anew,
+    as an operator resetting it would."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        if fresh:
+            await js.delete_stream("KV_config")
+        kv = await config_bucket.ensure_bucket(js)
+        for key, value in values.items():
+            await kv.put(key, value)
+    finally:
+        await nc.drain()
 
 
 class TestSiteOverride:

@@ -78,3 +78,16 @@ class TestLayers:
         layers = Layers(SITE)
         changes(layers, (GLOBAL, rule("g")))
         assert changes(layers, (GLOBAL, rule("g"))) == [Step("applied", GLOBAL, rule("g"))]
+
+    def test_a_bucket_created_anew_is_read_whole(self) -> None:
+        """After the bucket was created anew its revisions count from 1, and a key it does not bring by the
+        next settle is gone, also one that was read from the hub alone (no delete ever comes for it)."""
+        layers = Layers(SITE)
+        layers.seen(GLOBAL, rule("old"), 7)
+        layers.seen(OWN, rule("own"), 8)  # as the hub read brings it while the mirror is silent
+        layers.settle()
+        layers.switched(OWN)
+        layers.replaced()
+        layers.seen(GLOBAL, rule("new"), 1)
+        assert layers.settle() == [Step("applied", GLOBAL, rule("new"))]
+        assert layers.entries == {GLOBAL: rule("new")}

@@ -1,0 +1,100 @@
+"""An edge's mirror of a hub stream (``config``, ``budgets``), made anew when it no longer copies the hub's.
+
+nats-server keeps a mirror attached on its own terms, and two cases leave an edge reading stale entries:
+
+- Stuck: it has heard nothing from the hub for ``stuck_s``. After an outage nats-server retries a mirror on
+  its own back-off (a lost request waits 30 s, then up to two minutes more), and no API call shortens that
+  on a one-node server.
+- Created anew: the hub's stream was deleted and made again (a bucket deleted to reset it, a hub that lost
+  its storage). The mirror resumes after the sequence it copied last: it skips the new stream's messages up
+  to there, and keeps the old entries. Seen as a hub stream holding fewer messages than the mirror copied,
+  or, for a keeper that saw the hub's stream before, as one created at another time.
+
+A mirror made anew copies the hub's stream from its start (~0.2 s, the hub's sequence numbers), and its
+readers (``shared.kv_follow``) open their watch again on it. Only right after the hub has answered: an edge
+left with an empty mirror offline would forget what the hub holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.js.api import StreamInfo
+from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from shared import subjects
+from shared.config_bucket import HUB_TIMEOUT_S, is_hub_mirror
+
+STUCK_S = 5.0  # an attached mirror hears from the hub every second
+Ensure = Callable[[JetStreamContext], Awaitable[None]]
+"""Creates the edge's mirror when it is absent."""
+
+
+def silence_s(info: StreamInfo) -> float | None:
+    """Seconds since the mirror ``info`` describes last heard from its source; ``None``: not since it was made
+    (or since its server started)."""
+    active = None if info.mirror is None else info.mirror.active
+    return None if active is None or active < 0 else active / 1e9
+
+
+@dataclass
+class HubMirror:
+    """The edge's stream ``name``, a mirror of the hub's stream ``source``, made by ``ensure``.
+
+    One kept for a service's lifetime also remembers when the hub's stream and the mirror were created, and
+    so notices a hub stream created anew under the same mirror that already holds as many messages as the
+    old one did (a mirror another service made anew meanwhile is taken as it is).
+    """
+
+    name: str
+    source: str
+    ensure: Ensure
+    stuck_s: float = STUCK_S
+    seen: tuple[str, datetime | None] | None = None  # (the hub's stream, the mirror) last seen, by creation time
+
+    async def resync(self, nc: NATS, js: JetStreamContext) -> str | None:
+        """Make the mirror anew, while the hub answers, when it is stuck or copies a stream that is gone; why,
+        or ``None`` when it was left as it is (also when ``name`` is no mirror of the hub's ``source``)."""
+        info = await js.stream_info(self.name)
+        if not is_hub_mirror(info.config, self.source):
+            return None
+        hub = await self._hub_stream(nc)
+        if hub is None:  # the hub does not answer, or has no such stream yet: the mirror waits as it is
+            return None
+        hub_created = str(hub.get("created"))
+        why = self._why(info, int(hub["state"]["last_seq"]), hub_created)
+        if why is not None:
+            with contextlib.suppress(NotFoundError):
+                await js.delete_stream(self.name)
+            await self.ensure(js)
+            info = await js.stream_info(self.name)
+        self.seen = (hub_created, info.created)
+        return why
+
+    async def _hub_stream(self, nc: NATS) -> dict[str, Any] | None:
+        try:
+            answer: dict[str, Any] = json.loads((await nc.request(
+                f"{subjects.HUB_JS_API}.STREAM.INFO.{self.source}", b"", timeout=HUB_TIMEOUT_S)).data)
+        except Exception:
+            return None
+        return None if "error" in answer else answer
+
+    def _why(self, info: StreamInfo, hub_last: int, hub_created: str) -> str | None:
+        copied = info.state.last_seq
+        if hub_last < copied:
+            return f"the hub's stream was created anew ({hub_last} messages; the mirror had copied {copied})"
+        if self.seen is not None and self.seen[1] == info.created and self.seen[0] != hub_created:
+            return f"the hub's stream was created anew (at {hub_created}; the mirror copied one of {self.seen[0]})"
+        silence = silence_s(info)
+        if silence is None:  # given stuck_s from when it was made to attach (another service may just have made it)
+            made = info.created.timestamp() if info.created is not None else 0.0
+            return "it had not heard from the hub since it was made" if time.time() - made >= self.stuck_s else None
+        return f"it had not heard from the hub for {silence:.0f} s" if silence >= self.stuck_s else None

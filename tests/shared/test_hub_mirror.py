@@ -1,0 +1,49 @@
+"""An edge's mirror of a hub bucket made anew when the hub's stream was created anew. Real nats-servers: a
+one-node hub and an edge site (the config bucket and its mirror, as the edge's routers keep them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nats.js.errors import NoKeysError
+from nats.js.kv import KeyValue
+
+from shared import config_bucket, subjects
+from shared.hub_mirror import HubMirror
+from tests.support import connected, eventually_async, start_cuttable_site
+
+
+async def contents(kv: KeyValue) -> dict[str, bytes | None]:
+    """Every key the bucket holds, with its value."""
+    try:
+        return {key: (await kv.get(key)).value for key in await kv.keys()}
+    except NoKeysError:
+        return {}
+
+
+async def test_a_hub_stream_created_anew_past_the_old_sequence_is_noticed(tmp_path: Path) -> None:
+    """A keeper that saw the hub's stream notices it deleted and created anew, also once the new one holds more
+    messages than the mirror had copied (the mirror would copy only those past its old sequence, keeping the
+    old entries): the mirror made anew holds the new bucket's entries only; one in step is left alone."""
+    with start_cuttable_site(tmp_path, "plant5") as site:
+        async with connected(site.hub.url) as hub, connected(site.edge.url) as edge:
+            hub_js, edge_js = hub.jetstream(), edge.jetstream()
+            old = await config_bucket.ensure_bucket(hub_js)
+            await old.put("kept", b"old")
+            await old.put("only-old", b"old")
+            mirror = await config_bucket.open_bucket(edge)
+            keeper = HubMirror(config_bucket.STREAM, config_bucket.STREAM, config_bucket.ensure_mirror)
+            await eventually_async(lambda: contents(mirror), lambda c: c == {"kept": b"old", "only-old": b"old"})
+            assert await keeper.resync(edge, edge_js) is None
+
+            await hub_js.delete_stream(config_bucket.STREAM)
+            new = await config_bucket.ensure_bucket(hub_js)
+            for value in (b"new1", b"new2", b"new3"):
+                await new.put("kept", value)
+            why = await keeper.resync(edge, edge_js)
+
+            assert why is not None
+            assert why.startswith("the hub's stream was created anew (at ")
+            mirror = await edge_js.key_value(subjects.CONFIG_BUCKET)
+            await eventually_async(lambda: contents(mirror), lambda c: c == {"kept": b"new3"})
+            assert await keeper.resync(edge, edge_js) is None
