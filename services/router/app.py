@@ -198,7 +198,8 @@ async def main(settings: RouterSettings, readiness: Readiness, stack: AsyncExitS
     if settings.uplink == "auto" and settings.site != subjects.HUB:
         tasks.append(watch.probe_uplink(nc, state, settings.uplink_probe_s, settings.site))
     if settings.site != subjects.HUB:
-        tasks.append(policy_watch.catch_up_from_hub(nc, policy, settings.config_check_s))
+        tasks.append(policy_watch.catch_up_from_hub(nc, policy, settings.config_check_s,
+                                                      settings.config_hub_check_s))
     stack.push_async_callback(stop_tasks, [asyncio.create_task(coro) for coro in tasks])
     await nc.publish(subjects.roll_call(settings.site), b"")
     await nc.flush()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client as NATS
@@ -102,13 +103,15 @@ def watch_check_s(settings: RouterSettings) -> float:
     return kv_follow.CHECK_S if settings.site == subjects.HUB else settings.config_check_s
 
 
-async def catch_up_from_hub(nc: NATS, follower: PolicyFollower, interval_s: float,
+async def catch_up_from_hub(nc: NATS, follower: PolicyFollower, interval_s: float, hub_check_s: float,
                             silent_s: float = MIRROR_SILENT_S) -> None:
     """Keep this edge's config mirror copying the hub's bucket, and read the policy keys from the hub while
-    the mirror does not hear from it; checked every ``interval_s``.
+    the mirror does not hear from it; checked every ``interval_s`` (on the edge's own server).
 
     A mirror that copies a hub stream created anew (the hub's ``config`` deleted and made again) or stays
-    stuck is made anew (``shared.hub_mirror``); the bucket's watch then reads it from revision 1.
+    stuck is made anew (``shared.hub_mirror``); the bucket's watch then reads it from revision 1. That asks
+    the hub about its stream: every ``hub_check_s``, and at once while the mirror is silent, so a site's
+    routers do not each ask the hub every second.
 
     The mirror keeps the policy readable offline, but nats-server re-attaches a mirror that lost its hub
     (an outage, a restart, a new stream leader at the hub) only after a stall check and a retry back-off:
@@ -117,14 +120,18 @@ async def catch_up_from_hub(nc: NATS, follower: PolicyFollower, interval_s: floa
     """
     js = nc.jetstream(timeout=interval_s)
     mirror = HubMirror(config_bucket.STREAM, config_bucket.STREAM, config_bucket.ensure_mirror)
+    ask_hub_at = 0.0
     while True:
         await asyncio.sleep(interval_s)
         try:
-            if (why := await mirror.resync(nc, js)) is not None:
-                log.warning("the config mirror was created anew", why=why)
-                continue
             silence = await config_bucket.mirror_silence_s(js)
-            if silence is None or silence < silent_s:
+            silent = silence is not None and silence >= silent_s
+            if silent or time.monotonic() >= ask_hub_at:
+                ask_hub_at = time.monotonic() + hub_check_s
+                if (why := await mirror.resync(nc, js)) is not None:
+                    log.warning("the config mirror was created anew", why=why)
+                    continue
+            if not silent:
                 continue
             for key, revision, value in await config_bucket.read_hub(nc, follower.keys):
                 await follower.on_entry(key, value, revision)

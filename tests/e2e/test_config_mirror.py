@@ -53,7 +53,8 @@ def policy(tmp: Path, rule: str) -> Path:
 def edge_router(site: CuttableSite, tmp: Path) -> Iterator[Service]:
     """A router of the edge site (policy file: rule ``from-file``), answering dry runs."""
     router = Service("router", {"LW_NATS_URL": site.edge.url, "LW_SITE": SITE, "LW_ROUTER_UPLINK": "up",
-                                "LW_ROUTER_POLICY_FILE": str(policy(tmp, "from-file"))})
+                                "LW_ROUTER_POLICY_FILE": str(policy(tmp, "from-file")),
+                                "LW_ROUTER_CONFIG_HUB_CHECK_S": "1"})
     with running(router):
         eventually(lambda: answers(site), 20, "the router to answer dry runs")
         yield router
