@@ -23,7 +23,6 @@ from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from nats.aio.client import Client as NATS
 from nats.js.api import DiscardPolicy, ExternalStream, KeyValueConfig, StorageType, StreamConfig, StreamSource
 from nats.js.client import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
@@ -87,15 +86,16 @@ async def ensure_mirror(js: JetStreamContext) -> None:
             raise
 
 
-async def resync_mirror(nc: NATS, js: JetStreamContext, stuck_s: float = STUCK_S) -> str | None:
-    """Make the edge's mirror anew, while the hub answers, when it is stuck or copies a stream that is gone
-    (``shared.hub_mirror``); why, or ``None`` when it was left as it is.
+def hub_mirror(stuck_s: float = STUCK_S) -> HubMirror:
+    """The edge's mirror of the hub's budgets, made anew (``resync``), while the hub answers, when it is stuck
+    or copies a stream that is gone (``shared.hub_mirror``). Keep one for a service's lifetime: it then also
+    sees a hub bucket created anew that already holds as many messages as the old one did.
 
     Stuck, the edge went on counting the other sites' spending as before an outage for 30-150 s after its
     link was back, and overran budgets. Copying a stream that is gone (the hub's bucket deleted to reset it),
     it kept counting the old spending.
     """
-    return await HubMirror(subjects.HUB_BUDGETS, STREAM, ensure_mirror, stuck_s).resync(nc, js)
+    return HubMirror(subjects.HUB_BUDGETS, STREAM, ensure_mirror, stuck_s)
 
 
 async def open_mirror(js: JetStreamContext) -> KeyValue:

@@ -56,6 +56,7 @@ class CloudState:
         self.opened = asyncio.Event()
         self._writes: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._hub_budgets = budgets.hub_mirror()  # one for the adapter's lifetime: it remembers what it saw
 
     def problem(self) -> str | None:
         """For ``/readyz``: ``None`` once every bucket and the stream are open."""
@@ -91,7 +92,7 @@ class CloudState:
                 if missing:
                     log.warning("JetStream state deleted underneath; creating it again", missing=missing)
                     await self._open_once()
-                elif self.role == "edge" and (why := await budgets.resync_mirror(
+                elif self.role == "edge" and (why := await self._hub_budgets.resync(
                         self._nc, self._nc.jetstream(timeout=5))) is not None:
                     log.info("the mirror of the hub's budgets was created anew", why=why)
             except Exception as exc:  # JetStream unavailable: the next round tries again
