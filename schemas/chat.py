@@ -102,6 +102,7 @@ class StreamOptions(BaseModel):
 
 
 MAX_STOP_SEQUENCES = 4
+MAX_CHOICES = 128  # n (prompts × n in text completions), OpenAI's bound: each choice is a request at the site
 
 
 class ChatCompletionRequest(BaseModel):
@@ -114,7 +115,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: Annotated[StrictInt | None, Field(ge=1)] = None
     temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
     top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
-    n: Annotated[StrictInt | None, Field(ge=1, json_schema_extra={"maximum": 1})] = None  # one choice: see _one_choice
+    n: Annotated[StrictInt | None, Field(ge=1, le=MAX_CHOICES)] = None  # the gateway asks one request per choice
     stream: StrictBool = False  # "yes" or 1 is refused, as OpenAI does
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -135,14 +136,6 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
-        return value
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int | None) -> int | None:
-        if value is not None and value > 1:
-            raise PydanticCustomError("n_unsupported", "n > 1 is not supported: each request is answered with one "
-                                      "choice; send {n} requests instead", {"n": value})
         return value
 
     @field_validator("stream_options")

@@ -19,6 +19,7 @@ from schemas.control import ModelList
 from schemas.embeddings import EmbeddingRequest
 from services.gateway.bridge import request_headers
 from services.gateway.chat import ChatBridge
+from services.gateway.chat_choices import ChatChoicesBridge
 from services.gateway.completion_request import CompletionRequest
 from services.gateway.completions import CompletionsBridge
 from services.gateway.embeddings import EmbeddingsBridge
@@ -56,6 +57,7 @@ class Gateway:
     bridge: ChatBridge
     embed: EmbeddingsBridge
     complete: CompletionsBridge
+    choices: ChatChoicesBridge
     keys: dict[str, str]
     models_ok_at: float = 0.0
 
@@ -76,6 +78,8 @@ class Gateway:
         tenant = self.tenant_of(request)
         chat, raw = await read_model(request, ChatCompletionRequest)
         bind_request("-", tenant, subjects.chat(self.settings.site))
+        if chat.n is not None and chat.n > 1:  # a request per choice; n: 1 stays chat's own path, untouched
+            return await self.choices.create(request, chat, raw, tenant)
         return await self.bridge.complete(request, chat, raw, tenant)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -208,7 +212,7 @@ async def main(settings: GatewaySettings, readiness: Readiness, stack: AsyncExit
     await replies.start()
     stack.push_async_callback(replies.stop)
     gateway = Gateway(settings, nc, ChatBridge(nc, replies, settings), EmbeddingsBridge(nc, replies, settings),
-                      CompletionsBridge(nc, replies, settings), keys)
+                      CompletionsBridge(nc, replies, settings), ChatChoicesBridge(nc, replies, settings), keys)
     readiness.add("nats", gateway.ready)
     probe = asyncio.create_task(probe_router(gateway, readiness))
     stack.push_async_callback(stop_tasks, [probe])

@@ -7,29 +7,18 @@ per choice), and a streamed answer asked to include it ends with one chunk holdi
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ValidationError
 from pydantic_core import to_json
 
-from schemas.chat import ChatCompletion, ChatCompletionChunk, FinishReason, StreamEnd, Usage
-from shared.errors import UpstreamError
-
-T = TypeVar("T", bound=BaseModel)
+from schemas.chat import ChatCompletion, ChatCompletionChunk, FinishReason, Usage
+from services.gateway.choices import Choice, event, parse, total_usage
+from shared.errors import ContextLengthExceeded, LeafwireError, RemoteError, UpstreamError
 
 
 def completion_id(request_id: str) -> str:
     """The OpenAI id of a text completion."""
     return f"cmpl-{request_id}"
-
-
-def _parse(model: type[T], data: bytes) -> T:
-    try:
-        return model.model_validate_json(data)
-    except ValidationError as exc:
-        raise UpstreamError(f"malformed {model.__name__} from the site", code="upstream_bad_response") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,23 +36,13 @@ class Answered:
 def answered(data: bytes, index: int, prefix: str = "") -> Answered:
     """A choice's ``chat.completion`` (its ``result`` event) as that choice; ``prefix`` (the prompt, for
     ``echo``) comes before its text."""
-    chat = _parse(ChatCompletion, data)
+    chat = parse(ChatCompletion, data)
     if not chat.choices:
         raise UpstreamError("the site answered no choice", code="upstream_bad_response")
     first = chat.choices[0]
     usage = chat.usage or Usage.of(0, 0)
     return Answered(index, prefix + (first.message.content or ""), first.finish_reason, usage, chat.model,
                     chat.system_fingerprint)
-
-
-def total_usage(usages: Iterable[Usage]) -> Usage:
-    """The choices' usage added up, details (cached, reasoning tokens) included where any choice had them."""
-    listed = list(usages)
-    cached = [u.prompt_tokens_details.get("cached_tokens", 0) for u in listed if u.prompt_tokens_details]
-    reasoning = [u.completion_tokens_details.get("reasoning_tokens", 0) for u in listed
-                 if u.completion_tokens_details]
-    return Usage.of(sum(u.prompt_tokens for u in listed), sum(u.completion_tokens for u in listed),
-                    cached=sum(cached) if cached else None, reasoning=sum(reasoning) if reasoning else None)
 
 
 def whole(request_id: str, created: int, answers: list[Answered]) -> bytes:
@@ -78,25 +57,51 @@ def whole(request_id: str, created: int, answers: list[Answered]) -> bytes:
     })
 
 
-def stream_end(data: bytes) -> StreamEnd:
-    """The ``done`` event that closes one choice's stream (its finish reason and usage)."""
-    return _parse(StreamEnd, data)
+def for_prompt(err: LeafwireError) -> LeafwireError:
+    """``err`` as the caller of a text completion reads it: a ``param`` of the chat request's messages
+    (``messages``, ``messages.0.content``) is its ``prompt``."""
+    if not (err.param or "").startswith("messages"):
+        return err
+    response = err.to_response()
+    response.error.param = "prompt"
+    if err.code == ContextLengthExceeded.default_code:
+        response.error.message = err.message.replace("the messages", "the prompt")
+    return RemoteError(err.status, response, err.retry_after)
 
 
-def event(body: bytes) -> bytes:
-    """One server-sent event."""
-    return b"data: " + body + b"\n\n"
-
-
-@dataclass(frozen=True, slots=True)
-class TextChunks:
-    """The chunks of one streamed text completion."""
+@dataclass
+class TextAnswers:
+    """One text completion made of its choices' chat answers (its ``choices.Merge``)."""
 
     request_id: str
     created: int
+    prompts: list[str]
+    n: int = 1  # choices per prompt: choice i * n + j is prompt i's
+    echo: bool = False
+    model: str = ""  # of the last chunk: the usage chunk's
+    started: set[int] = field(default_factory=set)  # choices whose first chunk went (echo goes on it)
 
-    def chunk(self, index: int, text: str, finish: FinishReason | None, model: str,
-              fingerprint: str | None = None) -> bytes:
+    def prefix(self, index: int) -> str:
+        """What goes before choice ``index``'s text: its prompt, with ``echo``."""
+        return self.prompts[index // self.n] if self.echo else ""
+
+    def answered(self, choice: Choice, data: bytes) -> Answered:
+        """A choice's ``chat.completion`` as that choice of the text completion."""
+        return answered(data, choice.index, self.prefix(choice.index))
+
+    def whole(self, answers: list[Answered]) -> bytes:
+        """The ``text_completion`` of every choice."""
+        return whole(self.request_id, self.created, answers)
+
+    def chunk(self, choice: Choice, data: bytes) -> bytes:
+        """A choice's ``chat.completion.chunk`` as its text chunk; echo goes on its first."""
+        first = choice.index not in self.started
+        self.started.add(choice.index)
+        out, self.model = self.relay(data, choice.index, self.prefix(choice.index) if first else "")
+        return out
+
+    def text_chunk(self, index: int, text: str, finish: FinishReason | None, model: str,
+                   fingerprint: str | None = None) -> bytes:
         """One ``text_completion`` chunk of choice ``index``, as a server-sent event."""
         return event(to_json({
             "id": completion_id(self.request_id), "object": "text_completion", "created": self.created,
@@ -107,18 +112,24 @@ class TextChunks:
     def relay(self, data: bytes, index: int, prefix: str = "") -> tuple[bytes, str]:
         """A choice's ``chat.completion.chunk`` as its text chunk (``b""`` for one without text nor finish
         reason: the role chunk, a usage chunk), ``prefix`` before its text; and the model that answered."""
-        chunk = _parse(ChatCompletionChunk, data)
+        chunk = parse(ChatCompletionChunk, data)
         if not chunk.choices:
             return b"", chunk.model
         choice = chunk.choices[0]
         text = prefix + (choice.delta.content or "")
         if not text and choice.finish_reason is None:
             return b"", chunk.model
-        return self.chunk(index, text, choice.finish_reason, chunk.model, chunk.system_fingerprint), chunk.model
+        return (self.text_chunk(index, text, choice.finish_reason, chunk.model, chunk.system_fingerprint),
+                chunk.model)
 
-    def usage(self, model: str, usage: Usage) -> bytes:
+    def usage(self, usage: Usage) -> bytes:
         """The last chunk of a stream asked to include usage: no choices, the usage of them all."""
         return event(to_json({
             "id": completion_id(self.request_id), "object": "text_completion", "created": self.created,
-            "model": model, "choices": [], "usage": usage.model_dump(), "system_fingerprint": None,
+            "model": self.model, "choices": [], "usage": usage.model_dump(), "system_fingerprint": None,
         }))
+
+    @staticmethod
+    def error(err: LeafwireError) -> LeafwireError:
+        """A chat error as the text completion's caller reads it (``for_prompt``)."""
+        return for_prompt(err)

@@ -11,18 +11,17 @@ prompt ``i``'s ``j``-th, as OpenAI numbers them. With a ``seed``, choice ``j`` o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from schemas.chat import ChatCompletionRequest, ChatMessage, StreamOptions
+from schemas.chat import MAX_CHOICES, ChatCompletionRequest, ChatMessage, StreamOptions
+from services.gateway.choices import Choice, choice_env, choice_seed
 from services.gateway.errors import validate
 from shared.envelope import Envelope
 from shared.errors import InvalidRequest
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's for this endpoint, and vLLM's: a caller's code written for either gets it
-MAX_CHOICES = 128  # prompts × n in one request (OpenAI's bound on n): each is a request at the site
 COMPLETION_ONLY = frozenset({"prompt", "n", "best_of", "echo", "suffix", "logprobs"})  # never sent to the site
 
 TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
@@ -98,23 +97,6 @@ def as_chat(request: CompletionRequest) -> ChatCompletionRequest:
     return validate(ChatCompletionRequest, body)
 
 
-def choice_seed(seed: int | None, j: int) -> int | None:
-    """The seed of a prompt's ``j``-th choice: ``seed + j``, kept a signed 64-bit integer (what providers take)."""
-    if seed is None or j == 0:
-        return seed
-    return (seed + j + 2**63) % 2**64 - 2**63
-
-
-@dataclass(frozen=True, slots=True)
-class Choice:
-    """One choice asked of the site: its index in the answer, its prompt, its chat request and envelope."""
-
-    index: int
-    prompt: str
-    body: bytes
-    env: Envelope
-
-
 def plan(request: CompletionRequest, env: Envelope) -> list[Choice]:
     """The chat requests that answer ``request``, one per choice, in index order. A lone choice has the
     request's own envelope (its id is the one the caller sees); several have ids ``<id>-<index>``."""
@@ -130,7 +112,5 @@ def plan(request: CompletionRequest, env: Envelope) -> list[Choice]:
             if chat.seed is not None:
                 update["seed"] = choice_seed(chat.seed, j)
             body = chat.model_copy(update=update).model_dump_json(exclude_unset=True).encode()
-            own = env if len(prompts) * n == 1 else Envelope(f"{env.request_id}-{index}", env.tenant, "",
-                                                              env.deadline)
-            choices.append(Choice(index, prompt, body, own))
+            choices.append(Choice(index, body, choice_env(env, index, len(prompts) * n)))
     return choices

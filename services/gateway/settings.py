@@ -43,8 +43,9 @@ class GatewaySettings(ServiceSettings):
                                      description="parts of one request out at the site at once: 2 keeps one "
                                                  "worker busy; more suits more workers")
     completions_parallel: int = Field(default=8, ge=1, le=128, alias="LW_GATEWAY_COMPLETIONS_PARALLEL",
-                                      description="choices of one /v1/completions request (prompts × n, each a "
-                                                  "chat request) out at the site at once: 8 fills one batch of "
+                                      description="choices of one /v1/completions request (prompts × n) or of one "
+                                                  "chat request with n > 1, each a chat request, out at the "
+                                                  "site at once: 8 fills one batch of "
                                                   "a local model without flooding its queue at the batcher")
     api_keys: str = Field(default="", alias="LW_GATEWAY_API_KEYS",
                           description="comma-separated key:tenant pairs")

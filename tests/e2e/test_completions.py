@@ -336,3 +336,84 @@ class TestRefused:
         assert len(r.headers["x-request-id"]) == 32
         if body == b'{"model": "tiny"}':
             assert r.json()["error"]["param"] == "prompt"
+
+
+def chat_n(site: Site, model: str = "tiny", **kwargs: Any) -> Any:
+    return site.client().chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}],
+                                                 **kwargs)
+
+
+class TestChatChoices:
+    """Chat completions with ``n`` > 1, asked down the same fan-out as text completions' choices."""
+
+    def test_n_choices_differ_and_the_first_is_the_n_1_answer(self, site: Site) -> None:
+        """n=3 with a seed: three different samples, indexes 0..2, the first what n=1 answers; usage summed."""
+        kw: dict[str, Any] = {"max_tokens": 12, "temperature": 1.0, "seed": 7}
+        raw = site.client().chat.completions.with_raw_response.create(
+            model="tiny", messages=[{"role": "user", "content": PROMPT}], n=3, **kw)
+        r, one = raw.parse(), chat_n(site, **kw)
+        assert r.id == f"chatcmpl-{raw.headers['x-request-id']}"
+        assert raw.headers["x-leafwire-route"].startswith("target=local/tiny")
+        assert [c.index for c in r.choices] == [0, 1, 2]
+        assert len({c.message.content for c in r.choices}) == 3
+        assert r.choices[0].message.content == one.choices[0].message.content
+        assert r.usage is not None
+        assert one.usage is not None
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (3 * one.usage.prompt_tokens, 36)
+
+    def test_streamed_choices_interleave_and_end_with_the_usage(self, site: Site) -> None:
+        """Streamed n=3: each choice's role chunk then its text, with its index; the last chunk the usage."""
+        kw: dict[str, Any] = {"max_tokens": 8, "temperature": 1.0, "seed": 3}
+        whole = chat_n(site, n=3, **kw)
+        chunks = list(chat_n(site, n=3, stream=True, stream_options={"include_usage": True}, **kw))
+        *parts, last = chunks
+        joined: dict[int, str] = {}
+        for chunk in parts:
+            (c,) = chunk.choices
+            if c.index not in joined:
+                assert c.delta.role == "assistant"
+            joined[c.index] = joined.get(c.index, "") + (c.delta.content or "")
+        assert joined == {c.index: c.message.content for c in whole.choices}
+        assert len({c.id for c in chunks}) == 1
+        assert last.choices == []
+        assert last.usage is not None
+        assert whole.usage is not None
+        assert last.usage.total_tokens == whole.usage.total_tokens
+
+    def test_a_cloud_model_gets_a_call_per_choice_without_n(self, site: Site) -> None:
+        """n=2 to a cloud model: two calls to the provider, neither with n; one answer of both."""
+        r = chat_n(site, "fake/echo", n=2)
+        assert [(c.index, c.message.content) for c in r.choices] == [(0, f"pong {PROMPT}"), (1, f"pong {PROMPT}")]
+        assert len(site.provider.calls) == 2
+        assert all("n" not in call.body for call in site.provider.calls)
+        assert r.usage is not None
+        assert r.usage.completion_tokens == 2 * len(f"pong {PROMPT}".split())
+
+    def test_a_caller_leaving_cancels_every_choice(self, site: Site) -> None:
+        """Closing a stream of three long choices midway stops them all: none left decoding or queued."""
+        cancelled = metric(site.worker.metrics(), "leafwire_generations_total", model="tiny",
+                           finish_reason="cancelled")
+        with httpx.stream("POST", f"{site.gateway.base}/v1/chat/completions", timeout=30,
+                          headers={"Authorization": f"Bearer {API_KEY}"},
+                          json={"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "n": 3,
+                                "max_tokens": 15000, "stream": True}) as r:
+            lines = r.iter_lines()
+            for _ in range(6):
+                next(lines)
+        eventually(lambda: metric(site.worker.metrics(), "leafwire_active_rows", model="tiny") == 0 and metric(
+            site.batcher.metrics(), "leafwire_queue_depth_requests", model="tiny") == 0, 10, "nothing left")
+        assert metric(site.worker.metrics(), "leafwire_generations_total", model="tiny",
+                      finish_reason="cancelled") > cancelled
+
+    @pytest.mark.parametrize("n", [0, 129, 1.5, "2", None])
+    def test_bad_n_is_a_400_naming_it(self, site: Site, n: Any) -> None:
+        """n below 1, over 128 or not an integer is OpenAI's 400 naming n (null is no n)."""
+        r = httpx.post(f"{site.gateway.base}/v1/chat/completions", timeout=30,
+                       headers={"Authorization": f"Bearer {API_KEY}"},
+                       json={"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "n": n,
+                             "max_tokens": 1})
+        if n is None:
+            assert r.status_code == 200
+            return
+        assert r.status_code == 400
+        assert (r.json()["error"]["param"], r.json()["error"]["type"]) == ("n", "invalid_request_error")

@@ -180,7 +180,7 @@ class TestValidationMessages:
         (with_content([]), "messages.0.content", "at least 1 item"),
         (with_content(5), "messages.0.content", "valid string"),
         (with_content("hi", stop=[1]), "stop.0", "valid string"),
-        (with_content("hi", n=2), "n", "n > 1 is not supported"),
+        (with_content("hi", n=129), "n", "less than or equal to 128"),
         (with_content("hi", stream_options={"include_usage": True}), "stream_options",
          "only allowed when stream is true"),
     ])

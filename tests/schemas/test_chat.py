@@ -56,13 +56,17 @@ class TestContentParts:
 
 
 class TestRequestFields:
-    def test_one_choice(self) -> None:
-        """``n: 1`` is accepted; ``n: 2`` is refused as unsupported, at ``n``."""
-        assert request(n=1).n == 1
+    @pytest.mark.parametrize("n", [1, 2, 128])
+    def test_n_up_to_128_choices(self, n: int) -> None:
+        """``n`` from 1 to 128 (OpenAI's bound) is accepted."""
+        assert request(n=n).n == n
+
+    @pytest.mark.parametrize("n", [0, 129, 1.5, "3", True])
+    def test_n_out_of_range_or_not_an_integer(self, n: object) -> None:
+        """``n`` below 1, over 128, or other than an integer is refused at ``n``."""
         with pytest.raises(ValidationError) as exc:
-            request(n=2)
+            request(n=n)
         assert exc.value.errors()[0]["loc"] == ("n",)
-        assert "n > 1 is not supported" in exc.value.errors()[0]["msg"]
 
     def test_stream_options_need_stream(self) -> None:
         """``stream_options`` without ``stream: true`` is refused at ``stream_options``."""

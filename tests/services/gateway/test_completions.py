@@ -7,43 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
-import nats
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
-from schemas.chat import ChatCompletion, ChatCompletionChunk, ChunkChoice, Delta, StreamEnd, Usage
-from schemas.chat import Choice as ChatChoice
-from schemas.errors import ErrorBody, ErrorResponse
-from services.gateway.app import Gateway, build_app
-from services.gateway.chat import ChatBridge
-from services.gateway.completion_answer import TextChunks, answered, total_usage, whole
-from services.gateway.completion_request import CompletionRequest, choice_seed, plan
-from services.gateway.completions import CompletionsBridge, for_prompt
-from services.gateway.embeddings import EmbeddingsBridge
-from services.gateway.settings import GatewaySettings
-from shared import subjects
+from schemas.chat import ChatCompletionChunk, Usage
+from services.gateway.choices import Choice, choice_seed, total_usage
+from services.gateway.completion_answer import TextAnswers, answered, for_prompt, whole
+from services.gateway.completion_request import CompletionRequest, plan
 from shared.envelope import Envelope
 from shared.errors import ContextLengthExceeded, InvalidRequest, UpstreamError
-from shared.ops import Readiness
-from shared.replies import ReplyReader
+from tests.services.gateway.fake_site import FakeSite, HttpClient, chat_chunk, chat_result, events, request_id, sent
 
-SITE = "texts"
 ENV = Envelope("r1", "t1", "", 2e9)
 
 
 def request(**fields: Any) -> CompletionRequest:
     return CompletionRequest.model_validate({"model": "m", "prompt": "hi", **fields})
-
-
-def sent(body: bytes) -> dict[str, Any]:
-    return dict(json.loads(body))
 
 
 class TestPlan:
@@ -52,7 +32,7 @@ class TestPlan:
         at most, every shared parameter kept and no completions-only one sent."""
         (choice,) = plan(request(temperature=0.5, stop="x", logit_bias={"5": 1}, user="u", echo=True, best_of=1,
                                  stream=True, stream_options={"include_usage": True}), ENV)
-        assert (choice.index, choice.prompt, choice.env) == (0, "hi", ENV)
+        assert (choice.index, choice.env) == (0, ENV)
         assert sent(choice.body) == {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16,
                                      "temperature": 0.5, "stop": "x", "logit_bias": {"5": 1}, "user": "u",
                                      "stream": True, "stream_options": {"include_usage": True}}
@@ -66,7 +46,7 @@ class TestPlan:
     def test_choices_are_numbered_prompt_by_prompt_with_their_own_ids_and_seeds(self) -> None:
         """Two prompts, n=3: choice i*3+j is prompt i's j-th, id <id>-<index>, seed 40+j."""
         choices = plan(request(prompt=["a", "b"], n=3, seed=40, max_tokens=5), ENV)
-        assert [(c.index, c.prompt, c.env.request_id) for c in choices] == [
+        assert [(c.index, sent(c.body)["messages"][0]["content"], c.env.request_id) for c in choices] == [
             (i * 3 + j, p, f"r1-{i * 3 + j}") for i, p in enumerate("ab") for j in range(3)]
         assert [sent(c.body)["seed"] for c in choices] == [40, 41, 42] * 2
         assert {sent(c.body)["max_tokens"] for c in choices} == {5}
@@ -101,17 +81,6 @@ class TestErrors:
         assert for_prompt(other) is other
 
 
-def chat_result(text: str, model: str = "m", usage: Usage | None = None) -> bytes:
-    return ChatCompletion(id="chatcmpl-x", model=model, usage=usage or Usage.of(3, 2), choices=[
-        ChatChoice(message={"content": text}, finish_reason="stop")]).model_dump_json().encode()  # type: ignore[arg-type]
-
-
-def chat_chunk(text: str | None = None, finish: Any = None, role: bool = False) -> bytes:
-    delta = Delta(role="assistant", content="") if role else Delta(content=text)
-    return ChatCompletionChunk(id="chatcmpl-x", created=1, model="m", choices=[
-        ChunkChoice(delta=delta, finish_reason=finish)]).model_dump_json().encode()
-
-
 class TestAnswers:
     def test_choices_are_ordered_and_usage_added_up(self) -> None:
         """Answers arriving in any order make one text_completion in index order, usage summed with details."""
@@ -126,13 +95,13 @@ class TestAnswers:
 
     def test_chunks_without_text_are_dropped(self) -> None:
         """The role chunk and a usage chunk make no text chunk; the echo prefix goes on the first one."""
-        chunks = TextChunks("r1", 7)
+        chunks = TextAnswers("r1", 7, ["say: "], n=3, echo=True)
         assert chunks.relay(chat_chunk(role=True), 0) == (b"", "m")
         usage = ChatCompletionChunk(id="x", created=1, model="m", choices=[], usage=Usage.of(1, 1))
-        assert chunks.relay(usage.model_dump_json().encode(), 0)[0] == b""
-        data, _ = chunks.relay(chat_chunk(role=True), 2, prefix="say: ")
-        assert json.loads(data[6:])["choices"] == [{"text": "say: ", "index": 2, "logprobs": None,
-                                                    "finish_reason": None}]
+        assert json.loads(chunks.chunk(Choice(2, b"", ENV), chat_chunk(role=True))[6:])["choices"] == [
+            {"text": "say: ", "index": 2, "logprobs": None, "finish_reason": None}]
+        assert json.loads(chunks.chunk(Choice(2, b"", ENV), chat_chunk("x"))[6:])["choices"][0]["text"] == "x"
+        assert chunks.chunk(Choice(2, b"", ENV), usage.model_dump_json().encode()) == b""
         data, _ = chunks.relay(chat_chunk(finish="length"), 1)
         assert json.loads(data[6:])["choices"][0] == {"text": "", "index": 1, "logprobs": None,
                                                       "finish_reason": "length"}
@@ -147,82 +116,9 @@ class TestAnswers:
         assert total_usage([]) == Usage.of(0, 0)
 
 
-@dataclass
-class FakeSite:
-    """The site's chat subject and its cancel subject, read by the test."""
-
-    nc: nats.NATS
-    asked: Subscription
-    cancels: Subscription
-
-    async def next_choice(self) -> tuple[Msg, dict[str, Any]]:
-        msg = await self.asked.next_msg(timeout=5)
-        return msg, sent(msg.data)
-
-    async def nothing_more_asked(self) -> bool:
-        await self.nc.flush()
-        return self.asked.pending_msgs == 0
-
-    async def send(self, msg: Msg, event: str, body: bytes, **headers: str) -> None:
-        await self.nc.publish(msg.reply, body, headers={"Lw-Event": event, **headers})
-
-    async def stream(self, msg: Msg, *texts: str) -> None:
-        await self.send(msg, "chunk", chat_chunk(role=True), **{"Lw-Route": "target=local/m"})
-        for text in texts:
-            await self.send(msg, "chunk", chat_chunk(text))
-
-    async def end(self, msg: Msg) -> None:
-        await self.send(msg, "chunk", chat_chunk(finish="stop"))
-        await self.send(msg, "done", StreamEnd(request_id="x", finish_reason="stop",
-                                               usage=Usage.of(3, 2)).model_dump_json().encode())
-
-    async def fail(self, msg: Msg, status: int = 400, param: str | None = "messages", **headers: str) -> None:
-        body = ErrorResponse(error=ErrorBody(message="no", type="invalid_request_error", param=param))
-        await self.send(msg, "error", body.model_dump_json().encode(), **{"Lw-Status": str(status), **headers})
-
-    async def cancelled(self, count: int) -> set[str]:
-        """The request ids of the next ``count`` cancels."""
-        return {json.loads((await self.cancels.next_msg(timeout=5)).data)["request_id"] for _ in range(count)}
-
-
-@pytest.fixture
-async def site(nc: nats.NATS) -> AsyncIterator[FakeSite]:
-    asked = await nc.subscribe(subjects.chat(SITE))
-    cancels = await nc.subscribe(subjects.cancel(SITE))
-    try:
-        yield FakeSite(nc, asked, cancels)
-    finally:
-        await asked.unsubscribe()
-        await cancels.unsubscribe()
-
-
-@pytest.fixture
-async def client(nc: nats.NATS) -> AsyncIterator[TestClient[web.Request, web.Application]]:
-    """The gateway's HTTP app, keeping 2 choices of a text completion out at once."""
-    reader = ReplyReader(nc, subjects.reply_prefix("test-completions"))
-    await reader.start()
-    settings = GatewaySettings(site=SITE, completions_parallel=2)
-    gateway = Gateway(settings, nc, ChatBridge(nc, reader, settings), EmbeddingsBridge(nc, reader, settings),
-                      CompletionsBridge(nc, reader, settings), keys={})
-    app = build_app(gateway, Readiness())
-    try:
-        async with TestClient(TestServer(app)) as http_client:
-            yield http_client
-    finally:
-        await reader.stop()
-
-
-def request_id(msg: Msg) -> str:
-    return (msg.headers or {})["Lw-Request-Id"]
-
-
-def events(text: str) -> list[str]:
-    return [line.removeprefix("data: ") for line in text.split("\n\n") if line]
-
-
 class TestBridge:
     async def test_choices_go_out_two_at_a_time_and_come_back_in_order(
-            self, client: TestClient[web.Request, web.Application], site: FakeSite) -> None:
+            self, client: HttpClient, site: FakeSite) -> None:
         """Three prompts, two out at once, answered out of order: one text completion in prompt order."""
         reply = asyncio.create_task(client.post("/v1/completions", json={"model": "m", "prompt": ["a", "b", "c"]}))
         first, second = await site.next_choice(), await site.next_choice()
@@ -240,7 +136,7 @@ class TestBridge:
         assert request_id(third) == f"{resp.headers['x-request-id']}-2"
 
     async def test_a_failing_choice_fails_the_request_and_cancels_the_choice_out(
-            self, client: TestClient[web.Request, web.Application], site: FakeSite) -> None:
+            self, client: HttpClient, site: FakeSite) -> None:
         """The second choice's 400 is the caller's answer, naming the prompt; the first, still out, is
         cancelled at the site; the third is never asked."""
         reply = asyncio.create_task(client.post("/v1/completions", json={"model": "m", "prompt": ["a", "b", "c"]}))
@@ -253,7 +149,7 @@ class TestBridge:
         assert await site.nothing_more_asked()
 
     async def test_streamed_choices_interleave_and_end_with_the_usage_of_all(
-            self, client: TestClient[web.Request, web.Application], site: FakeSite) -> None:
+            self, client: HttpClient, site: FakeSite) -> None:
         """n=2 streamed: each choice's text comes as it is made, with its index; then one usage chunk, [DONE]."""
         reply = asyncio.create_task(client.post("/v1/completions", json={
             "model": "m", "prompt": "p", "n": 2, "echo": True, "stream": True,
@@ -279,7 +175,7 @@ class TestBridge:
         assert parsed[1]["usage"]["total_tokens"] == 10
 
     async def test_an_error_mid_stream_ends_it_and_cancels_the_rest(
-            self, client: TestClient[web.Request, web.Application], site: FakeSite) -> None:
+            self, client: HttpClient, site: FakeSite) -> None:
         """A choice failing after the stream began ends it with the error as an event; the other is cancelled."""
         reply = asyncio.create_task(client.post("/v1/completions", json={
             "model": "m", "prompt": ["a", "b"], "stream": True}))
@@ -294,7 +190,7 @@ class TestBridge:
         assert await site.cancelled(1) == {request_id(first)}
 
     async def test_an_error_before_any_chunk_is_the_status(
-            self, client: TestClient[web.Request, web.Application], site: FakeSite) -> None:
+            self, client: HttpClient, site: FakeSite) -> None:
         """A streamed request refused before it began gets the refusal's status and Retry-After, not a stream."""
         reply = asyncio.create_task(client.post("/v1/completions", json={"model": "m", "prompt": "a",
                                                                            "stream": True}))

@@ -1,0 +1,88 @@
+"""What a request answered with several choices is made of, whichever endpoint it came to: one chat request
+per choice (``Choice``, its own id ``<request id>-<index>`` and, with a ``seed``, its own ``seed + j``), and how
+an endpoint turns its choices' answers into its own (``Merge``). ``fanout`` asks for the choices and merges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from schemas.chat import StreamEnd, Usage
+from shared.envelope import Envelope
+from shared.errors import LeafwireError, UpstreamError
+
+A = TypeVar("A")
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One choice asked of the site: its index in the answer, its chat request and its envelope."""
+
+    index: int
+    body: bytes
+    env: Envelope
+
+
+def choice_env(env: Envelope, index: int, count: int) -> Envelope:
+    """The envelope of choice ``index`` of ``count``: a lone choice has the request's own (its id is the one
+    the caller sees); several have ids ``<id>-<index>``."""
+    return env if count == 1 else Envelope(f"{env.request_id}-{index}", env.tenant, "", env.deadline)
+
+
+def choice_seed(seed: int | None, j: int) -> int | None:
+    """The seed of a prompt's ``j``-th choice: ``seed + j``, kept a signed 64-bit integer (what providers take)."""
+    if seed is None or j == 0:
+        return seed
+    return (seed + j + 2**63) % 2**64 - 2**63
+
+
+class Merge(Protocol[A]):
+    """How one endpoint's answer is made of its choices' chat answers."""
+
+    def answered(self, choice: Choice, data: bytes) -> A:
+        """A choice's ``chat.completion`` (its ``result`` event), parsed; a 502 when it is none."""
+
+    def whole(self, answers: list[A]) -> bytes:
+        """The endpoint's whole answer, of every choice's (in index order)."""
+
+    def chunk(self, choice: Choice, data: bytes) -> bytes:
+        """A choice's ``chat.completion.chunk`` as the endpoint's server-sent event (``b""``: none)."""
+
+    def usage(self, usage: Usage) -> bytes:
+        """The last event of a stream asked to include usage: the usage of every choice."""
+
+    def error(self, err: LeafwireError) -> LeafwireError:
+        """An error of the chat path as the endpoint's caller reads it."""
+
+
+def parse(model: type[M], data: bytes) -> M:
+    """A message of the site, or a 502 when it is malformed."""
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as exc:
+        raise UpstreamError(f"malformed {model.__name__} from the site", code="upstream_bad_response") from exc
+
+
+def stream_end(data: bytes) -> StreamEnd:
+    """The ``done`` event that closes one choice's stream (its finish reason and usage)."""
+    return parse(StreamEnd, data)
+
+
+def event(body: bytes) -> bytes:
+    """One server-sent event."""
+    return b"data: " + body + b"\n\n"
+
+
+def total_usage(usages: Iterable[Usage]) -> Usage:
+    """The choices' usage added up, details (cached, reasoning tokens) included where any choice had them."""
+    listed = list(usages)
+    cached = [u.prompt_tokens_details.get("cached_tokens", 0) for u in listed if u.prompt_tokens_details]
+    reasoning = [u.completion_tokens_details.get("reasoning_tokens", 0) for u in listed
+                 if u.completion_tokens_details]
+    return Usage.of(sum(u.prompt_tokens for u in listed), sum(u.completion_tokens for u in listed),
+                    cached=sum(cached) if cached else None, reasoning=sum(reasoning) if reasoning else None)

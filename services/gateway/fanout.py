@@ -1,0 +1,159 @@
+"""A request answered with several choices, each its own chat request down the chat path: text completions
+(a list of prompts, ``n``) and chat completions with ``n`` > 1.
+
+Each choice (``choices.Choice``) has its own reply stream and id; at most ``LW_GATEWAY_COMPLETIONS_PARALLEL``
+are out at once, so a request of many choices neither floods a model's queue at the batcher nor waits for one
+answer at a time. The answers become the endpoint's one answer (its ``choices.Merge``): whole once every choice
+is in, or streamed as the choices' chunks arrive, interleaved, each with its index.
+
+Errors are chat's: one before anything was sent to the caller is the HTTP status (the first choice to fail
+fails the request, and the choices still out are cancelled); one after is an error event ending the stream.
+The caller leaving cancels every choice still out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from services.gateway.bridge import Bridge, Exchange
+from services.gateway.chat import DONE, SSE_HEADERS
+from services.gateway.choices import Choice, Merge, event, stream_end, total_usage
+from services.gateway.errors import log
+from shared import subjects
+from shared.envelope import Envelope
+from shared.errors import LeafwireError, UpstreamError
+from shared.replies import FINAL_EVENTS, Event, Reply, error_of
+
+Got = Reply | LeafwireError  # what one choice's stream yields: a reply, or the gateway's own error about it
+Out = asyncio.Queue[tuple[Choice, Got]]
+
+
+class FanOut(Bridge):
+    """Several chat requests over NATS answering one HTTP request."""
+
+    async def fan_out(self, http: web.Request, env: Envelope, choices: list[Choice], merge: Merge[Any], *,
+                      stream: bool, include_usage: bool) -> web.StreamResponse:
+        """Ask for every choice and answer the caller with ``merge`` of their answers."""
+        async def respond(_: Exchange) -> web.StreamResponse:  # its stream stays unused: each choice has one
+            try:
+                if stream:
+                    return await self._stream(http, env, choices, merge, include_usage)
+                return await self._whole(http, env, choices, merge)
+            except LeafwireError as err:
+                raise merge.error(err) from None
+
+        return await self.exchange(env, respond)
+
+    async def _whole(self, http: web.Request, env: Envelope, choices: list[Choice],
+                     merge: Merge[Any]) -> web.StreamResponse:
+        """Every choice's whole answer, then one answer of them all."""
+        limit = asyncio.Semaphore(self.settings.completions_parallel)
+        try:
+            async with asyncio.TaskGroup() as asking:
+                tasks = [asking.create_task(self._answer(http, c, limit, merge)) for c in choices]
+        except* LeafwireError as failed:
+            raise failed.exceptions[0] from None  # the first choice to fail; the others were cancelled
+        replies = [t.result() for t in tasks]
+        return web.Response(body=merge.whole([a for _, a in replies]), content_type="application/json",
+                            headers=self.answer_headers(replies[0][0], env))
+
+    async def _answer(self, http: web.Request, choice: Choice, limit: asyncio.Semaphore,
+                      merge: Merge[Any]) -> tuple[Reply, Any]:
+        """Ask for one choice and wait for its ``result``; cancel it at the site if it ends unanswered."""
+        await limit.acquire()
+        stream = self.replies.open()
+        answered = False
+        why = "another choice of its request failed, or the caller left"
+        try:
+            await self.ask(subjects.chat(self.settings.site), choice.body, stream, choice.env, http)
+            reply = await self.next(stream, choice.env)
+            answered = True
+            reply.raise_for_error()
+            if reply.event is not Event.RESULT:
+                raise UpstreamError(f"unexpected {reply.event.value!r} event for a non-streamed choice")
+            result = reply, merge.answered(choice, reply.data)
+        except LeafwireError as err:
+            why = f"the gateway answered the caller: {err.message}"
+            raise
+        finally:
+            await self.settle(stream, choice.env, answered, why)
+        limit.release()  # only an answered choice frees its slot: after a failure no other choice is asked
+        return result
+
+    async def _relay(self, http: web.Request, choice: Choice, limit: asyncio.Semaphore, out: Out) -> None:
+        """Ask for one streamed choice and pass its replies on, in order, until its last; an error of the
+        gateway's own (a timeout) is passed on as its last. Cancel it at the site if it ends unfinished."""
+        await limit.acquire()
+        stream = self.replies.open()
+        reply: Reply | None = None
+        why = "another choice of its request failed, or the caller left"
+        try:
+            await self.ask(subjects.chat(self.settings.site), choice.body, stream, choice.env, http)
+            while reply is None or reply.event not in FINAL_EVENTS:
+                reply = await self.next(stream, choice.env)
+                await out.put((choice, reply))
+        except LeafwireError as err:
+            why = f"the gateway answered the caller: {err.message}"
+            await out.put((choice, err))
+        except Exception:  # the writer waits for this choice's last reply: it must get one
+            log.exception("streamed choice failed", request_id=choice.env.request_id)
+            await out.put((choice, LeafwireError("The server had an error while processing your request.")))
+        finally:
+            await self.settle(stream, choice.env, reply is not None and reply.event in FINAL_EVENTS, why)
+        if reply is not None and reply.event is Event.DONE:
+            limit.release()  # as in _answer: an error ends the request, and no other choice is asked
+
+    async def _stream(self, http: web.Request, env: Envelope, choices: list[Choice], merge: Merge[Any],
+                      include_usage: bool) -> web.StreamResponse:
+        """Relay every choice's chunks as the endpoint's events, as they come; the stream's headers go with the
+        first reply to arrive, so an error before it is the HTTP status."""
+        out: Out = asyncio.Queue(maxsize=64)
+        limit = asyncio.Semaphore(self.settings.completions_parallel)
+        relays = [asyncio.create_task(self._relay(http, c, limit, out)) for c in choices]
+        try:
+            choice, got = await out.get()
+            if isinstance(got, LeafwireError):
+                raise got
+            got.raise_for_error()
+            resp = web.StreamResponse(headers={**SSE_HEADERS, **self.answer_headers(got, env)})
+            await resp.prepare(http)
+            try:
+                await self._write(resp, merge, include_usage, len(choices), (choice, got), out)
+            except LeafwireError as err:  # headers are gone: the error travels as an event, as OpenAI does
+                await resp.write(event(merge.error(err).to_response().model_dump_json().encode()))
+            await resp.write_eof()
+            return resp
+        finally:
+            for relay in relays:
+                relay.cancel()
+            await asyncio.gather(*relays, return_exceptions=True)
+
+    @staticmethod
+    async def _write(resp: web.StreamResponse, merge: Merge[Any], include_usage: bool, open_: int,
+                     first: tuple[Choice, Got], out: Out) -> None:
+        """Write the choices' events until every choice's stream is done (then the usage chunk when asked,
+        and ``[DONE]``); an error ends it, raised."""
+        usages = []
+        choice, got = first
+        while True:
+            if isinstance(got, LeafwireError):
+                raise got
+            if got.event is Event.ERROR:
+                raise error_of(got.headers, got.data)
+            if got.event is Event.DONE:
+                usages.append(stream_end(got.data).usage)
+                open_ -= 1
+                if not open_:
+                    break
+            elif got.event is Event.CHUNK:
+                if data := merge.chunk(choice, got.data):
+                    await resp.write(data)
+            else:
+                raise UpstreamError(f"unexpected {got.event.value!r} event in a streamed answer")
+            choice, got = await out.get()
+        if include_usage:
+            await resp.write(merge.usage(total_usage(usages)))
+        await resp.write(DONE)

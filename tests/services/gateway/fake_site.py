@@ -1,0 +1,82 @@
+"""A fake site for the gateway's bridges of several choices (text completions, chat with n > 1): its chat
+subject and cancel subject on a real nats-server, answered by the test; and the chat answers it sends."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from schemas.chat import ChatCompletion, ChatCompletionChunk, ChunkChoice, Delta, StreamEnd, Usage
+from schemas.chat import Choice as ChatChoice
+from schemas.errors import ErrorBody, ErrorResponse
+
+SITE = "texts"
+HttpClient = TestClient[web.Request, web.Application]
+
+
+def sent(body: bytes) -> dict[str, Any]:
+    return dict(json.loads(body))
+
+
+def chat_result(text: str, model: str = "m", usage: Usage | None = None) -> bytes:
+    return ChatCompletion(id="chatcmpl-x", model=model, usage=usage or Usage.of(3, 2), choices=[
+        ChatChoice(message={"content": text}, finish_reason="stop")]).model_dump_json().encode()  # type: ignore[arg-type]
+
+
+def chat_chunk(text: str | None = None, finish: Any = None, role: bool = False) -> bytes:
+    delta = Delta(role="assistant", content="") if role else Delta(content=text)
+    return ChatCompletionChunk(id="chatcmpl-x", created=1, model="m", choices=[
+        ChunkChoice(delta=delta, finish_reason=finish)]).model_dump_json().encode()
+
+
+@dataclass
+class FakeSite:
+    """The site's chat subject and its cancel subject, read by the test."""
+
+    nc: nats.NATS
+    asked: Subscription
+    cancels: Subscription
+
+    async def next_choice(self) -> tuple[Msg, dict[str, Any]]:
+        msg = await self.asked.next_msg(timeout=5)
+        return msg, sent(msg.data)
+
+    async def nothing_more_asked(self) -> bool:
+        await self.nc.flush()
+        return self.asked.pending_msgs == 0
+
+    async def send(self, msg: Msg, event: str, body: bytes, **headers: str) -> None:
+        await self.nc.publish(msg.reply, body, headers={"Lw-Event": event, **headers})
+
+    async def stream(self, msg: Msg, *texts: str) -> None:
+        await self.send(msg, "chunk", chat_chunk(role=True), **{"Lw-Route": "target=local/m"})
+        for text in texts:
+            await self.send(msg, "chunk", chat_chunk(text))
+
+    async def end(self, msg: Msg) -> None:
+        await self.send(msg, "chunk", chat_chunk(finish="stop"))
+        await self.send(msg, "done", StreamEnd(request_id="x", finish_reason="stop",
+                                               usage=Usage.of(3, 2)).model_dump_json().encode())
+
+    async def fail(self, msg: Msg, status: int = 400, param: str | None = "messages", **headers: str) -> None:
+        body = ErrorResponse(error=ErrorBody(message="no", type="invalid_request_error", param=param))
+        await self.send(msg, "error", body.model_dump_json().encode(), **{"Lw-Status": str(status), **headers})
+
+    async def cancelled(self, count: int) -> set[str]:
+        """The request ids of the next ``count`` cancels."""
+        return {json.loads((await self.cancels.next_msg(timeout=5)).data)["request_id"] for _ in range(count)}
+
+
+def request_id(msg: Msg) -> str:
+    return (msg.headers or {})["Lw-Request-Id"]
+
+
+def events(text: str) -> list[str]:
+    return [line.removeprefix("data: ") for line in text.split("\n\n") if line]
