@@ -106,7 +106,8 @@ MAX_CHOICES = 128  # n (prompts × n in text completions), OpenAI's bound: each 
 
 
 class ChatCompletionRequest(BaseModel):
-    """``POST /v1/chat/completions`` body; also the payload of ``lw.v1.<site>.chat``."""
+    """The payload of ``lw.v1.<site>.chat``: ``POST /v1/chat/completions``'s body, for one choice (the gateway
+    asks a request per choice of ``n`` > 1: ``HttpChatRequest``)."""
 
     model_config = ConfigDict(extra="allow")
     model: Annotated[str, Field(min_length=1, max_length=256)]
@@ -115,7 +116,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: Annotated[StrictInt | None, Field(ge=1)] = None
     temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
     top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
-    n: Annotated[StrictInt | None, Field(ge=1, le=MAX_CHOICES)] = None  # the gateway asks one request per choice
+    n: Annotated[StrictInt | None, Field(ge=1, json_schema_extra={"maximum": 1})] = None  # one choice: _one_choice
     stream: StrictBool = False  # "yes" or 1 is refused, as OpenAI does
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -136,6 +137,15 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int | None) -> int | None:
+        if value is not None and value > 1:  # a worker or provider would answer one choice, or charge for n
+            raise PydanticCustomError("n_unsupported", "n > 1 is answered by the HTTP gateway (a request per "
+                                      "choice); over NATS each request is one choice: send {n} requests instead",
+                                      {"n": value})
         return value
 
     @field_validator("stream_options")
@@ -159,6 +169,18 @@ class ChatCompletionRequest(BaseModel):
     def include_usage(self) -> bool:
         """Whether a streamed answer ends with a usage chunk."""
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+
+class HttpChatRequest(ChatCompletionRequest):
+    """``POST /v1/chat/completions``'s body: ``n`` up to 128 choices, which the gateway asks of the site as a
+    request each (``ChatCompletionRequest`` without ``n``)."""
+
+    n: Annotated[StrictInt | None, Field(ge=1, le=MAX_CHOICES)] = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int | None) -> int | None:
+        return value
 
 
 class Compact(BaseModel):

@@ -14,7 +14,7 @@ from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from schemas.chat import ChatCompletionRequest
+from schemas.chat import HttpChatRequest
 from schemas.control import ModelList
 from schemas.embeddings import EmbeddingRequest
 from services.gateway.bridge import request_headers
@@ -76,7 +76,7 @@ class Gateway:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/chat/completions``"""
         tenant = self.tenant_of(request)
-        chat, raw = await read_model(request, ChatCompletionRequest)
+        chat, raw = await read_model(request, HttpChatRequest)
         bind_request("-", tenant, subjects.chat(self.settings.site))
         if chat.n is not None and chat.n > 1:  # a request per choice; n: 1 stays chat's own path, untouched
             return await self.choices.create(request, chat, raw, tenant)
@@ -92,11 +92,11 @@ class Gateway:
     async def dry_run(self, request: web.Request) -> web.Response:
         """``POST /v1/route/dry-run``: where a chat request would run, and why, without running it."""
         tenant = self.tenant_of(request)
-        chat = validate(ChatCompletionRequest, await read_json(request))
+        chat = validate(HttpChatRequest, await read_json(request))
         env = self.bridge.envelope(tenant)
-        try:
+        try:  # each choice of n is routed alike: the router is asked about one
             reply = await self.nc.request(subjects.route_dry_run(self.settings.site),
-                                          chat.model_dump_json(exclude_unset=True).encode(),
+                                          chat.model_dump_json(exclude_unset=True, exclude={"n"}).encode(),
                                           timeout=self.settings.models_timeout_s,
                                           headers=request_headers(env, request))
         except (NoRespondersError, NatsTimeout, TimeoutError) as exc:

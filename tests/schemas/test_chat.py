@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from schemas.chat import ChatCompletionRequest, ChatMessage, OtherPart, TextPart
+from schemas.chat import ChatCompletionRequest, ChatMessage, HttpChatRequest, OtherPart, TextPart
 
 
 def message(content: Any) -> ChatMessage:
@@ -57,16 +57,26 @@ class TestContentParts:
 
 class TestRequestFields:
     @pytest.mark.parametrize("n", [1, 2, 128])
-    def test_n_up_to_128_choices(self, n: int) -> None:
-        """``n`` from 1 to 128 (OpenAI's bound) is accepted."""
-        assert request(n=n).n == n
+    def test_n_up_to_128_choices_over_http(self, n: int) -> None:
+        """``n`` from 1 to 128 (OpenAI's bound) is accepted by the HTTP API."""
+        assert HttpChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                               "n": n}).n == n
 
     @pytest.mark.parametrize("n", [0, 129, 1.5, "3", True])
     def test_n_out_of_range_or_not_an_integer(self, n: object) -> None:
         """``n`` below 1, over 128, or other than an integer is refused at ``n``."""
         with pytest.raises(ValidationError) as exc:
-            request(n=n)
+            HttpChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": n})
         assert exc.value.errors()[0]["loc"] == ("n",)
+
+    def test_one_choice_over_nats(self) -> None:
+        """On NATS a chat request is one choice: ``n: 2`` is refused at ``n`` (a worker would answer one, a
+        provider might charge for two), saying to send two requests."""
+        assert request(n=1).n == 1
+        with pytest.raises(ValidationError) as exc:
+            request(n=2)
+        assert exc.value.errors()[0]["loc"] == ("n",)
+        assert "send 2 requests" in exc.value.errors()[0]["msg"]
 
     def test_stream_options_need_stream(self) -> None:
         """``stream_options`` without ``stream: true`` is refused at ``stream_options``."""

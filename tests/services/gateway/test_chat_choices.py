@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pydantic_core import to_json
 
-from schemas.chat import ChatCompletionRequest, Usage
+from schemas.chat import HttpChatRequest, Usage
 from services.gateway.chat_choices import ChatAnswers, plan
 from services.gateway.choices import Choice
 from shared.envelope import Envelope
@@ -24,7 +24,7 @@ BODY: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "
 
 def planned(**fields: Any) -> list[Choice]:
     body = {**BODY, **fields}
-    return plan(ChatCompletionRequest.model_validate(body), to_json(body), ENV)
+    return plan(HttpChatRequest.model_validate(body), to_json(body), ENV)
 
 
 class TestPlan:
