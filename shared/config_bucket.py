@@ -230,6 +230,17 @@ class ConfigWriter:
         return f"the hub's {subjects.CONFIG_BUCKET!r} bucket" if self.via_hub else \
             f"the {subjects.CONFIG_BUCKET!r} bucket of this standalone server"
 
+    async def holds(self, key: str) -> bool:
+        """True when ``key`` has a value where the writes land (False: never written, or deleted). Raises
+        ``HubUnreachable`` when the hub does not answer."""
+        try:
+            await (await self._js.key_value(subjects.CONFIG_BUCKET)).get(key)
+        except KeyNotFoundError:
+            return False
+        except HUB_UNREACHABLE as exc:
+            raise HubUnreachable(f"{self.where} did not answer whether it holds {key!r}") from exc
+        return True
+
     async def put(self, key: str, value: bytes) -> int:
         """Write ``key``; returns its new revision."""
         return await self._publish(key, value, None)

@@ -14,8 +14,10 @@ or an edge's (the write crosses the leaf connection); a standalone server withou
 keeps its own bucket. Edge sites read a mirror of the hub's bucket, so a router that starts while its
 uplink is down still has the last policy it received.
 
-Exit status: 0 done, 1 invalid or rejected, 2 written but no router of the site answered, 3 not
-written (NATS or the hub unreachable).
+``clear`` of a key the hub's bucket does not hold writes nothing and says so: no router would answer.
+
+Exit status: 0 done (or nothing to clear), 1 invalid or rejected, 2 written but no router of the site
+answered, 3 not written (NATS or the hub unreachable).
 """
 
 from __future__ import annotations
@@ -80,8 +82,14 @@ async def connect(args: argparse.Namespace) -> NATS:
         raise Refused(f"{exc}; nothing was written", UNREACHABLE) from exc
 
 
+class NothingToClear(Exception):
+    """``clear`` of a key the bucket does not hold: nothing is written, and no router would announce anything
+    (the policy in force does not change), so there is no verdict to wait for."""
+
+
 async def write(nc: NATS, url: str, key: str, text: bytes | None) -> str:
-    """Write (``text``) or delete the key where the config bucket's owner keeps it; say where."""
+    """Write (``text``) or delete the key where the config bucket's owner keeps it; say where. Raises
+    ``NothingToClear`` for a delete of a key that holds no value."""
     try:
         writer = await config_bucket.writer(nc)
     except HubUnreachable as exc:
@@ -91,6 +99,8 @@ async def write(nc: NATS, url: str, key: str, text: bytes | None) -> str:
         raise Refused(f"JetStream refused or did not answer ({exc!r}, from {url}); nothing was written",
                       UNREACHABLE) from exc
     try:
+        if text is None and not await writer.holds(key):
+            raise NothingToClear(f"{key!r} is not set in {writer.where}: nothing to clear, nothing was written")
         await (writer.delete(key) if text is None else writer.put(key, text))
     except HubUnreachable as exc:
         raise Refused(f"{exc.message}. Run it again once the hub answers.", UNREACHABLE) from exc
@@ -122,6 +132,9 @@ async def install(args: argparse.Namespace, key: str, text: bytes | None) -> int
     except Refused as exc:
         print(exc, file=sys.stderr)
         return exc.status
+    except NothingToClear as exc:
+        print(exc, file=sys.stderr)
+        return 0
     print(json.dumps(verdict))
     if verdict.get("outcome") == "overridden":
         print(f"site {site!r} keeps its own policy ({verdict.get('source')}); the global one applies to "

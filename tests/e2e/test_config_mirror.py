@@ -263,6 +263,33 @@ class TestSiteOverride:
             assert "rules.0.route" in str(announced["error"])
             assert decision(site) == ("good", "kv:router.policy")
 
+    def test_clearing_a_key_the_hub_does_not_hold_says_so_at_once(self, site: CuttableSite, tmp_path: Path) -> None:
+        """Clearing a key the hub's bucket does not hold (never pushed, cleared already, or held only by a bucket
+        since created anew) changes no router's policy, so no router announces anything: the command says there
+        was nothing to clear and exits 0 without writing, rather than exiting 2 after --wait seconds with a
+        message about outages (found by QA)."""
+        with edge_router(site, tmp_path):
+            assert cli("push", str(policy(tmp_path, "global")), url=site.hub.url).returncode == 0
+            never = cli("clear", "--scope", "site", url=site.hub.url)
+            assert never.returncode == 0, never.stderr
+            assert "nothing to clear" in never.stderr
+            assert cli("push", str(policy(tmp_path, "own")), "--scope", "site", url=site.hub.url).returncode == 0
+            assert verdict(cli("clear", "--scope", "site", url=site.hub.url))["outcome"] == "reverted"
+            written = asyncio.run(_hub_last_seq(site.hub.url))
+            again = cli("clear", "--scope", "site", url=site.hub.url)
+            assert again.returncode == 0, again.stderr
+            assert "nothing to clear" in again.stderr
+            assert asyncio.run(_hub_last_seq(site.hub.url)) == written  # no delete marker written
+            assert decision(site) == ("global", "kv:router.policy")
+
+
+async def _hub_last_seq(url: str) -> int:
+    nc = await nats.connect(url)
+    try:
+        return int((await nc.jetstream().stream_info("KV_config")).state.last_seq)
+    finally:
+        await nc.drain()
+
 
 async def _put_at_hub_and_listen(site: CuttableSite, value: bytes) -> dict[str, object]:
     """Write router.policy straight into the hub's bucket; return what the edge's router announces."""
