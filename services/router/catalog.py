@@ -19,11 +19,15 @@ class Catalog:
 
     site: str
     workers: dict[str, WorkerHeartbeat] = field(default_factory=dict)
+    served_before: frozenset[str] = frozenset()  # chat models any worker ever announced (a restart is not a 404)
 
     def seen(self, beat: WorkerHeartbeat) -> None:
         """Record a heartbeat; beats from other edge sites are ignored (their workers do not serve us)."""
         if beat.site in (self.site, subjects.HUB):
             self.workers[beat.worker_id] = beat
+            chat = {m.name for m in beat.models if m.kind == "chat"}
+            if not chat <= self.served_before:
+                self.served_before |= chat
 
     def alive(self, now: float | None = None) -> list[WorkerHeartbeat]:
         """Workers heard from recently; forgets the others."""

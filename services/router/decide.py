@@ -77,6 +77,7 @@ class Conditions:
     cloud_models: frozenset[str] | None = None  # every cloud model a live cloud-adapter is configured for (None:
     # unknown: no adapter heard from, or one too old to say)
     uplink_free: frozenset[str] = frozenset()  # cloud models of `local: true` providers of the site's adapters
+    served_before: frozenset[str] = frozenset()  # local models some worker served since the router started
 
 
 @dataclass(frozen=True)
@@ -189,8 +190,8 @@ def plan(policy: Policy, facts: Facts, conditions: Conditions) -> Plan:
     requested, variant = resolve(policy, facts.model, facts.user, facts.tenant)
     if requested is not None:
         known = conditions.cloud_models if is_cloud(requested) else conditions.local_models
-        if known is not None and requested not in known:  # a cloud model is taken on trust while none is known
-            raise ModelNotFound(facts.model)
+        if known is not None and requested not in known and not returning(requested, policy, conditions):
+            raise ModelNotFound(facts.model)  # a cloud model is taken on trust while none is known
     rule = first_rule(policy, facts, requested, conditions)
     chain, skipped = [], []
     refusals: dict[str, InvalidRequest] = {}
@@ -221,6 +222,12 @@ def held_back(requested: str | None, skipped: list[tuple[str, str]], facts: Fact
         return skipped
     why = guard(requested, facts, conditions)
     return skipped if why is None else [(requested, why), *skipped]
+
+
+def returning(model: str, policy: Policy, conditions: Conditions) -> bool:
+    """A local model no live worker has now, but expected back (its worker restarting): the policy's own, or
+    one a worker served before. Asked for, it is a 503 to retry (no worker right now), not a 404."""
+    return not is_cloud(model) and (model == policy.local_model or model in conditions.served_before)
 
 
 def refusal(rule: Rule, skipped: list[tuple[str, str]], conditions: Conditions, tenant: str,

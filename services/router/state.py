@@ -113,4 +113,5 @@ class LiveState:
         lan = frozenset(m for b in adapters if b.site == self.catalog.site for m in b.uplink_free)
         return Conditions(uplink_up=self.uplink_up, budget=level, spent_budget=spent, provider_health=health,
                           probes_in=probes_in, local_models=served, saturated=saturated, now=now,
+                          served_before=self.catalog.served_before,
                           cloud_models=cloud, uplink_free=lan)

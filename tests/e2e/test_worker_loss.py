@@ -119,3 +119,26 @@ def decoders(worker: psutil.Process) -> list[psutil.Process]:
             if child.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(child.cmdline()):
                 found.append(child)
     return found
+
+
+def test_a_model_whose_workers_are_all_gone_is_503_until_one_is_back(twins: Twins) -> None:
+    """Every worker of a model gone (a restart): once the router has forgotten them (/v1/models no longer
+    lists it) the model is a 503 with Retry-After, which clients retry, never a 404 saying it does not
+    exist; a worker back serves it again."""
+    client = twins.client()
+    for worker in twins.workers.values():
+        worker.kill()
+    eventually(lambda: "tiny" not in {m.id for m in client.models.list()}, 30, "the router forgets the workers")
+    with pytest.raises(openai.APIStatusError) as exc:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert exc.value.status_code == 503, exc.value.message
+    assert exc.value.response.headers.get("retry-after")
+    twins.workers["w1"].start().wait_ready()
+
+    def served() -> bool:
+        with contextlib.suppress(openai.APIStatusError):
+            return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=2).usage is not None
+        return False
+
+    eventually(served, 30, "served again")

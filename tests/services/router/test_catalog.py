@@ -33,3 +33,12 @@ class TestCatalog:
         c.seen(beat("a", "edge1", "m1"))
         assert [card.id for card in c.model_cards(now=1005)] == ["m1"]
         assert c.model_cards(now=1007) == []
+
+    def test_a_forgotten_worker_leaves_its_models_known(self) -> None:
+        """A silent worker is dropped, but the chat models it served stay known (its restart is not a 404);
+        another edge site's models never become known."""
+        c = Catalog("edge1")
+        c.seen(beat("a", "edge1", "m1"))
+        c.seen(beat("x", "edge2", "m9"))
+        assert c.model_cards(now=1007) == []
+        assert c.served_before == frozenset({"m1"})

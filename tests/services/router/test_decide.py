@@ -139,6 +139,16 @@ class TestGuards:
         with pytest.raises(ModelNotFound):
             plan(POLICY, facts("nope"), UP)
 
+    def test_a_local_model_whose_worker_restarts_is_not_404(self) -> None:
+        """No live worker has it right now, but it is expected back: the policy's own local model, or one a
+        worker served before. It stays in the chain (the hand-over answers 503 with Retry-After), so clients
+        that retry on 503 get it once the worker is back; a 404 would tell them it does not exist."""
+        restarting = Conditions(local_models=frozenset(), served_before=frozenset({"tiny", "small"}))
+        assert chain(facts("tiny"), restarting) == (("tiny", "small"), "default")
+        assert chain(facts("small"), Conditions(local_models=frozenset())) == (("small",), "default")
+        with pytest.raises(ModelNotFound):
+            plan(POLICY, facts("nope"), restarting)
+
 
     def test_a_cloud_model_no_adapter_is_configured_for_is_404(self) -> None:
         """Once the live cloud-adapters say which cloud models they are configured for, any other
