@@ -27,13 +27,9 @@ def plan(request: ChatCompletionRequest, raw: bytes, env: Envelope) -> list[Choi
     """The chat requests that answer ``request`` (its body ``raw``), one per choice, ids ``<id>-<index>``."""
     body: dict[str, Any] = from_json(raw)  # as the caller sent it: every field goes on as it would with n: 1
     del body["n"]
-    n = request.n or 1
-    choices = []
-    for j in range(n):
-        if request.seed is not None:
-            body["seed"] = choice_seed(request.seed, j)
-        choices.append(Choice(j, to_json(body), choice_env(env, j, n)))
-    return choices
+    body.pop("seed", None)  # each choice's own goes on as it is asked
+    base, n = to_json(body), request.n or 1  # one copy that every choice shares
+    return [Choice(j, base, choice_env(env, j, n), choice_seed(request.seed, j)) for j in range(n)]
 
 
 @dataclass(frozen=True, slots=True)

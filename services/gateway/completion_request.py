@@ -106,11 +106,9 @@ def plan(request: CompletionRequest, env: Envelope) -> list[Choice]:
     prompts = request.prompts()
     choices = []
     for i, prompt in enumerate(prompts):
+        base = chat.model_copy(update={"messages": [ChatMessage(role="user", content=prompt)]}).model_dump_json(
+            exclude_unset=True, exclude={"seed"}).encode()  # one copy that the prompt's choices share
         for j in range(n):
             index = i * n + j
-            update: dict[str, Any] = {"messages": [ChatMessage(role="user", content=prompt)]}
-            if chat.seed is not None:
-                update["seed"] = choice_seed(chat.seed, j)
-            body = chat.model_copy(update=update).model_dump_json(exclude_unset=True).encode()
-            choices.append(Choice(index, body, choice_env(env, index, len(prompts) * n)))
+            choices.append(Choice(index, base, choice_env(env, index, len(prompts) * n), choice_seed(chat.seed, j)))
     return choices

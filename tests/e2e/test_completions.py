@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -338,6 +339,13 @@ class TestRefused:
             assert r.json()["error"]["param"] == "prompt"
 
 
+def peak_rss_mb(service: Service) -> int:
+    """The most memory the service's process has held so far (Linux: VmHWM), in MB."""
+    assert service.proc is not None
+    status = Path(f"/proc/{service.proc.pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) // 1024
+
+
 def chat_n(site: Site, model: str = "tiny", **kwargs: Any) -> Any:
     return site.client().chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}],
                                                  **kwargs)
@@ -404,6 +412,17 @@ class TestChatChoices:
             site.batcher.metrics(), "leafwire_queue_depth_requests", model="tiny") == 0, 10, "nothing left")
         assert metric(site.worker.metrics(), "leafwire_generations_total", model="tiny",
                       finish_reason="cancelled") > cancelled
+
+    def test_a_big_request_of_many_choices_is_not_held_once_per_choice(self, site: Site) -> None:
+        """A 3 MB conversation with n=128 (over the context: a 400): the gateway holds it about once, not 128
+        times; it took 400 MB more, a few such requests gigabytes, and building the copies stalled every caller."""
+        before = peak_rss_mb(site.gateway)
+        r = httpx.post(f"{site.gateway.base}/v1/chat/completions", timeout=60,
+                       headers={"Authorization": f"Bearer {API_KEY}"},
+                       json={"model": "tiny", "messages": [{"role": "user", "content": "word " * 600_000}], "n": 128,
+                             "max_tokens": 1})
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "context_length_exceeded")
+        assert peak_rss_mb(site.gateway) - before < 150
 
     @pytest.mark.parametrize("n", [0, 129, 1.5, "2", None])
     def test_bad_n_is_a_400_naming_it(self, site: Site, n: Any) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -39,6 +40,22 @@ class TestPlan:
     def test_without_a_seed_none_is_added(self) -> None:
         """No seed: the choices are the same request, sampled apart by the model."""
         assert {c.body for c in planned()} == {to_json({"model": "m", "messages": BODY["messages"]})}
+
+    def test_a_big_request_is_not_held_once_per_choice(self) -> None:
+        """n=128 of a 1 MiB conversation: planning holds it about once, not 128 times (a few such requests took the
+        gateway gigabytes, and building the copies stalled every other caller for seconds)."""
+        body = {**BODY, "n": 128, "seed": 1, "messages": [{"role": "user", "content": "x" * 2**20}]}
+        raw = to_json(body)
+        request = HttpChatRequest.model_validate_json(raw)
+        tracemalloc.start()
+        try:
+            choices = plan(request, raw, ENV)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert len(choices) == 128
+        assert peak < 8 * 2**20
+        assert sent(choices[127].body)["seed"] == 128
 
 
 def with_fields(data: bytes, **fields: Any) -> bytes:

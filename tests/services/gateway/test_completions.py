@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -51,6 +52,18 @@ class TestPlan:
         assert [sent(c.body)["seed"] for c in choices] == [40, 41, 42] * 2
         assert {sent(c.body)["max_tokens"] for c in choices} == {5}
         assert all("n" not in sent(c.body) for c in choices)
+
+    def test_a_big_prompt_is_not_held_once_per_choice(self) -> None:
+        """n=128 of a 1 MiB prompt: planning holds it about once, not 128 times (as chat's n)."""
+        tracemalloc.start()
+        try:
+            choices = plan(request(prompt="x" * 2**20, n=128, seed=1), ENV)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert len(choices) == 128
+        assert peak < 8 * 2**20
+        assert sent(choices[127].body)["seed"] == 128
 
     def test_a_seed_stays_a_64_bit_integer(self) -> None:
         """The largest seed's next choice wraps round to the smallest, not past what providers take."""
