@@ -30,7 +30,7 @@ from services.router.settings import RouterSettings
 from services.router.state import LiveState
 from shared import metrics, subjects
 from shared.envelope import EVENT, HANDOFF, Envelope
-from shared.errors import Cancelled, LeafwireError, NotBatched, Unavailable
+from shared.errors import Cancelled, DeadlineExceeded, LeafwireError, NotBatched, Unavailable
 from shared.logging import get_logger
 from shared.replies import Event, error_of, publish_error
 
@@ -62,7 +62,10 @@ async def admit(nc: NATS, subject: str, payload: bytes, env: Envelope, wait_s: f
 
     ``NoRespondersError`` (nobody listens) is left to the caller, which knows what that means.
     """
-    timeout = max(min(wait_s, env.remaining()), 0.001)
+    remaining = env.remaining()
+    if remaining <= 0:  # nobody can answer it in time: not a 503 to retry with the same deadline
+        raise DeadlineExceeded("The request's deadline (Lw-Deadline) passed before it could be offered to a target.")
+    timeout = min(wait_s, remaining)
     try:
         reply = await nc.request(subject, payload, timeout=timeout, headers=env.headers())
     except (NatsTimeout, TimeoutError) as exc:

@@ -90,8 +90,6 @@ async def test_a_deadline_that_is_no_unix_time_gets_an_error_event(stack: Stack)
         assert "must be a unix time in seconds" in error["message"]
 
 
-@pytest.mark.xfail(strict=True, reason="router: handover.admit waits 0.001 s for an expired request and calls it "
-                                       "503 unavailable (found by QA); fix in services/router")
 async def test_a_deadline_already_passed_is_a_504_not_a_503_to_retry(stack: Stack) -> None:
     """``Lw-Deadline`` ten seconds ago: 504 ``deadline_exceeded``, as one passing on the way gets, not a 503
     "nobody took the request within 0.0 s" with a Retry-After that a retry with the same deadline never passes."""
