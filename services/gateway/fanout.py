@@ -108,20 +108,26 @@ class FanOut(Bridge):
 
     async def _stream(self, http: web.Request, env: Envelope, choices: list[Choice], merge: Merge[Any],
                       include_usage: bool) -> web.StreamResponse:
-        """Relay every choice's chunks as the endpoint's events, as they come; the stream's headers go with the
-        first reply to arrive, so an error before it is the HTTP status."""
+        """Relay every choice's chunks as the endpoint's events, as they come. The stream's headers are choice
+        0's (its route, its cache hit or miss, as a whole answer's are): they go with its first reply, the
+        others' replies before it wait; an error before it is the HTTP status."""
         out: Out = asyncio.Queue(maxsize=64)
         limit = asyncio.Semaphore(self.settings.completions_parallel)
         relays = [asyncio.create_task(self._relay(http, c, limit, out)) for c in choices]
         try:
-            choice, got = await out.get()
-            if isinstance(got, LeafwireError):
-                raise got
-            got.raise_for_error()
+            early: list[tuple[Choice, Got]] = []
+            while True:
+                choice, got = await out.get()
+                if isinstance(got, LeafwireError):
+                    raise got
+                got.raise_for_error()
+                early.append((choice, got))
+                if choice is choices[0]:
+                    break
             resp = web.StreamResponse(headers={**SSE_HEADERS, **self.answer_headers(got, env)})
             await resp.prepare(http)
             try:
-                await self._write(resp, merge, include_usage, len(choices), (choice, got), out)
+                await self._write(resp, merge, include_usage, len(choices), early, out)
             except LeafwireError as err:  # headers are gone: the error travels as an event, as OpenAI does
                 await resp.write(event(merge.error(err).to_response().model_dump_json().encode()))
             await resp.write_eof()
@@ -133,11 +139,12 @@ class FanOut(Bridge):
 
     @staticmethod
     async def _write(resp: web.StreamResponse, merge: Merge[Any], include_usage: bool, open_: int,
-                     first: tuple[Choice, Got], out: Out) -> None:
-        """Write the choices' events until every choice's stream is done (then the usage chunk when asked,
-        and ``[DONE]``); an error ends it, raised."""
+                     early: list[tuple[Choice, Got]], out: Out) -> None:
+        """Write the choices' events, those that came ``early`` first, until every choice's stream is done
+        (then the usage chunk when asked, and ``[DONE]``); an error ends it, raised."""
         usages = []
-        choice, got = first
+        early.reverse()
+        choice, got = early.pop()
         while True:
             if isinstance(got, LeafwireError):
                 raise got
@@ -153,7 +160,7 @@ class FanOut(Bridge):
                     await resp.write(data)
             else:
                 raise UpstreamError(f"unexpected {got.event.value!r} event in a streamed answer")
-            choice, got = await out.get()
+            choice, got = early.pop() if early else await out.get()
         if include_usage:
             await resp.write(merge.usage(total_usage(usages)))
         await resp.write(DONE)

@@ -413,8 +413,6 @@ class TestChatChoices:
         assert metric(site.worker.metrics(), "leafwire_generations_total", model="tiny",
                       finish_reason="cancelled") > cancelled
 
-    @pytest.mark.xfail(strict=True, reason="fanout._stream takes the headers of the first choice to answer; README "
-                                           "says choice 0's (found by QA)")
     def test_streamed_headers_are_choice_0s(self, site: Site) -> None:
         """Streamed n=2 at temperature 0 whose choice 1 (seed 501) is cached and choice 0 (seed 500) is not:
         x-leafwire-cache is choice 0's miss, as README says and the whole answer has it."""

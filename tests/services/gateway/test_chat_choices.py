@@ -144,13 +144,17 @@ class TestBridge:
 
     async def test_streamed_choices_interleave_and_end_with_the_usage_of_all(self, client: HttpClient,
                                                                            site: FakeSite) -> None:
-        """n=2 streamed: each choice's chunks as they come, role chunk first, with its index; then the usage."""
+        """n=2 streamed: each choice's chunks as they come, role chunk first, with its index; then the usage.
+        The headers are choice 0's: choice 1's chunks that come before its first reply wait for it."""
         reply = chat(client, n=2, stream=True, stream_options={"include_usage": True})
         (first, _), (second, _) = await site.next_choice(), await site.next_choice()
         await site.stream(second, "x")
+        await asyncio.sleep(0.1)
+        assert not reply.done()  # no headers before choice 0's first reply
+        await site.send(first, "chunk", chat_chunk(role=True), **{"Lw-Route": "target=local/first"})
+        await site.send(first, "chunk", chat_chunk("y"))
         resp = await reply
-        assert resp.headers["x-leafwire-route"] == "target=local/m"
-        await site.stream(first, "y")
+        assert resp.headers["x-leafwire-route"] == "target=local/first"
         await site.end(first)
         await site.end(second)
         *chunks, done = events(await resp.text())

@@ -169,6 +169,9 @@ class TestBridge:
             "stream_options": {"include_usage": True}}))
         (first, _), (second, _) = await site.next_choice(), await site.next_choice()
         await site.stream(second, "x")
+        await asyncio.sleep(0.1)
+        assert not reply.done()  # the headers are choice 0's: they wait for its first reply
+        await site.stream(first, "y")
         resp = await reply
         assert resp.headers["x-leafwire-route"] == "target=local/m"
 
@@ -176,7 +179,6 @@ class TestBridge:
             return [(c["index"], c["text"]) for c in json.loads((await resp.content.readuntil(b"\n\n"))[6:])["choices"]]
 
         assert [await chunk(), await chunk()] == [[(1, "p")], [(1, "x")]]  # choice 1 first: it came first
-        await site.stream(first, "y")
         await site.end(first)
         assert [await chunk(), await chunk(), await chunk()] == [[(0, "p")], [(0, "y")], [(0, "")]]
         await site.end(second)
