@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -297,3 +298,13 @@ class FakeProvider:
         if fault.kind == "late_end":
             await asyncio.sleep(fault.delay_s)
         await resp.write_eof()
+
+
+def providers_file(path: Path, provider: FakeProvider, key_env: str = "LW_TEST_KEY") -> Path:
+    """A providers file with one provider ``fake`` (``local: true``, so loopback is allowed) at ``provider``'s
+    URL, its key in ``key_env``, one model ``echo`` at $1 a million tokens each way, short timeouts."""
+    path.write_text(json.dumps({"providers": [{
+        "name": "fake", "kind": "openai-compatible", "base_url": provider.url, "local": True,
+        "api_key_env": key_env, "models": {"echo": {"input_per_mtok": 1, "output_per_mtok": 1}},
+        "timeouts": {"connect_s": 2, "first_byte_s": 2, "total_s": 10}}]}))
+    return path

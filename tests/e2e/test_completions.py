@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from tests.fakes import FakeProvider, Fault
+from tests.fakes import FakeProvider, Fault, providers_file
 from tests.support import NatsServer, Service, eventually, metric, write_policy, write_registry
 
 pytestmark = pytest.mark.e2e
@@ -57,11 +57,7 @@ def site(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> I
     the fake provider's ``fake/echo``; ``helper`` is an alias of it."""
     tmp = tmp_path_factory.mktemp("completions")
     provider = FakeProvider("openai", key=KEY).start()
-    providers = tmp / "providers.yaml"
-    providers.write_text(json.dumps({"providers": [{
-        "name": "fake", "kind": "openai-compatible", "base_url": provider.url, "local": True,
-        "api_key_env": "LW_TEST_KEY", "models": {"echo": {"input_per_mtok": 1, "output_per_mtok": 1}},
-        "timeouts": {"connect_s": 2, "first_byte_s": 2, "total_s": 10}}]}))
+    providers = providers_file(tmp / "providers.yaml", provider)
     env = {"LW_NATS_URL": nats_server.url, "LW_SITE": SITE}
     worker = Service("local_inference", {**env, "LW_MODELS_FILE": str(write_registry(tmp / "models.yaml",
                                                                                      max_tokens=40))})

@@ -19,7 +19,7 @@ from pathlib import Path
 import nats
 import pytest
 from nats.errors import NoRespondersError
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from deploy import topology
 from shared import config_bucket
@@ -100,13 +100,14 @@ def decides(site: CuttableSite, rule: str, source: str, within: float = 20) -> N
 
 
 async def _config_value(url: str, key: str) -> bytes | None:
-    """The value of ``key`` in the config bucket (the hub's, or an edge's mirror) at ``url`` (None: absent)."""
+    """The value of ``key`` in the config bucket (the hub's, or an edge's mirror) at ``url`` (None: absent, or
+    no bucket at this moment: an edge's router makes its mirror anew by deleting and creating it)."""
     nc = await nats.connect(url)
     try:
-        kv = await nc.jetstream().key_value("config")
         try:
+            kv = await nc.jetstream().key_value("config")
             return (await kv.get(key)).value
-        except KeyNotFoundError:
+        except (KeyNotFoundError, NotFoundError, NoRespondersError):
             return None
     finally:
         await nc.drain()

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fakes import FakeProvider, Fault
+from tests.fakes import FakeProvider, Fault, providers_file
 from tests.support import NatsServer, Service, eventually, last_usage, metric, running, write_policy, write_registry
 
 pytestmark = pytest.mark.e2e
@@ -50,11 +50,7 @@ class Site:
 def site(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     tmp = tmp_path_factory.mktemp("routing-cloud")
     provider = FakeProvider("openai", key=KEY).start()
-    providers = tmp / "providers.yaml"
-    providers.write_text(json.dumps({"providers": [{
-        "name": "fake", "kind": "openai-compatible", "base_url": provider.url, "local": True,
-        "api_key_env": "LW_TEST_KEY", "models": {"echo": {"input_per_mtok": 1, "output_per_mtok": 1}},
-        "timeouts": {"connect_s": 2, "first_byte_s": 2, "total_s": 10}}]}))
+    providers = providers_file(tmp / "providers.yaml", provider)
     env = {"LW_NATS_URL": nats_server.url, "LW_SITE": SITE}
     worker = Service("local_inference", {**env, "LW_MODELS_FILE": str(write_registry(tmp / "models.yaml"))})
     adapter = Service("cloud_adapter", {**env, "LW_PROVIDERS_FILE": str(providers), "LW_TEST_KEY": KEY,
