@@ -3,8 +3,9 @@
 ``ErrorReplies`` is a FastStream middleware. A ``LeafwireError`` (an expected refusal: unknown model,
 queue full...) becomes an ``error`` event on the caller's reply subject. A message that cannot be
 parsed or crashes its handler is also answered with an error, and is dead-lettered: re-published with
-the failure in its headers to ``lw.v1.<site>.dlq.<service>``, kept by the ``DEAD_LETTERS`` stream. No
-exception escapes to crash the service.
+the failure in its headers to ``lw.v1.<site>.dlq.<service>``, kept by the ``DEAD_LETTERS`` stream; so is a
+refused message that has nowhere to send its error (a chat request published without a reply subject), rather
+than dropped in silence. No exception escapes to crash the service.
 """
 
 from __future__ import annotations
@@ -91,7 +92,10 @@ async def answer_failure(nc: NATS, *, site: str, service: str, subject: str, dat
     metrics.REJECTED.labels(service, err.code or type(err).__name__).inc()
     log.info("request refused", status=err.status, code=err.code, message=err.message,
              request_id=env.request_id, tenant=env.tenant, subject=subject)
-    await publish_error(nc, reply or env.reply, env, err)
+    answer_to = reply or env.reply
+    if not answer_to and dead is None and isinstance(exc, LeafwireError):  # nobody to tell: kept, not lost
+        dead = f"unanswered: no reply subject to send the error to ({err.code or err.status}: {err.message})"
+    await publish_error(nc, answer_to, env, err)
     if dead is not None:
         await dead_letter(nc, site, service, subject, data, {k: str(v) for k, v in (headers or {}).items()}, dead)
 

@@ -124,6 +124,22 @@ async def test_poisoned_message_is_dead_lettered(stack: Stack) -> None:
     assert stored.data == b"garbage"
 
 
+async def test_a_request_without_a_reply_subject_is_dead_lettered(stack: Stack) -> None:
+    """A chat request published with no reply subject cannot be answered: it is kept in DEAD_LETTERS, saying
+    why, rather than dropped in silence."""
+    nc = await nats.connect(stack.nats.url)
+    try:
+        dlq = await nc.subscribe(f"lw.v1.{stack.site}.dlq.>")
+        await nc.flush()
+        await nc.publish(f"lw.v1.{stack.site}.chat", json.dumps(REQUEST).encode())
+        kept = await dlq.next_msg(timeout=10)
+    finally:
+        await nc.close()
+    assert json.loads(kept.data) == REQUEST
+    assert kept.headers["Lw-Dlq-Service"] == "router"  # type: ignore[index]
+    assert kept.headers["Lw-Dlq-Reason"].startswith("unanswered: no reply subject")  # type: ignore[index]
+
+
 def test_runnable_example(stack: Stack) -> None:
     """examples/nats_chat.py streams an answer from the stack and exits 0."""
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "nats_chat.py"), "--nats", stack.nats.url,
