@@ -17,18 +17,13 @@ from services.gateway.settings import GatewaySettings
 from shared import subjects
 from shared.ops import Readiness
 from shared.replies import ReplyReader
-from tests.services.gateway.fake_site import SITE, FakeSite, HttpClient
+from tests.services.gateway.fake_site import SITE, FakeSite, HttpClient, reading
 
 
 @pytest.fixture
 async def site(nc: nats.NATS) -> AsyncIterator[FakeSite]:
-    asked = await nc.subscribe(subjects.chat(SITE))
-    cancels = await nc.subscribe(subjects.cancel(SITE))
-    try:
-        yield FakeSite(nc, asked, cancels)
-    finally:
-        await asked.unsubscribe()
-        await cancels.unsubscribe()
+    async with reading(nc, subjects.chat(SITE), SITE, FakeSite) as fake:
+        yield fake
 
 
 @pytest.fixture

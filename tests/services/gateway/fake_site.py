@@ -4,8 +4,10 @@ subject and cancel subject on a real nats-server, answered by the test; and the 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 from aiohttp import web
@@ -16,6 +18,7 @@ from nats.aio.subscription import Subscription
 from schemas.chat import ChatCompletion, ChatCompletionChunk, ChunkChoice, Delta, StreamEnd, Usage
 from schemas.chat import Choice as ChatChoice
 from schemas.errors import ErrorBody, ErrorResponse
+from shared import subjects
 
 SITE = "texts"
 HttpClient = TestClient[web.Request, web.Application]
@@ -37,20 +40,43 @@ def chat_chunk(text: str | None = None, finish: Any = None, role: bool = False) 
 
 
 @dataclass
-class FakeSite:
-    """The site's chat subject and its cancel subject, read by the test."""
+class SiteSubjects:
+    """A subject the gateway asks the site on, and the site's cancel subject, read by the test."""
 
     nc: nats.NATS
     asked: Subscription
     cancels: Subscription
 
-    async def next_choice(self) -> tuple[Msg, dict[str, Any]]:
-        msg = await self.asked.next_msg(timeout=5)
-        return msg, sent(msg.data)
-
     async def nothing_more_asked(self) -> bool:
         await self.nc.flush()
         return self.asked.pending_msgs == 0
+
+    async def cancelled(self, count: int) -> set[str]:
+        """The request ids of the next ``count`` cancels."""
+        return {json.loads((await self.cancels.next_msg(timeout=5)).data)["request_id"] for _ in range(count)}
+
+
+S = TypeVar("S", bound=SiteSubjects)
+
+
+@asynccontextmanager
+async def reading(nc: nats.NATS, subject: str, site: str, kind: type[S]) -> AsyncIterator[S]:
+    """``kind`` reading ``subject`` and the cancels of ``site`` until the block ends."""
+    asked = await nc.subscribe(subject)
+    cancels = await nc.subscribe(subjects.cancel(site))
+    try:
+        yield kind(nc, asked, cancels)
+    finally:
+        await asked.unsubscribe()
+        await cancels.unsubscribe()
+
+
+class FakeSite(SiteSubjects):
+    """The site's chat subject and its cancel subject, read by the test."""
+
+    async def next_choice(self) -> tuple[Msg, dict[str, Any]]:
+        msg = await self.asked.next_msg(timeout=5)
+        return msg, sent(msg.data)
 
     async def send(self, msg: Msg, event: str, body: bytes, **headers: str) -> None:
         await self.nc.publish(msg.reply, body, headers={"Lw-Event": event, **headers})
@@ -68,10 +94,6 @@ class FakeSite:
     async def fail(self, msg: Msg, status: int = 400, param: str | None = "messages", **headers: str) -> None:
         body = ErrorResponse(error=ErrorBody(message="no", type="invalid_request_error", param=param))
         await self.send(msg, "error", body.model_dump_json().encode(), **{"Lw-Status": str(status), **headers})
-
-    async def cancelled(self, count: int) -> set[str]:
-        """The request ids of the next ``count`` cancels."""
-        return {json.loads((await self.cancels.next_msg(timeout=5)).data)["request_id"] for _ in range(count)}
 
 
 def request_id(msg: Msg) -> str:

@@ -7,14 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import nats
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
 from schemas.embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
@@ -24,6 +22,7 @@ from services.gateway.settings import GatewaySettings
 from shared import subjects
 from shared.errors import InvalidRequest, RemoteError, UpstreamError
 from shared.replies import ReplyReader
+from tests.services.gateway.fake_site import SiteSubjects, reading, request_id
 
 SITE = "splits"
 
@@ -110,13 +109,8 @@ class TestSettings:
             GatewaySettings()
 
 
-@dataclass
-class FakeSite:
+class FakeSite(SiteSubjects):
     """The site's embeddings subject and its cancel subject, read by the test."""
-
-    nc: nats.NATS
-    asked: Subscription
-    cancels: Subscription
 
     async def next_part(self) -> tuple[Msg, EmbeddingRequest]:
         msg = await self.asked.next_msg(timeout=5)
@@ -135,20 +129,11 @@ class FakeSite:
         await self.nc.publish(msg.reply, body.model_dump_json().encode(),
                               headers={"Lw-Event": "error", "Lw-Status": "400"})
 
-    async def cancelled(self, count: int) -> set[str]:
-        """The request ids of the next ``count`` cancels."""
-        return {json.loads((await self.cancels.next_msg(timeout=5)).data)["request_id"] for _ in range(count)}
-
 
 @pytest.fixture
 async def site(nc: nats.NATS) -> AsyncIterator[FakeSite]:
-    asked = await nc.subscribe(subjects.embeddings(SITE))
-    cancels = await nc.subscribe(subjects.cancel(SITE))
-    try:
-        yield FakeSite(nc, asked, cancels)
-    finally:
-        await asked.unsubscribe()
-        await cancels.unsubscribe()
+    async with reading(nc, subjects.embeddings(SITE), SITE, FakeSite) as fake:
+        yield fake
 
 
 @pytest.fixture
@@ -160,10 +145,6 @@ async def bridge(nc: nats.NATS) -> AsyncIterator[EmbeddingsBridge]:
         yield EmbeddingsBridge(nc, reader, GatewaySettings(site=SITE, embeddings_split=2, embeddings_parallel=2))
     finally:
         await reader.stop()
-
-
-def request_id(msg: Msg) -> str:
-    return (msg.headers or {})["Lw-Request-Id"]
 
 
 async def answered(reply: asyncio.Task[web.StreamResponse]) -> tuple[web.Response, bytes]:
