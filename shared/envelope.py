@@ -30,10 +30,14 @@ CACHE = "Lw-Cache"  # on the first message of an answer: "hit" (from the cache) 
 # "1": the sender waits for no admission; every answer, a refusal too, goes to Lw-Reply (the message's own
 # reply subject only catches NATS's no-responders status)
 HANDOFF = "Lw-Handoff"
+# which of several samples of one request this is (choice ``j`` of ``n``; absent for the first): it keeps the
+# samples' cache entries apart, so a cached request of ``n`` choices does not answer each with the same one
+CHOICE = "Lw-Choice"
 
 DEFAULT_TENANT = "default"
 DEFAULT_TIMEOUT_S = 300.0
 _MAX_ID_LEN = 128
+MAX_CHOICE = 1_000_000
 _EARLIEST = 1_000_000_000.0  # 2001-09-09: a smaller deadline is a duration by mistake, not a unix time
 
 
@@ -60,6 +64,7 @@ class Envelope:
     reply: str
     deadline: float
     route: str = ""
+    choice: int = 0
 
     @classmethod
     def from_message(cls, headers: Mapping[str, str] | None, reply_to: str | None, *,
@@ -87,6 +92,7 @@ class Envelope:
             reply=h.get(REPLY) or reply_to or "",
             deadline=deadline,
             route=h.get(ROUTE, ""),
+            choice=_choice(h[CHOICE], strict) if CHOICE in h else 0,
         )
 
     @classmethod
@@ -110,6 +116,8 @@ class Envelope:
         }
         if self.route:
             h[ROUTE] = self.route
+        if self.choice:
+            h[CHOICE] = str(self.choice)
         return h
 
     @property
@@ -138,7 +146,18 @@ class Envelope:
     def with_route(self, route: str) -> Envelope:
         """A copy carrying the router's decision (built directly: ``dataclasses.replace`` costs ~5× more, once
         a request)."""
-        return Envelope(self.request_id, self.tenant, self.reply, self.deadline, route)
+        return Envelope(self.request_id, self.tenant, self.reply, self.deadline, route, self.choice)
+
+
+def _choice(text: str, strict: bool) -> int:
+    """The ``Lw-Choice`` header's number; a malformed one is refused (``InvalidRequest``), or read as 0 when
+    not ``strict``."""
+    if text.isascii() and text.isdigit() and int(text) <= MAX_CHOICE:
+        return int(text)
+    if not strict:
+        return 0
+    raise InvalidRequest(f"the {CHOICE} header must be a whole number from 0 to {MAX_CHOICE} (which sample of the "
+                         f"request this is), not {text[:40]!r}", param=CHOICE)
 
 
 def _unix_time(text: str) -> float | None:

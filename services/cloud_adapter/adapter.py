@@ -232,7 +232,7 @@ class CloudAdapter:
         assert self.nc is not None
         assert self.state is not None
         started = time.monotonic()
-        key = cache.key(env.tenant, target.name, request) if cache.eligible(request) else None
+        key = cache.key(env.tenant, target.name, request, env.choice) if cache.eligible(request) else None
         hit = await self._lookup(key)
         publisher = ReplyPublisher(self.nc, env.reply, env, f"{self.settings.site}/{self.worker_id}",
                                    first_headers={CACHE: "hit" if hit else "miss"} if key else None)

@@ -58,10 +58,15 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def key(tenant: str, target: str, request: ChatCompletionRequest) -> str:
-    """The KV key of a request's answer (``target`` is ``<provider>/<model>``)."""
-    canonical = json.dumps({"tenant": tenant, "target": target, "messages": [_message(m) for m in request.messages],
-                            "params": _params(request)}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+def key(tenant: str, target: str, request: ChatCompletionRequest, choice: int = 0) -> str:
+    """The KV key of a request's answer (``target`` is ``<provider>/<model>``); ``choice`` is which sample of
+    the request it is (``Lw-Choice``): the ``n`` choices of one request are ``n`` entries, not one answer
+    ``n`` times. The first sample's key is the request's own."""
+    whole: dict[str, Any] = {"tenant": tenant, "target": target, "messages": [_message(m) for m in request.messages],
+                             "params": _params(request)}
+    if choice:
+        whole["choice"] = choice
+    canonical = json.dumps(whole, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return f"{_sha(tenant)[:16]}.{_sha(canonical)}"
 
 

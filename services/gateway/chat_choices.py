@@ -29,7 +29,7 @@ def plan(request: ChatCompletionRequest, raw: bytes, env: Envelope) -> list[Choi
     del body["n"]
     body.pop("seed", None)  # each choice's own goes on as it is asked
     base, n = to_json(body), request.n or 1  # one copy that every choice shares
-    return [Choice(j, base, choice_env(env, j, n), choice_seed(request.seed, j)) for j in range(n)]
+    return [Choice(j, base, choice_env(env, j, n, j), choice_seed(request.seed, j)) for j in range(n)]
 
 
 @dataclass(frozen=True, slots=True)

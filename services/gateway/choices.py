@@ -41,10 +41,14 @@ class Choice:
         return b"".join((memoryview(self.base)[:-1], more, b'"seed":%d}' % self.seed))
 
 
-def choice_env(env: Envelope, index: int, count: int) -> Envelope:
-    """The envelope of choice ``index`` of ``count``: a lone choice has the request's own (its id is the one
-    the caller sees); several have ids ``<id>-<index>``."""
-    return env if count == 1 else Envelope(f"{env.request_id}-{index}", env.tenant, "", env.deadline)
+def choice_env(env: Envelope, index: int, count: int, sample: int) -> Envelope:
+    """The envelope of choice ``index`` of ``count``, the ``sample``-th of its prompt: a lone choice has the
+    request's own (its id is the one the caller sees); several have ids ``<id>-<index>`` and their sample
+    number (``Lw-Choice``: a prompt's samples have cache entries of their own, and its first has the entry
+    that the same request with ``n: 1`` has)."""
+    if count == 1:
+        return env
+    return Envelope(f"{env.request_id}-{index}", env.tenant, "", env.deadline, choice=sample)
 
 
 def choice_seed(seed: int | None, j: int) -> int | None:

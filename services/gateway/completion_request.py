@@ -110,5 +110,5 @@ def plan(request: CompletionRequest, env: Envelope) -> list[Choice]:
             exclude_unset=True, exclude={"seed"}).encode()  # one copy that the prompt's choices share
         for j in range(n):
             index = i * n + j
-            choices.append(Choice(index, base, choice_env(env, index, len(prompts) * n), choice_seed(chat.seed, j)))
+            choices.append(Choice(index, base, choice_env(env, index, len(prompts) * n, j), choice_seed(chat.seed, j)))
     return choices

@@ -378,6 +378,25 @@ class TestCache:
             assert raw.headers["x-leafwire-cache"] == "miss"
         assert len(cloud.openai_fake.calls) == 2
 
+    def test_the_choices_of_a_cached_request_are_each_their_own_entry(self, cloud: CloudStack) -> None:
+        """``cache: true`` with ``n`` 3 at temperature 0.9 and no seed: three samples, three answers (not one
+        answer three times); the same request again gets the same three, each at its index, all from the cache;
+        the same request with ``n`` 1 gets the first."""
+        messages = [{"role": "user", "content": "three different ideas"}]
+        cloud.openai_fake.script(Fault.ok("idea one"), Fault.ok("idea two"), Fault.ok("idea three"))
+        body = {"model": "fake/echo", "messages": messages, "temperature": 0.9, "n": 3, "cache": True}
+        first, again = cloud.post(body), cloud.post(body)
+        assert first.status_code == again.status_code == 200, first.text
+        texts = [c["message"]["content"] for c in first.json()["choices"]]
+        assert sorted(texts) == ["idea one", "idea three", "idea two"]
+        assert first.headers["x-leafwire-cache"] == "miss"
+        assert [c["message"]["content"] for c in again.json()["choices"]] == texts
+        assert again.headers["x-leafwire-cache"] == "hit"
+        single = cloud.post({**body, "n": 1})
+        assert single.headers["x-leafwire-cache"] == "hit"
+        assert single.json()["choices"][0]["message"]["content"] == texts[0]
+        assert len(cloud.openai_fake.calls) == 3
+
     def test_sampled_requests_skip_the_cache(self, cloud: CloudStack) -> None:
         """A request with temperature above 0 (and no cache: true) always calls the provider."""
         for _ in range(2):

@@ -15,6 +15,20 @@ class TestEnvelope:
         """An envelope written to headers reads back the same."""
         env = Envelope("rid", "acme", "_INBOX.x", 1_763_760_000.5, route="target=local/x")
         assert Envelope.from_message(env.headers(), None) == env
+        sample = Envelope("rid", "acme", "_INBOX.x", 1_763_760_000.5, choice=2)
+        assert sample.headers()["Lw-Choice"] == "2"
+        assert Envelope.from_message(sample.headers(), None) == sample
+        assert Envelope.from_message(sample.headers(), None).with_route("target=cloud/p/m").choice == 2
+        assert "Lw-Choice" not in env.headers()
+
+    @pytest.mark.parametrize("choice", ["-1", "two", "1.5", "", "1000001", "\u0663"])
+    def test_a_choice_that_is_no_whole_number_is_refused(self, choice: str) -> None:
+        """Lw-Choice (which sample of a request) must be 0 to a million: otherwise a 400 naming the header;
+        answering that message (strict=False) reads it as the first sample."""
+        with pytest.raises(InvalidRequest, match="the Lw-Choice header must be a whole number") as refused:
+            Envelope.from_message({"Lw-Choice": choice}, "r")
+        assert refused.value.param == "Lw-Choice"
+        assert Envelope.from_message({"Lw-Choice": choice}, "r", strict=False).choice == 0
 
     def test_reply_header_wins_over_message_reply(self) -> None:
         """On internal hops the caller's subject is in Lw-Reply, not the message's reply."""

@@ -230,6 +230,13 @@ class TestCache:
                    stop=["x"], max_completion_tokens=5, stream=True, user="u1", cache=True)
         assert cache.key("t", "p/m", plain) == cache.key("t", "p/m", same)
 
+    def test_each_sample_of_a_request_has_its_own_key(self) -> None:
+        """Choice j of a request of n (Lw-Choice) is its own entry; the first sample's is the request's own."""
+        keys = {cache.key("t", "p/m", req(), j) for j in range(3)}
+        assert len(keys) == 3
+        assert cache.key("t", "p/m", req(), 0) == cache.key("t", "p/m", req())
+        assert all(k.startswith(cache.tenant_prefix("t")) for k in keys)
+
     def test_other_model_other_key(self) -> None:
         """The provider/model is part of the key."""
         assert cache.key("t", "p/m", req()) != cache.key("t", "p/other", req())
