@@ -5,7 +5,8 @@
     uv run leafwire budgets --json                 # for machines
 
 Read from any server: on an edge site, the site's own spending from its ``budgets`` bucket and the other
-sites' from its mirror of the hub's (as last synced, so it also works offline); at the hub, every site's.
+sites' from its mirror of the hub's (as last synced, so it also works offline: the table ends with when the
+mirror last heard from the hub); at the hub, every site's.
 A budget counts what all sites spent together (``docs/cloud.md``, one ledger across sites).
 """
 
@@ -17,6 +18,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from nats.aio.client import Client as NATS
 from nats.js.errors import BucketNotFoundError, NoKeysError, NotFoundError
@@ -29,6 +31,7 @@ from shared.argtypes import add_nats, nats_options, nats_servers, seconds
 from shared.columns import aligned
 from shared.config_bucket import HUB_UNREACHABLE, role_of
 from shared.nats import NoNatsServer, connect_once
+from shared.sites_cli import heard
 
 
 class ReadError(Exception):
@@ -49,7 +52,26 @@ async def _entries(kv: KeyValue) -> dict[str, BudgetStatus]:
     return found
 
 
-async def read(nc: NATS, wait_s: float) -> list[BudgetStatus]:
+@dataclass(frozen=True)
+class Found:
+    """Every site's entries as one server knows them; on an edge, how fresh its copy of the other sites' is."""
+
+    entries: list[BudgetStatus]
+    edge: bool = False
+    mirror: bool = False  # the edge has its mirror of the hub's bucket
+    heard_s: float | None = None  # seconds since that mirror last heard from the hub (None: never)
+
+    def freshness(self) -> str:
+        """The line saying how current the other sites' spending is (empty at the hub)."""
+        if not self.edge:
+            return ""
+        if not self.mirror:
+            return "other sites' spending: not known here yet (no mirror of the hub's budgets: no cloud-adapter " \
+                   "of this site has made one)"
+        return f"other sites' spending: as this edge's mirror of the hub last heard it, {heard(self.heard_s)}"
+
+
+async def read(nc: NATS, wait_s: float) -> Found:
     """Every site's entries, as the server ``nc`` is connected to knows them."""
     js = nc.jetstream(timeout=wait_s)
     try:
@@ -58,16 +80,18 @@ async def read(nc: NATS, wait_s: float) -> list[BudgetStatus]:
         except BucketNotFoundError:
             own = {}
         if await role_of(js) != "edge":
-            return list(own.values())
+            return Found(list(own.values()))
         try:
+            info = await js.stream_info(subjects.HUB_BUDGETS)
             mirrored = await _entries(await budgets.open_mirror(js))
         except NotFoundError:
-            mirrored = {}
+            return Found(list(own.values()), edge=True)
     except HUB_UNREACHABLE as exc:
         raise ReadError(f"JetStream does not answer within {wait_s:g} s") from exc
     here = {s.site for s in own.values()}
     others = [s for key, s in mirrored.items() if budgets.key_site(key) not in here | {None}]
-    return [*own.values(), *others]
+    active = info.mirror.active if info.mirror is not None and info.mirror.active is not None else -1
+    return Found([*own.values(), *others], edge=True, mirror=True, heard_s=None if active < 0 else active / 1e9)
 
 
 def render(found: list[budgets.Total]) -> str:
@@ -90,13 +114,15 @@ def as_json(found: list[budgets.Total]) -> str:
 async def _run(args: argparse.Namespace) -> str:
     nc = await connect_once(nats_servers(args), args.wait, **nats_options(args))
     try:
-        entries = await read(nc, args.wait)
+        read_back = await read(nc, args.wait)
     finally:
         await nc.drain()
     scopes = None if args.tenant is None else {subjects.GLOBAL_SCOPE, subjects.tenant_scope(args.tenant)}
-    found = budgets.totals(entries, time.time(), scopes)
+    found = budgets.totals(read_back.entries, time.time(), scopes)
     found.sort(key=lambda t: (t.scope != subjects.GLOBAL_SCOPE, -t.spent, t.scope, t.period))
-    return as_json(found) if args.json else render(found)
+    if args.json:
+        return as_json(found)
+    return "\n".join(line for line in (render(found), read_back.freshness()) if line)
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -198,6 +199,9 @@ async def sites_share_a_budget(site: CuttableSite, hub_nc: nats.NATS, edge_nc: n
     daily = next(b for b in json.loads(offline.stdout) if b["scope"] == "tenant-acme" and b["period"] == "daily")
     assert (daily["spent_usd"], daily["limit_usd"], daily["state"]) == (1.05, 1.0, "exhausted")
     assert daily["sites"] == {"hub": pytest.approx(0.3), "plant7": pytest.approx(0.75)}
+    offline_table = await asyncio.to_thread(leafwire, "budgets", "--nats", site.edge.url)
+    last = offline_table.stdout.splitlines()[-1]  # the hub's figures are a copy: the table says how old
+    assert re.fullmatch(r"other sites' spending: as this edge's mirror of the hub last heard it, \d+ s ago", last)
 
     site.link.restore()
     await eventually(lambda: spent(at_hub) == pytest.approx(1.15) and spent(at_edge) == pytest.approx(1.15))
@@ -208,6 +212,7 @@ async def sites_share_a_budget(site: CuttableSite, hub_nc: nats.NATS, edge_nc: n
     row = next(line.split() for line in table.stdout.splitlines() if line.startswith("tenant-acme  daily"))
     assert row[3:7] == ["1.1500", "1", "115%", "exhausted"]
     assert " ".join(row[7:]) == "plant7 0.7500, hub 0.4000"
+    assert "other sites' spending" not in table.stdout  # the hub's table is every site's own
     kv = await hub_nc.jetstream().key_value("budgets")
     stored = {key: BudgetStatus.model_validate_json((await kv.get(key)).value or b"").spent_usd
               for key in ("tenant-acme.daily.hub", "tenant-acme.daily.plant7")}
