@@ -1,0 +1,384 @@
+"""QA of the cloud path as an OpenAI/LiteLLM user meets it: the official openai client -> gateway -> router ->
+cloud-adapter -> scripted fake providers (an OpenAI-compatible one and an Anthropic one).
+
+The fakes here answer exactly what a test scripts (a JSON body, or raw server-sent events), so tool calls,
+stop reasons and error shapes can be driven; with nothing scripted they answer a short text.
+Each test marked xfail is a finding: it asserts what the user would expect, and passes once fixed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from aiohttp import web
+
+from deploy.topology import free_port
+from tests.support import NatsServer, Service, cloud_router_env, running
+
+pytestmark = pytest.mark.e2e
+SITE = "qa"
+API_KEYS = "key-acme:acme,key-globex:globex"
+USER: list[Any] = [{"role": "user", "content": "hello there"}]
+
+
+@dataclass
+class Reply:
+    """What one call gets: a status, headers and a JSON body, or a list of raw SSE events."""
+
+    status: int = 200
+    body: Any = None
+    events: list[str] | None = None
+    headers: dict[str, str] | None = None
+    delay_s: float = 0.0
+
+
+def sse(name: str | None, data: Any) -> str:
+    """One server-sent event (``event:`` line when named)."""
+    text = data if isinstance(data, str) else json.dumps(data)
+    return (f"event: {name}\n" if name else "") + f"data: {text}\n\n"
+
+
+class RawFake:
+    """A provider that answers what it is scripted to; records every call's body."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.port = free_port()
+        self.calls: list[dict[str, Any]] = []
+        self._script: deque[Reply] = deque()
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}" + ("/v1" if self.kind == "openai" else "")
+
+    def script(self, *replies: Reply) -> None:
+        with self._lock:
+            self._script.clear()
+            self._script.extend(replies)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._script.clear()
+            self.calls.clear()
+
+    def start(self) -> RawFake:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    async def _serve(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions" if self.kind == "openai" else "/v1/messages", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    def _default(self, body: dict[str, Any]) -> Reply:
+        if self.kind == "anthropic":
+            if body.get("stream"):
+                return Reply(events=anthropic_events([{"type": "text", "text": "ok"}], "end_turn"))
+            return Reply(body=anthropic_message([{"type": "text", "text": "ok"}], "end_turn"))
+        if body.get("stream"):
+            return Reply(events=openai_events([{"role": "assistant", "content": "ok"}], "stop"))
+        return Reply(body=openai_completion({"role": "assistant", "content": "ok"}, "stop"))
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        with self._lock:
+            self.calls.append(body)
+            reply = self._script.popleft() if self._script else self._default(body)
+        if reply.delay_s:
+            await asyncio.sleep(reply.delay_s)
+        if reply.events is None:
+            return web.json_response(reply.body, status=reply.status, headers=reply.headers)
+        resp = web.StreamResponse(status=reply.status, headers={"Content-Type": "text/event-stream",
+                                                                **(reply.headers or {})})
+        await resp.prepare(request)
+        for event in reply.events:
+            await resp.write(event.encode())
+        await resp.write_eof()
+        return resp
+
+
+def anthropic_message(content: list[dict[str, Any]], stop_reason: str, **usage: int) -> dict[str, Any]:
+    return {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x", "content": content,
+            "stop_reason": stop_reason, "stop_sequence": None,
+            "usage": {"input_tokens": 10, "output_tokens": 5, **usage}}
+
+
+def anthropic_events(blocks: list[dict[str, Any]], stop_reason: str) -> list[str]:
+    """A Messages stream of ``blocks`` (text blocks in two pieces, tool_use input in two JSON pieces)."""
+    out = [sse("message_start", {"type": "message_start", "message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x", "content": [],
+        "stop_reason": None, "usage": {"input_tokens": 10, "output_tokens": 1}}}),
+        sse("ping", {"type": "ping"})]
+    for i, block in enumerate(blocks):
+        if block["type"] == "text":
+            out.append(sse("content_block_start", {"type": "content_block_start", "index": i,
+                                                   "content_block": {"type": "text", "text": ""}}))
+            text = block["text"]
+            for piece in (text[: len(text) // 2], text[len(text) // 2:]):
+                out.append(sse("content_block_delta", {"type": "content_block_delta", "index": i,
+                                                       "delta": {"type": "text_delta", "text": piece}}))
+        else:
+            out.append(sse("content_block_start", {"type": "content_block_start", "index": i, "content_block": {
+                "type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}}))
+            args = json.dumps(block["input"])
+            for piece in (args[: len(args) // 2], args[len(args) // 2:]):
+                out.append(sse("content_block_delta", {"type": "content_block_delta", "index": i,
+                                                       "delta": {"type": "input_json_delta", "partial_json": piece}}))
+        out.append(sse("content_block_stop", {"type": "content_block_stop", "index": i}))
+    out += [sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop_reason,
+                                                                    "stop_sequence": None},
+                                  "usage": {"output_tokens": 5}}),
+            sse("message_stop", {"type": "message_stop"})]
+    return out
+
+
+def openai_completion(message: dict[str, Any], finish: str, **choice: Any) -> dict[str, Any]:
+    return {"id": "chatcmpl-up", "object": "chat.completion", "created": 1, "model": "gpt-x",
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None, **choice}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+
+
+def openai_chunk(delta: dict[str, Any] | None, finish: str | None = None, usage: Any = None,
+                 **choice: Any) -> str:
+    data: dict[str, Any] = {"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1, "model": "gpt-x",
+                            "choices": [] if delta is None else [{"index": 0, "delta": delta,
+                                                                  "finish_reason": finish, **choice}]}
+    if usage is not None:
+        data["usage"] = usage
+    return sse(None, data)
+
+
+def openai_events(deltas: list[dict[str, Any]], finish: str) -> list[str]:
+    return [*(openai_chunk(d) for d in deltas), openai_chunk({}, finish),
+            openai_chunk(None, usage={"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}),
+            "data: [DONE]\n\n"]
+
+
+def providers_file(path: Path, oai: RawFake, claude: RawFake) -> Path:
+    def entry(name: str, fake: RawFake, models: dict[str, Any]) -> dict[str, Any]:
+        return {"name": name, "kind": "openai-compatible" if fake.kind == "openai" else "anthropic",
+                "base_url": fake.url, "local": True, "models": models,
+                "timeouts": {"connect_s": 2, "first_byte_s": 2, "total_s": 10}}
+    path.write_text(json.dumps({"providers": [
+        entry("oai", oai, {"gpt": {"upstream": "gpt-x", "input_per_mtok": 1, "output_per_mtok": 1}}),
+        entry("claude", claude, {"sonnet": {"upstream": "claude-x", "max_tokens": 256}}),
+    ]}))
+    return path
+
+
+@dataclass
+class QAStack:
+    gateway: Service
+    oai: RawFake
+    claude: RawFake
+
+    @property
+    def base(self) -> str:
+        return f"{self.gateway.base}/v1"
+
+    def client(self, key: str = "key-acme", **kw: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base, api_key=key, max_retries=0, timeout=20, **kw)
+
+    def post(self, body: dict[str, Any], key: str = "key-acme") -> httpx.Response:
+        return httpx.post(f"{self.base}/chat/completions", json=body, timeout=20,
+                          headers={"Authorization": f"Bearer {key}"})
+
+
+@pytest.fixture(scope="module")
+def qa(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[QAStack]:
+    oai, claude = RawFake("openai").start(), RawFake("anthropic").start()
+    file = providers_file(tmp_path_factory.mktemp("qa") / "providers.yaml", oai, claude)
+    env = {"LW_NATS_URL": nats_server.url, "LW_SITE": SITE}
+    adapter = Service("cloud_adapter", {**env, "LW_PROVIDERS_FILE": str(file), "LW_CLOUD_BACKOFF_BASE_S": "0.01",
+                                        "LW_CLOUD_BACKOFF_CAP_S": "0.05", "LW_CLOUD_BREAKER_FAILURES": "1000"})
+    router = Service("router", {**env, **cloud_router_env(file.parent)})
+    gateway = Service("gateway", {**env, "LW_GATEWAY_API_KEYS": API_KEYS})
+    try:
+        with running(adapter, router, gateway):
+            yield QAStack(gateway, oai, claude)
+    finally:
+        oai.stop()
+        claude.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh(qa: QAStack) -> None:
+    qa.oai.reset()
+    qa.claude.reset()
+
+
+EMAIL, PHONE = "jane.doe@plant.example", "+44 20 7946 0958"
+TOOLS: list[Any] = [{"type": "function", "function": {"name": "lookup", "description": "find a person",
+                                           "parameters": {"type": "object",
+                                                          "properties": {"email": {"type": "string"}}}}}]
+LOGPROBS = {"content": [{"token": "ok", "logprob": -0.25, "bytes": [111, 107], "top_logprobs": []}], "refusal": None}
+
+
+def streamed_tool_arguments(chunks: list[Any]) -> list[str]:
+    """The arguments of each tool call of a stream, assembled by index as OpenAI clients do."""
+    args: dict[int, str] = {}
+    for chunk in chunks:
+        for call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            args[call.index] = args.get(call.index, "") + (call.function.arguments or "")
+    return [args[i] for i in sorted(args)]
+
+
+# -- masking: "Prompts sent to a cloud target are masked first (the original never leaves the site)"
+
+@pytest.mark.xfail(strict=True, reason="QA: personal data in assistant tool_call arguments reaches the provider "
+                                       "unmasked (only message content is masked)")
+@pytest.mark.parametrize("model", ["oai/gpt", "claude/sonnet"])
+def test_tool_call_arguments_are_masked_before_leaving_the_site(qa: QAStack, model: str) -> None:
+    """A tool round trip whose earlier tool call carried an e-mail address and a phone number: the
+    provider must not see them, as it does not see them in the messages' text."""
+    messages: list[Any] = [{"role": "user", "content": "find the customer I mailed"},
+                {"role": "assistant", "content": None, "tool_calls": [{
+                    "id": "call_1", "type": "function",
+                    "function": {"name": "lookup", "arguments": json.dumps({"email": EMAIL, "phone": PHONE})}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "found one customer"}]
+    qa.client().chat.completions.create(model=model, messages=messages, tools=TOOLS)
+    fake = qa.oai if model.startswith("oai/") else qa.claude
+    sent = json.dumps(fake.calls[-1])
+    assert EMAIL not in sent
+    assert PHONE not in sent
+
+
+@pytest.mark.xfail(strict=True, reason="QA: an e-mail address as `user` (or a message's `name`) reaches the "
+                                       "provider unmasked")
+def test_user_and_name_fields_are_masked_before_leaving_the_site(qa: QAStack) -> None:
+    """`user` is commonly the end user's e-mail address (OpenAI's own examples hash it for that reason); the
+    text of the same address in a message is masked, the field is sent as is (Anthropic: metadata.user_id)."""
+    messages: list[Any] = [{"role": "user", "content": f"I am {EMAIL}", "name": EMAIL}]
+    for model, fake in (("oai/gpt", qa.oai), ("claude/sonnet", qa.claude)):
+        qa.client().chat.completions.create(model=model, messages=messages, user=EMAIL)
+        sent = json.dumps(fake.calls[-1])
+        assert "[EMAIL]" in sent  # the message text was masked...
+        assert EMAIL not in sent  # ...and nothing else carries it
+
+
+# -- OpenAI-compatible providers: what the provider answered must reach the caller
+
+@pytest.mark.xfail(strict=True, reason="QA: logprobs asked of an OpenAI-compatible provider are sent and paid "
+                                       "for, but dropped from the answer (whole: null)")
+def test_logprobs_of_an_openai_compatible_provider_reach_the_caller(qa: QAStack) -> None:
+    qa.oai.script(Reply(body=openai_completion({"role": "assistant", "content": "ok"}, "stop", logprobs=LOGPROBS)))
+    r = qa.client().chat.completions.create(model="oai/gpt", messages=USER, logprobs=True,
+                                            top_logprobs=1)
+    assert qa.oai.calls[-1]["logprobs"] is True  # asked of the provider
+    assert r.choices[0].logprobs is not None
+    assert r.choices[0].logprobs.content is not None
+    assert r.choices[0].logprobs.content[0].logprob == -0.25
+
+
+@pytest.mark.xfail(strict=True, reason="QA: streamed logprobs of an OpenAI-compatible provider are dropped from "
+                                       "every chunk")
+def test_streamed_logprobs_of_an_openai_compatible_provider_reach_the_caller(qa: QAStack) -> None:
+    qa.oai.script(Reply(events=[openai_chunk({"role": "assistant", "content": ""}),
+                                openai_chunk({"content": "ok"}, logprobs=LOGPROBS), openai_chunk({}, "stop"),
+                                openai_chunk(None, usage={"prompt_tokens": 1, "completion_tokens": 1,
+                                                          "total_tokens": 2}), "data: [DONE]\n\n"]))
+    chunks = list(qa.client().chat.completions.create(model="oai/gpt", messages=USER,
+                                                      logprobs=True, stream=True))
+    logprobs = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs is not None]
+    assert logprobs, "no chunk carried the provider's logprobs"
+    assert logprobs[0].content is not None
+    assert logprobs[0].content[0].token == "ok"
+
+
+@pytest.mark.xfail(strict=True, reason="QA: the provider's system_fingerprint is replaced by null (seed users "
+                                       "compare it to know the backend changed)")
+def test_system_fingerprint_of_an_openai_compatible_provider_reaches_the_caller(qa: QAStack) -> None:
+    qa.oai.script(Reply(body={**openai_completion({"role": "assistant", "content": "ok"}, "stop"),
+                              "system_fingerprint": "fp_44709d6fcb"}))
+    r = qa.client().chat.completions.create(model="oai/gpt", messages=USER, seed=7)
+    assert r.system_fingerprint == "fp_44709d6fcb"
+
+
+@pytest.mark.xfail(strict=True, reason="QA: a provider's refusal (content null) reaches the caller with content "
+                                       "\"\" instead of null")
+def test_a_refusal_keeps_content_null(qa: QAStack) -> None:
+    qa.oai.script(Reply(body=openai_completion({"role": "assistant", "content": None,
+                                                "refusal": "I can't help with that."}, "stop")))
+    r = qa.client().chat.completions.create(model="oai/gpt", messages=USER)
+    assert r.choices[0].message.refusal == "I can't help with that."
+    assert r.choices[0].message.content is None
+
+
+# -- Anthropic translated to OpenAI's shapes
+
+@pytest.mark.xfail(strict=True, reason="QA: a streamed Anthropic tool call without arguments has arguments \"\" "
+                                       "(not JSON); the whole answer and OpenAI say \"{}\"")
+def test_streamed_anthropic_tool_call_without_arguments_is_json(qa: QAStack) -> None:
+    """Anthropic streams a tool_use with empty input as one input_json_delta of "" (its documented shape)."""
+    events = anthropic_events([{"type": "tool_use", "id": "toolu_1", "name": "now", "input": {}}], "tool_use")
+    events = [e for e in events if "input_json_delta" not in e]
+    events.insert(-3, sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                  "delta": {"type": "input_json_delta", "partial_json": ""}}))
+    qa.claude.script(Reply(events=events))
+    chunks = list(qa.client().chat.completions.create(model="claude/sonnet", messages=USER,
+                                                      tools=TOOLS, stream=True))
+    (arguments,) = streamed_tool_arguments(chunks)
+    assert json.loads(arguments) == {}
+
+
+@pytest.mark.xfail(strict=True, reason="QA: Anthropic stop_reason model_context_window_exceeded becomes "
+                                       "finish_reason stop, not length")
+def test_anthropic_context_window_stop_is_length(qa: QAStack) -> None:
+    """The answer was cut because the context window filled: a caller checking finish_reason == "length"
+    must see it, as for max_tokens."""
+    qa.claude.script(Reply(body=anthropic_message([{"type": "text", "text": "cut sh"}],
+                                                  "model_context_window_exceeded")))
+    r = qa.client().chat.completions.create(model="claude/sonnet", messages=USER)
+    assert r.choices[0].finish_reason == "length"
+
+
+@pytest.mark.xfail(strict=True, reason="QA: text parts of a system message are glued together without a "
+                                       "separator for Anthropic (\"Be helpful.Be brief.\")")
+def test_anthropic_system_text_parts_stay_apart(qa: QAStack) -> None:
+    """A user message's parts stay separate blocks; a system message's are concatenated with nothing between
+    them, so words of adjacent parts run together."""
+    qa.client().chat.completions.create(model="claude/sonnet", messages=[
+        {"role": "system", "content": [{"type": "text", "text": "Be helpful."}, {"type": "text", "text": "Be brief."}]},
+        *USER])
+    system = qa.claude.calls[-1]["system"]
+    texts = [system] if isinstance(system, str) else [b["text"] for b in system]
+    assert not any("Be helpful.Be brief." in t for t in texts)
+
+
+# -- errors as the openai client meets them
+
+@pytest.mark.xfail(strict=True, reason="QA: a provider refusing leafwire's key is a retryable-looking 502: the "
+                                       "openai client (max_retries=2) calls the provider 3 times")
+def test_a_refused_provider_key_is_not_retried_by_the_openai_client(qa: QAStack) -> None:
+    """Only an operator can mend a refused provider key; the openai client retries any 5xx unless the answer
+    says `x-should-retry: false`, so each of its tries reaches the provider (and its breaker) again."""
+    qa.oai.script(*[Reply(401, {"error": {"message": "Incorrect API key", "type": "invalid_request_error",
+                                          "code": "invalid_api_key"}})] * 3)
+    client = openai.OpenAI(base_url=qa.base, api_key="key-acme", max_retries=2, timeout=20)
+    with pytest.raises(openai.APIStatusError) as exc:
+        client.chat.completions.create(model="oai/gpt", messages=USER)
+    assert exc.value.code == "upstream_auth_failed"
+    assert len(qa.oai.calls) == 1
