@@ -10,6 +10,10 @@ Built-in patterns (what each replaces):
 
 Dates, times, order numbers, measurements and plain numbers are left alone. Custom patterns come from
 the policy (``{name, regex, replacement}``).
+
+What is masked: every message's text (string content and text parts), its ``name``, the arguments of the
+tool calls an assistant message made (``tool_calls[].function.arguments``, and the legacy
+``function_call.arguments``), and the request's ``user``: whatever of the prompt a provider reads as written.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 from schemas.chat import ChatCompletionRequest, ChatMessage, TextPart
 from services.router.policy import Masking, Pattern
@@ -73,26 +78,44 @@ class Masker:
         return text
 
     def mask_request(self, request: ChatCompletionRequest) -> tuple[ChatCompletionRequest, Counter[str]]:
-        """A copy of the request with every message's text masked; the request itself when nothing matched
-        (no copy of any message: this runs for every request that leaves the site)."""
+        """A copy of the request with every message masked, and its ``user``; the request itself when
+        nothing matched (no copy of any message: this runs for every request that leaves the site)."""
         total: Counter[str] = Counter()
+        update: dict[str, Any] = {}
         messages: list[ChatMessage] | None = None
         for i, m in enumerate(request.messages):
             masked = self._mask_message(m, total)
             if masked is not m:
                 messages = messages or list(request.messages)
                 messages[i] = masked
-        if messages is None:
-            return request, total
-        return request.model_copy(update={"messages": messages}), total
+        if messages is not None:
+            update["messages"] = messages
+        if request.user is not None and (user := self._apply(request.user, total)) is not request.user:
+            update["user"] = user
+        return (request.model_copy(update=update) if update else request), total
 
     def _mask_message(self, message: ChatMessage, total: Counter[str]) -> ChatMessage:
-        if isinstance(message.content, str):
-            text = self._apply(message.content, total)
-            return message if text is message.content else message.model_copy(update={"content": text})
-        if not message.content:
-            return message
-        parts = list(message.content)
+        update: dict[str, Any] = {}
+        content = self._mask_content(message.content, total)
+        if content is not message.content:
+            update["content"] = content
+        if message.name is not None and (name := self._apply(message.name, total)) is not message.name:
+            update["name"] = name
+        extra = message.model_extra or {}
+        for field in ("tool_calls", "function_call"):
+            if extra.get(field):
+                calls = self._mask_calls(extra[field], total)
+                if calls is not extra[field]:
+                    update[field] = calls
+        return message.model_copy(update=update) if update else message
+
+    def _mask_content(self, content: str | list[Any] | None, total: Counter[str]) -> str | list[Any] | None:
+        """The content with its text masked (the same object when nothing matched)."""
+        if isinstance(content, str):
+            return self._apply(content, total)
+        if not content:
+            return content
+        parts = list(content)
         changed = False
         for i, part in enumerate(parts):
             if isinstance(part, TextPart):
@@ -100,4 +123,20 @@ class Masker:
                 if text is not part.text:
                     parts[i] = part.model_copy(update={"text": text})
                     changed = True
-        return message.model_copy(update={"content": parts}) if changed else message
+        return parts if changed else content
+
+    def _mask_calls(self, calls: Any, total: Counter[str]) -> Any:
+        """An assistant message's ``tool_calls`` (a list) or legacy ``function_call`` (one) with the
+        arguments' text masked: they are JSON text, and a replacement (``[EMAIL]``) keeps it JSON. The same
+        object when nothing matched; what is not a call's shape is left as it is."""
+        if isinstance(calls, list):
+            masked = [self._mask_calls(c, total) for c in calls]
+            return masked if any(m is not c for m, c in zip(masked, calls, strict=True)) else calls
+        if not isinstance(calls, dict):
+            return calls
+        function = calls.get("function", calls)  # a tool call holds a function; function_call is one
+        arguments = function.get("arguments") if isinstance(function, dict) else None
+        if not isinstance(arguments, str) or (text := self._apply(arguments, total)) is arguments:
+            return calls
+        masked_function = {**function, "arguments": text}
+        return {**calls, "function": masked_function} if "function" in calls else masked_function

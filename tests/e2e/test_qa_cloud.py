@@ -248,8 +248,6 @@ def streamed_tool_arguments(chunks: list[Any]) -> list[str]:
 
 # -- masking: "Prompts sent to a cloud target are masked first (the original never leaves the site)"
 
-@pytest.mark.xfail(strict=True, reason="QA: personal data in assistant tool_call arguments reaches the provider "
-                                       "unmasked (only message content is masked)")
 @pytest.mark.parametrize("model", ["oai/gpt", "claude/sonnet"])
 def test_tool_call_arguments_are_masked_before_leaving_the_site(qa: QAStack, model: str) -> None:
     """A tool round trip whose earlier tool call carried an e-mail address and a phone number: the
@@ -266,8 +264,6 @@ def test_tool_call_arguments_are_masked_before_leaving_the_site(qa: QAStack, mod
     assert PHONE not in sent
 
 
-@pytest.mark.xfail(strict=True, reason="QA: an e-mail address as `user` (or a message's `name`) reaches the "
-                                       "provider unmasked")
 def test_user_and_name_fields_are_masked_before_leaving_the_site(qa: QAStack) -> None:
     """`user` is commonly the end user's e-mail address (OpenAI's own examples hash it for that reason); the
     text of the same address in a message is masked, the field is sent as is (Anthropic: metadata.user_id)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from schemas.chat import ChatCompletionRequest
@@ -77,6 +79,39 @@ class TestRequests:
             {"role": "user", "content": [{"type": "text", "text": "why did line 3 stop on the 3rd?"}]}]})
         assert MASKER.mask_request(clean) == (clean, {})
         assert MASKER.mask_request(clean)[0] is clean
+
+    def test_names_tool_call_arguments_and_user_are_masked(self) -> None:
+        """What else of a request a provider reads as written is masked too: a message's ``name``, the
+        arguments of an earlier tool call (and of a legacy ``function_call``), still JSON, and ``user``."""
+        arguments = json.dumps({"email": "jane@plant.example", "phone": "+44 20 7946 0958", "line": 3})
+        request = ChatCompletionRequest.model_validate({"model": "m", "user": "jane@plant.example", "messages": [
+            {"role": "user", "content": "find the customer", "name": "jane@plant.example"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": arguments}},
+                {"id": "call_2", "type": "function", "function": {"name": "now", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "jane@plant.example, line 3"},
+            {"role": "assistant", "content": None,
+             "function_call": {"name": "mail", "arguments": '{"to": "ops@plant.example"}'}}]})
+        masked, counts = MASKER.mask_request(request)
+        sent = masked.model_dump(mode="json", exclude_none=True)
+        assert "plant.example" not in json.dumps(sent)
+        assert counts == {"email": 5, "phone": 1}
+        assert sent["user"] == sent["messages"][0]["name"] == "[EMAIL]"
+        calls = sent["messages"][1]["tool_calls"]
+        assert json.loads(calls[0]["function"]["arguments"]) == {"email": "[EMAIL]", "phone": "[PHONE]", "line": 3}
+        assert calls[1] == {"id": "call_2", "type": "function", "function": {"name": "now", "arguments": "{}"}}
+        assert sent["messages"][2]["tool_call_id"] == "call_1"
+        assert json.loads(sent["messages"][3]["function_call"]["arguments"]) == {"to": "[EMAIL]"}
+        assert request.user == "jane@plant.example"  # the original is kept
+
+    def test_tool_calls_without_personal_data_change_nothing(self) -> None:
+        """A tool round trip with nothing to mask is the request itself (forwarded as the caller's bytes)."""
+        request = ChatCompletionRequest.model_validate({"model": "m", "user": "operator-7", "messages": [
+            {"role": "user", "content": "what time is it?", "name": "op7"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "now", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "14:35"}]})
+        assert MASKER.mask_request(request)[0] is request
 
     def test_custom_pattern_and_disabled_masking(self) -> None:
         """Policies add their own patterns, or turn masking off."""
