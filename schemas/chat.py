@@ -227,7 +227,7 @@ class Choice(BaseModel):
 
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None  # OpenAI's, as a cloud provider gave them (local models refuse them)
     finish_reason: FinishReason | None
 
 
@@ -255,7 +255,7 @@ class ChunkChoice(BaseModel):
 
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None  # those of this chunk's tokens, as a cloud provider gave them
     finish_reason: FinishReason | None = None
 
 

@@ -64,9 +64,10 @@ def message_deltas(message: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def final_message(message: Mapping[str, Any]) -> dict[str, Any]:
-    """A collected message in ``chat.completion`` form: role first; ``content`` null only beside tool calls."""
+    """A collected message in ``chat.completion`` form: role first; ``content`` null only beside tool calls or
+    a refusal (as OpenAI has it)."""
     out: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
-    if out["content"] is None and not message.get("tool_calls"):
+    if out["content"] is None and not message.get("tool_calls") and not message.get("refusal"):
         out["content"] = ""
     out.update((k, v) for k, v in message.items() if k not in ("role", "content"))
     return out
@@ -84,7 +85,10 @@ class Answer:
     created: int = field(default_factory=lambda: int(time.time()))
     started: bool = False
     message: dict[str, Any] = field(default_factory=dict)
+    logprobs: dict[str, Any] | None = None  # of a whole answer, when its provider gave them
     _prefix: bytes = b""
+    _suffix: bytes = b'}],"usage":null,"system_fingerprint":null}'
+    _fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         if self.stream:
@@ -103,9 +107,20 @@ class Answer:
         """An answer shaped by what the request asked for (streaming, usage chunk)."""
         return cls(publisher, request_id, model, request.stream, request.include_usage())
 
-    def _chunk(self, delta: Mapping[str, Any], finish: FinishReason | None = None) -> bytes:
-        return (self._prefix + to_json(delta) + b',"logprobs":null,"finish_reason":' + to_json(finish)
-                + b'}],"usage":null,"system_fingerprint":null}')
+    @property
+    def fingerprint(self) -> str | None:
+        """The ``system_fingerprint`` the answer carries: the provider's, once it gave one."""
+        return self._fingerprint
+
+    @fingerprint.setter
+    def fingerprint(self, value: str | None) -> None:
+        self._fingerprint = value
+        self._suffix = b'}],"usage":null,"system_fingerprint":' + to_json(value) + b"}"
+
+    def _chunk(self, delta: Mapping[str, Any], finish: FinishReason | None = None,
+               logprobs: Mapping[str, Any] | None = None) -> bytes:
+        return (self._prefix + to_json(delta) + b',"logprobs":' + to_json(logprobs) + b',"finish_reason":'
+                + to_json(finish) + self._suffix)
 
     async def begin(self) -> None:
         """The first chunk (the assistant role), sent as soon as the answer starts."""
@@ -117,16 +132,18 @@ class Answer:
         """New text of the answer."""
         await self.delta({"content": text})
 
-    async def delta(self, fields: Mapping[str, Any]) -> None:
-        """New fields of the assistant message (text, tool call pieces...), as a provider streams them."""
+    async def delta(self, fields: Mapping[str, Any], logprobs: Mapping[str, Any] | None = None) -> None:
+        """New fields of the assistant message (text, tool call pieces...), as a provider streams them, with
+        the log probabilities of their tokens when it gave them."""
         if not self.stream:
             merge_delta(self.message, fields)
             return
         if not self.started:
             await self.begin()
-        await self.publisher.send(Event.CHUNK, self._chunk(fields))
+        await self.publisher.send(Event.CHUNK, self._chunk(fields, logprobs=logprobs))
 
-    async def whole(self, message: Mapping[str, Any], reason: FinishReason, usage: Usage) -> None:
+    async def whole(self, message: Mapping[str, Any], reason: FinishReason, usage: Usage,
+                    logprobs: dict[str, Any] | None = None) -> None:
         """A complete message at once (a non-streamed provider answer, a cache hit), then the end."""
         if self.stream:
             await self.begin()
@@ -134,15 +151,16 @@ class Answer:
                 await self.delta(d)
         else:
             self.message = {k: v for k, v in message.items() if k != "role"}
+            self.logprobs = logprobs
         await self.finish(reason, usage)
 
     def result(self, reason: FinishReason, usage: Usage) -> bytes:
         """The ``chat.completion`` of the collected message."""
         return to_json({
             "id": self.completion_id, "object": "chat.completion", "created": self.created, "model": self.model,
-            "choices": [{"index": 0, "message": final_message(self.message), "logprobs": None,
+            "choices": [{"index": 0, "message": final_message(self.message), "logprobs": self.logprobs,
                          "finish_reason": reason}],
-            "usage": usage.model_dump(), "system_fingerprint": None,
+            "usage": usage.model_dump(), "system_fingerprint": self.fingerprint,
         })
 
     async def finish(self, reason: FinishReason, usage: Usage) -> None:
@@ -155,7 +173,8 @@ class Answer:
         if self.include_usage:
             await self.publisher.send(Event.CHUNK, to_json({
                 "id": self.completion_id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model, "choices": [], "usage": usage.model_dump(), "system_fingerprint": None,
+                "model": self.model, "choices": [], "usage": usage.model_dump(),
+                "system_fingerprint": self.fingerprint,
             }))
         await self.publisher.send(Event.DONE, dump(StreamEnd(request_id=self.request_id, finish_reason=reason,
                                                              usage=usage)))

@@ -25,7 +25,7 @@ from services.cloud_adapter import cache
 from services.cloud_adapter.breaker import Breaker
 from services.cloud_adapter.budget import Ledger
 from services.cloud_adapter.config import ModelSpec, Provider, ProvidersFile
-from services.cloud_adapter.dialect import Delta, Finish, Piece, Tokens, provider_fault
+from services.cloud_adapter.dialect import Delta, Fingerprint, Finish, Piece, Tokens, provider_fault
 from services.cloud_adapter.settings import CloudSettings
 from services.cloud_adapter.state import CloudState
 from services.cloud_adapter.upstream import Call, Upstream
@@ -311,7 +311,9 @@ class CloudAdapter:
     async def _apply(piece: Piece, answer: Answer, tally: Tally) -> None:
         tally.add(piece)
         if isinstance(piece, Delta):
-            await answer.delta(piece.fields)
+            await answer.delta(piece.fields, piece.logprobs)
+        elif isinstance(piece, Fingerprint):
+            answer.fingerprint = piece.value
 
     async def _relay_whole(self, target: Target, call: Call, admission: Admission, answer: Answer,
                            tally: Tally, started: float) -> None:
@@ -323,7 +325,8 @@ class CloudAdapter:
         content = completion.message.get("content")
         tally.chars = len(content) if isinstance(content, str) else 0
         await admission.admit()
-        await answer.whole(completion.message, completion.finish, tally.usage(call.request))
+        answer.fingerprint = completion.fingerprint
+        await answer.whole(completion.message, completion.finish, tally.usage(call.request), completion.logprobs)
 
     async def _fail(self, err: LeafwireError, admission: Admission, publisher: ReplyPublisher,
                     target: Target) -> None:

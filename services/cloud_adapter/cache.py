@@ -9,7 +9,9 @@ the normalised messages and every generation parameter, so tenants never see eac
 one tenant's entries can be purged by the prefix). Normalised: text-only part lists read as the plain
 string they spell, ``stop`` as a list, ``max_completion_tokens`` as ``max_tokens``, unset and null
 parameters alike; ``stream``, ``stream_options``, ``user`` and ``cache`` do not change the answer and are
-left out. Only complete answers (finish reason ``stop``, ``length`` or ``tool_calls``) are stored.
+left out. Only complete answers (finish reason ``stop``, ``length`` or ``tool_calls``) are stored, and
+never those of a request asking for ``logprobs``: an entry holds the message, not its tokens' log
+probabilities, so a hit could not give them back.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ _VERSION = 1
 
 def eligible(request: ChatCompletionRequest) -> bool:
     """Whether this request may be answered from (and stored in) the cache."""
+    if (request.model_extra or {}).get("logprobs"):
+        return False
     if request.cache is not None:
         return request.cache
     return request.temperature == 0

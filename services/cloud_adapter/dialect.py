@@ -45,9 +45,18 @@ FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "content_filter", 
 
 @dataclass(frozen=True, slots=True)
 class Delta:
-    """New fields of the assistant message (``content``, ``tool_calls`` pieces, ``reasoning_content``...)."""
+    """New fields of the assistant message (``content``, ``tool_calls`` pieces, ``reasoning_content``...), and
+    the log probabilities of its tokens when the provider gave them."""
 
     fields: dict[str, Any]
+    logprobs: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """The provider's ``system_fingerprint`` (its backend configuration, for callers who use seeds)."""
+
+    value: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +76,7 @@ class Tokens:
     reasoning: int | None = None  # of the completion, spent reasoning
 
 
-Piece = Delta | Finish | Tokens
+Piece = Delta | Finish | Tokens | Fingerprint
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +89,8 @@ class Completion:
     completion_tokens: int | None
     cached_tokens: int | None = None
     reasoning_tokens: int | None = None
+    logprobs: dict[str, Any] | None = None
+    fingerprint: str | None = None
 
 
 class StreamParser(Protocol):

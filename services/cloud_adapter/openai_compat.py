@@ -3,7 +3,8 @@
 The request goes out as the caller sent it (every field, ``tools`` and ``response_format`` included), with
 the provider's model name, without leafwire's own fields, and — when streamed — asking for a closing usage
 chunk (``stream_options.include_usage``) so that every call's cost is known. The answer's message fields
-are relayed as they come (``content``, ``tool_calls``, ``refusal``, ``reasoning_content``...).
+are relayed as they come (``content``, ``tool_calls``, ``refusal``, ``reasoning_content``...), and so are
+its ``logprobs`` and ``system_fingerprint``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from services.cloud_adapter.dialect import (
     Completion,
     Delta,
     ErrorInfo,
+    Fingerprint,
     Finish,
     Piece,
     Tokens,
@@ -43,6 +45,12 @@ def _usage(value: Any) -> Tokens | None:
                   as_int(completion.get("reasoning_tokens")) if isinstance(completion, dict) else None)
 
 
+def _logprobs(choice: dict[str, Any]) -> dict[str, Any] | None:
+    """A choice's ``logprobs`` object (``None`` when absent, null, or not an object)."""
+    value = choice.get("logprobs")
+    return value if isinstance(value, dict) else None
+
+
 def _error_info(value: Any) -> ErrorInfo:
     if isinstance(value, dict):
         return ErrorInfo(message=str(value.get("message") or "no message"),
@@ -58,6 +66,7 @@ class OpenAIStream:
 
     provider: str
     done: bool = False
+    fingerprint: str | None = None
 
     def feed(self, event: str, data: str) -> list[Piece]:
         """Pieces of one ``data:`` event; ``[DONE]`` ends the stream; an error object raises."""
@@ -72,13 +81,18 @@ class OpenAIStream:
             raise UpstreamError(f"{self.provider} reported an error mid-stream: {scrub(info.message)[:300]}",
                                 retryable=True)
         pieces: list[Piece] = []
+        fingerprint = chunk.get("system_fingerprint")
+        if isinstance(fingerprint, str) and fingerprint != self.fingerprint:
+            self.fingerprint = fingerprint
+            pieces.append(Fingerprint(fingerprint))
         choices = chunk.get("choices")
         if isinstance(choices, list) and choices and isinstance(choices[0], dict):
             delta = choices[0].get("delta")
+            logprobs = _logprobs(choices[0])
             if isinstance(delta, dict):
                 fields = {k: v for k, v in delta.items() if v is not None and k != "role" and v != ""}
-                if fields:
-                    pieces.append(Delta(fields))
+                if fields or logprobs is not None:
+                    pieces.append(Delta(fields, logprobs))
             if choices[0].get("finish_reason") is not None:
                 pieces.append(Finish(finish_reason(choices[0]["finish_reason"])))
         elif choices is not None and not isinstance(choices, list):
@@ -121,9 +135,11 @@ class OpenAICompatible:
         if not isinstance(message, dict):
             raise bad_response(self.provider, "no `message` in the answer's first choice")
         usage = _usage(body.get("usage")) or Tokens()
+        fingerprint = body.get("system_fingerprint")
         return Completion({k: v for k, v in message.items() if k != "role"},
                           finish_reason(choices[0].get("finish_reason")), usage.prompt, usage.completion,
-                          usage.cached, usage.reasoning)
+                          usage.cached, usage.reasoning, _logprobs(choices[0]),
+                          fingerprint if isinstance(fingerprint, str) else None)
 
     def stream_parser(self) -> OpenAIStream:
         """A parser for one streamed answer."""

@@ -277,8 +277,6 @@ def test_user_and_name_fields_are_masked_before_leaving_the_site(qa: QAStack) ->
 
 # -- OpenAI-compatible providers: what the provider answered must reach the caller
 
-@pytest.mark.xfail(strict=True, reason="QA: logprobs asked of an OpenAI-compatible provider are sent and paid "
-                                       "for, but dropped from the answer (whole: null)")
 def test_logprobs_of_an_openai_compatible_provider_reach_the_caller(qa: QAStack) -> None:
     qa.oai.script(Reply(body=openai_completion({"role": "assistant", "content": "ok"}, "stop", logprobs=LOGPROBS)))
     r = qa.client().chat.completions.create(model="oai/gpt", messages=USER, logprobs=True,
@@ -289,8 +287,6 @@ def test_logprobs_of_an_openai_compatible_provider_reach_the_caller(qa: QAStack)
     assert r.choices[0].logprobs.content[0].logprob == -0.25
 
 
-@pytest.mark.xfail(strict=True, reason="QA: streamed logprobs of an OpenAI-compatible provider are dropped from "
-                                       "every chunk")
 def test_streamed_logprobs_of_an_openai_compatible_provider_reach_the_caller(qa: QAStack) -> None:
     qa.oai.script(Reply(events=[openai_chunk({"role": "assistant", "content": ""}),
                                 openai_chunk({"content": "ok"}, logprobs=LOGPROBS), openai_chunk({}, "stop"),
@@ -304,8 +300,6 @@ def test_streamed_logprobs_of_an_openai_compatible_provider_reach_the_caller(qa:
     assert logprobs[0].content[0].token == "ok"
 
 
-@pytest.mark.xfail(strict=True, reason="QA: the provider's system_fingerprint is replaced by null (seed users "
-                                       "compare it to know the backend changed)")
 def test_system_fingerprint_of_an_openai_compatible_provider_reaches_the_caller(qa: QAStack) -> None:
     qa.oai.script(Reply(body={**openai_completion({"role": "assistant", "content": "ok"}, "stop"),
                               "system_fingerprint": "fp_44709d6fcb"}))
@@ -313,8 +307,6 @@ def test_system_fingerprint_of_an_openai_compatible_provider_reaches_the_caller(
     assert r.system_fingerprint == "fp_44709d6fcb"
 
 
-@pytest.mark.xfail(strict=True, reason="QA: a provider's refusal (content null) reaches the caller with content "
-                                       "\"\" instead of null")
 def test_a_refusal_keeps_content_null(qa: QAStack) -> None:
     qa.oai.script(Reply(body=openai_completion({"role": "assistant", "content": None,
                                                 "refusal": "I can't help with that."}, "stop")))

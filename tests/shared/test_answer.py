@@ -51,6 +51,8 @@ class TestMerge:
         """A message with only tool calls has content null; an empty answer has content ''."""
         assert final_message({"tool_calls": [CALL]})["content"] is None
         assert final_message({}) == {"role": "assistant", "content": ""}
+        assert final_message({"refusal": "I can't help with that."}) == {  # a refusal keeps content null
+            "role": "assistant", "content": None, "refusal": "I can't help with that."}
 
 
 class TestAnswer:
@@ -79,3 +81,23 @@ class TestAnswer:
         assert body["object"] == "chat.completion"
         assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hi", "tool_calls": [CALL]}
         assert body["usage"]["total_tokens"] == 5
+        assert (body["choices"][0]["logprobs"], body["system_fingerprint"]) == (None, None)
+
+    async def test_logprobs_and_fingerprint_reach_the_caller(self) -> None:
+        """A provider's log probabilities go with the chunk (or the whole answer) they came with, and its
+        system fingerprint is on every chunk from the one it was learnt on, the usage chunk included."""
+        logprobs = {"content": [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": []}]}
+        a, rec = answer(stream=True, include_usage=True)
+        await a.begin()
+        a.fingerprint = "fp_1"
+        await a.delta({"content": "Hi"}, logprobs)
+        await a.finish("stop", Usage.of(1, 1))
+        bodies = [b for e, b in rec.sent if e is Event.CHUNK]
+        assert [b["system_fingerprint"] for b in bodies] == [None, "fp_1", "fp_1", "fp_1"]
+        assert [b["choices"][0]["logprobs"] if b["choices"] else "-" for b in bodies] == [None, logprobs, None, "-"]
+        assert ChatCompletionChunk.model_validate(bodies[1]).choices[0].logprobs == logprobs
+        whole, rec = answer(stream=False)
+        whole.fingerprint = "fp_2"
+        await whole.whole({"content": "Hi"}, "stop", Usage.of(1, 1), logprobs)
+        ((_, body),) = rec.sent
+        assert (body["choices"][0]["logprobs"], body["system_fingerprint"]) == (logprobs, "fp_2")

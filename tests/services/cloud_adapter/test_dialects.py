@@ -10,7 +10,7 @@ import pytest
 from schemas.chat import ChatCompletionRequest
 from services.cloud_adapter.anthropic import Anthropic
 from services.cloud_adapter.config import ModelSpec
-from services.cloud_adapter.dialect import Delta, ErrorInfo, Finish, Tokens, classify
+from services.cloud_adapter.dialect import Delta, ErrorInfo, Fingerprint, Finish, Tokens, classify
 from services.cloud_adapter.openai_compat import OpenAICompatible
 from services.cloud_adapter.sse import ServerEvent, SSEParser
 from shared.answer import merge_delta
@@ -75,6 +75,18 @@ class TestOpenAICompatible:
         assert s.feed("message", "[DONE]") == []
         assert s.done
 
+    def test_stream_logprobs_and_fingerprint(self) -> None:
+        """A chunk's logprobs go with its delta (also a chunk of logprobs alone); the system fingerprint is
+        one piece, again only when it changes."""
+        s = OpenAICompatible("p").stream_parser()
+        logprobs = {"content": [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": []}]}
+        role = {"system_fingerprint": "fp_1", "choices": [{"delta": {"role": "assistant"}, "logprobs": None}]}
+        assert s.feed("message", json.dumps(role)) == [Fingerprint("fp_1")]
+        text = {"system_fingerprint": "fp_1", "choices": [{"delta": {"content": "Hi"}, "logprobs": logprobs}]}
+        assert s.feed("message", json.dumps(text)) == [Delta({"content": "Hi"}, logprobs)]
+        bare = {"system_fingerprint": "fp_2", "choices": [{"delta": {}, "logprobs": logprobs}]}
+        assert s.feed("message", json.dumps(bare)) == [Fingerprint("fp_2"), Delta({}, logprobs)]
+
     def test_stream_malformed_and_error_objects(self) -> None:
         """An event that is not JSON, or carries an error object, raises instead of being relayed."""
         with pytest.raises(UpstreamError) as exc:
@@ -92,6 +104,18 @@ class TestOpenAICompatible:
         c = OpenAICompatible("p").completion(data)
         assert c.message == {"content": None, "tool_calls": calls}
         assert (c.finish, c.prompt_tokens, c.completion_tokens) == ("tool_calls", 9, 2)
+        assert (c.logprobs, c.fingerprint) == (None, None)
+
+    def test_whole_answer_keeps_logprobs_and_fingerprint(self) -> None:
+        """A whole answer's logprobs and system fingerprint are kept for the caller; malformed ones are not."""
+        logprobs = {"content": [{"token": "ok", "logprob": -0.25, "bytes": [111, 107], "top_logprobs": []}]}
+        answer = {"choices": [{"message": {"role": "assistant", "content": "ok"}, "logprobs": logprobs,
+                               "finish_reason": "stop"}], "system_fingerprint": "fp_44709d6fcb"}
+        c = OpenAICompatible("p").completion(json.dumps(answer).encode())
+        assert (c.logprobs, c.fingerprint) == (logprobs, "fp_44709d6fcb")
+        odd = {**answer, "system_fingerprint": 7, "choices": [{**answer["choices"][0], "logprobs": "yes"}]}
+        c = OpenAICompatible("p").completion(json.dumps(odd).encode())
+        assert (c.logprobs, c.fingerprint) == (None, None)
 
     @pytest.mark.parametrize(("usage", "counted"), [
         ({"prompt_tokens": 100.0, "completion_tokens": 7.0}, (100, 7)),  # some servers write floats: still counted

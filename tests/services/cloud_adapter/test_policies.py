@@ -207,6 +207,12 @@ class TestCache:
         """Temperature 0 uses the cache unless the request says cache: false; cache: true opts in."""
         assert cache.eligible(req(**kw)) is uses
 
+    def test_requests_asking_for_logprobs_never_use_it(self) -> None:
+        """An entry holds no log probabilities, so a request asking for them is neither served nor stored."""
+        assert not cache.eligible(req(temperature=0, logprobs=True))
+        assert not cache.eligible(req(cache=True, logprobs=True, top_logprobs=2))
+        assert cache.eligible(req(temperature=0, logprobs=False))
+
     def test_tenants_never_share_keys(self) -> None:
         """The same request from two tenants has two keys, each under its tenant's prefix."""
         a, b = cache.key("acme", "p/m", req()), cache.key("globex", "p/m", req())
