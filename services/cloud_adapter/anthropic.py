@@ -1,11 +1,13 @@
 """The Anthropic Messages dialect, translated both ways (requests, answers, streams, usage). No I/O.
 
 Request (OpenAI → Anthropic):
-- ``system`` and ``developer`` messages become ``system`` (joined by blank lines); consecutive messages of
-  one role are merged (Anthropic wants user and assistant to alternate).
+- ``system`` and ``developer`` messages become ``system`` (strings joined by blank lines; when one is a list
+  of text parts, every one becomes a text block of ``system``, so parts stay apart as a user message's do);
+  consecutive messages of one role are merged (Anthropic wants user and assistant to alternate).
 - text parts → ``text`` blocks; ``image_url`` parts → ``image`` blocks (a ``data:`` URL as base64, else as
   a URL); other part types are refused (400).
-- assistant ``tool_calls`` → ``tool_use`` blocks; ``tool`` messages → ``tool_result`` blocks of a user turn.
+- assistant ``tool_calls`` → ``tool_use`` blocks; ``tool`` messages → ``tool_result`` blocks of a user turn
+  (their text parts as text blocks of the result).
 - ``tools`` → ``name``/``description``/``input_schema``; ``tool_choice`` auto/none/required/a function →
   auto/none/any/tool; ``parallel_tool_calls: false`` → ``disable_parallel_tool_use``.
 - ``max_tokens`` (required by Anthropic) defaults to the model's ``max_tokens`` in the providers file;
@@ -17,8 +19,9 @@ Request (OpenAI → Anthropic):
   ``shared.local_params.UNHONOURED``. Other unknown fields are not sent.
 
 Answer (Anthropic → OpenAI): text blocks → ``content``; ``tool_use`` → ``tool_calls`` (input as JSON
-text); ``stop_reason`` end_turn/stop_sequence/pause_turn → stop, max_tokens → length, tool_use →
-tool_calls, refusal → content_filter; usage ``input_tokens`` (+ cache creation and cache read) → prompt,
+text; a tool call without arguments has ``{}``, streamed too); ``stop_reason`` end_turn/stop_sequence/
+pause_turn → stop, max_tokens and model_context_window_exceeded → length, tool_use → tool_calls, refusal →
+content_filter; usage ``input_tokens`` (+ cache creation and cache read) → prompt,
 ``output_tokens`` → completion. Streams: ``message_start`` (prompt tokens), ``content_block_start`` /
 ``content_block_delta`` (text and tool-call argument pieces), ``message_delta`` (stop reason, output
 tokens), ``message_stop``; ``ping`` is ignored; an ``error`` event raises.
@@ -51,7 +54,7 @@ from shared.logging import scrub
 
 STOP_REASONS: dict[str, FinishReason] = {
     "end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
-    "tool_use": "tool_calls", "refusal": "content_filter",
+    "tool_use": "tool_calls", "refusal": "content_filter", "model_context_window_exceeded": "length",
 }
 _DATA_URL = re.compile(r"^data:(image/[a-z0-9.+-]+);base64,(.*)$", re.DOTALL)
 Block = dict[str, Any]
@@ -99,21 +102,22 @@ def _tool_use(call: Any) -> Block:
 def _turn(message: ChatMessage) -> tuple[str, list[Block]]:
     extra = message.model_extra or {}
     if message.role == "tool":
+        result = message.text() if isinstance(message.content, str) else _content_blocks(message)
         return "user", [{"type": "tool_result", "tool_use_id": str(extra.get("tool_call_id") or ""),
-                         "content": message.text()}]
+                         "content": result}]
     blocks = _content_blocks(message)
     if message.role == "assistant":
         blocks += [_tool_use(call) for call in extra.get("tool_calls") or []]
     return ("assistant" if message.role == "assistant" else "user"), blocks
 
 
-def translate_messages(messages: list[ChatMessage]) -> tuple[str, list[dict[str, Any]]]:
-    """(system text, Anthropic messages with alternating roles)."""
-    system: list[str] = []
+def translate_messages(messages: list[ChatMessage]) -> tuple[str | list[Block], list[dict[str, Any]]]:
+    """(system text or text blocks, Anthropic messages with alternating roles)."""
+    system: list[ChatMessage] = []
     turns: list[dict[str, Any]] = []
     for message in messages:
         if message.role in ("system", "developer"):
-            system.append(message.text())
+            system.append(message)
             continue
         role, blocks = _turn(message)
         if not blocks:
@@ -124,7 +128,18 @@ def translate_messages(messages: list[ChatMessage]) -> tuple[str, list[dict[str,
             turns.append({"role": role, "content": blocks})
     if not turns:
         raise InvalidRequest("anthropic models need at least one user or assistant message", param="messages")
-    return "\n\n".join(s for s in system if s), turns
+    return _system(system), turns
+
+
+def _system(messages: list[ChatMessage]) -> str | list[Block]:
+    """The ``system`` of the system and developer messages: their strings joined by blank lines, or text
+    blocks when any of them is a list of parts (joining parts would run their words together)."""
+    if all(isinstance(m.content, str) for m in messages):
+        return "\n\n".join(m.text() for m in messages if m.text())
+    blocks = [b for m in messages for b in _content_blocks(m)]
+    if any(b["type"] != "text" for b in blocks):
+        raise InvalidRequest("a system or developer message can hold text only", param="messages")
+    return [b for b in blocks if b["text"]]  # Anthropic refuses empty text blocks
 
 
 def _tool(tool: Any) -> dict[str, Any]:
@@ -207,7 +222,8 @@ class AnthropicStream:
 
     provider: str
     done: bool = False
-    _tools: dict[int, int] = field(default_factory=dict)
+    _tools: dict[int, int] = field(default_factory=dict)  # Anthropic block index → OpenAI tool call index
+    _argued: set[int] = field(default_factory=set)  # tool blocks whose arguments have begun
 
     def feed(self, event: str, data: str) -> list[Piece]:
         """Pieces of one event (see the module docstring)."""
@@ -237,9 +253,20 @@ class AnthropicStream:
         if delta.get("type") == "text_delta" and delta.get("text"):
             return [Delta({"content": delta["text"]})]
         if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
-            index = self._tools.get(int(body.get("index", 0)), 0)
+            block = int(body.get("index", 0))
+            self._argued.add(block)
+            index = self._tools.get(block, 0)
             return [Delta({"tool_calls": [{"index": index, "function": {"arguments": delta["partial_json"]}}]})]
         return []
+
+    def _on_content_block_stop(self, body: dict[str, Any]) -> list[Piece]:
+        """A tool call that ends without arguments (a tool with no parameters) has ``{}``, as OpenAI's and
+        the whole answer's: ``""`` is not JSON."""
+        block = int(body.get("index", 0))
+        if block not in self._tools or block in self._argued:
+            return []
+        self._argued.add(block)
+        return [Delta({"tool_calls": [{"index": self._tools[block], "function": {"arguments": "{}"}}]})]
 
     def _on_message_delta(self, body: dict[str, Any]) -> list[Piece]:
         pieces: list[Piece] = []

@@ -317,8 +317,6 @@ def test_a_refusal_keeps_content_null(qa: QAStack) -> None:
 
 # -- Anthropic translated to OpenAI's shapes
 
-@pytest.mark.xfail(strict=True, reason="QA: a streamed Anthropic tool call without arguments has arguments \"\" "
-                                       "(not JSON); the whole answer and OpenAI say \"{}\"")
 def test_streamed_anthropic_tool_call_without_arguments_is_json(qa: QAStack) -> None:
     """Anthropic streams a tool_use with empty input as one input_json_delta of "" (its documented shape)."""
     events = anthropic_events([{"type": "tool_use", "id": "toolu_1", "name": "now", "input": {}}], "tool_use")
@@ -332,8 +330,6 @@ def test_streamed_anthropic_tool_call_without_arguments_is_json(qa: QAStack) -> 
     assert json.loads(arguments) == {}
 
 
-@pytest.mark.xfail(strict=True, reason="QA: Anthropic stop_reason model_context_window_exceeded becomes "
-                                       "finish_reason stop, not length")
 def test_anthropic_context_window_stop_is_length(qa: QAStack) -> None:
     """The answer was cut because the context window filled: a caller checking finish_reason == "length"
     must see it, as for max_tokens."""
@@ -343,8 +339,6 @@ def test_anthropic_context_window_stop_is_length(qa: QAStack) -> None:
     assert r.choices[0].finish_reason == "length"
 
 
-@pytest.mark.xfail(strict=True, reason="QA: text parts of a system message are glued together without a "
-                                       "separator for Anthropic (\"Be helpful.Be brief.\")")
 def test_anthropic_system_text_parts_stay_apart(qa: QAStack) -> None:
     """A user message's parts stay separate blocks; a system message's are concatenated with nothing between
     them, so words of adjacent parts run together."""

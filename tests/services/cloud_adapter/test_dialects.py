@@ -148,6 +148,25 @@ class TestAnthropicRequest:
         assert body["metadata"] == {"user_id": "u7"}
         assert body["model"] == "claude-x"
 
+    def test_text_parts_of_system_and_tool_messages_stay_apart(self) -> None:
+        """A system message of text parts becomes text blocks (joined, its parts' words would run together);
+        a tool message of parts becomes a result of text blocks; an image in a system message is a 400."""
+        parts = [{"type": "text", "text": "Be helpful."}, {"type": "text", "text": ""},
+                 {"type": "text", "text": "Be brief."}]
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        body = self.body(req(messages=[
+            {"role": "system", "content": parts}, {"role": "developer", "content": "Use metric."},
+            {"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "12"},
+                                                               {"type": "text", "text": "bar"}]}]))
+        assert body["system"] == [{"type": "text", "text": "Be helpful."}, {"type": "text", "text": "Be brief."},
+                                  {"type": "text", "text": "Use metric."}]
+        assert body["messages"][-1]["content"] == [{"type": "tool_result", "tool_use_id": "c1", "content": [
+            {"type": "text", "text": "12"}, {"type": "text", "text": "bar"}]}]
+        image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+        with pytest.raises(InvalidRequest, match="text only"):
+            self.body(req(messages=[{"role": "system", "content": [image]}, {"role": "user", "content": "a"}]))
+
     def test_default_max_tokens(self) -> None:
         """Anthropic requires max_tokens: the model's default from the providers file is sent."""
         assert self.body(req())["max_tokens"] == 1000
@@ -228,7 +247,8 @@ class TestAnthropicAnswer:
         assert (c.finish, c.prompt_tokens, c.completion_tokens) == ("tool_calls", 15, 7)
 
     @pytest.mark.parametrize(("reason", "finish"), [("end_turn", "stop"), ("max_tokens", "length"),
-                                                    ("stop_sequence", "stop"), ("refusal", "content_filter")])
+                                                    ("stop_sequence", "stop"), ("refusal", "content_filter"),
+                                                    ("model_context_window_exceeded", "length")])
     def test_stop_reasons(self, reason: str, finish: str) -> None:
         """Anthropic's stop reasons map to OpenAI's finish reasons."""
         data = json.dumps({"content": [], "stop_reason": reason, "usage": {"input_tokens": 1, "output_tokens": 0}})
@@ -262,6 +282,28 @@ class TestAnthropicAnswer:
         assert Tokens(prompt=12) in pieces
         assert Tokens(prompt=None, completion=20) in pieces
         assert s.done
+
+    def test_streamed_tool_call_without_arguments_has_an_empty_object(self) -> None:
+        """A tool_use block that ends with no argument text (Anthropic sends one empty input_json_delta) ends
+        as ``{}``, as the whole answer's does; one that had arguments gets nothing more."""
+        s = Anthropic("a").stream_parser()
+        events = [
+            {"type": "content_block_start", "index": 0,
+             "content_block": {"type": "tool_use", "id": "t1", "name": "now", "input": {}}},
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": ""}},
+            {"type": "content_block_stop", "index": 0},
+            {"type": "content_block_start", "index": 1,
+             "content_block": {"type": "tool_use", "id": "t2", "name": "f", "input": {}}},
+            {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{}"}},
+            {"type": "content_block_stop", "index": 1},
+            {"type": "content_block_start", "index": 2, "content_block": {"type": "text", "text": ""}},
+            {"type": "content_block_stop", "index": 2},
+        ]
+        message: dict[str, Any] = {}
+        for p in (p for e in events for p in s.feed(e["type"], json.dumps(e))):
+            assert isinstance(p, Delta)
+            merge_delta(message, p.fields)
+        assert [c["function"]["arguments"] for c in message["tool_calls"]] == ["{}", "{}"]
 
     def test_error_event(self) -> None:
         """An `error` event (overloaded) raises a retryable error; a rate limit one a 429."""
