@@ -40,11 +40,21 @@ class UnsupportedEncoding(InvalidRequest):
     default_code = "unsupported_content_encoding"
 
 
+# Errors no retry can mend soon: only an operator (a provider key, the provider account's credit, a refused
+# address) or the end of a budget's window can. OpenAI's clients retry every 5xx and 429 unless the answer says
+# ``x-should-retry: false``: each retry would reach the provider, and its breaker, again for nothing.
+NOT_WORTH_RETRYING = frozenset({"upstream_auth_failed", "upstream_insufficient_quota", "destination_refused",
+                                "budget_exceeded"})
+
+
 def error_response(err: LeafwireError, headers: dict[str, str] | None = None) -> web.Response:
-    """``err`` as an HTTP response (Retry-After included when the error carries one)."""
+    """``err`` as an HTTP response (Retry-After included when the error carries one; ``x-should-retry:
+    false`` when retrying cannot help)."""
     h = dict(headers or {})
     if err.retry_after is not None and math.isfinite(err.retry_after):
         h["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
+    if err.code in NOT_WORTH_RETRYING:
+        h["x-should-retry"] = "false"
     return web.json_response(err.to_response().model_dump(), status=err.status, headers=h)
 
 

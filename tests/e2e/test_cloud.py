@@ -419,6 +419,7 @@ class TestBudgetsAndUsage:
         assert r.json()["error"]["code"] == "budget_exceeded"
         assert r.json()["error"]["type"] == "insufficient_quota"
         assert int(r.headers["retry-after"]) >= 1
+        assert r.headers["x-should-retry"] == "false"  # OpenAI's clients would retry a 429 at once otherwise
         assert len(cloud.openai_fake.calls) == 2
         status = eventually(lambda: kv_value(cloud, "budgets", "tenant-poor.daily.hub",
                                              lambda v: v["state"] == "exhausted"), 10, "the budget to be exhausted")

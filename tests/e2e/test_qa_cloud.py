@@ -352,8 +352,6 @@ def test_anthropic_system_text_parts_stay_apart(qa: QAStack) -> None:
 
 # -- errors as the openai client meets them
 
-@pytest.mark.xfail(strict=True, reason="QA: a provider refusing leafwire's key is a retryable-looking 502: the "
-                                       "openai client (max_retries=2) calls the provider 3 times")
 def test_a_refused_provider_key_is_not_retried_by_the_openai_client(qa: QAStack) -> None:
     """Only an operator can mend a refused provider key; the openai client retries any 5xx unless the answer
     says `x-should-retry: false`, so each of its tries reaches the provider (and its breaker) again."""
