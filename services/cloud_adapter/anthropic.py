@@ -165,8 +165,12 @@ def _tools(extras: dict[str, Any]) -> dict[str, Any]:
         mapped = {"type": "any"}
     elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
         mapped = {"type": "tool", "name": choice["function"].get("name", "")}
-    if extras.get("parallel_tool_calls") is False:
-        mapped = {**(mapped or {"type": "auto"}), "disable_parallel_tool_use": True}
+    elif choice is not None:  # allowed_tools, custom tools...: a restriction Anthropic's four choices cannot say
+        raise InvalidRequest(f"The Anthropic model does not support this tool_choice ({json.dumps(choice)[:80]}); "
+                             "it takes \"auto\", \"none\", \"required\" or one named function.",
+                             param="tool_choice", code="unsupported_parameter")
+    if extras.get("parallel_tool_calls") is False and (mapped or {}).get("type") != "none":
+        mapped = {**(mapped or {"type": "auto"}), "disable_parallel_tool_use": True}  # "none" takes no flag
     if mapped is not None:
         out["tool_choice"] = mapped
     return out

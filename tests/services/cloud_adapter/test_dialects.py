@@ -198,6 +198,19 @@ class TestAnthropicRequest:
         assert body["messages"][2] == {"role": "user", "content": [
             {"type": "tool_result", "tool_use_id": "t1", "content": "rain"}]}
 
+    @pytest.mark.parametrize(("choice", "sent"), [
+        ("none", {"type": "none"}),  # Anthropic's "none" takes no parallel flag
+        ("auto", {"type": "auto", "disable_parallel_tool_use": True}),
+        ({"type": "function", "function": {"name": "f"}}, {"type": "tool", "name": "f",
+                                                           "disable_parallel_tool_use": True}),
+        (None, {"type": "auto", "disable_parallel_tool_use": True}),
+    ])
+    def test_parallel_tool_calls_off(self, choice: Any, sent: dict[str, Any]) -> None:
+        """``parallel_tool_calls: false`` goes with every tool choice that can call a tool."""
+        tools = [{"type": "function", "function": {"name": "f"}}]
+        kw = {} if choice is None else {"tool_choice": choice}
+        assert self.body(req(tools=tools, parallel_tool_calls=False, **kw))["tool_choice"] == sent
+
     @pytest.mark.parametrize(("kw", "param"), [
         ({"temperature": 1.5}, "temperature"),
         ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools"),
@@ -214,6 +227,8 @@ class TestAnthropicRequest:
         ({"frequency_penalty": -1}, "frequency_penalty"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}],  # a restriction it cannot say
+          "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}}, "tool_choice"),
     ])
     def test_what_anthropic_cannot_take_is_a_400(self, kw: dict[str, Any], param: str) -> None:
         """Temperature over 1, nameless or malformed tools, audio parts, no user turn, tool arguments that
