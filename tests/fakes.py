@@ -25,7 +25,7 @@ from deploy.topology import free_port
 
 @dataclass
 class Fault:
-    """What one call gets. ``kind``: ok, status, slow, cut, malformed, wrong_type, stream_error."""
+    """What one call gets. ``kind``: ok, status, slow, cut, malformed, wrong_type, stream_error, raw."""
 
     kind: str = "ok"
     status: int = 200
@@ -35,6 +35,7 @@ class Fault:
     after: int = 0
     text: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)  # more usage fields (OpenAI's prompt_tokens_details...)
+    events: list[str] | None = None  # a raw answer's server-sent events, as written
 
     @classmethod
     def ok(cls, text: str | None = None, delay_s: float = 0.0, **usage: Any) -> Fault:
@@ -46,6 +47,12 @@ class Fault:
     def error(cls, status: int, body: Any = None, **headers: str) -> Fault:
         """An error status with a JSON body (the provider's error shape by default) and headers."""
         return cls("status", status=status, body=body, headers={k.replace("_", "-"): v for k, v in headers.items()})
+
+    @classmethod
+    def raw(cls, status: int = 200, body: Any = None, events: list[str] | None = None) -> Fault:
+        """Exactly this answer: ``body`` as JSON with ``status``, or ``events`` (whole server-sent events, as
+        written) as a stream: to drive what the normal answers do not say (tool calls, stop reasons...)."""
+        return cls("raw", status=status, body=body, events=events)
 
     @classmethod
     def slow(cls, delay_s: float) -> Fault:
@@ -188,6 +195,8 @@ class FakeProvider:
             await asyncio.sleep(fault.delay_s)
         if fault.kind == "status":
             return self._status(fault)
+        if fault.kind == "raw":
+            return await self._raw(request, fault)
         if fault.kind == "wrong_type":
             return web.Response(text="<html><body>502 Bad Gateway (proxy)</body></html>", content_type="text/html")
         answer = fault.text if fault.text is not None else " ".join(["pong", *words(last_user_text(body["messages"]))])
@@ -207,6 +216,17 @@ class FakeProvider:
         else:
             body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
         return web.json_response(body, status=status, headers=headers)
+
+    @staticmethod
+    async def _raw(request: web.Request, fault: Fault) -> web.StreamResponse:
+        if fault.events is None:
+            return web.json_response(fault.body, status=fault.status)
+        resp = web.StreamResponse(status=fault.status, headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for event in fault.events:
+            await resp.write(event.encode())
+        await resp.write_eof()
+        return resp
 
     def _status(self, fault: Fault) -> web.Response:
         if fault.body is not None:

@@ -1,17 +1,12 @@
-"""QA of the cloud path as an OpenAI/LiteLLM user meets it: the official openai client -> gateway -> router ->
-cloud-adapter -> scripted fake providers (an OpenAI-compatible one and an Anthropic one).
-
-The fakes here answer exactly what a test scripts (a JSON body, or raw server-sent events), so tool calls,
-stop reasons and error shapes can be driven; with nothing scripted they answer a short text.
-Each test marked xfail is a finding: it asserts what the user would expect, and passes once fixed.
+"""What a provider's answer carries reaches the caller, and what the caller sent is masked before it leaves:
+the official openai client -> gateway -> router -> cloud-adapter -> fake providers (an OpenAI-compatible one
+and an Anthropic one) answering exactly what a test scripts (``Fault.raw``: a JSON body, or server-sent
+events as written), so tool calls, stop reasons, log probabilities and error shapes can be driven.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +15,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from aiohttp import web
 
-from deploy.topology import free_port
+from tests.fakes import FakeProvider, Fault
 from tests.support import NatsServer, Service, cloud_router_env, running
 
 pytestmark = pytest.mark.e2e
@@ -31,93 +25,10 @@ API_KEYS = "key-acme:acme,key-globex:globex"
 USER: list[Any] = [{"role": "user", "content": "hello there"}]
 
 
-@dataclass
-class Reply:
-    """What one call gets: a status, headers and a JSON body, or a list of raw SSE events."""
-
-    status: int = 200
-    body: Any = None
-    events: list[str] | None = None
-    headers: dict[str, str] | None = None
-    delay_s: float = 0.0
-
-
 def sse(name: str | None, data: Any) -> str:
     """One server-sent event (``event:`` line when named)."""
     text = data if isinstance(data, str) else json.dumps(data)
     return (f"event: {name}\n" if name else "") + f"data: {text}\n\n"
-
-
-class RawFake:
-    """A provider that answers what it is scripted to; records every call's body."""
-
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self.port = free_port()
-        self.calls: list[dict[str, Any]] = []
-        self._script: deque[Reply] = deque()
-        self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}" + ("/v1" if self.kind == "openai" else "")
-
-    def script(self, *replies: Reply) -> None:
-        with self._lock:
-            self._script.clear()
-            self._script.extend(replies)
-
-    def reset(self) -> None:
-        with self._lock:
-            self._script.clear()
-            self.calls.clear()
-
-    def start(self) -> RawFake:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(10)
-        return self
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    async def _serve(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions" if self.kind == "openai" else "/v1/messages", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    def _default(self, body: dict[str, Any]) -> Reply:
-        if self.kind == "anthropic":
-            if body.get("stream"):
-                return Reply(events=anthropic_events([{"type": "text", "text": "ok"}], "end_turn"))
-            return Reply(body=anthropic_message([{"type": "text", "text": "ok"}], "end_turn"))
-        if body.get("stream"):
-            return Reply(events=openai_events([{"role": "assistant", "content": "ok"}], "stop"))
-        return Reply(body=openai_completion({"role": "assistant", "content": "ok"}, "stop"))
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        with self._lock:
-            self.calls.append(body)
-            reply = self._script.popleft() if self._script else self._default(body)
-        if reply.delay_s:
-            await asyncio.sleep(reply.delay_s)
-        if reply.events is None:
-            return web.json_response(reply.body, status=reply.status, headers=reply.headers)
-        resp = web.StreamResponse(status=reply.status, headers={"Content-Type": "text/event-stream",
-                                                                **(reply.headers or {})})
-        await resp.prepare(request)
-        for event in reply.events:
-            await resp.write(event.encode())
-        await resp.write_eof()
-        return resp
 
 
 def anthropic_message(content: list[dict[str, Any]], stop_reason: str, **usage: int) -> dict[str, Any]:
@@ -177,8 +88,8 @@ def openai_events(deltas: list[dict[str, Any]], finish: str) -> list[str]:
             "data: [DONE]\n\n"]
 
 
-def providers_file(path: Path, oai: RawFake, claude: RawFake) -> Path:
-    def entry(name: str, fake: RawFake, models: dict[str, Any]) -> dict[str, Any]:
+def providers_file(path: Path, oai: FakeProvider, claude: FakeProvider) -> Path:
+    def entry(name: str, fake: FakeProvider, models: dict[str, Any]) -> dict[str, Any]:
         return {"name": name, "kind": "openai-compatible" if fake.kind == "openai" else "anthropic",
                 "base_url": fake.url, "local": True, "models": models,
                 "timeouts": {"connect_s": 2, "first_byte_s": 2, "total_s": 10}}
@@ -192,8 +103,8 @@ def providers_file(path: Path, oai: RawFake, claude: RawFake) -> Path:
 @dataclass
 class QAStack:
     gateway: Service
-    oai: RawFake
-    claude: RawFake
+    oai: FakeProvider
+    claude: FakeProvider
 
     @property
     def base(self) -> str:
@@ -209,7 +120,7 @@ class QAStack:
 
 @pytest.fixture(scope="module")
 def qa(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[QAStack]:
-    oai, claude = RawFake("openai").start(), RawFake("anthropic").start()
+    oai, claude = FakeProvider("openai").start(), FakeProvider("anthropic").start()
     file = providers_file(tmp_path_factory.mktemp("qa") / "providers.yaml", oai, claude)
     env = {"LW_NATS_URL": nats_server.url, "LW_SITE": SITE}
     adapter = Service("cloud_adapter", {**env, "LW_PROVIDERS_FILE": str(file), "LW_CLOUD_BACKOFF_BASE_S": "0.01",
@@ -259,7 +170,7 @@ def test_tool_call_arguments_are_masked_before_leaving_the_site(qa: QAStack, mod
                 {"role": "tool", "tool_call_id": "call_1", "content": "found one customer"}]
     qa.client().chat.completions.create(model=model, messages=messages, tools=TOOLS)
     fake = qa.oai if model.startswith("oai/") else qa.claude
-    sent = json.dumps(fake.calls[-1])
+    sent = json.dumps(fake.calls[-1].body)
     assert EMAIL not in sent
     assert PHONE not in sent
 
@@ -270,7 +181,7 @@ def test_user_and_name_fields_are_masked_before_leaving_the_site(qa: QAStack) ->
     messages: list[Any] = [{"role": "user", "content": f"I am {EMAIL}", "name": EMAIL}]
     for model, fake in (("oai/gpt", qa.oai), ("claude/sonnet", qa.claude)):
         qa.client().chat.completions.create(model=model, messages=messages, user=EMAIL)
-        sent = json.dumps(fake.calls[-1])
+        sent = json.dumps(fake.calls[-1].body)
         assert "[EMAIL]" in sent  # the message text was masked...
         assert EMAIL not in sent  # ...and nothing else carries it
 
@@ -278,17 +189,17 @@ def test_user_and_name_fields_are_masked_before_leaving_the_site(qa: QAStack) ->
 # -- OpenAI-compatible providers: what the provider answered must reach the caller
 
 def test_logprobs_of_an_openai_compatible_provider_reach_the_caller(qa: QAStack) -> None:
-    qa.oai.script(Reply(body=openai_completion({"role": "assistant", "content": "ok"}, "stop", logprobs=LOGPROBS)))
+    qa.oai.script(Fault.raw(body=openai_completion({"role": "assistant", "content": "ok"}, "stop", logprobs=LOGPROBS)))
     r = qa.client().chat.completions.create(model="oai/gpt", messages=USER, logprobs=True,
                                             top_logprobs=1)
-    assert qa.oai.calls[-1]["logprobs"] is True  # asked of the provider
+    assert qa.oai.calls[-1].body["logprobs"] is True  # asked of the provider
     assert r.choices[0].logprobs is not None
     assert r.choices[0].logprobs.content is not None
     assert r.choices[0].logprobs.content[0].logprob == -0.25
 
 
 def test_streamed_logprobs_of_an_openai_compatible_provider_reach_the_caller(qa: QAStack) -> None:
-    qa.oai.script(Reply(events=[openai_chunk({"role": "assistant", "content": ""}),
+    qa.oai.script(Fault.raw(events=[openai_chunk({"role": "assistant", "content": ""}),
                                 openai_chunk({"content": "ok"}, logprobs=LOGPROBS), openai_chunk({}, "stop"),
                                 openai_chunk(None, usage={"prompt_tokens": 1, "completion_tokens": 1,
                                                           "total_tokens": 2}), "data: [DONE]\n\n"]))
@@ -301,14 +212,14 @@ def test_streamed_logprobs_of_an_openai_compatible_provider_reach_the_caller(qa:
 
 
 def test_system_fingerprint_of_an_openai_compatible_provider_reaches_the_caller(qa: QAStack) -> None:
-    qa.oai.script(Reply(body={**openai_completion({"role": "assistant", "content": "ok"}, "stop"),
+    qa.oai.script(Fault.raw(body={**openai_completion({"role": "assistant", "content": "ok"}, "stop"),
                               "system_fingerprint": "fp_44709d6fcb"}))
     r = qa.client().chat.completions.create(model="oai/gpt", messages=USER, seed=7)
     assert r.system_fingerprint == "fp_44709d6fcb"
 
 
 def test_a_refusal_keeps_content_null(qa: QAStack) -> None:
-    qa.oai.script(Reply(body=openai_completion({"role": "assistant", "content": None,
+    qa.oai.script(Fault.raw(body=openai_completion({"role": "assistant", "content": None,
                                                 "refusal": "I can't help with that."}, "stop")))
     r = qa.client().chat.completions.create(model="oai/gpt", messages=USER)
     assert r.choices[0].message.refusal == "I can't help with that."
@@ -323,7 +234,7 @@ def test_streamed_anthropic_tool_call_without_arguments_is_json(qa: QAStack) -> 
     events = [e for e in events if "input_json_delta" not in e]
     events.insert(-3, sse("content_block_delta", {"type": "content_block_delta", "index": 0,
                                                   "delta": {"type": "input_json_delta", "partial_json": ""}}))
-    qa.claude.script(Reply(events=events))
+    qa.claude.script(Fault.raw(events=events))
     chunks = list(qa.client().chat.completions.create(model="claude/sonnet", messages=USER,
                                                       tools=TOOLS, stream=True))
     (arguments,) = streamed_tool_arguments(chunks)
@@ -333,7 +244,7 @@ def test_streamed_anthropic_tool_call_without_arguments_is_json(qa: QAStack) -> 
 def test_anthropic_context_window_stop_is_length(qa: QAStack) -> None:
     """The answer was cut because the context window filled: a caller checking finish_reason == "length"
     must see it, as for max_tokens."""
-    qa.claude.script(Reply(body=anthropic_message([{"type": "text", "text": "cut sh"}],
+    qa.claude.script(Fault.raw(body=anthropic_message([{"type": "text", "text": "cut sh"}],
                                                   "model_context_window_exceeded")))
     r = qa.client().chat.completions.create(model="claude/sonnet", messages=USER)
     assert r.choices[0].finish_reason == "length"
@@ -345,7 +256,7 @@ def test_anthropic_system_text_parts_stay_apart(qa: QAStack) -> None:
     qa.client().chat.completions.create(model="claude/sonnet", messages=[
         {"role": "system", "content": [{"type": "text", "text": "Be helpful."}, {"type": "text", "text": "Be brief."}]},
         *USER])
-    system = qa.claude.calls[-1]["system"]
+    system = qa.claude.calls[-1].body["system"]
     texts = [system] if isinstance(system, str) else [b["text"] for b in system]
     assert not any("Be helpful.Be brief." in t for t in texts)
 
@@ -355,7 +266,7 @@ def test_anthropic_system_text_parts_stay_apart(qa: QAStack) -> None:
 def test_a_refused_provider_key_is_not_retried_by_the_openai_client(qa: QAStack) -> None:
     """Only an operator can mend a refused provider key; the openai client retries any 5xx unless the answer
     says `x-should-retry: false`, so each of its tries reaches the provider (and its breaker) again."""
-    qa.oai.script(*[Reply(401, {"error": {"message": "Incorrect API key", "type": "invalid_request_error",
+    qa.oai.script(*[Fault.raw(401, {"error": {"message": "Incorrect API key", "type": "invalid_request_error",
                                           "code": "invalid_api_key"}})] * 3)
     client = openai.OpenAI(base_url=qa.base, api_key="key-acme", max_retries=2, timeout=20)
     with pytest.raises(openai.APIStatusError) as exc:
