@@ -4,8 +4,8 @@ Request (OpenAI → Anthropic):
 - ``system`` and ``developer`` messages become ``system`` (strings joined by blank lines; when one is a list
   of text parts, every one becomes a text block of ``system``, so parts stay apart as a user message's do);
   consecutive messages of one role are merged (Anthropic wants user and assistant to alternate).
-- text parts → ``text`` blocks; ``image_url`` parts → ``image`` blocks (a ``data:`` URL as base64, else as
-  a URL); other part types are refused (400).
+- text parts → ``text`` blocks (and an assistant's ``refusal`` parts: what it said); ``image_url`` parts →
+  ``image`` blocks (a ``data:`` URL as base64, else as a URL); other part types are refused (400).
 - assistant ``tool_calls`` → ``tool_use`` blocks; ``tool`` messages → ``tool_result`` blocks of a user turn
   (their text parts as text blocks of the result).
 - ``tools`` → ``name``/``description``/``input_schema``; ``tool_choice`` auto/none/required/a function →
@@ -82,6 +82,10 @@ def _content_blocks(message: ChatMessage) -> list[Block]:
             extra = part.model_extra or {}
             image = extra.get("image_url")
             blocks.append(_image(image.get("url") if isinstance(image, dict) else image))
+        elif part.type == "refusal" and message.role == "assistant":  # what the assistant said when it refused
+            refusal = (part.model_extra or {}).get("refusal")
+            if isinstance(refusal, str) and refusal:
+                blocks.append({"type": "text", "text": refusal})
         else:
             raise InvalidRequest(f"anthropic models do not take message parts of type {part.type!r}",
                                  param="messages")

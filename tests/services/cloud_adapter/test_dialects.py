@@ -163,6 +163,10 @@ class TestAnthropicRequest:
                                   {"type": "text", "text": "Use metric."}]
         assert body["messages"][-1]["content"] == [{"type": "tool_result", "tool_use_id": "c1", "content": [
             {"type": "text", "text": "12"}, {"type": "text", "text": "bar"}]}]
+        refused = self.body(req(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": [
+            {"type": "refusal", "refusal": "I can't help with that."}]}, {"role": "user", "content": "b"}]))
+        assert refused["messages"][1] == {"role": "assistant", "content": [  # an earlier refusal is what it said
+            {"type": "text", "text": "I can't help with that."}]}
         image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
         with pytest.raises(InvalidRequest, match="text only"):
             self.body(req(messages=[{"role": "system", "content": [image]}, {"role": "user", "content": "a"}]))
