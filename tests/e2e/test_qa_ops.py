@@ -88,19 +88,14 @@ def test_policy_push_bad_site_is_a_clean_error(server: NatsServer) -> None:
     assert out.returncode == 2
 
 
-@pytest.mark.xfail(strict=True, reason="QA: --creds / LW_NATS_CREDS cannot work: nats-py needs the 'nkeys' extra, "
-                                       "which is not a dependency (the CLI says 'no NATS server accepts a connection "
-                                       "(ModuleNotFoundError nkeys)')")
 def test_cli_with_a_credentials_file(server: NatsServer, tmp_path: Path) -> None:
     creds = tmp_path / "user.creds"
     creds.write_text(CREDS)
-    out = leafwire("usage", "--nats", server.url, "--creds", str(creds), "--since", "all")
-    assert "nkeys" not in out.stderr, out.stderr
-    assert out.returncode == 0, out.stderr
+    out = leafwire("budgets", "--nats", server.url, "--creds", str(creds))
+    assert out.returncode == 0, out.stderr  # connected with the credentials (nats-py needs nkeys for them)
+    assert out.stdout.strip() == "no cloud spending recorded in the current day or month"
 
 
-@pytest.mark.xfail(strict=True, reason="QA: a service given LW_NATS_CREDS (README: required in production) crashes "
-                                       "at start with ImportError (nats-py[nkeys] not installed)")
 def test_service_with_a_credentials_file(server: NatsServer, tmp_path: Path) -> None:
     creds = tmp_path / "user.creds"
     creds.write_text(CREDS)
