@@ -28,6 +28,7 @@ STOP_WAIT_S = 20.0
 REAP_WAIT_S = 5.0  # after a SIGKILL: only supervisord's bookkeeping is left to wait for
 POLL_S = 0.02
 RPC_TIMEOUT_S = 5.0
+EX_CONFIG = 78  # the exit status of a service that cannot start with its configuration (shared/service.py)
 STOPPED = frozenset({"STOPPED", "EXITED", "FATAL"})
 NOT_RUNNING_FAULTS = frozenset({6, 70})  # SHUTDOWN_STATE, NOT_RUNNING: it got there first
 
@@ -107,6 +108,12 @@ class RpcControl:
     def programs(self) -> list[Program]:
         return [Program(p["group"], p["name"], int(p["pid"]), str(p["statename"]))
                 for p in self.rpc.supervisor.getAllProcessInfo()]
+
+    def given_up(self) -> list[str]:
+        """Programs supervisord will not start again by itself: FATAL (they kept exiting as they started), or
+        EXITED with ``EX_CONFIG`` (a service refusing its configuration: deploy/supervisord.conf.tmpl)."""
+        return [p["name"] for p in self.rpc.supervisor.getAllProcessInfo()
+                if p["statename"] == "FATAL" or (p["statename"] == "EXITED" and p["exitstatus"] == EX_CONFIG)]
 
     def stop(self, namespec: str) -> None:
         self._tolerant(lambda: self.rpc.supervisor.stopProcess(namespec, False))

@@ -121,8 +121,10 @@ def _program(name: str, command: str, priority: int, env: dict[str, str], log_di
     # are done (a SIGTERM to the whole group killed it mid-answer). SIGKILL goes to the group: nothing is left.
     # stopwaitsecs is supervisord's own SIGKILL, a backstop behind deploy/shutdown.py's (which says so).
     return (f"[program:{name}]\ncommand={command}\ndirectory={ROOT}\npriority={priority}\n"
-            f"environment={environment}\nautostart={str(autostart).lower()}\nautorestart=true\n"
-            f"startsecs=1\nstartretries=5\n"
+            f"environment={environment}\nautostart={str(autostart).lower()}\n"
+            # restarted whenever it exits, except with EX_CONFIG: its configuration is wrong, and starting it
+            # again would only fill its log with the same refusal (`up` says so and stops)
+            f"autorestart=unexpected\nexitcodes={shutdown.EX_CONFIG}\nstartsecs=1\nstartretries=5\n"
             f"stopsignal=TERM\nstopwaitsecs={shutdown.STOP_WAIT_S + 10:g}\nstopasgroup=false\nkillasgroup=true\n"
             f"redirect_stderr=true\nstdout_logfile={log_dir / name}.log\nstdout_logfile_maxbytes=20MB\n"
             f"stdout_logfile_backups=2\n\n")
@@ -184,13 +186,20 @@ def _get_json(url: str) -> tuple[int, dict[str, object]]:
         return 0, {}
 
 
+class CannotStart(Exception):
+    """A program of the stack stopped for good while the stack was starting (a wrong configuration)."""
+
+
 def wait_until(what: str, check: Callable[[], bool], supervisor: subprocess.Popen[bytes], timeout: float,
-               started: float) -> None:
-    """Poll ``check`` until it holds; fail when supervisord exits or ``timeout`` passes."""
+               started: float, broken: Callable[[], str | None] = lambda: None) -> None:
+    """Poll ``check`` until it holds; fail when supervisord exits, ``broken`` says why the stack cannot start,
+    or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while not check():
         if supervisor.poll() is not None:
             raise SystemExit(f"supervisord exited while waiting for {what}")
+        if (why := broken()) is not None:
+            raise CannotStart(why)
         if time.monotonic() > deadline:
             raise TimeoutError(what)
         time.sleep(0.25)  # nats-server logs a warning for every failed /healthz: do not flood it
@@ -198,19 +207,57 @@ def wait_until(what: str, check: Callable[[], bool], supervisor: subprocess.Pope
 
 
 def wait_healthy(stack: Stack, hub: list[Node], edge: Node, supervisor: subprocess.Popen[bytes]) -> None:
-    """Wait for NATS, then each service, then a model behind the gateway."""
+    """Wait for NATS, then each service, then a model behind the gateway; stop waiting as soon as a program
+    has stopped for good."""
     t0 = time.monotonic()
+    broken = _given_up(stack)
     wait_until("hub cluster (3 nodes, JetStream domain hub)",
-               lambda: all((topology.healthz(n) or {}).get("status") == "ok" for n in hub), supervisor, 60, t0)
+               lambda: all((topology.healthz(n) or {}).get("status") == "ok" for n in hub), supervisor, 60, t0,
+               broken)
     start_edge(stack, edge)
     wait_until(f"edge site '{stack.site}' joined as a leaf node",
                lambda: (topology.healthz(edge) or {}).get("status") == "ok" and topology.leafnode_connected(edge),
-               supervisor, 60, t0)
+               supervisor, 60, t0, broken)
     for service in SERVICES:
         wait_until(f"{service.replace('_', '-')} ready",
-                   _ready(f"http://{stack.host}:{stack.ops_port(service)}/readyz"), supervisor, 180, t0)
-    wait_until("gateway ready", _ready(f"{stack.gateway}/readyz"), supervisor, 60, t0)
-    wait_until(f"model {stack.chat_model} served", lambda: stack.chat_model in _model_ids(stack), supervisor, 60, t0)
+                   _ready(f"http://{stack.host}:{stack.ops_port(service)}/readyz"), supervisor, 180, t0, broken)
+    wait_until("gateway ready", _ready(f"{stack.gateway}/readyz"), supervisor, 60, t0, broken)
+    wait_until(f"model {stack.chat_model} served", lambda: stack.chat_model in _model_ids(stack), supervisor, 60, t0,
+               broken)
+
+
+def _given_up(stack: Stack) -> Callable[[], str | None]:
+    """What says why the stack cannot start: the first program supervisord has given up on, with the last
+    error its log holds (``None`` while none has)."""
+    control = shutdown.RpcControl(stack.run_dir / "supervisord.conf")
+
+    def broken() -> str | None:
+        try:
+            names = control.given_up()
+        except (OSError, xmlrpc.client.Error):  # supervisord not answering yet: nothing known to be broken
+            return None
+        if not names:
+            return None
+        log = stack.run_dir / "logs" / f"{names[0]}.log"
+        return f"{names[0]} stopped for good: {last_error(log)} (its log: {log})"
+
+    return broken
+
+
+def last_error(log: Path) -> str:
+    """The last error a service logged (its ``event`` and ``error``), else the log's last line."""
+    try:
+        with log.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65_536))
+            lines = [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no log"
+    for line in reversed(lines):
+        with contextlib.suppress(ValueError, AttributeError):
+            entry = json.loads(line)
+            if entry.get("level") == "error":
+                return f"{entry.get('event')}: {entry.get('error', '')}".rstrip(": ")
+    return lines[-1] if lines else "nothing logged"
 
 
 def start_edge(stack: Stack, edge: Node) -> None:
@@ -306,6 +353,10 @@ def up(stack: Stack) -> int:
         say(banner(stack, edge))
     except TimeoutError as exc:
         say(f"  !!  timed out waiting for {exc}; the logs in {stack.run_dir / 'logs'} say why. Stopping.")
+        failed = True
+        stop()
+    except CannotStart as exc:
+        say(f"  !!  {exc}. Stopping.")
         failed = True
         stop()
     except SystemExit as exc:

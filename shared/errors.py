@@ -34,6 +34,12 @@ from schemas.errors import ErrorBody, ErrorResponse
 from shared.logging import scrub
 
 
+class BadConfiguration(Exception):
+    """A service cannot start because of its configuration (a file it reads, a setting): it says what and
+    where in one error line and exits with ``EX_CONFIG`` (78), which supervisors are told not to restart, since
+    starting it again mends nothing (``shared/service.py``). Not reported to callers."""
+
+
 class LeafwireError(Exception):
     """Root of every error leafwire reports to a caller."""
 

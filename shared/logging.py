@@ -132,7 +132,11 @@ def configure(service: str, level: str = "info") -> None:
     root.setLevel(level.upper())
     _root_level = root.level
     for noisy in ("faststream", "faststream.access", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+        logger = logging.getLogger(noisy)
+        logger.setLevel(max(logging.WARNING, root.level))
+        if noisy.startswith("faststream"):  # its own coloured plain-text handler, set up at import: JSON too
+            logger.handlers.clear()
+            logger.propagate = True
 
 
 def bind_request(request_id: str, tenant: str, subject: str | None = None) -> None:

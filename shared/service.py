@@ -8,17 +8,20 @@ HTTP, stop worker processes) in reverse order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import signal
 import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from typing import TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from faststream.nats import NatsBroker
+from pydantic import ValidationError
 
 from shared import logging as lw_logging
 from shared import metrics
+from shared.errors import BadConfiguration
 from shared.nats import NoNatsServer, secrets_of, shown, start_broker, when_closed
 from shared.ops import OpsServer, Readiness
 from shared.settings import ServiceSettings
@@ -26,14 +29,21 @@ from shared.streams import ensure_dead_letters
 
 S = TypeVar("S", bound=ServiceSettings)
 Main = Callable[[S, Readiness, AsyncExitStack], Awaitable[None]]
+EX_CONFIG = 78  # sysexits.h: a configuration error. Supervisors are told not to restart it (deploy/).
 
 
 def run(service: str, settings_factory: Callable[[], S], main: Main[S], *, ops_server: bool = True) -> None:
     """Validate settings, configure logging, start the ops server and ``main``, then serve until signalled.
 
-    ``ops_server=False`` is for a service that serves the ops endpoints on its own HTTP port.
+    ``ops_server=False`` is for a service that serves the ops endpoints on its own HTTP port. A configuration
+    it cannot start with (an invalid ``LW_*`` setting, a malformed file: ``BadConfiguration``) is one error
+    line saying what and where, and exit status ``EX_CONFIG``.
     """
-    settings = settings_factory()
+    try:
+        settings = settings_factory()
+    except ValidationError as exc:
+        lw_logging.configure(service)
+        _refuse(service, "; ".join(_setting_error(e) for e in exc.errors()))
     lw_logging.configure(service, settings.log_level)
     for secret in secrets_of(settings.nats_url):  # whatever logs the URL (a library's error, say) hides them
         lw_logging.register_secret(secret)
@@ -48,8 +58,24 @@ def run(service: str, settings_factory: Callable[[], S], main: Main[S], *, ops_s
     except NoNatsServer as exc:  # no NATS server within LW_NATS_CONNECT_TIMEOUT_S: say so, no traceback
         lw_logging.get_logger(service).error("cannot start", error=str(exc))
         sys.exit(1)
+    except BadConfiguration as exc:
+        _refuse(service, str(exc))
     if code:
         sys.exit(code)
+
+
+def _refuse(service: str, problem: str) -> NoReturn:
+    """Log why the configuration does not let the service start, and exit with ``EX_CONFIG``."""
+    lw_logging.get_logger(service).error("cannot start: bad configuration (starting again will not help)",
+                                         error=problem)
+    sys.exit(EX_CONFIG)
+
+
+def _setting_error(error: Any) -> str:
+    """One error of the settings, naming the environment variable (``LW_SITE: ...``)."""
+    field = ".".join(str(p) for p in error["loc"])
+    name = field if field.startswith("LW_") else f"LW_{field.upper()}"
+    return f"{name}: {error['msg']} (got {str(error.get('input'))[:60]!r})"
 
 
 async def _serve(service: str, settings: S, main: Main[S], ops_server: bool) -> int:
@@ -87,7 +113,9 @@ async def _serve(service: str, settings: S, main: Main[S], ops_server: bool) -> 
             ops = OpsServer(service, readiness, settings.ops_host, settings.ops_port)
             await ops.start()
             stack.push_async_callback(ops.stop)
-        await main(settings, readiness, stack)
+        if not await _started(main(settings, readiness, stack), stop):
+            log.info("stopped while starting")  # a signal (or a lost connection) during start-up
+            return 1 if lost else 0
         readiness.starting = False
         settle_garbage_collector()
         metrics.UP.labels(service).set(1)
@@ -109,6 +137,27 @@ async def _serve(service: str, settings: S, main: Main[S], ops_server: bool) -> 
                 raise
             log.warning("some clean-up needed the lost NATS connection", error=repr(exc))
     return 1 if lost else 0
+
+
+async def _started(starting: Awaitable[None], stop: asyncio.Event) -> bool:
+    """Run a service's start-up until it is done (True) or ``stop`` is set first (False: the start-up is
+    cancelled, so a signal while it waits on NATS, a model or a peer is honoured at once, not after it)."""
+    start = asyncio.ensure_future(starting)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # a second signal: stop waiting for anything
+        start.cancel()
+        raise
+    finally:
+        stopped.cancel()
+    if start.done():
+        start.result()  # its error, if it failed
+        return True
+    start.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await start
+    return False
 
 
 def settle_garbage_collector() -> None:

@@ -25,6 +25,7 @@ from services.cloud_adapter.settings import CloudSettings
 from services.cloud_adapter.state import CloudState
 from shared import hub_usage, subjects
 from shared.envelope import Envelope, admission_subject
+from shared.errors import BadConfiguration
 from shared.handling import ErrorReplies
 from shared.heartbeat import announce_every, subscribe_controls
 from shared.intake import Handler, Intake
@@ -80,7 +81,11 @@ def build_broker(settings: CloudSettings, adapter: CloudAdapter) -> NatsBroker:
 
 def load_adapter(settings: CloudSettings) -> CloudAdapter:
     """Validate the providers file and build the adapter; keys are registered for log scrubbing."""
-    file, providers = config.load(settings.providers_file, require_keys=settings.env == "production")
+    try:
+        file, providers = config.load(settings.providers_file, require_keys=settings.env == "production")
+    except (config.ConfigError, OSError) as exc:  # OSError: a file that is there but cannot be read
+        raise BadConfiguration(exc.message if isinstance(exc, config.ConfigError) else
+                               f"providers file {settings.providers_file}: {exc}") from exc
     for provider in providers:
         if provider.key is not None:
             register_secret(provider.key.get_secret_value())

@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from yarl import URL
 
+from shared import yaml_text
 from shared.errors import LeafwireError
 
 _PROVIDER = r"^[a-z0-9][a-z0-9_-]{0,63}$"
@@ -280,7 +281,7 @@ def read_key(spec: ProviderSpec) -> Provider:
 def parse(text: str, origin: str = "providers file") -> ProvidersFile:
     """Validate the file's text (empty text is an empty file: no providers, no budgets)."""
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml_text.load(text, origin) or {}
         return ProvidersFile.model_validate(raw)
     except (yaml.YAMLError, ValidationError) as exc:
         raise ConfigError(f"{origin} is invalid: {exc}") from exc

@@ -29,6 +29,7 @@ from services.local_inference.settings import InferenceSettings
 from services.local_inference.worker import SERVICE, Worker
 from shared import hub_usage, metrics, subjects
 from shared.envelope import EVENT, Envelope
+from shared.errors import BadConfiguration
 from shared.handling import ErrorReplies, forwarded_envelope
 from shared.heartbeat import announce, announce_every, subscribe_controls
 from shared.logging import get_logger
@@ -136,7 +137,11 @@ async def start_engines(settings: InferenceSettings, stack: AsyncExitStack) -> W
     """Load every model of the registry: chat models each in a decoder process, embeddings on a thread."""
     engines: dict[str, Engine] = {}
     embedders: dict[str, EmbedEngine] = {}
-    for spec in registry.load(settings.models_file).models:
+    try:
+        specs = registry.load(settings.models_file).models
+    except registry.RegistryError as exc:
+        raise BadConfiguration(exc.message) from exc
+    for spec in specs:
         if spec.kind == "embeddings":
             embedder = EmbedEngine(spec, settings.intra_op_threads)
             await embedder.start()

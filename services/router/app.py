@@ -34,7 +34,7 @@ from services.router.signals import UNMEASURED, signals
 from services.router.state import LiveState
 from shared import budgets, config_bucket, metrics, subjects
 from shared.envelope import RESIDENCY, Envelope
-from shared.errors import InvalidRequest, ModelNotFound
+from shared.errors import BadConfiguration, InvalidRequest, ModelNotFound
 from shared.handling import ErrorReplies
 from shared.intake import Handler, Intake
 from shared.logging import bind_request, get_logger
@@ -159,7 +159,12 @@ def routed_cards(policy: policies.Policy) -> list[ModelCard]:
 
 def initial_state(settings: RouterSettings) -> LiveState:
     """The state at start: the policy file (refused at start if invalid), an empty catalog."""
-    policy = policies.parse(settings.policy_file.read_text(), str(settings.policy_file))
+    try:
+        policy = policies.parse(settings.policy_file.read_text(), f"policy file {settings.policy_file}")
+    except policies.PolicyError as exc:
+        raise BadConfiguration(exc.message) from exc
+    except OSError as exc:  # LW_ROUTER_POLICY_FILE names no readable file
+        raise BadConfiguration(f"policy file {settings.policy_file} cannot be read: {exc.strerror or exc}") from exc
     state = LiveState(Catalog(settings.site), policy, Masker.from_policy(policy.masking), file_policy=policy)
     state.uplink_up = settings.uplink != "down"
     return state

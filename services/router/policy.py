@@ -39,6 +39,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
+from shared import yaml_text
 from shared.errors import InvalidRequest
 
 BudgetLevel = Literal["ok", "warning", "exhausted"]
@@ -242,7 +243,7 @@ class Policy(Strict):
 def parse(text: str, source: str = "policy") -> Policy:
     """Parse and validate policy YAML; ``PolicyError`` says what is wrong and where."""
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml_text.load(text, source)
     except yaml.YAMLError as exc:
         raise PolicyError(f"{source} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):

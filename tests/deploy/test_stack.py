@@ -215,6 +215,32 @@ def test_policy_reaches_the_edge_after_a_restart(tmp_path: Path) -> None:
             stop_leftovers(up, env)
 
 
+def test_a_service_refusing_its_configuration_stops_up_at_once(tmp_path: Path) -> None:
+    """A malformed providers file: the cloud-adapter says what and where in one error line and exits 78, which
+    supervisord does not restart (no crash loop filling its log); `up` stops waiting, quotes that line, and
+    stops the stack, leaving nothing behind."""
+    env = stack_env(tmp_path)
+    bad = tmp_path / "providers.yaml"
+    bad.write_text("providers:\n  - name: openai\n    kind: openai-compatible\n   bad_indent: [1, 2\n")
+    env["LW_PROVIDERS_FILE"] = str(bad)
+    run_dir = Path(env["LW_RUN_DIR"])
+    log = tmp_path / "up.log"
+    up = start_up(env, log)
+    try:
+        assert up.wait(BANNER_WAIT_S) == 1, log.read_text()
+        said = log.read_text()
+        assert f"cloud-adapter stopped for good: cannot start: bad configuration (starting again will not help): " \
+               f"providers file {bad} is invalid" in said, said
+        assert "line 4" in said
+        assert "leafwire stopped" in said
+        assert leafwire_pids(run_dir) == []
+        adapter_log = (run_dir / "logs" / "cloud-adapter.log").read_text()
+        assert adapter_log.count("cannot start: bad configuration") == 1, adapter_log  # started once, not again
+        assert "Traceback" not in adapter_log
+    finally:
+        stop_leftovers(up, env)
+
+
 def test_down_with_stale_pid_files(tmp_path: Path) -> None:
     """`down` over pid files of dead processes clears them and says leafwire is not running."""
     env = stack_env(tmp_path)

@@ -20,7 +20,7 @@ from shared import metrics
 from shared.nats import NoNatsServer, connect, connect_once, secrets_of, shown, wait_for_server
 from shared.service import _serve
 from shared.settings import ServiceSettings
-from tests.support import ROOT, NatsServer, eventually_async, start_single
+from tests.support import ROOT, NatsServer, eventually, eventually_async, http_status, start_single
 
 
 @pytest.fixture
@@ -70,6 +70,26 @@ def test_a_service_without_nats_exits_saying_why(dead_url: str, tmp_path: Path) 
     lines = [json.loads(line) for line in done.stderr.splitlines() + done.stdout.splitlines() if line.startswith("{")]
     assert {"event": "cannot start", "error": f"no NATS server at {dead_url} after 1 s"}.items() <= lines[-1].items()
     assert "Traceback" not in done.stderr
+
+
+def test_a_service_stopped_while_it_waits_for_nats_stops_at_once(dead_url: str, tmp_path: Path) -> None:
+    """SIGTERM while a service still waits for its NATS server (up to a minute here) ends the wait: it stops
+    within a second or two, exit status 0, instead of when its start-up would have finished."""
+    ops = free_port()
+    service = subprocess.Popen([sys.executable, "-m", "services.router"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                               env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LW_NATS_URL": dead_url,
+                                    "LW_NATS_CONNECT_TIMEOUT_S": "60", "LW_OPS_PORT": str(ops)})
+    try:
+        eventually(lambda: http_status(f"http://127.0.0.1:{ops}/healthz") == 200, 30, "the ops server")
+        service.terminate()
+        out, _ = service.communicate(timeout=10)
+    finally:
+        service.kill()
+    assert service.returncode == 0
+    events = [json.loads(line)["event"] for line in out.splitlines() if line.startswith("{")]
+    assert events[-2:] == ["stopped while starting", "stopped"], out
+    assert "Traceback" not in out
 
 
 def test_policy_command_without_nats_writes_nothing_and_says_so(dead_url: str, tmp_path: Path) -> None:
