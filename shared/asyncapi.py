@@ -51,7 +51,7 @@ def document() -> str:
     cloud = CloudSettings.model_construct(site="{site}", serve_all_sites=False)
     batcher = BatcherSettings.model_construct(site="{site}")
     brokers = [
-        router_broker(router, LiveState(Catalog("{site}"), Policy(), Masker(())), document_chat=True),
+        router_broker(router, LiveState(Catalog("{site}"), Policy(), Masker(())), document_intakes=True),
         batcher_broker(batcher, Batcher(batcher, WorkerPool("{site}"), NatsTransport(batcher))),
         inference_broker(inference, Worker(inference, {}, worker_id="{worker_id}"), ["{model}"], ["{model}"]),
         cloud_broker(cloud, CloudAdapter(cloud, ProvidersFile(), [])),

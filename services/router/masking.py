@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from schemas.chat import ChatCompletionRequest, ChatMessage, TextPart
+from schemas.embeddings import EmbeddingRequest
 from services.router.policy import Masking, Pattern
 
 # A pattern is only run over text that holds its required character: most prompts skip most patterns.
@@ -85,6 +86,18 @@ class Masker:
         if messages is None:
             return request, total
         return request.model_copy(update={"messages": messages}), total
+
+    def mask_inputs(self, request: EmbeddingRequest) -> tuple[EmbeddingRequest, Counter[str]]:
+        """A copy of an embeddings request with every text input masked; the request itself when nothing
+        matched. Inputs of token ids go as given: the router has no tokenizer to read them with."""
+        total: Counter[str] = Counter()
+        texts = request.texts()
+        if texts is None:
+            return request, total
+        masked = [self._apply(text, total) for text in texts]
+        if not total:
+            return request, total
+        return request.model_copy(update={"input": masked[0] if isinstance(request.input, str) else masked}), total
 
     def _mask_message(self, message: ChatMessage, total: Counter[str]) -> ChatMessage:
         if isinstance(message.content, str):
