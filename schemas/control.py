@@ -62,7 +62,10 @@ class WorkerHeartbeat(BaseModel):
     serves_all_sites: bool = Field(default=False, description="a hub worker that backs up every site")
     leaving: bool = Field(default=False, description="shutting down: finishing its answers, taking no new work")
     cloud_models: list[str] | None = Field(default=None, description="a cloud-adapter's: every <provider>/<model> "
-                                           "it is configured for, its providers' keys set or not")
+                                           "chat model it is configured for, its providers' keys set or not")
+    cloud_embeddings: list[str] | None = Field(default=None, description="a cloud-adapter's: every "
+                                               "<provider>/<model> embeddings model it is configured for, its "
+                                               "providers' keys set or not")
     uplink_free: list[str] = Field(default_factory=list, description="a cloud-adapter's: those of its cloud "
                                    "models whose provider is `local: true` (on a private network, e.g. a vLLM on "
                                    "the plant's LAN): its routers try them with the uplink down")

@@ -21,7 +21,7 @@ from services.batcher.settings import BatcherSettings
 from services.batcher.transport import NatsTransport
 from services.cloud_adapter.adapter import CloudAdapter
 from services.cloud_adapter.app import build_broker as cloud_broker
-from services.cloud_adapter.app import document_chat
+from services.cloud_adapter.app import document_intakes
 from services.cloud_adapter.config import ProvidersFile
 from services.cloud_adapter.settings import CloudSettings
 from services.local_inference.app import Worker
@@ -51,12 +51,12 @@ def document() -> str:
     cloud = CloudSettings.model_construct(site="{site}", serve_all_sites=False)
     batcher = BatcherSettings.model_construct(site="{site}")
     brokers = [
-        router_broker(router, LiveState(Catalog("{site}"), Policy(), Masker(())), document_chat=True),
+        router_broker(router, LiveState(Catalog("{site}"), Policy(), Masker(())), document_intakes=True),
         batcher_broker(batcher, Batcher(batcher, WorkerPool("{site}"), NatsTransport(batcher))),
         inference_broker(inference, Worker(inference, {}, worker_id="{worker_id}"), ["{model}"], ["{model}"]),
         cloud_broker(cloud, CloudAdapter(cloud, ProvidersFile(), [])),
     ]
-    document_chat(brokers[-1], cloud)
+    document_intakes(brokers[-1], cloud)
     spec = AsyncAPI(*brokers, title=TITLE, version=VERSION, description=DESCRIPTION).to_specification()
     return json.dumps(json.loads(spec.to_json()), indent=2, sort_keys=True) + "\n"
 

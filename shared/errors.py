@@ -3,7 +3,8 @@
     LeafwireError                    500 server_error
     ├── InvalidRequest               400 invalid_request_error
     │   ├── ContextLengthExceeded    400 code=context_length_exceeded
-    │   └── TooLarge                 413 code=request_too_large (bigger than one NATS message may be)
+    │   ├── TooLarge                 413 code=request_too_large (bigger than one NATS message may be)
+    │   └── AnswerTooLarge           413 code=answer_too_large (an embeddings answer one NATS message cannot carry)
     ├── Unauthorized                 401 authentication_error
     ├── ModelNotFound                404 code=model_not_found
     ├── Overloaded                   429 rate_limit_error  (carries retry_after)
@@ -108,6 +109,22 @@ class TooLarge(InvalidRequest):
         self.max_payload = max_payload
 
 
+class AnswerTooLarge(InvalidRequest):
+    """An embeddings answer larger than one NATS message may be: the caller must ask for less at once."""
+
+    status = 413
+    default_code = "answer_too_large"
+
+    def __init__(self, size: int, max_payload: int, inputs: int, floats: bool) -> None:
+        fix = "send fewer inputs per request"
+        if floats:
+            fix += ", or ask for encoding_format base64 (a quarter of the size)"
+        super().__init__(f"The answer to these {inputs} inputs ({size} bytes) is larger than the NATS server's "
+                         f"max_payload ({max_payload} bytes): {fix}.", param="input")
+        self.size = size
+        self.max_payload = max_payload
+
+
 class Unauthorized(LeafwireError):
     """Missing or wrong API key."""
 
@@ -123,9 +140,17 @@ class ModelNotFound(LeafwireError):
     type = "invalid_request_error"
     default_code = "model_not_found"
 
-    def __init__(self, model: str) -> None:
-        super().__init__(f"The model '{model}' does not exist or is not served here.", param="model")
+    def __init__(self, model: str, message: str | None = None) -> None:
+        super().__init__(message or f"The model '{model}' does not exist or is not served here.", param="model")
         self.model = model
+
+    @classmethod
+    def other_kind(cls, model: str, kind: str) -> ModelNotFound:
+        """The 404 for a model asked for work of the other kind: ``kind`` is what the model is (``chat`` or
+        ``embeddings``), so chat of an embeddings model, or vectors of a chat model."""
+        endpoint = "POST /v1/embeddings" if kind == "embeddings" else "chat or text completions"
+        return cls(model, f"The model '{model}' is {'an' if kind == 'embeddings' else 'a'} {kind} model: ask "
+                          f"{endpoint} of it.")
 
 
 class Overloaded(LeafwireError):

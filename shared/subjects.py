@@ -96,6 +96,11 @@ def cloud_chat(site: str) -> str:
     return f"{PREFIX}.{site}.cloud.chat"
 
 
+def cloud_embeddings(site: str) -> str:
+    """Embeddings work for cloud models ``<provider>/<model>`` (cloud-adapters, queue ``cloud-adapter``)."""
+    return f"{PREFIX}.{site}.cloud.embeddings"
+
+
 CLOUD_QUEUE = "cloud-adapter"
 
 

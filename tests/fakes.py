@@ -5,12 +5,17 @@ client against real service processes) and asynchronous tests can both use it. T
 next calls get (``fake.script(...)``: an answer, a status with headers, a slow first byte, a stream cut
 midway, malformed JSON, a wrong content type...) and read what the fake received (``fake.calls``).
 With nothing scripted a call gets a normal answer: ``pong`` followed by the last user message's words.
+The OpenAI-compatible fake also answers ``POST /v1/embeddings``: a vector per input made from its text
+(``vector``), so a test knows each input's vector; as floats or base64, of ``dimensions`` if asked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
+import struct
 import threading
 import time
 from collections import deque
@@ -101,6 +106,25 @@ class Received:
     peer: Any = None  # the client's (address, port): the same port means a reused connection
 
 
+DIMENSIONS = 8  # of the fake's vectors when a request does not ask for others
+
+
+def vector(item: str | list[int], dimensions: int = DIMENSIONS) -> list[float]:
+    """The fake's vector of one input (a text, or token ids): unit length, float32 values, from its hash."""
+    seed = hashlib.sha256(json.dumps(item).encode()).digest()
+    raw = [(b - 127.5) / 127.5 for b in (seed * (dimensions // 32 + 1))[:dimensions]]
+    norm = sum(x * x for x in raw) ** 0.5
+    return list(struct.unpack(f"<{dimensions}f", struct.pack(f"<{dimensions}f", *(x / norm for x in raw))))
+
+
+def inputs_of(body: dict[str, Any]) -> list[str | list[int]]:
+    """The inputs of an embeddings request, one item each (a text, or one input's token ids)."""
+    given = body["input"]
+    if isinstance(given, str) or (given and isinstance(given[0], int)):
+        return [given]
+    return list(given)
+
+
 def words(text: str) -> list[str]:
     return text.split()
 
@@ -167,6 +191,8 @@ class FakeProvider:
         app = web.Application()
         path = "/v1/chat/completions" if self.kind == "openai" else "/v1/messages"
         app.router.add_post(path, self._handle)
+        if self.kind == "openai":
+            app.router.add_post("/v1/embeddings", self._embeddings)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
@@ -180,7 +206,8 @@ class FakeProvider:
             return request.headers.get("x-api-key") == self.key
         return request.headers.get("Authorization") == f"Bearer {self.key}"
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _receive(self, request: web.Request) -> tuple[dict[str, Any], Fault, web.StreamResponse | None]:
+        """Record a call; its body, its fault, and the answer when the fault (or a wrong key) decides it."""
         body = await request.json()
         with self._lock:
             self.calls.append(Received(request.path, dict(request.headers), body, time.time(),
@@ -189,16 +216,43 @@ class FakeProvider:
         if not self._authorised(request):
             # Like OpenAI's 401, the message echoes the key it was given: it must never reach a caller.
             given = request.headers.get("Authorization") or request.headers.get("x-api-key") or ""
-            return self._error(401, f"Incorrect API key provided: {given}.", "invalid_request_error",
-                               "invalid_api_key")
+            return body, fault, self._error(401, f"Incorrect API key provided: {given}.", "invalid_request_error",
+                                            "invalid_api_key")
         if fault.kind in ("slow", "ok") and fault.delay_s:
             await asyncio.sleep(fault.delay_s)
         if fault.kind == "status":
-            return self._status(fault)
+            return body, fault, self._status(fault)
         if fault.kind == "raw":
-            return await self._raw(request, fault)
+            return body, fault, await self._raw(request, fault)
         if fault.kind == "wrong_type":
-            return web.Response(text="<html><body>502 Bad Gateway (proxy)</body></html>", content_type="text/html")
+            return body, fault, web.Response(text="<html><body>502 Bad Gateway (proxy)</body></html>",
+                                             content_type="text/html")
+        return body, fault, None
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        body, fault, decided = await self._receive(request)
+        if decided is not None:
+            return decided
+        if fault.kind == "malformed":
+            return web.Response(text='{"object": "list", "data": [', content_type="application/json")
+        items = inputs_of(body)
+        dimensions = body.get("dimensions", DIMENSIONS)
+        data = [{"object": "embedding", "index": i, "embedding": self._encoded(vector(item, dimensions), body)}
+                for i, item in enumerate(items)]
+        tokens = sum(len(words(item)) if isinstance(item, str) else len(item) for item in items)
+        return web.json_response({"object": "list", "data": data[::-1], "model": body["model"],  # any order
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    @staticmethod
+    def _encoded(values: list[float], body: dict[str, Any]) -> list[float] | str:
+        if body.get("encoding_format") == "base64":
+            return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
+        return values
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body, fault, decided = await self._receive(request)
+        if decided is not None:
+            return decided
         answer = fault.text if fault.text is not None else " ".join(["pong", *words(last_user_text(body["messages"]))])
         prompt_tokens = sum(len(words(message_text(m))) for m in body["messages"])
         if body.get("stream"):

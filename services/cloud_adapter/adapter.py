@@ -1,5 +1,8 @@
 """One cloud request from admission to its last event: resolve, budget, cache, call, relay, account.
 
+Chat requests stream or answer whole, and may be cached; embeddings requests are one call answered by one
+``result`` (no cache), accounted the same way: usage event, budgets, metrics.
+
 Admission answers the forwarding router on the message's own reply subject, and only once the answer is
 certain: at a cache hit, or at the provider's first byte (retries happen before that). So the router can
 still try another target when a provider fails, before anything reached the caller. After admission the
@@ -20,26 +23,27 @@ from nats.aio.client import Client as NATS
 
 from schemas.chat import ChatCompletionRequest, FinishReason, Usage
 from schemas.cloud import BreakerState, BudgetStatus, ProviderHealth, UsageEvent
-from schemas.control import Admitted, ModelInfo, WorkerHeartbeat
+from schemas.control import Admitted, ModelInfo, ModelKind, WorkerHeartbeat
+from schemas.embeddings import EmbeddingRequest
 from services.cloud_adapter import cache
 from services.cloud_adapter.breaker import Breaker
 from services.cloud_adapter.budget import Ledger
 from services.cloud_adapter.config import ModelSpec, Provider, ProvidersFile
-from services.cloud_adapter.dialect import Delta, Fingerprint, Finish, Piece, Tokens, provider_fault
+from services.cloud_adapter.dialect import CHARS_PER_TOKEN, Delta, Fingerprint, Finish, Piece, Tokens, provider_fault
 from services.cloud_adapter.settings import CloudSettings
 from services.cloud_adapter.state import CloudState
 from services.cloud_adapter.upstream import Call, Upstream
 from shared import metrics, subjects
 from shared.answer import Answer, merge_delta
 from shared.envelope import CACHE, EVENT, Envelope
-from shared.errors import Cancelled, DeadlineExceeded, InvalidRequest, LeafwireError, ModelNotFound
+from shared.errors import AnswerTooLarge, Cancelled, DeadlineExceeded, InvalidRequest, LeafwireError, ModelNotFound
 from shared.logging import get_logger
+from shared.nats_headers import HEADERS_ROOM
 from shared.replies import Event, ReplyPublisher, keep_callers, publish_error
 
 SERVICE = "cloud-adapter"
 log = get_logger("leafwire.cloud_adapter")
 BREAKER_CODES = {"closed": 0, "half_open": 1, "open": 2}
-CHARS_PER_TOKEN = 4  # estimate when a provider reports no usage
 CACHE_HITS = metrics.CACHE_LOOKUPS.labels("hit")
 CACHE_MISSES = metrics.CACHE_LOOKUPS.labels("miss")
 
@@ -175,17 +179,20 @@ class CloudAdapter:
 
     # -- admission (in the NATS handler: errors go back to the router at once)
 
-    def resolve(self, model: str) -> Target:
-        """The configured target of ``<provider>/<model>``; 404 for anything else (no URL is ever taken
-        from a request)."""
+    def resolve(self, model: str, kind: ModelKind = "chat") -> Target:
+        """The configured target of ``<provider>/<model>`` of that kind; 404 for anything else (no URL is ever
+        taken from a request), saying so for a model of the other kind."""
         target = self.targets.get(model)
         if target is None:
             raise ModelNotFound(model)
+        if target.spec.kind != kind:
+            raise ModelNotFound.other_kind(model, target.spec.kind)
         return target
 
-    def admit(self, request: ChatCompletionRequest, env: Envelope) -> Target:
+    def admit(self, request: ChatCompletionRequest | EmbeddingRequest, env: Envelope,
+              kind: ModelKind = "chat") -> Target:
         """Check what can be checked without I/O; raise what the router should get."""
-        target = self.resolve(request.model)
+        target = self.resolve(request.model, kind)
         if env.expired():
             raise DeadlineExceeded("the request's deadline passed before it reached the cloud adapter")
         if env.request_id in self.inflight:
@@ -198,9 +205,9 @@ class CloudAdapter:
             raise
         return target
 
-    def start(self, target: Target, request: ChatCompletionRequest, env: Envelope, admit_to: str | None) -> None:
-        """Answer in the background; the handler returns at once."""
-        task = asyncio.create_task(self.serve(target, request, env, admit_to))
+    def start(self, answering: Coroutine[Any, Any, None], env: Envelope) -> None:
+        """Answer in the background (``serve`` or ``serve_embeddings``); the handler returns at once."""
+        task = asyncio.create_task(answering)
         self.inflight[env.request_id] = task
         task.add_done_callback(lambda _: self.inflight.pop(env.request_id, None))
 
@@ -254,20 +261,47 @@ class CloudAdapter:
             if key and tally.finish in cache.STORED_REASONS:
                 message = tally.message if request.stream else answer.message
                 self.state.cache_put(key, cache.Entry(message, tally.finish or "stop", tally.usage(request)))
-        except LeafwireError as err:
-            await self._fail(err, admission, publisher, target)
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            if not admission.done:
-                await admission.refuse(Cancelled("the request was cancelled"), publisher)
-        except Exception as exc:
-            log.exception("cloud request crashed", provider=target.upstream.name, model=target.model)
-            await self._fail(LeafwireError(f"internal error in the cloud adapter: {type(exc).__name__}"),
-                             admission, publisher, target)
+        except BaseException as exc:
+            outcome = await self._failed(exc, admission, publisher, target)
         finally:
             self.callers.pop(env.request_id, None)
             event = self._account(target, request, env, tally, outcome, time.monotonic() - started, hit)
             await self.state.publish_usage(event)
+
+    async def serve_embeddings(self, target: Target, request: EmbeddingRequest, env: Envelope,
+                               admit_to: str | None) -> None:
+        """The whole life of one embeddings request after admission checks: one call, one ``result``."""
+        assert self.nc is not None
+        assert self.state is not None
+        started = time.monotonic()
+        publisher = ReplyPublisher(self.nc, env.reply, env, f"{self.settings.site}/{self.worker_id}")
+        admission = Admission(self.nc, admit_to, env, self.worker_id)
+        tokens: int | None = None
+        outcome = "error"
+        self.callers[env.request_id] = publisher
+        try:
+            with target.upstream.slot():
+                call = target.upstream.embeddings_call(request, target.model, target.spec, env.deadline)
+                vectors = await target.upstream.embed(call)
+            tokens = vectors.prompt_tokens  # paid for, whether or not the answer can be sent
+            target.first_byte.observe(time.monotonic() - started)
+            self._fits(vectors.answer, request)
+            await admission.admit()
+            await publisher.send(Event.RESULT, vectors.answer)
+            outcome = "ok"
+            await answer_leaves()
+        except BaseException as exc:
+            outcome = await self._failed(exc, admission, publisher, target)
+        finally:
+            self.callers.pop(env.request_id, None)
+            event = self._account_embeddings(target, env, tokens, outcome, time.monotonic() - started)
+            await self.state.publish_usage(event)
+
+    def _fits(self, answer: bytes, request: EmbeddingRequest) -> None:
+        """Raise the 413 for an answer one NATS message cannot carry (many float vectors of a large model)."""
+        assert self.nc is not None
+        if len(answer) + HEADERS_ROOM > self.nc.max_payload:
+            raise AnswerTooLarge(len(answer), self.nc.max_payload, request.count(), request.encoding_format == "float")
 
     async def _lookup(self, key: str | None) -> cache.Entry | None:
         """The cached answer of a request that may use the cache."""
@@ -288,8 +322,8 @@ class CloudAdapter:
             else:
                 await self._relay_whole(target, call, admission, answer, tally, started)
 
-    async def _relay_stream(self, target: Target, call: Call, admission: Admission, answer: Answer,
-                            tally: Tally, started: float) -> None:
+    async def _relay_stream(self, target: Target, call: Call[ChatCompletionRequest], admission: Admission,
+                            answer: Answer, tally: Tally, started: float) -> None:
         opened = await target.upstream.open_stream(call)
         verdict: bool | None = None
         try:
@@ -315,8 +349,8 @@ class CloudAdapter:
         elif isinstance(piece, Fingerprint):
             answer.fingerprint = piece.value
 
-    async def _relay_whole(self, target: Target, call: Call, admission: Admission, answer: Answer,
-                           tally: Tally, started: float) -> None:
+    async def _relay_whole(self, target: Target, call: Call[ChatCompletionRequest], admission: Admission,
+                           answer: Answer, tally: Tally, started: float) -> None:
         completion = await target.upstream.complete(call)
         target.first_byte.observe(time.monotonic() - started)
         tally.finish = completion.finish
@@ -327,6 +361,21 @@ class CloudAdapter:
         await admission.admit()
         answer.fingerprint = completion.fingerprint
         await answer.whole(completion.message, completion.finish, tally.usage(call.request), completion.logprobs)
+
+    async def _failed(self, exc: BaseException, admission: Admission, publisher: ReplyPublisher,
+                      target: Target) -> str:
+        """Tell whoever waits why a request ended without its whole answer; the request's outcome."""
+        if isinstance(exc, asyncio.CancelledError):
+            if not admission.done:
+                await admission.refuse(Cancelled("the request was cancelled"), publisher)
+            return "cancelled"
+        if not isinstance(exc, Exception):
+            raise exc
+        if not isinstance(exc, LeafwireError):
+            log.error("cloud request crashed", provider=target.upstream.name, model=target.model, exc_info=exc)
+            exc = LeafwireError(f"internal error in the cloud adapter: {type(exc).__name__}")
+        await self._fail(exc, admission, publisher, target)
+        return "error"
 
     async def _fail(self, err: LeafwireError, admission: Admission, publisher: ReplyPublisher,
                     target: Target) -> None:
@@ -339,9 +388,7 @@ class CloudAdapter:
 
     def _account(self, target: Target, request: ChatCompletionRequest, env: Envelope, tally: Tally,
                  outcome: str, elapsed: float, hit: cache.Entry | None) -> UsageEvent:
-        """Metrics and the ledger of a finished request; its usage event."""
-        target.requests[outcome].inc()
-        target.duration.observe(elapsed)
+        """Metrics and the ledger of a finished chat request; its usage event."""
         if hit is not None:
             usage, cost = hit.usage, 0.0
         elif outcome == "error" and tally.prompt_tokens is None and tally.chars == 0:
@@ -349,15 +396,36 @@ class CloudAdapter:
         else:
             usage = tally.usage(request)
             cost = target.spec.cost(usage.prompt_tokens, usage.completion_tokens, tally.cached_tokens or 0)
-            target.prompt_tokens.inc(usage.prompt_tokens)
-            target.completion_tokens.inc(usage.completion_tokens)
-            target.cost.inc(cost)
-            self.ledger.charge(env.tenant, cost)
+            self._charge(target, env.tenant, usage, cost)
+        return self._usage_event(target, env, outcome, elapsed, usage, cost, cached=hit is not None)
+
+    def _account_embeddings(self, target: Target, env: Envelope, tokens: int | None, outcome: str,
+                            elapsed: float) -> UsageEvent:
+        """Metrics and the ledger of a finished embeddings request (``tokens``: what the provider read, if
+        it answered); its usage event. Embeddings have no output tokens."""
+        usage = Usage.of(tokens or 0, 0)
+        cost = target.spec.cost(usage.prompt_tokens, 0)
+        if tokens is not None:
+            self._charge(target, env.tenant, usage, cost)
+        return self._usage_event(target, env, outcome, elapsed, usage, cost, cached=False)
+
+    def _charge(self, target: Target, tenant: str, usage: Usage, cost: float) -> None:
+        """Count what a call used and cost, and charge it to the tenant's and the global budgets."""
+        target.prompt_tokens.inc(usage.prompt_tokens)
+        target.completion_tokens.inc(usage.completion_tokens)
+        target.cost.inc(cost)
+        self.ledger.charge(tenant, cost)
+
+    def _usage_event(self, target: Target, env: Envelope, outcome: str, elapsed: float, usage: Usage, cost: float,
+                     cached: bool) -> UsageEvent:
+        """Count a finished request by its outcome and latency; its usage event."""
+        target.requests[outcome].inc()
+        target.duration.observe(elapsed)
         log.debug("cloud request done", target=target.name, outcome=outcome, prompt_tokens=usage.prompt_tokens,
                   completion_tokens=usage.completion_tokens, cost_usd=cost, latency_s=round(elapsed, 4))
         return UsageEvent(request_id=env.request_id, tenant=env.tenant, site=self.settings.site,
                           target=target.name, prompt_tokens=usage.prompt_tokens,
-                          completion_tokens=usage.completion_tokens, cost_usd=cost, cached=hit is not None,
+                          completion_tokens=usage.completion_tokens, cost_usd=cost, cached=cached,
                           outcome="ok" if outcome in ("ok", "cache_hit") else outcome,
                           latency_s=elapsed, variant=env.variant)
 
@@ -388,14 +456,19 @@ class CloudAdapter:
 
     def heartbeat(self) -> WorkerHeartbeat:
         """The cloud models this adapter can call (providers with their key), for routers' catalogs."""
-        models = [ModelInfo(name=f"{name}/{model}", context_length=spec.context_length)
+        models = [ModelInfo(name=f"{name}/{model}", context_length=spec.context_length, kind=spec.kind)
                   for name, u in self.upstreams.items() if u.provider.missing_key is None
                   for model, spec in u.provider.spec.models.items()]
         return WorkerHeartbeat(worker_id=self.worker_id, service=SERVICE, site=self.settings.site, models=models,
-                               cloud_models=sorted(self.targets), inflight=len(self.inflight),
+                               cloud_models=self._configured("chat"), cloud_embeddings=self._configured("embeddings"),
+                               inflight=len(self.inflight),
                                uplink_free=sorted(n for n, t in self.targets.items() if t.upstream.provider.spec.local),
                                capacity=sum(u.provider.spec.max_concurrent for u in self.upstreams.values()) or 1,
                                interval_s=self.settings.heartbeat_s)
+
+    def _configured(self, kind: ModelKind) -> list[str]:
+        """Every ``<provider>/<model>`` of that kind, its provider's key set or not."""
+        return sorted(name for name, target in self.targets.items() if target.spec.kind == kind)
 
     async def open_upstreams(self) -> None:
         """Open every provider's session."""

@@ -1,4 +1,5 @@
-"""cloud-adapter on NATS: admit chat work for cloud models, answer cancels and roll calls, announce models.
+"""cloud-adapter on NATS: admit chat and embeddings work for cloud models, answer cancels and roll calls,
+announce models.
 
 Admission answers the forwarding router on the message's own reply subject — ``admitted`` only once the
 provider's first byte arrived (or the cache had the answer), else an error the router can act on. The
@@ -6,19 +7,21 @@ answer then goes straight to the caller's subject (``Lw-Reply``). A handed-off r
 the router has no fallback for it) has nobody waiting for admission, and a refusal goes to the caller too.
 
 Chat work is the hot path and is read with an ``Intake`` (``shared/intake.py``: a plain nats-py queue
-subscription with FastStream's error contract); cancels and roll calls are rare and stay FastStream
-handlers.
+subscription with FastStream's error contract), and embeddings work alike; cancels and roll calls are rare
+and stay FastStream handlers.
 """
 
 from __future__ import annotations
 
 import contextlib
 from contextlib import AsyncExitStack
+from typing import Any
 
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 
 from schemas.chat import ChatCompletionRequest
+from schemas.embeddings import EmbeddingRequest
 from services.cloud_adapter import config
 from services.cloud_adapter.adapter import SERVICE, CloudAdapter
 from services.cloud_adapter.settings import CloudSettings
@@ -43,6 +46,10 @@ CHAT_DOC = ("Chat work for cloud models `<provider>/<model>` (queue group `cloud
             "or an error; then streams the answer to the caller's subject given in the Lw-Reply header (first "
             "message: Lw-Cache hit/miss when the cache was consulted). With header Lw-Handoff (a router with no "
             "fallback for it), nothing is answered on the reply subject: a refusal goes to Lw-Reply too.")
+EMBEDDINGS_DOC = ("Embeddings work for cloud embeddings models `<provider>/<model>` (queue group `cloud-adapter`), "
+                  "handed off by routers (Lw-Handoff): one `result` (OpenAI's embeddings list) or one `error` on the "
+                  "caller's subject given in the Lw-Reply header. Without Lw-Handoff, `admitted` (or an error) "
+                  "first on the message's reply subject, once the provider answered.")
 
 
 def sites_of(settings: CloudSettings) -> str:
@@ -55,18 +62,35 @@ def chat_handler(adapter: CloudAdapter) -> Handler[ChatCompletionRequest]:
 
     async def on_chat(body: ChatCompletionRequest, msg: Msg, env: Envelope) -> None:
         env.require_reply()
-        adapter.start(adapter.admit(body, env), body, env, admission_subject(msg.headers, msg.reply))
+        target = adapter.admit(body, env)
+        adapter.start(adapter.serve(target, body, env, admission_subject(msg.headers, msg.reply)), env)
 
     return on_chat
 
 
-def document_chat(broker: NatsBroker, settings: CloudSettings) -> None:
-    """Declare the chat subject on a broker that only builds the AsyncAPI document (never started): at run
-    time an ``Intake`` reads it."""
+def embeddings_handler(adapter: CloudAdapter) -> Handler[EmbeddingRequest]:
+    """Admit cloud embeddings work; the call runs in the background, as chat's does."""
+
+    async def on_embeddings(body: EmbeddingRequest, msg: Msg, env: Envelope) -> None:
+        env.require_reply()
+        target = adapter.admit(body, env, "embeddings")
+        adapter.start(adapter.serve_embeddings(target, body, env, admission_subject(msg.headers, msg.reply)), env)
+
+    return on_embeddings
+
+
+def document_intakes(broker: NatsBroker, settings: CloudSettings) -> None:
+    """Declare the chat and embeddings subjects on a broker that only builds the AsyncAPI document (never
+    started): at run time ``Intake``s read them."""
 
     @broker.subscriber(subjects.cloud_chat(sites_of(settings)), queue=subjects.CLOUD_QUEUE, no_reply=True,
                        title="cloud/chat", description=CHAT_DOC)
     async def on_chat(body: ChatCompletionRequest) -> None:  # pragma: no cover - documentation only
+        raise NotImplementedError("documentation only: an Intake serves this subject")
+
+    @broker.subscriber(subjects.cloud_embeddings(sites_of(settings)), queue=subjects.CLOUD_QUEUE, no_reply=True,
+                       title="cloud/embeddings", description=EMBEDDINGS_DOC)
+    async def on_embeddings(body: EmbeddingRequest) -> None:  # pragma: no cover - documentation only
         raise NotImplementedError("documentation only: an Intake serves this subject")
 
 
@@ -97,10 +121,10 @@ def load_adapter(settings: CloudSettings) -> CloudAdapter:
     return CloudAdapter(settings, file, providers)
 
 
-async def quiesce(intake: Intake[ChatCompletionRequest], broker: NatsBroker, adapter: CloudAdapter,
-                  grace_s: float) -> None:
+async def quiesce(intakes: list[Intake[Any]], broker: NatsBroker, adapter: CloudAdapter, grace_s: float) -> None:
     """Shutdown, first step: stop taking work, then let admitted answers finish."""
-    await intake.stop()
+    for intake in intakes:
+        await intake.stop()
     for sub in broker.subscribers:
         with contextlib.suppress(Exception):
             await sub.stop()
@@ -126,7 +150,13 @@ async def main(settings: CloudSettings, readiness: Readiness, stack: AsyncExitSt
     state.spawn(hub_usage.keep_joined(nc, settings.site, settings.usage_hub_check_s,
                                       collected=(hub_usage.USAGE, hub_usage.BUDGETS)))
     readiness.add("jetstream", state.problem)
-    intake = Intake(nc, subject=subjects.cloud_chat(sites_of(settings)), queue=subjects.CLOUD_QUEUE,
-                    model=ChatCompletionRequest, handler=chat_handler(adapter), site=settings.site, service=SERVICE)
-    await intake.start()
-    stack.push_async_callback(quiesce, intake, broker, adapter, settings.nats_drain_timeout_s)
+    sites = sites_of(settings)
+    intakes: list[Intake[Any]] = [
+        Intake(nc, subject=subjects.cloud_chat(sites), queue=subjects.CLOUD_QUEUE, model=ChatCompletionRequest,
+               handler=chat_handler(adapter), site=settings.site, service=SERVICE),
+        Intake(nc, subject=subjects.cloud_embeddings(sites), queue=subjects.CLOUD_QUEUE, model=EmbeddingRequest,
+               handler=embeddings_handler(adapter), site=settings.site, service=SERVICE),
+    ]
+    for intake in intakes:
+        await intake.start()
+    stack.push_async_callback(quiesce, intakes, broker, adapter, settings.nats_drain_timeout_s)

@@ -11,6 +11,7 @@
         models:
           gpt-4o-mini: {input_per_mtok: 0.15, output_per_mtok: 0.60}
           mini: {upstream: gpt-4o-mini}   # another name for a provider's model
+          text-embedding-3-small: {kind: embeddings, input_per_mtok: 0.02}  # POST /v1/embeddings
     budgets:                              # US dollars; a period without a limit is not limited
       global: {daily_usd: 50, monthly_usd: 1000}
       tenant_default: {daily_usd: 5}
@@ -35,6 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from yarl import URL
 
+from schemas.control import ModelKind
 from shared import yaml_text
 from shared.errors import LeafwireError
 
@@ -43,6 +45,7 @@ _MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,127}$")
 _HEADER = r"^[A-Za-z0-9-]{1,64}$"
 Kind = Literal["openai-compatible", "anthropic"]
 PATHS: dict[str, str] = {"openai-compatible": "/chat/completions", "anthropic": "/v1/messages"}
+EMBEDDINGS_PATH = "/embeddings"
 
 
 class ConfigError(LeafwireError):
@@ -81,9 +84,11 @@ class BreakerOverrides(BaseModel):
 
 
 class ModelSpec(BaseModel):
-    """A model of a provider: its name at the provider, prices per million tokens, limits."""
+    """A model of a provider: what it does, its name at the provider, prices per million tokens, limits."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: ModelKind = Field(default="chat", description="chat (chat and text completions) or embeddings "
+                                                        "(POST /v1/embeddings; openai-compatible providers only)")
     upstream: str | None = Field(default=None, description="the provider's own name, when it differs")
     input_per_mtok: Annotated[float, Field(ge=0)] = 0.0
     output_per_mtok: Annotated[float, Field(ge=0)] = 0.0
@@ -93,6 +98,13 @@ class ModelSpec(BaseModel):
     context_length: Annotated[int | None, Field(ge=1)] = None
     max_tokens: Annotated[int, Field(ge=1)] = Field(
         default=4096, description="completion limit sent when a request sets none (Anthropic requires one)")
+
+    @model_validator(mode="after")
+    def _embeddings_have_no_output(self) -> ModelSpec:
+        if self.kind == "embeddings" and (self.output_per_mtok or self.cached_input_per_mtok is not None):
+            raise ValueError("an embeddings model reads input tokens only: give it input_per_mtok, not "
+                             "output_per_mtok or cached_input_per_mtok")
+        return self
 
     def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
         """US dollars for this many tokens, ``cached_tokens`` of the prompt at the cached-input price."""
@@ -112,6 +124,9 @@ class ProviderSpec(BaseModel):
     path: str | None = Field(default=None, description="appended to base_url; {model} is the upstream model "
                                                        "(Azure: /openai/deployments/{model}/chat/completions"
                                                        "?api-version=...)")
+    embeddings_path: str | None = Field(default=None, description="the same for embeddings calls (default "
+                                                                  "/embeddings; Azure: /openai/deployments/"
+                                                                  "{model}/embeddings?api-version=...)")
     api_key_env: str | None = None
     api_key_file: Path | None = None
     api_key_header: Annotated[str | None, Field(pattern=_HEADER)] = None
@@ -160,9 +175,23 @@ class ProviderSpec(BaseModel):
             raise ValueError("give api_key_env or api_key_file, not both")
         return self
 
-    def url(self, upstream_model: str) -> str:
-        """The URL of a chat call (the model is substituted only where the path template asks for it)."""
-        path = self.path or PATHS[self.kind]
+    @model_validator(mode="after")
+    def _embeddings_where_they_are_spoken(self) -> ProviderSpec:
+        embedders = [name for name, spec in self.models.items() if spec.kind == "embeddings"]
+        if not embedders:
+            return self
+        if self.kind != "openai-compatible":
+            raise ValueError(f"provider {self.name!r} ({self.kind}) cannot serve embeddings model "
+                             f"{embedders[0]!r}: only openai-compatible providers have an embeddings API")
+        if self.path is not None and self.embeddings_path is None:
+            raise ValueError(f"provider {self.name!r} sets `path` and has embeddings model {embedders[0]!r}: "
+                             "give its `embeddings_path` too (/embeddings after its own path is a guess)")
+        return self
+
+    def url(self, upstream_model: str, kind: ModelKind = "chat") -> str:
+        """The URL of a chat or embeddings call (the model is substituted only where the path template asks
+        for it)."""
+        path = (self.path or PATHS[self.kind]) if kind == "chat" else (self.embeddings_path or EMBEDDINGS_PATH)
         if "{model}" in path:
             path = path.replace("{model}", quote(upstream_model, safe=""))
         return self.base_url.rstrip("/") + path

@@ -40,6 +40,7 @@ from shared.errors import (
 from shared.logging import scrub
 
 _MAX_MESSAGE = 500
+CHARS_PER_TOKEN = 4  # estimate when a provider reports no usage
 FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "content_filter", "tool_calls"})
 
 

@@ -18,11 +18,13 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 import aiohttp
 
 from schemas.chat import ChatCompletionRequest
+from schemas.embeddings import EmbeddingRequest
+from services.cloud_adapter import embeddings
 from services.cloud_adapter.anthropic import Anthropic
 from services.cloud_adapter.breaker import Breaker
 from services.cloud_adapter.config import ModelSpec, Provider
@@ -47,6 +49,7 @@ from shared.logging import get_logger
 
 log = get_logger("leafwire.cloud_adapter.upstream")
 T = TypeVar("T")
+R = TypeVar("R", ChatCompletionRequest, EmbeddingRequest)
 USER_AGENT = "leafwire-cloud-adapter/0.1"
 
 
@@ -59,13 +62,16 @@ def dialect_of(provider: Provider) -> Dialect:
 
 
 @dataclass
-class Call:
-    """One request for one model of the provider, and when it must be over (unix time)."""
+class Call(Generic[R]):
+    """One request (chat or embeddings) for one model of the provider: where it is sent and what, and when
+    it must be over (unix time)."""
 
-    request: ChatCompletionRequest
+    request: R
     model: str
     spec: ModelSpec
     deadline: float
+    url: str
+    body: bytes
     started: float = field(default_factory=time.time)
 
     def left(self) -> float:
@@ -77,7 +83,8 @@ class OpenStream:
     """A streamed answer whose first event has arrived: ``first`` pieces, then ``rest()``."""
 
     def __init__(self, upstream: Upstream, resp: aiohttp.ClientResponse, sse: SSEParser, parser: StreamParser,
-                 first: list[Piece], pending: list[ServerEvent], call: Call, probe: bool) -> None:
+                 first: list[Piece], pending: list[ServerEvent], call: Call[ChatCompletionRequest],
+                 probe: bool) -> None:
         self.first = first
         self._pending = pending
         self._upstream = upstream
@@ -220,9 +227,23 @@ class Upstream:
         self.inflight -= 1
         self._inflight_gauge.dec()
 
-    def call(self, request: ChatCompletionRequest, model: str, spec: ModelSpec, deadline: float) -> Call:
-        """A call of ``model`` ending by the request's deadline or the provider's total timeout."""
-        return Call(request, model, spec, min(deadline, time.time() + self.provider.spec.timeouts.total_s))
+    def call(self, request: ChatCompletionRequest, model: str, spec: ModelSpec,
+             deadline: float) -> Call[ChatCompletionRequest]:
+        """A chat call of ``model`` ending by the request's deadline or the provider's total timeout."""
+        upstream = spec.upstream or model
+        return Call(request, model, spec, self._ends(deadline), self.provider.spec.url(upstream),
+                    self.dialect.body(request, spec, upstream, request.stream))
+
+    def embeddings_call(self, request: EmbeddingRequest, model: str, spec: ModelSpec,
+                        deadline: float) -> Call[EmbeddingRequest]:
+        """An embeddings call of ``model``, ending as a chat call does."""
+        upstream = spec.upstream or model
+        return Call(request, model, spec, self._ends(deadline), self.provider.spec.url(upstream, "embeddings"),
+                    embeddings.body(request, upstream))
+
+    def _ends(self, deadline: float) -> float:
+        """When a call must be over: the request's deadline, or the provider's total timeout from now."""
+        return min(deadline, time.time() + self.provider.spec.timeouts.total_s)
 
     def settle(self, ok: bool | None, probe: bool) -> None:
         """Tell the breaker how a call ended (``None``: no verdict, e.g. cancelled or the caller's fault)."""
@@ -232,19 +253,25 @@ class Upstream:
             return
         self.breaker.record(ok, probe)
 
-    async def complete(self, call: Call) -> Completion:
+    async def complete(self, call: Call[ChatCompletionRequest]) -> Completion:
         """A whole (non-streamed) answer, retried until it arrives or retrying must stop."""
         completion, probe = await self._with_retries(call, self._try_complete)
         self.settle(True, probe)
         return completion
 
-    async def open_stream(self, call: Call) -> OpenStream:
+    async def embed(self, call: Call[EmbeddingRequest]) -> embeddings.Vectors:
+        """The vectors of an embeddings call, retried as a whole chat answer is."""
+        vectors, probe = await self._with_retries(call, self._try_embed)
+        self.settle(True, probe)
+        return vectors
+
+    async def open_stream(self, call: Call[ChatCompletionRequest]) -> OpenStream:
         """A streamed answer whose first event arrived, retried until then."""
         opened, _ = await self._with_retries(call, self._try_stream)
         return opened
 
-    async def _with_retries(self, call: Call,
-                            attempt: Callable[[Call, bool], Awaitable[T]]) -> tuple[T, bool]:
+    async def _with_retries(self, call: Call[R],
+                            attempt: Callable[[Call[R], bool], Awaitable[T]]) -> tuple[T, bool]:
         last: LeafwireError | None = None
         for tries in range(self.policy.max_attempts):
             probe = self.breaker.acquire()
@@ -270,7 +297,7 @@ class Upstream:
                 raise
         raise AssertionError("unreachable: the last try raises")  # pragma: no cover
 
-    def timed_out(self, wait: float, call: Call, silent: str) -> str:
+    def timed_out(self, wait: float, call: Call[Any], silent: str) -> str:
         """Why a wait of ``wait`` seconds ended: the provider was ``silent`` for its first-byte timeout, or
         the call's whole time ran out (its ``total_s``, or the request's deadline, retries included)."""
         if wait < self.provider.spec.timeouts.first_byte_s:
@@ -278,16 +305,14 @@ class Upstream:
                     "retries included) or the request's deadline came first")
         return f"{self.name} {silent}"
 
-    async def _post(self, call: Call, stream: bool) -> aiohttp.ClientResponse:
+    async def _post(self, call: Call[Any], stream: bool) -> aiohttp.ClientResponse:
         """Send one try and wait for the response headers (within the first-byte timeout)."""
         assert self._session is not None, "Upstream.start() was not called"
-        body = self.dialect.body(call.request, call.spec, call.spec.upstream or call.model, stream)
         wait = min(self.provider.spec.timeouts.first_byte_s, call.left())
         headers = self._headers[stream]
         try:
             async with asyncio.timeout(max(wait, 0.0)):
-                return await self._session.post(self.provider.spec.url(call.spec.upstream or call.model),
-                                                data=body, headers=headers, allow_redirects=False)
+                return await self._session.post(call.url, data=call.body, headers=headers, allow_redirects=False)
         except TimeoutError as exc:
             raise UpstreamTimeout(self.timed_out(wait, call, f"did not answer within {wait:.1f} s"),
                                   retryable=True) from exc
@@ -299,7 +324,7 @@ class Upstream:
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamError(f"calling {self.name} failed: {type(exc).__name__}", retryable=True) from exc
 
-    async def _read_body(self, resp: aiohttp.ClientResponse, call: Call) -> bytes:
+    async def _read_body(self, resp: aiohttp.ClientResponse, call: Call[Any]) -> bytes:
         body = bytearray()
         try:
             async with asyncio.timeout(max(call.left(), 0.0)):
@@ -315,7 +340,7 @@ class Upstream:
             raise UpstreamError(f"{self.name}'s answer was cut: {type(exc).__name__}", retryable=True) from exc
         return bytes(body)
 
-    async def _refuse(self, resp: aiohttp.ClientResponse, call: Call) -> LeafwireError:
+    async def _refuse(self, resp: aiohttp.ClientResponse, call: Call[Any]) -> LeafwireError:
         """The error of a non-2xx answer."""
         try:
             body = await self._read_body(resp, call)
@@ -324,16 +349,24 @@ class Upstream:
         hint = retry_hint(resp.headers, time.time())
         return classify(self.name, call.request.model, resp.status, self.dialect.error_info(body), hint)
 
-    async def _try_complete(self, call: Call, probe: bool) -> Completion:
+    async def _try_complete(self, call: Call[ChatCompletionRequest], probe: bool) -> Completion:
+        return self.dialect.completion(await self._whole(call))
+
+    async def _try_embed(self, call: Call[EmbeddingRequest], probe: bool) -> embeddings.Vectors:
+        data = await self._whole(call)  # thousands of vectors take tens of milliseconds to read: not on the loop
+        return await asyncio.to_thread(embeddings.read, self.name, data, call.request)
+
+    async def _whole(self, call: Call[Any]) -> bytes:
+        """The JSON body of one try's answer, or the error its status or content type amounts to."""
         resp = await self._post(call, stream=False)
         async with resp:
             if not 200 <= resp.status < 300:
                 raise await self._refuse(resp, call)
             if not (resp.content_type == "application/json" or resp.content_type.endswith("+json")):
                 raise bad_response(self.name, f"content type {resp.content_type!r} instead of JSON")
-            return self.dialect.completion(await self._read_body(resp, call))
+            return await self._read_body(resp, call)
 
-    async def _try_stream(self, call: Call, probe: bool) -> OpenStream:
+    async def _try_stream(self, call: Call[ChatCompletionRequest], probe: bool) -> OpenStream:
         resp = await self._post(call, stream=True)
         try:
             if not 200 <= resp.status < 300:
@@ -345,7 +378,8 @@ class Upstream:
             resp.close()
             raise
 
-    async def _first_events(self, resp: aiohttp.ClientResponse, call: Call, probe: bool) -> OpenStream:
+    async def _first_events(self, resp: aiohttp.ClientResponse, call: Call[ChatCompletionRequest],
+                            probe: bool) -> OpenStream:
         """Read until the first event: that is the first byte, after which nothing is retried (events that
         arrived with it are read after admission, like every later one)."""
         sse = SSEParser(max_event_bytes=self.max_response_bytes)

@@ -34,6 +34,7 @@ from shared import metrics
 from shared.answer import Answer
 from shared.envelope import Envelope
 from shared.errors import (
+    AnswerTooLarge,
     Cancelled,
     DeadlineExceeded,
     InvalidRequest,
@@ -48,18 +49,6 @@ from shared.usage import UsagePublisher
 
 SERVICE = "local-inference"
 log = get_logger("leafwire.local_inference")
-
-
-def answer_too_large(size: int, max_payload: int, request: EmbeddingRequest) -> InvalidRequest:
-    """The 413 for an embeddings answer that one NATS message cannot carry."""
-    fix = "send fewer inputs per request"
-    if request.encoding_format == "float":
-        fix += ", or ask for encoding_format base64 (a quarter of the size)"
-    err = InvalidRequest(f"The answer to these {request.count()} inputs ({size} bytes) is larger than the NATS "
-                         f"server's max_payload ({max_payload} bytes): {fix}.", param="input",
-                         code="answer_too_large")
-    err.status = 413
-    return err
 
 
 def new_worker_id(instance: str = "") -> str:
@@ -364,7 +353,8 @@ class Worker:
                 if len(answer) + HEADERS_ROOM > self.nc.max_payload:
                     log.warning("embeddings answer too large for NATS", model=model, request_id=job.env.request_id,
                                 bytes=len(answer), max_payload=self.nc.max_payload)
-                    await publisher.error(answer_too_large(len(answer), self.nc.max_payload, job.request))
+                    await publisher.error(AnswerTooLarge(len(answer), self.nc.max_payload, job.request.count(),
+                                                         job.request.encoding_format == "float"))
                     continue
                 await publisher.send(Event.RESULT, answer)
         except Exception as exc:  # the caller must hear of it, whatever broke

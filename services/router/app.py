@@ -5,7 +5,8 @@ chain of targets from the policy and the live state, and offers the request to e
 caller's subject in ``Lw-Reply``, until one takes it (a lone cloud target is handed off: there is nothing
 to wait for, see ``handover``). Local targets are queued at the site's batcher (or, when none runs, handed
 to a worker directly). A refusal of every target, or a request no target may serve, is sent to the caller
-as an error event. Embeddings run on local models only.
+as an error event. Embeddings go to the local or cloud embeddings model named (aliases resolve), never
+another: another model's vectors would be of another space.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from schemas.chat import ChatCompletionRequest
-from schemas.control import DryRun, ModelCard, ModelList, RouteDecision, SkippedTarget, WorkerHeartbeat
+from schemas.control import DryRun, ModelCard, ModelKind, ModelList, RouteDecision, SkippedTarget, WorkerHeartbeat
 from schemas.embeddings import EmbeddingRequest
 from services.router import decide, policy_watch, watch
 from services.router import policy as policies
 from services.router.catalog import Catalog
 from services.router.decide import AUTO, Facts, Plan
-from services.router.handover import Handoffs, offer_local, run_chain
+from services.router.handover import Handoffs, count_masked, hand_off, offer_local, run_chain
 from services.router.masking import Masker
 from services.router.settings import RouterSettings
 from services.router.signals import UNMEASURED, signals
@@ -37,7 +38,7 @@ from shared.envelope import RESIDENCY, Envelope
 from shared.errors import BadConfiguration, InvalidRequest, ModelNotFound
 from shared.handling import ErrorReplies
 from shared.intake import Handler, Intake
-from shared.logging import bind_request, get_logger
+from shared.logging import get_logger
 from shared.nats import broker as make_broker
 from shared.ops import Readiness
 from shared.service import attach_broker
@@ -47,14 +48,18 @@ SERVICE = "router"
 log = get_logger("leafwire.router")
 
 
+def onsite(env: Envelope, headers: Mapping[str, str] | None, state: LiveState) -> bool:
+    """Whether the request must stay on the site: its header says so, or its tenant is one that must."""
+    return (headers or {}).get(RESIDENCY, "").lower() == "onsite" or \
+        env.tenant in state.policy.residency.onsite_tenants
+
+
 def facts_of(request: ChatCompletionRequest, env: Envelope, headers: Mapping[str, str] | None,
              state: LiveState, measure: bool = True) -> Facts:
     """What the policy may look at: model, tenant, user, residency and (if ``measure``) the prompt's signals."""
-    onsite = (headers or {}).get(RESIDENCY, "").lower() == "onsite" or \
-        env.tenant in state.policy.residency.onsite_tenants
     measured = signals("\n".join(m.text() for m in request.messages)) if measure else UNMEASURED
-    return Facts(model=request.model, tenant=env.tenant, user=request.user, onsite=onsite, signals=measured,
-                 request=request)
+    return Facts(model=request.model, tenant=env.tenant, user=request.user, onsite=onsite(env, headers, state),
+                 signals=measured, request=request)
 
 
 def decide_for(state: LiveState, request: ChatCompletionRequest, env: Envelope,
@@ -62,7 +67,17 @@ def decide_for(state: LiveState, request: ChatCompletionRequest, env: Envelope,
     """The plan for a request under the current policy and state; ``measure=False`` skips the prompt's
     signals when no rule reads them."""
     facts = facts_of(request, env, headers, state, measure)
-    return decide.plan(state.policy, facts, state.conditions(env.tenant)), facts
+    try:
+        return decide.plan(state.policy, facts, state.conditions(env.tenant)), facts
+    except ModelNotFound as err:
+        raise not_found(err, state, "chat") from None
+
+
+def not_found(err: ModelNotFound, state: LiveState, asked: ModelKind) -> ModelNotFound:
+    """``err``, or the 404 that says the model is of the other kind (chat of an embeddings model, vectors of a
+    chat model)."""
+    kind = state.catalog.kind_of(err.model)
+    return err if kind is None or kind == asked else ModelNotFound.other_kind(err.model, kind)
 
 
 def dry_run(state: LiveState, request: ChatCompletionRequest, env: Envelope,
@@ -82,16 +97,36 @@ CHAT_DOC = ("Chat requests of a site, in OpenAI's request shape. The answer (`ch
 
 
 async def route_embeddings(nc: NATS, settings: RouterSettings, state: LiveState, request: EmbeddingRequest,
-                           env: Envelope) -> None:
-    """Embeddings go to a local embeddings model (aliases resolve); there is no cloud path for them."""
-    model, _ = decide.resolve(state.policy, request.model, request.user, env.tenant)
+                           env: Envelope, headers: Mapping[str, str] | None, handoffs: Handoffs) -> None:
+    """Embeddings go to the embeddings model named (aliases resolve): a local one, or a cloud one."""
+    model, variant = decide.resolve(state.policy, request.model, request.user, env.tenant)
+    if model is not None and decide.is_cloud(model):
+        await route_cloud_embeddings(settings, state, request, env, headers, handoffs, model, variant)
+        return
     served = {m.name: m.kind for b in state.catalog.alive() for m in b.models}
     if model is None or served.get(model) != "embeddings":
-        raise ModelNotFound(request.model)
+        raise not_found(ModelNotFound(request.model), state, "embeddings")
     route = RouteDecision(target=f"local/{model}", rule="embeddings", reason="local embeddings model")
     payload = request.model_copy(update={"model": model}).model_dump_json(exclude_unset=True).encode()
     await offer_local(nc, settings, model, "embeddings", payload, env.with_route(route.header()))
     metrics.ROUTE_DECISIONS.labels("local", "embeddings", "admitted").inc()
+
+
+async def route_cloud_embeddings(settings: RouterSettings, state: LiveState, request: EmbeddingRequest,
+                                 env: Envelope, headers: Mapping[str, str] | None, handoffs: Handoffs, model: str,
+                                 variant: str | None) -> None:
+    """Hand an embeddings request to the cloud-adapters of ``model``, its inputs masked, once the guards a chat
+    request for it meets let it leave the site; there is no fallback, so nothing waits for the adapter."""
+    facts = Facts(model=request.model, tenant=env.tenant, user=request.user, onsite=onsite(env, headers, state),
+                  signals=UNMEASURED)
+    try:
+        plan = decide.embeddings_plan(model, variant, facts, state.conditions(env.tenant), state.cloud_embeddings())
+    except ModelNotFound as err:
+        raise not_found(err, state, "embeddings") from None
+    sent, masked = state.masker.mask_inputs(request)
+    count_masked(masked)
+    payload = sent.model_copy(update={"model": model}).model_dump_json(exclude_unset=True).encode()
+    await hand_off(handoffs, subjects.cloud_embeddings(settings.site), payload, env, plan, model, masked)
 
 
 def chat_handler(nc: NATS, settings: RouterSettings, state: LiveState,
@@ -109,28 +144,38 @@ def chat_handler(nc: NATS, settings: RouterSettings, state: LiveState,
     return on_chat
 
 
-def build_broker(settings: RouterSettings, state: LiveState, *, document_chat: bool = False) -> NatsBroker:
-    """The FastStream app of the router: dry runs, models, heartbeats. Chat requests are the hot path and
-    are read by an ``Intake``; ``document_chat`` declares their subject for the AsyncAPI document only."""
+def embeddings_handler(nc: NATS, settings: RouterSettings, state: LiveState,
+                       handoffs: Handoffs) -> Handler[EmbeddingRequest]:
+    """Route one embeddings request to its model's workers (which take it) or cloud-adapters (handed off)."""
+
+    async def on_embeddings(body: EmbeddingRequest, msg: Msg, env: Envelope) -> None:
+        if not msg.reply:
+            raise InvalidRequest("an embeddings request needs a reply subject to answer on")
+        await route_embeddings(nc, settings, state, body, env, msg.headers, handoffs)
+
+    return on_embeddings
+
+
+EMBEDDINGS_DOC = ("Embeddings requests of a site, in OpenAI's request shape, for a local or a cloud embeddings "
+                  "model. The answer (one `result`: an OpenAI embeddings list, or an `error`) arrives on the "
+                  "message's reply subject. Header Lw-Residency: onsite keeps the request on the site.")
+
+
+def build_broker(settings: RouterSettings, state: LiveState, *, document_intakes: bool = False) -> NatsBroker:
+    """The FastStream app of the router: dry runs, models, heartbeats. Chat and embeddings requests are read
+    by ``Intake``s; ``document_intakes`` declares their subjects for the AsyncAPI document only."""
     broker = make_broker(settings, SERVICE, middlewares=[ErrorReplies.for_service(settings.site, SERVICE)])
 
-    if document_chat:
+    if document_intakes:
         @broker.subscriber(subjects.chat(settings.site), queue="router", no_reply=True, title="chat",
                            description=CHAT_DOC)
         async def on_chat(body: ChatCompletionRequest) -> None:  # pragma: no cover - documentation only
             raise NotImplementedError("documentation only: an Intake serves this subject")
 
-    @broker.subscriber(subjects.embeddings(settings.site), queue="router", no_reply=True,
-                       max_workers=settings.max_concurrency, title="embeddings",
-                       description="Embeddings requests of a site, in OpenAI's request shape. The answer (one "
-                                   "`result`: an OpenAI embeddings list, or an `error`) arrives on the "
-                                   "message's reply subject.")
-    async def on_embeddings(body: EmbeddingRequest, msg: NatsMessage) -> None:
-        env = Envelope.from_message(msg.headers, msg.reply_to)
-        bind_request(env.request_id, env.tenant, msg.raw_message.subject)
-        if not msg.reply_to:
-            raise InvalidRequest("an embeddings request needs a reply subject to answer on")
-        await route_embeddings(broker.connection, settings, state, body, env)
+        @broker.subscriber(subjects.embeddings(settings.site), queue="router", no_reply=True, title="embeddings",
+                           description=EMBEDDINGS_DOC)
+        async def on_embeddings(body: EmbeddingRequest) -> None:  # pragma: no cover - documentation only
+            raise NotImplementedError("documentation only: an Intake serves this subject")
 
     @broker.subscriber(subjects.route_dry_run(settings.site), title="route.dry_run",
                        description="Request/reply: the routing decision for a chat request, not run.")
@@ -180,11 +225,16 @@ async def main(settings: RouterSettings, readiness: Readiness, stack: AsyncExitS
     handoffs = Handoffs(nc)
     await handoffs.start()
     stack.push_async_callback(handoffs.stop)
-    intake = Intake(nc, subject=subjects.chat(settings.site), queue="router", model=ChatCompletionRequest,
-                    handler=chat_handler(nc, settings, state, handoffs), site=settings.site, service=SERVICE,
-                    concurrency=settings.max_concurrency, slot_wait_s=settings.slot_wait_s)
-    await intake.start()
-    stack.push_async_callback(intake.stop, settings.nats_drain_timeout_s)
+    for intake in (
+        Intake(nc, subject=subjects.chat(settings.site), queue="router", model=ChatCompletionRequest,
+               handler=chat_handler(nc, settings, state, handoffs), site=settings.site, service=SERVICE,
+               concurrency=settings.max_concurrency, slot_wait_s=settings.slot_wait_s),
+        Intake(nc, subject=subjects.embeddings(settings.site), queue="router", model=EmbeddingRequest,
+               handler=embeddings_handler(nc, settings, state, handoffs), site=settings.site, service=SERVICE,
+               concurrency=settings.max_concurrency, slot_wait_s=settings.slot_wait_s),
+    ):
+        await intake.start()
+        stack.push_async_callback(intake.stop, settings.nats_drain_timeout_s)
     js = nc.jetstream(timeout=5)
     policy = policy_watch.PolicyFollower(state, settings.site, policy_watch.announcer(nc, settings.site))
     tasks = [

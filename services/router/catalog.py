@@ -7,7 +7,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Literal
 
-from schemas.control import ModelCard, ModelLocation, WorkerHeartbeat
+from schemas.control import ModelCard, ModelKind, ModelLocation, WorkerHeartbeat
 from shared import subjects
 
 MISSED_BEATS = 3  # a worker silent for this many intervals is gone
@@ -36,6 +36,19 @@ class Catalog:
         for worker_id in gone:
             del self.workers[worker_id]
         return list(self.workers.values())
+
+    def kind_of(self, name: str) -> ModelKind | None:
+        """What a model some live worker or cloud-adapter has is for (chat or embeddings); ``None`` if none has
+        it. Asked only to explain a refusal."""
+        for beat in self.alive():
+            if name in (beat.cloud_embeddings or ()):
+                return "embeddings"
+            if name in (beat.cloud_models or ()):
+                return "chat"
+            kind = next((m.kind for m in beat.models if m.name == name), None)
+            if kind is not None:
+                return kind
+        return None
 
     def model_cards(self, now: float | None = None) -> list[ModelCard]:
         """What ``GET /v1/models`` lists: each model once, with the sites (or hub) that run it."""

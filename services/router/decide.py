@@ -8,6 +8,9 @@
    the request asks for (tools, JSON mode, images...: ``shared.local_params``).
 4. The policy's last resort (the local model, unless turned off) closes every chain.
 5. What is left is tried in order until one takes the request.
+
+Embeddings requests for a cloud model (``embeddings_plan``) resolve aliases and pass the same guards, but
+no rule and no fallback: another model's vectors are of another space, useless beside this one's.
 """
 
 from __future__ import annotations
@@ -161,17 +164,22 @@ def guard(model: str, facts: Facts, conditions: Conditions) -> str | None:
     if is_cloud(model):
         if conditions.cloud_models is not None and model not in conditions.cloud_models:
             return UNCONFIGURED
-        if facts.onsite:
-            return "data must stay on site"
-        if not conditions.uplink_up and model not in conditions.uplink_free:
-            return "uplink down"
-        if conditions.budget == "exhausted":
-            return "budget exhausted"
-        if conditions.provider_health.get(provider_of(model)) == "open":
-            return f"{provider_of(model)} circuit open"
-        return None
+        return cloud_guard(model, facts, conditions)
     if model in conditions.saturated:
         return "all workers busy"
+    return None
+
+
+def cloud_guard(model: str, facts: Facts, conditions: Conditions) -> str | None:
+    """Why the cloud model ``model``, configured at an adapter, must not be asked now, or ``None``."""
+    if facts.onsite:
+        return "data must stay on site"
+    if not conditions.uplink_up and model not in conditions.uplink_free:
+        return "uplink down"
+    if conditions.budget == "exhausted":
+        return "budget exhausted"
+    if conditions.provider_health.get(provider_of(model)) == "open":
+        return f"{provider_of(model)} circuit open"
     return None
 
 
@@ -209,6 +217,22 @@ def plan(policy: Policy, facts: Facts, conditions: Conditions) -> Plan:
         raise refusal(rule, held_back(requested, skipped, facts, conditions, refusals), conditions, facts.tenant,
                       refusals)
     return Plan(requested, rule.name, tuple(chain), variant, tuple(skipped))
+
+
+EMBEDDINGS = Rule(name="embeddings", route=[REQUESTED])  # the rule every embeddings request is routed by
+
+
+def embeddings_plan(model: str, variant: str | None, facts: Facts, conditions: Conditions,
+                    known: frozenset[str] | None) -> Plan:
+    """The plan of an embeddings request for the cloud model ``model`` (aliases resolved): that model alone.
+    404 when no live adapter is configured for it as an embeddings model (``known``; ``None``: taken on trust,
+    as chat's), else what would keep a chat request from it now: residency, the uplink, a budget, a breaker."""
+    if known is not None and model not in known:
+        raise ModelNotFound(facts.model)
+    why = cloud_guard(model, facts, conditions)
+    if why is not None:
+        raise refusal(EMBEDDINGS, [(model, why)], conditions, facts.tenant)
+    return Plan(model, EMBEDDINGS.name, (model,), variant)
 
 
 def held_back(requested: str | None, skipped: list[tuple[str, str]], facts: Facts, conditions: Conditions,

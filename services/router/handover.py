@@ -168,6 +168,20 @@ class Handoffs:
                 return
 
 
+def count_masked(masked: Counter[str]) -> None:
+    """Count what masking replaced in a request leaving for a cloud-adapter (taken or not)."""
+    for pattern, n in masked.items():
+        metrics.MASKED.labels(pattern).inc(n)
+
+
+async def hand_off(handoffs: Handoffs, subject: str, payload: bytes, env: Envelope, plan: Plan, target: str,
+                   masked: Counter[str]) -> None:
+    """Hand the request for ``target``, the plan's only one, to the cloud-adapters on ``subject``."""
+    await handoffs.hand(subject, payload, env.with_route(plan.header(target)), plan.rule)
+    metrics.child(metrics.ROUTE_DECISIONS, "cloud", plan.rule, "handed_off").inc()
+    log.info("handed off", target=target, rule=plan.rule, variant=plan.variant, masked=sum(masked.values()))
+
+
 def prepare(state: LiveState, request: ChatCompletionRequest, target: str,
             raw: bytes | None = None) -> tuple[bytes, Counter[str]]:
     """The payload for ``target``: the model set to it, personal data masked if it leaves the site.
@@ -195,14 +209,9 @@ async def run_chain(nc: NATS, settings: RouterSettings, state: LiveState, plan: 
     first: LeafwireError | None = None
     for target in plan.chain:
         payload, masked = prepare(state, request, target, raw)
-        for pattern, n in masked.items():  # counted as it leaves for the cloud-adapter, taken or not
-            metrics.MASKED.labels(pattern).inc(n)
-        if handoffs is not None and len(plan.chain) == 1 and is_cloud(target):
-            await handoffs.hand(subjects.cloud_chat(settings.site), payload,
-                                env.with_route(plan.header(target, failed)), plan.rule)
-            metrics.child(metrics.ROUTE_DECISIONS, "cloud", plan.rule, "handed_off").inc()
-            log.info("handed off", target=target, rule=plan.rule, variant=plan.variant,
-                     masked=sum(masked.values()))
+        count_masked(masked)
+        if handoffs is not None and len(plan.chain) == 1 and is_cloud(target):  # the first target: none failed
+            await hand_off(handoffs, subjects.cloud_chat(settings.site), payload, env, plan, target, masked)
             return target
         try:
             await offer(nc, settings, target, payload, env.with_route(plan.header(target, failed)))

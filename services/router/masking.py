@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.chat import ChatCompletionRequest, ChatMessage, TextPart
+from schemas.embeddings import EmbeddingRequest
 from services.router.policy import Masking, Pattern
 
 # A pattern is only run over text that holds its required character: most prompts skip most patterns.
@@ -93,6 +94,18 @@ class Masker:
         if request.user is not None and (user := self._apply(request.user, total)) is not request.user:
             update["user"] = user
         return (request.model_copy(update=update) if update else request), total
+
+    def mask_inputs(self, request: EmbeddingRequest) -> tuple[EmbeddingRequest, Counter[str]]:
+        """A copy of an embeddings request with every text input masked; the request itself when nothing
+        matched. Inputs of token ids go as given: the router has no tokenizer to read them with."""
+        total: Counter[str] = Counter()
+        texts = request.texts()
+        if texts is None:
+            return request, total
+        masked = [self._apply(text, total) for text in texts]
+        if not total:
+            return request, total
+        return request.model_copy(update={"input": masked[0] if isinstance(request.input, str) else masked}), total
 
     def _mask_message(self, message: ChatMessage, total: Counter[str]) -> ChatMessage:
         update: dict[str, Any] = {}

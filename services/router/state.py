@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from schemas.cloud import BreakerState, BudgetStatus, ProviderHealth
+from schemas.control import ModelKind, WorkerHeartbeat
 from services.router.catalog import Catalog
 from services.router.decide import Conditions
 from services.router.masking import Masker
@@ -18,6 +19,21 @@ from shared import budgets, subjects
 from shared.budgets import Total
 
 MAX_REMEMBERED = 10_000  # tenants whose budget level is kept for the current second
+CLOUD_ADAPTER = "cloud-adapter"
+
+
+def cloud_adapters(workers: list[WorkerHeartbeat]) -> list[WorkerHeartbeat]:
+    """The cloud-adapters among live workers."""
+    return [b for b in workers if b.service == CLOUD_ADAPTER]
+
+
+def configured(adapters: list[WorkerHeartbeat], kind: ModelKind) -> frozenset[str] | None:
+    """Every cloud model of ``kind`` the live cloud-adapters are configured for; ``None`` (unknown) when none
+    is heard from, or one is too old to say."""
+    lists = [b.cloud_models if kind == "chat" else b.cloud_embeddings for b in adapters]
+    if not lists or any(names is None for names in lists):
+        return None
+    return frozenset(m for names in lists for m in names or ())
 
 
 @dataclass
@@ -107,11 +123,13 @@ class LiveState:
                 else:
                     probes_in[provider] = at - now
         level, spent = self.budget_state(tenant, now)
-        adapters = [b for b in workers if b.service == "cloud-adapter"]
-        cloud = frozenset(m for b in adapters for m in b.cloud_models or ()) \
-            if adapters and all(b.cloud_models is not None for b in adapters) else None
+        adapters = cloud_adapters(workers)
         lan = frozenset(m for b in adapters if b.site == self.catalog.site for m in b.uplink_free)
         return Conditions(uplink_up=self.uplink_up, budget=level, spent_budget=spent, provider_health=health,
                           probes_in=probes_in, local_models=served, saturated=saturated, now=now,
                           served_before=self.catalog.served_before,
-                          cloud_models=cloud, uplink_free=lan)
+                          cloud_models=configured(adapters, "chat"), uplink_free=lan)
+
+    def cloud_embeddings(self) -> frozenset[str] | None:
+        """Every cloud embeddings model the live cloud-adapters are configured for (``None``: unknown)."""
+        return configured(cloud_adapters(self.catalog.alive()), "embeddings")

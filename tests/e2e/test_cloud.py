@@ -3,7 +3,8 @@
 The gateway and router serve site ``plant``, which has no cloud-adapter of its own: the adapter runs as a hub
 adapter (``LW_SITE=hub``), so every request here also proves that sites without an adapter fall back to the
 hub's. Providers are fault-injecting fakes (tests/fakes.py): an OpenAI-compatible one (``fake``, ``flaky``,
-``wrongkey`` and ``priced`` point at it) and an Anthropic one (``claude``).
+``wrongkey`` and ``priced`` point at it) and an Anthropic one (``claude``). The OpenAI-compatible providers
+also have an embeddings model, ``embed`` (tests/e2e/test_cloud_embeddings.py runs this stack too).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ KEY = "sk-fake-openai-9f8e7d6c5b4a"
 CLAUDE_KEY = "sk-ant-fake-0a1b2c3d4e5f"
 WRONG_KEY = "sk-wrong-key-123456789"
 MESSAGES = [{"role": "user", "content": "hello there"}]
-API_KEYS = "key-acme:acme,key-globex:globex,key-poor:poor"
+API_KEYS = "key-acme:acme,key-globex:globex,key-poor:poor,key-broke:broke"
+EMBED = {"embed": {"kind": "embeddings"}}
 
 
 @dataclass
@@ -65,16 +67,21 @@ def providers_file(path: Path, openai_fake: FakeProvider, claude_fake: FakeProvi
         "providers": [
             entry("fake", openai_fake, "LW_TEST_FAKE_KEY", {"echo": {"upstream": "echo-1", "input_per_mtok": 1,
                                                                      "output_per_mtok": 2,
-                                                                     "cached_input_per_mtok": 0.5}}),
-            {**entry("flaky", openai_fake, "LW_TEST_FAKE_KEY", {"echo": {}}), "breaker": {"failures": 3, "open_s": 3}},
-            entry("wrongkey", openai_fake, "LW_TEST_WRONG_KEY", {"echo": {}}),
+                                                                     "cached_input_per_mtok": 0.5},
+                                                            "embed": {"kind": "embeddings", "upstream": "embed-1",
+                                                                      "input_per_mtok": 2}}),
+            {**entry("flaky", openai_fake, "LW_TEST_FAKE_KEY", {"echo": {}, **EMBED}),
+             "breaker": {"failures": 3, "open_s": 3}},
+            entry("wrongkey", openai_fake, "LW_TEST_WRONG_KEY", {"echo": {}, **EMBED}),
             entry("keyless", openai_fake, "LW_TEST_UNSET_KEY", {"echo": {}}),
             entry("priced", openai_fake, "LW_TEST_FAKE_KEY", {"echo": {"input_per_mtok": 1000,
-                                                                       "output_per_mtok": 1000}}),
+                                                                       "output_per_mtok": 1000},
+                                                              "embed": {"kind": "embeddings",
+                                                                        "input_per_mtok": 1000}}),
             entry("claude", claude_fake, "LW_TEST_CLAUDE_KEY", {"haiku": {"upstream": "claude-haiku-x",
                                                                           "max_tokens": 64}}),
         ],
-        "budgets": {"tenants": {"poor": {"daily_usd": 0.006}}},
+        "budgets": {"tenants": {"poor": {"daily_usd": 0.006}, "broke": {"daily_usd": 0.001}}},
     }
     path.write_text(json.dumps(config))  # JSON is YAML
     return path

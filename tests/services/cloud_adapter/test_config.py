@@ -130,6 +130,49 @@ class TestProvidersFile:
         assert file.budgets.warn_ratio == 0.8
 
 
+EMBEDDER = {"e": {"kind": "embeddings", "input_per_mtok": 0.02}}
+
+
+class TestEmbeddingsModels:
+    def test_a_model_is_chat_unless_it_says_embeddings(self) -> None:
+        """`kind: embeddings` declares an embeddings model; a model without a kind is a chat model."""
+        import yaml
+        spec = parse(yaml.safe_dump(provider(models={"m": {}, **EMBEDDER}))).providers[0]
+        assert (spec.models["m"].kind, spec.models["e"].kind) == ("chat", "embeddings")
+
+    def test_embeddings_cost_their_input_tokens(self) -> None:
+        """An embeddings call costs its input tokens at the input price; it has no output."""
+        assert ModelSpec(kind="embeddings", input_per_mtok=0.02).cost(1_000_000, 0) == pytest.approx(0.02)
+
+    def test_embeddings_calls_go_to_the_embeddings_path(self) -> None:
+        """An embeddings call goes to <base_url>/embeddings, or to the provider's embeddings_path (Azure: the
+        deployment in the path, URL-quoted as chat's)."""
+        plain = ProviderSpec.model_validate(provider(models=EMBEDDER)["providers"][0])
+        assert plain.url("e", "embeddings") == "https://api.example.com/v1/embeddings"
+        assert plain.url("e") == "https://api.example.com/v1/chat/completions"
+        azure = ProviderSpec.model_validate(provider(
+            base_url="https://r.openai.azure.com", path="/openai/deployments/{model}/chat/completions?api-version=1",
+            embeddings_path="/openai/deployments/{model}/embeddings?api-version=1", models=EMBEDDER)["providers"][0])
+        assert azure.url("a/b", "embeddings") == "https://r.openai.azure.com/openai/deployments/a%2Fb/embeddings" \
+                                                 "?api-version=1"
+
+    @pytest.mark.parametrize(("kw", "says"), [
+        # Anthropic has no embeddings API: the file names the provider and the model
+        ({"kind": "anthropic", "models": EMBEDDER}, "provider 'p' .anthropic. cannot serve embeddings model 'e'"),
+        # embeddings have no output tokens to price
+        ({"models": {"e": {"kind": "embeddings", "output_per_mtok": 1}}}, "input tokens only"),
+        ({"models": {"e": {"kind": "embeddings", "cached_input_per_mtok": 0.01}}}, "input tokens only"),
+        # a provider with its own chat path gives its embeddings path too: /embeddings would be a guess
+        ({"path": "/deployments/{model}/chat", "models": EMBEDDER}, "give its `embeddings_path`"),
+        ({"models": {"e": {"kind": "images"}}}, "kind"),
+    ])
+    def test_what_an_embeddings_model_cannot_be(self, kw: dict[str, Any], says: str) -> None:
+        """Each mistake about an embeddings model refuses the file, saying which provider and model."""
+        import yaml
+        with pytest.raises(ConfigError, match=says):
+            parse(yaml.safe_dump(provider(**kw)))
+
+
 class StubResolver(AbstractResolver):
     def __init__(self, *addresses: str) -> None:
         self.addresses = addresses

@@ -42,3 +42,16 @@ class TestCatalog:
         c.seen(beat("x", "edge2", "m9"))
         assert c.model_cards(now=1007) == []
         assert c.served_before == frozenset({"m1"})
+
+
+class TestKinds:
+    def test_what_a_model_is_for(self) -> None:
+        """A local model is what its worker says; a cloud model what its adapter is configured for, its key set
+        or not; a model nobody has is unknown."""
+        c = Catalog("edge1")
+        c.seen(WorkerHeartbeat(worker_id="w", service="local-inference", site="edge1",
+                               models=[ModelInfo(name="embed", kind="embeddings")]))
+        c.seen(WorkerHeartbeat(worker_id="ca", service="cloud-adapter", site="hub", models=[],
+                               cloud_models=["openai/gpt-4o"], cloud_embeddings=["openai/small"]))
+        assert [c.kind_of(m) for m in ("embed", "openai/gpt-4o", "openai/small", "nope")] == \
+               ["embeddings", "chat", "embeddings", None]

@@ -9,11 +9,12 @@ from services.router.decide import (
     Conditions,
     Facts,
     ResidencyViolation,
+    embeddings_plan,
     plan,
 )
 from services.router.policy import Policy, parse
 from services.router.signals import Signals
-from shared.errors import BudgetExceeded, InvalidRequest, ModelNotFound, Overloaded, Unavailable
+from shared.errors import BudgetExceeded, InvalidRequest, LeafwireError, ModelNotFound, Overloaded, Unavailable
 
 POLICY = parse("""
 local_model: small
@@ -172,6 +173,43 @@ class TestGuards:
         offline = Conditions(uplink_up=False, local_models=UP.local_models, uplink_free=frozenset({"lan/llama"}))
         assert plan(policy, facts("lan/llama"), offline).chain == ("lan/llama", "small")
         assert plan(policy, facts("openai/gpt-4o"), offline).skipped == (("openai/gpt-4o", "uplink down"),)
+
+
+EMBEDDERS = frozenset({"openai/embed"})
+
+
+class TestCloudEmbeddings:
+    def test_an_embeddings_model_alone_no_fallback(self) -> None:
+        """An embeddings request for a cloud embeddings model goes to it alone, by rule `embeddings`, with its
+        A/B variant: another model's vectors would be of another space."""
+        p = embeddings_plan("openai/embed", "blue", facts("openai/embed"), UP, EMBEDDERS)
+        assert (p.chain, p.rule, p.variant) == (("openai/embed",), "embeddings", "blue")
+        assert p.header("openai/embed") == "target=openai/embed; rule=embeddings; variant=blue; reason=rule embeddings"
+
+    def test_an_unconfigured_or_chat_model_is_404(self) -> None:
+        """A cloud model no adapter has as an embeddings model (a typo, or a chat model) is a 404 naming what
+        was asked for; while no adapter has said, it is taken on trust."""
+        with pytest.raises(ModelNotFound) as exc:
+            embeddings_plan("openai/gpt-4o", None, facts("smart"), UP, EMBEDDERS)
+        assert exc.value.model == "smart"
+        assert embeddings_plan("openai/other", None, facts("openai/other"), UP, None).chain == ("openai/other",)
+
+    def test_the_guards_of_chat_refuse_it(self) -> None:
+        """What keeps a chat request from a cloud model keeps an embeddings request from it, with chat's answer:
+        residency 403, uplink down 503, budget spent 429, an open breaker 503 with Retry-After."""
+        def refused(f: Facts, c: Conditions) -> LeafwireError:
+            with pytest.raises(LeafwireError) as exc:
+                embeddings_plan("openai/embed", None, f, c, EMBEDDERS)
+            return exc.value
+        assert isinstance(refused(facts(onsite=True), UP), ResidencyViolation)
+        down = refused(facts(), Conditions(uplink_up=False))
+        assert isinstance(down, Unavailable)
+        assert (down.code, down.retry_after) == ("uplink_down", 5)
+        assert isinstance(refused(facts(), Conditions(budget="exhausted")), BudgetExceeded)
+        open_ = refused(facts(), Conditions(provider_health={"openai": "open"}, probes_in={"openai": 7.2}))
+        assert (open_.code, open_.retry_after) == ("provider_unavailable", 8)
+        lan = Conditions(uplink_up=False, uplink_free=EMBEDDERS)
+        assert embeddings_plan("openai/embed", None, facts(), lan, EMBEDDERS).chain == ("openai/embed",)
 
 
 class TestDecisionHeader:

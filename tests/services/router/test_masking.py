@@ -7,6 +7,7 @@ import json
 import pytest
 
 from schemas.chat import ChatCompletionRequest
+from schemas.embeddings import EmbeddingRequest
 from services.router.masking import Masker
 from services.router.policy import Masking, Pattern
 
@@ -118,3 +119,23 @@ class TestRequests:
         custom = Masker.from_policy(Masking(patterns=[Pattern(name="badge", regex=r"BDG-\d{4}")]))
         assert custom.mask("badge BDG-0042 and a@b.io") == ("badge [BADGE] and a@b.io", {"badge": 1})
         assert Masker.from_policy(Masking(enabled=False)).mask("a@b.io")[0] == "a@b.io"
+
+
+class TestEmbeddingsInputs:
+    def test_text_inputs_are_masked_as_prompts_are(self) -> None:
+        """Each text input of an embeddings request leaving the site is masked, a single one too; the request
+        with nothing to mask comes back as itself."""
+        many = EmbeddingRequest(model="m", input=["mail ops@plant.example", "line 3 stopped"])
+        masked, counts = MASKER.mask_inputs(many)
+        assert masked.input == ["mail [EMAIL]", "line 3 stopped"]
+        assert counts == {"email": 1}
+        assert many.input[0] == "mail ops@plant.example"
+        one = EmbeddingRequest(model="m", input="call +44 20 7946 0958")
+        assert MASKER.mask_inputs(one)[0].input == "call [PHONE]"
+        clean = EmbeddingRequest(model="m", input=["line 3 stopped"])
+        assert MASKER.mask_inputs(clean)[0] is clean
+
+    def test_token_ids_go_as_given(self) -> None:
+        """Inputs of token ids are not text the router can read: they are sent unchanged."""
+        ids = EmbeddingRequest(model="m", input=[[101, 2023, 102]])
+        assert MASKER.mask_inputs(ids) == (ids, {})
