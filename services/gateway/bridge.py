@@ -21,11 +21,12 @@ from services.gateway.settings import GatewaySettings
 from shared import envelope as hdr
 from shared import metrics, subjects
 from shared.envelope import Envelope, new_request_id
-from shared.errors import DeadlineExceeded, LeafwireError
+from shared.errors import DeadlineExceeded, LeafwireError, Unavailable
 from shared.nats_headers import too_large
 from shared.replies import Reply, ReplyReader, ReplyStream
 
 RESIDENCY_HEADER = "x-leafwire-residency"  # "onsite": keep this request on the site
+RECONNECT_GRACE_S = 2.0  # how long a request waits for a NATS connection being made again before a 503
 
 
 def request_headers(env: Envelope, http: web.Request) -> dict[str, str]:
@@ -65,12 +66,24 @@ class Bridge:
         """Publish the request, replies to ``stream`` (not when the stream was refused: shutting down)."""
         if stream.given_up:
             return
+        if not self.nc.is_connected:
+            await self._reconnected(env)
         stream.unavailable = f"no router is serving site '{self.settings.site}'"
         try:
             await self.nc.publish(subject, raw, reply=stream.subject, headers=request_headers(env, http))
         except MaxPayloadError as exc:
             raise too_large(exc, raw, self.nc.max_payload) from exc
         stream.sent = True
+
+    async def _reconnected(self, env: Envelope) -> None:
+        """Wait a moment for the NATS connection to come back (a blip); a 503 if it does not: a request
+        published meanwhile would wait in nats-py's buffer for the idle timeout and end as a 504."""
+        deadline = time.monotonic() + min(RECONNECT_GRACE_S, max(0.0, env.remaining()))
+        while not self.nc.is_connected:
+            if time.monotonic() >= deadline:
+                raise Unavailable("The gateway is not connected to NATS (it keeps trying to connect again); "
+                                  "retry shortly.", retry_after=5)
+            await asyncio.sleep(0.05)
 
     async def next(self, stream: ReplyStream, env: Envelope) -> Reply:
         """The next reply, or 504 when none comes within the idle timeout or the deadline."""
