@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from shared import subjects
 from shared.numbers import finite
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -28,6 +29,14 @@ def nats_servers(args: argparse.Namespace) -> list[str]:
 def nats_options(args: argparse.Namespace) -> dict[str, Any]:
     """Connection options of ``--creds``."""
     return {"user_credentials": str(args.creds)} if args.creds else {}
+
+
+def site_id(text: str) -> str:
+    """A site id, also a JetStream domain (``edge1``, ``hub``): what subjects can carry."""
+    try:
+        return subjects.check_site(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def seconds(text: str) -> float:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from shared import hub_usage, subjects
-from shared.argtypes import add_nats, nats_options, nats_servers, seconds
+from shared.argtypes import add_nats, nats_options, nats_servers, seconds, site_id
 from shared.columns import aligned
 from shared.errors import HubUnreachable
 from shared.nats import NoNatsServer, connect_once
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", choices=["list", "remove"], default="list")
-    parser.add_argument("site", nargs="?", help="the site to remove")
+    parser.add_argument("site", nargs="?", type=site_id, help="the site to remove")
     add_nats(parser, "any server: the hub's or an edge's")
     parser.add_argument("--wait", type=seconds, default=5.0, help="seconds to wait for NATS and the hub")
     args = parser.parse_args(argv)

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from schemas.cloud import UsageEvent
 from shared import subjects
-from shared.argtypes import add_nats, nats_options, nats_servers, seconds
+from shared.argtypes import add_nats, nats_options, nats_servers, seconds, site_id
 from shared.columns import aligned
 from shared.nats import NoNatsServer, connect_once
 
@@ -50,7 +50,7 @@ def parse_time(text: str, now: float) -> float | None:
     if text == "all":
         return None
     if span := _SPAN.fullmatch(text):
-        return now - float(span.group(1)) * _UNIT_S[span.group(2)]
+        return max(0.0, now - float(span.group(1)) * _UNIT_S[span.group(2)])  # before 1970 is all there is
     try:
         when = dt.datetime.fromisoformat(text)
     except ValueError:
@@ -188,12 +188,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_nats(parser, "a NATS server (the edge's or a hub's)")
-    parser.add_argument("--domain", help="read the USAGE stream of this JetStream domain (e.g. hub); default: "
-                                         "the server's own")
+    parser.add_argument("--domain", type=site_id,
+                        help="read the USAGE stream of this JetStream domain (e.g. hub); default: the server's own")
     parser.add_argument("--since", default="24h", help="all, a span back from now (30m, 24h, 7d) or an ISO date")
     parser.add_argument("--until", help="same forms as --since; default: now")
     parser.add_argument("--by", default="site,tenant,target", help=f"group by, comma-separated: {', '.join(FIELDS)}")
-    parser.add_argument("--site", help="only this site's events")
+    parser.add_argument("--site", type=site_id, help="only this site's events")
     parser.add_argument("--tenant", help="only this tenant's events")
     parser.add_argument("--json", action="store_true", help="JSON instead of a table")
     parser.add_argument("--wait", type=seconds, default=5.0, help="seconds to wait for NATS")

@@ -37,7 +37,7 @@ from nats.js.errors import APIError
 from services.router.masking import Masker
 from services.router.policy import PolicyError, parse
 from shared import config_bucket, subjects
-from shared.argtypes import add_nats, nats_options, nats_servers, seconds
+from shared.argtypes import add_nats, nats_options, nats_servers, seconds, site_id
 from shared.errors import HubUnreachable
 from shared.nats import NoNatsServer, connect_once, shown
 
@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("command", choices=["validate", "push", "clear"])
     parser.add_argument("file", nargs="?", type=Path)
     add_nats(parser, "any server: the hub's or an edge's")
-    parser.add_argument("--site", default="edge1", help="the site whose router's verdict to wait for")
+    parser.add_argument("--site", type=site_id, default="edge1", help="the site whose router's verdict to wait for")
     parser.add_argument("--scope", choices=["global", "site"], default="global",
                         help="global: router.policy, every site; site: router.policy.<site>, that site only")
     parser.add_argument("--wait", type=seconds, default=5.0, help="seconds to wait for a router's verdict")

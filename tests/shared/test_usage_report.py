@@ -106,6 +106,7 @@ def test_the_command_as_json(url: str) -> None:
     (["--since", "yesterday"], "'yesterday' is not a time"),
     (["--site", "Plant 1"], "must match [a-z0-9_-]"),
     (["--domain", "nowhere", "--wait", "1"], "JetStream in domain 'nowhere' does not answer"),
+    (["--domain", "bad domain"], "argument --domain: site id 'bad domain' must match [a-z0-9_-]"),
     (["--since", "7d", "--until", "8d"], "--since (7d) must come before --until (8d)"),
     (["--wait", "-1"], "'-1': the wait must be more than 0 seconds"),
     (["--wait", "soon"], "'soon' is not a number of seconds"),
@@ -115,6 +116,13 @@ def test_what_the_command_refuses(url: str, args: list[str], said: str) -> None:
     assert done.returncode == 2
     assert said in done.stderr
     assert done.stdout == ""
+
+
+def test_a_span_back_past_1970_reads_everything(url: str) -> None:
+    """``--since 99999999d`` is every event there is, not a date error."""
+    done = leafwire("usage", "--nats", url, "--since", "99999999d", "--by", "target", "--json")
+    assert done.returncode == 0, done.stderr
+    assert sum(g["requests"] for g in json.loads(done.stdout)["groups"]) == 6
 
 
 def test_a_field_named_twice_is_one_column(url: str) -> None:

@@ -1,6 +1,6 @@
-"""QA ops findings, each a strict xfail until fixed (real nats-server and service processes on free ports).
-
-Found on `just up`'s stack; reproduced here with the helpers of ``tests/support.py``.
+"""What an operator meets when something around the services is wrong: bad arguments to the CLI, NATS
+credentials, a configuration a service cannot start with, NATS going away (real nats-server and service
+processes on free ports). Found by QA on `just up`'s stack; reproduced with the helpers of ``tests/support.py``.
 """
 
 from __future__ import annotations
@@ -72,16 +72,12 @@ def _non_json_lines(text: str) -> list[str]:
 
 # --- CLI -------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="QA: `leafwire usage --domain 'bad domain'` dies with a BadSubjectError "
-                                       "traceback (exit 1) instead of a one-line bad-argument error (exit 2)")
 def test_usage_bad_domain_is_a_clean_error(server: NatsServer) -> None:
     out = leafwire("usage", "--nats", server.url, "--domain", "bad domain")
     assert "Traceback" not in out.stderr, out.stderr[-2000:]
     assert out.returncode == 2
 
 
-@pytest.mark.xfail(strict=True, reason="QA: `leafwire policy push FILE --site 'bad site'` dies with a ValueError "
-                                       "traceback (exit 1) instead of a one-line bad-argument error (exit 2)")
 def test_policy_push_bad_site_is_a_clean_error(server: NatsServer) -> None:
     out = leafwire("policy", "push", str(ROOT / "deploy" / "policy.yaml"), "--nats", server.url,
                    "--site", "bad site", "--wait", "2")
