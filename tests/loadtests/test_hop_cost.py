@@ -15,7 +15,7 @@ def test_measures_round_trips_and_reaps_its_echo(in_flight: int) -> None:
     before = children()
     got = hop_cost.measure(300, in_flight)
     assert min(got["wall_us"], got["sender_us"], got["echo_us"]) > 0
-    assert 0 < got["sender_sys"] <= 1
+    assert 0 <= got["sender_sys"] <= 1  # a share; 300 quick hops may spend less than one tick in the kernel
     assert children() == before  # the echoing child has ended and been waited for (no zombie either)
 
 
