@@ -14,10 +14,11 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from typing import Any, NoReturn, TypeVar
+from typing import NoReturn, TypeVar
 
 from faststream.nats import NatsBroker
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from shared import logging as lw_logging
 from shared import metrics
@@ -71,7 +72,7 @@ def _refuse(service: str, problem: str) -> NoReturn:
     sys.exit(EX_CONFIG)
 
 
-def _setting_error(error: Any) -> str:
+def _setting_error(error: ErrorDetails) -> str:
     """One error of the settings, naming the environment variable (``LW_SITE: ...``)."""
     field = ".".join(str(p) for p in error["loc"])
     name = field if field.startswith("LW_") else f"LW_{field.upper()}"
