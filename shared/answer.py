@@ -119,8 +119,8 @@ class Answer:
 
     def _chunk(self, delta: Mapping[str, Any], finish: FinishReason | None = None,
                logprobs: Mapping[str, Any] | None = None) -> bytes:
-        return (self._prefix + to_json(delta) + b',"logprobs":' + to_json(logprobs) + b',"finish_reason":'
-                + to_json(finish) + self._suffix)
+        return (self._prefix + to_json(delta) + b',"logprobs":' + (b"null" if logprobs is None else to_json(logprobs))
+                + b',"finish_reason":' + to_json(finish) + self._suffix)
 
     async def begin(self) -> None:
         """The first chunk (the assistant role), sent as soon as the answer starts."""
