@@ -121,13 +121,20 @@ class EmbeddingsBridge(Bridge):
         async def in_parts(_: Exchange) -> web.StreamResponse:
             return await self._in_parts(http, request, env)
 
-        if request.count() > self.settings.embeddings_split:
+        if request.count() > self.part_size(request):
             return await self.exchange(env, in_parts)  # its own stream stays unused: each part has one
         return await self.exchange(env, respond)
 
+    def part_size(self, request: EmbeddingRequest) -> int:
+        """How many inputs one part may hold: fewer for float vectors, ~4× the bytes of base64 ones, so that
+        a part's answer fits one NATS message whatever the model's dimensions (up to 4096)."""
+        if request.encoding_format == "base64":
+            return self.settings.embeddings_split
+        return min(self.settings.embeddings_split, self.settings.embeddings_split_float)
+
     async def _in_parts(self, http: web.Request, request: EmbeddingRequest, env: Envelope) -> web.StreamResponse:
         """Send the parts a few at a time, in order; merge their answers once all are in."""
-        parts = split(request, self.settings.embeddings_split)
+        parts = split(request, self.part_size(request))
         answers: dict[int, tuple[Reply, Piece]] = {}
         waiting = iter(enumerate(parts))
 

@@ -39,6 +39,11 @@ class GatewaySettings(ServiceSettings):
                                               "each answer must fit NATS's max_payload (256 float vectors of "
                                               "384 dimensions: ~2 MB); smaller parts let other requests in "
                                               "sooner but cost the big one more; 2048: never split")
+    embeddings_split_float: int = Field(default=64, ge=1, le=MAX_INPUTS, alias="LW_GATEWAY_EMBEDDINGS_SPLIT_FLOAT",
+                                        description="the same for float vectors (encoding_format float), whose JSON "
+                                                    "takes ~20 bytes a number against base64's ~5.3: 64 vectors of "
+                                                    "4096 dimensions are ~5 MB, so a large cloud model's float "
+                                                    "answers fit too (the lower of the two applies)")
     embeddings_parallel: int = Field(default=2, ge=1, le=32, alias="LW_GATEWAY_EMBEDDINGS_PARALLEL",
                                      description="parts of one request out at the site at once: 2 keeps one "
                                                  "worker busy; more suits more workers")

@@ -81,14 +81,19 @@ class TestAnswers:
         assert cloud.openai_fake.calls[0].body["input"] == [[101, 2023, 102], [7]]
 
     def test_order_is_kept_across_the_gateways_parts(self, cloud: CloudStack) -> None:
-        """600 inputs go to the site in parts of 256 (three provider calls); the answer holds every vector in
-        input order, and the usage of all three."""
+        """600 inputs go to the site in parts: of 256 for base64 vectors (three provider calls), of 64 for float
+        ones (ten: float JSON is ~4x the bytes); the answer holds every vector in input order, and the usage of
+        all the parts."""
         many = [f"gauge {i} reads {i * 7 % 50} bar" for i in range(600)]
-        r = cloud.client().embeddings.create(model="fake/embed", input=many, encoding_format="float")
-        assert [d.index for d in r.data] == list(range(600))
-        assert [d.embedding for d in r.data] == [vector(t) for t in many]
-        assert sorted(len(c.body["input"]) for c in cloud.openai_fake.calls) == [88, 256, 256]
-        assert r.usage.prompt_tokens == 600 * 5  # five words each
+        for encoding, parts in (("base64", [88, 256, 256]), ("float", [24] + [64] * 9)):
+            cloud.openai_fake.reset()
+            asked: dict[str, Any] = {} if encoding == "base64" else {"encoding_format": "float"}  # base64: the
+            r = cloud.client().embeddings.create(model="fake/embed", input=many, **asked)  # client's default
+            assert {c.body["encoding_format"] for c in cloud.openai_fake.calls} == {encoding}
+            assert [d.index for d in r.data] == list(range(600))
+            assert [d.embedding for d in r.data] == [vector(t) for t in many]
+            assert sorted(len(c.body["input"]) for c in cloud.openai_fake.calls) == parts
+            assert r.usage.prompt_tokens == 600 * 5  # five words each
 
     def test_inputs_are_masked_before_leaving_the_site(self, cloud: CloudStack) -> None:
         """Personal data in the inputs is masked, as in chat prompts, before the provider sees them."""

@@ -51,6 +51,21 @@ class TestSplit:
             assert {k: v for k, v in sent.items() if k != "input"} == {
                 "model": "m", "encoding_format": "base64", "dimensions": 32, "user": "u7", "extra": 1}
 
+    def test_float_vectors_go_in_smaller_parts(self) -> None:
+        """Float vectors take ~4x the bytes of base64 ones: parts of float requests hold at most
+        LW_GATEWAY_EMBEDDINGS_SPLIT_FLOAT inputs (64), so that 64 vectors of 4,096 dimensions (~5 MB) fit one NATS
+        message; base64 requests keep LW_GATEWAY_EMBEDDINGS_SPLIT (256); the lower of the two applies."""
+        def size(encoding: str, **settings: int) -> int:
+            bridge = EmbeddingsBridge(None, None, GatewaySettings(site=SITE, **settings))  # type: ignore[arg-type]
+            return bridge.part_size(request(["a"], encoding_format=encoding))
+
+        assert (size("float"), size("base64")) == (64, 256)
+        assert (size("float", embeddings_split=16), size("base64", embeddings_split=16)) == (16, 16)
+        vectors = EmbeddingResponse(data=[Embedding(index=i, embedding=[-0.0123456789012345678] * 4096)
+                                          for i in range(64)], model="m",
+                                    usage=EmbeddingUsage(prompt_tokens=1, total_tokens=1)).model_dump_json()
+        assert len(vectors) < 8 * 2**20  # the part's answer fits NATS's max_payload (8 MB)
+
     def test_token_arrays_are_split_like_strings(self) -> None:
         """Inputs given as token arrays are cut between arrays, never inside one."""
         parts = split(request([[1, 2], [3], [4, 5, 6]]), 2)
