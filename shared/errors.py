@@ -10,7 +10,7 @@
     ├── Overloaded                   429 rate_limit_error  (carries retry_after)
     ├── BudgetExceeded               429 insufficient_quota code=budget_exceeded (carries scope, period)
     ├── Unavailable                  503 service_unavailable (carries retry_after)
-    │   ├── ProviderUnavailable      503 code=provider_unavailable (breaker open, provider without key)
+    │   ├── ProviderUnavailable      503 code=provider_unavailable (breaker open), provider_key_missing
     │   ├── NotBatched               503 code=not_batched: the batcher cannot queue it, go direct
     │   └── HubUnreachable           503 code=hub_unreachable: hub-owned state (config) cannot be written
     ├── DeadlineExceeded             504 timeout
@@ -222,8 +222,9 @@ class ProviderUnavailable(Unavailable):
 
     default_code = "provider_unavailable"
 
-    def __init__(self, message: str, *, provider: str, retry_after: float | None = None) -> None:
-        super().__init__(message, retry_after=retry_after)
+    def __init__(self, message: str, *, provider: str, retry_after: float | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message, retry_after=retry_after, code=code)
         self.provider = provider
 
 

@@ -2,10 +2,11 @@
 the answer read back. No I/O.
 
 The request goes out as the caller sent it — ``input`` as strings or as token ids (a cloud model takes
-OpenAI's), ``encoding_format``, ``dimensions``, ``user`` and any other field — with the provider's model
-name. The answer must hold one vector per input; it is answered as OpenAI's list under the name the caller
-used, the vectors in input order, and its usage as the provider reported it (estimated at 4 characters, or
-one token id, a token where it reported none).
+OpenAI's), ``encoding_format``, ``dimensions``, ``user`` and any other field but leafwire's own (``cache``) —
+with the provider's model name. The answer must hold one vector per input; it is answered as OpenAI's list
+under the name the caller used, the vectors in input order and in the encoding asked for (a provider that
+answers floats to a base64 request has them encoded), and its usage as the provider reported it (estimated
+at 4 characters, or one token id, a token where it reported none).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pydantic_core import to_json
 
 from schemas.embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from services.cloud_adapter.dialect import CHARS_PER_TOKEN, bad_response
+from services.cloud_adapter.openai_compat import LEAFWIRE_FIELDS
+from shared.vectors import encode_vector
 
 
 class ProviderList(BaseModel):
@@ -36,7 +39,7 @@ class Vectors:
 
 def body(request: EmbeddingRequest, upstream: str) -> bytes:
     """The caller's request with the provider's name for the model."""
-    out = request.model_dump(mode="json", exclude_unset=True)
+    out = request.model_dump(mode="json", exclude_unset=True, exclude=set(LEAFWIRE_FIELDS))
     out["model"] = upstream
     return to_json(out)
 
@@ -60,6 +63,9 @@ def read(provider: str, data: bytes, request: EmbeddingRequest) -> Vectors:
     vectors = sorted(answer.data, key=lambda e: e.index)
     if [e.index for e in vectors] != list(range(request.count())):
         raise bad_response(provider, f"{len(vectors)} vectors for {request.count()} inputs")
+    if request.encoding_format == "base64":  # some OpenAI-compatible servers answer floats whatever was asked
+        vectors = [e if isinstance(e.embedding, str) else
+                   e.model_copy(update={"embedding": encode_vector(e.embedding, "base64")}) for e in vectors]
     tokens = answer.usage.prompt_tokens if answer.usage is not None else estimate(request)
     whole = EmbeddingResponse(data=vectors, model=request.model,
                               usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))

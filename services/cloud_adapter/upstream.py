@@ -213,7 +213,7 @@ class Upstream:
         """Take one of the provider's concurrent-call slots, or refuse at once (429)."""
         if self.provider.missing_key is not None:  # no Retry-After: trying again soon will not help
             raise ProviderUnavailable(f"provider {self.name} has no API key ({self.provider.missing_key})",
-                                      provider=self.name)
+                                      provider=self.name, code="provider_key_missing")
         if self.inflight >= self.provider.spec.max_concurrent:
             metrics.REJECTED.labels("cloud-adapter", "provider_busy").inc()
             raise Overloaded(f"provider {self.name} has {self.inflight} calls in flight, its limit",

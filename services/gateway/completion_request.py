@@ -11,6 +11,7 @@ prompt ``i``'s ``j``-th, as OpenAI numbers them. With a ``seed``, choice ``j`` o
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
@@ -105,10 +106,14 @@ def plan(request: CompletionRequest, env: Envelope) -> list[Choice]:
     n = request.choices_per_prompt()
     prompts = request.prompts()
     choices = []
+    asked: Counter[str] = Counter()  # the samples of a prompt given twice are numbered on (their cache entries)
     for i, prompt in enumerate(prompts):
         base = chat.model_copy(update={"messages": [ChatMessage(role="user", content=prompt)]}).model_dump_json(
             exclude_unset=True, exclude={"seed"}).encode()  # one copy that the prompt's choices share
+        before = asked[prompt]
+        asked[prompt] += n
         for j in range(n):
             index = i * n + j
-            choices.append(Choice(index, base, choice_env(env, index, len(prompts) * n, j), choice_seed(chat.seed, j)))
+            choices.append(Choice(index, base, choice_env(env, index, len(prompts) * n, before + j),
+                                  choice_seed(chat.seed, j)))
     return choices

@@ -22,6 +22,7 @@ from services.gateway.bridge import Bridge, Exchange
 from services.gateway.chat import DONE, SSE_HEADERS
 from services.gateway.choices import Choice, Merge, event, stream_end, total_usage
 from services.gateway.errors import log
+from shared import envelope as hdr
 from shared import subjects
 from shared.envelope import Envelope
 from shared.errors import LeafwireError, UpstreamError
@@ -57,8 +58,11 @@ class FanOut(Bridge):
         except* LeafwireError as failed:
             raise failed.exceptions[0] from None  # the first choice to fail; the others were cancelled
         replies = [t.result() for t in tasks]
+        headers = self.answer_headers(replies[0][0], env)
+        if len({reply.headers.get(hdr.CACHE) for reply, _ in replies}) > 1:
+            headers["x-leafwire-cache"] = "partial"  # some choices from the cache, some not: "hit" would mislead
         return web.Response(body=merge.whole([a for _, a in replies]), content_type="application/json",
-                            headers=self.answer_headers(replies[0][0], env))
+                            headers=headers)
 
     async def _answer(self, http: web.Request, choice: Choice, limit: asyncio.Semaphore,
                       merge: Merge[Any]) -> tuple[Reply, Any]:

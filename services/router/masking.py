@@ -96,16 +96,18 @@ class Masker:
         return (request.model_copy(update=update) if update else request), total
 
     def mask_inputs(self, request: EmbeddingRequest) -> tuple[EmbeddingRequest, Counter[str]]:
-        """A copy of an embeddings request with every text input masked; the request itself when nothing
-        matched. Inputs of token ids go as given: the router has no tokenizer to read them with."""
+        """A copy of an embeddings request with every text input and its ``user`` masked; the request itself
+        when nothing matched. Inputs of token ids go as given: the router has no tokenizer to read them with."""
         total: Counter[str] = Counter()
+        update: dict[str, Any] = {}
         texts = request.texts()
-        if texts is None:
-            return request, total
-        masked = [self._apply(text, total) for text in texts]
-        if not total:
-            return request, total
-        return request.model_copy(update={"input": masked[0] if isinstance(request.input, str) else masked}), total
+        if texts is not None:
+            masked = [self._apply(text, total) for text in texts]
+            if total:
+                update["input"] = masked[0] if isinstance(request.input, str) else masked
+        if request.user is not None and (user := self._apply(request.user, total)) is not request.user:
+            update["user"] = user
+        return (request.model_copy(update=update) if update else request), total
 
     def _mask_message(self, message: ChatMessage, total: Counter[str]) -> ChatMessage:
         update: dict[str, Any] = {}

@@ -412,6 +412,34 @@ class TestCache:
         assert len(cloud.openai_fake.calls) == 2
 
 
+def test_identical_prompts_of_a_cached_completion_are_each_their_own_entry(cloud: CloudStack) -> None:
+    """`prompt: [p, p]` with `cache: true` at temperature 0.8: two samples, and the same request again gets
+    the same two: the second prompt's samples are numbered on (`Lw-Choice`), not one entry for both."""
+    body = {"model": "fake/echo", "prompt": ["qa same prompt", "qa same prompt"], "cache": True, "temperature": 0.8,
+            "max_tokens": 10}
+    cloud.openai_fake.script(Fault.ok("sample one"), Fault.ok("sample two"))
+    headers = {"Authorization": "Bearer key-acme"}
+    first, again = (httpx.post(f"{cloud.gateway.base}/v1/completions", json=body, headers=headers, timeout=30)
+                    for _ in range(2))
+    texts = [[c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])] for r in (first, again)]
+    assert sorted(texts[0]) == ["sample one", "sample two"]
+    assert texts[1] == texts[0]
+    assert len(cloud.openai_fake.calls) == 2
+
+
+def test_a_partly_cached_request_of_n_choices_is_not_marked_hit(cloud: CloudStack) -> None:
+    """The request with `n: 1` fills choice 0's entry; with `n: 3` choices 1 and 2 miss and call the provider:
+    the answer says `partial`, not choice 0's `hit` (a wholly cached answer, free)."""
+    body = {"model": "fake/echo", "messages": [{"role": "user", "content": "qa partly cached"}], "cache": True,
+            "temperature": 1}
+    assert cloud.post(body).status_code == 200
+    r = cloud.post({**body, "n": 3})
+    assert r.status_code == 200
+    assert len(cloud.openai_fake.calls) == 3  # two of the three choices went to the provider
+    assert r.headers["x-leafwire-cache"] == "partial"
+    assert cloud.post({**body, "n": 3}).headers["x-leafwire-cache"] == "hit"  # now all three are there
+
+
 class TestBudgetsAndUsage:
     def test_spent_budget_refuses_with_budget_exceeded(self, cloud: CloudStack) -> None:
         """Tenant `poor` ($0.006 a day) crosses 80% then 100%: a warning and an exhausted event are published,
@@ -485,7 +513,8 @@ class TestSecrets:
         can mend."""
         r = cloud.post({"model": "keyless/echo", "messages": MESSAGES})
         assert r.status_code == 503
-        assert r.json()["error"]["code"] == "provider_unavailable"
+        assert r.json()["error"]["code"] == "provider_key_missing"
+        assert r.headers["x-should-retry"] == "false"  # OpenAI's clients would retry a 503 otherwise
         assert "LW_TEST_UNSET_KEY" in r.json()["error"]["message"]
         assert "retry-after" not in r.headers
         assert cloud.openai_fake.calls == []

@@ -248,3 +248,28 @@ class TestSecrets:
             assert key not in log
         assert b"lw.v1.plant.cloud.embeddings" in seen  # the capture did see the traffic
 
+
+def test_embeddings_user_is_masked_before_leaving_the_site(cloud: CloudStack) -> None:
+    """`user` (commonly the end user's e-mail address) is masked before it leaves the site, as a chat
+    request's is."""
+    cloud.client().embeddings.create(model="fake/embed", input=["line 3"], user="jane.doe@plant.example")
+    (call,) = cloud.openai_fake.calls
+    assert call.body["user"] == "[EMAIL]"
+
+
+def test_the_leafwire_cache_field_is_not_sent_to_the_embeddings_provider(cloud: CloudStack) -> None:
+    """`cache` is leafwire's field: not sent on (OpenAI would refuse it as an unrecognized argument), so a
+    client sending `extra_body={"cache": False}` with every call works for embeddings too."""
+    cloud.client().embeddings.create(model="fake/embed", input="hello", extra_body={"cache": False})
+    (call,) = cloud.openai_fake.calls
+    assert "cache" not in call.body
+
+
+def test_base64_asked_is_base64_even_when_the_provider_answers_floats(cloud: CloudStack) -> None:
+    """A provider that ignores `encoding_format` and answers floats: the caller who asked base64 gets base64."""
+    cloud.openai_fake.script(Fault.raw(body={
+        "object": "list", "model": "embed-1", "data": [{"object": "embedding", "index": 0, "embedding": [0.25, 0.5]}],
+        "usage": {"prompt_tokens": 1, "total_tokens": 1}}))
+    r = post(cloud, {"model": "fake/embed", "input": "hello", "encoding_format": "base64"})
+    assert r.status_code == 200
+    assert floats(r.json()["data"][0]["embedding"]) == [0.25, 0.5]  # a string, little-endian float32

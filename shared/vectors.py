@@ -1,0 +1,16 @@
+"""Embedding vectors as OpenAI sends them: a list of floats, or little-endian float32 bytes in base64."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+
+def encode_vector(vector: npt.NDArray[np.float32] | Sequence[float], encoding_format: str) -> list[float] | str:
+    """One vector in ``encoding_format`` (``base64`` or ``float``)."""
+    if encoding_format == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return [float(x) for x in vector]
