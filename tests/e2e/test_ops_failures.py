@@ -113,60 +113,46 @@ def _broken_copy(src: Path, dst: Path, after: str, insert: str) -> Path:
     return dst
 
 
-def test_malformed_providers_file_is_one_structured_error(server: NatsServer, tmp_path: Path) -> None:
-    bad = _broken_copy(ROOT / "deploy" / "providers.yaml", tmp_path / "providers.yaml",
-                       "    kind: openai-compatible", "   bad_indent: [1, 2")
-    svc = Service("cloud_adapter", {"LW_NATS_URL": server.url, "LW_SITE": "edge1",
-                                    "LW_PROVIDERS_FILE": str(bad)}).start()
+def refusal(server: NatsServer, module: str, env: dict[str, str]) -> str:
+    """Start ``module`` with ``env``; it must exit with EX_CONFIG (not restarted by a supervisor: starting again
+    mends nothing), its log all JSON, no traceback. The ``error`` of its error line."""
+    svc = Service(module, {"LW_NATS_URL": server.url, "LW_SITE": "edge1", **env}).start()
     try:
-        assert _exited(svc) == EX_CONFIG  # not restarted by a supervisor: starting again mends nothing
+        assert _exited(svc) == EX_CONFIG
         log = _full_log(svc)
     finally:
         svc.stop()
     assert "Traceback" not in log, log[-3000:]
     assert not _non_json_lines(log), log[-3000:]
-    errors = [line for line in log.splitlines() if line.strip() and json.loads(line).get("level") == "error"]
-    assert errors, log[-3000:]
-    assert any(str(bad) in line and "line 8" in line for line in errors), log[-3000:]
+    (error,) = [e for e in map(json.loads, filter(str.strip, log.splitlines())) if e.get("level") == "error"]
+    assert error["event"] == "cannot start: bad configuration (starting again will not help)"
+    return str(error["error"])
+
+
+def test_malformed_providers_file_is_one_structured_error(server: NatsServer, tmp_path: Path) -> None:
+    bad = _broken_copy(ROOT / "deploy" / "providers.yaml", tmp_path / "providers.yaml",
+                       "    kind: openai-compatible", "   bad_indent: [1, 2")
+    said = refusal(server, "cloud_adapter", {"LW_PROVIDERS_FILE": str(bad)})
+    assert f'in "providers file {bad}", line 8' in said, said
 
 
 def test_malformed_policy_file_is_one_structured_error(server: NatsServer, tmp_path: Path) -> None:
     bad = _broken_copy(ROOT / "deploy" / "policy.yaml", tmp_path / "policy.yaml",
                        "last_resort: local", "  oops: [unclosed")
-    svc = Service("router", {"LW_NATS_URL": server.url, "LW_SITE": "edge1",
-                             "LW_ROUTER_POLICY_FILE": str(bad)}).start()
-    try:
-        assert _exited(svc) == EX_CONFIG  # not restarted by a supervisor: starting again mends nothing
-        log = _full_log(svc)
-    finally:
-        svc.stop()
-    assert "Traceback" not in log, log[-3000:]
-    assert not _non_json_lines(log), log[-3000:]
-    assert any('"level": "error"' in line and str(bad) in line for line in log.splitlines()), log[-3000:]
+    said = refusal(server, "router", {"LW_ROUTER_POLICY_FILE": str(bad)})
+    assert f'in "policy file {bad}", line 7' in said, said
 
 
 def test_missing_policy_file_is_one_structured_error(server: NatsServer, tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
-    svc = Service("router", {"LW_NATS_URL": server.url, "LW_SITE": "edge1",
-                             "LW_ROUTER_POLICY_FILE": str(missing)}).start()
-    try:
-        assert _exited(svc) == EX_CONFIG  # not restarted by a supervisor: starting again mends nothing
-        log = _full_log(svc)
-    finally:
-        svc.stop()
-    assert "Traceback" not in log, log[-3000:]
-    assert any('"level": "error"' in line and str(missing) in line for line in log.splitlines()), log[-3000:]
+    said = refusal(server, "router", {"LW_ROUTER_POLICY_FILE": str(missing)})
+    assert said == f"policy file {missing} cannot be read: No such file or directory"
 
 
 def test_invalid_setting_is_one_structured_error(server: NatsServer) -> None:
-    svc = Service("retrieval", {"LW_NATS_URL": server.url, "LW_SITE": "Bad Site"}).start()
-    try:
-        assert _exited(svc) == EX_CONFIG  # not restarted by a supervisor: starting again mends nothing
-        log = _full_log(svc)
-    finally:
-        svc.stop()
-    assert "Traceback" not in log, log[-3000:]
-    assert any('"level": "error"' in line and "LW_SITE" in line.upper() for line in log.splitlines()), log[-3000:]
+    said = refusal(server, "retrieval", {"LW_SITE": "Bad Site", "LW_KEEPALIVE_S": "abc"})
+    assert said.startswith("LW_SITE: Value error, site id 'Bad Site' must match"), said
+    assert "LW_KEEPALIVE_S: Input should be a valid number" in said
 
 
 # --- NATS outage ------------------------------------------------------------------------------------------
