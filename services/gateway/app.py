@@ -36,7 +36,7 @@ from services.gateway.settings import ANSWERS_END_S, GatewaySettings
 from shared import metrics, subjects
 from shared import nats as lw_nats
 from shared.envelope import EVENT, new_request_id
-from shared.errors import ModelNotFound, Unauthorized, Unavailable
+from shared.errors import BadConfiguration, ModelNotFound, Unauthorized, Unavailable
 from shared.logging import bind_request, get_logger
 from shared.ops import Readiness, add_routes, bound_port
 from shared.replies import Event, ReplyReader, error_of
@@ -205,7 +205,10 @@ async def wind_down(runner: web.AppRunner, replies: ReplyReader, grace_s: float)
 
 async def main(settings: GatewaySettings, readiness: Readiness, stack: AsyncExitStack) -> None:
     """Connect to NATS and serve HTTP."""
-    keys = settings.key_table()
+    try:
+        keys = settings.key_table()
+    except (ValueError, OSError) as exc:  # OSError: LW_GATEWAY_API_KEYS_FILE cannot be read
+        raise BadConfiguration(f"LW_GATEWAY_API_KEYS / LW_GATEWAY_API_KEYS_FILE: {exc}") from exc
     nc = await lw_nats.connect(settings, SERVICE)
     stack.push_async_callback(nc.drain)
     replies = ReplyReader(nc, subjects.reply_prefix(f"gw-{uuid.uuid4().hex[:12]}"))

@@ -83,7 +83,7 @@ class GatewaySettings(ServiceSettings):
         table = {}
         for line in lines:
             key, sep, tenant = line.strip().partition(":")
-            if not sep or not key or not tenant:
-                raise ValueError("API keys must be written key:tenant")
+            if not sep or not key or not tenant:  # the line is not quoted: it may hold a key
+                raise ValueError("API keys must be written key:tenant (one without its tenant was found)")
             table[key] = tenant
         return table

@@ -155,6 +155,14 @@ def test_invalid_setting_is_one_structured_error(server: NatsServer) -> None:
     assert "LW_KEEPALIVE_S: Input should be a valid number" in said
 
 
+def test_a_refused_setting_is_not_echoed(server: NatsServer) -> None:
+    """A setting may be a secret, and none is registered for scrubbing yet: the error names the variable and
+    what is wrong with it, never the value (an API key written without its tenant)."""
+    said = refusal(server, "gateway", {"LW_GATEWAY_API_KEYS": "sk-live-0123456789abcdef"})
+    assert "API keys must be written key:tenant" in said
+    assert "0123456789abcdef" not in said
+
+
 # --- NATS outage ------------------------------------------------------------------------------------------
 
 def test_logs_stay_json_when_nats_goes_away(server: NatsServer) -> None:
