@@ -120,6 +120,17 @@ class TestBridge:
         assert resp.headers["x-leafwire-cache"] == "miss"  # the headers are choice 0's
         assert request_id(third) == f"{resp.headers['x-request-id']}-2"
 
+    @pytest.mark.parametrize(("caches", "said"), [(("hit", "hit"), "hit"), (("hit", "miss"), "partial"),
+                                                  (("miss", "hit"), "partial"), (("miss", "miss"), "miss")])
+    async def test_a_whole_answer_partly_from_the_cache_says_partial(
+            self, client: HttpClient, site: FakeSite, caches: tuple[str, str], said: str) -> None:
+        """x-leafwire-cache of a whole answer of n choices: hit only when every choice was a hit, partial when
+        some were (a cached answer is free: "hit" beside a paid choice would mislead), else choice 0's."""
+        reply = chat(client, n=2)
+        for cache, (msg, _) in zip(caches, [await site.next_choice(), await site.next_choice()], strict=True):
+            await site.send(msg, "result", chat_result("A"), **{"Lw-Cache": cache})
+        assert (await reply).headers["x-leafwire-cache"] == said
+
     async def test_n_1_is_one_request_as_sent(self, client: HttpClient, site: FakeSite) -> None:
         """n=1 goes down chat's own path: the caller's body as sent, under the request's own id."""
         reply = chat(client, n=1)
