@@ -302,7 +302,9 @@ class Worker:
                 elif isinstance(event, Finished):
                     await self._finish(answer, publisher, engine.spec.name, event)
                     clock.done(event.completion_tokens)
-                    await self._record(engine.spec.name, env, event, time.monotonic() - arrived)
+                    await self._record(engine.spec.name, env, event.prompt_tokens, event.completion_tokens,
+                                       "cancelled" if event.finish_reason == "cancelled" else "ok",
+                                       time.monotonic() - arrived)
                 elif isinstance(event, Rejected):
                     await publisher.error(rejection(engine.spec.name, event))
         except LeafwireError as err:
@@ -323,19 +325,22 @@ class Worker:
         else:
             await answer.finish(event.finish_reason, Usage.of(event.prompt_tokens, event.completion_tokens))
 
-    async def _record(self, model: str, env: Envelope, event: Finished, latency_s: float) -> None:
-        """One usage event per answer, as the cloud-adapter writes for cloud ones (the A/B variant too)."""
+    async def _record(self, model: str, env: Envelope, prompt_tokens: int, completion_tokens: int,
+                      outcome: Literal["ok", "cancelled"], latency_s: float) -> None:
+        """One usage event per answer (chat, or a request's vectors), as the cloud-adapter writes for cloud
+        ones (the A/B variant too)."""
         if self.usage is None:
             return
         await self.usage.usage(UsageEvent(
             request_id=env.request_id, tenant=env.tenant, site=self.settings.site, target=f"local/{model}",
-            prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens, variant=env.variant,
-            outcome="cancelled" if event.finish_reason == "cancelled" else "ok", latency_s=latency_s))
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, variant=env.variant,
+            outcome=outcome, latency_s=latency_s))
 
     async def embed(self, engine: EmbedEngine, jobs: list[EmbedJob]) -> None:
         """Make the vectors of several requests in one go and answer each caller."""
         assert self.nc is not None
         model = engine.spec.name
+        started = time.monotonic()
         try:
             metrics.BATCH_SIZE.labels(model).observe(sum(len(j.texts) for j in jobs))
             results = await engine.embed_many([j.texts for j in jobs])
@@ -357,6 +362,7 @@ class Worker:
                                                          job.request.encoding_format == "float"))
                     continue
                 await publisher.send(Event.RESULT, answer)
+                await self._record(model, job.env, result.tokens, 0, "ok", time.monotonic() - started)
         except Exception as exc:  # the caller must hear of it, whatever broke
             log.exception("embeddings failed", model=model)
             for job in jobs:

@@ -4,6 +4,7 @@ the tiny BERT fixture; meaning on the real all-MiniLM-L6-v2 where `just models` 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -22,6 +23,8 @@ from tests.support import (
     REAL_MODELS,
     ROOT,
     NatsServer,
+    eventually,
+    last_usage,
     metric,
     running,
     start_single,
@@ -52,6 +55,23 @@ class TestShape:
         assert [(d.object, d.index) for d in r.data] == [("embedding", 0), ("embedding", 1), ("embedding", 2)]
         assert len({len(d.embedding) for d in r.data}) == 1
         assert r.usage.prompt_tokens == r.usage.total_tokens > len(TEXTS)
+
+    def test_each_answer_is_a_usage_event(self, stack: Stack) -> None:
+        """Vectors made on the site are in the usage report as chat answers are: one event per request, its
+        tokens read, none written, under the request's id."""
+        raw = stack.client().embeddings.with_raw_response.create(model=MODEL, input=TEXTS, encoding_format="float")
+        rid = raw.headers["x-request-id"]
+
+        def event() -> dict[str, object] | None:
+            try:
+                found = asyncio.run(last_usage(stack.nats.url, stack.site))
+            except nats.js.errors.NotFoundError:
+                return None
+            return found if found["request_id"] == rid else None
+
+        got = eventually(event, 10, "the embeddings request's usage event")
+        assert (got["target"], got["prompt_tokens"], got["completion_tokens"], got["outcome"]) == (
+            f"local/{MODEL}", raw.parse().usage.prompt_tokens, 0, "ok")
 
     def test_vectors_are_unit_length_and_match_each_input_alone(self, stack: Stack) -> None:
         """Each vector has length 1 and is the one its text gets when sent alone (so order is kept)."""
