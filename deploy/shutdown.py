@@ -28,7 +28,7 @@ STOP_WAIT_S = 20.0
 REAP_WAIT_S = 5.0  # after a SIGKILL: only supervisord's bookkeeping is left to wait for
 POLL_S = 0.02
 RPC_TIMEOUT_S = 5.0
-EX_CONFIG = 78  # the exit status of a service that cannot start with its configuration (shared/service.py)
+EX_CONFIG = os.EX_CONFIG  # 78: a service that cannot start with its configuration (shared/service.py)
 STOPPED = frozenset({"STOPPED", "EXITED", "FATAL"})
 NOT_RUNNING_FAULTS = frozenset({6, 70})  # SHUTDOWN_STATE, NOT_RUNNING: it got there first
 

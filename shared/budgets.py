@@ -102,6 +102,11 @@ async def open_mirror(js: JetStreamContext) -> KeyValue:
     """The mirror as a read-only bucket. Raises ``NotFoundError`` while there is none (no adapter at the site
     has made it yet)."""
     await js.stream_info(subjects.HUB_BUDGETS)
+    return mirror_bucket(js)
+
+
+def mirror_bucket(js: JetStreamContext) -> KeyValue:
+    """The mirror as a read-only bucket, once its stream is known to be there (no I/O)."""
     return KeyValue(name=subjects.BUDGETS, stream=subjects.HUB_BUDGETS, pre=f"$KV.{subjects.BUDGETS}.", js=js,
                     direct=False)
 

@@ -82,8 +82,8 @@ async def read(nc: NATS, wait_s: float) -> Found:
         if await role_of(js) != "edge":
             return Found(list(own.values()))
         try:
-            info = await js.stream_info(subjects.HUB_BUDGETS)
-            mirrored = await _entries(await budgets.open_mirror(js))
+            info = await js.stream_info(subjects.HUB_BUDGETS)  # it is there (else NotFoundError), and how fresh
+            mirrored = await _entries(budgets.mirror_bucket(js))
         except NotFoundError:
             return Found(list(own.values()), edge=True)
     except HUB_UNREACHABLE as exc:

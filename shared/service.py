@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -30,7 +31,7 @@ from shared.streams import ensure_dead_letters
 
 S = TypeVar("S", bound=ServiceSettings)
 Main = Callable[[S, Readiness, AsyncExitStack], Awaitable[None]]
-EX_CONFIG = 78  # sysexits.h: a configuration error. Supervisors are told not to restart it (deploy/).
+EX_CONFIG = os.EX_CONFIG  # 78 (sysexits.h): a configuration error. Supervisors are told not to restart it (deploy/).
 
 
 def run(service: str, settings_factory: Callable[[], S], main: Main[S], *, ops_server: bool = True) -> None:

@@ -36,10 +36,10 @@ from services.cloud_adapter.upstream import Call, Upstream
 from shared import metrics, subjects
 from shared.answer import Answer, merge_delta
 from shared.envelope import CACHE, EVENT, Envelope
-from shared.errors import AnswerTooLarge, Cancelled, DeadlineExceeded, InvalidRequest, LeafwireError, ModelNotFound
+from shared.errors import Cancelled, DeadlineExceeded, InvalidRequest, LeafwireError, ModelNotFound
 from shared.logging import get_logger
-from shared.nats_headers import HEADERS_ROOM
 from shared.replies import Event, ReplyPublisher, keep_callers, publish_error
+from shared.vectors import oversized
 
 SERVICE = "cloud-adapter"
 log = get_logger("leafwire.cloud_adapter")
@@ -285,7 +285,8 @@ class CloudAdapter:
                 vectors = await target.upstream.embed(call)
             tokens = vectors.prompt_tokens  # paid for, whether or not the answer can be sent
             target.first_byte.observe(time.monotonic() - started)
-            self._fits(vectors.answer, request)
+            if (too_large := oversized(vectors.answer, self.nc.max_payload, request)) is not None:
+                raise too_large
             await admission.admit()
             await publisher.send(Event.RESULT, vectors.answer)
             outcome = "ok"
@@ -296,12 +297,6 @@ class CloudAdapter:
             self.callers.pop(env.request_id, None)
             event = self._account_embeddings(target, env, tokens, outcome, time.monotonic() - started)
             await self.state.publish_usage(event)
-
-    def _fits(self, answer: bytes, request: EmbeddingRequest) -> None:
-        """Raise the 413 for an answer one NATS message cannot carry (many float vectors of a large model)."""
-        assert self.nc is not None
-        if len(answer) + HEADERS_ROOM > self.nc.max_payload:
-            raise AnswerTooLarge(len(answer), self.nc.max_payload, request.count(), request.encoding_format == "float")
 
     async def _lookup(self, key: str | None) -> cache.Entry | None:
         """The cached answer of a request that may use the cache."""

@@ -34,7 +34,6 @@ from shared import metrics
 from shared.answer import Answer
 from shared.envelope import Envelope
 from shared.errors import (
-    AnswerTooLarge,
     Cancelled,
     DeadlineExceeded,
     InvalidRequest,
@@ -43,9 +42,9 @@ from shared.errors import (
     Unavailable,
 )
 from shared.logging import get_logger
-from shared.nats_headers import HEADERS_ROOM
 from shared.replies import Event, ReplyPublisher, keep_callers, publish_error
 from shared.usage import UsagePublisher
+from shared.vectors import oversized
 
 SERVICE = "local-inference"
 log = get_logger("leafwire.local_inference")
@@ -355,11 +354,10 @@ class Worker:
                 metrics.PROMPT_TOKENS.labels(model).inc(result.tokens)
                 body = embedding_response(model, result.vectors, result.tokens, job.request.encoding_format)
                 answer = body.model_dump_json().encode()
-                if len(answer) + HEADERS_ROOM > self.nc.max_payload:
+                if (too_large := oversized(answer, self.nc.max_payload, job.request)) is not None:
                     log.warning("embeddings answer too large for NATS", model=model, request_id=job.env.request_id,
-                                bytes=len(answer), max_payload=self.nc.max_payload)
-                    await publisher.error(AnswerTooLarge(len(answer), self.nc.max_payload, job.request.count(),
-                                                         job.request.encoding_format == "float"))
+                                bytes=too_large.size, max_payload=too_large.max_payload)
+                    await publisher.error(too_large)
                     continue
                 await publisher.send(Event.RESULT, answer)
                 await self._record(model, job.env, result.tokens, 0, "ok", time.monotonic() - started)

@@ -91,7 +91,7 @@ class Masker:
                 messages[i] = masked
         if messages is not None:
             update["messages"] = messages
-        if request.user is not None and (user := self._apply(request.user, total)) is not request.user:
+        if (user := self._changed(request.user, total)) is not None:
             update["user"] = user
         return (request.model_copy(update=update) if update else request), total
 
@@ -105,16 +105,23 @@ class Masker:
             masked = [self._apply(text, total) for text in texts]
             if total:
                 update["input"] = masked[0] if isinstance(request.input, str) else masked
-        if request.user is not None and (user := self._apply(request.user, total)) is not request.user:
+        if (user := self._changed(request.user, total)) is not None:
             update["user"] = user
         return (request.model_copy(update=update) if update else request), total
+
+    def _changed(self, text: str | None, total: Counter[str]) -> str | None:
+        """``text`` masked when something in it matched; ``None`` when it is absent or nothing did."""
+        if text is None:
+            return None
+        masked = self._apply(text, total)
+        return None if masked is text else masked
 
     def _mask_message(self, message: ChatMessage, total: Counter[str]) -> ChatMessage:
         update: dict[str, Any] = {}
         content = self._mask_content(message.content, total)
         if content is not message.content:
             update["content"] = content
-        if message.name is not None and (name := self._apply(message.name, total)) is not message.name:
+        if (name := self._changed(message.name, total)) is not None:
             update["name"] = name
         extra = message.model_extra or {}
         for field in ("tool_calls", "function_call"):
