@@ -90,6 +90,9 @@ USAGE = Collected(subjects.USAGE, _create_usage)
 BUDGETS = Collected(budgets.STREAM, _create_budgets)
 
 
+DETACHED_AFTER_S = 10.0
+
+
 @dataclass(frozen=True)
 class SiteSource:
     """One edge site the hub's ``USAGE`` stream sources, as the hub sees it."""
@@ -99,6 +102,12 @@ class SiteSource:
     heard_s: float | None  # seconds since the hub last heard from the site's stream; None: never
     error: str | None  # what the hub's last attempt to reach it said
     copied: int | None = None  # the sequence, in the site's stream, of the last message the hub copied
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hub's copy runs now: nats-server hears an attached source at least every second (its
+        heartbeats), so one silent for longer than ``DETACHED_AFTER_S`` is cut off, or was never reached."""
+        return self.heard_s is not None and self.heard_s < DETACHED_AFTER_S
 
 
 async def _info(nc: NATS, wait_s: float, stream: str = subjects.USAGE) -> dict[str, Any]:
@@ -277,6 +286,7 @@ async def keep_joined(nc: NATS, site: str, check_s: float, retry_s: float = 5.0,
                     await nudge(nc, each.stream)
             unreachable, failures, said, wait = False, 0, "", check_s
         except HubUnreachable as exc:
+            metrics.USAGE_HUB_LAG.set(-1)  # unknown: the hub cannot say, and this site goes on storing
             if not unreachable:
                 log.info("hub not reachable: usage events and spending wait in this site's streams",
                          reason=exc.message)

@@ -99,7 +99,7 @@ USAGE_EVENTS_DROPPED = Counter("leafwire_usage_events_dropped_total",
                                "Usage events that could not be published (JetStream unavailable, queue full)")
 USAGE_HUB_LAG = Gauge("leafwire_usage_hub_lag_events",
                       "Usage events of this site not yet copied into the hub's USAGE stream, as the hub last said "
-                      "(-1 until the hub has been asked)")
+                      "(-1: unknown, the hub not asked yet or not reachable now)")
 USAGE_HUB_LAG.set(-1)
 DECODE_RATE = Histogram("leafwire_decode_tokens_per_second", "Tokens per second of one answer, after its first",
                         ["model"], buckets=RATE_BUCKETS)

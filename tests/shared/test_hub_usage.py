@@ -14,7 +14,7 @@ import structlog.testing
 from nats.aio.msg import Msg
 
 from schemas.cloud import UsageEvent
-from shared import hub_usage, metrics, subjects, usage_report
+from shared import hub_usage, metrics, sites_cli, subjects, usage_report
 from shared.config_bucket import HUB_TIMEOUT_S
 from shared.errors import HubUnreachable
 from shared.streams import ensure_stream
@@ -182,8 +182,10 @@ async def test_a_link_back_after_an_outage_has_the_hub_restart_its_sources(site:
     try:
         await asyncio.sleep(1.0)
         assert asked == []  # joined all along: nothing to restart
+        assert metrics.USAGE_HUB_LAG._value.get() == 0
         site.link.cut()
         await asyncio.sleep(HUB_TIMEOUT_S + 1)  # a check finds the hub unreachable
+        assert metrics.USAGE_HUB_LAG._value.get() == -1  # unknown offline, not the last figure heard
         site.link.restore()
         await eventually_async(lambda: asyncio.sleep(0, list(asked)), lambda a: len(a) >= 1, within_s=20,
                                what="the leader stepdown")
@@ -224,7 +226,7 @@ async def test_the_sites_command_lists_and_removes(site: CuttableSite, edge: nat
     listed = leafwire("sites", "--nats", site.edge.url)
     assert listed.returncode == 0, listed.stderr
     rows = {line.split()[0]: line.split()[1:] for line in listed.stdout.splitlines()[1:]}
-    assert rows["ghost"] == ["0", "never"]
+    assert rows["ghost"] == ["unknown", "never"]  # the hub's figure (0) for a site it never reached means nothing
     assert rows[SITE][0] == "0"
     assert rows[SITE][-1] == "ago"
 
@@ -289,3 +291,21 @@ async def test_a_report_cut_short_says_so(site: CuttableSite, edge: nats.NATS, m
     site.link.cut()
     with pytest.raises(usage_report.ReportError, match="stopped answering with 3 events still to read"):
         await anext(read)
+
+
+async def test_the_sites_command_says_unknown_for_a_site_cut_off(site: CuttableSite, edge: nats.NATS, hub: nats.NATS,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asked at the hub while a site is cut off, `leafwire sites` does not repeat the hub's lag figure (it stops
+    where it was, 0 here, while the site goes on storing): it says unknown. An attached site that sends
+    nothing is still heard (nats-server's heartbeats) and shows its figure."""
+    monkeypatch.setattr(hub_usage, "DETACHED_AFTER_S", 2.5)
+    publisher = await copied_to_hub(site, edge, 2)
+    await asyncio.sleep(3.0)  # idle, longer than the threshold
+    rows = sites_cli.table(await hub_usage.sites(hub)).splitlines()
+    assert rows[1].split()[:2] == [SITE, "0"]
+    site.link.cut()
+    await publisher.usage(event(9))
+    await publisher.flush()
+    await asyncio.sleep(3.0)
+    rows = sites_cli.table(await hub_usage.sites(hub)).splitlines()
+    assert rows[1].split()[:2] == [SITE, "unknown"]
