@@ -8,7 +8,9 @@ nats-server keeps a mirror attached on its own terms, and two cases leave an edg
 - Created anew: the hub's stream was deleted and made again (a bucket deleted to reset it, a hub that lost
   its storage). The mirror resumes after the sequence it copied last: it skips the new stream's messages up
   to there, and keeps the old entries. Seen as a hub stream holding fewer messages than the mirror copied,
-  or, for a keeper that saw the hub's stream before, as one created at another time.
+  or, for a keeper that saw the hub's stream before, as one created at another time, or, for one that did not
+  (a service started after the reset), as a hub stream whose message at the mirror's last sequence is
+  another.
 
 A mirror made anew copies the hub's stream from its start (~0.2 s, the hub's sequence numbers), and its
 readers (``shared.kv_follow``) open their watch again on it. Only right after the hub has answered: an edge
@@ -17,6 +19,7 @@ left with an empty mirror offline would forget what the hub holds.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import time
@@ -71,6 +74,8 @@ class HubMirror:
             return None
         hub_created = str(hub.get("created"))
         why = self._why(info, int(hub["state"]["last_seq"]), hub_created)
+        if why is None and self.seen is None:
+            why = await self._other_last_message(nc, js, info.state.last_seq)
         if why is not None:
             with contextlib.suppress(NotFoundError):
                 await js.delete_stream(self.name)
@@ -86,6 +91,26 @@ class HubMirror:
         except Exception:
             return None
         return None if "error" in answer else answer
+
+    async def _other_last_message(self, nc: NATS, js: JetStreamContext, copied: int) -> str | None:
+        """For a keeper that has not seen the hub's stream before (a service started after a reset): whether the
+        hub holds, at the sequence the mirror copied last, another message than the mirror does (a mirror keeps
+        its source's sequences). ``None`` also when either side no longer holds that message (a key written
+        again since): then nothing can be told."""
+        if copied <= 0:
+            return None
+        try:
+            mine = await js.get_msg(self.name, seq=copied)
+            answer = json.loads((await nc.request(f"{subjects.HUB_JS_API}.STREAM.MSG.GET.{self.source}",
+                                                  json.dumps({"seq": copied}).encode(), timeout=HUB_TIMEOUT_S)).data)
+        except Exception:
+            return None
+        theirs = answer.get("message")
+        if not isinstance(theirs, dict):
+            return None
+        if theirs.get("subject") == mine.subject and base64.b64decode(theirs.get("data") or "") == (mine.data or b""):
+            return None
+        return f"the hub's stream was created anew (its message {copied} is not the one the mirror copied)"
 
     def _why(self, info: StreamInfo, hub_last: int, hub_created: str) -> str | None:
         copied = info.state.last_seq
