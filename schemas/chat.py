@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     StrictBool,
+    StrictFloat,
     StrictInt,
     Tag,
     ValidationInfo,
@@ -114,15 +115,15 @@ class ChatCompletionRequest(BaseModel):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[StrictInt | None, Field(ge=1)] = None  # true or "5" is refused, as OpenAI does
     max_completion_tokens: Annotated[StrictInt | None, Field(ge=1)] = None
-    temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
-    top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
+    temperature: Annotated[StrictFloat | None, Field(ge=0.0, le=2.0)] = None  # 1 passes; "0.5" or true is refused
+    top_p: Annotated[StrictFloat | None, Field(gt=0.0, le=1.0)] = None
     n: Annotated[StrictInt | None, Field(ge=1, json_schema_extra={"maximum": 1})] = None  # one choice: _one_choice
     stream: StrictBool = False  # "yes" or 1 is refused, as OpenAI does
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: StrictInt | None = None
-    presence_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
-    frequency_penalty: Annotated[float | None, Field(ge=-2.0, le=2.0)] = None
+    presence_penalty: Annotated[StrictFloat | None, Field(ge=-2.0, le=2.0)] = None
+    frequency_penalty: Annotated[StrictFloat | None, Field(ge=-2.0, le=2.0)] = None
     user: str | None = None
     cache: StrictBool | None = Field(
         default=None, description="leafwire extension for cloud models: true answers from the exact-match "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 MAX_INPUTS = 2048  # OpenAI's limit of inputs per request
 
@@ -38,7 +38,7 @@ class EmbeddingRequest(BaseModel):
     model: Annotated[str, Field(min_length=1, max_length=256)]
     input: Any
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Annotated[int | None, Field(ge=1)] = None
+    dimensions: Annotated[StrictInt | None, Field(ge=1)] = None  # "32" is refused, as OpenAI does
     user: str | None = None
 
     @field_validator("input")

@@ -115,6 +115,7 @@ class TestBadInput:
         ({"input": [{"text": "x"}]}, "input", "must be a string"),
         ({"input": "x", "encoding_format": "hex"}, "encoding_format", ""),
         ({"input": "x", "dimensions": 0}, "dimensions", ""),
+        ({"input": "x", "dimensions": "32"}, "dimensions", "valid integer"),  # lax mode took "32" for 32
         ({}, "input", ""),
     ])
     def test_invalid_requests_are_400_naming_the_field(self, stack: Stack, body: dict[str, Any], param: str,

@@ -47,6 +47,10 @@ class TestBadRequests:
     @pytest.mark.parametrize(("field", "value"), [
         ("messages", "hello"),
         ("temperature", "hot"),
+        ("temperature", "0.5"),  # lax mode took numbers in strings, and true for 1; OpenAI refuses them
+        ("top_p", "0.5"),
+        ("presence_penalty", "0.5"),
+        ("frequency_penalty", True),
         ("max_tokens", "ten"),
         ("stream", "yes please"),
         ("stream", "yes"),  # pydantic's lax mode took "yes", "true" and 1 for true; OpenAI refuses them
