@@ -50,5 +50,5 @@ schemas:
 
 # rebuild the tiny test fixture models (needs the model build environment from `just models`)
 fixture-model:
-    ~/.cache/leafwire/build-venv/bin/python tests/fixtures/make_tiny_model.py tests/fixtures/tiny-llama
-    ~/.cache/leafwire/build-venv/bin/python tests/fixtures/make_tiny_embedder.py tests/fixtures/tiny-bert
+    "${LW_HOME:-$HOME/.cache/leafwire}/build-venv/bin/python" tests/fixtures/make_tiny_model.py tests/fixtures/tiny-llama
+    "${LW_HOME:-$HOME/.cache/leafwire}/build-venv/bin/python" tests/fixtures/make_tiny_embedder.py tests/fixtures/tiny-bert

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from deploy import shutdown, topology
 from deploy.topology import Node
+from shared import paths
 from shared.columns import aligned
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,8 +67,7 @@ class Stack:
     providers_file: Path = field(default_factory=lambda: Path(os.environ.get(
         "LW_PROVIDERS_FILE", ROOT / "deploy" / "providers.yaml")).resolve())
     chat_model: str = field(default_factory=lambda: os.environ.get("LW_CHAT_MODEL", "smollm2-135m-instruct"))
-    models_dir: Path = field(default_factory=lambda: Path(os.environ.get(
-        "LW_MODELS_DIR", Path(os.environ.get("LW_HOME", Path.home() / ".cache" / "leafwire")) / "models")))
+    models_dir: Path = field(default_factory=paths.models_dir)
 
     def hub(self) -> list[Node]:
         p = self.nats_port

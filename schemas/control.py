@@ -41,6 +41,8 @@ class ModelInfo(BaseModel):
     name: str
     context_length: int | None = Field(default=None, description="unknown for some cloud models")
     kind: ModelKind = "chat"
+    created: int = Field(default=0, description="unix time the model was made available: a local model's files "
+                                                "built, a cloud model's providers file written (0: unknown)")
     dimensions: int | None = Field(default=None, description="vector size of an embeddings model")
     batching: BatchingOptions | None = None
     idle: bool = Field(default=True, description="no request of this model is being answered by the worker")
@@ -83,7 +85,8 @@ class ModelCard(BaseModel):
 
     id: str
     object: Literal["model"] = "model"
-    created: int = 0
+    created: int = Field(default=0, description="unix time: a local model's files built, a cloud model's providers "
+                                                "file written, a routed name's policy applied by this router")
     owned_by: str = "leafwire"
     context_length: int | None = None
     kind: ModelKind = "chat"

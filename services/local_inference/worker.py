@@ -30,7 +30,7 @@ from services.local_inference.ipc import Delta, Finished, Reading, Rejected, Row
 from services.local_inference.rows import TokenClock, rejection, row_spec, too_long
 from services.local_inference.settings import InferenceSettings
 from services.local_inference.vectors import embedding_response
-from shared import metrics
+from shared import metrics, paths
 from shared.answer import Answer
 from shared.envelope import Envelope
 from shared.errors import (
@@ -120,12 +120,14 @@ class Worker:
 
     def _chat_models(self) -> list[ModelInfo]:
         return [ModelInfo(name=name, context_length=e.context_length, kind="chat",
+                          created=paths.modified_at(*e.spec.required_files()),
                           batching=e.spec.batching_options(self.settings.max_batch), idle=self.idle_model(name),
                           batches=self.batches[name])
                 for name, e in self.engines.items() if e.ready]
 
     def _embedding_models(self) -> list[ModelInfo]:
         return [ModelInfo(name=name, context_length=e.context_length, kind="embeddings",
+                          created=paths.modified_at(*e.spec.required_files()),
                           dimensions=e.dimensions, batching=e.spec.batching_options(), idle=self.idle_model(name),
                           batches=self.batches[name])
                 for name, e in self.embedders.items() if e.ready]

@@ -186,7 +186,7 @@ def build_broker(settings: RouterSettings, state: LiveState, *, document_intakes
     @broker.subscriber(subjects.models(settings.site), title="models",
                        description="Request/reply: the models this site can serve and where they run.")
     async def on_models() -> ModelList:
-        return ModelList(data=state.catalog.model_cards() + routed_cards(state.policy))
+        return ModelList(data=state.catalog.model_cards() + routed_cards(state.policy, state.policy_at))
 
     @broker.subscriber(subjects.heartbeat(subjects.ANY_SITE), no_reply=True, title="heartbeats",
                        description="Worker announcements; the router's catalog of who serves what.")
@@ -196,10 +196,11 @@ def build_broker(settings: RouterSettings, state: LiveState, *, document_intakes
     return broker
 
 
-def routed_cards(policy: policies.Policy) -> list[ModelCard]:
+def routed_cards(policy: policies.Policy, applied_at: int) -> list[ModelCard]:
     """``auto`` and the policy's aliases, as ``GET /v1/models`` lists them: a UI that offers only listed
-    models (Open WebUI) can pick them."""
-    return [ModelCard(id=name, owned_by="leafwire-router", routed=True) for name in [AUTO, *sorted(policy.aliases)]]
+    models (Open WebUI) can pick them. Created when the policy took effect at this router."""
+    return [ModelCard(id=name, owned_by="leafwire-router", routed=True, created=applied_at)
+            for name in [AUTO, *sorted(policy.aliases)]]
 
 
 def initial_state(settings: RouterSettings) -> LiveState:

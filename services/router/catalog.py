@@ -55,13 +55,15 @@ class Catalog:
         workers: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         context: dict[str, int | None] = {}
         kinds: dict[str, Literal["chat", "embeddings"]] = {}
+        created: dict[str, int] = defaultdict(int)
         for beat in self.alive(now):
             for m in beat.models:
                 workers[m.name][beat.site] += 1
                 context[m.name] = m.context_length
                 kinds[m.name] = m.kind
+                created[m.name] = max(created[m.name], m.created)  # the newest build any worker has
         return [
-            ModelCard(id=name, context_length=context[name], kind=kinds[name],
+            ModelCard(id=name, context_length=context[name], kind=kinds[name], created=created[name],
                       locations=[ModelLocation(site=s, workers=n) for s, n in sorted(sites.items())])
             for name, sites in sorted(workers.items())
         ]

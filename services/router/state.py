@@ -45,6 +45,7 @@ class LiveState:
     masker: Masker
     policy_source: str = "file"
     file_policy: Policy | None = None
+    policy_at: int = field(default_factory=lambda: int(time.time()))  # unix time the policy took effect here
     uplink_up: bool = True
     provider_health: dict[str, Health] = field(default_factory=dict)
     probe_at: dict[str, float] = field(default_factory=dict)  # open breakers: when each lets a probe through
@@ -57,6 +58,7 @@ class LiveState:
         """Switch to a validated policy (masking patterns are compiled first, so a bad one fails here)."""
         masker = Masker.from_policy(policy.masking)
         self.policy, self.masker, self.policy_source = policy, masker, source
+        self.policy_at = int(time.time())
 
     def provider_changed(self, health: ProviderHealth) -> None:
         """A provider's breaker moved."""

@@ -181,6 +181,7 @@ class TestAnswers:
             return cards if "claude/haiku" in cards else {}
         cards = eventually(listed, 10, "cloud models in the catalog")
         assert cards["fake/echo"].model_extra["locations"] == [{"site": "hub", "workers": 1}]  # type: ignore[index]
+        assert cards["fake/echo"].created > 1_600_000_000  # its providers file's time, not 0 (1970)
 
     def test_one_cloud_model_by_its_plain_path(self, cloud: CloudStack) -> None:
         """GET /v1/models/fake/echo (the slash not escaped, as curl sends it) returns that model, as does

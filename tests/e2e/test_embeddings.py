@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import os
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -18,8 +19,11 @@ import numpy as np
 import openai
 import pytest
 
+from shared import paths
 from tests.conftest import Stack, batcher_service, stack_services
 from tests.support import (
+    FIXTURE_EMBEDDER,
+    FIXTURE_MODEL,
     REAL_MODELS,
     ROOT,
     NatsServer,
@@ -169,6 +173,15 @@ class TestModels:
         assert models[MODEL]["kind"] == "embeddings"  # type: ignore[index]
         assert models[MODEL]["locations"] == [{"site": "edge1", "workers": 1}]  # type: ignore[index]
         assert not models["tiny"]["routed"]  # type: ignore[index]
+
+    def test_models_have_a_creation_time(self, stack: Stack) -> None:
+        """Each listed model has a real unix `created` (UIs sort and show it; it was 0, 1970): a local model's
+        when its files were built, a routed name's when the policy took effect."""
+        models = {m.id: m for m in stack.client().models.list().data}
+        assert models["tiny"].created == paths.modified_at(FIXTURE_MODEL / "genai_config.json")
+        built = paths.modified_at(FIXTURE_EMBEDDER / "model.onnx", FIXTURE_EMBEDDER / "tokenizer.json")
+        assert models[MODEL].created == built
+        assert time.time() - 3600 < models["auto"].created <= time.time()
 
     def test_model_answers_carry_a_request_id_as_every_answer_does(self, stack: Stack) -> None:
         """GET /v1/models, /v1/models/{id} and a dry run carry x-request-id, each its own."""

@@ -8,7 +8,7 @@ import pytest
 
 from services.local_inference import registry
 from services.local_inference.registry import RegistryError
-from tests.support import FIXTURE_EMBEDDER, FIXTURE_MODEL
+from tests.support import FIXTURE_EMBEDDER, FIXTURE_MODEL, ROOT
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -23,6 +23,20 @@ class TestRegistry:
         monkeypatch.setenv("FIXTURES", str(FIXTURE_MODEL.parent))
         reg = registry.load(write(tmp_path, "models:\n  - name: tiny\n    path: ${FIXTURES}/tiny-llama\n"))
         assert reg.models[0].path == FIXTURE_MODEL
+
+    def test_models_dir_defaults_to_lw_home_models(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """deploy/models.yaml loads without LW_MODELS_DIR: its models are looked for in $LW_HOME/models, where
+        `just models` builds them (a worker started by hand used to stop on the unset variable)."""
+        models = tmp_path / "models"
+        (models / "smollm2-135m-instruct").mkdir(parents=True)
+        (models / "smollm2-135m-instruct" / "genai_config.json").write_text("{}")
+        (models / "all-minilm-l6-v2").mkdir()
+        for name in ("model.onnx", "tokenizer.json"):
+            (models / "all-minilm-l6-v2" / name).write_text("")
+        monkeypatch.delenv("LW_MODELS_DIR", raising=False)
+        monkeypatch.setenv("LW_HOME", str(tmp_path))
+        loaded = registry.load(ROOT / "deploy" / "models.yaml")
+        assert {m.path for m in loaded.models} == {models / "smollm2-135m-instruct", models / "all-minilm-l6-v2"}
 
     def test_context_length_comes_from_the_model(self, tmp_path: Path) -> None:
         """Without a context_length the model's genai_config.json decides."""
