@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 MAX_INPUTS = 2048  # OpenAI's limit of inputs per request
 
@@ -40,6 +40,10 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[StrictInt | None, Field(ge=1)] = None  # "32" is refused, as OpenAI does
     user: str | None = None
+    cache: StrictBool | None = Field(
+        default=None, description="leafwire extension for cloud models: false neither reads nor stores "
+                                  "cached vectors; by default each input's vector is read from the cache when "
+                                  "stored, and stored when made. Never sent to a provider.")
 
     @field_validator("input")
     @classmethod

@@ -25,7 +25,7 @@ from schemas.chat import ChatCompletionRequest, FinishReason, Usage
 from schemas.cloud import BreakerState, BudgetStatus, ProviderHealth, UsageEvent
 from schemas.control import Admitted, ModelInfo, ModelKind, WorkerHeartbeat
 from schemas.embeddings import EmbeddingRequest
-from services.cloud_adapter import cache
+from services.cloud_adapter import cache, vector_cache
 from services.cloud_adapter.breaker import Breaker
 from services.cloud_adapter.budget import Ledger
 from services.cloud_adapter.config import ModelSpec, Provider, ProvidersFile
@@ -271,33 +271,74 @@ class CloudAdapter:
 
     async def serve_embeddings(self, target: Target, request: EmbeddingRequest, env: Envelope,
                                admit_to: str | None) -> None:
-        """The whole life of one embeddings request after admission checks: one call, one ``result``."""
+        """The whole life of one embeddings request after admission checks: the vectors stored for its inputs
+        (``vector_cache``), one call for the others, one ``result``."""
         assert self.nc is not None
         assert self.state is not None
         started = time.monotonic()
-        publisher = ReplyPublisher(self.nc, env.reply, env, f"{self.settings.site}/{self.worker_id}")
+        keys = vector_cache.keys(env.tenant, target.name, request) if vector_cache.eligible(request) else None
+        stored: list[vector_cache.Vector | None] = (await self._stored_vectors(keys) if keys
+                                                    else [None] * request.count())
+        missing = [i for i, vector in enumerate(stored) if vector is None]
+        found = "miss" if len(missing) == len(stored) else "hit" if not missing else "partial"
+        publisher = ReplyPublisher(self.nc, env.reply, env, f"{self.settings.site}/{self.worker_id}",
+                                   first_headers={CACHE: found} if keys else None)
         admission = Admission(self.nc, admit_to, env, self.worker_id)
         tokens: int | None = None
         outcome = "error"
         self.callers[env.request_id] = publisher
         try:
-            with target.upstream.slot():
-                call = target.upstream.embeddings_call(request, target.model, target.spec, env.deadline)
-                vectors = await target.upstream.embed(call)
-            tokens = vectors.prompt_tokens  # paid for, whether or not the answer can be sent
-            target.first_byte.observe(time.monotonic() - started)
-            if (too_large := oversized(vectors.answer, self.nc.max_payload, request)) is not None:
+            if missing:
+                answer, tokens = await self._embed(target, request, env, keys, stored, missing, started)
+            else:
+                answer = vector_cache.answer(stored, request.model)
+            if (too_large := oversized(answer, self.nc.max_payload, request)) is not None:
                 raise too_large
             await admission.admit()
-            await publisher.send(Event.RESULT, vectors.answer)
-            outcome = "ok"
+            await publisher.send(Event.RESULT, answer)
+            outcome = "ok" if missing else "cache_hit"
             await answer_leaves()
         except BaseException as exc:
             outcome = await self._failed(exc, admission, publisher, target)
         finally:
             self.callers.pop(env.request_id, None)
-            event = self._account_embeddings(target, env, tokens, outcome, time.monotonic() - started)
+            event = self._account_embeddings(target, env, tokens, outcome, time.monotonic() - started, stored)
             await self.state.publish_usage(event)
+
+    async def _embed(self, target: Target, request: EmbeddingRequest, env: Envelope, keys: list[str] | None,
+                     stored: list[vector_cache.Vector | None], missing: list[int],
+                     started: float) -> tuple[bytes, int]:
+        """Call the provider for the ``missing`` inputs; the whole answer, with the stored vectors in their
+        places, and the tokens the provider counted (paid for, whether or not the answer can be sent)."""
+        assert self.state is not None
+        items = vector_cache.inputs(request)
+        asked = request if len(missing) == len(items) else request.model_copy(
+            update={"input": [items[i] for i in missing]})
+        with target.upstream.slot():
+            call = target.upstream.embeddings_call(asked, target.model, target.spec, env.deadline)
+            vectors = await target.upstream.embed(call)
+        target.first_byte.observe(time.monotonic() - started)
+        if keys is None:
+            return vectors.answer, vectors.prompt_tokens
+        new = [vector_cache.Vector(embedding, tokens) for embedding, tokens in
+               zip(vectors.embeddings, vector_cache.shares(vectors.prompt_tokens, [items[i] for i in missing]),
+                   strict=True)]
+        self.state.vectors_put([(keys[i], vector) for i, vector in zip(missing, new, strict=True)])
+        if len(missing) == len(items):
+            return vectors.answer, vectors.prompt_tokens
+        whole = list(stored)
+        for i, vector in zip(missing, new, strict=True):
+            whole[i] = vector
+        return vector_cache.answer(whole, request.model), vectors.prompt_tokens
+
+    async def _stored_vectors(self, keys: list[str]) -> list[vector_cache.Vector | None]:
+        """The stored vector of each input, counted as cache lookups one by one."""
+        assert self.state is not None
+        stored = await self.state.vectors_get(keys)
+        hits = sum(v is not None for v in stored)
+        CACHE_HITS.inc(hits)
+        CACHE_MISSES.inc(len(stored) - hits)
+        return stored
 
     async def _lookup(self, key: str | None) -> cache.Entry | None:
         """The cached answer of a request that may use the cache."""
@@ -396,9 +437,13 @@ class CloudAdapter:
         return self._usage_event(target, env, outcome, elapsed, usage, cost, cached=hit is not None)
 
     def _account_embeddings(self, target: Target, env: Envelope, tokens: int | None, outcome: str,
-                            elapsed: float) -> UsageEvent:
+                            elapsed: float, stored: list[vector_cache.Vector | None]) -> UsageEvent:
         """Metrics and the ledger of a finished embeddings request (``tokens``: what the provider read, if
-        it answered); its usage event. Embeddings have no output tokens."""
+        it answered); its usage event. Embeddings have no output tokens. Answered from the cache alone, the
+        event has the tokens its inputs counted for and costs nothing, as a cached chat answer's."""
+        if outcome == "cache_hit":
+            usage = Usage.of(sum(v.tokens for v in stored if v is not None), 0)
+            return self._usage_event(target, env, outcome, elapsed, usage, 0.0, cached=True)
         usage = Usage.of(tokens or 0, 0)
         cost = target.spec.cost(usage.prompt_tokens, 0)
         if tokens is not None:

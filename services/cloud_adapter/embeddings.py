@@ -35,6 +35,7 @@ class Vectors:
 
     answer: bytes
     prompt_tokens: int
+    embeddings: list[bytes]  # each vector's JSON value, in input order, as the answer holds it (for the cache)
 
 
 def body(request: EmbeddingRequest, upstream: str) -> bytes:
@@ -69,4 +70,4 @@ def read(provider: str, data: bytes, request: EmbeddingRequest) -> Vectors:
     tokens = answer.usage.prompt_tokens if answer.usage is not None else estimate(request)
     whole = EmbeddingResponse(data=vectors, model=request.model,
                               usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
-    return Vectors(whole.model_dump_json().encode(), tokens)
+    return Vectors(whole.model_dump_json().encode(), tokens, [to_json(e.embedding) for e in vectors])

@@ -13,21 +13,22 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
-from services.cloud_adapter.cache import Entry
+V = TypeVar("V")
 
 
 @dataclass
-class NearCache:
+class NearCache(Generic[V]):
     """A least-recently-used map of cache entries, bounded in bytes and in age."""
 
     max_bytes: int
     ttl_s: float
     clock: Callable[[], float] = time.monotonic
-    _entries: OrderedDict[str, tuple[float, int, Entry]] = field(default_factory=OrderedDict)
+    _entries: OrderedDict[str, tuple[float, int, V]] = field(default_factory=OrderedDict)
     _bytes: int = 0
 
-    def get(self, key: str) -> Entry | None:
+    def get(self, key: str) -> V | None:
         """The entry under ``key`` if held and young enough."""
         held = self._entries.get(key)
         if held is None:
@@ -39,7 +40,7 @@ class NearCache:
         self._entries.move_to_end(key)
         return entry
 
-    def put(self, key: str, entry: Entry, size: int) -> None:
+    def put(self, key: str, entry: V, size: int) -> None:
         """Hold ``entry`` (``size``: its encoded bytes), evicting the least recently used past the bound."""
         if size > self.max_bytes:
             return

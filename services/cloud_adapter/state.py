@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -26,6 +26,7 @@ from services.cloud_adapter.budget import Account, Ledger
 from services.cloud_adapter.cache import Entry
 from services.cloud_adapter.near_cache import NearCache
 from services.cloud_adapter.settings import CloudSettings
+from services.cloud_adapter.vector_cache import Vector
 from shared import budgets, subjects
 from shared.config_bucket import Role, role_of
 from shared.kv_follow import follow_bucket
@@ -48,7 +49,7 @@ class CloudState:
         self._settings = settings
         self._ledger = ledger
         self._usage = UsagePublisher(nc, settings.site, settings.usage_pending_max)
-        self._near = NearCache(settings.near_cache_bytes, settings.near_cache_ttl_s)
+        self._near: NearCache[Entry | Vector] = NearCache(settings.near_cache_bytes, settings.near_cache_ttl_s)
         self.cache: KeyValue | None = None
         self.health: KeyValue | None = None
         self.budgets: KeyValue | None = None
@@ -155,22 +156,40 @@ class CloudState:
     async def cache_get(self, key: str) -> Entry | None:
         """The cached answer under ``key`` (from memory when recently used, else the KV bucket); ``None``
         when absent, unreadable, or JetStream is slow."""
-        if (near := self._near.get(key)) is not None:
+        if isinstance(near := self._near.get(key), Entry):
             return near
+        value = await self._cache_value(key)
+        entry = Entry.decode(value) if value else None
+        if entry is not None and value:
+            self._near.put(key, entry, len(value))
+        return entry
+
+    async def vectors_get(self, keys: Sequence[str]) -> list[Vector | None]:
+        """The stored vector under each key (``None`` where absent or unreadable), asked all at once."""
+
+        async def one(key: str) -> Vector | None:
+            if isinstance(near := self._near.get(key), Vector):
+                return near
+            value = await self._cache_value(key)
+            vector = Vector.decode(value) if value else None
+            if vector is not None and value:
+                self._near.put(key, vector, len(value))
+            return vector
+
+        return list(await asyncio.gather(*(one(key) for key in keys)))
+
+    async def _cache_value(self, key: str) -> bytes | None:
+        """The cache bucket's value under ``key``; ``None`` when absent, or JetStream is slow or failing."""
         if self.cache is None:
             return None
         try:
             async with asyncio.timeout(CACHE_GET_TIMEOUT_S):
-                found = await self.cache.get(key)
+                return (await self.cache.get(key)).value
         except KeyNotFoundError:
             return None
         except Exception as exc:
             log.warning("cache lookup failed", error=repr(exc))
             return None
-        entry = Entry.decode(found.value) if found.value else None
-        if entry is not None and found.value:
-            self._near.put(key, entry, len(found.value))
-        return entry
 
     def cache_put(self, key: str, entry: Entry) -> None:
         """Store an answer in the background (skipped when too large or too many writes are pending)."""
@@ -179,6 +198,24 @@ class CloudState:
             return
         self._near.put(key, entry, len(value))
         self._background(self.cache.put(key, value), "cache write failed")
+
+    def vectors_put(self, stored: Sequence[tuple[str, Vector]]) -> None:
+        """Store new vectors in the background, one write after another (one pending write for them all);
+        those too large for an entry are skipped."""
+        if self.cache is None:
+            return
+        cache, values = self.cache, []
+        for key, vector in stored:
+            if len(value := vector.encode()) <= self._settings.cache_max_entry_bytes:
+                values.append((key, value))
+                self._near.put(key, vector, len(value))
+
+        async def write() -> None:
+            for key, value in values:
+                await cache.put(key, value)
+
+        if values:
+            self._background(write(), "cache write failed")
 
     # -- provider health
 

@@ -22,6 +22,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from schemas.embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from services.gateway.bridge import Bridge, Exchange
+from shared import envelope as hdr
 from shared import subjects
 from shared.envelope import Envelope
 from shared.errors import LeafwireError, RemoteError, UpstreamError
@@ -100,6 +101,15 @@ def in_whole(err: LeafwireError, offset: int) -> LeafwireError:
     return RemoteError(err.status, response, err.retry_after)
 
 
+def in_cache(parts: Sequence[str | None]) -> str | None:
+    """The ``x-leafwire-cache`` of a request answered in parts: ``hit`` when every part was, ``miss`` when none
+    found anything, else ``partial``; none when no part used the cache (a local model)."""
+    said = set(parts) - {None}
+    if not said:
+        return None
+    return said.pop() if len(said) == 1 and said <= {"hit", "miss"} else "partial"
+
+
 class EmbeddingsBridge(Bridge):
     """``POST /v1/embeddings`` over NATS."""
 
@@ -150,8 +160,10 @@ class EmbeddingsBridge(Bridge):
         except* LeafwireError as failed:
             raise failed.exceptions[0] from None  # the first part to fail; the others were cancelled
         body = merge([answers[n][1] for n in range(len(parts))])
-        return web.Response(body=body, content_type="application/json",
-                            headers=self.answer_headers(answers[0][0], env))
+        headers = self.answer_headers(answers[0][0], env)
+        if cached := in_cache([reply.headers.get(hdr.CACHE) for reply, _ in answers.values()]):
+            headers["x-leafwire-cache"] = cached
+        return web.Response(body=body, content_type="application/json", headers=headers)
 
     async def _part(self, http: web.Request, part: Part, env: Envelope) -> tuple[Reply, Piece]:
         """Ask for one part and wait for its answer; cancel it at the site if it ends unanswered (it failed

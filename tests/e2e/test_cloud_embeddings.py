@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import struct
+import uuid
 from typing import Any
 
 import httpx
@@ -177,7 +178,7 @@ class TestResilience:
         short = {"object": "list", "data": [{"object": "embedding", "index": i, "embedding": [0.5]} for i in (0, 1)],
                  "usage": {"prompt_tokens": 3, "total_tokens": 3}}
         cloud.openai_fake.script(*[Fault.error(200, short)] * 3)
-        r = post(cloud, {"model": "fake/embed", "input": TEXTS})
+        r = post(cloud, {"model": "fake/embed", "input": TEXTS, "cache": False})  # the provider's answer
         assert r.status_code == 502
         assert r.json()["error"]["code"] == "upstream_bad_response"
         assert "2 vectors for 3 inputs" in r.json()["error"]["message"]
@@ -235,8 +236,8 @@ class TestSecrets:
         traffic = subscribe(cloud, ">")
         cloud.openai_fake.script(Fault.ok(), Fault.error(400, {"error": {
             "message": f"bad input for Bearer {KEY}", "type": "invalid_request_error", "param": "input"}}))
-        answers = [post(cloud, {"model": "fake/embed", "input": "hello"}),
-                   post(cloud, {"model": "fake/embed", "input": "hello"}),
+        answers = [post(cloud, {"model": "fake/embed", "input": "hello", "cache": False}),
+                   post(cloud, {"model": "fake/embed", "input": "hello", "cache": False}),
                    post(cloud, {"model": "wrongkey/embed", "input": "hello"})]
         assert [a.status_code for a in answers] == [200, 400, 502]
         assert answers[2].json()["error"]["code"] == "upstream_auth_failed"
@@ -252,7 +253,8 @@ class TestSecrets:
 def test_embeddings_user_is_masked_before_leaving_the_site(cloud: CloudStack) -> None:
     """`user` (commonly the end user's e-mail address) is masked before it leaves the site, as a chat
     request's is."""
-    cloud.client().embeddings.create(model="fake/embed", input=["line 3"], user="jane.doe@plant.example")
+    cloud.client().embeddings.create(model="fake/embed", input=["line 3"], user="jane.doe@plant.example",
+                                     extra_body={"cache": False})
     (call,) = cloud.openai_fake.calls
     assert call.body["user"] == "[EMAIL]"
 
@@ -270,6 +272,83 @@ def test_base64_asked_is_base64_even_when_the_provider_answers_floats(cloud: Clo
     cloud.openai_fake.script(Fault.raw(body={
         "object": "list", "model": "embed-1", "data": [{"object": "embedding", "index": 0, "embedding": [0.25, 0.5]}],
         "usage": {"prompt_tokens": 1, "total_tokens": 1}}))
-    r = post(cloud, {"model": "fake/embed", "input": "hello", "encoding_format": "base64"})
+    r = post(cloud, {"model": "fake/embed", "input": "hello", "encoding_format": "base64", "cache": False})
     assert r.status_code == 200
     assert floats(r.json()["data"][0]["embedding"]) == [0.25, 0.5]  # a string, little-endian float32
+
+
+class TestCache:
+    """Each input's vector is stored (``x-leafwire-cache``); inputs asked again are not sent to the provider."""
+
+    @staticmethod
+    def texts(n: int) -> list[str]:
+        """Inputs no other test asks for (the cache outlives a test)."""
+        tag = uuid.uuid4().hex[:8]
+        return [f"valve {tag} {i} is stuck" for i in range(n)]
+
+    def test_the_same_inputs_again_are_not_sent_to_the_provider(self, cloud: CloudStack) -> None:
+        """The second time: the same vectors and usage, a hit, no provider call, and a usage event marked
+        cached that costs nothing."""
+        texts = self.texts(3)
+        first = cloud.client().embeddings.with_raw_response.create(model="fake/embed", input=texts,
+                                                                   encoding_format="float")
+        again = cloud.client().embeddings.with_raw_response.create(model="fake/embed", input=texts,
+                                                                   encoding_format="float")
+        assert (first.headers["x-leafwire-cache"], again.headers["x-leafwire-cache"]) == ("miss", "hit")
+        assert len(cloud.openai_fake.calls) == 1
+        assert [d.embedding for d in again.parse().data] == [vector(t) for t in texts]
+        assert again.parse().usage == first.parse().usage
+        event = eventually(lambda: usage_event(cloud, again.headers["x-request-id"]), 10, "the usage event")
+        assert (event["outcome"], event["cached"], event["cost_usd"]) == ("ok", True, 0)
+        assert event["prompt_tokens"] == first.parse().usage.prompt_tokens  # what it would have read, as chat's
+
+    def test_only_the_inputs_not_stored_go_to_the_provider(self, cloud: CloudStack) -> None:
+        """Inputs partly asked before: the provider gets only the new ones, the answer every vector in input
+        order (partial), its usage the tokens of all; the usage event counts the tokens paid for."""
+        a, b, c = self.texts(3)
+        cloud.client().embeddings.create(model="fake/embed", input=[a, b], encoding_format="float")
+        cloud.openai_fake.reset()
+        r = cloud.client().embeddings.with_raw_response.create(model="fake/embed", input=[b, c, a],
+                                                               encoding_format="float")
+        assert r.headers["x-leafwire-cache"] == "partial"
+        (call,) = cloud.openai_fake.calls
+        assert call.body["input"] == [c]
+        answer = r.parse()
+        assert [d.index for d in answer.data] == [0, 1, 2]
+        assert [d.embedding for d in answer.data] == [vector(t) for t in (b, c, a)]
+        assert answer.usage.prompt_tokens == 15  # five words each: the stored inputs' tokens as well
+        event = eventually(lambda: usage_event(cloud, r.headers["x-request-id"]), 10, "the usage event")
+        assert (event["prompt_tokens"], event["cached"]) == (5, False)
+
+    def test_what_the_key_covers(self, cloud: CloudStack) -> None:
+        """Another tenant, other dimensions or another encoding is another vector: asked of the provider.
+        `cache: false` neither reads nor stores, and says nothing of the cache."""
+        texts = self.texts(1)
+        cloud.client().embeddings.create(model="fake/embed", input=texts, encoding_format="float")
+        asks = [({"key": "key-globex"}, {}), ({}, {"dimensions": 16}), ({}, {"encoding_format": "base64"}),
+                ({}, {"cache": False})]
+        for who, extra in asks:
+            cloud.openai_fake.reset()
+            r = post(cloud, {"model": "fake/embed", "input": texts, **extra}, **who)
+            assert r.status_code == 200, r.text
+            assert len(cloud.openai_fake.calls) == 1, (who, extra)
+            assert r.headers.get("x-leafwire-cache") == (None if "cache" in extra else "miss")
+        cloud.openai_fake.reset()
+        assert post(cloud, {"model": "fake/embed", "input": texts, "cache": False}).status_code == 200
+        assert len(cloud.openai_fake.calls) == 1  # the request before it stored nothing
+
+    def test_a_request_in_parts_says_how_much_was_stored(self, cloud: CloudStack) -> None:
+        """Split by the gateway (float vectors go in parts of 64): each part reads the cache; the answer is a
+        hit when every part was, partial when some were."""
+        texts = self.texts(100)
+        cloud.client().embeddings.create(model="fake/embed", input=texts[:64], encoding_format="float")
+        cloud.openai_fake.reset()
+        r = cloud.client().embeddings.with_raw_response.create(model="fake/embed", input=texts,
+                                                               encoding_format="float")
+        assert r.headers["x-leafwire-cache"] == "partial"
+        assert [len(c.body["input"]) for c in cloud.openai_fake.calls] == [36]
+        assert [d.embedding for d in r.parse().data] == [vector(t) for t in texts]
+        whole = cloud.client().embeddings.with_raw_response.create(model="fake/embed", input=texts,
+                                                                   encoding_format="float")
+        assert whole.headers["x-leafwire-cache"] == "hit"
+        assert len(cloud.openai_fake.calls) == 1

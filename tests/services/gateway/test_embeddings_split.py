@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from schemas.embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from schemas.errors import ErrorBody, ErrorResponse
-from services.gateway.embeddings import EmbeddingsBridge, in_whole, merge, reindexed, split
+from services.gateway.embeddings import EmbeddingsBridge, in_cache, in_whole, merge, reindexed, split
 from services.gateway.settings import GatewaySettings
 from shared import subjects
 from shared.errors import InvalidRequest, RemoteError, UpstreamError
@@ -232,3 +232,15 @@ class TestBridge:
             await reply
         assert await site.cancelled(2) == {request_id(first), request_id(second)}
         assert await site.nothing_more_asked()
+
+
+@pytest.mark.parametrize(("parts", "said"), [
+    (["hit", "hit"], "hit"),
+    (["miss", "miss", "miss"], "miss"),
+    (["hit", "miss"], "partial"),
+    (["miss", "partial"], "partial"),
+    (["partial"], "partial"),
+    ([None, None], None),  # a local model: no cache, no header
+])
+def test_the_cache_header_of_a_request_in_parts(parts: list[str | None], said: str | None) -> None:
+    assert in_cache(parts) == said
