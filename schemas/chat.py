@@ -103,12 +103,13 @@ class StreamOptions(BaseModel):
 
 
 MAX_STOP_SEQUENCES = 4
-MAX_CHOICES = 128  # n (prompts × n in text completions), OpenAI's bound: each choice is a request at the site
+MAX_CHOICES = 128  # n (prompts × n in text completions), OpenAI's bound
 
 
 class ChatCompletionRequest(BaseModel):
-    """The payload of ``lw.v1.<site>.chat``: ``POST /v1/chat/completions``'s body, for one choice (the gateway
-    asks a request per choice of ``n`` > 1: ``HttpChatRequest``)."""
+    """The payload of ``lw.v1.<site>.chat``: ``POST /v1/chat/completions``'s body. ``n`` > 1 is answered in
+    one call by an OpenAI-compatible cloud model, whole; any other target answers an error ``n_unsupported``
+    (ask each choice as its own request, as the HTTP gateway then does)."""
 
     model_config = ConfigDict(extra="allow")
     model: Annotated[str, Field(min_length=1, max_length=256)]
@@ -117,7 +118,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: Annotated[StrictInt | None, Field(ge=1)] = None
     temperature: Annotated[StrictFloat | None, Field(ge=0.0, le=2.0)] = None  # 1 passes; "0.5" or true is refused
     top_p: Annotated[StrictFloat | None, Field(gt=0.0, le=1.0)] = None
-    n: Annotated[StrictInt | None, Field(ge=1, json_schema_extra={"maximum": 1})] = None  # one choice: _one_choice
+    n: Annotated[StrictInt | None, Field(ge=1, le=MAX_CHOICES)] = None  # > 1: OpenAI-compatible cloud models only
     stream: StrictBool = False  # "yes" or 1 is refused, as OpenAI does
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -138,15 +139,6 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
-        return value
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int | None) -> int | None:
-        if value is not None and value > 1:  # a worker or provider would answer one choice, or charge for n
-            raise PydanticCustomError("n_unsupported", "n > 1 is answered by the HTTP gateway (a request per "
-                                      "choice); over NATS each request is one choice: send {n} requests instead",
-                                      {"n": value})
         return value
 
     @field_validator("stream_options")
@@ -173,15 +165,9 @@ class ChatCompletionRequest(BaseModel):
 
 
 class HttpChatRequest(ChatCompletionRequest):
-    """``POST /v1/chat/completions``'s body: ``n`` up to 128 choices, which the gateway asks of the site as a
-    request each (``ChatCompletionRequest`` without ``n``)."""
-
-    n: Annotated[StrictInt | None, Field(ge=1, le=MAX_CHOICES)] = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int | None) -> int | None:
-        return value
+    """``POST /v1/chat/completions``'s body. With ``n`` > 1 the gateway asks the site once with ``n`` (an
+    OpenAI-compatible cloud model answers every choice in one call), or, when the target answers one choice a
+    request (``n_unsupported``), a request per choice."""
 
 
 class Compact(BaseModel):

@@ -12,7 +12,7 @@ JSON comes from pydantic-core's ``to_json`` (compact UTF-8, several times faster
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,6 +160,17 @@ class Answer:
             "id": self.completion_id, "object": "chat.completion", "created": self.created, "model": self.model,
             "choices": [{"index": 0, "message": final_message(self.message), "logprobs": self.logprobs,
                          "finish_reason": reason}],
+            "usage": usage.model_dump(), "system_fingerprint": self.fingerprint,
+        })
+
+    def choices(self, choices: Sequence[tuple[Mapping[str, Any], FinishReason, dict[str, Any] | None]],
+                usage: Usage) -> bytes:
+        """The ``chat.completion`` of several whole choices (message, finish reason, logprobs), in order."""
+        return to_json({
+            "id": self.completion_id, "object": "chat.completion", "created": self.created, "model": self.model,
+            "choices": [{"index": i, "message": final_message({k: v for k, v in m.items() if k != "role"}),
+                         "logprobs": logprobs, "finish_reason": reason}
+                        for i, (m, reason, logprobs) in enumerate(choices)],
             "usage": usage.model_dump(), "system_fingerprint": self.fingerprint,
         })
 

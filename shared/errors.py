@@ -77,6 +77,18 @@ class InvalidRequest(LeafwireError):
     type = "invalid_request_error"
 
 
+class ChoicesOneByOne(InvalidRequest):
+    """A request of ``n`` > 1 choices to a target that answers one choice a request (a local model, an
+    Anthropic one, a stream): the HTTP gateway then asks each choice as its own request."""
+
+    default_code = "n_unsupported"
+
+    def __init__(self, n: int, target: str) -> None:
+        super().__init__(f"{target} answers one choice a request; n = {n} is asked natively only of "
+                         "OpenAI-compatible cloud models, not streamed: send {n} requests instead (the HTTP "
+                         "gateway does)".replace("{n}", str(n)), param="n")
+
+
 class ContextLengthExceeded(InvalidRequest):
     """Prompt plus requested completion do not fit the model's context."""
 

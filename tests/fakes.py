@@ -260,6 +260,12 @@ class FakeProvider:
         if fault.kind == "malformed":
             return web.Response(text='{"id": "x", "choices": [', content_type="application/json")
         whole = self._whole(body, answer, prompt_tokens)
+        if self.kind == "openai" and (n := body.get("n") or 1) > 1:  # a sample a choice: the next scripted texts
+            texts = [answer] + [self._next().text or answer for _ in range(n - 1)]
+            whole["choices"] = [{"index": j, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": "stop"} for j, text in enumerate(texts)][::-1]  # any order
+            whole["usage"]["completion_tokens"] = sum(len(words(text)) for text in texts)
+            whole["usage"]["total_tokens"] = prompt_tokens + whole["usage"]["completion_tokens"]
         whole["usage"].update(fault.usage)
         return web.json_response(whole)
 

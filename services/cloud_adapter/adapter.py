@@ -29,14 +29,24 @@ from services.cloud_adapter import cache, vector_cache
 from services.cloud_adapter.breaker import Breaker
 from services.cloud_adapter.budget import Ledger
 from services.cloud_adapter.config import ModelSpec, Provider, ProvidersFile
-from services.cloud_adapter.dialect import CHARS_PER_TOKEN, Delta, Fingerprint, Finish, Piece, Tokens, provider_fault
+from services.cloud_adapter.dialect import (
+    CHARS_PER_TOKEN,
+    Choices,
+    Completion,
+    Delta,
+    Fingerprint,
+    Finish,
+    Piece,
+    Tokens,
+    provider_fault,
+)
 from services.cloud_adapter.settings import CloudSettings
 from services.cloud_adapter.state import CloudState
 from services.cloud_adapter.upstream import Call, Upstream
 from shared import metrics, paths, subjects
 from shared.answer import Answer, merge_delta
 from shared.envelope import CACHE, EVENT, Envelope
-from shared.errors import Cancelled, DeadlineExceeded, InvalidRequest, LeafwireError, ModelNotFound
+from shared.errors import Cancelled, ChoicesOneByOne, DeadlineExceeded, InvalidRequest, LeafwireError, ModelNotFound
 from shared.logging import get_logger
 from shared.replies import Event, ReplyPublisher, keep_callers, publish_error
 from shared.vectors import oversized
@@ -104,6 +114,29 @@ class Tally:
         if completion is None:
             completion = -(-self.chars // CHARS_PER_TOKEN)
         return Usage.of(prompt, completion, cached=self.cached_tokens, reasoning=self.reasoning_tokens)
+
+
+def choices_usage(request: ChatCompletionRequest, choices: Choices) -> Usage:
+    """What a call of ``n`` choices counted, as reported, or estimated (4 characters a token) where the provider
+    gave none: the prompt once, the completions of every choice."""
+    prompt = choices.prompt_tokens
+    if prompt is None:
+        prompt = sum(len(m.text()) for m in request.messages) // CHARS_PER_TOKEN + 1
+    completion = choices.completion_tokens
+    if completion is None:
+        completion = sum(-(-content_chars(c) // CHARS_PER_TOKEN) for c in choices.completions)
+    return Usage.of(prompt, completion, cached=choices.cached_tokens, reasoning=choices.reasoning_tokens)
+
+
+def content_chars(completion: Completion) -> int:
+    content = completion.message.get("content")
+    return len(content) if isinstance(content, str) else 0
+
+
+def completion_shares(tokens: int, completions: list[Completion]) -> list[int]:
+    """A call's completion tokens shared among its choices by the length of their text, adding up to it (what
+    each choice's cache entry says it used)."""
+    return cache.share_out(tokens, [max(content_chars(c), 1) for c in completions])
 
 
 @dataclass
@@ -194,6 +227,9 @@ class CloudAdapter:
               kind: ModelKind = "chat") -> Target:
         """Check what can be checked without I/O; raise what the router should get."""
         target = self.resolve(request.model, kind)
+        if isinstance(request, ChatCompletionRequest) and (n := request.n or 1) > 1 and (
+                request.stream or not target.upstream.dialect.native_n):
+            raise ChoicesOneByOne(n, f"{target.name}{' streamed' if request.stream else ''}")
         if env.expired():
             raise DeadlineExceeded("the request's deadline passed before it reached the cloud adapter")
         if env.request_id in self.inflight:
@@ -267,6 +303,61 @@ class CloudAdapter:
         finally:
             self.callers.pop(env.request_id, None)
             event = self._account(target, request, env, tally, outcome, time.monotonic() - started, hit)
+            await self.state.publish_usage(event)
+
+    async def serve_choices(self, target: Target, request: ChatCompletionRequest, env: Envelope,
+                            admit_to: str | None) -> None:
+        """A whole answer of ``n`` > 1 choices in one provider call (the prompt is paid once). With the cache,
+        each choice is the entry a request of its own for it would have (``cache.choice_keys``): the choices
+        stored are taken from there, and the call asks only for the others (none: no call)."""
+        assert self.nc is not None
+        assert self.state is not None
+        started, n = time.monotonic(), request.n or 1
+        keys = cache.choice_keys(env.tenant, target.name, request) if cache.eligible(request) else None
+        held = list(await asyncio.gather(*(self._lookup(key) for key in keys))) if keys else [None] * n
+        missing = [j for j, entry in enumerate(held) if entry is None]
+        found = "miss" if len(missing) == n else "hit" if not missing else "partial"
+        publisher = ReplyPublisher(self.nc, env.reply, env, f"{self.settings.site}/{self.worker_id}",
+                                   first_headers={CACHE: found} if keys else None)
+        admission = Admission(self.nc, admit_to, env, self.worker_id)
+        answer = Answer.for_request(publisher, env.request_id, request.model, request)
+        usage, paid, outcome, cost = None, Usage.of(0, 0), "error", 0.0
+        self.callers[env.request_id] = publisher
+        try:
+            whole: list[tuple[dict[str, Any], FinishReason, dict[str, Any] | None, int]] = [
+                (e.message, e.finish_reason, None, e.usage.completion_tokens) if e else ({}, "stop", None, 0)
+                for e in held]
+            prompt = max((e.usage.prompt_tokens for e in held if e), default=0)
+            if missing:
+                asked = request if len(missing) == n else request.model_copy(update={"n": len(missing)})
+                with target.upstream.slot():
+                    call = target.upstream.call(asked, target.model, target.spec, env.deadline)
+                    choices = await target.upstream.complete_choices(call, len(missing))
+                target.first_byte.observe(time.monotonic() - started)
+                paid = choices_usage(request, choices)
+                cost = target.spec.cost(paid.prompt_tokens, paid.completion_tokens, choices.cached_tokens or 0)
+                self._charge(target, env.tenant, paid, cost)
+                answer.fingerprint = choices.fingerprint
+                shares = completion_shares(paid.completion_tokens, choices.completions)
+                for j, choice, tokens in zip(missing, choices.completions, shares, strict=True):
+                    whole[j] = (choice.message, choice.finish, choice.logprobs, tokens)
+                prompt = paid.prompt_tokens
+            usage = Usage.of(prompt, sum(tokens for *_, tokens in whole))  # the prompt once: one call
+            await admission.admit()
+            await publisher.send(Event.RESULT, answer.choices([(m, f, lp) for m, f, lp, _ in whole], usage))
+            outcome = "ok" if missing else "cache_hit"
+            await answer_leaves()
+            for j, key in [(j, keys[j]) for j in missing] if keys else []:
+                message, finish, _, tokens = whole[j]
+                if finish in cache.STORED_REASONS:
+                    self.state.cache_put(key, cache.Entry(message, finish, Usage.of(prompt, tokens)))
+        except BaseException as exc:
+            outcome = await self._failed(exc, admission, publisher, target)
+        finally:
+            self.callers.pop(env.request_id, None)
+            counted = usage if outcome == "cache_hit" and usage else paid  # a hit: what it would have used, free
+            event = self._usage_event(target, env, outcome, time.monotonic() - started, counted, cost,
+                                      cached=outcome == "cache_hit")
             await self.state.publish_usage(event)
 
     async def serve_embeddings(self, target: Target, request: EmbeddingRequest, env: Envelope,

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from schemas.chat import ChatCompletionRequest, ChatMessage, FinishReason, TextPart, request_extras
 from services.cloud_adapter.config import ModelSpec
@@ -313,6 +313,7 @@ def refuse_unhonoured(upstream: str, request: ChatCompletionRequest) -> None:
 class Anthropic:
     """The dialect object for an Anthropic Messages provider."""
 
+    native_n: ClassVar[bool] = False
     provider: str
     version: str = "2023-06-01"
 
@@ -342,6 +343,10 @@ class Anthropic:
     def headers(self) -> dict[str, str]:
         """The API version header."""
         return {"anthropic-version": self.version}
+
+    def choices(self, data: bytes, n: int) -> None:
+        """The Messages API has no ``n``: each choice is a request of its own."""
+        return None
 
     def completion(self, data: bytes) -> Completion:
         """A Messages answer as an OpenAI message."""

@@ -63,7 +63,9 @@ def chat_handler(adapter: CloudAdapter) -> Handler[ChatCompletionRequest]:
     async def on_chat(body: ChatCompletionRequest, msg: Msg, env: Envelope) -> None:
         env.require_reply()
         target = adapter.admit(body, env)
-        adapter.start(adapter.serve(target, body, env, admission_subject(msg.headers, msg.reply)), env)
+        admit_to = admission_subject(msg.headers, msg.reply)
+        adapter.start(adapter.serve(target, body, env, admit_to) if (body.n or 1) == 1 else
+                      adapter.serve_choices(target, body, env, admit_to), env)
 
     return on_chat
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,24 @@ def key(tenant: str, target: str, request: ChatCompletionRequest, choice: int = 
         whole["choice"] = choice
     canonical = json.dumps(whole, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return f"{_sha(tenant)[:16]}.{_sha(canonical)}"
+
+
+def choice_keys(tenant: str, target: str, request: ChatCompletionRequest) -> list[str]:
+    """The keys of the ``n`` choices of one request answered in one call: choice ``j``'s is the key a request
+    of its own for it has (the gateway's, when it asks the choices one by one: ``n`` left out, ``seed + j``
+    with a seed), so both ways share the entries."""
+    seed = request.seed
+    return [key(tenant, target, request if not (seed is not None and j) else
+                request.model_copy(update={"seed": seed + j}), j) for j in range(request.n or 1)]
+
+
+def share_out(total: int, sizes: Sequence[int]) -> list[int]:
+    """``total`` (tokens a call counted as a whole) shared among its parts by their ``sizes`` (each at least
+    1), adding up to it: what each part's entry says it used."""
+    out = [total * size // sum(sizes) for size in sizes]
+    for i in range(total - sum(out)):  # what rounding down left, one each to the first parts
+        out[i % len(out)] += 1
+    return out
 
 
 def tenant_prefix(tenant: str) -> str:

@@ -94,6 +94,19 @@ class Completion:
     fingerprint: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Choices:
+    """A whole answer of ``n`` > 1 choices, in index order, and what the call as a whole counted (the prompt
+    once: one call)."""
+
+    completions: list[Completion]
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    fingerprint: str | None = None
+
+
 class StreamParser(Protocol):
     """Turns a provider's server-sent events into pieces; raises the error an event reports."""
 
@@ -107,6 +120,11 @@ class StreamParser(Protocol):
 class Dialect(Protocol):
     """How to talk to one kind of provider."""
 
+    @property
+    def native_n(self) -> bool:
+        """Whether one call answers ``n`` choices (else each choice is a call of its own)."""
+        ...
+
     def body(self, request: ChatCompletionRequest, model: ModelSpec, upstream: str, stream: bool) -> bytes:
         """The HTTP body of a chat call."""
         ...
@@ -117,6 +135,11 @@ class Dialect(Protocol):
 
     def completion(self, data: bytes) -> Completion:
         """The answer of a non-streamed call."""
+        ...
+
+    def choices(self, data: bytes, n: int) -> Choices | None:
+        """The ``n`` choices of a non-streamed call that asked for them; ``None``: the dialect has no ``n``
+        (each choice is a call of its own)."""
         ...
 
     def stream_parser(self) -> StreamParser:

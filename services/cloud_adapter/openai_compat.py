@@ -10,13 +10,14 @@ its ``logprobs`` and ``system_fingerprint``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic_core import to_json
 
 from schemas.chat import ChatCompletionRequest
 from services.cloud_adapter.config import ModelSpec
 from services.cloud_adapter.dialect import (
+    Choices,
     Completion,
     Delta,
     ErrorInfo,
@@ -49,6 +50,16 @@ def _logprobs(choice: dict[str, Any]) -> dict[str, Any] | None:
     """A choice's ``logprobs`` object (``None`` when absent, null, or not an object)."""
     value = choice.get("logprobs")
     return value if isinstance(value, dict) else None
+
+
+def _index(choice: dict[str, Any]) -> int:
+    value = choice.get("index")
+    return value if isinstance(value, int) else -1
+
+
+def _fingerprint(body: dict[str, Any]) -> str | None:
+    value = body.get("system_fingerprint")
+    return value if isinstance(value, str) else None
 
 
 def _error_info(value: Any) -> ErrorInfo:
@@ -107,6 +118,7 @@ class OpenAIStream:
 class OpenAICompatible:
     """The dialect object for an OpenAI-compatible provider."""
 
+    native_n: ClassVar[bool] = True
     provider: str
 
     def body(self, request: ChatCompletionRequest, model: ModelSpec, upstream: str, stream: bool) -> bytes:
@@ -127,19 +139,36 @@ class OpenAICompatible:
 
     def completion(self, data: bytes) -> Completion:
         """The message, finish reason and usage of a ``chat.completion``."""
+        body, choices = self._choices(data)
+        usage = _usage(body.get("usage")) or Tokens()
+        return self._choice(choices[0], "first", usage, _fingerprint(body))
+
+    def choices(self, data: bytes, n: int) -> Choices:
+        """Every choice of a ``chat.completion`` asked with ``n``, by index (``0`` to ``n - 1``, each once),
+        and the call's usage."""
+        body, choices = self._choices(data)
+        indexed = sorted(choices, key=_index)
+        if [c.get("index") for c in indexed] != list(range(n)):
+            raise bad_response(self.provider, f"{len(choices)} choices (indexes "
+                               f"{[c.get('index') for c in indexed][:8]}) for n = {n}")
+        usage = _usage(body.get("usage")) or Tokens()
+        return Choices([self._choice(c, f"index {i}", Tokens(), None) for i, c in enumerate(indexed)],
+                       usage.prompt, usage.completion, usage.cached, usage.reasoning, _fingerprint(body))
+
+    def _choices(self, data: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         body = load_json(self.provider, data)
         choices = body.get("choices") if isinstance(body, dict) else None
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
             raise bad_response(self.provider, "no `choices` in the answer")
-        message = choices[0].get("message")
+        return body, choices
+
+    def _choice(self, choice: dict[str, Any], which: str, usage: Tokens, fingerprint: str | None) -> Completion:
+        message = choice.get("message")
         if not isinstance(message, dict):
-            raise bad_response(self.provider, "no `message` in the answer's first choice")
-        usage = _usage(body.get("usage")) or Tokens()
-        fingerprint = body.get("system_fingerprint")
+            raise bad_response(self.provider, f"no `message` in the answer's {which} choice")
         return Completion({k: v for k, v in message.items() if k != "role"},
-                          finish_reason(choices[0].get("finish_reason")), usage.prompt, usage.completion,
-                          usage.cached, usage.reasoning, _logprobs(choices[0]),
-                          fingerprint if isinstance(fingerprint, str) else None)
+                          finish_reason(choice.get("finish_reason")), usage.prompt, usage.completion,
+                          usage.cached, usage.reasoning, _logprobs(choice), fingerprint)
 
     def stream_parser(self) -> OpenAIStream:
         """A parser for one streamed answer."""

@@ -29,6 +29,7 @@ from services.cloud_adapter.anthropic import Anthropic
 from services.cloud_adapter.breaker import Breaker
 from services.cloud_adapter.config import ModelSpec, Provider
 from services.cloud_adapter.dialect import (
+    Choices,
     Completion,
     Dialect,
     Finish,
@@ -258,6 +259,19 @@ class Upstream:
         completion, probe = await self._with_retries(call, self._try_complete)
         self.settle(True, probe)
         return completion
+
+    async def complete_choices(self, call: Call[ChatCompletionRequest], n: int) -> Choices:
+        """A whole answer of ``n`` choices asked in one call (the dialect has ``n``), retried as one choice is."""
+
+        async def attempt(call: Call[ChatCompletionRequest], probe: bool) -> Choices:
+            choices = self.dialect.choices(await self._whole(call), n)
+            if choices is None:
+                raise AssertionError(f"{self.name}'s dialect has no n")  # refused before the call: ChoicesOneByOne
+            return choices
+
+        choices, probe = await self._with_retries(call, attempt)
+        self.settle(True, probe)
+        return choices
 
     async def embed(self, call: Call[EmbeddingRequest]) -> embeddings.Vectors:
         """The vectors of an embeddings call, retried as a whole chat answer is."""

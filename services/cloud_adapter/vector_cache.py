@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from schemas.embeddings import EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
-from services.cloud_adapter.cache import tenant_prefix
+from services.cloud_adapter.cache import share_out, tenant_prefix
 
 _VERSION = b"1"
 
@@ -77,12 +77,7 @@ class Vector:
 def shares(tokens: int, items: Sequence[str | list[int]]) -> list[int]:
     """``tokens``, what the provider counted for a call, shared among its inputs by their length (characters,
     or token ids), adding up to it."""
-    sizes = [max(len(item), 1) for item in items]
-    whole = sum(sizes)
-    out = [tokens * size // whole for size in sizes]
-    for i in range(tokens - sum(out)):  # what rounding down left, one each to the first inputs
-        out[i % len(out)] += 1
-    return out
+    return share_out(tokens, [max(len(item), 1) for item in items])
 
 
 def answer(vectors: Sequence[Vector | None], model: str) -> bytes:

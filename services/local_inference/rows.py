@@ -17,7 +17,7 @@ from services.local_inference.engine import Engine
 from services.local_inference.ipc import Rejected, RowSpec
 from shared import metrics
 from shared.envelope import Envelope
-from shared.errors import ContextLengthExceeded, DeadlineExceeded, InvalidRequest, LeafwireError
+from shared.errors import ChoicesOneByOne, ContextLengthExceeded, DeadlineExceeded, InvalidRequest, LeafwireError
 from shared.local_params import refuse_unhonoured, refuse_unsupported
 
 
@@ -49,6 +49,8 @@ class TokenClock:
 def row_spec(engine: Engine, request: ChatCompletionRequest, env: Envelope) -> RowSpec:
     """The decoder's view of a request, with the model's defaults filled in."""
     defaults, extras = engine.spec.defaults, request.model_extra or {}
+    if (request.n or 1) > 1:
+        raise ChoicesOneByOne(request.n or 1, f"local model {engine.spec.name}")
     refuse_unsupported(engine.spec.name, request.messages)
     refuse_unhonoured(engine.spec.name, extras)
     return RowSpec(

@@ -30,7 +30,7 @@ from services.router.settings import RouterSettings
 from services.router.state import LiveState
 from shared import metrics, subjects
 from shared.envelope import EVENT, HANDOFF, Envelope
-from shared.errors import Cancelled, DeadlineExceeded, LeafwireError, NotBatched, Unavailable
+from shared.errors import Cancelled, ChoicesOneByOne, DeadlineExceeded, LeafwireError, NotBatched, Unavailable
 from shared.logging import get_logger
 from shared.replies import Event, error_of, publish_error
 
@@ -208,6 +208,8 @@ async def run_chain(nc: NATS, settings: RouterSettings, state: LiveState, plan: 
     failed: list[tuple[str, str]] = []
     first: LeafwireError | None = None
     for target in plan.chain:
+        if (request.n or 1) > 1 and not is_cloud(target):  # routed as one choice would be, then asked one by one
+            raise ChoicesOneByOne(request.n or 1, f"local model {target}")
         payload, masked = prepare(state, request, target, raw)
         count_masked(masked)
         if handoffs is not None and len(plan.chain) == 1 and is_cloud(target):  # the first target: none failed

@@ -387,9 +387,9 @@ class TestCache:
         assert len(cloud.openai_fake.calls) == 2
 
     def test_the_choices_of_a_cached_request_are_each_their_own_entry(self, cloud: CloudStack) -> None:
-        """``cache: true`` with ``n`` 3 at temperature 0.9 and no seed: three samples, three answers (not one
-        answer three times); the same request again gets the same three, each at its index, all from the cache;
-        the same request with ``n`` 1 gets the first."""
+        """``cache: true`` with ``n`` 3 at temperature 0.9 and no seed: one call of three samples, three entries
+        (not one answer three times); the same request again gets the same three, each at its index, all from
+        the cache; the same request with ``n`` 1 gets the first."""
         messages = [{"role": "user", "content": "three different ideas"}]
         cloud.openai_fake.script(Fault.ok("idea one"), Fault.ok("idea two"), Fault.ok("idea three"))
         body = {"model": "fake/echo", "messages": messages, "temperature": 0.9, "n": 3, "cache": True}
@@ -403,7 +403,8 @@ class TestCache:
         single = cloud.post({**body, "n": 1})
         assert single.headers["x-leafwire-cache"] == "hit"
         assert single.json()["choices"][0]["message"]["content"] == texts[0]
-        assert len(cloud.openai_fake.calls) == 3
+        (call,) = cloud.openai_fake.calls
+        assert call.body["n"] == 3
 
     def test_sampled_requests_skip_the_cache(self, cloud: CloudStack) -> None:
         """A request with temperature above 0 (and no cache: true) always calls the provider."""
@@ -411,6 +412,33 @@ class TestCache:
             raw = chat(cloud, temperature=0.7)
             assert "x-leafwire-cache" not in raw.headers
         assert len(cloud.openai_fake.calls) == 2
+
+
+def test_an_anthropic_model_gets_a_call_a_choice(cloud: CloudStack) -> None:
+    """The Messages API has no `n`: n=2 to an Anthropic model is two calls, one answer of both choices."""
+    r = cloud.post({"model": "claude/haiku", "messages": MESSAGES, "n": 2})
+    assert r.status_code == 200, r.text
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1]
+    assert len(cloud.claude_fake.calls) == 2
+    assert cloud.openai_fake.calls == []
+
+
+async def test_a_nats_client_gets_every_choice_of_one_call(cloud: CloudStack) -> None:
+    """Over NATS, `n: 2` to an OpenAI-compatible model is answered in one `result` of both choices, from
+    one call; streamed, it is `n_unsupported` (ask each choice on its own)."""
+    body = {"model": "fake/echo", "messages": MESSAGES, "n": 2}
+    nc = await nats.connect(cloud.nats.url)
+    try:
+        whole = await nc.request("lw.v1.plant.chat", json.dumps(body).encode(), timeout=10,
+                                 headers={"Lw-Tenant": "acme"})
+        streamed = await nc.request("lw.v1.plant.chat", json.dumps({**body, "stream": True}).encode(), timeout=10,
+                                    headers={"Lw-Tenant": "acme"})
+    finally:
+        await nc.drain()
+    assert (whole.headers or {})["Lw-Event"] == "result"
+    assert [c["index"] for c in json.loads(whole.data)["choices"]] == [0, 1]
+    assert json.loads(streamed.data)["error"]["code"] == "n_unsupported"
+    assert [c.body["n"] for c in cloud.openai_fake.calls] == [2]
 
 
 def test_identical_prompts_of_a_cached_completion_are_each_their_own_entry(cloud: CloudStack) -> None:
@@ -429,16 +457,22 @@ def test_identical_prompts_of_a_cached_completion_are_each_their_own_entry(cloud
 
 
 def test_a_partly_cached_request_of_n_choices_is_not_marked_hit(cloud: CloudStack) -> None:
-    """The request with `n: 1` fills choice 0's entry; with `n: 3` choices 1 and 2 miss and call the provider:
-    the answer says `partial`, not choice 0's `hit` (a wholly cached answer, free)."""
+    """The request with `n: 1` fills choice 0's entry; with `n: 3` the provider is asked for the other two only
+    (`n: 2`, one call): the answer says `partial`, not choice 0's `hit` (a wholly cached answer, free), and its
+    choice 0 is the stored one."""
     body = {"model": "fake/echo", "messages": [{"role": "user", "content": "qa partly cached"}], "cache": True,
             "temperature": 1}
+    cloud.openai_fake.script(Fault.ok("first"), Fault.ok("second"), Fault.ok("third"))
     assert cloud.post(body).status_code == 200
     r = cloud.post({**body, "n": 3})
     assert r.status_code == 200
-    assert len(cloud.openai_fake.calls) == 3  # two of the three choices went to the provider
+    assert [c.body.get("n") for c in cloud.openai_fake.calls] == [None, 2]
     assert r.headers["x-leafwire-cache"] == "partial"
-    assert cloud.post({**body, "n": 3}).headers["x-leafwire-cache"] == "hit"  # now all three are there
+    assert [c["message"]["content"] for c in r.json()["choices"]] == ["first", "second", "third"]
+    again = cloud.post({**body, "n": 3})
+    assert again.headers["x-leafwire-cache"] == "hit"  # now all three are there
+    assert again.json()["choices"] == r.json()["choices"]
+    assert len(cloud.openai_fake.calls) == 2
 
 
 class TestBudgetsAndUsage:

@@ -384,14 +384,24 @@ class TestChatChoices:
         assert whole.usage is not None
         assert last.usage.total_tokens == whole.usage.total_tokens
 
-    def test_a_cloud_model_gets_a_call_per_choice_without_n(self, site: Site) -> None:
-        """n=2 to a cloud model: two calls to the provider, neither with n; one answer of both."""
+    def test_an_openai_compatible_model_gets_one_call_of_n(self, site: Site) -> None:
+        """n=2 to an OpenAI-compatible cloud model, whole: one call with n (the prompt paid once, as the
+        provider's usage says); one answer of both, the choices in index order."""
         r = chat_n(site, "fake/echo", n=2)
         assert [(c.index, c.message.content) for c in r.choices] == [(0, f"pong {PROMPT}"), (1, f"pong {PROMPT}")]
+        (call,) = site.provider.calls
+        assert call.body["n"] == 2
+        assert r.usage is not None
+        assert r.usage.prompt_tokens == len(PROMPT.split())  # once, as OpenAI counts it
+        assert r.usage.completion_tokens == 2 * len(f"pong {PROMPT}".split())
+
+    def test_streamed_choices_of_a_cloud_model_are_a_call_each(self, site: Site) -> None:
+        """Streamed, each choice is its own call without n (the chunks of n choices are not relayed as one
+        stream): two calls, one stream of both."""
+        chunks = list(chat_n(site, "fake/echo", n=2, stream=True))
+        assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
         assert len(site.provider.calls) == 2
         assert all("n" not in call.body for call in site.provider.calls)
-        assert r.usage is not None
-        assert r.usage.completion_tokens == 2 * len(f"pong {PROMPT}".split())
 
     def test_a_caller_leaving_cancels_every_choice(self, site: Site) -> None:
         """Closing a stream of three long choices midway stops them all: none left decoding or queued."""

@@ -55,6 +55,20 @@ async def test_streamed_request_gets_chunks_then_done(stack: Stack) -> None:
     assert events[-1][1]["usage"]["completion_tokens"] == 5
 
 
+async def test_choices_of_a_local_model_are_asked_one_by_one(stack: Stack) -> None:
+    """`n: 2` to a local model over NATS: an error `n_unsupported` naming `n` and saying to send two requests
+    (the HTTP gateway does); nothing is generated."""
+    nc = await nats.connect(stack.nats.url)
+    try:
+        msg = await nc.request(f"lw.v1.{stack.site}.chat", json.dumps({**REQUEST, "n": 2}).encode(), timeout=10)
+    finally:
+        await nc.drain()
+    assert (msg.headers or {})["Lw-Status"] == "400"
+    error = json.loads(msg.data)["error"]
+    assert (error["code"], error["param"]) == ("n_unsupported", "n")
+    assert "send 2 requests instead" in error["message"]
+
+
 async def test_bad_request_over_nats_gets_an_error_event(stack: Stack) -> None:
     """Invalid JSON on the chat subject is answered with an error event, status 400."""
     nc = await nats.connect(stack.nats.url)

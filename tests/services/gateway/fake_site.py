@@ -75,8 +75,19 @@ class FakeSite(SiteSubjects):
     """The site's chat subject and its cancel subject, read by the test."""
 
     async def next_choice(self) -> tuple[Msg, dict[str, Any]]:
+        """The next request of one choice. A whole chat request of ``n`` > 1 (the gateway asks it once
+        first) is answered as a local model's site does: ``n_unsupported``, so the choices come one by one."""
         msg = await self.asked.next_msg(timeout=5)
-        return msg, sent(msg.data)
+        body = sent(msg.data)
+        if (body.get("n") or 1) > 1:
+            await self.one_by_one(msg)
+            return await self.next_choice()
+        return msg, body
+
+    async def one_by_one(self, msg: Msg) -> None:
+        body = ErrorResponse(error=ErrorBody(message="local model m answers one choice a request", param="n",
+                                             type="invalid_request_error", code="n_unsupported"))
+        await self.send(msg, "error", body.model_dump_json().encode(), **{"Lw-Status": "400"})
 
     async def send(self, msg: Msg, event: str, body: bytes, **headers: str) -> None:
         await self.nc.publish(msg.reply, body, headers={"Lw-Event": event, **headers})

@@ -100,6 +100,34 @@ def chat(client: HttpClient, **fields: Any) -> asyncio.Task[Any]:
 
 
 class TestBridge:
+    async def test_a_site_that_answers_every_choice_at_once_is_asked_once(self, client: HttpClient,
+                                                                       site: FakeSite) -> None:
+        """A whole request of n=3 goes out once, as sent; a site answering all three (an OpenAI-compatible
+        cloud model) is relayed as it answered, cache header and all, and nothing more is asked."""
+        reply = chat(client, seed=5)
+        msg = await site.asked.next_msg(timeout=5)
+        assert sent(msg.data) == {**BODY, "seed": 5}
+        three = with_fields(chat_result("A"), choices=[
+            {"index": j, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
+            for j, t in enumerate("ABC")])
+        await site.send(msg, "result", three, **{"Lw-Cache": "miss", "Lw-Route": "target=openai/m"})
+        resp = await reply
+        assert resp.status == 200
+        assert [c["message"]["content"] for c in (await resp.json())["choices"]] == ["A", "B", "C"]
+        assert (resp.headers["x-leafwire-cache"], resp.headers["x-leafwire-route"]) == ("miss", "target=openai/m")
+        assert await site.nothing_more_asked()
+
+    async def test_another_refusal_of_the_request_at_once_is_the_callers(self, client: HttpClient,
+                                                                      site: FakeSite) -> None:
+        """Refused for anything but answering one choice a request (a spent budget, say): the caller's error,
+        not the choices asked one by one."""
+        reply = chat(client)
+        msg = await site.asked.next_msg(timeout=5)
+        await site.fail(msg, status=429, param=None)
+        resp = await reply
+        assert resp.status == 429
+        assert await site.nothing_more_asked()
+
     async def test_choices_go_out_two_at_a_time_and_make_one_answer(self, client: HttpClient,
                                                                     site: FakeSite) -> None:
         """n=3, two out at once, answered out of order: one chat.completion, choices 0..2, usage summed."""
