@@ -76,12 +76,24 @@ def batcher_service(nats_url: str, site: str = "edge1", **env: str) -> Service:
     return Service("batcher", {"LW_NATS_URL": nats_url, "LW_SITE": site, **env})
 
 
-@pytest.fixture(scope="module")
-def stack(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The whole local path running as real processes: the target of the end-to-end tests."""
+@pytest.fixture(scope="session")
+def stack_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """The JetStream nats-server of ``stack`` (its own: a module's ``nats_server`` comes and goes with it)."""
+    server = start_single(tmp_path_factory.mktemp("stack-nats"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(stack_nats: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The whole local path running as real processes: the target of the end-to-end tests. Started once and
+    shared by every module that uses it (starting it is most of what those modules cost), so its tests stop
+    nothing of it and compare metrics before and after rather than with zero."""
     registry = write_registry(tmp_path_factory.mktemp("registry") / "models.yaml", embedder="tiny-embed",
                               embedder_batching={"max_wait_ms": 50})  # wide enough to gather concurrent requests
-    worker, router, gateway = stack_services(nats_server.url, registry)
-    batcher = batcher_service(nats_server.url)
+    worker, router, gateway = stack_services(stack_nats.url, registry)
+    batcher = batcher_service(stack_nats.url)
     with running(worker, batcher, router, gateway):
-        yield Stack(nats_server, gateway, router, worker, "edge1", batcher)
+        yield Stack(stack_nats, gateway, router, worker, "edge1", batcher)

@@ -16,21 +16,21 @@ import openai
 import pytest
 
 from tests.conftest import Stack
-from tests.support import NatsServer, Service, cloud_router_env, running
+from tests.support import Service, cloud_router_env, running
 
 pytestmark = pytest.mark.e2e
 MESSAGES = [{"role": "user", "content": "Why did line 3 stop on the 3rd?"}]
 
 
 @pytest.fixture(scope="module")
-def cloudy(stack: Stack, nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def cloudy(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """The gateway of site `cloudy`, whose cloud-adapter calls edge1's gateway."""
     file = tmp_path_factory.mktemp("peer") / "providers.yaml"
     file.write_text(json.dumps({"providers": [{
         "name": "peer", "kind": "openai-compatible", "base_url": stack.base_url, "local": True,
         "models": {"tiny": {"input_per_mtok": 1, "output_per_mtok": 1}},
         "timeouts": {"connect_s": 5, "first_byte_s": 30, "total_s": 60}}]}))
-    env = {"LW_NATS_URL": nats_server.url, "LW_SITE": "cloudy"}
+    env = {"LW_NATS_URL": stack.nats.url, "LW_SITE": "cloudy"}
     gateway = Service("gateway", env)
     router = Service("router", {**env, **cloud_router_env(file.parent)})
     with running(Service("cloud_adapter", {**env, "LW_PROVIDERS_FILE": str(file)}), router, gateway):

@@ -207,7 +207,7 @@ def test_worker_at_capacity_is_429(nats_server: NatsServer, tmp_path: Path) -> N
     url = f"{gateway.base}/v1/chat/completions"
     with running(worker, router, gateway), ThreadPoolExecutor(1) as pool:
         first = pool.submit(httpx.post, url, timeout=60,
-                            json={"model": "tiny", "messages": MESSAGES, "max_tokens": 5000})
+                            json={"model": "tiny", "messages": MESSAGES, "max_tokens": 3000})
         eventually(lambda: metric(worker.metrics(), "leafwire_active_rows", model="tiny") == 1, 10,
                    "the first request to be decoding")
         second = httpx.post(url, timeout=10, json={"model": "tiny", "messages": MESSAGES})

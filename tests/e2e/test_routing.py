@@ -232,7 +232,7 @@ def test_busy_target_sheds_to_the_next(nats_server: NatsServer, tmp_path: Path) 
     with running(busy, spare, router, Service("gateway", env)) as (_, _, _, gateway), ThreadPoolExecutor(1) as pool:
         url = f"{gateway.base}/v1/chat/completions"
         long = pool.submit(httpx.post, url, timeout=60,
-                           json={"model": "tiny", "messages": ASK, "max_tokens": 5000})
+                           json={"model": "tiny", "messages": ASK, "max_tokens": 3000})
         eventually(lambda: metric(busy.metrics(), "leafwire_active_rows", model="tiny") == 1, 10, "tiny busy")
         r = httpx.post(url, timeout=30, json={"model": "chat", "messages": ASK, "max_tokens": 2})
         assert r.status_code == 200
