@@ -159,9 +159,16 @@ async def _started(starting: Awaitable[None], stop: asyncio.Event) -> bool:
         start.result()  # its error, if it failed
         return True
     start.cancel()
+    while not start.done():  # until it has ended: a cancel can be lost, so it is asked again
+        await asyncio.wait({start}, timeout=CANCEL_AGAIN_S)
+        if not start.done():  # Python 3.11's asyncio.wait_for (nats-py's connect uses it) drops a cancel that
+            start.cancel()    # comes as what it waits for ends, e.g. a refused connection to a NATS server
     with contextlib.suppress(asyncio.CancelledError):
         await start
     return False
+
+
+CANCEL_AGAIN_S = 0.2
 
 
 def settle_garbage_collector() -> None:
