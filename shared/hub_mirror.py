@@ -37,6 +37,8 @@ from shared import subjects
 from shared.config_bucket import HUB_TIMEOUT_S, is_hub_mirror
 
 STUCK_S = 5.0  # an attached mirror hears from the hub every second
+ATTACH_WAIT_MAX_S = 300.0  # the longest a mirror made anew is given to attach (slow links), see HubMirror
+NEVER_HEARD = "it had not heard from the hub since it was made"
 Ensure = Callable[[JetStreamContext], Awaitable[None]]
 """Creates the edge's mirror when it is absent."""
 
@@ -62,6 +64,14 @@ class HubMirror:
     ensure: Ensure
     stuck_s: float = STUCK_S
     seen: tuple[str, datetime | None] | None = None  # (the hub's stream, the mirror) last seen, by creation time
+    unattached: int = 0  # mirrors made in a row that never heard from the hub: each is given twice as long
+
+    def attach_wait_s(self) -> float:
+        """How long a mirror that has not heard from the hub since it was made is left to attach: ``stuck_s``,
+        doubled for each one made in a row that never did, up to ``ATTACH_WAIT_MAX_S``. Over a slow link (a
+        ship's satellite uplink) attaching can take longer than ``stuck_s``; a mirror remade every check
+        would never get there."""
+        return min(self.stuck_s * 2.0 ** min(self.unattached, 32), max(ATTACH_WAIT_MAX_S, self.stuck_s))
 
     async def resync(self, nc: NATS, js: JetStreamContext) -> str | None:
         """Make the mirror anew, while the hub answers, when it is stuck or copies a stream that is gone; why,
@@ -76,6 +86,11 @@ class HubMirror:
         why = self._why(info, int(hub["state"]["last_seq"]), hub_created)
         if why is None and self.seen is None:
             why = await self._other_last_message(nc, js, info.state.last_seq)
+        heard = silence_s(info)
+        if heard is not None and heard < self.stuck_s:
+            self.unattached = 0
+        elif why is not None and why.startswith(NEVER_HEARD):
+            self.unattached += 1
         if why is not None:
             with contextlib.suppress(NotFoundError):
                 await js.delete_stream(self.name)
@@ -119,7 +134,8 @@ class HubMirror:
         if self.seen is not None and self.seen[1] == info.created and self.seen[0] != hub_created:
             return f"the hub's stream was created anew (at {hub_created}; the mirror copied one of {self.seen[0]})"
         silence = silence_s(info)
-        if silence is None:  # given stuck_s from when it was made to attach (another service may just have made it)
+        if silence is None:  # given time from when it was made to attach (another service may just have made it)
             made = info.created.timestamp() if info.created is not None else 0.0
-            return "it had not heard from the hub since it was made" if time.time() - made >= self.stuck_s else None
+            wait = self.attach_wait_s()
+            return f"{NEVER_HEARD}, {time.time() - made:.0f} s ago" if time.time() - made >= wait else None
         return f"it had not heard from the hub for {silence:.0f} s" if silence >= self.stuck_s else None

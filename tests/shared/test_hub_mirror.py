@@ -3,8 +3,11 @@ one-node hub and an edge site (the config bucket and its mirror, as the edge's r
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
+from nats.js.api import StreamInfo
 from nats.js.errors import NoKeysError
 from nats.js.kv import KeyValue
 
@@ -78,3 +81,29 @@ async def test_a_keeper_started_after_the_reset_notices_it(tmp_path: Path) -> No
             mirror = await edge_js.key_value(subjects.CONFIG_BUCKET)
             await eventually_async(lambda: contents(mirror), lambda c: c == {"kept": b"new", "a": b"new", "b": b"new"})
             assert await fresh().resync(edge, edge_js) is None
+
+
+def mirror_info(made_s_ago: float, heard_s_ago: float | None) -> StreamInfo:
+    """The stream info of an edge's config mirror made ``made_s_ago`` and last hearing from the hub
+    ``heard_s_ago`` (``None``: never since it was made)."""
+    made = datetime.fromtimestamp(time.time() - made_s_ago, tz=UTC).isoformat()
+    active = -1 if heard_s_ago is None else int(heard_s_ago * 1e9)
+    return StreamInfo.from_response({
+        "config": {"name": config_bucket.STREAM, "mirror": {"name": config_bucket.STREAM}},
+        "state": {"messages": 3, "bytes": 0, "first_seq": 1, "last_seq": 3, "consumer_count": 0},
+        "created": made, "mirror": {"name": config_bucket.STREAM, "lag": 0, "active": active}})
+
+
+def test_a_mirror_slow_to_attach_is_given_longer_each_time() -> None:
+    """Over a slow link a mirror made anew may take longer than 5 s to hear from the hub: remade at every
+    check, it would never get there. Each one made in a row that never heard is given twice as long (up to
+    five minutes); one that heard starts again from 5 s."""
+    keeper = HubMirror(config_bucket.STREAM, config_bucket.STREAM, config_bucket.ensure_mirror)
+    assert keeper._why(mirror_info(6, None), 3, "t") == "it had not heard from the hub since it was made, 6 s ago"
+    keeper.unattached = 2  # two made in a row never heard
+    assert keeper.attach_wait_s() == 20
+    assert keeper._why(mirror_info(12, None), 3, "t") is None
+    assert keeper._why(mirror_info(21, None), 3, "t") is not None
+    keeper.unattached = 30
+    assert keeper.attach_wait_s() == 300
+    assert keeper._why(mirror_info(6, 7.0), 3, "t") == "it had not heard from the hub for 7 s"  # heard, then not
