@@ -106,6 +106,14 @@ MAX_STOP_SEQUENCES = 4
 MAX_CHOICES = 128  # n (prompts × n in text completions), OpenAI's bound
 
 
+def choice_seed(seed: int | None, j: int) -> int | None:
+    """The seed of a request's ``j``-th choice when the choices are sampled apart: ``seed + j``, kept a signed
+    64-bit integer (what providers take)."""
+    if seed is None or j == 0:
+        return seed
+    return (seed + j + 2**63) % 2**64 - 2**63
+
+
 class ChatCompletionRequest(BaseModel):
     """The payload of ``lw.v1.<site>.chat``: ``POST /v1/chat/completions``'s body. ``n`` > 1 is answered in
     one call by an OpenAI-compatible cloud model, whole; any other target answers an error ``n_unsupported``

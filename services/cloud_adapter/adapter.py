@@ -21,7 +21,7 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from schemas.chat import ChatCompletionRequest, FinishReason, Usage
+from schemas.chat import ChatCompletionRequest, FinishReason, Usage, choice_seed
 from schemas.cloud import BreakerState, BudgetStatus, ProviderHealth, UsageEvent
 from schemas.control import Admitted, ModelInfo, ModelKind, WorkerHeartbeat
 from schemas.embeddings import EmbeddingRequest
@@ -32,6 +32,7 @@ from services.cloud_adapter.config import ModelSpec, Provider, ProvidersFile
 from services.cloud_adapter.dialect import (
     CHARS_PER_TOKEN,
     Choices,
+    ChoicesIgnored,
     Completion,
     Delta,
     Fingerprint,
@@ -228,7 +229,7 @@ class CloudAdapter:
         """Check what can be checked without I/O; raise what the router should get."""
         target = self.resolve(request.model, kind)
         if isinstance(request, ChatCompletionRequest) and (n := request.n or 1) > 1 and (
-                request.stream or not target.upstream.dialect.native_n):
+                request.stream or not target.upstream.native_n):
             raise ChoicesOneByOne(n, f"{target.name}{' streamed' if request.stream else ''}")
         if env.expired():
             raise DeadlineExceeded("the request's deadline passed before it reached the cloud adapter")
@@ -328,21 +329,27 @@ class CloudAdapter:
                 (e.message, e.finish_reason, None, e.usage.completion_tokens) if e else ({}, "stop", None, 0)
                 for e in held]
             prompt = max((e.usage.prompt_tokens for e in held if e), default=0)
+            details: dict[str, int | None] = {}
             if missing:
-                asked = request if len(missing) == n else request.model_copy(update={"n": len(missing)})
-                with target.upstream.slot():
-                    call = target.upstream.call(asked, target.model, target.spec, env.deadline)
-                    choices = await target.upstream.complete_choices(call, len(missing))
+                try:
+                    choices = await self._call_choices(target, request, env, missing)
+                except ChoicesIgnored as exc:  # a provider without n: what it billed is paid, the choices asked apart
+                    if exc.tokens is not None and exc.tokens.prompt is not None:
+                        paid = Usage.of(exc.tokens.prompt, exc.tokens.completion or 0)
+                        cost = target.spec.cost(paid.prompt_tokens, paid.completion_tokens)
+                        self._charge(target, env.tenant, paid, cost)
+                    raise ChoicesOneByOne(n, target.name) from exc
                 target.first_byte.observe(time.monotonic() - started)
                 paid = choices_usage(request, choices)
                 cost = target.spec.cost(paid.prompt_tokens, paid.completion_tokens, choices.cached_tokens or 0)
                 self._charge(target, env.tenant, paid, cost)
+                details = {"cached": choices.cached_tokens, "reasoning": choices.reasoning_tokens}
                 answer.fingerprint = choices.fingerprint
                 shares = completion_shares(paid.completion_tokens, choices.completions)
                 for j, choice, tokens in zip(missing, choices.completions, shares, strict=True):
                     whole[j] = (choice.message, choice.finish, choice.logprobs, tokens)
                 prompt = paid.prompt_tokens
-            usage = Usage.of(prompt, sum(tokens for *_, tokens in whole))  # the prompt once: one call
+            usage = Usage.of(prompt, sum(tokens for *_, tokens in whole), **details)  # the prompt once: one call
             await admission.admit()
             await publisher.send(Event.RESULT, answer.choices([(m, f, lp) for m, f, lp, _ in whole], usage))
             outcome = "ok" if missing else "cache_hit"
@@ -359,6 +366,20 @@ class CloudAdapter:
             event = self._usage_event(target, env, outcome, time.monotonic() - started, counted, cost,
                                       cached=outcome == "cache_hit")
             await self.state.publish_usage(event)
+
+    @staticmethod
+    async def _call_choices(target: Target, request: ChatCompletionRequest, env: Envelope,
+                            missing: list[int]) -> Choices:
+        """One call for the ``missing`` choices: all of them, or, when some were stored, as many, sampled from
+        the first missing choice's seed (``seed + j``, as that choice asked alone would be) so the provider's
+        first sample is not the stored choice 0 again."""
+        asked = request
+        if len(missing) < (request.n or 1):
+            seed = {} if request.seed is None else {"seed": choice_seed(request.seed, missing[0])}
+            asked = request.model_copy(update={"n": len(missing), **seed})
+        with target.upstream.slot():
+            call = target.upstream.call(asked, target.model, target.spec, env.deadline)
+            return await target.upstream.complete_choices(call, len(missing))
 
     async def serve_embeddings(self, target: Target, request: EmbeddingRequest, env: Envelope,
                                admit_to: str | None) -> None:
@@ -403,23 +424,24 @@ class CloudAdapter:
         places, and the tokens the provider counted (paid for, whether or not the answer can be sent)."""
         assert self.state is not None
         items = vector_cache.inputs(request)
-        asked = request if len(missing) == len(items) else request.model_copy(
-            update={"input": [items[i] for i in missing]})
+        first = {keys[i]: i for i in reversed(missing)} if keys else {}  # an input given twice is asked once
+        sent = sorted(first.values()) if keys else missing
+        asked = request if len(sent) == len(items) else request.model_copy(update={"input": [items[i] for i in sent]})
         with target.upstream.slot():
             call = target.upstream.embeddings_call(asked, target.model, target.spec, env.deadline)
             vectors = await target.upstream.embed(call)
         target.first_byte.observe(time.monotonic() - started)
         if keys is None:
             return vectors.answer, vectors.prompt_tokens
-        new = [vector_cache.Vector(embedding, tokens) for embedding, tokens in
-               zip(vectors.embeddings, vector_cache.shares(vectors.prompt_tokens, [items[i] for i in missing]),
-                   strict=True)]
-        self.state.vectors_put([(keys[i], vector) for i, vector in zip(missing, new, strict=True)])
-        if len(missing) == len(items):
+        new = {keys[i]: vector_cache.Vector(embedding, tokens) for i, embedding, tokens in
+               zip(sent, vectors.embeddings, vector_cache.shares(vectors.prompt_tokens, [items[i] for i in sent]),
+                   strict=True)}
+        self.state.vectors_put(list(new.items()))
+        if len(sent) == len(items):
             return vectors.answer, vectors.prompt_tokens
         whole = list(stored)
-        for i, vector in zip(missing, new, strict=True):
-            whole[i] = vector
+        for i in missing:
+            whole[i] = new[keys[i]]
         return vector_cache.answer(whole, request.model), vectors.prompt_tokens
 
     async def _stored_vectors(self, keys: list[str]) -> list[vector_cache.Vector | None]:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.chat import ChatCompletionRequest, ChatMessage, FinishReason, TextPart, Usage
+from schemas.chat import ChatCompletionRequest, ChatMessage, FinishReason, TextPart, Usage, choice_seed
 
 STORED_REASONS: frozenset[str] = frozenset({"stop", "length", "tool_calls"})
 _NOT_IN_KEY = {"model", "messages", "stream", "stream_options", "user", "cache", "max_completion_tokens",
@@ -81,7 +81,7 @@ def choice_keys(tenant: str, target: str, request: ChatCompletionRequest) -> lis
     with a seed), so both ways share the entries."""
     seed = request.seed
     return [key(tenant, target, request if not (seed is not None and j) else
-                request.model_copy(update={"seed": seed + j}), j) for j in range(request.n or 1)]
+                request.model_copy(update={"seed": choice_seed(seed, j)}), j) for j in range(request.n or 1)]
 
 
 def share_out(total: int, sizes: Sequence[int]) -> list[int]:

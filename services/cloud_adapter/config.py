@@ -134,6 +134,8 @@ class ProviderSpec(BaseModel):
     headers: dict[str, str] = Field(default_factory=dict, description="extra headers sent on every call")
     anthropic_version: str = "2023-06-01"
     local: bool = Field(default=False, description="allow private, loopback and link-local destinations")
+    n: bool = Field(default=True, description="OpenAI-compatible: the provider answers several choices in one "
+                                              "call (false: a call a choice, for servers without n)")
     max_concurrent: Annotated[int, Field(ge=1, le=10_000)] = 64
     timeouts: Timeouts = Timeouts()
     breaker: BreakerOverrides = BreakerOverrides()

@@ -161,6 +161,17 @@ class ErrorInfo:
     param: str | None = None
 
 
+class ChoicesIgnored(UpstreamError):
+    """A provider that has no ``n``: it answered one choice to a call asking for several (what it counted:
+    ``tokens``, billed), or refused ``n`` with a 400 naming it. Not retried; its choices are asked a call each."""
+
+    default_code = "n_ignored"
+
+    def __init__(self, provider: str, tokens: Tokens | None = None) -> None:
+        super().__init__(f"{provider} has no n: it answers one choice a call", provider_fault=False)
+        self.tokens = tokens
+
+
 def bad_response(provider: str, what: str) -> UpstreamError:
     """A provider answer leafwire cannot read (retryable: the next try may be fine)."""
     return UpstreamError(f"{provider} sent an answer that could not be read: {what}",

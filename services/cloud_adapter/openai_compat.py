@@ -18,6 +18,7 @@ from schemas.chat import ChatCompletionRequest
 from services.cloud_adapter.config import ModelSpec
 from services.cloud_adapter.dialect import (
     Choices,
+    ChoicesIgnored,
     Completion,
     Delta,
     ErrorInfo,
@@ -147,6 +148,8 @@ class OpenAICompatible:
         """Every choice of a ``chat.completion`` asked with ``n``, by index (``0`` to ``n - 1``, each once),
         and the call's usage."""
         body, choices = self._choices(data)
+        if len(choices) == 1 < n:  # a server without n (many are): one sample, billed
+            raise ChoicesIgnored(self.provider, _usage(body.get("usage")))
         indexed = sorted(choices, key=_index)
         if [c.get("index") for c in indexed] != list(range(n)):
             raise bad_response(self.provider, f"{len(choices)} choices (indexes "

@@ -30,6 +30,7 @@ from services.cloud_adapter.breaker import Breaker
 from services.cloud_adapter.config import ModelSpec, Provider
 from services.cloud_adapter.dialect import (
     Choices,
+    ChoicesIgnored,
     Completion,
     Dialect,
     Finish,
@@ -210,6 +211,12 @@ class Upstream:
             await self._session.close()
             self._session = None
 
+    @property
+    def native_n(self) -> bool:
+        """Whether one call is asked for several choices: the dialect has ``n``, and the provider's entry does
+        not say it has none (``n: false``)."""
+        return self.dialect.native_n and self.provider.spec.n
+
     def slot(self) -> Slot:
         """Take one of the provider's concurrent-call slots, or refuse at once (429)."""
         if self.provider.missing_key is not None:  # no Retry-After: trying again soon will not help
@@ -264,12 +271,22 @@ class Upstream:
         """A whole answer of ``n`` choices asked in one call (the dialect has ``n``), retried as one choice is."""
 
         async def attempt(call: Call[ChatCompletionRequest], probe: bool) -> Choices:
-            choices = self.dialect.choices(await self._whole(call), n)
+            try:
+                choices = self.dialect.choices(await self._whole(call), n)
+            except LeafwireError as err:
+                if err.status == 400 and err.param == "n":  # refused by a server without n
+                    raise ChoicesIgnored(self.name) from err
+                raise
             if choices is None:
                 raise AssertionError(f"{self.name}'s dialect has no n")  # refused before the call: ChoicesOneByOne
             return choices
 
-        choices, probe = await self._with_retries(call, attempt)
+        try:
+            choices, probe = await self._with_retries(call, attempt)
+        except ChoicesIgnored:
+            log.info("the provider has no n: the choices are asked a call each (n: false in its entry of the "
+                     "providers file saves this call)", provider=self.name)
+            raise
         self.settle(True, probe)
         return choices
 

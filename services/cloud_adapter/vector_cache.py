@@ -8,7 +8,8 @@ Dify's embedding cache does. Each input is its own entry, so a request that shar
 earlier ones sends the provider only the others.
 
 The key is ``<tenant hash>.e<hash>``: the hash covers the tenant, the ``<provider>/<model>``, the input (text
-or token ids), ``dimensions`` and ``encoding_format``, so tenants never see each other's entries (and
+or token ids), ``dimensions``, ``encoding_format`` and any other field sent on to the provider (``input_type``,
+say; not ``user``), so tenants never see each other's entries (and
 share the chat cache's per-tenant prefix). An entry holds the vector as the provider's answer gave it (JSON:
 floats, or a base64 string), so a hit is the same bytes, and the tokens its input was counted for: the
 provider reports tokens for a whole call, which are shared among its inputs by their length.
@@ -45,7 +46,8 @@ def keys(tenant: str, target: str, request: EmbeddingRequest) -> list[str]:
     """The KV key of each input's vector, in input order (``target`` is ``<provider>/<model>``)."""
     prefix = tenant_prefix(tenant)
     common = {"tenant": tenant, "target": target, "dimensions": request.dimensions,
-              "encoding_format": request.encoding_format}
+              "encoding_format": request.encoding_format,
+              "extra": request.model_extra or {}}  # sent on: a provider's own fields (input_type...) make other vectors
     out = []
     for item in inputs(request):
         canonical = json.dumps({**common, "input": item}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))

@@ -16,9 +16,9 @@ from typing import Any
 from aiohttp import web
 from pydantic_core import from_json, to_json
 
-from schemas.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Usage
+from schemas.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Usage, choice_seed
 from services.gateway.bridge import Exchange
-from services.gateway.choices import Choice, choice_env, choice_seed, event, parse, total_usage
+from services.gateway.choices import Choice, choice_env, event, parse, total_usage
 from services.gateway.fanout import FanOut
 from shared import subjects
 from shared.envelope import Envelope

@@ -51,13 +51,6 @@ def choice_env(env: Envelope, index: int, count: int, sample: int) -> Envelope:
     return Envelope(f"{env.request_id}-{index}", env.tenant, "", env.deadline, choice=sample)
 
 
-def choice_seed(seed: int | None, j: int) -> int | None:
-    """The seed of a prompt's ``j``-th choice: ``seed + j``, kept a signed 64-bit integer (what providers take)."""
-    if seed is None or j == 0:
-        return seed
-    return (seed + j + 2**63) % 2**64 - 2**63
-
-
 class Merge(Protocol[A]):
     """How one endpoint's answer is made of its choices' chat answers."""
 

@@ -16,8 +16,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from schemas.chat import MAX_CHOICES, ChatCompletionRequest, ChatMessage, StreamOptions
-from services.gateway.choices import Choice, choice_env, choice_seed
+from schemas.chat import MAX_CHOICES, ChatCompletionRequest, ChatMessage, StreamOptions, choice_seed
+from services.gateway.choices import Choice, choice_env
 from services.gateway.errors import validate
 from shared.envelope import Envelope
 from shared.errors import InvalidRequest

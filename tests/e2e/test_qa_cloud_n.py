@@ -2,8 +2,8 @@
 
 The stack is test_cloud.py's (its fixture, started again for this module): the official openai client or
 httpx -> gateway -> router -> the hub's cloud-adapter -> the fake providers of tests/fakes.py. Tests marked
-``xfail(strict=True)`` assert what an OpenAI or LiteLLM user expects and the code does not do yet (each
-reason says what goes wrong); the others pin behaviour checked correct that no other test covers.
+what an OpenAI or LiteLLM user expects of them, found wrong by QA and fixed, and behaviour checked correct that
+no other test covers.
 """
 
 from __future__ import annotations
@@ -50,8 +50,6 @@ def text_choice(index: int, text: str) -> dict[str, Any]:
 
 
 class TestChoicesInOneCall:
-    @pytest.mark.xfail(strict=True, reason="QA: n > 1 in one call drops prompt_tokens_details / "
-                                           "completion_tokens_details from the usage (n: 1 keeps them)")
     def test_usage_keeps_cached_and_reasoning_token_details(self, cloud: CloudStack) -> None:
         """A whole n: 2 answer reports the provider's cached prompt tokens and reasoning tokens, as n: 1 does."""
         cloud.openai_fake.script(Fault.ok(prompt_tokens_details={"cached_tokens": 2},
@@ -64,8 +62,6 @@ class TestChoicesInOneCall:
         assert (usage.get("prompt_tokens_details") or {}).get("cached_tokens") == 2
         assert (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") == 1
 
-    @pytest.mark.xfail(strict=True, reason="QA: a partial hit asks the missing choices with the caller's own "
-                                           "seed, so the provider's first sample repeats the cached choice 0")
     def test_a_partial_hit_with_a_seed_does_not_ask_choice_0s_seed_again(self, cloud: CloudStack) -> None:
         """Choice 0 stored (n: 1, seed 7); n: 3 asks the provider for choices 1 and 2 only, and not with seed 7,
         whose first sample is the stored choice 0 (choice j is seed + j, as the fan-out asks it)."""
@@ -79,8 +75,6 @@ class TestChoicesInOneCall:
         assert call.body["n"] == 2
         assert call.body.get("seed") != 7
 
-    @pytest.mark.xfail(strict=True, reason="QA: a provider without n (answers 1 choice, or 400 on n) makes n > 1 "
-                                           "a 4xx/502 (retried, billed); before, each choice was its own call")
     @pytest.mark.parametrize("answer", ["one choice", "400 on n"])
     def test_a_provider_without_n_still_answers_every_choice(self, cloud: CloudStack, answer: str) -> None:
         """Many OpenAI-compatible servers have no n: one answers a single choice, another refuses n with a
@@ -88,43 +82,29 @@ class TestChoicesInOneCall:
         fault = (Fault.raw(200, completion([text_choice(0, "only one")])) if answer == "one choice" else
                  Fault.error(400, {"error": {"message": "'n' : number must be at most 1", "type":
                                              "invalid_request_error", "param": "n", "code": None}}))
-        cloud.openai_fake.script(fault, fault, fault)
+        cloud.openai_fake.script(fault)  # the call with n; the calls without it are answered
         r = post(cloud, "chat/completions", {"model": "fake/echo", "messages": [{"role": "user", "content": tag()}],
                                              "n": 2})
         assert r.status_code == 200, r.text
         assert [c["index"] for c in r.json()["choices"]] == [0, 1]
+        assert [c.body.get("n") for c in cloud.openai_fake.calls] == [2, None, None]  # not retried with n
 
-    @pytest.mark.xfail(strict=True, reason="QA: calls the provider answered (and billed) with the wrong number "
-                                           "of choices are in no usage event nor budget: the event says 0 tokens")
-    def test_tokens_billed_for_a_wrong_number_of_choices_are_accounted(self, cloud: CloudStack) -> None:
-        """A provider answering 1 choice for n: 2 (usage given, three tries): the request fails, but the usage
-        event counts the tokens the provider billed, as the budgets must."""
+    def test_tokens_billed_for_one_choice_of_n_are_accounted(self, cloud: CloudStack) -> None:
+        """A provider answering 1 choice for n: 2 (and billing it): not retried, the choices are then asked a
+        call each, and the usage event of the call with n counts what the provider billed, as the budgets do."""
         wrong = Fault.raw(200, completion([text_choice(0, "only one")], prompt=2, completion_tokens=2))
-        cloud.openai_fake.script(wrong, wrong, wrong)
+        cloud.openai_fake.script(wrong)
         r = post(cloud, "chat/completions", {"model": "fake/echo", "messages": [{"role": "user", "content": tag()}],
                                              "n": 2})
-        assert r.status_code == 502
-        assert len(cloud.openai_fake.calls) == 3
-        event = eventually(lambda: usage_event(cloud, r.headers["x-request-id"]), 10, "the usage event")
-        assert event["prompt_tokens"] >= 2
-        assert event["cost_usd"] > 0
-
-    @pytest.mark.xfail(strict=True, reason="QA: /v1/completions with n to an OpenAI-compatible model is still n "
-                                           "calls, the prompt paid n times, where chat n is one call")
-    def test_text_completions_n_to_a_cloud_model_is_one_call(self, cloud: CloudStack) -> None:
-        """`/v1/completions` n: 3 to an OpenAI-compatible model is one call with n (the prompt paid once), as
-        chat's n now is and as LiteLLM passes it on."""
-        cloud.openai_fake.script(Fault.ok("a b"), Fault.ok("c d"), Fault.ok("e f"))
-        r = post(cloud, "completions", {"model": "fake/echo", "prompt": tag(), "n": 3, "max_tokens": 5})
         assert r.status_code == 200, r.text
-        assert len(r.json()["choices"]) == 3
-        assert [c.body.get("n") for c in cloud.openai_fake.calls] == [3]
+        assert [c.body.get("n") for c in cloud.openai_fake.calls] == [2, None, None]
+        event = eventually(lambda: usage_event(cloud, r.headers["x-request-id"]), 10, "the usage event")
+        assert (event["prompt_tokens"], event["completion_tokens"]) == (2, 2)
+        assert event["cost_usd"] > 0
 
     @pytest.mark.parametrize("seed", [
         5,
-        pytest.param(2**63 - 1, marks=pytest.mark.xfail(strict=True, reason="QA: cache.choice_keys adds seed + j "
-                                                        "without the 64-bit wrap the gateway's choice_seed does: "
-                                                        "at the top seed the two paths miss each other's entries")),
+        2**63 - 1,  # seed + j wraps to a signed 64-bit integer on both paths alike
     ])
     def test_a_streamed_request_reads_the_choices_one_call_stored(self, cloud: CloudStack, seed: int) -> None:
         """n: 2 whole (one call) stores choice j as the request of its own for it (seed + j); the same request
@@ -210,8 +190,6 @@ class TestChoicesInOneCall:
 
 
 class TestEmbeddingsCache:
-    @pytest.mark.xfail(strict=True, reason="QA: the vector key leaves out provider fields sent on (input_type, "
-                                           "task...): a query's vector is served for a document's")
     def test_other_provider_parameters_are_another_vector(self, cloud: CloudStack) -> None:
         """Fields the provider gets (``input_type``, as LiteLLM sends for Cohere-style and NVIDIA models) change
         the vector: another value is asked of the provider, not taken from the cache."""
@@ -222,8 +200,6 @@ class TestEmbeddingsCache:
             assert r.status_code == 200, r.text
         assert [c.body.get("input_type") for c in cloud.openai_fake.calls] == ["query", "passage"]
 
-    @pytest.mark.xfail(strict=True, reason="QA: the same input twice in one request is sent (and paid) twice; "
-                                           "the cache keys them alike")
     def test_an_input_repeated_in_one_request_is_asked_once(self, cloud: CloudStack) -> None:
         """[a, b, a]: the provider gets a and b once each; the answer has a's vector at 0 and 2."""
         a, b = tag(), tag()

@@ -310,3 +310,16 @@ class TestBreakerAndLimits:
             pass
         with u.slot():
             assert u.inflight == 1
+
+
+def test_choices_in_one_call_unless_the_provider_has_no_n() -> None:
+    """An OpenAI-compatible provider is asked several choices in one call, unless its entry says `n: false`;
+    Anthropic's Messages API has no n."""
+    def native(kind: str, **over: Any) -> bool:
+        provider = ProviderSpec.model_validate({"name": "p", "kind": kind, "base_url": "http://127.0.0.1:9/v1",
+                                                "local": True, "models": ["m"], **over})
+        return Upstream(Provider(spec=provider, key=SecretStr(KEY)), FAST, Breaker("p", BreakerPolicy())).native_n
+
+    assert native("openai-compatible")
+    assert not native("openai-compatible", n=False)
+    assert not native("anthropic")

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from schemas.chat import ChatCompletionChunk, Usage
-from services.gateway.choices import Choice, choice_seed, total_usage
+from schemas.chat import ChatCompletionChunk, Usage, choice_seed
+from services.gateway.choices import Choice, total_usage
 from services.gateway.completion_answer import TextAnswers, answered, for_prompt, whole
 from services.gateway.completion_request import CompletionRequest, plan
 from shared.envelope import Envelope
