@@ -23,14 +23,19 @@ from tests.support import (
 )
 
 
-@pytest.fixture(scope="module")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    """One JetStream nats-server for the whole test module."""
-    server = start_single(tmp_path_factory.mktemp("nats"))
+def serving_nats(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[NatsServer]:
+    """A JetStream nats-server in a folder of its own, stopped when the fixture ends."""
+    server = start_single(tmp_path_factory.mktemp(name))
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """One JetStream nats-server for the whole test module."""
+    yield from serving_nats(tmp_path_factory, "nats")
 
 
 @pytest.fixture
@@ -79,11 +84,7 @@ def batcher_service(nats_url: str, site: str = "edge1", **env: str) -> Service:
 @pytest.fixture(scope="session")
 def stack_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     """The JetStream nats-server of ``stack`` (its own: a module's ``nats_server`` comes and goes with it)."""
-    server = start_single(tmp_path_factory.mktemp("stack-nats"))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serving_nats(tmp_path_factory, "stack-nats")
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from nats.aio.client import Client as NATS
 from nats.js.api import KeyValueConfig, StorageType
@@ -35,6 +35,7 @@ from shared.streams import ensure_kv
 from shared.tasks import stop_tasks
 from shared.usage import UsagePublisher
 
+C = TypeVar("C", Entry, Vector)
 log = get_logger("leafwire.cloud_adapter.state")
 CACHE_GET_TIMEOUT_S = 0.5
 MAX_BACKGROUND_WRITES = 1000
@@ -156,27 +157,21 @@ class CloudState:
     async def cache_get(self, key: str) -> Entry | None:
         """The cached answer under ``key`` (from memory when recently used, else the KV bucket); ``None``
         when absent, unreadable, or JetStream is slow."""
-        if isinstance(near := self._near.get(key), Entry):
-            return near
-        value = await self._cache_value(key)
-        entry = Entry.decode(value) if value else None
-        if entry is not None and value:
-            self._near.put(key, entry, len(value))
-        return entry
+        return await self._cached(key, Entry, Entry.decode)
 
     async def vectors_get(self, keys: Sequence[str]) -> list[Vector | None]:
         """The stored vector under each key (``None`` where absent or unreadable), asked all at once."""
+        return list(await asyncio.gather(*(self._cached(key, Vector, Vector.decode) for key in keys)))
 
-        async def one(key: str) -> Vector | None:
-            if isinstance(near := self._near.get(key), Vector):
-                return near
-            value = await self._cache_value(key)
-            vector = Vector.decode(value) if value else None
-            if vector is not None and value:
-                self._near.put(key, vector, len(value))
-            return vector
-
-        return list(await asyncio.gather(*(one(key) for key in keys)))
+    async def _cached(self, key: str, kind: type[C], decode: Callable[[bytes], C | None]) -> C | None:
+        """What is stored under ``key``, read as ``kind`` (from memory when recently used)."""
+        if isinstance(near := self._near.get(key), kind):
+            return near
+        value = await self._cache_value(key)
+        found = decode(value) if value else None
+        if found is not None and value:
+            self._near.put(key, found, len(value))
+        return found
 
     async def _cache_value(self, key: str) -> bytes | None:
         """The cache bucket's value under ``key``; ``None`` when absent, or JetStream is slow or failing."""

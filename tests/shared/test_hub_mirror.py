@@ -7,7 +7,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import nats
 from nats.js.api import StreamInfo
+from nats.js.client import JetStreamContext
 from nats.js.errors import NoKeysError
 from nats.js.kv import KeyValue
 
@@ -24,6 +26,15 @@ async def contents(kv: KeyValue) -> dict[str, bytes | None]:
         return {}
 
 
+async def mirrored_old_bucket(hub_js: JetStreamContext, edge: nats.NATS) -> None:
+    """The hub's config bucket with two keys, and the edge's mirror once it holds them."""
+    old = await config_bucket.ensure_bucket(hub_js)
+    await old.put("kept", b"old")
+    await old.put("only-old", b"old")
+    mirror = await config_bucket.open_bucket(edge)
+    await eventually_async(lambda: contents(mirror), lambda c: c == {"kept": b"old", "only-old": b"old"})
+
+
 async def test_a_hub_stream_created_anew_past_the_old_sequence_is_noticed(tmp_path: Path) -> None:
     """A keeper that saw the hub's stream notices it deleted and created anew, also once the new one holds more
     messages than the mirror had copied (the mirror would copy only those past its old sequence, keeping the
@@ -31,12 +42,8 @@ async def test_a_hub_stream_created_anew_past_the_old_sequence_is_noticed(tmp_pa
     with start_cuttable_site(tmp_path, "plant5") as site:
         async with connected(site.hub.url) as hub, connected(site.edge.url) as edge:
             hub_js, edge_js = hub.jetstream(), edge.jetstream()
-            old = await config_bucket.ensure_bucket(hub_js)
-            await old.put("kept", b"old")
-            await old.put("only-old", b"old")
-            mirror = await config_bucket.open_bucket(edge)
+            await mirrored_old_bucket(hub_js, edge)
             keeper = HubMirror(config_bucket.STREAM, config_bucket.STREAM, config_bucket.ensure_mirror)
-            await eventually_async(lambda: contents(mirror), lambda c: c == {"kept": b"old", "only-old": b"old"})
             assert await keeper.resync(edge, edge_js) is None
 
             await hub_js.delete_stream(config_bucket.STREAM)
@@ -60,11 +67,7 @@ async def test_a_keeper_started_after_the_reset_notices_it(tmp_path: Path) -> No
     with start_cuttable_site(tmp_path, "plant5") as site:
         async with connected(site.hub.url) as hub, connected(site.edge.url) as edge:
             hub_js, edge_js = hub.jetstream(), edge.jetstream()
-            old = await config_bucket.ensure_bucket(hub_js)
-            await old.put("kept", b"old")
-            await old.put("only-old", b"old")
-            mirror = await config_bucket.open_bucket(edge)
-            await eventually_async(lambda: contents(mirror), lambda c: c == {"kept": b"old", "only-old": b"old"})
+            await mirrored_old_bucket(hub_js, edge)
 
             def fresh() -> HubMirror:  # stuck_s: a mirror detached by the reset is not what is tested here
                 return HubMirror(config_bucket.STREAM, config_bucket.STREAM, config_bucket.ensure_mirror, stuck_s=600)
