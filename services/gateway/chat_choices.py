@@ -17,13 +17,11 @@ from aiohttp import web
 from pydantic_core import from_json, to_json
 
 from schemas.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Usage, choice_seed
-from services.gateway.bridge import Exchange
 from services.gateway.choices import Choice, choice_env, event, parse, total_usage
 from services.gateway.fanout import FanOut
-from shared import subjects
 from shared.envelope import Envelope
-from shared.errors import ChoicesOneByOne, LeafwireError, UpstreamError
-from shared.replies import Event
+from shared.errors import LeafwireError, UpstreamError
+from shared.replies import Reply
 
 
 def plan(request: ChatCompletionRequest, raw: bytes, env: Envelope) -> list[Choice]:
@@ -98,33 +96,13 @@ class ChatAnswers:
         return err
 
 
+def relay(reply: Reply, headers: dict[str, str]) -> web.StreamResponse:
+    """The site's ``chat.completion`` of every choice, as it is."""
+    return web.Response(body=reply.data, content_type="application/json", headers=headers)
+
+
 class ChatChoicesBridge(FanOut):
     """``POST /v1/chat/completions`` with ``n`` > 1 over NATS."""
-
-    async def _at_once(self, http: web.Request, raw: bytes, env: Envelope) -> web.StreamResponse | None:
-        """The request asked once, with its ``n``; ``None`` when its target answers one choice a request
-        (``n_unsupported``, before anything was done: a local model, an Anthropic one)."""
-        one_by_one = False
-
-        async def respond(exchange: Exchange) -> web.StreamResponse:
-            nonlocal one_by_one
-            await self.ask(subjects.chat(self.settings.site), raw, exchange.stream, env, http)
-            reply = await self.next(exchange.stream, env)
-            exchange.finished = reply.event in (Event.ERROR, Event.RESULT)
-            headers = self.answer_headers(reply, env)
-            try:
-                reply.raise_for_error()
-            except LeafwireError as err:
-                if err.code != ChoicesOneByOne.default_code:
-                    raise
-                one_by_one = True
-                return web.Response()
-            if reply.event is not Event.RESULT:
-                raise UpstreamError(f"unexpected {reply.event.value!r} event for a whole answer")
-            return web.Response(body=reply.data, content_type="application/json", headers=headers)
-
-        answered = await self.exchange(env, respond)
-        return None if one_by_one else answered
 
     async def create(self, http: web.Request, request: ChatCompletionRequest, raw: bytes,
                      tenant: str) -> web.StreamResponse:
@@ -132,7 +110,7 @@ class ChatChoicesBridge(FanOut):
         OpenAI-compatible cloud model answers every choice in one call: the prompt is paid once), else, or
         streamed, a request per choice."""
         env = self.envelope(tenant)
-        if not request.stream and (native := await self._at_once(http, raw, env)) is not None:
+        if not request.stream and (native := await self.at_once(http, raw, env, relay)) is not None:
             return native
         merge = ChatAnswers(env.request_id, int(time.time()))
         return await self.fan_out(http, env, plan(request, raw, env), merge, stream=request.stream,

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from aiohttp import web
 from pydantic_core import to_json
 
 from schemas.chat import ChatCompletion, ChatCompletionChunk, FinishReason, Usage
 from services.gateway.choices import Choice, event, parse, total_usage
 from shared.errors import ContextLengthExceeded, LeafwireError, RemoteError, UpstreamError
+from shared.replies import Reply
 
 
 def completion_id(request_id: str) -> str:
@@ -92,6 +94,19 @@ class TextAnswers:
     def whole(self, answers: list[Answered]) -> bytes:
         """The ``text_completion`` of every choice."""
         return whole(self.request_id, self.created, answers)
+
+    def all_at_once(self, reply: Reply, headers: dict[str, str]) -> web.StreamResponse:
+        """The text completion of a lone prompt's ``n`` choices answered in one ``chat.completion`` (its usage
+        the call's: the prompt once), or a 502 when it holds another number of choices."""
+        chat = parse(ChatCompletion, reply.data)
+        if len(chat.choices) != self.n:
+            raise UpstreamError(f"the site answered {len(chat.choices)} choices for n = {self.n}",
+                                code="upstream_bad_response")
+        usage = chat.usage or Usage.of(0, 0)
+        answers = [Answered(j, self.prefix(j) + (c.message.content or ""), c.finish_reason,
+                            usage if j == 0 else Usage.of(0, 0), chat.model, chat.system_fingerprint)
+                   for j, c in enumerate(sorted(chat.choices, key=lambda c: c.index))]
+        return web.Response(body=self.whole(answers), content_type="application/json", headers=headers)
 
     def chunk(self, choice: Choice, data: bytes) -> bytes:
         """A choice's ``chat.completion.chunk`` as its text chunk; echo goes on its first."""

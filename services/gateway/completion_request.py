@@ -98,6 +98,13 @@ def as_chat(request: CompletionRequest) -> ChatCompletionRequest:
     return validate(ChatCompletionRequest, body)
 
 
+def with_n(request: CompletionRequest) -> ChatCompletionRequest:
+    """The chat request of a lone prompt's ``n`` choices asked at once (``n`` kept, the seed as given)."""
+    chat = as_chat(request)
+    return chat.model_copy(update={"messages": [ChatMessage(role="user", content=request.prompts()[0])],
+                                   "n": request.choices_per_prompt()})
+
+
 def plan(request: CompletionRequest, env: Envelope) -> list[Choice]:
     """The chat requests that answer ``request``, one per choice, in index order. A lone choice has the
     request's own envelope (its id is the one the caller sees); several have ids ``<id>-<index>``."""

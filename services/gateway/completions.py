@@ -12,7 +12,7 @@ import time
 from aiohttp import web
 
 from services.gateway.completion_answer import TextAnswers
-from services.gateway.completion_request import CompletionRequest, plan
+from services.gateway.completion_request import CompletionRequest, plan, with_n
 from services.gateway.fanout import FanOut
 
 
@@ -25,5 +25,9 @@ class CompletionsBridge(FanOut):
         choices = plan(request, env)
         merge = TextAnswers(env.request_id, int(time.time()), request.prompts(), request.choices_per_prompt(),
                             bool(request.echo))
+        if not request.stream and merge.n > 1 and len(merge.prompts) == 1:  # one prompt's n: asked once first
+            body = with_n(request).model_dump_json(exclude_unset=True).encode()
+            if (native := await self.at_once(http, body, env, merge.all_at_once, merge.error)) is not None:
+                return native
         return await self.fan_out(http, env, choices, merge, stream=request.stream,
                                   include_usage=request.include_usage())

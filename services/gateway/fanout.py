@@ -14,6 +14,7 @@ The caller leaving cancels every choice still out.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -25,7 +26,7 @@ from services.gateway.errors import log
 from shared import envelope as hdr
 from shared import subjects
 from shared.envelope import Envelope
-from shared.errors import LeafwireError, UpstreamError
+from shared.errors import ChoicesOneByOne, LeafwireError, UpstreamError
 from shared.replies import FINAL_EVENTS, Event, Reply, error_of
 
 Got = Reply | LeafwireError  # what one choice's stream yields: a reply, or the gateway's own error about it
@@ -34,6 +35,35 @@ Out = asyncio.Queue[tuple[Choice, Got]]
 
 class FanOut(Bridge):
     """Several chat requests over NATS answering one HTTP request."""
+
+    async def at_once(self, http: web.Request, body: bytes, env: Envelope,
+                      answer: Callable[[Reply, dict[str, str]], web.StreamResponse],
+                      error: Callable[[LeafwireError], LeafwireError] = lambda err: err) -> web.StreamResponse | None:
+        """A whole request of several choices asked once, with its ``n`` (an OpenAI-compatible cloud model
+        answers them in one call), its ``result`` made the caller's answer by ``answer``; ``None`` when its
+        target answers one choice a request (``n_unsupported``, before anything was done: a local model, an
+        Anthropic one), for the caller to ask a request per choice."""
+        one_by_one = False
+
+        async def respond(exchange: Exchange) -> web.StreamResponse:
+            nonlocal one_by_one
+            await self.ask(subjects.chat(self.settings.site), body, exchange.stream, env, http)
+            reply = await self.next(exchange.stream, env)
+            exchange.finished = reply.event in (Event.ERROR, Event.RESULT)
+            headers = self.answer_headers(reply, env)
+            try:
+                reply.raise_for_error()
+            except LeafwireError as err:
+                if err.code != ChoicesOneByOne.default_code:
+                    raise error(err) from None
+                one_by_one = True
+                return web.Response()
+            if reply.event is not Event.RESULT:
+                raise UpstreamError(f"unexpected {reply.event.value!r} event for a whole answer")
+            return answer(reply, headers)
+
+        answered = await self.exchange(env, respond)
+        return None if one_by_one else answered
 
     async def fan_out(self, http: web.Request, env: Envelope, choices: list[Choice], merge: Merge[Any], *,
                       stream: bool, include_usage: bool) -> web.StreamResponse:

@@ -268,6 +268,21 @@ class TestCloud:
         assert [c.text for c in r.choices] == ["pong a b", "pong c", "pong d e f"]
         assert len(site.provider.calls) == 3
 
+    def test_n_choices_of_one_prompt_are_one_call(self, site: Site) -> None:
+        """n=3 of one prompt to an OpenAI-compatible model, whole: one call with n (the prompt paid and counted
+        once), three choices in order, each echoing the prompt; a list of prompts stays a call a choice."""
+        site.provider.script(Fault.ok("a b"), Fault.ok("c d"), Fault.ok("e f"))
+        r = site.client().completions.create(model="fake/echo", prompt="hello there", n=3, echo=True)
+        assert [(c.index, c.text) for c in r.choices] == [(0, "hello therea b"), (1, "hello therec d"),
+                                                           (2, "hello theree f")]
+        (call,) = site.provider.calls
+        assert call.body["n"] == 3
+        assert r.usage is not None
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (2, 6)
+        site.provider.reset()
+        assert len(site.client().completions.create(model="fake/echo", prompt=["a", "b"], n=2).choices) == 4
+        assert [c.body.get("n") for c in site.provider.calls] == [None] * 4
+
 
 def refused(site: Site, status: int = 400, **body: Any) -> dict[str, Any]:
     """The error body of a completions request the gateway refuses (and the status must be ``status``)."""
