@@ -85,8 +85,8 @@ class ChoicesOneByOne(InvalidRequest):
 
     def __init__(self, n: int, target: str) -> None:
         super().__init__(f"{target} answers one choice a request; n = {n} is asked natively only of "
-                         "OpenAI-compatible cloud models, not streamed: send {n} requests instead (the HTTP "
-                         "gateway does)".replace("{n}", str(n)), param="n")
+                         f"OpenAI-compatible cloud models, not streamed: send {n} requests instead (the HTTP "
+                         "gateway does)", param="n")
 
 
 class ContextLengthExceeded(InvalidRequest):

@@ -31,7 +31,7 @@ def heard(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h ago"
 
 
-def behind(source: hub_usage.SiteSource) -> str:
+def not_copied(source: hub_usage.SiteSource) -> str:
     """The hub's lag behind a site, or ``unknown`` when its source is not attached: the hub's figure stops
     where it was when the link went (0, often) while the site goes on storing."""
     return str(source.lag) if source.attached else "unknown"
@@ -41,7 +41,7 @@ def table(found: list[hub_usage.SiteSource]) -> str:
     if not found:
         return "no site sends its usage to the hub yet"
     rows = [("site", "not copied yet", "last heard", "problem")]
-    rows += [(s.site, behind(s), heard(s.heard_s), s.error or "") for s in sorted(found, key=lambda s: s.site)]
+    rows += [(s.site, not_copied(s), heard(s.heard_s), s.error or "") for s in sorted(found, key=lambda s: s.site)]
     return "\n".join(aligned(rows, right=(1,)))
 
 
