@@ -105,7 +105,10 @@ async def test_a_bucket_created_anew_is_followed(js: nats.js.JetStreamContext, g
         await kv.put("new-only", b"y")
         await eventually_async(lambda: values(seen), lambda v: v == {"both": b"new", "new-only": b"y"},
                                within_s=10, what="the new bucket's keys, and the old-only key gone")
-        assert seen.deletes == ["old-only"]
+        # "both" may also come as a delete (then its new value) when the follower read the new bucket before
+        # its first put: at that moment the key was gone. "old-only" goes once, "new-only" never.
+        assert seen.deletes.count("old-only") == 1
+        assert set(seen.deletes) <= {"old-only", "both"}
         assert seen.replacements == 1
     finally:
         task.cancel()
