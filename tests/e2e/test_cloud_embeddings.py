@@ -158,7 +158,7 @@ class TestResilience:
         r = post(cloud, {"model": "flaky/embed", "input": "hello"})
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "provider_unavailable"
-        assert 1 <= int(r.headers["retry-after"]) <= 3
+        assert 1 <= int(r.headers["retry-after"]) <= test_cloud.OPEN_S
         assert len(cloud.openai_fake.calls) == 3
 
     def test_a_provider_400_is_relayed(self, cloud: CloudStack) -> None:
