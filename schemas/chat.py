@@ -116,8 +116,9 @@ def choice_seed(seed: int | None, j: int) -> int | None:
 
 class ChatCompletionRequest(BaseModel):
     """The payload of ``lw.v1.<site>.chat``: ``POST /v1/chat/completions``'s body. ``n`` > 1 is answered in
-    one call by an OpenAI-compatible cloud model, whole; any other target answers an error ``n_unsupported``
-    (ask each choice as its own request, as the HTTP gateway then does)."""
+    one call by an OpenAI-compatible cloud model, whole or streamed (each chunk's choice has its index); any
+    other target answers an error ``n_unsupported`` (ask each choice as its own request, as the HTTP gateway
+    then does)."""
 
     model_config = ConfigDict(extra="allow")
     model: Annotated[str, Field(min_length=1, max_length=256)]

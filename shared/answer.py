@@ -86,15 +86,17 @@ class Answer:
     started: bool = False
     message: dict[str, Any] = field(default_factory=dict)
     logprobs: dict[str, Any] | None = None  # of a whole answer, when its provider gave them
+    _head: bytes = b""
     _prefix: bytes = b""
     _suffix: bytes = b'}],"usage":null,"system_fingerprint":null}'
     _fingerprint: str | None = None
+    _begun: set[int] = field(default_factory=set)  # choices past 0 whose role chunk went (a stream of several)
 
     def __post_init__(self) -> None:
         if self.stream:
-            self._prefix = (b'{"id":' + to_json(self.completion_id) + b',"object":"chat.completion.chunk","created":'
-                            + str(self.created).encode() + b',"model":' + to_json(self.model)
-                            + b',"choices":[{"index":0,"delta":')
+            self._head = (b'{"id":' + to_json(self.completion_id) + b',"object":"chat.completion.chunk","created":'
+                          + str(self.created).encode() + b',"model":' + to_json(self.model) + b',"choices":[{"index":')
+            self._prefix = self._head + b'0,"delta":'
 
     @property
     def completion_id(self) -> str:
@@ -118,8 +120,9 @@ class Answer:
         self._suffix = b'}],"usage":null,"system_fingerprint":' + to_json(value) + b"}"
 
     def _chunk(self, delta: Mapping[str, Any], finish: FinishReason | None = None,
-               logprobs: Mapping[str, Any] | None = None) -> bytes:
-        return (self._prefix + to_json(delta) + b',"logprobs":' + (b"null" if logprobs is None else to_json(logprobs))
+               logprobs: Mapping[str, Any] | None = None, index: int = 0) -> bytes:
+        prefix = self._head + b'%d,"delta":' % index if index else self._prefix
+        return (prefix + to_json(delta) + b',"logprobs":' + (b"null" if logprobs is None else to_json(logprobs))
                 + b',"finish_reason":' + to_json(finish) + self._suffix)
 
     async def begin(self) -> None:
@@ -181,6 +184,33 @@ class Answer:
             return
         await self.begin()
         await self.publisher.send(Event.CHUNK, self._chunk({}, reason))
+        await self.end(reason, usage)
+
+    # A stream of several choices (``n``), one call's: each choice's chunks carry its index, each choice ends
+    # with its own finish reason, and the stream with ``end``.
+
+    async def choice_delta(self, index: int, fields: Mapping[str, Any],
+                           logprobs: Mapping[str, Any] | None = None) -> None:
+        """New fields of choice ``index``'s message (none: the choice has begun)."""
+        await self._begin_choice(index)
+        if fields or logprobs is not None:
+            await self.publisher.send(Event.CHUNK, self._chunk(fields, logprobs=logprobs, index=index))
+
+    async def choice_finish(self, index: int, reason: FinishReason) -> None:
+        """The last chunk of choice ``index``."""
+        await self._begin_choice(index)
+        await self.publisher.send(Event.CHUNK, self._chunk({}, reason, index=index))
+
+    async def _begin_choice(self, index: int) -> None:
+        if not index:
+            await self.begin()
+        elif index not in self._begun:
+            self._begun.add(index)
+            await self.publisher.send(Event.CHUNK, self._chunk({"role": "assistant", "content": ""}, index=index))
+
+    async def end(self, reason: FinishReason, usage: Usage) -> None:
+        """End a stream whose choices have ended: the usage chunk if asked (of them all), then ``done``
+        (with ``reason``, choice 0's)."""
         if self.include_usage:
             await self.publisher.send(Event.CHUNK, to_json({
                 "id": self.completion_id, "object": "chat.completion.chunk", "created": self.created,

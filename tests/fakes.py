@@ -255,13 +255,15 @@ class FakeProvider:
             return decided
         answer = fault.text if fault.text is not None else " ".join(["pong", *words(last_user_text(body["messages"]))])
         prompt_tokens = sum(len(words(message_text(m))) for m in body["messages"])
+        texts = [answer]
+        if self.kind == "openai" and (n := body.get("n") or 1) > 1:  # a sample a choice: the next scripted texts
+            texts += [self._next().text or answer for _ in range(n - 1)]
         if body.get("stream"):
-            return await self._stream(request, body, fault, answer, prompt_tokens)
+            return await self._stream(request, body, fault, texts, prompt_tokens)
         if fault.kind == "malformed":
             return web.Response(text='{"id": "x", "choices": [', content_type="application/json")
         whole = self._whole(body, answer, prompt_tokens)
-        if self.kind == "openai" and (n := body.get("n") or 1) > 1:  # a sample a choice: the next scripted texts
-            texts = [answer] + [self._next().text or answer for _ in range(n - 1)]
+        if len(texts) > 1:
             whole["choices"] = [{"index": j, "message": {"role": "assistant", "content": text},
                                  "finish_reason": "stop"} for j, text in enumerate(texts)][::-1]  # any order
             whole["usage"]["completion_tokens"] = sum(len(words(text)) for text in texts)
@@ -306,8 +308,9 @@ class FakeProvider:
                                                      "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}}
 
-    def _events(self, body: dict[str, Any], answer: str, prompt_tokens: int,
+    def _events(self, body: dict[str, Any], texts: list[str], prompt_tokens: int,
                 more_usage: dict[str, Any]) -> list[bytes]:
+        answer = texts[0]
         pieces = [w + " " for w in words(answer)[:-1]] + words(answer)[-1:]
         if self.kind == "anthropic":
             def ev(name: str, data: dict[str, Any]) -> bytes:
@@ -327,26 +330,30 @@ class FakeProvider:
                 ev("message_stop", {"type": "message_stop"}),
             ]
 
-        def chunk(delta: dict[str, Any], finish: str | None = None, usage: Any = None) -> bytes:
+        def chunk(delta: dict[str, Any], finish: str | None = None, usage: Any = None, index: int = 0) -> bytes:
             data = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
-                    "model": body["model"], "choices": [] if usage else [{"index": 0, "delta": delta,
+                    "model": body["model"], "choices": [] if usage else [{"index": index, "delta": delta,
                                                                            "finish_reason": finish}]}
             if usage:
                 data["usage"] = usage
             return f"data: {json.dumps(data)}\n\n".encode()
-        n = len(pieces)
-        out = [chunk({"role": "assistant", "content": ""}), *[chunk({"content": p}) for p in pieces],
-               chunk({}, "stop")]
+        # Several choices (n) interleave as OpenAI's do: each one's role chunk first, then their pieces in turn.
+        split = [[w + " " for w in words(text)[:-1]] + words(text)[-1:] for text in texts]
+        out = [chunk({"role": "assistant", "content": ""}, index=j) for j in range(len(texts))]
+        for i in range(max(len(p) for p in split)):
+            out += [chunk({"content": p[i]}, index=j) for j, p in enumerate(split) if i < len(p)]
+        out += [chunk({}, "stop", index=j) for j in range(len(texts))]
+        n = sum(len(p) for p in split)
         if (body.get("stream_options") or {}).get("include_usage"):
             out.append(chunk({}, usage={"prompt_tokens": prompt_tokens, "completion_tokens": n,
                                         "total_tokens": prompt_tokens + n, **more_usage}))
         return [*out, b"data: [DONE]\n\n"]
 
-    async def _stream(self, request: web.Request, body: dict[str, Any], fault: Fault, answer: str,
+    async def _stream(self, request: web.Request, body: dict[str, Any], fault: Fault, texts: list[str],
                       prompt_tokens: int) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        events = self._events(body, answer, prompt_tokens, fault.usage)
+        events = self._events(body, texts, prompt_tokens, fault.usage)
         if fault.kind == "malformed":
             events = [b"data: {not json\n\n", *events]
         try:

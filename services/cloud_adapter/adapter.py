@@ -45,7 +45,7 @@ from services.cloud_adapter.settings import CloudSettings
 from services.cloud_adapter.state import CloudState
 from services.cloud_adapter.upstream import Call, Upstream
 from shared import metrics, paths, subjects
-from shared.answer import Answer, merge_delta
+from shared.answer import Answer, merge_delta, message_deltas
 from shared.envelope import CACHE, EVENT, Envelope
 from shared.errors import Cancelled, ChoicesOneByOne, DeadlineExceeded, InvalidRequest, LeafwireError, ModelNotFound
 from shared.logging import get_logger
@@ -228,9 +228,8 @@ class CloudAdapter:
               kind: ModelKind = "chat") -> Target:
         """Check what can be checked without I/O; raise what the router should get."""
         target = self.resolve(request.model, kind)
-        if isinstance(request, ChatCompletionRequest) and (n := request.n or 1) > 1 and (
-                request.stream or not target.upstream.native_n):
-            raise ChoicesOneByOne(n, f"{target.name}{' streamed' if request.stream else ''}")
+        if isinstance(request, ChatCompletionRequest) and (n := request.n or 1) > 1 and not target.upstream.native_n:
+            raise ChoicesOneByOne(n, target.name)
         if env.expired():
             raise DeadlineExceeded("the request's deadline passed before it reached the cloud adapter")
         if env.request_id in self.inflight:
@@ -366,6 +365,114 @@ class CloudAdapter:
             event = self._usage_event(target, env, outcome, time.monotonic() - started, counted, cost,
                                       cached=outcome == "cache_hit")
             await self.state.publish_usage(event)
+
+    async def serve_choices_stream(self, target: Target, request: ChatCompletionRequest, env: Envelope,
+                                   admit_to: str | None) -> None:
+        """A streamed answer of ``n`` > 1 choices in one provider call (the prompt is paid once), their chunks
+        relayed as they come, each with its index. With the cache, every choice stored is replayed, none
+        stored is one call storing each choice as ``serve_choices`` does; some stored is ``n_unsupported``
+        (asked one by one, each choice finds its own entry or calls)."""
+        assert self.nc is not None
+        assert self.state is not None
+        started, n = time.monotonic(), request.n or 1
+        keys = cache.choice_keys(env.tenant, target.name, request) if cache.eligible(request) else None
+        held = list(await asyncio.gather(*(self._lookup(key) for key in keys))) if keys else [None] * n
+        stored = [entry for entry in held if entry is not None]
+        publisher = ReplyPublisher(self.nc, env.reply, env, f"{self.settings.site}/{self.worker_id}",
+                                   first_headers={CACHE: "hit" if len(stored) == n else "miss"} if keys else None)
+        admission = Admission(self.nc, admit_to, env, self.worker_id)
+        answer = Answer.for_request(publisher, env.request_id, request.model, request)
+        total = Tally(keep_message=False)  # the call's: tokens, and every choice's text for an estimate
+        choices = [Tally(keep_message=keys is not None) for _ in range(n)]
+        outcome = "error"
+        self.callers[env.request_id] = publisher
+        try:
+            if len(stored) == n:
+                await self._replay_choices(stored, answer)
+                await admission.admit()
+                outcome = "cache_hit"
+                await answer_leaves()
+                return
+            if stored:
+                raise ChoicesOneByOne(n, f"{target.name} streamed with {len(stored)} of its choices stored")
+            await self._call_choices_stream(target, request, env, admission, answer, total, choices, started)
+            outcome = "ok"
+            await answer_leaves()
+            if keys:
+                self._store_choices(keys, choices, total.usage(request))
+        except BaseException as exc:
+            outcome = await self._failed(exc, admission, publisher, target)
+        finally:
+            self.callers.pop(env.request_id, None)
+            elapsed = time.monotonic() - started
+            if outcome == "cache_hit":
+                usage = Usage.of(max(e.usage.prompt_tokens for e in stored), sum(e.usage.completion_tokens
+                                                                                  for e in stored))
+                event = self._usage_event(target, env, outcome, elapsed, usage, 0.0, cached=True)
+            else:
+                event = self._account(target, request, env, total, outcome, elapsed, None)
+            await self.state.publish_usage(event)
+
+    @staticmethod
+    async def _replay_choices(stored: list[cache.Entry], answer: Answer) -> None:
+        """Stream the stored choices, one after the other, then the end (the prompt counted once)."""
+        for j, entry in enumerate(stored):
+            await answer.choice_delta(j, {})
+            for fields in message_deltas(entry.message):
+                await answer.choice_delta(j, fields)
+            await answer.choice_finish(j, entry.finish_reason)
+        await answer.end(stored[0].finish_reason, Usage.of(max(e.usage.prompt_tokens for e in stored),
+                                                           sum(e.usage.completion_tokens for e in stored)))
+
+    async def _call_choices_stream(self, target: Target, request: ChatCompletionRequest, env: Envelope,
+                                   admission: Admission, answer: Answer, total: Tally, choices: list[Tally],
+                                   started: float) -> None:
+        """One streamed call of ``n`` choices, admitted once every choice has begun, then relayed."""
+        with target.upstream.slot():
+            call = target.upstream.call(request, target.model, target.spec, env.deadline)
+            try:
+                opened = await target.upstream.open_choices_stream(call, len(choices))
+            except ChoicesIgnored as exc:  # a provider without n: what it billed is paid, the choices asked apart
+                if exc.tokens is not None:
+                    total.add(exc.tokens)
+                raise ChoicesOneByOne(len(choices), target.name) from exc
+            verdict: bool | None = None
+            try:
+                target.first_byte.observe(time.monotonic() - started)
+                await admission.admit()
+                for piece in opened.first:
+                    await self._apply_choice(piece, answer, total, choices)
+                async for piece in opened.rest():
+                    await self._apply_choice(piece, answer, total, choices)
+                verdict = True
+            except LeafwireError as err:
+                verdict = False if provider_fault(err) else None
+                raise
+            finally:
+                opened.close(verdict)
+        await answer.end(choices[0].finish or "stop", total.usage(request))
+
+    @staticmethod
+    async def _apply_choice(piece: Piece, answer: Answer, total: Tally, choices: list[Tally]) -> None:
+        total.add(piece)
+        if isinstance(piece, Delta):
+            choices[piece.index].add(piece)
+            await answer.choice_delta(piece.index, piece.fields, piece.logprobs)
+        elif isinstance(piece, Finish):
+            choices[piece.index].add(piece)
+            await answer.choice_finish(piece.index, piece.reason)
+        elif isinstance(piece, Fingerprint):
+            answer.fingerprint = piece.value
+
+    def _store_choices(self, keys: list[str], choices: list[Tally], usage: Usage) -> None:
+        """Each finished choice of a streamed call as the cache entry of its own request (its share of the
+        completion tokens by the length of its text)."""
+        assert self.state is not None
+        shares = cache.share_out(usage.completion_tokens, [max(c.chars, 1) for c in choices])
+        for key, choice, tokens in zip(keys, choices, shares, strict=True):
+            if choice.finish in cache.STORED_REASONS:
+                self.state.cache_put(key, cache.Entry(choice.message, choice.finish or "stop",
+                                                      Usage.of(usage.prompt_tokens, tokens)))
 
     @staticmethod
     async def _call_choices(target: Target, request: ChatCompletionRequest, env: Envelope,

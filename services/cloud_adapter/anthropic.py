@@ -359,8 +359,8 @@ class Anthropic:
                           _prompt_tokens(usage), as_int(usage.get("output_tokens")),
                           as_int(usage.get("cache_read_input_tokens")))
 
-    def stream_parser(self) -> AnthropicStream:
-        """A parser for one streamed answer."""
+    def stream_parser(self, n: int = 1) -> AnthropicStream:
+        """A parser for one streamed answer (one choice: the Messages API has no ``n``)."""
         return AnthropicStream(self.provider)
 
     def error_info(self, body: bytes) -> ErrorInfo:

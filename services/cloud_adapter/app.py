@@ -64,8 +64,9 @@ def chat_handler(adapter: CloudAdapter) -> Handler[ChatCompletionRequest]:
         env.require_reply()
         target = adapter.admit(body, env)
         admit_to = admission_subject(msg.headers, msg.reply)
-        adapter.start(adapter.serve(target, body, env, admit_to) if (body.n or 1) == 1 else
-                      adapter.serve_choices(target, body, env, admit_to), env)
+        serve = (adapter.serve if (body.n or 1) == 1 else
+                 adapter.serve_choices_stream if body.stream else adapter.serve_choices)
+        adapter.start(serve(target, body, env, admit_to), env)
 
     return on_chat
 

@@ -47,10 +47,11 @@ FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "content_filter", 
 @dataclass(frozen=True, slots=True)
 class Delta:
     """New fields of the assistant message (``content``, ``tool_calls`` pieces, ``reasoning_content``...), and
-    the log probabilities of its tokens when the provider gave them."""
+    the log probabilities of its tokens when the provider gave them; of choice ``index`` (a call of ``n``)."""
 
     fields: dict[str, Any]
     logprobs: dict[str, Any] | None = None
+    index: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +63,10 @@ class Fingerprint:
 
 @dataclass(frozen=True, slots=True)
 class Finish:
-    """Why the answer ended."""
+    """Why the answer (its choice ``index``) ended."""
 
     reason: FinishReason
+    index: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +144,8 @@ class Dialect(Protocol):
         (each choice is a call of its own)."""
         ...
 
-    def stream_parser(self) -> StreamParser:
-        """A parser for one streamed answer."""
+    def stream_parser(self, n: int = 1) -> StreamParser:
+        """A parser for one streamed answer (of ``n`` choices: only a dialect with ``native_n`` is asked more)."""
         ...
 
     def error_info(self, body: bytes) -> ErrorInfo:

@@ -74,9 +74,11 @@ def _error_info(value: Any) -> ErrorInfo:
 
 @dataclass
 class OpenAIStream:
-    """Parser of one OpenAI chat.completion.chunk stream."""
+    """Parser of one OpenAI chat.completion.chunk stream, of ``n`` choices (each chunk's choices carry their
+    ``index``; with ``n`` 1 only the first choice of a chunk is read, as index 0)."""
 
     provider: str
+    n: int = 1
     done: bool = False
     fingerprint: str | None = None
 
@@ -99,20 +101,40 @@ class OpenAIStream:
             pieces.append(Fingerprint(fingerprint))
         choices = chunk.get("choices")
         if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-            delta = choices[0].get("delta")
-            logprobs = _logprobs(choices[0])
-            if isinstance(delta, dict):
-                fields = {k: v for k, v in delta.items() if v is not None and k != "role" and v != ""}
-                if fields or logprobs is not None:
-                    pieces.append(Delta(fields, logprobs))
-            if choices[0].get("finish_reason") is not None:
-                pieces.append(Finish(finish_reason(choices[0]["finish_reason"])))
+            if self.n == 1:
+                self._pieces_of(choices[0], 0, pieces, begins=False)
+            else:
+                for choice in choices:
+                    self._pieces_of(choice, self._index_of(choice), pieces, begins=True)
         elif choices is not None and not isinstance(choices, list):
             raise bad_response(self.provider, "`choices` is not a list")
         usage = _usage(chunk.get("usage"))
         if usage is not None:
             pieces.append(usage)
         return pieces
+
+    @staticmethod
+    def _pieces_of(choice: dict[str, Any], index: int, pieces: list[Piece], begins: bool) -> None:
+        """The pieces of one choice of a chunk; with ``begins``, an empty delta too (the role chunk that
+        begins a choice of several: the adapter waits for every choice to begin)."""
+        delta = choice.get("delta")
+        logprobs = _logprobs(choice)
+        if isinstance(delta, dict):
+            fields = {k: v for k, v in delta.items() if v is not None and k != "role" and v != ""}
+            if fields or logprobs is not None or begins:
+                pieces.append(Delta(fields, logprobs, index))
+        if choice.get("finish_reason") is not None:
+            pieces.append(Finish(finish_reason(choice["finish_reason"]), index))
+
+    def _index_of(self, choice: Any) -> int:
+        """The index of a choice of a stream of ``n``: 0 to ``n - 1``, else the stream cannot be read."""
+        if not isinstance(choice, dict):
+            raise bad_response(self.provider, "a streamed choice is not a JSON object")
+        index = _index(choice)
+        if not 0 <= index < self.n:
+            raise bad_response(self.provider,
+                               f"a streamed choice of index {choice.get('index')!r:.20} for n = {self.n}")
+        return index
 
 
 @dataclass(frozen=True)
@@ -173,9 +195,9 @@ class OpenAICompatible:
                           finish_reason(choice.get("finish_reason")), usage.prompt, usage.completion,
                           usage.cached, usage.reasoning, _logprobs(choice), fingerprint)
 
-    def stream_parser(self) -> OpenAIStream:
-        """A parser for one streamed answer."""
-        return OpenAIStream(self.provider)
+    def stream_parser(self, n: int = 1) -> OpenAIStream:
+        """A parser for one streamed answer of ``n`` choices."""
+        return OpenAIStream(self.provider, n)
 
     def error_info(self, body: bytes) -> ErrorInfo:
         """``{"error": {"message", "type", "code", "param"}}``, or the body's text."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -32,10 +32,12 @@ from services.cloud_adapter.dialect import (
     Choices,
     ChoicesIgnored,
     Completion,
+    Delta,
     Dialect,
     Finish,
     Piece,
     StreamParser,
+    Tokens,
     bad_response,
     classify,
     provider_fault,
@@ -98,9 +100,26 @@ class OpenStream:
         self._finished = any(isinstance(p, Finish) for p in first)
         self._recorded = False
         self._eof = False
+        self._rest: AsyncIterator[Piece] | None = None
 
-    async def rest(self) -> AsyncIterator[Piece]:
-        """The pieces after the first; raises (never retries) when the stream fails or stops early."""
+    def rest(self) -> AsyncIterator[Piece]:
+        """The pieces after ``first``; raises (never retries) when the stream fails or stops early."""
+        if self._rest is None:
+            self._rest = self._pieces()
+        return self._rest
+
+    async def choices_begun(self, n: int) -> set[int]:
+        """Read on, into ``first``, until each of ``n`` choices has begun or the stream ended; the indexes of
+        the choices that began."""
+        begun = {p.index for p in self.first if isinstance(p, Delta | Finish)}
+        rest = self.rest()
+        while len(begun) < n and (piece := await anext(rest, None)) is not None:
+            self.first.append(piece)
+            if isinstance(piece, Delta | Finish):
+                begun.add(piece.index)
+        return begun
+
+    async def _pieces(self) -> AsyncIterator[Piece]:
         for event in self._pending:
             for piece in self._parser.feed(event.event, event.data):
                 self._finished = self._finished or isinstance(piece, Finish)
@@ -271,24 +290,62 @@ class Upstream:
         """A whole answer of ``n`` choices asked in one call (the dialect has ``n``), retried as one choice is."""
 
         async def attempt(call: Call[ChatCompletionRequest], probe: bool) -> Choices:
-            try:
+            with self._n_refused():
                 choices = self.dialect.choices(await self._whole(call), n)
-            except LeafwireError as err:
-                if err.status == 400 and err.param == "n":  # refused by a server without n
-                    raise ChoicesIgnored(self.name) from err
-                raise
             if choices is None:
                 raise AssertionError(f"{self.name}'s dialect has no n")  # refused before the call: ChoicesOneByOne
             return choices
 
-        try:
+        with self._n_ignored():
             choices, probe = await self._with_retries(call, attempt)
+        self.settle(True, probe)
+        return choices
+
+    async def open_choices_stream(self, call: Call[ChatCompletionRequest], n: int) -> OpenStream:
+        """A streamed answer of ``n`` choices asked in one call, opened as one choice's is and read on until
+        every choice has begun (nothing has gone to the caller yet): a server without ``n`` streams one
+        choice, and its choices can then still be asked a call each (``ChoicesIgnored``)."""
+
+        async def attempt(call: Call[ChatCompletionRequest], probe: bool) -> OpenStream:
+            with self._n_refused():
+                return await self._try_stream(call, probe)
+
+        with self._n_ignored():
+            opened, _ = await self._with_retries(call, attempt)
+            try:
+                begun = await opened.choices_begun(n)
+            except LeafwireError as err:
+                opened.close(False if provider_fault(err) else None)
+                raise
+            except BaseException:
+                opened.close(None)
+                raise
+            if len(begun) < n:
+                opened.close(True)  # it answered, as it does a call
+                if begun == {0}:
+                    tokens = [p for p in opened.first if isinstance(p, Tokens)]
+                    raise ChoicesIgnored(self.name, tokens[-1] if tokens else None)
+                raise bad_response(self.name, f"the stream ended with {len(begun)} of its {n} choices begun")
+        return opened
+
+    @contextlib.contextmanager
+    def _n_refused(self) -> Iterator[None]:
+        """A 400 naming ``n`` is a server without n refusing it: ``ChoicesIgnored``."""
+        try:
+            yield
+        except LeafwireError as err:
+            if err.status == 400 and err.param == "n":
+                raise ChoicesIgnored(self.name) from err
+            raise
+
+    @contextlib.contextmanager
+    def _n_ignored(self) -> Iterator[None]:
+        try:
+            yield
         except ChoicesIgnored:
             log.info("the provider has no n: the choices are asked a call each (n: false in its entry of the "
                      "providers file saves this call)", provider=self.name)
             raise
-        self.settle(True, probe)
-        return choices
 
     async def embed(self, call: Call[EmbeddingRequest]) -> embeddings.Vectors:
         """The vectors of an embeddings call, retried as a whole chat answer is."""
@@ -414,7 +471,7 @@ class Upstream:
         """Read until the first event: that is the first byte, after which nothing is retried (events that
         arrived with it are read after admission, like every later one)."""
         sse = SSEParser(max_event_bytes=self.max_response_bytes)
-        parser = self.dialect.stream_parser()
+        parser = self.dialect.stream_parser(call.request.n or 1)
         wait = min(self.provider.spec.timeouts.first_byte_s, call.left())
         try:
             async with asyncio.timeout(max(wait, 0.0)):

@@ -13,9 +13,8 @@ from aiohttp import web
 from schemas.chat import ChatCompletionRequest
 from services.gateway.bridge import Bridge, Exchange
 from shared import subjects
-from shared.envelope import Envelope
 from shared.errors import LeafwireError
-from shared.replies import Event, Reply, ReplyStream
+from shared.replies import Event, Reply
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive",
                "X-Accel-Buffering": "no"}
@@ -38,33 +37,35 @@ class ChatBridge(Bridge):
             first.raise_for_error()
             if first.event is Event.RESULT:
                 return web.Response(body=first.data, content_type="application/json", headers=response_headers)
-            resp, exchange.finished = await self._stream(http, exchange.stream, env, first, response_headers)
+            resp, exchange.finished = await relay_stream(self, http, exchange, first, response_headers)
             return resp
 
         return await self.exchange(env, respond)
 
-    async def _stream(self, http: web.Request, stream: ReplyStream, env: Envelope, first: Reply,
-                      headers: dict[str, str]) -> tuple[web.StreamResponse, bool]:
-        """Relay chunk events as server-sent events until ``done`` or an error."""
-        resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
-        await resp.prepare(http)
-        reply = first
-        while True:
-            if reply.event is Event.CHUNK:
-                await resp.write(b"data: " + reply.data + b"\n\n")
-            elif reply.event is Event.DONE:
-                await resp.write(DONE)
-                await resp.write_eof()
-                return resp, True
-            elif reply.event is Event.ERROR:
-                # Headers are gone: the error travels as an event, as OpenAI does mid-stream. One the gateway
-                # made itself (an overflow, a hole) marks the stream given up, and the exchange cancels it.
-                await resp.write(b"data: " + reply.data + b"\n\n")
-                await resp.write_eof()
-                return resp, True
-            try:
-                reply = await self.next(stream, env)
-            except LeafwireError as err:
-                await resp.write(b"data: " + err.to_response().model_dump_json().encode() + b"\n\n")
-                await resp.write_eof()
-                return resp, False  # the worker may still be generating: let the caller cancel it
+
+async def relay_stream(bridge: Bridge, http: web.Request, exchange: Exchange, first: Reply,
+                       headers: dict[str, str]) -> tuple[web.StreamResponse, bool]:
+    """Relay chunk events, ``first`` the first, as server-sent events until ``done`` or an error; whether
+    the answer ended."""
+    resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
+    await resp.prepare(http)
+    reply = first
+    while True:
+        if reply.event is Event.CHUNK:
+            await resp.write(b"data: " + reply.data + b"\n\n")
+        elif reply.event is Event.DONE:
+            await resp.write(DONE)
+            await resp.write_eof()
+            return resp, True
+        elif reply.event is Event.ERROR:
+            # Headers are gone: the error travels as an event, as OpenAI does mid-stream. One the gateway
+            # made itself (an overflow, a hole) marks the stream given up, and the exchange cancels it.
+            await resp.write(b"data: " + reply.data + b"\n\n")
+            await resp.write_eof()
+            return resp, True
+        try:
+            reply = await bridge.next(exchange.stream, exchange.env)
+        except LeafwireError as err:
+            await resp.write(b"data: " + err.to_response().model_dump_json().encode() + b"\n\n")
+            await resp.write_eof()
+            return resp, False  # the worker may still be generating: let the caller cancel it

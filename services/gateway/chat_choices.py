@@ -1,4 +1,6 @@
-"""``POST /v1/chat/completions`` with ``n`` > 1: each choice is the caller's request without ``n`` (with a
+"""``POST /v1/chat/completions`` with ``n`` > 1: asked once as it is (``FanOut.at_once``: an OpenAI-compatible
+cloud model answers every choice in one call, whole or streamed); when its target answers one choice a request
+(``n_unsupported``), each choice is the caller's request without ``n`` (with a
 ``seed``, choice ``j`` has ``seed + j``: the samples differ, and choice 0 is what ``n: 1`` gets), sent down the
 chat path as its own request (``fanout``); their answers become one ``chat.completion`` whose ``choices[j]``
 is choice ``j``'s, or its ``chat.completion.chunk`` events interleaved, each with its index. The answers are
@@ -106,11 +108,11 @@ class ChatChoicesBridge(FanOut):
 
     async def create(self, http: web.Request, request: ChatCompletionRequest, raw: bytes,
                      tenant: str) -> web.StreamResponse:
-        """Answer one chat completion request of ``n`` choices: whole, asked once as it is (an
-        OpenAI-compatible cloud model answers every choice in one call: the prompt is paid once), else, or
-        streamed, a request per choice."""
+        """Answer one chat completion request of ``n`` choices, asked once as it is (an OpenAI-compatible
+        cloud model answers every choice in one call, whole or streamed: the prompt is paid once), else a
+        request per choice."""
         env = self.envelope(tenant)
-        if not request.stream and (native := await self.at_once(http, raw, env, relay)) is not None:
+        if (native := await self.at_once(http, raw, env, relay)) is not None:
             return native
         merge = ChatAnswers(env.request_id, int(time.time()))
         return await self.fan_out(http, env, plan(request, raw, env), merge, stream=request.stream,

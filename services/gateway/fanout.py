@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from services.gateway.bridge import Bridge, Exchange
-from services.gateway.chat import DONE, SSE_HEADERS
+from services.gateway.chat import DONE, SSE_HEADERS, relay_stream
 from services.gateway.choices import Choice, Merge, event, stream_end, total_usage
 from services.gateway.errors import log
 from shared import envelope as hdr
@@ -39,10 +39,11 @@ class FanOut(Bridge):
     async def at_once(self, http: web.Request, body: bytes, env: Envelope,
                       answer: Callable[[Reply, dict[str, str]], web.StreamResponse],
                       error: Callable[[LeafwireError], LeafwireError] = lambda err: err) -> web.StreamResponse | None:
-        """A whole request of several choices asked once, with its ``n`` (an OpenAI-compatible cloud model
-        answers them in one call), its ``result`` made the caller's answer by ``answer``; ``None`` when its
-        target answers one choice a request (``n_unsupported``, before anything was done: a local model, an
-        Anthropic one), for the caller to ask a request per choice."""
+        """A request of several choices asked once, with its ``n`` (an OpenAI-compatible cloud model answers
+        them in one call): its ``result`` made the caller's answer by ``answer``, or, streamed, its chunks
+        relayed as they are (chat's: each carries its choice's index); ``None`` when its target answers one
+        choice a request (``n_unsupported``, before anything was done: a local model, an Anthropic one), for
+        the caller to ask a request per choice."""
         one_by_one = False
 
         async def respond(exchange: Exchange) -> web.StreamResponse:
@@ -58,6 +59,9 @@ class FanOut(Bridge):
                     raise error(err) from None
                 one_by_one = True
                 return web.Response()
+            if reply.event is Event.CHUNK:
+                resp, exchange.finished = await relay_stream(self, http, exchange, reply, headers)
+                return resp
             if reply.event is not Event.RESULT:
                 raise UpstreamError(f"unexpected {reply.event.value!r} event for a whole answer")
             return answer(reply, headers)

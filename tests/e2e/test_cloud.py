@@ -426,20 +426,110 @@ def test_an_anthropic_model_gets_a_call_a_choice(cloud: CloudStack) -> None:
 
 async def test_a_nats_client_gets_every_choice_of_one_call(cloud: CloudStack) -> None:
     """Over NATS, `n: 2` to an OpenAI-compatible model is answered in one `result` of both choices, from
-    one call; streamed, it is `n_unsupported` (ask each choice on its own)."""
+    one call; streamed, in one stream of both choices' chunks (each with its index) from one call too."""
     body = {"model": "fake/echo", "messages": MESSAGES, "n": 2}
+    cloud.openai_fake.script(Fault.ok("a b"), Fault.ok("c d"), Fault.ok("e f"), Fault.ok("g h"))
     nc = await nats.connect(cloud.nats.url)
     try:
         whole = await nc.request("lw.v1.plant.chat", json.dumps(body).encode(), timeout=10,
                                  headers={"Lw-Tenant": "acme"})
-        streamed = await nc.request("lw.v1.plant.chat", json.dumps({**body, "stream": True}).encode(), timeout=10,
-                                    headers={"Lw-Tenant": "acme"})
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish("lw.v1.plant.chat", json.dumps({**body, "stream": True}).encode(), reply=inbox,
+                         headers={"Lw-Tenant": "acme"})
+        events: list[tuple[str, Any]] = []
+        while not events or events[-1][0] not in ("done", "error"):
+            msg = await sub.next_msg(timeout=10)
+            events.append(((msg.headers or {}).get("Lw-Event", ""), json.loads(msg.data)))
     finally:
         await nc.drain()
     assert (whole.headers or {})["Lw-Event"] == "result"
-    assert [c["index"] for c in json.loads(whole.data)["choices"]] == [0, 1]
-    assert json.loads(streamed.data)["error"]["code"] == "n_unsupported"
-    assert [c.body["n"] for c in cloud.openai_fake.calls] == [2]
+    assert [c["message"]["content"] for c in json.loads(whole.data)["choices"]] == ["a b", "c d"]
+    texts: dict[int, str] = {}
+    for kind, data in events:
+        if kind == "chunk":
+            for choice in data["choices"]:
+                texts[choice["index"]] = texts.get(choice["index"], "") + (choice["delta"].get("content") or "")
+    assert events[-1][0] == "done", events[-1]
+    assert texts == {0: "e f", 1: "g h"}
+    assert [(c.body["n"], c.body.get("stream")) for c in cloud.openai_fake.calls] == [(2, None), (2, True)]
+
+
+def sse_chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+    """One ``chat.completion.chunk`` event of a provider's stream."""
+    return "data: " + json.dumps({"id": "chatcmpl-raw", "object": "chat.completion.chunk", "created": 1,
+                                  "model": "echo-1", "choices": choices, "usage": usage}) + "\n\n"
+
+
+def streamed_choices(cloud: CloudStack, body: dict[str, Any]) -> tuple[httpx.Response, dict[int, str], Any]:
+    """A streamed request's response, each choice's text by index, and its last data (the usage chunk when
+    asked)."""
+    with httpx.stream("POST", f"{cloud.gateway.base}/v1/chat/completions", json={**body, "stream": True},
+                      headers={"Authorization": "Bearer key-acme"}, timeout=30) as r:
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]", lines[-3:]
+    texts: dict[int, str] = {}
+    for data in map(json.loads, lines[:-1]):
+        assert "error" not in data, data
+        for choice in data["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + (choice["delta"].get("content") or "")
+    return r, texts, json.loads(lines[-2])
+
+
+class TestStreamedChoices:
+    """Streamed ``n`` to an OpenAI-compatible model: one call, its choices' chunks relayed as they come."""
+
+    @pytest.mark.parametrize("answer", ["one choice", "400 on n"])
+    def test_a_provider_without_n_still_streams_every_choice(self, cloud: CloudStack, answer: str) -> None:
+        """A server without n streams one choice (or refuses n with a 400 naming it): nothing reached the
+        caller yet, so the choices are asked a call each, and the caller gets both in one stream. What the
+        call with n was billed is accounted."""
+        one = [sse_chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}}]),
+               sse_chunk([{"index": 0, "delta": {"content": "only one"}}]),
+               sse_chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
+               sse_chunk([], {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}), "data: [DONE]\n\n"]
+        cloud.openai_fake.script(
+            Fault.raw(200, events=one) if answer == "one choice" else
+            Fault.error(400, {"error": {"message": "n must be 1", "type": "invalid_request_error", "param": "n",
+                                        "code": None}}),
+            Fault.ok("first"), Fault.ok("second"))
+        r, texts, _ = streamed_choices(cloud, {"model": "fake/echo", "messages": MESSAGES, "n": 2})
+        assert texts == {0: "first", 1: "second"}
+        assert [c.body.get("n") for c in cloud.openai_fake.calls] == [2, None, None]  # not retried with n
+        if answer == "one choice":
+            event = eventually(lambda: usage_event(cloud, r.headers["x-request-id"]), 10, "the usage event")
+            assert (event["prompt_tokens"], event["completion_tokens"]) == (3, 2)
+            assert event["cost_usd"] > 0
+
+    def test_choices_are_cached_each_and_replayed(self, cloud: CloudStack) -> None:
+        """``cache: true``, n 2, streamed: one call, each choice stored as its own entry; the same stream
+        again is replayed from the cache (a hit, no call), and the whole request and n 1 find them too."""
+        body = {"model": "fake/echo", "messages": [{"role": "user", "content": "streamed pair"}], "n": 2,
+                "temperature": 1, "cache": True, "stream_options": {"include_usage": True}}
+        cloud.openai_fake.script(Fault.ok("alpha beta"), Fault.ok("gamma"))
+        first, texts, usage = streamed_choices(cloud, body)
+        again, replayed, usage_again = streamed_choices(cloud, body)
+        assert texts == replayed == {0: "alpha beta", 1: "gamma"}
+        assert (first.headers["x-leafwire-cache"], again.headers["x-leafwire-cache"]) == ("miss", "hit")
+        assert usage["usage"] == usage_again["usage"]
+        assert usage["usage"]["completion_tokens"] == 3
+        whole = cloud.post({k: v for k, v in body.items() if k != "stream_options"})
+        assert whole.headers["x-leafwire-cache"] == "hit"
+        assert [c["message"]["content"] for c in whole.json()["choices"]] == ["alpha beta", "gamma"]
+        single = cloud.post({"model": "fake/echo", "messages": body["messages"], "temperature": 1, "cache": True})
+        assert single.json()["choices"][0]["message"]["content"] == "alpha beta"
+        assert len(cloud.openai_fake.calls) == 1
+
+    def test_a_choice_index_out_of_range_is_502_before_anything_is_sent(self, cloud: CloudStack) -> None:
+        """A provider streaming a choice 5 for n 2 cannot be relayed: the caller gets a 502
+        upstream_bad_response as its status, not a stream of some choices."""
+        bad = [sse_chunk([{"index": 5, "delta": {"role": "assistant", "content": ""}}]), "data: [DONE]\n\n"]
+        cloud.openai_fake.script(*[Fault.raw(200, events=bad)] * 3)
+        r = httpx.post(f"{cloud.gateway.base}/v1/chat/completions", timeout=30,
+                       headers={"Authorization": "Bearer key-acme"},
+                       json={"model": "fake/echo", "messages": MESSAGES, "n": 2, "stream": True})
+        assert r.status_code == 502
+        assert r.json()["error"]["code"] == "upstream_bad_response"
 
 
 def test_identical_prompts_of_a_cached_completion_are_each_their_own_entry(cloud: CloudStack) -> None:

@@ -16,15 +16,15 @@ import openai
 import pytest
 
 from tests.conftest import Stack
-from tests.support import Service, cloud_router_env, running
+from tests.support import Service, cloud_router_env, metric, running
 
 pytestmark = pytest.mark.e2e
 MESSAGES = [{"role": "user", "content": "Why did line 3 stop on the 3rd?"}]
 
 
 @pytest.fixture(scope="module")
-def cloudy(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """The gateway of site `cloudy`, whose cloud-adapter calls edge1's gateway."""
+def cloudy_site(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Service]]:
+    """The gateway of site `cloudy` and its cloud-adapter, which calls edge1's gateway."""
     file = tmp_path_factory.mktemp("peer") / "providers.yaml"
     file.write_text(json.dumps({"providers": [{
         "name": "peer", "kind": "openai-compatible", "base_url": stack.base_url, "local": True,
@@ -33,8 +33,15 @@ def cloudy(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
     env = {"LW_NATS_URL": stack.nats.url, "LW_SITE": "cloudy"}
     gateway = Service("gateway", env)
     router = Service("router", {**env, **cloud_router_env(file.parent)})
-    with running(Service("cloud_adapter", {**env, "LW_PROVIDERS_FILE": str(file)}), router, gateway):
-        yield gateway
+    adapter = Service("cloud_adapter", {**env, "LW_PROVIDERS_FILE": str(file)})
+    with running(adapter, router, gateway):
+        yield gateway, adapter
+
+
+@pytest.fixture(scope="module")
+def cloudy(cloudy_site: tuple[Service, Service]) -> Service:
+    """The gateway of site `cloudy`."""
+    return cloudy_site[0]
 
 
 def client(gateway: Service) -> openai.OpenAI:
@@ -76,3 +83,24 @@ def test_peer_errors_come_back_as_errors(stack: Stack, cloudy: Service) -> None:
         client(cloudy).chat.completions.create(model="peer/tiny", messages=MESSAGES, max_tokens=100_000)
     assert exc.value.code == "context_length_exceeded"
     assert "maximum context length" in exc.value.message
+
+
+def test_peer_streams_several_choices_in_one_call(stack: Stack, cloudy_site: tuple[Service, Service]) -> None:
+    """n=2 streamed through the peer is one call with n (the peer asks its local model a request per choice
+    and streams both, interleaved): each choice arrives whole at its index, the same samples as asking
+    edge1 directly with the same seed."""
+    def texts(c: openai.OpenAI, model: str) -> dict[int, str]:
+        out: dict[int, str] = {}
+        for chunk in c.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, temperature=1.0,
+                                               seed=11, n=2, stream=True):
+            for choice in chunk.choices:
+                out[choice.index] = out.get(choice.index, "") + (choice.delta.content or "")
+        return out
+
+    gateway, adapter = cloudy_site
+    direct = texts(stack.client(), "tiny")
+    assert set(direct) == {0, 1}
+    before = metric(adapter.metrics(), "leafwire_cloud_requests_total", provider="peer", model="tiny", outcome="ok")
+    assert texts(client(gateway), "peer/tiny") == direct
+    assert metric(adapter.metrics(), "leafwire_cloud_requests_total", provider="peer", model="tiny",
+                  outcome="ok") == before + 1

@@ -410,13 +410,29 @@ class TestChatChoices:
         assert r.usage.prompt_tokens == len(PROMPT.split())  # once, as OpenAI counts it
         assert r.usage.completion_tokens == 2 * len(f"pong {PROMPT}".split())
 
-    def test_streamed_choices_of_a_cloud_model_are_a_call_each(self, site: Site) -> None:
-        """Streamed, each choice is its own call without n (the chunks of n choices are not relayed as one
-        stream): two calls, one stream of both."""
-        chunks = list(chat_n(site, "fake/echo", n=2, stream=True))
-        assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
-        assert len(site.provider.calls) == 2
-        assert all("n" not in call.body for call in site.provider.calls)
+    def test_streamed_choices_of_a_cloud_model_are_one_call(self, site: Site) -> None:
+        """Streamed n=2 to an OpenAI-compatible cloud model: one call with n, its chunks relayed as they come,
+        each choice's role chunk first and its own finish reason; the usage chunk counts the prompt once."""
+        site.provider.script(Fault.ok("first sample here"), Fault.ok("second one"))
+        chunks = list(chat_n(site, "fake/echo", n=2, stream=True, stream_options={"include_usage": True}))
+        (call,) = site.provider.calls
+        assert (call.body["n"], call.body["stream"]) == (2, True)
+        *parts, last = chunks
+        texts: dict[int, str] = {}
+        finished: dict[int, str | None] = {}
+        for chunk in parts:
+            (c,) = chunk.choices
+            if c.index not in texts:
+                assert c.delta.role == "assistant"
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            if c.finish_reason:
+                finished[c.index] = c.finish_reason
+        assert texts == {0: "first sample here", 1: "second one"}
+        assert finished == {0: "stop", 1: "stop"}
+        assert len({c.id for c in chunks}) == 1
+        assert last.choices == []
+        assert last.usage is not None
+        assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(PROMPT.split()), 5)
 
     def test_a_caller_leaving_cancels_every_choice(self, site: Site) -> None:
         """Closing a stream of three long choices midway stops them all: none left decoding or queued."""

@@ -75,6 +75,21 @@ class TestOpenAICompatible:
         assert s.feed("message", "[DONE]") == []
         assert s.done
 
+    def test_stream_of_n_choices(self) -> None:
+        """A stream of n choices: every choice of a chunk, each piece with its index; a role chunk is an empty
+        delta (the choice has begun); an index outside 0..n-1, or missing, cannot be read."""
+        s = OpenAICompatible("p").stream_parser(3)
+        role = {"role": "assistant", "content": ""}
+        assert s.feed("message", json.dumps({"choices": [{"index": 0, "delta": role}, {"index": 2, "delta": role}]})) \
+            == [Delta({}, None, 0), Delta({}, None, 2)]
+        assert s.feed("message", json.dumps({"choices": [{"index": 1, "delta": {"content": "b"}},
+                                                         {"index": 2, "delta": {}, "finish_reason": "length"}]})) \
+            == [Delta({"content": "b"}, None, 1), Delta({}, None, 2), Finish("length", 2)]
+        for index in (3, -1, None, "1"):
+            with pytest.raises(UpstreamError) as exc:
+                s.feed("message", json.dumps({"choices": [{"index": index, "delta": {"content": "x"}}]}))
+            assert exc.value.code == "upstream_bad_response"
+
     def test_stream_logprobs_and_fingerprint(self) -> None:
         """A chunk's logprobs go with its delta (also a chunk of logprobs alone); the system fingerprint is
         one piece, again only when it changes."""
