@@ -82,6 +82,9 @@ CLOUD_ATTEMPT_FAILURES = Counter("leafwire_cloud_attempt_failures_total",
 CLOUD_TOKENS = Counter("leafwire_cloud_tokens_total", "Tokens of cloud answers", ["provider", "model", "kind"])
 CLOUD_COST = Counter("leafwire_cloud_cost_usd_total", "What cloud answers cost, in US dollars",
                      ["provider", "model"])
+PROVIDERS_RELOADS = Counter("leafwire_cloud_providers_reloads_total",
+                            "Providers files read again (SIGHUP, or the file or a key file changed), by outcome: "
+                            "applied, or refused (invalid: the running configuration is kept)", ["outcome"])
 CLOUD_INFLIGHT = Gauge("leafwire_cloud_inflight_requests", "Provider calls in progress", ["provider"])
 BREAKER_STATE = Gauge("leafwire_cloud_breaker_state",
                       "A provider's circuit breaker: 0 closed, 1 half open, 2 open", ["provider"])

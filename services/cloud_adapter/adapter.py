@@ -183,15 +183,42 @@ class CloudAdapter:
         self.configured_at = paths.modified_at(settings.providers_file)  # its models' created, in /v1/models
         self.ledger = Ledger(config.budgets, settings.site)
         self.health_changed = asyncio.Event()
-        self.upstreams = {p.spec.name: Upstream(p, settings.retry_policy(), self._breaker(p),
-                                                settings.max_response_bytes) for p in providers}
-        self.targets = {f"{name}/{model}": Target(u, model, spec) for name, u in self.upstreams.items()
-                        for model, spec in u.provider.spec.models.items()}
+        self.upstreams = {p.spec.name: self._upstream(p) for p in providers}
+        self.targets = self._targets()
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self.callers: dict[str, ReplyPublisher] = {}  # of the requests in flight: kept alive while they wait
         self._background: set[asyncio.Task[None]] = set()
         self.nc: NATS | None = None
         self.state: CloudState | None = None
+
+    def _upstream(self, provider: Provider) -> Upstream:
+        return Upstream(provider, self.settings.retry_policy(), self._breaker(provider),
+                        self.settings.max_response_bytes)
+
+    def _targets(self) -> dict[str, Target]:
+        return {f"{name}/{model}": Target(u, model, spec) for name, u in self.upstreams.items()
+                for model, spec in u.provider.spec.models.items()}
+
+    async def reconfigure(self, config: ProvidersFile, providers: list[Provider]) -> list[Upstream]:
+        """Take a providers file read again: a provider whose entry and key are unchanged keeps its session,
+        breaker and calls in flight; a new or changed one gets its own, opened here. Budgets take their new
+        limits, spending kept. Returns the upstreams replaced or removed, still serving the calls they have
+        in flight, for the caller to close once those have ended."""
+        upstreams: dict[str, Upstream] = {}
+        for provider in providers:
+            old = self.upstreams.get(provider.spec.name)
+            upstreams[provider.spec.name] = old if old is not None and old.provider == provider else \
+                self._upstream(provider)
+        fresh = [u for name, u in upstreams.items() if self.upstreams.get(name) is not u]
+        for upstream in fresh:
+            await upstream.start()
+        retired = [u for name, u in self.upstreams.items() if upstreams.get(name) is not u]
+        self.upstreams = upstreams
+        self.targets = self._targets()
+        self.ledger.configure(config.budgets)
+        self.configured_at = paths.modified_at(self.settings.providers_file)
+        self.health_changed.set()
+        return retired
 
     def _breaker(self, provider: Provider) -> Breaker:
         metrics.BREAKER_STATE.labels(provider.spec.name).set(0)
@@ -731,6 +758,17 @@ class CloudAdapter:
     def _configured(self, kind: ModelKind) -> list[str]:
         """Every ``<provider>/<model>`` of that kind, its provider's key set or not."""
         return sorted(name for name, target in self.targets.items() if target.spec.kind == kind)
+
+    def retire(self, upstream: Upstream) -> None:
+        """Close a provider's session replaced by a reload once the calls it has in flight have ended (or
+        could not go on: its total timeout)."""
+        async def close_when_idle() -> None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(upstream.provider.spec.timeouts.total_s + 5):
+                    await upstream.idle.wait()
+            await upstream.close()
+
+        self._spawn(close_when_idle())
 
     async def open_upstreams(self) -> None:
         """Open every provider's session."""

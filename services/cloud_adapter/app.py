@@ -13,7 +13,9 @@ and stay FastStream handlers.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import signal
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -24,13 +26,14 @@ from schemas.chat import ChatCompletionRequest
 from schemas.embeddings import EmbeddingRequest
 from services.cloud_adapter import config
 from services.cloud_adapter.adapter import SERVICE, CloudAdapter
+from services.cloud_adapter.config import Provider
 from services.cloud_adapter.settings import CloudSettings
 from services.cloud_adapter.state import CloudState
-from shared import hub_usage, subjects
+from shared import hub_usage, metrics, subjects
 from shared.envelope import Envelope, admission_subject
 from shared.errors import BadConfiguration
 from shared.handling import ErrorReplies
-from shared.heartbeat import announce_every, subscribe_controls
+from shared.heartbeat import announce, announce_every, subscribe_controls
 from shared.intake import Handler, Intake
 from shared.logging import get_logger, register_secret
 from shared.nats import broker as make_broker
@@ -106,8 +109,8 @@ def build_broker(settings: CloudSettings, adapter: CloudAdapter) -> NatsBroker:
     return broker
 
 
-def load_adapter(settings: CloudSettings) -> CloudAdapter:
-    """Validate the providers file and build the adapter; keys are registered for log scrubbing."""
+def read_providers(settings: CloudSettings) -> tuple[config.ProvidersFile, list[Provider]]:
+    """Validate the providers file and read its keys (registered for log scrubbing)."""
     try:
         file, providers = config.load(settings.providers_file, require_keys=settings.env == "production")
     except (config.ConfigError, OSError) as exc:  # OSError: a file that is there but cannot be read
@@ -121,7 +124,68 @@ def load_adapter(settings: CloudSettings) -> CloudAdapter:
                         reason=provider.missing_key)
     log.info("providers", providers={p.spec.name: sorted(p.spec.models) for p in providers},
              file=str(settings.providers_file))
-    return CloudAdapter(settings, file, providers)
+    return file, providers
+
+
+def load_adapter(settings: CloudSettings) -> CloudAdapter:
+    """Validate the providers file and build the adapter."""
+    return CloudAdapter(settings, *read_providers(settings))
+
+
+def stamp(settings: CloudSettings, providers: list[Provider]) -> tuple[tuple[int, int, int] | None, ...]:
+    """What says the providers file or a key file of its providers changed: each one's inode, size and
+    modification time (``None``: absent). A Kubernetes ConfigMap or Secret update swaps a symlink: a new inode."""
+    paths = [settings.providers_file, *(p.spec.api_key_file for p in providers if p.spec.api_key_file)]
+    stamps: list[tuple[int, int, int] | None] = []
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            stamps.append(None)
+            continue
+        stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(stamps)
+
+
+async def reload_providers(adapter: CloudAdapter, settings: CloudSettings) -> bool:
+    """Read the providers file again and apply it; an invalid one is refused, the running one kept."""
+    try:
+        file, providers = read_providers(settings)
+    except BadConfiguration as exc:
+        metrics.PROVIDERS_RELOADS.labels("refused").inc()
+        log.error("providers file not applied: the running providers stay", error=str(exc),
+                  file=str(settings.providers_file))
+        return False
+    retired = await adapter.reconfigure(file, providers)
+    for upstream in retired:
+        adapter.retire(upstream)
+    metrics.PROVIDERS_RELOADS.labels("applied").inc()
+    log.info("providers file applied", replaced=sorted(u.name for u in retired), file=str(settings.providers_file))
+    if adapter.nc is not None:
+        with contextlib.suppress(Exception):  # the next beat says it anyway
+            await announce(adapter.nc, settings.site, adapter.heartbeat())
+    return True
+
+
+async def keep_configured(adapter: CloudAdapter, settings: CloudSettings) -> None:
+    """Apply the providers file again on SIGHUP, or when it or one of its key files changed (checked every
+    ``LW_CLOUD_PROVIDERS_CHECK_S``)."""
+    hangup = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, hangup.set)
+    try:
+        seen = stamp(settings, [u.provider for u in adapter.upstreams.values()])
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(settings.providers_check_s or None):
+                    await hangup.wait()
+            now = stamp(settings, [u.provider for u in adapter.upstreams.values()])
+            if hangup.is_set() or now != seen:
+                hangup.clear()
+                await reload_providers(adapter, settings)
+                seen = stamp(settings, [u.provider for u in adapter.upstreams.values()])
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
 
 
 async def quiesce(intakes: list[Intake[Any]], broker: NatsBroker, adapter: CloudAdapter, grace_s: float) -> None:
@@ -149,6 +213,7 @@ async def main(settings: CloudSettings, readiness: Readiness, stack: AsyncExitSt
     state.spawn(state.health_loop(adapter.healths, adapter.health_changed))
     state.spawn(state.budget_loop(adapter.budget_alert, adapter.budget_metrics))
     state.spawn(announce_every(nc, settings.site, adapter.heartbeat, settings.heartbeat_s))
+    state.spawn(keep_configured(adapter, settings))
     state.spawn(every(settings.keepalive_s / 5, adapter.keep_callers))
     state.spawn(hub_usage.keep_joined(nc, settings.site, settings.usage_hub_check_s,
                                       collected=(hub_usage.USAGE, hub_usage.BUDGETS)))

@@ -100,6 +100,12 @@ class Ledger:
         self.accounts: dict[str, Account] = {}
         self._by_tenant: dict[str, tuple[str, list[Account]]] = {}
 
+    def configure(self, budgets: Budgets) -> None:
+        """New limits (a providers file reloaded): every account known keeps what it spent, with its new limit."""
+        self.budgets = budgets
+        for acct in self.accounts.values():
+            acct.limit = self._limits(acct.scope).limit(acct.period)
+
     def _limits(self, scope: str) -> BudgetLimits:
         if scope == subjects.GLOBAL_SCOPE:
             return self.budgets.global_

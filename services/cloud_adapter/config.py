@@ -322,8 +322,8 @@ def load(path: Path | None, *, require_keys: bool) -> tuple[ProvidersFile, list[
     """Read and validate the providers file and each provider's key.
 
     An absent file means no providers (an edge site without an uplink still starts). With
-    ``require_keys`` (production) a configured key that cannot be read refuses the start; otherwise
-    that provider answers 503 until the key is there and the adapter restarts.
+    ``require_keys`` (production) a configured key that cannot be read refuses the start (or a reload);
+    otherwise that provider answers 503 until the key is there and the file is read again (``app.reload_providers``).
     """
     if path is None or not path.exists():
         return ProvidersFile(), []

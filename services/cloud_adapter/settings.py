@@ -16,6 +16,9 @@ class CloudSettings(ServiceSettings):
 
     providers_file: Path = Field(default=Path("deploy/providers.yaml"), alias="LW_PROVIDERS_FILE",
                                  description="providers, models, keys, prices and budgets (absent: none)")
+    providers_check_s: float = Field(default=5.0, ge=0, alias="LW_CLOUD_PROVIDERS_CHECK_S",
+                                     description="how often the providers file and its key files are checked for a "
+                                                 "change, read again when changed (0: only on SIGHUP)")
     serve_all_sites: bool | None = Field(
         default=None, alias="LW_CLOUD_SERVE_ALL_SITES",
         description="also take cloud work of every edge site without an adapter (default: on the hub)")

@@ -199,6 +199,8 @@ class Upstream:
         self.dialect = dialect_of(provider)
         self.max_response_bytes = max_response_bytes
         self.inflight = 0
+        self.idle = asyncio.Event()  # set while no call is in flight
+        self.idle.set()
         self._inflight_gauge = metrics.CLOUD_INFLIGHT.labels(self.name)
         self._session: aiohttp.ClientSession | None = None
         base = self._base_headers()
@@ -246,12 +248,15 @@ class Upstream:
             raise Overloaded(f"provider {self.name} has {self.inflight} calls in flight, its limit",
                              retry_after=1)
         self.inflight += 1
+        self.idle.clear()
         self._inflight_gauge.inc()
         return Slot(self)
 
     def release(self) -> None:
         """Give a slot back."""
         self.inflight -= 1
+        if not self.inflight:
+            self.idle.set()
         self._inflight_gauge.dec()
 
     def call(self, request: ChatCompletionRequest, model: str, spec: ModelSpec,

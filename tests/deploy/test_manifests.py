@@ -817,6 +817,13 @@ class TestSystemd:
         after = {name for line in unit_values(unit, "Unit", "After") for name in line.split()}
         assert {re.sub(r"^leafwire@(\w+)\.service$", r"\1", name) for name in after} == service_packages() - {"gateway"}
 
+    def test_reloading_the_cloud_adapter_sends_it_sighup(self) -> None:
+        """`systemctl reload leafwire@cloud_adapter` is SIGHUP to the service's main process: what makes the
+        adapter read its providers file again (services/cloud_adapter/app.py keep_configured)."""
+        unit = read_unit(SYSTEMD / "leafwire@cloud_adapter.service.d" / "reload.conf")
+        assert unit_values(unit, "Service", "ExecReload") == ["/bin/kill -HUP $MAINPID"]
+        assert "signal.SIGHUP" in (ROOT / "services" / "cloud_adapter" / "app.py").read_text()
+
     def test_nats_unit_runs_the_edge_config(self) -> None:
         """leafwire-nats runs nats-edge.conf: a leaf of the hub, domain $LW_SITE, JetStream in a writable path,
         every variable it references in the unit's environment files."""

@@ -1,0 +1,119 @@
+"""Reloading the providers file in a running adapter (in this process): what is kept, what is replaced, what
+is refused, and SIGHUP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.cloud_adapter import app
+from services.cloud_adapter.adapter import CloudAdapter
+from services.cloud_adapter.settings import CloudSettings
+
+KEY_ENV = "LW_TEST_RELOAD_KEY"
+
+
+def provider(name: str, models: dict[str, Any], **more: Any) -> dict[str, Any]:
+    return {"name": name, "kind": "openai-compatible", "base_url": "http://127.0.0.1:9/v1", "local": True,
+            "api_key_env": KEY_ENV, "models": models, **more}
+
+
+def write(path: Path, providers: list[dict[str, Any]], **more: Any) -> None:
+    path.write_text(json.dumps({"providers": providers, **more}))
+
+
+@pytest.fixture
+def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CloudSettings:
+    monkeypatch.setenv(KEY_ENV, "sk-reload-0123456789")
+    file = tmp_path / "providers.yaml"
+    write(file, [provider("a", {"m": {}}), provider("b", {"m": {}})],
+          budgets={"tenants": {"acme": {"daily_usd": 10}}})
+    return CloudSettings(LW_PROVIDERS_FILE=file, LW_CLOUD_PROVIDERS_CHECK_S=0)
+
+
+async def test_unchanged_providers_keep_their_session_and_breaker(settings: CloudSettings) -> None:
+    """Provider ``a`` unchanged keeps its upstream (its breaker's failures too); ``b`` changed gets a new one,
+    the old one handed back to be closed; ``c`` is new; a tenant's spending is kept under its new limit."""
+    adapter = app.load_adapter(settings)
+    await adapter.open_upstreams()
+    try:
+        a, b = adapter.upstreams["a"], adapter.upstreams["b"]
+        a.breaker.record(False, False)
+        adapter.ledger.charge("acme", 4.0)
+        write(settings.providers_file, [provider("a", {"m": {}}), provider("b", {"m": {}, "m2": {}}),
+                                        provider("c", {"x": {}})], budgets={"tenants": {"acme": {"daily_usd": 3}}})
+        assert await app.reload_providers(adapter, settings)
+        assert adapter.upstreams["a"] is a
+        assert a.breaker.consecutive_failures == 1
+        assert adapter.upstreams["b"] is not b
+        assert sorted(adapter.targets) == ["a/m", "b/m", "b/m2", "c/x"]
+        assert adapter.targets["a/m"].upstream is a
+        (daily,) = [acct for acct in adapter.ledger.accounts.values()
+                    if acct.scope.endswith("acme") and acct.period == "daily"]
+        assert (daily.pending, daily.limit) == (4.0, 3.0)
+        assert adapter.heartbeat().cloud_models == ["a/m", "b/m", "b/m2", "c/x"]
+        await asyncio.sleep(0.05)  # b had no call in flight: closed at once
+        assert b._session is None
+    finally:
+        await adapter.close_upstreams()
+
+
+async def test_an_invalid_file_changes_nothing(settings: CloudSettings) -> None:
+    """A file that does not validate is refused: the same upstreams and targets stay."""
+    adapter = app.load_adapter(settings)
+    await adapter.open_upstreams()
+    try:
+        before = dict(adapter.upstreams)
+        settings.providers_file.write_text('{"providers": [{"name": "a", "kind": "nope"}]}')
+        assert not await app.reload_providers(adapter, settings)
+        assert adapter.upstreams == before
+        assert sorted(adapter.targets) == ["a/m", "b/m"]
+    finally:
+        await adapter.close_upstreams()
+
+
+async def test_a_replaced_provider_is_closed_once_its_calls_end(settings: CloudSettings) -> None:
+    """A changed provider with a call in flight keeps its session until that call gives its slot back."""
+    adapter = app.load_adapter(settings)
+    await adapter.open_upstreams()
+    try:
+        b = adapter.upstreams["b"]
+        slot = b.slot()
+        write(settings.providers_file, [provider("a", {"m": {}}), provider("b", {"m": {"upstream": "other"}})])
+        assert await app.reload_providers(adapter, settings)
+        await asyncio.sleep(0.05)
+        assert b._session is not None  # its call goes on
+        with slot:
+            pass
+        await asyncio.sleep(0.05)
+        assert b._session is None
+    finally:
+        await adapter.close_upstreams()
+
+
+async def test_sighup_applies_the_file(settings: CloudSettings) -> None:
+    """With no periodic check (``LW_CLOUD_PROVIDERS_CHECK_S=0``), SIGHUP applies the file."""
+    adapter: CloudAdapter = app.load_adapter(settings)
+    await adapter.open_upstreams()
+    keeping = asyncio.create_task(app.keep_configured(adapter, settings))
+    try:
+        await asyncio.sleep(0.05)
+        write(settings.providers_file, [provider("a", {"m": {}, "new": {}})])
+        await asyncio.sleep(0.2)
+        assert sorted(adapter.targets) == ["a/m", "b/m"]  # not checked: only told
+        os.kill(os.getpid(), signal.SIGHUP)
+        for _ in range(100):
+            if sorted(adapter.targets) == ["a/m", "a/new"]:
+                break
+            await asyncio.sleep(0.02)
+        assert sorted(adapter.targets) == ["a/m", "a/new"]
+    finally:
+        keeping.cancel()
+        await asyncio.gather(keeping, return_exceptions=True)
+        await adapter.close_upstreams()
