@@ -8,6 +8,8 @@ the gateway broadcasts a cancel so the worker frees the row.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 
 from schemas.chat import ChatCompletionRequest
@@ -43,16 +45,24 @@ class ChatBridge(Bridge):
         return await self.exchange(env, respond)
 
 
-async def relay_stream(bridge: Bridge, http: web.Request, exchange: Exchange, first: Reply,
-                       headers: dict[str, str]) -> tuple[web.StreamResponse, bool]:
-    """Relay chunk events, ``first`` the first, as server-sent events until ``done`` or an error; whether
-    the answer ended."""
+async def relay_stream(bridge: Bridge, http: web.Request, exchange: Exchange, first: Reply, headers: dict[str, str],
+                       event: Callable[[bytes], bytes] | None = None) -> tuple[web.StreamResponse, bool]:
+    """Relay chunk events, ``first`` the first, as server-sent events (``event`` makes a chunk the endpoint's:
+    ``b""`` for none; without it, chat chunks go as they are) until ``done`` or an error; whether the answer
+    ended."""
     resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
     await resp.prepare(http)
     reply = first
     while True:
         if reply.event is Event.CHUNK:
-            await resp.write(b"data: " + reply.data + b"\n\n")
+            try:
+                data = event(reply.data) if event is not None else b"data: " + reply.data + b"\n\n"
+            except LeafwireError as err:  # a chunk the endpoint cannot read: the answer ends with the error
+                await resp.write(b"data: " + err.to_response().model_dump_json().encode() + b"\n\n")
+                await resp.write_eof()
+                return resp, False
+            if data:
+                await resp.write(data)
         elif reply.event is Event.DONE:
             await resp.write(DONE)
             await resp.write_eof()

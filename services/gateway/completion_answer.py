@@ -108,6 +108,21 @@ class TextAnswers:
                    for j, c in enumerate(sorted(chat.choices, key=lambda c: c.index))]
         return web.Response(body=self.whole(answers), content_type="application/json", headers=headers)
 
+    def native_chunk(self, data: bytes) -> bytes:
+        """A chunk of a lone prompt's ``n`` choices streamed in one call (each chunk's choice has its index) as
+        a text chunk, echo on each choice's first; its usage chunk (the prompt once) as this endpoint's."""
+        chunk = parse(ChatCompletionChunk, data)
+        if not chunk.choices:
+            self.model = chunk.model
+            return self.usage(chunk.usage) if chunk.usage is not None else b""
+        index = chunk.choices[0].index
+        if not 0 <= index < self.n:
+            raise UpstreamError(f"the site streamed a choice {index} for n = {self.n}", code="upstream_bad_response")
+        first = index not in self.started
+        self.started.add(index)
+        out, self.model = self.relay(data, index, self.prefix(index) if first else "")
+        return out
+
     def chunk(self, choice: Choice, data: bytes) -> bytes:
         """A choice's ``chat.completion.chunk`` as its text chunk; echo goes on its first."""
         first = choice.index not in self.started

@@ -1,7 +1,8 @@
 """``POST /v1/completions``: the legacy text-completions endpoint, answered down the chat path.
 
-Each choice (a prompt, ``n`` times) is one chat request to the site's router (``completion_request.plan``),
-asked and merged as every request of several choices is (``fanout``) into one ``text_completion``
+A lone prompt's ``n`` is asked once first, whole or streamed (``FanOut.at_once``: an OpenAI-compatible cloud model
+answers every choice in one call). Otherwise each choice (a prompt, ``n`` times) is one chat request to the site's
+router (``completion_request.plan``), asked and merged as every request of several choices is (``fanout``) into one ``text_completion``
 (``completion_answer``). A ``param`` naming the chat request's messages names the ``prompt`` here.
 """
 
@@ -25,9 +26,10 @@ class CompletionsBridge(FanOut):
         choices = plan(request, env)
         merge = TextAnswers(env.request_id, int(time.time()), request.prompts(), request.choices_per_prompt(),
                             bool(request.echo))
-        if not request.stream and merge.n > 1 and len(merge.prompts) == 1:  # one prompt's n: asked once first
+        if merge.n > 1 and len(merge.prompts) == 1:  # one prompt's n: asked once first
             body = with_n(request).model_dump_json(exclude_unset=True).encode()
-            if (native := await self.at_once(http, body, env, merge.all_at_once, merge.error)) is not None:
+            if (native := await self.at_once(http, body, env, merge.all_at_once, merge.error,
+                                             merge.native_chunk)) is not None:
                 return native
         return await self.fan_out(http, env, choices, merge, stream=request.stream,
                                   include_usage=request.include_usage())

@@ -38,10 +38,12 @@ class FanOut(Bridge):
 
     async def at_once(self, http: web.Request, body: bytes, env: Envelope,
                       answer: Callable[[Reply, dict[str, str]], web.StreamResponse],
-                      error: Callable[[LeafwireError], LeafwireError] = lambda err: err) -> web.StreamResponse | None:
+                      error: Callable[[LeafwireError], LeafwireError] = lambda err: err,
+                      chunk: Callable[[bytes], bytes] | None = None) -> web.StreamResponse | None:
         """A request of several choices asked once, with its ``n`` (an OpenAI-compatible cloud model answers
         them in one call): its ``result`` made the caller's answer by ``answer``, or, streamed, its chunks
-        relayed as they are (chat's: each carries its choice's index); ``None`` when its target answers one
+        relayed (each carries its choice's index), made the endpoint's by ``chunk`` (chat's go as they are);
+        ``None`` when its target answers one
         choice a request (``n_unsupported``, before anything was done: a local model, an Anthropic one), for
         the caller to ask a request per choice."""
         one_by_one = False
@@ -60,7 +62,7 @@ class FanOut(Bridge):
                 one_by_one = True
                 return web.Response()
             if reply.event is Event.CHUNK:
-                resp, exchange.finished = await relay_stream(self, http, exchange, reply, headers)
+                resp, exchange.finished = await relay_stream(self, http, exchange, reply, headers, chunk)
                 return resp
             if reply.event is not Event.RESULT:
                 raise UpstreamError(f"unexpected {reply.event.value!r} event for a whole answer")

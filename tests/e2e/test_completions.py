@@ -284,6 +284,22 @@ class TestCloud:
         assert [c.body.get("n") for c in site.provider.calls] == [None] * 4
 
 
+    def test_streamed_n_choices_of_one_prompt_are_one_call(self, site: Site) -> None:
+        """n=2 of one prompt, streamed: one call with n; text_completion chunks of both choices, each at its
+        index with the prompt echoed on its first, and a usage chunk counting the prompt once."""
+        site.provider.script(Fault.ok("a b"), Fault.ok("c"))
+        chunks = streamed(site, "hello there", model="fake/echo", n=2, echo=True,
+                          stream_options={"include_usage": True})
+        assert texts(chunks) == {0: "hello therea b", 1: "hello therec"}
+        assert {c.object for c in chunks} == {"text_completion"}
+        assert {c.index: c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason} == {
+            0: "stop", 1: "stop"}
+        (call,) = site.provider.calls
+        assert (call.body["n"], call.body["stream"]) == (2, True)
+        assert chunks[-1].choices == []
+        assert chunks[-1].usage is not None
+        assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (2, 3)
+
 def refused(site: Site, status: int = 400, **body: Any) -> dict[str, Any]:
     """The error body of a completions request the gateway refuses (and the status must be ``status``)."""
     with pytest.raises(openai.APIStatusError) as exc:
