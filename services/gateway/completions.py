@@ -2,8 +2,9 @@
 
 A lone prompt's ``n`` is asked once first, whole or streamed (``FanOut.at_once``: an OpenAI-compatible cloud model
 answers every choice in one call). Otherwise each choice (a prompt, ``n`` times) is one chat request to the site's
-router (``completion_request.plan``), asked and merged as every request of several choices is (``fanout``) into one ``text_completion``
-(``completion_answer``). A ``param`` naming the chat request's messages names the ``prompt`` here.
+router (``completion_request.plan``), asked and merged as every request of several choices is (``fanout``) into
+one ``text_completion`` (``completion_answer``). A ``param`` naming the chat request's messages names the
+``prompt`` here.
 """
 
 from __future__ import annotations
