@@ -54,7 +54,8 @@ class Layers:
     Entries may come twice, from the site's mirror and from the hub itself (a mirror is copied with the
     hub's sequence numbers, so a key's revision is the same on both): a revision already seen, or older,
     is ignored. A bucket created anew (``replaced``) counts from 1 again and is read whole: what it does not
-    hold by the next ``settle`` is gone, also what was read from the hub alone.
+    hold by the next ``settle`` is gone, also what was read from the hub alone; a key it brings again as it was
+    is no change (a push of the same policy, outside such a re-read, is one: every push gets a verdict).
     """
 
     site: str
@@ -73,10 +74,12 @@ class Layers:
         ``settle``."""
         if not self.relevant(key) or (revision and revision <= self.revisions.get(key, 0)):
             return
-        if self.reread is not None:
-            self.reread.add(key)
         if revision:
             self.revisions[key] = revision
+        if self.reread is not None:
+            self.reread.add(key)
+            if value is not None and self.entries.get(key) == value:
+                return  # the bucket made anew (a mirror remade) brings it again as it was: nothing changed
         if value is None:
             self.entries.pop(key, None)
         else:

@@ -79,6 +79,21 @@ class TestLayers:
         changes(layers, (GLOBAL, rule("g")))
         assert changes(layers, (GLOBAL, rule("g"))) == [Step("applied", GLOBAL, rule("g"))]
 
+    def test_a_mirror_made_anew_with_the_same_policy_changes_nothing(self) -> None:
+        """The edge's mirror made anew brings the policy in force again, from revision 1 and unchanged: no
+        step (no second "applied" announced); a key it changed or no longer holds still counts."""
+        layers = Layers(SITE)
+        layers.seen(GLOBAL, rule("g"), 5)
+        layers.seen(OWN, rule("own"), 6)
+        changes(layers)
+        layers.replaced()
+        layers.seen(OWN, rule("own"), 1)
+        layers.seen(GLOBAL, rule("g"), 2)
+        assert layers.settle() == []
+        layers.replaced()
+        layers.seen(GLOBAL, rule("g"), 1)  # the site's own key is gone from the bucket made anew
+        assert changes(layers) == [Step("reverted", GLOBAL, rule("g"))]
+
     def test_a_bucket_created_anew_is_read_whole(self) -> None:
         """After the bucket was created anew its revisions count from 1, and a key it does not bring by the
         next settle is gone, also one that was read from the hub alone (no delete ever comes for it)."""
