@@ -33,6 +33,9 @@ HANDOFF = "Lw-Handoff"
 # which of several samples of one request this is (choice ``j`` of ``n``; absent for the first): it keeps the
 # samples' cache entries apart, so a cached request of ``n`` choices does not answer each with the same one
 CHOICE = "Lw-Choice"
+# targets of the request's route to pass over (comma-separated): they refused this request already, as the
+# choices of a request of n asked one by one after a fallback (``ChoicesOneByOne.failed``); never all of a route
+SKIP = "Lw-Skip"
 
 DEFAULT_TENANT = "default"
 DEFAULT_TIMEOUT_S = 300.0

@@ -79,14 +79,16 @@ class InvalidRequest(LeafwireError):
 
 class ChoicesOneByOne(InvalidRequest):
     """A request of ``n`` > 1 choices to a target that answers one choice a request (a local model, an
-    Anthropic one, a stream): the HTTP gateway then asks each choice as its own request."""
+    Anthropic one): the HTTP gateway then asks each choice as its own request. ``failed``: the targets of the
+    route that refused it first (a fallback chain), for the choices to skip (``Lw-Skip``)."""
 
     default_code = "n_unsupported"
 
-    def __init__(self, n: int, target: str) -> None:
+    def __init__(self, n: int, target: str, failed: tuple[str, ...] = ()) -> None:
         super().__init__(f"{target} answers one choice a request; n = {n} is asked natively only of "
-                         f"OpenAI-compatible cloud models, not streamed: send {n} requests instead (the HTTP "
-                         "gateway does)", param="n")
+                         f"OpenAI-compatible cloud models: send {n} requests instead (the HTTP gateway does)",
+                         param="n")
+        self.failed = failed
 
 
 class ContextLengthExceeded(InvalidRequest):

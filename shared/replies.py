@@ -45,7 +45,7 @@ from schemas.errors import ErrorResponse
 from shared import envelope as hdr
 from shared import subjects
 from shared.envelope import Envelope
-from shared.errors import IncompleteAnswer, LeafwireError, RemoteError, Unavailable, UpstreamError
+from shared.errors import ChoicesOneByOne, IncompleteAnswer, LeafwireError, RemoteError, Unavailable, UpstreamError
 
 
 class Event(StrEnum):
@@ -216,6 +216,8 @@ def _error_headers(err: LeafwireError) -> dict[str, str]:
     headers = {hdr.STATUS: str(err.status)}
     if err.retry_after is not None:
         headers[hdr.RETRY_AFTER] = f"{err.retry_after:g}"
+    if isinstance(err, ChoicesOneByOne) and err.failed:
+        headers[hdr.SKIP] = ",".join(err.failed)
     return headers
 
 

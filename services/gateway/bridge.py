@@ -62,15 +62,20 @@ class Bridge:
         return Envelope(request_id=new_request_id(), tenant=tenant, reply="",
                         deadline=time.time() + self.settings.request_timeout_s)
 
-    async def ask(self, subject: str, raw: bytes, stream: ReplyStream, env: Envelope, http: web.Request) -> None:
-        """Publish the request, replies to ``stream`` (not when the stream was refused: shutting down)."""
+    async def ask(self, subject: str, raw: bytes, stream: ReplyStream, env: Envelope, http: web.Request,
+                  skip: str = "") -> None:
+        """Publish the request, replies to ``stream`` (not when the stream was refused: shutting down); ``skip``:
+        targets of its route that refused it already (``Lw-Skip``)."""
         if stream.given_up:
             return
         if not self.nc.is_connected:
             await self._reconnected(env)
         stream.unavailable = f"no router is serving site '{self.settings.site}'"
+        headers = request_headers(env, http)
+        if skip:
+            headers[hdr.SKIP] = skip
         try:
-            await self.nc.publish(subject, raw, reply=stream.subject, headers=request_headers(env, http))
+            await self.nc.publish(subject, raw, reply=stream.subject, headers=headers)
         except MaxPayloadError as exc:
             raise too_large(exc, raw, self.nc.max_payload) from exc
         stream.sent = True

@@ -112,8 +112,9 @@ class ChatChoicesBridge(FanOut):
         cloud model answers every choice in one call, whole or streamed: the prompt is paid once), else a
         request per choice."""
         env = self.envelope(tenant)
-        if (native := await self.at_once(http, raw, env, relay)) is not None:
+        native = await self.at_once(http, raw, env, relay)
+        if isinstance(native, web.StreamResponse):
             return native
         merge = ChatAnswers(env.request_id, int(time.time()))
         return await self.fan_out(http, env, plan(request, raw, env), merge, stream=request.stream,
-                                  include_usage=request.include_usage())
+                                  include_usage=request.include_usage(), skip=native.skip)

@@ -27,10 +27,12 @@ class CompletionsBridge(FanOut):
         choices = plan(request, env)
         merge = TextAnswers(env.request_id, int(time.time()), request.prompts(), request.choices_per_prompt(),
                             bool(request.echo))
+        skip = ""
         if merge.n > 1 and len(merge.prompts) == 1:  # one prompt's n: asked once first
             body = with_n(request).model_dump_json(exclude_unset=True).encode()
-            if (native := await self.at_once(http, body, env, merge.all_at_once, merge.error,
-                                             merge.native_chunk)) is not None:
+            native = await self.at_once(http, body, env, merge.all_at_once, merge.error, merge.native_chunk)
+            if isinstance(native, web.StreamResponse):
                 return native
+            skip = native.skip
         return await self.fan_out(http, env, choices, merge, stream=request.stream,
-                                  include_usage=request.include_usage())
+                                  include_usage=request.include_usage(), skip=skip)

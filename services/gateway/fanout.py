@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -33,20 +34,27 @@ Got = Reply | LeafwireError  # what one choice's stream yields: a reply, or the 
 Out = asyncio.Queue[tuple[Choice, Got]]
 
 
+@dataclass(frozen=True, slots=True)
+class OneByOne:
+    """The site answers this request's choices one a request (``n_unsupported``); ``skip``: the targets that
+    refused it on the way (``Lw-Skip``), which its choices pass over."""
+
+    skip: str = ""
+
+
 class FanOut(Bridge):
     """Several chat requests over NATS answering one HTTP request."""
 
     async def at_once(self, http: web.Request, body: bytes, env: Envelope,
                       answer: Callable[[Reply, dict[str, str]], web.StreamResponse],
                       error: Callable[[LeafwireError], LeafwireError] = lambda err: err,
-                      chunk: Callable[[bytes], bytes] | None = None) -> web.StreamResponse | None:
+                      chunk: Callable[[bytes], bytes] | None = None) -> web.StreamResponse | OneByOne:
         """A request of several choices asked once, with its ``n`` (an OpenAI-compatible cloud model answers
         them in one call): its ``result`` made the caller's answer by ``answer``, or, streamed, its chunks
         relayed (each carries its choice's index), made the endpoint's by ``chunk`` (chat's go as they are);
-        ``None`` when its target answers one
-        choice a request (``n_unsupported``, before anything was done: a local model, an Anthropic one), for
-        the caller to ask a request per choice."""
-        one_by_one = False
+        ``OneByOne`` when its target answers one choice a request (``n_unsupported``, before anything was done:
+        a local model, an Anthropic one), for the caller to ask a request per choice."""
+        one_by_one: OneByOne | None = None
 
         async def respond(exchange: Exchange) -> web.StreamResponse:
             nonlocal one_by_one
@@ -59,7 +67,7 @@ class FanOut(Bridge):
             except LeafwireError as err:
                 if err.code != ChoicesOneByOne.default_code:
                     raise error(err) from None
-                one_by_one = True
+                one_by_one = OneByOne(reply.headers.get(hdr.SKIP, ""))
                 return web.Response()
             if reply.event is Event.CHUNK:
                 resp, exchange.finished = await relay_stream(self, http, exchange, reply, headers, chunk)
@@ -69,28 +77,29 @@ class FanOut(Bridge):
             return answer(reply, headers)
 
         answered = await self.exchange(env, respond)
-        return None if one_by_one else answered
+        return answered if one_by_one is None else one_by_one
 
     async def fan_out(self, http: web.Request, env: Envelope, choices: list[Choice], merge: Merge[Any], *,
-                      stream: bool, include_usage: bool) -> web.StreamResponse:
-        """Ask for every choice and answer the caller with ``merge`` of their answers."""
+                      stream: bool, include_usage: bool, skip: str = "") -> web.StreamResponse:
+        """Ask for every choice (each passing over the targets in ``skip``) and answer the caller with ``merge``
+        of their answers."""
         async def respond(_: Exchange) -> web.StreamResponse:  # its stream stays unused: each choice has one
             try:
                 if stream:
-                    return await self._stream(http, env, choices, merge, include_usage)
-                return await self._whole(http, env, choices, merge)
+                    return await self._stream(http, env, choices, merge, include_usage, skip)
+                return await self._whole(http, env, choices, merge, skip)
             except LeafwireError as err:
                 raise merge.error(err) from None
 
         return await self.exchange(env, respond)
 
-    async def _whole(self, http: web.Request, env: Envelope, choices: list[Choice],
-                     merge: Merge[Any]) -> web.StreamResponse:
+    async def _whole(self, http: web.Request, env: Envelope, choices: list[Choice], merge: Merge[Any],
+                     skip: str) -> web.StreamResponse:
         """Every choice's whole answer, then one answer of them all."""
         limit = asyncio.Semaphore(self.settings.completions_parallel)
         try:
             async with asyncio.TaskGroup() as asking:
-                tasks = [asking.create_task(self._answer(http, c, limit, merge)) for c in choices]
+                tasks = [asking.create_task(self._answer(http, c, limit, merge, skip)) for c in choices]
         except* LeafwireError as failed:
             raise failed.exceptions[0] from None  # the first choice to fail; the others were cancelled
         replies = [t.result() for t in tasks]
@@ -101,15 +110,15 @@ class FanOut(Bridge):
         return web.Response(body=merge.whole([a for _, a in replies]), content_type="application/json",
                             headers=headers)
 
-    async def _answer(self, http: web.Request, choice: Choice, limit: asyncio.Semaphore,
-                      merge: Merge[Any]) -> tuple[Reply, Any]:
+    async def _answer(self, http: web.Request, choice: Choice, limit: asyncio.Semaphore, merge: Merge[Any],
+                      skip: str) -> tuple[Reply, Any]:
         """Ask for one choice and wait for its ``result``; cancel it at the site if it ends unanswered."""
         await limit.acquire()
         stream = self.replies.open()
         answered = False
         why = "another choice of its request failed, or the caller left"
         try:
-            await self.ask(subjects.chat(self.settings.site), choice.body, stream, choice.env, http)
+            await self.ask(subjects.chat(self.settings.site), choice.body, stream, choice.env, http, skip)
             reply = await self.next(stream, choice.env)
             answered = True
             reply.raise_for_error()
@@ -124,7 +133,8 @@ class FanOut(Bridge):
         limit.release()  # only an answered choice frees its slot: after a failure no other choice is asked
         return result
 
-    async def _relay(self, http: web.Request, choice: Choice, limit: asyncio.Semaphore, out: Out) -> None:
+    async def _relay(self, http: web.Request, choice: Choice, limit: asyncio.Semaphore, out: Out,
+                     skip: str) -> None:
         """Ask for one streamed choice and pass its replies on, in order, until its last; an error of the
         gateway's own (a timeout) is passed on as its last. Cancel it at the site if it ends unfinished."""
         await limit.acquire()
@@ -132,7 +142,7 @@ class FanOut(Bridge):
         reply: Reply | None = None
         why = "another choice of its request failed, or the caller left"
         try:
-            await self.ask(subjects.chat(self.settings.site), choice.body, stream, choice.env, http)
+            await self.ask(subjects.chat(self.settings.site), choice.body, stream, choice.env, http, skip)
             while reply is None or reply.event not in FINAL_EVENTS:
                 reply = await self.next(stream, choice.env)
                 await out.put((choice, reply))
@@ -148,13 +158,13 @@ class FanOut(Bridge):
             limit.release()  # as in _answer: an error ends the request, and no other choice is asked
 
     async def _stream(self, http: web.Request, env: Envelope, choices: list[Choice], merge: Merge[Any],
-                      include_usage: bool) -> web.StreamResponse:
+                      include_usage: bool, skip: str) -> web.StreamResponse:
         """Relay every choice's chunks as the endpoint's events, as they come. The stream's headers are choice
         0's (its route, its cache hit or miss, as a whole answer's are): they go with its first reply, the
         others' replies before it wait; an error before it is the HTTP status."""
         out: Out = asyncio.Queue(maxsize=64)
         limit = asyncio.Semaphore(self.settings.completions_parallel)
-        relays = [asyncio.create_task(self._relay(http, c, limit, out)) for c in choices]
+        relays = [asyncio.create_task(self._relay(http, c, limit, out, skip)) for c in choices]
         try:
             early: list[tuple[Choice, Got]] = []
             while True:

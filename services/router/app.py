@@ -34,7 +34,7 @@ from services.router.settings import RouterSettings
 from services.router.signals import UNMEASURED, signals
 from services.router.state import LiveState
 from shared import budgets, config_bucket, metrics, subjects
-from shared.envelope import RESIDENCY, Envelope
+from shared.envelope import RESIDENCY, SKIP, Envelope
 from shared.errors import BadConfiguration, InvalidRequest, ModelNotFound
 from shared.handling import ErrorReplies
 from shared.intake import Handler, Intake
@@ -138,7 +138,8 @@ def chat_handler(nc: NATS, settings: RouterSettings, state: LiveState,
         if not msg.reply:
             raise InvalidRequest("a chat request needs a reply subject to answer on")
         plan, _ = decide_for(state, body, env, msg.headers, measure=state.policy.reads_prompt)
-        await run_chain(nc, settings, state, plan, body, env, raw=msg.data, handoffs=handoffs)
+        await run_chain(nc, settings, state, plan, body, env, raw=msg.data, handoffs=handoffs,
+                        skip=msg.headers.get(SKIP) if msg.headers else None)
         metrics.ROUTE_DURATION.observe(time.perf_counter() - started)
 
     return on_chat

@@ -200,23 +200,32 @@ def prepare(state: LiveState, request: ChatCompletionRequest, target: str,
 
 async def run_chain(nc: NATS, settings: RouterSettings, state: LiveState, plan: Plan,
                     request: ChatCompletionRequest, env: Envelope, raw: bytes | None = None,
-                    handoffs: Handoffs | None = None) -> str:
+                    handoffs: Handoffs | None = None, skip: str | None = None) -> str:
     """Offer the request to each target of the plan until one takes it; return the target that did.
 
     ``raw`` is the request as it arrived, forwarded as is to a target that needs no change of it. With
-    ``handoffs``, a lone cloud target is handed off instead of offered (see the module doc)."""
+    ``handoffs``, a lone cloud target is handed off instead of offered (see the module doc). ``skip`` (the
+    ``Lw-Skip`` header) names targets that refused this request already: passed over, unless they are all
+    the chain has."""
     failed: list[tuple[str, str]] = []
+    passed_over: list[tuple[str, str]] = []  # skipped: they refused this request already (route header)
     first: LeafwireError | None = None
-    for target in plan.chain:
+    chain = plan.chain
+    if skip:
+        named = set(skip.split(","))
+        if rest := [t for t in chain if t not in named]:
+            passed_over = [(t, "it refused the request of every choice") for t in chain if t in named]
+            chain = tuple(rest)
+    for target in chain:
         if (request.n or 1) > 1 and not is_cloud(target):  # routed as one choice would be, then asked one by one
-            raise ChoicesOneByOne(request.n or 1, f"local model {target}")
+            raise ChoicesOneByOne(request.n or 1, f"local model {target}", tuple(t for t, _ in failed))
         payload, masked = prepare(state, request, target, raw)
         count_masked(masked)
-        if handoffs is not None and len(plan.chain) == 1 and is_cloud(target):  # the first target: none failed
+        if handoffs is not None and len(chain) == 1 and is_cloud(target):  # the first target: none failed
             await hand_off(handoffs, subjects.cloud_chat(settings.site), payload, env, plan, target, masked)
             return target
         try:
-            await offer(nc, settings, target, payload, env.with_route(plan.header(target, failed)))
+            await offer(nc, settings, target, payload, env.with_route(plan.header(target, passed_over + failed)))
         except LeafwireError as err:
             kind = "cloud" if is_cloud(target) else "local"
             if not falls_back(err):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import nats
 import pytest
 
 from tests.fakes import FakeProvider, Fault, providers_file
@@ -97,6 +98,50 @@ def test_provider_failing_before_its_first_byte_falls_back(site: Site) -> None:
     assert "fell back from fake/echo (" in r.headers["x-leafwire-route"]
     assert len(site.provider.calls) == 3  # the adapter's retries, then the fallback
     assert generations(site) == before + 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_choices_after_a_fallback_do_not_ask_the_failing_provider_again(site: Site, stream: bool) -> None:
+    """n=3 whose provider fails before answering: the request of the three choices tries it (its retries),
+    falls back to the local model, which answers a choice a request, and each choice then goes straight to
+    the local model (Lw-Skip) instead of failing through the provider's retries three times more."""
+    site.provider.reset()
+    site.provider.script(*[Fault.error(503)] * 3)
+    before = generations(site)
+    body = {"model": "fake/echo", "messages": ASK, "max_tokens": 3, "n": 3, "stream": stream}
+    with httpx.stream("POST", f"{site.gateway.base}/v1/chat/completions", json=body, timeout=30) as r:
+        text = r.read().decode()
+    assert r.status_code == 200, text
+    if stream:
+        assert text.rstrip().endswith("data: [DONE]")
+        indexes = {c["index"] for line in text.splitlines() if line.startswith("data: {")
+                   for c in json.loads(line[6:])["choices"]}
+    else:
+        indexes = {c["index"] for c in json.loads(text)["choices"]}
+    assert indexes == {0, 1, 2}
+    assert r.headers["x-leafwire-route"].startswith("target=local/tiny")
+    assert "fell back from fake/echo (it refused the request of every choice)" in r.headers["x-leafwire-route"]
+    assert len(site.provider.calls) == 3  # the request of n's tries only
+    assert generations(site) == before + 3
+
+
+async def test_lw_skip_passes_over_targets_but_never_all(site: Site) -> None:
+    """A NATS client's Lw-Skip naming the cloud target sends the request to the local model; naming every
+    target of the route is ignored (the request is still answered, by its first target)."""
+    site.provider.reset()
+    nc = await nats.connect(site.nats.url)
+    try:
+        served = []
+        for skip in ("fake/echo", "fake/echo,tiny"):
+            msg = await nc.request(f"lw.v1.{SITE}.chat", json.dumps({"model": "fake/echo", "messages": ASK,
+                                                                    "max_tokens": 3}).encode(),
+                                   timeout=20, headers={"Lw-Skip": skip})
+            assert (msg.headers or {}).get("Lw-Event") == "result", msg.data
+            served.append(json.loads(msg.data)["model"])
+    finally:
+        await nc.drain()
+    assert served == ["tiny", "fake/echo"]
+    assert len(site.provider.calls) == 1
 
 
 def test_a_target_too_slow_to_take_it_is_cancelled(site: Site) -> None:
