@@ -269,11 +269,19 @@ class CloudAdapter:
             raise
         return target
 
-    def start(self, answering: Coroutine[Any, Any, None], env: Envelope) -> None:
-        """Answer in the background (``serve`` or ``serve_embeddings``); the handler returns at once."""
+    def start(self, answering: Coroutine[Any, Any, None], env: Envelope, target: Target) -> None:
+        """Answer in the background (``serve`` or ``serve_embeddings``); the handler returns at once. The
+        target's provider is held until the answer ends: a reload replacing it closes its session only then."""
+        upstream = target.upstream
+        upstream.hold()
         task = asyncio.create_task(answering)
         self.inflight[env.request_id] = task
-        task.add_done_callback(lambda _: self.inflight.pop(env.request_id, None))
+
+        def done(_: asyncio.Task[None]) -> None:
+            self.inflight.pop(env.request_id, None)
+            upstream.unhold()
+
+        task.add_done_callback(done)
 
     def cancel(self, request_id: str) -> bool:
         """Stop a request this adapter is answering (closing its provider connection)."""
@@ -396,104 +404,118 @@ class CloudAdapter:
     async def serve_choices_stream(self, target: Target, request: ChatCompletionRequest, env: Envelope,
                                    admit_to: str | None) -> None:
         """A streamed answer of ``n`` > 1 choices in one provider call (the prompt is paid once), their chunks
-        relayed as they come, each with its index. With the cache, every choice stored is replayed, none
-        stored is one call storing each choice as ``serve_choices`` does; some stored is ``n_unsupported``
-        (asked one by one, each choice finds its own entry or calls)."""
+        relayed as they come, each with its index. With the cache each choice is its own entry, as in
+        ``serve_choices``: the stored ones are replayed, and one call streams the others (none stored: all of
+        them; all stored: no call), each stored once it is complete."""
         assert self.nc is not None
         assert self.state is not None
         started, n = time.monotonic(), request.n or 1
         keys = cache.choice_keys(env.tenant, target.name, request) if cache.eligible(request) else None
         held = list(await asyncio.gather(*(self._lookup(key) for key in keys))) if keys else [None] * n
-        stored = [entry for entry in held if entry is not None]
+        stored = [(j, entry) for j, entry in enumerate(held) if entry is not None]
+        missing = [j for j, entry in enumerate(held) if entry is None]
+        found = "miss" if len(missing) == n else "hit" if not missing else "partial"
         publisher = ReplyPublisher(self.nc, env.reply, env, f"{self.settings.site}/{self.worker_id}",
-                                   first_headers={CACHE: "hit" if len(stored) == n else "miss"} if keys else None)
+                                   first_headers={CACHE: found} if keys else None)
         admission = Admission(self.nc, admit_to, env, self.worker_id)
         answer = Answer.for_request(publisher, env.request_id, request.model, request)
-        total = Tally(keep_message=False)  # the call's: tokens, and every choice's text for an estimate
-        choices = [Tally(keep_message=keys is not None) for _ in range(n)]
+        total = Tally(keep_message=False)  # the call's: its tokens, and its choices' text for an estimate
+        fresh = [Tally(keep_message=keys is not None) for _ in missing]  # the choices the call streams
         outcome = "error"
         self.callers[env.request_id] = publisher
         try:
-            if len(stored) == n:
+            if missing:
+                await self._call_choices_stream(target, request, env, missing, admission, answer, total, fresh,
+                                                stored, started)
+            else:
                 await self._replay_choices(stored, answer)
                 await admission.admit()
-                outcome = "cache_hit"
-                await answer_leaves()
-                return
-            if stored:
-                raise ChoicesOneByOne(n, f"{target.name} streamed with {len(stored)} of its choices stored")
-            await self._call_choices_stream(target, request, env, admission, answer, total, choices, started)
-            outcome = "ok"
+            first = held[0].finish_reason if held[0] is not None else fresh[0].finish or "stop"  # choice 0's
+            paid = total.usage(request) if missing else Usage.of(0, 0)
+            prompt = paid.prompt_tokens if missing else max(e.usage.prompt_tokens for _, e in stored)
+            await answer.end(first, Usage.of(prompt, paid.completion_tokens + sum(
+                e.usage.completion_tokens for _, e in stored), cached=total.cached_tokens,
+                reasoning=total.reasoning_tokens))
+            outcome = "ok" if missing else "cache_hit"
             await answer_leaves()
-            if keys:
-                self._store_choices(keys, choices, total.usage(request))
+            if keys and missing:
+                self._store_choices([keys[j] for j in missing], fresh, paid)
         except BaseException as exc:
             outcome = await self._failed(exc, admission, publisher, target)
         finally:
             self.callers.pop(env.request_id, None)
             elapsed = time.monotonic() - started
             if outcome == "cache_hit":
-                usage = Usage.of(max(e.usage.prompt_tokens for e in stored), sum(e.usage.completion_tokens
-                                                                                  for e in stored))
+                usage = Usage.of(max(e.usage.prompt_tokens for _, e in stored),
+                                 sum(e.usage.completion_tokens for _, e in stored))
                 event = self._usage_event(target, env, outcome, elapsed, usage, 0.0, cached=True)
             else:
                 event = self._account(target, request, env, total, outcome, elapsed, None)
             await self.state.publish_usage(event)
 
     @staticmethod
-    async def _replay_choices(stored: list[cache.Entry], answer: Answer) -> None:
-        """Stream the stored choices, one after the other, then the end (the prompt counted once)."""
-        for j, entry in enumerate(stored):
+    async def _replay_choices(stored: list[tuple[int, cache.Entry]], answer: Answer) -> None:
+        """Stream stored choices, one after the other, each at its index."""
+        for j, entry in stored:
             await answer.choice_delta(j, {})
             for fields in message_deltas(entry.message):
                 await answer.choice_delta(j, fields)
             await answer.choice_finish(j, entry.finish_reason)
-        await answer.end(stored[0].finish_reason, Usage.of(max(e.usage.prompt_tokens for e in stored),
-                                                           sum(e.usage.completion_tokens for e in stored)))
 
     async def _call_choices_stream(self, target: Target, request: ChatCompletionRequest, env: Envelope,
-                                   admission: Admission, answer: Answer, total: Tally, choices: list[Tally],
-                                   started: float) -> None:
-        """One streamed call of ``n`` choices, admitted once every choice has begun, then relayed."""
+                                   missing: list[int], admission: Admission, answer: Answer, total: Tally,
+                                   fresh: list[Tally], stored: list[tuple[int, cache.Entry]], started: float) -> None:
+        """One streamed call for the ``missing`` choices (asked as ``_call_choices`` asks them), admitted once
+        every one has begun; then the ``stored`` choices are replayed and the call's relayed, each of its
+        choices at its index in the answer (a choice the provider ended without a finish reason: ``stop``)."""
+        asked = request
+        if len(missing) < (request.n or 1):
+            seed = {} if request.seed is None else {"seed": choice_seed(request.seed, missing[0])}
+            asked = request.model_copy(update={"n": len(missing), **seed})
         with target.upstream.slot():
-            call = target.upstream.call(request, target.model, target.spec, env.deadline)
+            call = target.upstream.call(asked, target.model, target.spec, env.deadline)
             try:
-                opened = await target.upstream.open_choices_stream(call, len(choices))
+                opened = await target.upstream.open_choices_stream(call, len(missing))
             except ChoicesIgnored as exc:  # a provider without n: what it billed is paid, the choices asked apart
                 if exc.tokens is not None:
                     total.add(exc.tokens)
-                raise ChoicesOneByOne(len(choices), target.name) from exc
+                raise ChoicesOneByOne(request.n or 1, target.name) from exc
             verdict: bool | None = None
             try:
                 target.first_byte.observe(time.monotonic() - started)
                 await admission.admit()
+                await self._replay_choices(stored, answer)
                 for piece in opened.first:
-                    await self._apply_choice(piece, answer, total, choices)
+                    await self._apply_choice(piece, answer, total, fresh, missing)
                 async for piece in opened.rest():
-                    await self._apply_choice(piece, answer, total, choices)
+                    await self._apply_choice(piece, answer, total, fresh, missing)
                 verdict = True
             except LeafwireError as err:
                 verdict = False if provider_fault(err) else None
                 raise
             finally:
                 opened.close(verdict)
-        await answer.end(choices[0].finish or "stop", total.usage(request))
+        for j, choice in zip(missing, fresh, strict=True):
+            if choice.finish is None:
+                await answer.choice_finish(j, "stop")
 
     @staticmethod
-    async def _apply_choice(piece: Piece, answer: Answer, total: Tally, choices: list[Tally]) -> None:
+    async def _apply_choice(piece: Piece, answer: Answer, total: Tally, fresh: list[Tally],
+                            missing: list[int]) -> None:
+        """One piece of the call: choice ``k`` of the call is choice ``missing[k]`` of the answer."""
         total.add(piece)
         if isinstance(piece, Delta):
-            choices[piece.index].add(piece)
-            await answer.choice_delta(piece.index, piece.fields, piece.logprobs)
+            fresh[piece.index].add(piece)
+            await answer.choice_delta(missing[piece.index], piece.fields, piece.logprobs)
         elif isinstance(piece, Finish):
-            choices[piece.index].add(piece)
-            await answer.choice_finish(piece.index, piece.reason)
+            fresh[piece.index].add(piece)
+            await answer.choice_finish(missing[piece.index], piece.reason)
         elif isinstance(piece, Fingerprint):
             answer.fingerprint = piece.value
 
     def _store_choices(self, keys: list[str], choices: list[Tally], usage: Usage) -> None:
         """Each finished choice of a streamed call as the cache entry of its own request (its share of the
-        completion tokens by the length of its text)."""
+        call's completion tokens by the length of its text)."""
         assert self.state is not None
         shares = cache.share_out(usage.completion_tokens, [max(c.chars, 1) for c in choices])
         for key, choice, tokens in zip(keys, choices, shares, strict=True):
@@ -760,7 +782,7 @@ class CloudAdapter:
         return sorted(name for name, target in self.targets.items() if target.spec.kind == kind)
 
     def retire(self, upstream: Upstream) -> None:
-        """Close a provider's session replaced by a reload once the calls it has in flight have ended (or
+        """Close a provider's session replaced by a reload once the requests admitted for it have ended (or
         could not go on: its total timeout)."""
         async def close_when_idle() -> None:
             with contextlib.suppress(TimeoutError):

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import signal
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 from faststream.nats import NatsBroker
@@ -69,7 +70,7 @@ def chat_handler(adapter: CloudAdapter) -> Handler[ChatCompletionRequest]:
         admit_to = admission_subject(msg.headers, msg.reply)
         serve = (adapter.serve if (body.n or 1) == 1 else
                  adapter.serve_choices_stream if body.stream else adapter.serve_choices)
-        adapter.start(serve(target, body, env, admit_to), env)
+        adapter.start(serve(target, body, env, admit_to), env, target)
 
     return on_chat
 
@@ -80,7 +81,8 @@ def embeddings_handler(adapter: CloudAdapter) -> Handler[EmbeddingRequest]:
     async def on_embeddings(body: EmbeddingRequest, msg: Msg, env: Envelope) -> None:
         env.require_reply()
         target = adapter.admit(body, env, "embeddings")
-        adapter.start(adapter.serve_embeddings(target, body, env, admission_subject(msg.headers, msg.reply)), env)
+        adapter.start(adapter.serve_embeddings(target, body, env, admission_subject(msg.headers, msg.reply)), env,
+                      target)
 
     return on_embeddings
 
@@ -132,10 +134,20 @@ def load_adapter(settings: CloudSettings) -> CloudAdapter:
     return CloudAdapter(settings, *read_providers(settings))
 
 
-def stamp(settings: CloudSettings, providers: list[Provider]) -> tuple[tuple[int, int, int] | None, ...]:
-    """What says the providers file or a key file of its providers changed: each one's inode, size and
-    modification time (``None``: absent). A Kubernetes ConfigMap or Secret update swaps a symlink: a new inode."""
-    paths = [settings.providers_file, *(p.spec.api_key_file for p in providers if p.spec.api_key_file)]
+def watched(settings: CloudSettings, adapter: CloudAdapter) -> list[Path]:
+    """The files whose change means reading the providers file again: it, the running providers' key files,
+    and those the file names now (a file refused for a key file not there yet applies once it is)."""
+    paths = {settings.providers_file, *(u.provider.spec.api_key_file for u in adapter.upstreams.values()
+                                        if u.provider.spec.api_key_file)}
+    with contextlib.suppress(config.ConfigError, OSError, UnicodeDecodeError):
+        paths |= {spec.api_key_file for spec in config.parse(settings.providers_file.read_text()).providers
+                  if spec.api_key_file}
+    return sorted(paths)
+
+
+def stamp(paths: list[Path]) -> tuple[tuple[int, int, int] | None, ...]:
+    """What says one of ``paths`` changed: each one's inode, size and modification time (``None``: absent).
+    A Kubernetes ConfigMap or Secret update swaps a symlink: a new inode."""
     stamps: list[tuple[int, int, int] | None] = []
     for path in paths:
         try:
@@ -148,10 +160,15 @@ def stamp(settings: CloudSettings, providers: list[Provider]) -> tuple[tuple[int
 
 
 async def reload_providers(adapter: CloudAdapter, settings: CloudSettings) -> bool:
-    """Read the providers file again and apply it; an invalid one is refused, the running one kept."""
+    """Read the providers file again and apply it; an invalid one is refused, the running one kept. So is an
+    absent or empty file (at start it means no providers; here it is more likely a file being written, or
+    removed by mistake: to take every provider out, write ``providers: []``)."""
     try:
+        if not settings.providers_file.is_file() or not settings.providers_file.read_text().strip():
+            raise BadConfiguration(f"providers file {settings.providers_file} is absent or empty (write "
+                                   "`providers: []` to take every provider out)")
         file, providers = read_providers(settings)
-    except BadConfiguration as exc:
+    except (BadConfiguration, OSError, UnicodeDecodeError) as exc:
         metrics.PROVIDERS_RELOADS.labels("refused").inc()
         log.error("providers file not applied: the running providers stay", error=str(exc),
                   file=str(settings.providers_file))
@@ -174,16 +191,18 @@ async def keep_configured(adapter: CloudAdapter, settings: CloudSettings) -> Non
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, hangup.set)
     try:
-        seen = stamp(settings, [u.provider for u in adapter.upstreams.values()])
+        paths = watched(settings, adapter)
+        seen = stamp(paths)
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(settings.providers_check_s or None):
                     await hangup.wait()
-            now = stamp(settings, [u.provider for u in adapter.upstreams.values()])
+            now = stamp(paths)
             if hangup.is_set() or now != seen:
                 hangup.clear()
                 await reload_providers(adapter, settings)
-                seen = stamp(settings, [u.provider for u in adapter.upstreams.values()])
+                paths = watched(settings, adapter)
+                seen = stamp(paths)
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
 

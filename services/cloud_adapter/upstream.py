@@ -97,7 +97,8 @@ class OpenStream:
         self._parser = parser
         self._call = call
         self._probe = probe
-        self._finished = any(isinstance(p, Finish) for p in first)
+        self._n = call.request.n or 1
+        self._finished = {p.index for p in first if isinstance(p, Finish)}  # the choices whose end came
         self._recorded = False
         self._eof = False
         self._rest: AsyncIterator[Piece] | None = None
@@ -122,7 +123,8 @@ class OpenStream:
     async def _pieces(self) -> AsyncIterator[Piece]:
         for event in self._pending:
             for piece in self._parser.feed(event.event, event.data):
-                self._finished = self._finished or isinstance(piece, Finish)
+                if isinstance(piece, Finish):
+                    self._finished.add(piece.index)
                 yield piece
         idle = self._upstream.provider.spec.timeouts.first_byte_s
         while not self._parser.done:
@@ -130,11 +132,12 @@ class OpenStream:
             events = self._sse.feed(chunk) if chunk else self._sse.close()
             for event in events:
                 for piece in self._parser.feed(event.event, event.data):
-                    self._finished = self._finished or isinstance(piece, Finish)
+                    if isinstance(piece, Finish):
+                        self._finished.add(piece.index)
                     yield piece
             if not chunk:
                 self._eof = True
-                if not (self._parser.done or self._finished):
+                if not (self._parser.done or len(self._finished) >= self._n):
                     raise UpstreamError(f"{self._upstream.name}'s stream ended before the answer did",
                                         code="upstream_bad_response")
                 return
@@ -199,7 +202,8 @@ class Upstream:
         self.dialect = dialect_of(provider)
         self.max_response_bytes = max_response_bytes
         self.inflight = 0
-        self.idle = asyncio.Event()  # set while no call is in flight
+        self.held = 0  # requests admitted for this provider and not finished (``hold``)
+        self.idle = asyncio.Event()  # set while none is
         self.idle.set()
         self._inflight_gauge = metrics.CLOUD_INFLIGHT.labels(self.name)
         self._session: aiohttp.ClientSession | None = None
@@ -248,16 +252,25 @@ class Upstream:
             raise Overloaded(f"provider {self.name} has {self.inflight} calls in flight, its limit",
                              retry_after=1)
         self.inflight += 1
-        self.idle.clear()
         self._inflight_gauge.inc()
         return Slot(self)
 
     def release(self) -> None:
         """Give a slot back."""
         self.inflight -= 1
-        if not self.inflight:
-            self.idle.set()
         self._inflight_gauge.dec()
+
+    def hold(self) -> None:
+        """A request admitted for this provider: its session stays open for it (a reload replacing the
+        provider closes the old session only once ``idle``)."""
+        self.held += 1
+        self.idle.clear()
+
+    def unhold(self) -> None:
+        """That request is finished."""
+        self.held -= 1
+        if not self.held:
+            self.idle.set()
 
     def call(self, request: ChatCompletionRequest, model: str, spec: ModelSpec,
              deadline: float) -> Call[ChatCompletionRequest]:

@@ -78,19 +78,18 @@ async def test_an_invalid_file_changes_nothing(settings: CloudSettings) -> None:
         await adapter.close_upstreams()
 
 
-async def test_a_replaced_provider_is_closed_once_its_calls_end(settings: CloudSettings) -> None:
-    """A changed provider with a call in flight keeps its session until that call gives its slot back."""
+async def test_a_replaced_provider_is_closed_once_its_requests_end(settings: CloudSettings) -> None:
+    """A changed provider with a request admitted keeps its session until that request has ended."""
     adapter = app.load_adapter(settings)
     await adapter.open_upstreams()
     try:
         b = adapter.upstreams["b"]
-        slot = b.slot()
+        b.hold()  # a request admitted for it
         write(settings.providers_file, [provider("a", {"m": {}}), provider("b", {"m": {"upstream": "other"}})])
         assert await app.reload_providers(adapter, settings)
         await asyncio.sleep(0.05)
-        assert b._session is not None  # its call goes on
-        with slot:
-            pass
+        assert b._session is not None  # its request goes on
+        b.unhold()
         await asyncio.sleep(0.05)
         assert b._session is None
     finally:
