@@ -23,7 +23,9 @@
 ``UpstreamError`` also carries these codes: ``upstream_bad_response`` (malformed JSON, wrong content
 type, a stream cut short), ``upstream_auth_failed`` (the provider refused leafwire's key),
 ``upstream_insufficient_quota`` (the provider account is out of credit), ``destination_refused`` (the
-provider's address is private/loopback/link-local and the provider is not marked local).
+provider's address is private/loopback/link-local and the provider is not marked local),
+``upstream_proxy_auth_failed`` (the provider's HTTP proxy refused the adapter's proxy credentials) and
+``upstream_proxy_error`` (the proxy could not be reached, or could not reach the provider).
 
 Lower-layer errors are translated at a service's boundary (``raise Unavailable(...) from exc``); the
 gateway maps them to OpenAI's error shape once, and NATS handlers to an ``error`` event once.

@@ -121,6 +121,9 @@ def read_providers(settings: CloudSettings) -> tuple[config.ProvidersFile, list[
     for provider in providers:
         if provider.key is not None:
             register_secret(provider.key.get_secret_value())
+        if provider.proxy_auth is not None:
+            register_secret(provider.proxy_auth.get_secret_value())
+            register_secret(provider.proxy_auth.get_secret_value().partition(":")[2])
         if provider.missing_key:
             log.warning("provider disabled until its key is there", provider=provider.spec.name,
                         reason=provider.missing_key)
@@ -137,12 +140,11 @@ def load_adapter(settings: CloudSettings) -> CloudAdapter:
 def watched(settings: CloudSettings, adapter: CloudAdapter) -> list[Path]:
     """The files whose change means reading the providers file again: it, the running providers' key files,
     and those the file names now (a file refused for a key file not there yet applies once it is)."""
-    paths = {settings.providers_file, *(u.provider.spec.api_key_file for u in adapter.upstreams.values()
-                                        if u.provider.spec.api_key_file)}
+    specs = [u.provider.spec for u in adapter.upstreams.values()]
     with contextlib.suppress(config.ConfigError, OSError, UnicodeDecodeError):
-        paths |= {spec.api_key_file for spec in config.parse(settings.providers_file.read_text()).providers
-                  if spec.api_key_file}
-    return sorted(paths)
+        specs += config.parse(settings.providers_file.read_text()).providers
+    return sorted({settings.providers_file} | {path for spec in specs
+                                               for path in (spec.api_key_file, spec.proxy_auth_file) if path})
 
 
 def stamp(paths: list[Path]) -> tuple[tuple[int, int, int] | None, ...]:

@@ -136,6 +136,11 @@ class ProviderSpec(BaseModel):
     local: bool = Field(default=False, description="allow private, loopback and link-local destinations")
     n: bool = Field(default=True, description="OpenAI-compatible: the provider answers several choices in one "
                                               "call (false: a call a choice, for servers without n)")
+    proxy: str | None = Field(default=None, description="an HTTP proxy every call goes through "
+                                                        "(http://host:port; https targets are tunnelled with CONNECT)")
+    proxy_auth_env: str | None = Field(default=None, description="environment variable holding the proxy's "
+                                                                 "user:password")
+    proxy_auth_file: Path | None = Field(default=None, description="file holding the proxy's user:password")
     max_concurrent: Annotated[int, Field(ge=1, le=10_000)] = 64
     timeouts: Timeouts = Timeouts()
     breaker: BreakerOverrides = BreakerOverrides()
@@ -175,6 +180,12 @@ class ProviderSpec(BaseModel):
         check_base_url(self.base_url, local=self.local)
         if self.api_key_env and self.api_key_file:
             raise ValueError("give api_key_env or api_key_file, not both")
+        if self.proxy is not None:
+            check_proxy(self.proxy)
+        if self.proxy_auth_env and self.proxy_auth_file:
+            raise ValueError("give proxy_auth_env or proxy_auth_file, not both")
+        if (self.proxy_auth_env or self.proxy_auth_file) and self.proxy is None:
+            raise ValueError("proxy_auth_env / proxy_auth_file without a proxy")
         return self
 
     @model_validator(mode="after")
@@ -251,7 +262,9 @@ class Provider(BaseModel):
     model_config = ConfigDict(frozen=True)
     spec: ProviderSpec
     key: SecretStr | None = None
-    missing_key: str | None = Field(default=None, description="why a configured key could not be read")
+    missing_key: str | None = Field(default=None, description="why a configured key (or the proxy's credentials) "
+                                                              "could not be read")
+    proxy_auth: SecretStr | None = Field(default=None, description="the proxy's user:password")
 
 
 def is_public(address: str) -> bool:
@@ -291,22 +304,46 @@ def check_base_url(base_url: str, *, local: bool) -> URL:
     return url
 
 
-def read_key(spec: ProviderSpec) -> Provider:
-    """The provider with its key read from the environment variable or file the spec names."""
-    if spec.api_key_env:
-        value = os.environ.get(spec.api_key_env, "").strip()
-        where = f"environment variable {spec.api_key_env}"
-    elif spec.api_key_file:
+def check_proxy(proxy: str) -> URL:
+    """An HTTP proxy's URL: http(s), a host and a port, no credentials (they go in proxy_auth_env or
+    proxy_auth_file), no path, query or fragment."""
+    try:
+        url = URL(proxy)
+    except ValueError as exc:
+        raise ValueError(f"proxy {proxy!r} is not a URL") from exc
+    if url.scheme not in ("http", "https") or not url.host or url.explicit_port is None:
+        raise ValueError(f"proxy {proxy!r} must be an http(s) URL with a host and a port (http://proxy:3128)")
+    if url.user or url.password:
+        raise ValueError("proxy must not carry credentials (use proxy_auth_env / proxy_auth_file)")
+    if url.path not in ("", "/") or url.query_string or url.fragment:
+        raise ValueError(f"proxy {proxy!r} must not carry a path, query or fragment")
+    return url
+
+
+def read_secret(env: str | None, file: Path | None) -> tuple[str | None, str]:
+    """A secret from the environment variable or file named (``None``: none there), and where it was looked."""
+    if env:
+        return os.environ.get(env, "").strip() or None, f"environment variable {env}"
+    if file:
         try:
-            value = spec.api_key_file.read_text().strip()
+            return file.read_text().strip() or None, f"file {file}"
         except OSError:
-            value = ""
-        where = f"file {spec.api_key_file}"
-    else:
-        return Provider(spec=spec)
-    if not value:
-        return Provider(spec=spec, missing_key=f"no API key in {where}")
-    return Provider(spec=spec, key=SecretStr(value))
+            return None, f"file {file}"
+    return None, ""
+
+
+def read_key(spec: ProviderSpec) -> Provider:
+    """The provider with its key (and its proxy's credentials) read from the environment variable or file the
+    spec names; what is missing says why the provider cannot be called."""
+    key, where = read_secret(spec.api_key_env, spec.api_key_file)
+    proxy_auth, proxy_where = read_secret(spec.proxy_auth_env, spec.proxy_auth_file)
+    missing = None
+    if proxy_where and (proxy_auth is None or ":" not in proxy_auth):
+        missing = f"no proxy credentials (user:password) in {proxy_where}"
+    if where and key is None:
+        missing = f"no API key in {where}"
+    return Provider(spec=spec, key=SecretStr(key) if key else None, missing_key=missing,
+                    proxy_auth=SecretStr(proxy_auth) if proxy_auth and not missing else None)
 
 
 def parse(text: str, origin: str = "providers file") -> ProvidersFile:

@@ -57,6 +57,16 @@ R = TypeVar("R", ChatCompletionRequest, EmbeddingRequest)
 USER_AGENT = "leafwire-cloud-adapter/0.1"
 
 
+def proxy_refused(provider: str, status: int) -> UpstreamError:
+    """The proxy a provider is called through refused a call: 407 is the adapter's proxy credentials (an
+    operator must check them); another status is the proxy failing to reach the provider (5xx: retried)."""
+    if status == 407:
+        return UpstreamError(f"the proxy of {provider} refused the adapter's proxy credentials (407); an "
+                             "operator must check proxy_auth_env / proxy_auth_file", code="upstream_proxy_auth_failed")
+    return UpstreamError(f"the proxy of {provider} could not reach it ({status})", code="upstream_proxy_error",
+                         retryable=status >= 500)
+
+
 def dialect_of(provider: Provider) -> Dialect:
     """The dialect object of a provider's kind."""
     spec = provider.spec
@@ -221,12 +231,17 @@ class Upstream:
     async def start(self) -> None:
         """Open the pooled session (inside the running event loop)."""
         spec = self.provider.spec
+        # Through a proxy only the proxy's own name is resolved here (the proxy resolves the provider's): the
+        # operator's proxy, on the site's network, is no destination to refuse.
         connector = aiohttp.TCPConnector(limit=spec.max_concurrent, ttl_dns_cache=300, keepalive_timeout=30,
-                                         resolver=None if spec.local else PublicOnlyResolver())
+                                         resolver=None if spec.local or spec.proxy else PublicOnlyResolver())
+        auth = self.provider.proxy_auth
+        user, _, password = auth.get_secret_value().partition(":") if auth is not None else ("", "", "")
         self._session = aiohttp.ClientSession(
             # No cookie jar: a provider's cookies must never be replayed across tenants' requests (and a
             # jar costs every request a lookup).
             connector=connector, trust_env=False, raise_for_status=False, cookie_jar=aiohttp.DummyCookieJar(),
+            proxy=spec.proxy, proxy_auth=aiohttp.BasicAuth(user, password) if auth is not None else None,
             timeout=aiohttp.ClientTimeout(total=None, connect=spec.timeouts.connect_s,
                                           sock_connect=spec.timeouts.connect_s))
 
@@ -422,6 +437,11 @@ class Upstream:
         except TimeoutError as exc:
             raise UpstreamTimeout(self.timed_out(wait, call, f"did not answer within {wait:.1f} s"),
                                   retryable=True) from exc
+        except aiohttp.ClientHttpProxyError as exc:  # the proxy refused the tunnel (CONNECT) to an https provider
+            raise proxy_refused(self.name, exc.status) from exc
+        except aiohttp.ClientProxyConnectionError as exc:
+            raise UpstreamError(f"could not connect to the proxy of {self.name}: {type(exc).__name__}",
+                                code="upstream_proxy_error", retryable=True) from exc
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, DestinationRefused):
                 raise UpstreamError(f"{self.name}: {exc.os_error}", code="destination_refused") from exc
@@ -452,6 +472,8 @@ class Upstream:
             body = await self._read_body(resp, call)
         except LeafwireError:
             body = b""
+        if resp.status == 407 and self.provider.spec.proxy:
+            return proxy_refused(self.name, resp.status)
         hint = retry_hint(resp.headers, time.time())
         return classify(self.name, call.request.model, resp.status, self.dialect.error_info(body), hint)
 

@@ -44,7 +44,7 @@ class UnsupportedEncoding(InvalidRequest):
 # address) or the end of a budget's window can. OpenAI's clients retry every 5xx and 429 unless the answer says
 # ``x-should-retry: false``: each retry would reach the provider, and its breaker, again for nothing.
 NOT_WORTH_RETRYING = frozenset({"upstream_auth_failed", "upstream_insufficient_quota", "destination_refused",
-                                "budget_exceeded", "provider_key_missing"})
+                                "budget_exceeded", "provider_key_missing", "upstream_proxy_auth_failed"})
 
 
 def error_response(err: LeafwireError, headers: dict[str, str] | None = None) -> web.Response:

@@ -51,6 +51,26 @@ class TestProvidersFile:
         f.write_text(OPENAI.replace("api_key_env: LW_TEST_OPENAI_KEY", f"api_key_file: {tmp_path / 'key'}"))
         assert load(f, require_keys=True)[1][0].key.get_secret_value() == "sk-from-file-0001"  # type: ignore[union-attr]
 
+    def test_proxy_credentials(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A proxy's user:password comes from its variable or file, kept out of reprs; without it, or without
+        the colon, the provider is disabled saying why (and refuses the start in production)."""
+        f = tmp_path / "p.yaml"
+        f.write_text(OPENAI.replace("    models:", "    proxy: http://proxy.corp:3128\n    proxy_auth_env: LW_TEST_PX\n"
+                                                  "    models:"))
+        monkeypatch.setenv("LW_TEST_OPENAI_KEY", "sk-live-123456789")
+        monkeypatch.setenv("LW_TEST_PX", "edge:s3cret-pass")
+        (p,) = load(f, require_keys=True)[1]
+        assert p.proxy_auth is not None
+        assert p.proxy_auth.get_secret_value() == "edge:s3cret-pass"
+        assert p.spec.proxy == "http://proxy.corp:3128"
+        assert "s3cret" not in repr(p)
+        for value in ("", "no-colon"):
+            monkeypatch.setenv("LW_TEST_PX", value)
+            assert load(f, require_keys=False)[1][0].missing_key == (
+                "no proxy credentials (user:password) in environment variable LW_TEST_PX")
+            with pytest.raises(ConfigError, match="LW_TEST_PX"):
+                load(f, require_keys=True)
+
     def test_missing_key(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """Without its key a provider refuses the start in production, and is disabled in development."""
         monkeypatch.delenv("LW_TEST_OPENAI_KEY", raising=False)
@@ -75,6 +95,12 @@ class TestProvidersFile:
         ({"headers": {"Authorization": "Bearer x"}}, "cannot be set"),
         ({"timeouts": {"first_byte_s": 60, "total_s": 30}}, "total_s"),
         ({"surprise": 1}, "surprise"),
+        ({"proxy": "http://user:pw@proxy.corp:3128"}, "proxy must not carry credentials"),
+        ({"proxy": "http://proxy.corp"}, "a host and a port"),
+        ({"proxy": "socks5://proxy.corp:1080"}, "a host and a port"),
+        ({"proxy": "http://proxy.corp:3128/path"}, "path, query or fragment"),
+        ({"proxy_auth_env": "P"}, "without a proxy"),
+        ({"proxy": "http://proxy.corp:3128", "proxy_auth_env": "P", "proxy_auth_file": "/p"}, "not both"),
     ])
     def test_invalid_files_are_refused_with_the_reason(self, kw: dict[str, Any], says: str) -> None:
         """Each mistake or unsafe setting refuses the file, and the message says which."""
