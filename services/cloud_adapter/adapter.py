@@ -226,6 +226,8 @@ class CloudAdapter:
         return Breaker(provider.spec.name, policy, on_change=self._breaker_changed)
 
     def _breaker_changed(self, breaker: Breaker) -> None:
+        if (current := self.upstreams.get(breaker.provider)) is not None and current.breaker is not breaker:
+            return  # a provider's breaker replaced by a reload, its last calls ending: not the provider's state
         metrics.BREAKER_STATE.labels(breaker.provider).set(BREAKER_CODES[breaker.state.value])
         metrics.BREAKER_TRANSITIONS.labels(breaker.provider, breaker.state.value).inc()
         log.warning("provider breaker changed", provider=breaker.provider, state=breaker.state.value,

@@ -15,6 +15,7 @@ import pytest
 from services.cloud_adapter import app
 from services.cloud_adapter.adapter import CloudAdapter
 from services.cloud_adapter.settings import CloudSettings
+from shared import metrics
 
 KEY_ENV = "LW_TEST_RELOAD_KEY"
 
@@ -60,6 +61,10 @@ async def test_unchanged_providers_keep_their_session_and_breaker(settings: Clou
         assert adapter.heartbeat().cloud_models == ["a/m", "b/m", "b/m2", "c/x"]
         await asyncio.sleep(0.05)  # b had no call in flight: closed at once
         assert b._session is None
+        for _ in range(10):  # the replaced breaker's last calls failing: not the provider's state any more
+            b.breaker.record(False, False)
+        assert b.breaker.state.value == "open"
+        assert metrics.BREAKER_STATE.labels("b")._value.get() == 0
     finally:
         await adapter.close_upstreams()
 
