@@ -260,7 +260,7 @@ class Upstream:
     def slot(self) -> Slot:
         """Take one of the provider's concurrent-call slots, or refuse at once (429)."""
         if self.provider.missing_key is not None:  # no Retry-After: trying again soon will not help
-            raise ProviderUnavailable(f"provider {self.name} has no API key ({self.provider.missing_key})",
+            raise ProviderUnavailable(f"provider {self.name} cannot be called: {self.provider.missing_key}",
                                       provider=self.name, code="provider_key_missing")
         if self.inflight >= self.provider.spec.max_concurrent:
             metrics.REJECTED.labels("cloud-adapter", "provider_busy").inc()

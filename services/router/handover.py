@@ -212,7 +212,7 @@ async def run_chain(nc: NATS, settings: RouterSettings, state: LiveState, plan: 
     first: LeafwireError | None = None
     chain = plan.chain
     if skip:
-        named = set(skip.split(","))
+        named = {t.strip() for t in skip.split(",")}
         if rest := [t for t in chain if t not in named]:
             passed_over = [(t, "it refused the request of every choice") for t in chain if t in named]
             chain = tuple(rest)
@@ -227,6 +227,8 @@ async def run_chain(nc: NATS, settings: RouterSettings, state: LiveState, plan: 
         try:
             await offer(nc, settings, target, payload, env.with_route(plan.header(target, passed_over + failed)))
         except LeafwireError as err:
+            if err.code == ChoicesOneByOne.default_code:  # a cloud model answering a choice a request (no n)
+                raise ChoicesOneByOne(request.n or 1, target, tuple(t for t, _ in failed)) from None
             kind = "cloud" if is_cloud(target) else "local"
             if not falls_back(err):
                 metrics.ROUTE_DECISIONS.labels(kind, plan.rule, "refused").inc()
