@@ -4,6 +4,7 @@
     leafwire policy [...]    check a routing policy, or change it live (``services.router.policy_cli``)
     leafwire sites [...]     the sites whose usage the hub collects; remove one (``shared.sites_cli``)
     leafwire budgets [...]   what every site spent against each budget (``shared.budgets_cli``)
+    leafwire providers [...] check a providers file and the keys it names (``services.cloud_adapter.providers_cli``)
 
 Each is also ``python -m`` of its module. Starting and stopping the local stack is ``just up`` / ``just down``.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
+from services.cloud_adapter import providers_cli
 from services.router import policy_cli
 from shared import budgets_cli, sites_cli, usage_report
 
@@ -21,6 +23,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str], str], int], str]] = {
     "policy": (policy_cli.main, "check a routing policy, or change it live"),
     "sites": (sites_cli.main, "the sites whose usage the hub collects; remove one"),
     "budgets": (budgets_cli.main, "what every site spent today and this month, against each budget"),
+    "providers": (providers_cli.main, "check a cloud providers file and the keys it names"),
 }
 
 
