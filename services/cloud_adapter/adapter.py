@@ -140,6 +140,16 @@ def completion_shares(tokens: int, completions: list[Completion]) -> list[int]:
     return cache.share_out(tokens, [max(content_chars(c), 1) for c in completions])
 
 
+def asked_for(request: ChatCompletionRequest, missing: list[int]) -> ChatCompletionRequest:
+    """The request of one call for the ``missing`` choices: all of them, or, when some were stored, as many,
+    sampled from the first missing choice's seed (``seed + j``, as that choice asked alone would be) so the
+    provider's first sample is not the stored choice 0 again."""
+    if len(missing) == (request.n or 1):
+        return request
+    seed = {} if request.seed is None else {"seed": choice_seed(request.seed, missing[0])}
+    return request.model_copy(update={"n": len(missing), **seed})
+
+
 @dataclass
 class Admission:
     """The one answer the router waits for: ``admitted``, or an error it can act on."""
@@ -347,17 +357,9 @@ class CloudAdapter:
         """A whole answer of ``n`` > 1 choices in one provider call (the prompt is paid once). With the cache,
         each choice is the entry a request of its own for it would have (``cache.choice_keys``): the choices
         stored are taken from there, and the call asks only for the others (none: no call)."""
-        assert self.nc is not None
         assert self.state is not None
         started, n = time.monotonic(), request.n or 1
-        keys = cache.choice_keys(env.tenant, target.name, request) if cache.eligible(request) else None
-        held = list(await asyncio.gather(*(self._lookup(key) for key in keys))) if keys else [None] * n
-        missing = [j for j, entry in enumerate(held) if entry is None]
-        found = "miss" if len(missing) == n else "hit" if not missing else "partial"
-        publisher = ReplyPublisher(self.nc, env.reply, env, f"{self.settings.site}/{self.worker_id}",
-                                   first_headers={CACHE: found} if keys else None)
-        admission = Admission(self.nc, admit_to, env, self.worker_id)
-        answer = Answer.for_request(publisher, env.request_id, request.model, request)
+        keys, held, missing, publisher, admission, answer = await self._choices_asked(target, request, env, admit_to)
         usage, paid, outcome, cost = None, Usage.of(0, 0), "error", 0.0
         self.callers[env.request_id] = publisher
         try:
@@ -409,18 +411,10 @@ class CloudAdapter:
         relayed as they come, each with its index. With the cache each choice is its own entry, as in
         ``serve_choices``: the stored ones are replayed, and one call streams the others (none stored: all of
         them; all stored: no call), each stored once it is complete."""
-        assert self.nc is not None
         assert self.state is not None
-        started, n = time.monotonic(), request.n or 1
-        keys = cache.choice_keys(env.tenant, target.name, request) if cache.eligible(request) else None
-        held = list(await asyncio.gather(*(self._lookup(key) for key in keys))) if keys else [None] * n
+        started = time.monotonic()
+        keys, held, missing, publisher, admission, answer = await self._choices_asked(target, request, env, admit_to)
         stored = [(j, entry) for j, entry in enumerate(held) if entry is not None]
-        missing = [j for j, entry in enumerate(held) if entry is None]
-        found = "miss" if len(missing) == n else "hit" if not missing else "partial"
-        publisher = ReplyPublisher(self.nc, env.reply, env, f"{self.settings.site}/{self.worker_id}",
-                                   first_headers={CACHE: found} if keys else None)
-        admission = Admission(self.nc, admit_to, env, self.worker_id)
-        answer = Answer.for_request(publisher, env.request_id, request.model, request)
         total = Tally(keep_message=False)  # the call's: its tokens, and its choices' text for an estimate
         fresh = [Tally(keep_message=keys is not None) for _ in missing]  # the choices the call streams
         outcome = "error"
@@ -455,6 +449,25 @@ class CloudAdapter:
                 event = self._account(target, request, env, total, outcome, elapsed, None)
             await self.state.publish_usage(event)
 
+    async def _choices_asked(self, target: Target, request: ChatCompletionRequest, env: Envelope,
+                             admit_to: str | None) -> tuple[list[str] | None, list[cache.Entry | None], list[int],
+                                                            ReplyPublisher, Admission, Answer]:
+        """What a request of ``n`` choices starts from: the cache key of each choice (``None``: the request
+        does not use the cache), the entry stored for each, the indexes of the choices missing, and its
+        publisher (saying ``hit``, ``miss`` or ``partial``), admission and answer."""
+        assert self.nc is not None
+        n = request.n or 1
+        keys = cache.choice_keys(env.tenant, target.name, request) if cache.eligible(request) else None
+        held: list[cache.Entry | None] = (list(await asyncio.gather(*(self._lookup(key) for key in keys))) if keys
+                                          else [None] * n)
+        missing = [j for j, entry in enumerate(held) if entry is None]
+        found = "miss" if len(missing) == n else "hit" if not missing else "partial"
+        publisher = ReplyPublisher(self.nc, env.reply, env, f"{self.settings.site}/{self.worker_id}",
+                                   first_headers={CACHE: found} if keys else None)
+        admission = Admission(self.nc, admit_to, env, self.worker_id)
+        return keys, held, missing, publisher, admission, Answer.for_request(publisher, env.request_id,
+                                                                              request.model, request)
+
     @staticmethod
     async def _replay_choices(stored: list[tuple[int, cache.Entry]], answer: Answer) -> None:
         """Stream stored choices, one after the other, each at its index."""
@@ -467,15 +480,11 @@ class CloudAdapter:
     async def _call_choices_stream(self, target: Target, request: ChatCompletionRequest, env: Envelope,
                                    missing: list[int], admission: Admission, answer: Answer, total: Tally,
                                    fresh: list[Tally], stored: list[tuple[int, cache.Entry]], started: float) -> None:
-        """One streamed call for the ``missing`` choices (asked as ``_call_choices`` asks them), admitted once
+        """One streamed call for the ``missing`` choices (``asked_for``), admitted once
         every one has begun; then the ``stored`` choices are replayed and the call's relayed, each of its
         choices at its index in the answer (a choice the provider ended without a finish reason: ``stop``)."""
-        asked = request
-        if len(missing) < (request.n or 1):
-            seed = {} if request.seed is None else {"seed": choice_seed(request.seed, missing[0])}
-            asked = request.model_copy(update={"n": len(missing), **seed})
         with target.upstream.slot():
-            call = target.upstream.call(asked, target.model, target.spec, env.deadline)
+            call = target.upstream.call(asked_for(request, missing), target.model, target.spec, env.deadline)
             try:
                 opened = await target.upstream.open_choices_stream(call, len(missing))
             except ChoicesIgnored as exc:  # a provider without n: what it billed is paid, the choices asked apart
@@ -528,15 +537,9 @@ class CloudAdapter:
     @staticmethod
     async def _call_choices(target: Target, request: ChatCompletionRequest, env: Envelope,
                             missing: list[int]) -> Choices:
-        """One call for the ``missing`` choices: all of them, or, when some were stored, as many, sampled from
-        the first missing choice's seed (``seed + j``, as that choice asked alone would be) so the provider's
-        first sample is not the stored choice 0 again."""
-        asked = request
-        if len(missing) < (request.n or 1):
-            seed = {} if request.seed is None else {"seed": choice_seed(request.seed, missing[0])}
-            asked = request.model_copy(update={"n": len(missing), **seed})
+        """One call for the ``missing`` choices (``asked_for``)."""
         with target.upstream.slot():
-            call = target.upstream.call(asked, target.model, target.spec, env.deadline)
+            call = target.upstream.call(asked_for(request, missing), target.model, target.spec, env.deadline)
             return await target.upstream.complete_choices(call, len(missing))
 
     async def serve_embeddings(self, target: Target, request: EmbeddingRequest, env: Envelope,

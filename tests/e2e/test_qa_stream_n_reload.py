@@ -34,18 +34,13 @@ from shared.errors import LeafwireError
 from tests.conftest import serving_nats
 from tests.e2e import test_cloud
 from tests.e2e.test_cloud import CloudStack, sse_chunk, usage_event
+from tests.e2e.test_qa_cloud_n import HEADERS, tag
 from tests.fakes import FakeProvider, Fault
 from tests.support import Service, cloud_router_env, eventually, metric, running
 
 pytestmark = pytest.mark.e2e
 cloud = test_cloud.cloud  # the same stack as test_cloud.py's, for this module
 fresh_fakes = test_cloud._fresh_fakes
-HEADERS = {"Authorization": "Bearer key-acme"}
-
-
-def tag() -> str:
-    """Words no other test sends (the cache outlives a test)."""
-    return f"qa {uuid.uuid4().hex[:8]}"
 
 
 def stream_events(cloud: CloudStack, body: dict[str, Any]) -> tuple[httpx.Response, list[Any]]:
