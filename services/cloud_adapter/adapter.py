@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -43,7 +43,7 @@ from services.cloud_adapter.dialect import (
 )
 from services.cloud_adapter.settings import CloudSettings
 from services.cloud_adapter.state import CloudState
-from services.cloud_adapter.upstream import Call, Upstream
+from services.cloud_adapter.upstream import Call, OpenStream, Upstream
 from shared import metrics, paths, subjects
 from shared.answer import Answer, merge_delta, message_deltas
 from shared.envelope import CACHE, EVENT, Envelope
@@ -491,21 +491,14 @@ class CloudAdapter:
                 if exc.tokens is not None:
                     total.add(exc.tokens)
                 raise ChoicesOneByOne(request.n or 1, target.name) from exc
-            verdict: bool | None = None
-            try:
-                target.first_byte.observe(time.monotonic() - started)
+            target.first_byte.observe(time.monotonic() - started)
+
+            async def admit() -> None:
                 await admission.admit()
                 await self._replay_choices(stored, answer)
-                for piece in opened.first:
-                    await self._apply_choice(piece, answer, total, fresh, missing)
-                async for piece in opened.rest():
-                    await self._apply_choice(piece, answer, total, fresh, missing)
-                verdict = True
-            except LeafwireError as err:
-                verdict = False if provider_fault(err) else None
-                raise
-            finally:
-                opened.close(verdict)
+
+            await self._relay_opened(opened, admit, lambda piece: self._apply_choice(piece, answer, total, fresh,
+                                                                                      missing))
         for j, choice in zip(missing, fresh, strict=True):
             if choice.finish is None:
                 await answer.choice_finish(j, "stop")
@@ -636,21 +629,28 @@ class CloudAdapter:
     async def _relay_stream(self, target: Target, call: Call[ChatCompletionRequest], admission: Admission,
                             answer: Answer, tally: Tally, started: float) -> None:
         opened = await target.upstream.open_stream(call)
+        target.first_byte.observe(time.monotonic() - started)
+        await self._relay_opened(opened, admission.admit, lambda piece: self._apply(piece, answer, tally))
+        await answer.finish(tally.finish or "stop", tally.usage(call.request))
+
+    @staticmethod
+    async def _relay_opened(opened: OpenStream, admit: Callable[[], Awaitable[None]],
+                            apply: Callable[[Piece], Awaitable[None]]) -> None:
+        """Admit the request, then ``apply`` every piece of an opened stream; give its connection back with the
+        breaker's verdict: a success, the provider's fault, or none (the caller left, say)."""
         verdict: bool | None = None
         try:
-            target.first_byte.observe(time.monotonic() - started)
-            await admission.admit()
+            await admit()
             for piece in opened.first:
-                await self._apply(piece, answer, tally)
+                await apply(piece)
             async for piece in opened.rest():
-                await self._apply(piece, answer, tally)
+                await apply(piece)
             verdict = True
         except LeafwireError as err:
             verdict = False if provider_fault(err) else None
             raise
         finally:
             opened.close(verdict)
-        await answer.finish(tally.finish or "stop", tally.usage(call.request))
 
     @staticmethod
     async def _apply(piece: Piece, answer: Answer, tally: Tally) -> None:
