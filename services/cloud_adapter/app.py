@@ -202,7 +202,11 @@ async def keep_configured(adapter: CloudAdapter, settings: CloudSettings) -> Non
             now = stamp(paths)
             if hangup.is_set() or now != seen:
                 hangup.clear()
-                await reload_providers(adapter, settings)
+                try:
+                    await reload_providers(adapter, settings)
+                except Exception:  # a bug must not stop the next reloads: said, and the next change is read
+                    metrics.PROVIDERS_RELOADS.labels("refused").inc()
+                    log.exception("providers file not applied: the running providers stay")
                 paths = watched(settings, adapter)
                 seen = stamp(paths)
     finally:
