@@ -133,7 +133,8 @@ def test_malformed_providers_file_is_one_structured_error(server: NatsServer, tm
     bad = _broken_copy(ROOT / "deploy" / "providers.yaml", tmp_path / "providers.yaml",
                        "    kind: openai-compatible", "   bad_indent: [1, 2")
     said = refusal(server, "cloud_adapter", {"LW_PROVIDERS_FILE": str(bad)})
-    assert f'in "providers file {bad}", line 8' in said, said
+    wrong = bad.read_text().splitlines().index("   bad_indent: [1, 2") + 1  # the line number of the bad line
+    assert f'in "providers file {bad}", line {wrong}, column' in said, said
 
 
 def test_malformed_policy_file_is_one_structured_error(server: NatsServer, tmp_path: Path) -> None:
