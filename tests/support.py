@@ -326,6 +326,21 @@ def write_policy(path: Path, text: str) -> Path:
     return path
 
 
+def local_and_cloud_site(nats_url: str, site: str, tmp: Path, providers: Path, policy: str,
+                         key_env: dict[str, str]) -> tuple[Service, Service, Service, Service]:
+    """A site's local-inference (the tiny fixture model), cloud-adapter (``providers``, its keys in
+    ``key_env``, short retry waits, a breaker that never opens), router (uplink up, ``policy``) and gateway,
+    not started."""
+    env = {"LW_NATS_URL": nats_url, "LW_SITE": site}
+    worker = Service("local_inference", {**env, "LW_MODELS_FILE": str(write_registry(tmp / "models.yaml"))})
+    adapter = Service("cloud_adapter", {**env, "LW_PROVIDERS_FILE": str(providers), **key_env,
+                                        "LW_CLOUD_BACKOFF_BASE_S": "0.01", "LW_CLOUD_BACKOFF_CAP_S": "0.02",
+                                        "LW_CLOUD_BREAKER_FAILURES": "1000"})
+    router = Service("router", {**env, "LW_ROUTER_UPLINK": "up", "LW_ROUTER_CLOUD_ADMISSION_TIMEOUT_S": "1.5",
+                                "LW_ROUTER_POLICY_FILE": str(write_policy(tmp / "policy.yaml", policy))})
+    return worker, adapter, router, Service("gateway", env)
+
+
 def cloud_router_env(tmp: Path) -> dict[str, str]:
     """Router settings for tests of the cloud path alone: the uplink counts as up, and a refused cloud
     model is not retried on a local model (each test sees the adapter's own answer)."""

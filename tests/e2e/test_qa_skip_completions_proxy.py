@@ -19,7 +19,14 @@ import pytest
 from deploy.topology import free_port
 from tests.e2e import test_cloud_proxy
 from tests.fakes import FakeProvider, Fault
-from tests.support import NatsServer, Service, cloud_router_env, eventually, running, write_policy, write_registry
+from tests.support import (
+    NatsServer,
+    Service,
+    cloud_router_env,
+    eventually,
+    local_and_cloud_site,
+    running,
+)
 
 pytestmark = pytest.mark.e2e
 SITE = "qaskip"
@@ -63,14 +70,8 @@ def site(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> I
     providers = tmp / "providers.yaml"
     providers.write_text(json.dumps({"providers": [entry("fake", ["echo", "echo2"]),
                                                    entry("plain", ["other"], n=False)]}))
-    env = {"LW_NATS_URL": nats_server.url, "LW_SITE": SITE}
-    worker = Service("local_inference", {**env, "LW_MODELS_FILE": str(write_registry(tmp / "models.yaml"))})
-    adapter = Service("cloud_adapter", {**env, "LW_PROVIDERS_FILE": str(providers), "LW_TEST_KEY": KEY,
-                                        "LW_CLOUD_BACKOFF_BASE_S": "0.01", "LW_CLOUD_BACKOFF_CAP_S": "0.02",
-                                        "LW_CLOUD_BREAKER_FAILURES": "1000"})
-    router = Service("router", {**env, "LW_ROUTER_UPLINK": "up", "LW_ROUTER_CLOUD_ADMISSION_TIMEOUT_S": "1.5",
-                                "LW_ROUTER_POLICY_FILE": str(write_policy(tmp / "policy.yaml", POLICY))})
-    gateway = Service("gateway", env)
+    worker, adapter, router, gateway = local_and_cloud_site(nats_server.url, SITE, tmp, providers, POLICY,
+                                                            {"LW_TEST_KEY": KEY})
     try:
         with running(worker, adapter, router, gateway):
             yield Site(nats_server, worker, gateway, provider)

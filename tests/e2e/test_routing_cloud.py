@@ -19,7 +19,16 @@ import nats
 import pytest
 
 from tests.fakes import FakeProvider, Fault, providers_file
-from tests.support import NatsServer, Service, eventually, last_usage, metric, running, write_policy, write_registry
+from tests.support import (
+    NatsServer,
+    Service,
+    eventually,
+    last_usage,
+    local_and_cloud_site,
+    metric,
+    running,
+    write_policy,
+)
 
 pytestmark = pytest.mark.e2e
 SITE = "rc"
@@ -52,14 +61,8 @@ def site(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> I
     tmp = tmp_path_factory.mktemp("routing-cloud")
     provider = FakeProvider("openai", key=KEY).start()
     providers = providers_file(tmp / "providers.yaml", provider)
-    env = {"LW_NATS_URL": nats_server.url, "LW_SITE": SITE}
-    worker = Service("local_inference", {**env, "LW_MODELS_FILE": str(write_registry(tmp / "models.yaml"))})
-    adapter = Service("cloud_adapter", {**env, "LW_PROVIDERS_FILE": str(providers), "LW_TEST_KEY": KEY,
-                                        "LW_CLOUD_BACKOFF_BASE_S": "0.01", "LW_CLOUD_BACKOFF_CAP_S": "0.02",
-                                        "LW_CLOUD_BREAKER_FAILURES": "1000"})
-    router = Service("router", {**env, "LW_ROUTER_UPLINK": "up", "LW_ROUTER_CLOUD_ADMISSION_TIMEOUT_S": "1.5",
-                                "LW_ROUTER_POLICY_FILE": str(write_policy(tmp / "policy.yaml", POLICY))})
-    gateway = Service("gateway", env)
+    worker, adapter, router, gateway = local_and_cloud_site(nats_server.url, SITE, tmp, providers, POLICY,
+                                                            {"LW_TEST_KEY": KEY})
     try:
         with running(worker, adapter, router, gateway):
             yield Site(nats_server, worker, router, gateway, provider, adapter)
