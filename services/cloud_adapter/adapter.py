@@ -203,7 +203,7 @@ class CloudAdapter:
 
     def _upstream(self, provider: Provider) -> Upstream:
         return Upstream(provider, self.settings.retry_policy(), self._breaker(provider),
-                        self.settings.max_response_bytes)
+                        self.settings.max_response_bytes, self.settings.n_recheck_s)
 
     def _targets(self) -> dict[str, Target]:
         return {f"{name}/{model}": Target(u, model, spec) for name, u in self.upstreams.items()
@@ -267,7 +267,8 @@ class CloudAdapter:
               kind: ModelKind = "chat") -> Target:
         """Check what can be checked without I/O; raise what the router should get."""
         target = self.resolve(request.model, kind)
-        if isinstance(request, ChatCompletionRequest) and (n := request.n or 1) > 1 and not target.upstream.native_n:
+        if (isinstance(request, ChatCompletionRequest) and (n := request.n or 1) > 1
+                and not target.upstream.has_n(target.spec.upstream or target.model)):
             raise ChoicesOneByOne(n, target.name)
         if env.expired():
             raise DeadlineExceeded("the request's deadline passed before it reached the cloud adapter")

@@ -58,6 +58,10 @@ class CloudSettings(ServiceSettings):
     heartbeat_s: float = Field(default=2.0, gt=0, alias="LW_CLOUD_HEARTBEAT_S")
     max_response_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, alias="LW_CLOUD_MAX_RESPONSE_BYTES",
                                     description="largest provider answer (or stream event) read")
+    n_recheck_s: float = Field(default=3600.0, ge=0, alias="LW_CLOUD_N_RECHECK_S",
+                               description="how long a model whose server was found to have no n (one choice "
+                                           "answered, or n refused) has its choices asked a call each before "
+                                           "n is tried again")
     usage_pending_max: int = Field(default=10_000, ge=1, alias="LW_CLOUD_USAGE_PENDING_MAX",
                                    description="usage events awaiting a JetStream ack; more are dropped")
 

@@ -204,13 +204,15 @@ class Upstream:
     """Everything about calling one provider."""
 
     def __init__(self, provider: Provider, policy: RetryPolicy, breaker: Breaker,
-                 max_response_bytes: int = 16 * 1024 * 1024) -> None:
+                 max_response_bytes: int = 16 * 1024 * 1024, n_recheck_s: float = 3600.0) -> None:
         self.provider = provider
         self.name = provider.spec.name
         self.policy = policy
         self.breaker = breaker
         self.dialect = dialect_of(provider)
         self.max_response_bytes = max_response_bytes
+        self.n_recheck_s = n_recheck_s
+        self._without_n: dict[str, float] = {}  # upstream model -> until when it is taken to have no n (found out)
         self.inflight = 0
         self.held = 0  # requests admitted for this provider and not finished (``hold``)
         self.idle = asyncio.Event()  # set while none is
@@ -256,6 +258,20 @@ class Upstream:
         """Whether one call is asked for several choices: the dialect has ``n``, and the provider's entry does
         not say it has none (``n: false``)."""
         return self.dialect.native_n and self.provider.spec.n
+
+    def has_n(self, upstream_model: str) -> bool:
+        """``native_n``, unless a call found out within ``n_recheck_s`` that the server has no ``n`` for this
+        model (it answered one choice, or refused ``n``): its choices are then asked a call each at once, not
+        after a call wasted again on every request."""
+        if not self.native_n:
+            return False
+        until = self._without_n.get(upstream_model)
+        if until is None:
+            return True
+        if time.monotonic() < until:
+            return False
+        del self._without_n[upstream_model]  # asked with n again: a server upgraded since is found out too
+        return True
 
     def slot(self) -> Slot:
         """Take one of the provider's concurrent-call slots, or refuse at once (429)."""
@@ -329,7 +345,7 @@ class Upstream:
                 raise AssertionError(f"{self.name}'s dialect has no n")  # refused before the call: ChoicesOneByOne
             return choices
 
-        with self._n_ignored():
+        with self._n_ignored(call):
             choices, probe = await self._with_retries(call, attempt)
         self.settle(True, probe)
         return choices
@@ -343,7 +359,7 @@ class Upstream:
             with self._n_refused():
                 return await self._try_stream(call, probe)
 
-        with self._n_ignored():
+        with self._n_ignored(call):
             opened, _ = await self._with_retries(call, attempt)
             try:
                 begun = await opened.choices_begun(n)
@@ -372,12 +388,16 @@ class Upstream:
             raise
 
     @contextlib.contextmanager
-    def _n_ignored(self) -> Iterator[None]:
+    def _n_ignored(self, call: Call[ChatCompletionRequest]) -> Iterator[None]:
+        """A server found to have no ``n`` is remembered so, for this model, for ``n_recheck_s``."""
         try:
             yield
         except ChoicesIgnored:
-            log.info("the provider has no n: the choices are asked a call each (n: false in its entry of the "
-                     "providers file saves this call)", provider=self.name)
+            model = call.spec.upstream or call.model
+            self._without_n[model] = time.monotonic() + self.n_recheck_s
+            log.info("the provider has no n: the choices are asked a call each, for this model, for the next "
+                     "n_recheck_s (n: false in its entry of the providers file saves this call)",
+                     provider=self.name, model=call.model, n_recheck_s=self.n_recheck_s)
             raise
 
     async def embed(self, call: Call[EmbeddingRequest]) -> embeddings.Vectors:

@@ -88,17 +88,18 @@ def providers_file(path: Path, openai_fake: FakeProvider, claude_fake: FakeProvi
     return path
 
 
-@pytest.fixture(scope="module")
-def cloud(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudStack]:
+@contextlib.contextmanager
+def cloud_stack(nats_server: NatsServer, folder: Path, **adapter_env: str) -> Iterator[CloudStack]:
+    """The fakes, and a hub adapter, a router and a gateway for site ``plant`` (``adapter_env``: more settings)."""
     openai_fake = FakeProvider("openai", key=KEY).start()
     claude_fake = FakeProvider("anthropic", key=CLAUDE_KEY).start()
-    file = providers_file(tmp_path_factory.mktemp("cloud") / "providers.yaml", openai_fake, claude_fake)
+    file = providers_file(folder / "providers.yaml", openai_fake, claude_fake)
     env = {"LW_NATS_URL": nats_server.url, "LW_SITE": SITE}
     adapter = Service("cloud_adapter", {
         "LW_NATS_URL": nats_server.url, "LW_SITE": "hub", "LW_PROVIDERS_FILE": str(file),
         "LW_TEST_FAKE_KEY": KEY, "LW_TEST_WRONG_KEY": WRONG_KEY, "LW_TEST_CLAUDE_KEY": CLAUDE_KEY,
         "LW_CLOUD_BACKOFF_BASE_S": "0.01", "LW_CLOUD_BACKOFF_CAP_S": "0.05", "LW_CLOUD_BREAKER_FAILURES": "1000",
-        "LW_CLOUD_BREAKER_OPEN_S": "60", "LW_LOG_LEVEL": "debug", **KEEPALIVE})
+        "LW_CLOUD_BREAKER_OPEN_S": "60", "LW_LOG_LEVEL": "debug", **KEEPALIVE, **adapter_env})
     router = Service("router", {**env, **cloud_router_env(file.parent), **KEEPALIVE})
     # an idle timeout shorter than the provider's slowest answers: the adapter keeps its callers waiting
     gateway = Service("gateway", {**env, "LW_GATEWAY_API_KEYS": API_KEYS, "LW_GATEWAY_IDLE_TIMEOUT_S": "1.5",
@@ -109,6 +110,14 @@ def cloud(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> 
     finally:
         openai_fake.stop()
         claude_fake.stop()
+
+
+@pytest.fixture(scope="module")
+def cloud(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudStack]:
+    # A server found to have no n is not remembered: each test scripts the fake anew, with n or without
+    # (tests/e2e/test_cloud_n_memory.py covers remembering).
+    with cloud_stack(nats_server, tmp_path_factory.mktemp("cloud"), LW_CLOUD_N_RECHECK_S="0") as stack:
+        yield stack
 
 
 @pytest.fixture(autouse=True)
