@@ -29,6 +29,8 @@ def merge_delta(message: dict[str, Any], delta: Mapping[str, Any]) -> None:
             continue
         if key == "tool_calls":
             _merge_tool_calls(message.setdefault("tool_calls", []), value)
+        elif key == "thinking_blocks":  # each delta carries whole blocks (Anthropic's, at their end)
+            message.setdefault(key, []).extend(value)
         elif isinstance(value, str) and isinstance(message.get(key), str):
             message[key] += value
         else:

@@ -88,6 +88,7 @@ class Tally:
     completion_tokens: int | None = None
     cached_tokens: int | None = None
     reasoning_tokens: int | None = None
+    written_tokens: int | None = None  # of the prompt, written to the provider's prompt cache
     chars: int = 0
 
     def add(self, piece: Piece) -> None:
@@ -105,6 +106,7 @@ class Tally:
             self.completion_tokens = piece.completion if piece.completion is not None else self.completion_tokens
             self.cached_tokens = piece.cached if piece.cached is not None else self.cached_tokens
             self.reasoning_tokens = piece.reasoning if piece.reasoning is not None else self.reasoning_tokens
+            self.written_tokens = piece.written if piece.written is not None else self.written_tokens
 
     def usage(self, request: ChatCompletionRequest) -> Usage:
         """Token usage as reported, or estimated (4 characters a token) where the provider gave none."""
@@ -668,6 +670,7 @@ class CloudAdapter:
         tally.finish = completion.finish
         tally.prompt_tokens, tally.completion_tokens = completion.prompt_tokens, completion.completion_tokens
         tally.cached_tokens, tally.reasoning_tokens = completion.cached_tokens, completion.reasoning_tokens
+        tally.written_tokens = completion.written_tokens
         content = completion.message.get("content")
         tally.chars = len(content) if isinstance(content, str) else 0
         await admission.admit()
@@ -707,7 +710,8 @@ class CloudAdapter:
             usage, cost = Usage.of(0, 0), 0.0  # nothing reached us: nothing to bill
         else:
             usage = tally.usage(request)
-            cost = target.spec.cost(usage.prompt_tokens, usage.completion_tokens, tally.cached_tokens or 0)
+            cost = target.spec.cost(usage.prompt_tokens, usage.completion_tokens, tally.cached_tokens or 0,
+                                    tally.written_tokens or 0)
             self._charge(target, env.tenant, usage, cost)
         return self._usage_event(target, env, outcome, elapsed, usage, cost, cached=hit is not None)
 

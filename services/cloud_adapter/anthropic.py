@@ -10,6 +10,13 @@ Request (OpenAI → Anthropic):
   (their text parts as text blocks of the result).
 - ``tools`` → ``name``/``description``/``input_schema``; ``tool_choice`` auto/none/required/a function →
   auto/none/any/tool; ``parallel_tool_calls: false`` → ``disable_parallel_tool_use``.
+- Prompt caching, as LiteLLM passes it on: ``cache_control`` on a content part, a message (its last block),
+  or a tool goes with that block or tool (``{"type": "ephemeral"}``, with ``ttl`` ``5m`` or ``1h``).
+- Extended thinking: ``thinking`` as Anthropic takes it, or ``reasoning_effort`` (minimal/low → 1,024
+  thinking tokens, medium → 2,048, high → 4,096, none → off). The budget counts toward ``max_tokens``: the
+  caller's limit must exceed it (400 otherwise); without one, the model's ``max_tokens`` plus the budget.
+  An assistant's ``thinking_blocks`` (as answered, signatures included) go back before its other blocks, as
+  Anthropic wants them when thinking continues across tool calls.
 - ``max_tokens`` (required by Anthropic) defaults to the model's ``max_tokens`` in the providers file;
   ``stop`` → ``stop_sequences``; ``temperature`` above 1 is refused (400: Anthropic takes 0-1);
   ``top_p``; ``user`` → ``metadata.user_id``. ``seed`` is not sent (Anthropic has none; OpenAI calls it best
@@ -19,12 +26,16 @@ Request (OpenAI → Anthropic):
   ``shared.local_params.UNHONOURED``. Other unknown fields are not sent.
 
 Answer (Anthropic → OpenAI): text blocks → ``content``; ``tool_use`` → ``tool_calls`` (input as JSON
-text; a tool call without arguments has ``{}``, streamed too); ``stop_reason`` end_turn/stop_sequence/
+text; a tool call without arguments has ``{}``, streamed too); ``thinking`` blocks → ``reasoning_content``
+(their text) and ``thinking_blocks`` (each block whole, with its signature; ``redacted_thinking`` too), as
+LiteLLM has them; streamed, the thinking text comes as ``reasoning_content`` deltas and each block whole as a
+``thinking_blocks`` delta when it ends; ``stop_reason`` end_turn/stop_sequence/
 pause_turn → stop, max_tokens and model_context_window_exceeded → length, tool_use → tool_calls, refusal →
 content_filter; usage ``input_tokens`` (+ cache creation and cache read) → prompt,
-``output_tokens`` → completion. Streams: ``message_start`` (prompt tokens), ``content_block_start`` /
-``content_block_delta`` (text and tool-call argument pieces), ``message_delta`` (stop reason, output
-tokens), ``message_stop``; ``ping`` is ignored; an ``error`` event raises.
+``output_tokens`` (thinking included) → completion, cache reads → ``cached_tokens`` and cache writes priced
+apart (``Tokens.written``). Streams: ``message_start`` (prompt tokens), ``content_block_start`` /
+``content_block_delta`` (text, thinking, signature and tool-call argument pieces), ``message_delta`` (stop
+reason, output tokens), ``message_stop``; ``ping`` is ignored; an ``error`` event raises.
 """
 
 from __future__ import annotations
@@ -58,6 +69,41 @@ STOP_REASONS: dict[str, FinishReason] = {
 }
 _DATA_URL = re.compile(r"^data:(image/[a-z0-9.+-]+);base64,(.*)$", re.DOTALL)
 Block = dict[str, Any]
+EFFORT_BUDGETS = {"minimal": 1024, "low": 1024, "medium": 2048, "high": 4096}
+"""Thinking tokens of each ``reasoning_effort`` (as LiteLLM maps them; 1,024 is Anthropic's least)."""
+
+
+def _cache_control(value: Any, param: str) -> Block:
+    """A ``cache_control`` as Anthropic takes it: ``{"type": "ephemeral"}``, with a ``ttl`` of 5m or 1h."""
+    if (not isinstance(value, dict) or value.get("type") != "ephemeral"
+            or not set(value) <= {"type", "ttl"} or value.get("ttl", "5m") not in ("5m", "1h")):
+        raise InvalidRequest(f"cache_control must be {{\"type\": \"ephemeral\"}}, with a ttl of \"5m\" or \"1h\" "
+                             f"(got {json.dumps(value)[:80]})", param=param)
+    return dict(value)
+
+
+def _cached(block: Block, extra: dict[str, Any] | None, param: str = "messages") -> Block:
+    """``block`` with the ``cache_control`` of the part, message or tool it came from (when it has one)."""
+    if extra and extra.get("cache_control") is not None:
+        block["cache_control"] = _cache_control(extra["cache_control"], param)
+    return block
+
+
+def _thinking_blocks(value: Any) -> list[Block]:
+    """An assistant's ``thinking_blocks``, as they were answered, for Anthropic (signatures are required)."""
+    if not isinstance(value, list):
+        raise InvalidRequest("thinking_blocks must be a list of thinking blocks", param="messages")
+    blocks: list[Block] = []
+    for block in value:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "thinking" and isinstance(block.get("thinking"), str) and isinstance(block.get("signature"), str):
+            blocks.append({"type": "thinking", "thinking": block["thinking"], "signature": block["signature"]})
+        elif kind == "redacted_thinking" and isinstance(block.get("data"), str):
+            blocks.append({"type": "redacted_thinking", "data": block["data"]})
+        else:
+            raise InvalidRequest("each of thinking_blocks is a thinking block (thinking and signature) or a "
+                                 "redacted_thinking block (data), as the answer gave it", param="messages")
+    return blocks
 
 
 def _image(url: Any) -> Block:
@@ -76,14 +122,14 @@ def _content_blocks(message: ChatMessage) -> list[Block]:
         return [{"type": "text", "text": message.content}] if message.content else []
     blocks: list[Block] = []
     for part in message.content:
+        extra = part.model_extra or {}
         if isinstance(part, TextPart):
-            blocks.append({"type": "text", "text": part.text})
+            blocks.append(_cached({"type": "text", "text": part.text}, extra))
         elif part.type == "image_url":
-            extra = part.model_extra or {}
             image = extra.get("image_url")
-            blocks.append(_image(image.get("url") if isinstance(image, dict) else image))
+            blocks.append(_cached(_image(image.get("url") if isinstance(image, dict) else image), extra))
         elif part.type == "refusal" and message.role == "assistant":  # what the assistant said when it refused
-            refusal = (part.model_extra or {}).get("refusal")
+            refusal = extra.get("refusal")
             if isinstance(refusal, str) and refusal:
                 blocks.append({"type": "text", "text": refusal})
         else:
@@ -104,14 +150,19 @@ def _tool_use(call: Any) -> Block:
 
 
 def _turn(message: ChatMessage) -> tuple[str, list[Block]]:
+    """The role and blocks of one message; a message's own ``cache_control`` marks its last block."""
     extra = message.model_extra or {}
     if message.role == "tool":
         result = message.text() if isinstance(message.content, str) else _content_blocks(message)
-        return "user", [{"type": "tool_result", "tool_use_id": str(extra.get("tool_call_id") or ""),
-                         "content": result}]
+        return "user", [_cached({"type": "tool_result", "tool_use_id": str(extra.get("tool_call_id") or ""),
+                                 "content": result}, extra)]
     blocks = _content_blocks(message)
     if message.role == "assistant":
         blocks += [_tool_use(call) for call in extra.get("tool_calls") or []]
+    if blocks:
+        _cached(blocks[-1], extra)
+    if message.role == "assistant" and extra.get("thinking_blocks"):
+        blocks = _thinking_blocks(extra["thinking_blocks"]) + blocks  # Anthropic wants them first
     return ("assistant" if message.role == "assistant" else "user"), blocks
 
 
@@ -137,10 +188,16 @@ def translate_messages(messages: list[ChatMessage]) -> tuple[str | list[Block], 
 
 def _system(messages: list[ChatMessage]) -> str | list[Block]:
     """The ``system`` of the system and developer messages: their strings joined by blank lines, or text
-    blocks when any of them is a list of parts (joining parts would run their words together)."""
-    if all(isinstance(m.content, str) for m in messages):
+    blocks when any of them is a list of parts (joining parts would run their words together) or is marked
+    for caching (``cache_control``: the message's last block)."""
+    if all(isinstance(m.content, str) and (m.model_extra or {}).get("cache_control") is None for m in messages):
         return "\n\n".join(m.text() for m in messages if m.text())
-    blocks = [b for m in messages for b in _content_blocks(m)]
+    blocks: list[Block] = []
+    for m in messages:
+        own = _content_blocks(m)
+        if own:
+            _cached(own[-1], m.model_extra)
+        blocks += own
     if any(b["type"] != "text" for b in blocks):
         raise InvalidRequest("a system or developer message can hold text only", param="messages")
     return [b for b in blocks if b["text"]]  # Anthropic refuses empty text blocks
@@ -150,8 +207,27 @@ def _tool(tool: Any) -> dict[str, Any]:
     fn = tool.get("function") if isinstance(tool, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
         raise InvalidRequest("each tool needs a function with a name", param="tools")
-    return {"name": fn["name"], "description": fn.get("description") or "",
-            "input_schema": fn.get("parameters") or {"type": "object", "properties": {}}}
+    return _cached({"name": fn["name"], "description": fn.get("description") or "",
+                    "input_schema": fn.get("parameters") or {"type": "object", "properties": {}}}, tool, "tools")
+
+
+def _thinking(extras: dict[str, Any]) -> Block | None:
+    """Anthropic's ``thinking`` of a request: its own ``thinking`` as given, or from ``reasoning_effort``."""
+    thinking = extras.get("thinking")
+    if thinking is not None:
+        budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
+        if not isinstance(thinking, dict) or not isinstance(thinking.get("type"), str) or (
+                thinking["type"] == "enabled" and (not isinstance(budget, int) or isinstance(budget, bool))):
+            raise InvalidRequest('thinking must be {"type": "enabled", "budget_tokens": <tokens>} or '
+                                 '{"type": "disabled"}, as Anthropic takes it', param="thinking")
+        return dict(thinking)
+    effort = extras.get("reasoning_effort")
+    if effort is None or effort == "none":
+        return None
+    if effort not in EFFORT_BUDGETS:
+        raise InvalidRequest(f"reasoning_effort takes {', '.join(EFFORT_BUDGETS)} or none "
+                             f"(got {json.dumps(effort)[:40]})", param="reasoning_effort")
+    return {"type": "enabled", "budget_tokens": EFFORT_BUDGETS[effort]}
 
 
 def _tools(extras: dict[str, Any]) -> dict[str, Any]:
@@ -180,14 +256,27 @@ def _tools(extras: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _thought(block: dict[str, Any]) -> Block | None:
+    """A thinking block as ``thinking_blocks`` keeps it (to be sent back), or ``None`` for another block."""
+    if block.get("type") == "thinking":
+        return {"type": "thinking", "thinking": str(block.get("thinking", "")),
+                "signature": str(block.get("signature", ""))}
+    if block.get("type") == "redacted_thinking":
+        return {"type": "redacted_thinking", "data": str(block.get("data", ""))}
+    return None
+
+
 def _message(content: Any) -> tuple[dict[str, Any], bool]:
     """An OpenAI assistant message from Anthropic content blocks; and whether it holds tool calls."""
     text: list[str] = []
     calls: list[dict[str, Any]] = []
+    thoughts: list[Block] = []
     for block in content if isinstance(content, list) else []:
         if not isinstance(block, dict):
             continue
-        if block.get("type") == "text":
+        if (thought := _thought(block)) is not None:
+            thoughts.append(thought)
+        elif block.get("type") == "text":
             text.append(str(block.get("text", "")))
         elif block.get("type") == "tool_use":
             calls.append({"id": block.get("id", ""), "type": "function",
@@ -196,6 +285,9 @@ def _message(content: Any) -> tuple[dict[str, Any], bool]:
     message: dict[str, Any] = {"content": "".join(text) if text or not calls else None}
     if calls:
         message["tool_calls"] = calls
+    if thoughts:
+        message["reasoning_content"] = "".join(t.get("thinking", "") for t in thoughts)
+        message["thinking_blocks"] = thoughts
     return message, bool(calls)
 
 
@@ -203,6 +295,13 @@ def _prompt_tokens(usage: dict[str, Any]) -> int | None:
     parts = [as_int(usage.get(k)) for k in ("input_tokens", "cache_creation_input_tokens",
                                             "cache_read_input_tokens")]
     return None if parts[0] is None else sum(p or 0 for p in parts)
+
+
+def _prompt_usage(usage: dict[str, Any]) -> Tokens:
+    """The prompt's tokens of an Anthropic usage object: all of them, those read from its cache, those
+    written to it."""
+    return Tokens(prompt=_prompt_tokens(usage), cached=as_int(usage.get("cache_read_input_tokens")),
+                  written=as_int(usage.get("cache_creation_input_tokens")))
 
 
 def _stream_error(provider: str, error: Any) -> LeafwireError:
@@ -232,6 +331,7 @@ class AnthropicStream:
     done: bool = False
     _tools: dict[int, int] = field(default_factory=dict)  # Anthropic block index → OpenAI tool call index
     _argued: set[int] = field(default_factory=set)  # tool blocks whose arguments have begun
+    _thoughts: dict[int, Block] = field(default_factory=dict)  # thinking blocks so far, by block index
 
     def feed(self, event: str, data: str) -> list[Piece]:
         """Pieces of one event (see the module docstring)."""
@@ -243,11 +343,13 @@ class AnthropicStream:
         return handler(body) if handler is not None else []
 
     def _on_message_start(self, body: dict[str, Any]) -> list[Piece]:
-        usage = (body.get("message") or {}).get("usage") or {}
-        return [Tokens(prompt=_prompt_tokens(usage), cached=as_int(usage.get("cache_read_input_tokens")))]
+        return [_prompt_usage((body.get("message") or {}).get("usage") or {})]
 
     def _on_content_block_start(self, body: dict[str, Any]) -> list[Piece]:
         block = body.get("content_block") or {}
+        if (thought := _thought(block)) is not None:
+            self._thoughts[int(body.get("index", 0))] = thought
+            return [Delta({"reasoning_content": thought["thinking"]})] if thought.get("thinking") else []
         if block.get("type") == "tool_use":
             index = self._tools.setdefault(int(body.get("index", 0)), len(self._tools))
             return [Delta({"tool_calls": [{"index": index, "id": block.get("id", ""), "type": "function",
@@ -260,6 +362,13 @@ class AnthropicStream:
         delta = body.get("delta") or {}
         if delta.get("type") == "text_delta" and delta.get("text"):
             return [Delta({"content": delta["text"]})]
+        thought = self._thoughts.get(int(body.get("index", 0)))
+        if thought is not None and delta.get("type") == "thinking_delta" and delta.get("thinking"):
+            thought["thinking"] += str(delta["thinking"])
+            return [Delta({"reasoning_content": delta["thinking"]})]
+        if thought is not None and delta.get("type") == "signature_delta":
+            thought["signature"] = thought.get("signature", "") + str(delta.get("signature", ""))
+            return []
         if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
             block = int(body.get("index", 0))
             self._argued.add(block)
@@ -271,6 +380,8 @@ class AnthropicStream:
         """A tool call that ends without arguments (a tool with no parameters) has ``{}``, as OpenAI's and
         the whole answer's: ``""`` is not JSON."""
         block = int(body.get("index", 0))
+        if (thought := self._thoughts.pop(block, None)) is not None:  # whole, to be sent back with its signature
+            return [Delta({"thinking_blocks": [thought]})]
         if block not in self._tools or block in self._argued:
             return []
         self._argued.add(block)
@@ -282,7 +393,9 @@ class AnthropicStream:
         if reason:
             pieces.append(Finish(STOP_REASONS.get(reason, "stop")))
         usage = body.get("usage") or {}
-        pieces.append(Tokens(prompt=_prompt_tokens(usage), completion=as_int(usage.get("output_tokens"))))
+        prompt = _prompt_usage(usage)
+        pieces.append(Tokens(prompt=prompt.prompt, completion=as_int(usage.get("output_tokens")), cached=prompt.cached,
+                             written=prompt.written))
         return pieces
 
     def _on_message_stop(self, body: dict[str, Any]) -> list[Piece]:
@@ -294,7 +407,7 @@ class AnthropicStream:
 
 
 UNHONOURED = {param: accepted for param, accepted in local_params.UNHONOURED.items()
-              if param not in ("tools", "tool_choice")} | {"logit_bias": ({},)}
+              if param not in ("tools", "tool_choice", "reasoning_effort")} | {"logit_bias": ({},)}
 """OpenAI parameters Anthropic's Messages API has no counterpart for, with the values that ask for nothing."""
 
 
@@ -321,8 +434,18 @@ class Anthropic:
         """The Messages API body of an OpenAI chat request."""
         refuse_unhonoured(upstream, request)
         system, messages = translate_messages(request.messages)
-        out: dict[str, Any] = {"model": upstream, "max_tokens": request.token_limit() or model.max_tokens,
-                               "messages": messages}
+        extras = request_extras(request)
+        thinking = _thinking(extras)
+        budget = thinking.get("budget_tokens") if thinking and thinking.get("type") == "enabled" else None
+        limit = request.token_limit()
+        if limit is not None and budget is not None and limit <= budget:
+            param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+            raise InvalidRequest(f"{param} ({limit}) must be larger than the thinking budget ({budget} tokens): "
+                                 "the thinking counts toward it", param=param)
+        out: dict[str, Any] = {"model": upstream, "messages": messages,
+                               "max_tokens": limit or model.max_tokens + (budget or 0)}
+        if thinking is not None:
+            out["thinking"] = thinking
         if system:
             out["system"] = system
         if request.temperature is not None:
@@ -335,7 +458,7 @@ class Anthropic:
             out["stop_sequences"] = request.stop_sequences()
         if request.user:
             out["metadata"] = {"user_id": request.user}
-        out.update(_tools(request_extras(request)))
+        out.update(_tools(extras))
         if stream:
             out["stream"] = True
         return json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode()
@@ -355,9 +478,10 @@ class Anthropic:
             raise bad_response(self.provider, "no `content` list in the answer")
         message, _ = _message(body["content"])
         usage = body.get("usage") or {}
+        prompt = _prompt_usage(usage)
         return Completion(message, STOP_REASONS.get(str(body.get("stop_reason")), "stop"),
-                          _prompt_tokens(usage), as_int(usage.get("output_tokens")),
-                          as_int(usage.get("cache_read_input_tokens")))
+                          prompt.prompt, as_int(usage.get("output_tokens")), prompt.cached,
+                          written_tokens=prompt.written)
 
     def stream_parser(self, n: int = 1) -> AnthropicStream:
         """A parser for one streamed answer (one choice: the Messages API has no ``n``)."""

@@ -95,22 +95,31 @@ class ModelSpec(BaseModel):
     cached_input_per_mtok: Annotated[float | None, Field(ge=0)] = Field(
         default=None, description="price of prompt tokens the provider read from its prompt cache (OpenAI's "
                                   "cached_tokens, Anthropic's cache reads); unset: the input price")
+    cache_write_input_per_mtok: Annotated[float | None, Field(ge=0)] = Field(
+        default=None, description="price of prompt tokens written to the provider's prompt cache (Anthropic's "
+                                  "cache_creation_input_tokens, 1.25x the input price at Anthropic for 5 minutes); "
+                                  "unset: the input price")
     context_length: Annotated[int | None, Field(ge=1)] = None
     max_tokens: Annotated[int, Field(ge=1)] = Field(
         default=4096, description="completion limit sent when a request sets none (Anthropic requires one)")
 
     @model_validator(mode="after")
     def _embeddings_have_no_output(self) -> ModelSpec:
-        if self.kind == "embeddings" and (self.output_per_mtok or self.cached_input_per_mtok is not None):
+        if self.kind == "embeddings" and (self.output_per_mtok or self.cached_input_per_mtok is not None
+                                          or self.cache_write_input_per_mtok is not None):
             raise ValueError("an embeddings model reads input tokens only: give it input_per_mtok, not "
-                             "output_per_mtok or cached_input_per_mtok")
+                             "output_per_mtok, cached_input_per_mtok or cache_write_input_per_mtok")
         return self
 
-    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
-        """US dollars for this many tokens, ``cached_tokens`` of the prompt at the cached-input price."""
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+             written_tokens: int = 0) -> float:
+        """US dollars for this many tokens, ``cached_tokens`` of the prompt at the cached-input price and
+        ``written_tokens`` of it (written to the provider's cache) at the cache-write price."""
         cached = min(max(cached_tokens, 0), prompt_tokens) if self.cached_input_per_mtok is not None else 0
-        cached_price = self.cached_input_per_mtok or 0.0
-        return ((prompt_tokens - cached) * self.input_per_mtok + cached * cached_price
+        written = (min(max(written_tokens, 0), prompt_tokens - cached)
+                   if self.cache_write_input_per_mtok is not None else 0)
+        return ((prompt_tokens - cached - written) * self.input_per_mtok
+                + cached * (self.cached_input_per_mtok or 0.0) + written * (self.cache_write_input_per_mtok or 0.0)
                 + completion_tokens * self.output_per_mtok) / 1_000_000
 
 

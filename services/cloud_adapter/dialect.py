@@ -77,6 +77,7 @@ class Tokens:
     completion: int | None = None
     cached: int | None = None  # of the prompt, read from the provider's prompt cache
     reasoning: int | None = None  # of the completion, spent reasoning
+    written: int | None = None  # of the prompt, written to the provider's prompt cache (Anthropic prices them apart)
 
 
 Piece = Delta | Finish | Tokens | Fingerprint
@@ -94,6 +95,7 @@ class Completion:
     reasoning_tokens: int | None = None
     logprobs: dict[str, Any] | None = None
     fingerprint: str | None = None
+    written_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ events as written), so tool calls, stop reasons, log probabilities and error sha
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import openai
 import pytest
 
@@ -44,7 +46,17 @@ def anthropic_events(blocks: list[dict[str, Any]], stop_reason: str) -> list[str
         "stop_reason": None, "usage": {"input_tokens": 10, "output_tokens": 1}}}),
         sse("ping", {"type": "ping"})]
     for i, block in enumerate(blocks):
-        if block["type"] == "text":
+        if block["type"] == "thinking":  # its text in two pieces, then its signature
+            out.append(sse("content_block_start", {"type": "content_block_start", "index": i,
+                                                   "content_block": {"type": "thinking", "thinking": ""}}))
+            text = block["thinking"]
+            for piece in (text[: len(text) // 2], text[len(text) // 2:]):
+                out.append(sse("content_block_delta", {"type": "content_block_delta", "index": i,
+                                                       "delta": {"type": "thinking_delta", "thinking": piece}}))
+            out.append(sse("content_block_delta", {"type": "content_block_delta", "index": i,
+                                                   "delta": {"type": "signature_delta",
+                                                             "signature": block["signature"]}}))
+        elif block["type"] == "text":
             out.append(sse("content_block_start", {"type": "content_block_start", "index": i,
                                                    "content_block": {"type": "text", "text": ""}}))
             text = block["text"]
@@ -95,7 +107,10 @@ def providers_file(path: Path, oai: FakeProvider, claude: FakeProvider) -> Path:
                 "timeouts": {"connect_s": 2, "first_byte_s": 2, "total_s": 10}}
     path.write_text(json.dumps({"providers": [
         entry("oai", oai, {"gpt": {"upstream": "gpt-x", "input_per_mtok": 1, "output_per_mtok": 1}}),
-        entry("claude", claude, {"sonnet": {"upstream": "claude-x", "max_tokens": 256}}),
+        entry("claude", claude, {"sonnet": {"upstream": "claude-x", "max_tokens": 256},
+                                 "opus": {"upstream": "claude-y", "max_tokens": 256, "input_per_mtok": 3,
+                                          "output_per_mtok": 15, "cached_input_per_mtok": 0.3,
+                                          "cache_write_input_per_mtok": 3.75}}),
     ]}))
     return path
 
@@ -259,6 +274,102 @@ def test_anthropic_system_text_parts_stay_apart(qa: QAStack) -> None:
     system = qa.claude.calls[-1].body["system"]
     texts = [system] if isinstance(system, str) else [b["text"] for b in system]
     assert not any("Be helpful.Be brief." in t for t in texts)
+
+
+# -- Anthropic's extended thinking and prompt caching, as LiteLLM users send and read them
+
+THOUGHT = {"type": "thinking", "thinking": "The user greets me; greet back.", "signature": "EqQBCgIYAhIM=="}
+
+
+def test_anthropic_thinking_reaches_the_caller_whole_and_streamed(qa: QAStack) -> None:
+    """reasoning_effort asks Anthropic to think (a 1,024-token budget for "low", on top of the model's
+    max_tokens); its thinking comes back as reasoning_content, and each block whole, signature included, as
+    thinking_blocks, so the next turn can send it back."""
+    qa.claude.script(Fault.raw(body=anthropic_message([THOUGHT, {"type": "text", "text": "Hello!"}], "end_turn")),
+                     Fault.raw(events=anthropic_events([THOUGHT, {"type": "text", "text": "Hello!"}], "end_turn")))
+    r = qa.client().chat.completions.create(model="claude/sonnet", messages=USER, reasoning_effort="low")
+    message = r.choices[0].message
+    assert message.content == "Hello!"
+    assert (message.model_extra or {})["reasoning_content"] == THOUGHT["thinking"]
+    assert (message.model_extra or {})["thinking_blocks"] == [THOUGHT]
+    sent = qa.claude.calls[0].body
+    assert (sent["thinking"], sent["max_tokens"]) == ({"type": "enabled", "budget_tokens": 1024}, 256 + 1024)
+
+    chunks = list(qa.client().chat.completions.create(model="claude/sonnet", messages=USER, stream=True,
+                                                      extra_body={"thinking": {"type": "enabled",
+                                                                               "budget_tokens": 2000}}))
+    deltas = [c.choices[0].delta.model_extra or {} for c in chunks if c.choices]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == THOUGHT["thinking"]
+    assert [b for d in deltas for b in d.get("thinking_blocks") or []] == [THOUGHT]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello!"
+    assert qa.claude.calls[1].body["thinking"] == {"type": "enabled", "budget_tokens": 2000}
+
+
+def test_thinking_blocks_sent_back_reach_anthropic_first_in_their_turn(qa: QAStack) -> None:
+    """Continuing a tool call with thinking on: Anthropic wants the assistant turn's thinking blocks, as it
+    signed them, before its tool_use; the caller sends back the message it got."""
+    assistant = {"role": "assistant", "content": None, "reasoning_content": THOUGHT["thinking"],
+                 "thinking_blocks": [THOUGHT], "tool_calls": [
+                     {"id": "toolu_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]}
+    qa.client().chat.completions.create(model="claude/sonnet", tools=TOOLS, reasoning_effort="low", messages=[
+        *USER, assistant, {"role": "tool", "tool_call_id": "toolu_1", "content": "nobody"}])
+    turn = qa.claude.calls[-1].body["messages"][1]
+    assert turn["role"] == "assistant"
+    assert turn["content"] == [THOUGHT, {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {}}]
+
+
+def test_a_token_limit_under_the_thinking_budget_is_a_400_before_any_call(qa: QAStack) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:
+        qa.client().chat.completions.create(model="claude/sonnet", messages=USER, reasoning_effort="high",
+                                            max_completion_tokens=1000)
+    assert exc.value.body["param"] == "max_completion_tokens"  # type: ignore[index]
+    assert "thinking budget (4096 tokens)" in exc.value.message
+    assert qa.claude.calls == []
+
+
+def test_anthropic_prompt_caching_marks_reach_it_and_cache_writes_are_priced(qa: QAStack,
+                                                                            nats_server: NatsServer) -> None:
+    """cache_control on a message, a part and a tool reaches Anthropic on those blocks; the caller's usage
+    counts the whole prompt with what was read from the cache, and the usage event prices the tokens written
+    to it (cache_write_input_per_mtok), read from it (cached_input_per_mtok) and the rest apart."""
+    mark = {"type": "ephemeral"}
+    qa.claude.script(Fault.raw(body=anthropic_message([{"type": "text", "text": "ok"}], "end_turn",
+                                                      cache_creation_input_tokens=100, cache_read_input_tokens=50)))
+    raw = qa.client().chat.completions.with_raw_response.create(model="claude/opus", tools=[{**TOOLS[0],
+                                                                                         "cache_control": mark}],
+                                                                messages=[
+        {"role": "system", "content": "The plant's manual, long.", "cache_control": mark},
+        {"role": "user", "content": [{"type": "text", "text": "Line 3 stopped.", "cache_control": mark},
+                                     {"type": "text", "text": "Why?"}]}])
+    sent = qa.claude.calls[0].body
+    assert sent["system"] == [{"type": "text", "text": "The plant's manual, long.", "cache_control": mark}]
+    assert sent["messages"][0]["content"][0]["cache_control"] == mark
+    assert "cache_control" not in sent["messages"][0]["content"][1]
+    assert sent["tools"][0]["cache_control"] == mark
+    usage = raw.parse().usage
+    assert usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (160, 5)
+    assert usage.prompt_tokens_details is not None
+    assert usage.prompt_tokens_details.cached_tokens == 50
+    event = usage_event(nats_server, raw.headers["x-request-id"])
+    assert event["cost_usd"] == pytest.approx((10 * 3 + 50 * 0.3 + 100 * 3.75 + 5 * 15) / 1e6)
+
+
+def usage_event(nats_server: NatsServer, request_id: str) -> Any:
+    """The usage event of a request, from the site's USAGE stream."""
+
+    async def find() -> Any:
+        nc = await nats.connect(nats_server.url)
+        try:
+            sub = await nc.jetstream().subscribe(f"lw.v1.{SITE}.usage.events", ordered_consumer=True)
+            while True:
+                event = json.loads((await sub.next_msg(timeout=5)).data)
+                if event["request_id"] == request_id:
+                    return event
+        finally:
+            await nc.close()
+
+    return asyncio.run(find())
 
 
 # -- errors as the openai client meets them

@@ -349,6 +349,162 @@ class TestAnthropicAnswer:
             Anthropic("a").stream_parser().feed("error", '{"type":"error","error":{"type":"rate_limit_error"}}')
 
 
+CACHED = {"type": "ephemeral"}
+TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+
+
+class TestAnthropicPromptCaching:
+    """``cache_control`` as LiteLLM users send it (on a part, a message or a tool) marks that block for
+    Anthropic's prompt cache; cache writes are priced apart."""
+
+    body = TestAnthropicRequest.body
+
+    def test_parts_messages_system_and_tools_keep_their_marks(self) -> None:
+        body = self.body(req(messages=[
+            {"role": "system", "content": "A long manual.", "cache_control": CACHED},
+            {"role": "user", "content": [{"type": "text", "text": "Context", "cache_control": {**CACHED, "ttl": "1h"}},
+                                         {"type": "text", "text": "Question"}]},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "t1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}],
+             "cache_control": CACHED},
+            {"role": "tool", "tool_call_id": "t1", "content": "found", "cache_control": CACHED},
+            {"role": "user", "content": "and?", "cache_control": CACHED}],
+            tools=[{**TOOL, "cache_control": CACHED}]))
+        assert body["system"] == [{"type": "text", "text": "A long manual.", "cache_control": CACHED}]
+        first, calls, results = body["messages"][:3]
+        assert first["content"] == [{"type": "text", "text": "Context", "cache_control": {**CACHED, "ttl": "1h"}},
+                                    {"type": "text", "text": "Question"}]
+        assert calls["content"][-1] == {"type": "tool_use", "id": "t1", "name": "lookup", "input": {},
+                                        "cache_control": CACHED}
+        assert results["content"][0] == {"type": "tool_result", "tool_use_id": "t1", "content": "found",
+                                         "cache_control": CACHED}
+        assert results["content"][1] == {"type": "text", "text": "and?", "cache_control": CACHED}
+        assert body["tools"][0]["cache_control"] == CACHED
+
+    def test_unmarked_system_strings_stay_one_string(self) -> None:
+        body = self.body(req(messages=[{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]))
+        assert body["system"] == "a"
+        assert "cache_control" not in body["messages"][0]["content"][0]
+
+    @pytest.mark.parametrize(("kw", "param"), [
+        ({"messages": [{"role": "user", "content": "x", "cache_control": {"type": "persistent"}}]}, "messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": "yes"}]}]},
+         "messages"),
+        ({"messages": [{"role": "user", "content": "x", "cache_control": {**CACHED, "ttl": "1d"}}]}, "messages"),
+        ({"tools": [{**TOOL, "cache_control": {"type": "ephemeral", "size": 3}}]}, "tools"),
+    ])
+    def test_a_cache_control_anthropic_would_refuse_is_a_400(self, kw: dict[str, Any], param: str) -> None:
+        with pytest.raises(InvalidRequest) as exc:
+            self.body(req(**kw))
+        assert exc.value.param == param
+        assert "ephemeral" in exc.value.message
+
+    def test_cache_writes_are_priced_apart(self) -> None:
+        """Anthropic's usage: input 10 + written 100 + read 50 = 160 prompt tokens; the written ones at the
+        cache-write price, the read ones at the cached price, the rest at the input price."""
+        usage = {"input_tokens": 10, "cache_creation_input_tokens": 100, "cache_read_input_tokens": 50,
+                 "output_tokens": 4}
+        c = Anthropic("a").completion(json.dumps({"content": [], "stop_reason": "end_turn", "usage": usage}).encode())
+        assert (c.prompt_tokens, c.cached_tokens, c.written_tokens) == (160, 50, 100)
+        spec = ModelSpec(input_per_mtok=3, output_per_mtok=15, cached_input_per_mtok=0.3,
+                         cache_write_input_per_mtok=3.75)
+        assert spec.cost(160, 4, 50, 100) == pytest.approx((10 * 3 + 50 * 0.3 + 100 * 3.75 + 4 * 15) / 1e6)
+        assert ModelSpec(input_per_mtok=3).cost(160, 0, 50, 100) == pytest.approx(160 * 3 / 1e6)  # no prices: input
+        s = Anthropic("a").stream_parser()
+        start = {"type": "message_start", "message": {"usage": usage}}
+        assert s.feed("message_start", json.dumps(start)) == [Tokens(prompt=160, cached=50, written=100)]
+
+
+class TestAnthropicThinking:
+    """Extended thinking, as LiteLLM maps it: ``reasoning_effort`` or ``thinking`` in; ``reasoning_content``
+    and ``thinking_blocks`` out; the blocks sent back on the next turn."""
+
+    body = TestAnthropicRequest.body
+
+    @pytest.mark.parametrize(("effort", "budget"), [("minimal", 1024), ("low", 1024), ("medium", 2048),
+                                                    ("high", 4096)])
+    def test_reasoning_effort_is_a_thinking_budget_on_top_of_the_answers_tokens(self, effort: str,
+                                                                                budget: int) -> None:
+        body = self.body(req(reasoning_effort=effort))
+        assert body["thinking"] == {"type": "enabled", "budget_tokens": budget}
+        assert body["max_tokens"] == SPEC.max_tokens + budget
+
+    def test_the_callers_limit_counts_the_thinking(self) -> None:
+        assert self.body(req(reasoning_effort="low", max_tokens=3000))["max_tokens"] == 3000
+        for field in ("max_tokens", "max_completion_tokens"):
+            with pytest.raises(InvalidRequest) as exc:
+                self.body(req(reasoning_effort="medium", **{field: 2048}))
+            assert exc.value.param == field
+            assert "thinking budget (2048 tokens)" in exc.value.message
+
+    def test_thinking_as_anthropic_takes_it_and_none(self) -> None:
+        body = self.body(req(thinking={"type": "enabled", "budget_tokens": 1500}, max_tokens=4000))
+        assert (body["thinking"], body["max_tokens"]) == ({"type": "enabled", "budget_tokens": 1500}, 4000)
+        assert self.body(req(thinking={"type": "disabled"}))["thinking"] == {"type": "disabled"}
+        assert "thinking" not in self.body(req(reasoning_effort="none"))
+        assert "thinking" not in self.body(req())
+
+    @pytest.mark.parametrize(("kw", "param"), [
+        ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+        ({"thinking": True}, "thinking"),
+        ({"thinking": {"type": "enabled"}}, "thinking"),
+        ({"thinking": {"type": "enabled", "budget_tokens": "2k"}}, "thinking"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b",
+                                                         "thinking_blocks": [{"type": "thinking", "thinking": "t"}]},
+                       {"role": "user", "content": "c"}]}, "messages"),
+    ])
+    def test_what_anthropic_would_refuse_is_a_400(self, kw: dict[str, Any], param: str) -> None:
+        with pytest.raises(InvalidRequest) as exc:
+            self.body(req(**kw))
+        assert exc.value.param == param
+
+    def test_thinking_blocks_go_back_first_in_their_turn(self) -> None:
+        blocks = [{"type": "thinking", "thinking": "Look it up.", "signature": "sig=="},
+                  {"type": "redacted_thinking", "data": "opaque"}]
+        body = self.body(req(reasoning_effort="low", messages=[
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "reasoning_content": "Look it up.", "thinking_blocks": blocks,
+             "tool_calls": [{"id": "t1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "t1", "content": "sunny"}]))
+        assert body["messages"][1]["content"] == [*blocks, {"type": "tool_use", "id": "t1", "name": "w", "input": {}}]
+
+    def test_whole_answer_has_reasoning_content_and_the_blocks(self) -> None:
+        data = json.dumps({"content": [
+            {"type": "thinking", "thinking": "Two plus two.", "signature": "abc"},
+            {"type": "redacted_thinking", "data": "xyz"},
+            {"type": "text", "text": "4"}], "stop_reason": "end_turn",
+            "usage": {"input_tokens": 5, "output_tokens": 30}}).encode()
+        c = Anthropic("a").completion(data)
+        assert c.message == {"content": "4", "reasoning_content": "Two plus two.", "thinking_blocks": [
+            {"type": "thinking", "thinking": "Two plus two.", "signature": "abc"},
+            {"type": "redacted_thinking", "data": "xyz"}]}
+
+    def test_stream_relays_thinking_then_each_block_whole(self) -> None:
+        s = Anthropic("a").stream_parser()
+        events = [
+            {"type": "message_start", "message": {"usage": {"input_tokens": 5, "output_tokens": 1}}},
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}},
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Two "}},
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "plus two."}},
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "abc"}},
+            {"type": "content_block_stop", "index": 0},
+            {"type": "content_block_start", "index": 1, "content_block": {"type": "text", "text": ""}},
+            {"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "4"}},
+            {"type": "content_block_stop", "index": 1},
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 30}},
+            {"type": "message_stop"},
+        ]
+        deltas = [p.fields for e in events for p in s.feed(e["type"], json.dumps(e)) if isinstance(p, Delta)]
+        assert deltas[:3] == [{"reasoning_content": "Two "}, {"reasoning_content": "plus two."},
+                              {"thinking_blocks": [{"type": "thinking", "thinking": "Two plus two.",
+                                                    "signature": "abc"}]}]
+        message: dict[str, Any] = {}
+        for fields in deltas:
+            merge_delta(message, fields)
+        assert message == {"reasoning_content": "Two plus two.", "content": "4", "thinking_blocks": [
+            {"type": "thinking", "thinking": "Two plus two.", "signature": "abc"}]}
+
+
 class TestClassify:
     @pytest.mark.parametrize(("status", "info", "error", "retry"), [
         (400, ErrorInfo("too long", code="context_length_exceeded", param="messages"), InvalidRequest, False),
