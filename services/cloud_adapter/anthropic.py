@@ -19,11 +19,13 @@ Request (OpenAI → Anthropic):
   Anthropic wants them when thinking continues across tool calls.
 - ``max_tokens`` (required by Anthropic) defaults to the model's ``max_tokens`` in the providers file;
   ``stop`` → ``stop_sequences``; ``temperature`` above 1 is refused (400: Anthropic takes 0-1);
+  ``response_format`` ``json_object`` or ``json_schema`` (its schema an object) → a tool, ``json_answer``, with
+  that schema as its input, which the model is made to call (or one of the caller's tools, when it gave
+  some to call), as LiteLLM does; the call's input is the answer's ``content`` and ends it with ``stop``;
   ``top_p``; ``user`` → ``metadata.user_id``. ``seed`` is not sent (Anthropic has none; OpenAI calls it best
   effort too). What Anthropic cannot honour and would change the answer is refused (400
-  ``unsupported_parameter``) rather than dropped: ``response_format`` other than text, ``logprobs``,
-  ``logit_bias``, non-zero penalties, audio and the other OpenAI-only parameters of
-  ``shared.local_params.UNHONOURED``. Other unknown fields are not sent.
+  ``unsupported_parameter``) rather than dropped: ``logprobs``, ``logit_bias``, non-zero penalties, audio
+  and the other OpenAI-only parameters of ``shared.local_params.UNHONOURED``. Other unknown fields are not sent.
 
 Answer (Anthropic → OpenAI): text blocks → ``content``; ``tool_use`` → ``tool_calls`` (input as JSON
 text; a tool call without arguments has ``{}``, streamed too); ``thinking`` blocks → ``reasoning_content``
@@ -69,6 +71,8 @@ STOP_REASONS: dict[str, FinishReason] = {
 }
 _DATA_URL = re.compile(r"^data:(image/[a-z0-9.+-]+);base64,(.*)$", re.DOTALL)
 Block = dict[str, Any]
+RESPONSE_TOOL = "json_answer"
+"""The tool an Anthropic model is made to call to answer in JSON (``response_format``); its input is the answer."""
 EFFORT_BUDGETS = {"minimal": 1024, "low": 1024, "medium": 2048, "high": 4096}
 """Thinking tokens of each ``reasoning_effort`` (as LiteLLM maps them; 1,024 is Anthropic's least)."""
 
@@ -230,7 +234,29 @@ def _thinking(extras: dict[str, Any]) -> Block | None:
     return {"type": "enabled", "budget_tokens": EFFORT_BUDGETS[effort]}
 
 
-def _tools(extras: dict[str, Any]) -> dict[str, Any]:
+def response_schema(extras: dict[str, Any]) -> Block | None:
+    """The JSON schema an answer must follow (``response_format`` ``json_object`` or ``json_schema``), or
+    ``None`` for free text. Anthropic answers it through a tool it is made to call (``RESPONSE_TOOL``)."""
+    fmt = extras.get("response_format")
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if fmt is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    spec = fmt.get("json_schema") if kind == "json_schema" else None
+    if not isinstance(spec, dict):
+        raise InvalidRequest('response_format takes {"type": "text"}, {"type": "json_object"} or {"type": '
+                             '"json_schema", "json_schema": {"name": ..., "schema": {...}}}', param="response_format")
+    schema = spec.get("schema", {"type": "object"})
+    if not isinstance(schema, dict) or schema.get("type", "object") != "object":
+        raise InvalidRequest("the JSON schema of an answer for an Anthropic model must describe an object (its "
+                             '"type" "object")', param="response_format")
+    return {"type": "object", **schema}
+
+
+def _tools(extras: dict[str, Any], schema: Block | None = None) -> dict[str, Any]:
+    """``tools`` and ``tool_choice``; with an answer ``schema``, the tool that answers it too, and a choice that
+    makes the model call a tool (that one, or one of the caller's when it has tools to call)."""
     out: dict[str, Any] = {}
     tools = extras.get("tools")
     if tools:
@@ -238,6 +264,16 @@ def _tools(extras: dict[str, Any]) -> dict[str, Any]:
             raise InvalidRequest("tools must be a list", param="tools")
         out["tools"] = [_tool(t) for t in tools]
     choice = extras.get("tool_choice")
+    if schema is not None:
+        if any(t["name"] == RESPONSE_TOOL for t in out.get("tools", [])):
+            raise InvalidRequest(f"a tool named {RESPONSE_TOOL} cannot be given with a JSON response_format: the "
+                                 "Anthropic model answers it through a tool of that name", param="tools")
+        if choice == "none" or not out.get("tools"):
+            out["tools"], choice = [], {"type": "function", "function": {"name": RESPONSE_TOOL}}
+        elif choice in (None, "auto"):
+            choice = "required"  # one of the caller's tools, or the answer
+        out["tools"].append({"name": RESPONSE_TOOL, "description": "Give your answer, as the input of this tool.",
+                             "input_schema": schema})
     mapped: dict[str, Any] | None = None
     if choice in ("auto", "none"):
         mapped = {"type": choice}
@@ -266,11 +302,13 @@ def _thought(block: dict[str, Any]) -> Block | None:
     return None
 
 
-def _message(content: Any) -> tuple[dict[str, Any], bool]:
-    """An OpenAI assistant message from Anthropic content blocks; and whether it holds tool calls."""
+def _message(content: Any, json_answer: bool = False) -> tuple[dict[str, Any], bool]:
+    """An OpenAI assistant message from Anthropic content blocks; and whether it holds tool calls. With
+    ``json_answer`` (a JSON ``response_format``), the input of the answer tool is the message's content."""
     text: list[str] = []
     calls: list[dict[str, Any]] = []
     thoughts: list[Block] = []
+    answer: str | None = None
     for block in content if isinstance(content, list) else []:
         if not isinstance(block, dict):
             continue
@@ -278,11 +316,15 @@ def _message(content: Any) -> tuple[dict[str, Any], bool]:
             thoughts.append(thought)
         elif block.get("type") == "text":
             text.append(str(block.get("text", "")))
+        elif json_answer and block.get("type") == "tool_use" and block.get("name") == RESPONSE_TOOL:
+            answer = json.dumps(block.get("input", {}), ensure_ascii=False)
         elif block.get("type") == "tool_use":
             calls.append({"id": block.get("id", ""), "type": "function",
                           "function": {"name": block.get("name", ""),
                                        "arguments": json.dumps(block.get("input", {}), ensure_ascii=False)}})
     message: dict[str, Any] = {"content": "".join(text) if text or not calls else None}
+    if answer is not None:
+        message["content"] = answer  # the JSON asked for, not the words (if any) around it
     if calls:
         message["tool_calls"] = calls
     if thoughts:
@@ -328,8 +370,10 @@ class AnthropicStream:
     """Parser of one Anthropic Messages stream, producing OpenAI pieces."""
 
     provider: str
+    json_answer: bool = False  # a JSON response_format: the answer tool's input is the content
     done: bool = False
     _tools: dict[int, int] = field(default_factory=dict)  # Anthropic block index → OpenAI tool call index
+    _answer: int | None = None  # the block index of the answer tool's call
     _argued: set[int] = field(default_factory=set)  # tool blocks whose arguments have begun
     _thoughts: dict[int, Block] = field(default_factory=dict)  # thinking blocks so far, by block index
 
@@ -350,6 +394,9 @@ class AnthropicStream:
         if (thought := _thought(block)) is not None:
             self._thoughts[int(body.get("index", 0))] = thought
             return [Delta({"reasoning_content": thought["thinking"]})] if thought.get("thinking") else []
+        if self.json_answer and block.get("type") == "tool_use" and block.get("name") == RESPONSE_TOOL:
+            self._answer = int(body.get("index", 0))
+            return []
         if block.get("type") == "tool_use":
             index = self._tools.setdefault(int(body.get("index", 0)), len(self._tools))
             return [Delta({"tool_calls": [{"index": index, "id": block.get("id", ""), "type": "function",
@@ -372,6 +419,8 @@ class AnthropicStream:
         if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
             block = int(body.get("index", 0))
             self._argued.add(block)
+            if block == self._answer:
+                return [Delta({"content": delta["partial_json"]})]
             index = self._tools.get(block, 0)
             return [Delta({"tool_calls": [{"index": index, "function": {"arguments": delta["partial_json"]}}]})]
         return []
@@ -382,6 +431,9 @@ class AnthropicStream:
         block = int(body.get("index", 0))
         if (thought := self._thoughts.pop(block, None)) is not None:  # whole, to be sent back with its signature
             return [Delta({"thinking_blocks": [thought]})]
+        if block == self._answer and block not in self._argued:
+            self._argued.add(block)
+            return [Delta({"content": "{}"})]
         if block not in self._tools or block in self._argued:
             return []
         self._argued.add(block)
@@ -391,7 +443,8 @@ class AnthropicStream:
         pieces: list[Piece] = []
         reason = (body.get("delta") or {}).get("stop_reason")
         if reason:
-            pieces.append(Finish(STOP_REASONS.get(reason, "stop")))
+            answered = reason == "tool_use" and self._answer is not None and not self._tools
+            pieces.append(Finish("stop" if answered else STOP_REASONS.get(reason, "stop")))
         usage = body.get("usage") or {}
         prompt = _prompt_usage(usage)
         pieces.append(Tokens(prompt=prompt.prompt, completion=as_int(usage.get("output_tokens")), cached=prompt.cached,
@@ -407,7 +460,7 @@ class AnthropicStream:
 
 
 UNHONOURED = {param: accepted for param, accepted in local_params.UNHONOURED.items()
-              if param not in ("tools", "tool_choice", "reasoning_effort")} | {"logit_bias": ({},)}
+              if param not in ("tools", "tool_choice", "reasoning_effort", "response_format")} | {"logit_bias": ({},)}
 """OpenAI parameters Anthropic's Messages API has no counterpart for, with the values that ask for nothing."""
 
 
@@ -458,7 +511,7 @@ class Anthropic:
             out["stop_sequences"] = request.stop_sequences()
         if request.user:
             out["metadata"] = {"user_id": request.user}
-        out.update(_tools(extras))
+        out.update(_tools(extras, response_schema(extras)))
         if stream:
             out["stream"] = True
         return json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode()
@@ -471,21 +524,25 @@ class Anthropic:
         """The Messages API has no ``n``: each choice is a request of its own."""
         return None
 
-    def completion(self, data: bytes) -> Completion:
-        """A Messages answer as an OpenAI message."""
+    def completion(self, data: bytes, request: ChatCompletionRequest | None = None) -> Completion:
+        """A Messages answer as an OpenAI message (of ``request``: with a JSON ``response_format``, the answer
+        tool's input is its content, and its call alone ends it with ``stop``)."""
         body = load_json(self.provider, data)
         if not isinstance(body, dict) or not isinstance(body.get("content"), list):
             raise bad_response(self.provider, "no `content` list in the answer")
-        message, _ = _message(body["content"])
+        json_answer = request is not None and response_schema(request_extras(request)) is not None
+        message, calls = _message(body["content"], json_answer)
         usage = body.get("usage") or {}
         prompt = _prompt_usage(usage)
-        return Completion(message, STOP_REASONS.get(str(body.get("stop_reason")), "stop"),
+        finish = STOP_REASONS.get(str(body.get("stop_reason")), "stop")
+        return Completion(message, "stop" if finish == "tool_calls" and json_answer and not calls else finish,
                           prompt.prompt, as_int(usage.get("output_tokens")), prompt.cached,
                           written_tokens=prompt.written)
 
-    def stream_parser(self, n: int = 1) -> AnthropicStream:
-        """A parser for one streamed answer (one choice: the Messages API has no ``n``)."""
-        return AnthropicStream(self.provider)
+    def stream_parser(self, n: int = 1, request: ChatCompletionRequest | None = None) -> AnthropicStream:
+        """A parser for one streamed answer of ``request`` (one choice: the Messages API has no ``n``)."""
+        json_answer = request is not None and response_schema(request_extras(request)) is not None
+        return AnthropicStream(self.provider, json_answer)
 
     def error_info(self, body: bytes) -> ErrorInfo:
         """``{"type": "error", "error": {"type", "message"}}``, or the body's text."""

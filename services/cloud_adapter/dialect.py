@@ -137,8 +137,8 @@ class Dialect(Protocol):
         """Headers every call carries (never the key: that is added by the caller)."""
         ...
 
-    def completion(self, data: bytes) -> Completion:
-        """The answer of a non-streamed call."""
+    def completion(self, data: bytes, request: ChatCompletionRequest | None = None) -> Completion:
+        """The answer of a non-streamed call (of ``request``, where the translation depends on it)."""
         ...
 
     def choices(self, data: bytes, n: int) -> Choices | None:
@@ -146,8 +146,9 @@ class Dialect(Protocol):
         (each choice is a call of its own)."""
         ...
 
-    def stream_parser(self, n: int = 1) -> StreamParser:
-        """A parser for one streamed answer (of ``n`` choices: only a dialect with ``native_n`` is asked more)."""
+    def stream_parser(self, n: int = 1, request: ChatCompletionRequest | None = None) -> StreamParser:
+        """A parser for one streamed answer (of ``n`` choices: only a dialect with ``native_n`` is asked more) of
+        ``request``."""
         ...
 
     def error_info(self, body: bytes) -> ErrorInfo:

@@ -160,8 +160,8 @@ class OpenAICompatible:
         """No extra headers beyond the key."""
         return {}
 
-    def completion(self, data: bytes) -> Completion:
-        """The message, finish reason and usage of a ``chat.completion``."""
+    def completion(self, data: bytes, request: ChatCompletionRequest | None = None) -> Completion:
+        """The message, finish reason and usage of a ``chat.completion`` (of any request: it is relayed)."""
         body, choices = self._choices(data)
         usage = _usage(body.get("usage")) or Tokens()
         return self._choice(choices[0], "first", usage, _fingerprint(body))
@@ -195,8 +195,8 @@ class OpenAICompatible:
                           finish_reason(choice.get("finish_reason")), usage.prompt, usage.completion,
                           usage.cached, usage.reasoning, _logprobs(choice), fingerprint)
 
-    def stream_parser(self, n: int = 1) -> OpenAIStream:
-        """A parser for one streamed answer of ``n`` choices."""
+    def stream_parser(self, n: int = 1, request: ChatCompletionRequest | None = None) -> OpenAIStream:
+        """A parser for one streamed answer of ``n`` choices (of any request: it is relayed)."""
         return OpenAIStream(self.provider, n)
 
     def error_info(self, body: bytes) -> ErrorInfo:

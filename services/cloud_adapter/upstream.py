@@ -498,7 +498,7 @@ class Upstream:
         return classify(self.name, call.request.model, resp.status, self.dialect.error_info(body), hint)
 
     async def _try_complete(self, call: Call[ChatCompletionRequest], probe: bool) -> Completion:
-        return self.dialect.completion(await self._whole(call))
+        return self.dialect.completion(await self._whole(call), call.request)
 
     async def _try_embed(self, call: Call[EmbeddingRequest], probe: bool) -> embeddings.Vectors:
         data = await self._whole(call)  # thousands of vectors take tens of milliseconds to read: not on the loop
@@ -531,7 +531,7 @@ class Upstream:
         """Read until the first event: that is the first byte, after which nothing is retried (events that
         arrived with it are read after admission, like every later one)."""
         sse = SSEParser(max_event_bytes=self.max_response_bytes)
-        parser = self.dialect.stream_parser(call.request.n or 1)
+        parser = self.dialect.stream_parser(call.request.n or 1, call.request)
         wait = min(self.provider.spec.timeouts.first_byte_s, call.left())
         try:
             async with asyncio.timeout(max(wait, 0.0)):

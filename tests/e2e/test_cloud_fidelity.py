@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import nats
 import openai
+import pydantic
 import pytest
 
 from tests.fakes import FakeProvider, Fault
@@ -353,6 +354,33 @@ def test_anthropic_prompt_caching_marks_reach_it_and_cache_writes_are_priced(qa:
     assert usage.prompt_tokens_details.cached_tokens == 50
     event = usage_event(nats_server, raw.headers["x-request-id"])
     assert event["cost_usd"] == pytest.approx((10 * 3 + 50 * 0.3 + 100 * 3.75 + 5 * 15) / 1e6)
+
+
+class Person(pydantic.BaseModel):
+    name: str
+    shift: int
+
+
+def test_structured_output_from_a_claude_model_parses_whole_and_streamed(qa: QAStack) -> None:
+    """The openai client's parse() (a strict json_schema from a pydantic model) against a Claude model: the
+    model is made to call a tool with that schema, and its input comes back as the content, finish "stop".
+    Streamed, the input's JSON pieces are the content's deltas."""
+    answer = {"type": "tool_use", "id": "toolu_9", "name": "json_answer", "input": {"name": "Åsa", "shift": 3}}
+    qa.claude.script(Fault.raw(body=anthropic_message([answer], "tool_use")),
+                     Fault.raw(events=anthropic_events([answer], "tool_use")))
+    r = qa.client().chat.completions.parse(model="claude/sonnet", messages=USER, response_format=Person)
+    assert r.choices[0].message.parsed == Person(name="Åsa", shift=3)
+    assert r.choices[0].finish_reason == "stop"
+    assert not r.choices[0].message.tool_calls
+    sent = qa.claude.calls[0].body
+    assert sent["tool_choice"] == {"type": "tool", "name": "json_answer"}
+    assert sent["tools"][0]["input_schema"]["required"] == ["name", "shift"]
+
+    chunks = list(qa.client().chat.completions.create(model="claude/sonnet", messages=USER, stream=True,
+                                                      response_format={"type": "json_object"}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert json.loads(text) == {"name": "Åsa", "shift": 3}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
 
 
 def usage_event(nats_server: NatsServer, request_id: str) -> Any:

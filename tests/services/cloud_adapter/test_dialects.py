@@ -238,7 +238,11 @@ class TestAnthropicRequest:
         ({"messages": [{"role": "system", "content": "only system"}]}, "messages"),
         ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
             {"id": "x", "type": "function", "function": {"name": "f", "arguments": "{bad"}}]}]}, "messages"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "l", "schema": {"type": "array"}}}},
+         "response_format"),
+        ({"response_format": {"type": "yaml"}}, "response_format"),
+        ({"response_format": {"type": "json_object"}, "tools": [{"type": "function",  # the answer tool's name
+                                                                  "function": {"name": "json_answer"}}]}, "tools"),
         ({"logprobs": True}, "logprobs"),
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"logit_bias": {"50256": -100}}, "logit_bias"),
@@ -503,6 +507,72 @@ class TestAnthropicThinking:
             merge_delta(message, fields)
         assert message == {"reasoning_content": "Two plus two.", "content": "4", "thinking_blocks": [
             {"type": "thinking", "thinking": "Two plus two.", "signature": "abc"}]}
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "person", "strict": True, "schema": PERSON}}
+
+
+class TestAnthropicJsonAnswers:
+    """``response_format`` JSON, as LiteLLM answers it with Claude: a tool whose input is the answer, which the
+    model is made to call; its input comes back as the content, with finish reason ``stop``."""
+
+    body = TestAnthropicRequest.body
+
+    def test_a_schema_is_the_input_of_a_tool_the_model_must_call(self) -> None:
+        body = self.body(req(response_format=JSON_SCHEMA))
+        assert body["tools"] == [{"name": "json_answer", "description": "Give your answer, as the input of this tool.",
+                                  "input_schema": PERSON}]
+        assert body["tool_choice"] == {"type": "tool", "name": "json_answer"}
+        assert self.body(req(response_format={"type": "json_object"}))["tools"][0]["input_schema"] == {
+            "type": "object"}
+        assert "tools" not in self.body(req(response_format={"type": "text"}))
+
+    def test_with_the_callers_tools_the_model_calls_one_of_them_or_answers(self) -> None:
+        body = self.body(req(response_format=JSON_SCHEMA, tools=[TOOL]))
+        assert [t["name"] for t in body["tools"]] == ["lookup", "json_answer"]
+        assert body["tool_choice"] == {"type": "any"}
+        named = self.body(req(response_format=JSON_SCHEMA, tools=[TOOL],
+                              tool_choice={"type": "function", "function": {"name": "lookup"}}))
+        assert named["tool_choice"] == {"type": "tool", "name": "lookup"}
+        none = self.body(req(response_format=JSON_SCHEMA, tools=[TOOL], tool_choice="none"))
+        assert [t["name"] for t in none["tools"]] == ["json_answer"]
+        assert none["tool_choice"] == {"type": "tool", "name": "json_answer"}
+
+    def test_the_answer_tools_input_is_the_content(self) -> None:
+        data = json.dumps({"content": [{"type": "tool_use", "id": "t", "name": "json_answer",
+                                        "input": {"name": "Åsa"}}], "stop_reason": "tool_use",
+                           "usage": {"input_tokens": 5, "output_tokens": 9}}).encode()
+        c = Anthropic("a").completion(data, req(response_format=JSON_SCHEMA))
+        assert (c.message, c.finish) == ({"content": '{"name": "Åsa"}'}, "stop")
+        plain = Anthropic("a").completion(data, req())  # no JSON asked: a tool call like any other
+        assert (plain.finish, plain.message["tool_calls"][0]["function"]["name"]) == ("tool_calls", "json_answer")
+
+    def test_a_call_of_the_callers_tool_stays_a_tool_call(self) -> None:
+        data = json.dumps({"content": [{"type": "tool_use", "id": "t", "name": "lookup", "input": {}}],
+                           "stop_reason": "tool_use", "usage": {"input_tokens": 5, "output_tokens": 9}}).encode()
+        c = Anthropic("a").completion(data, req(response_format=JSON_SCHEMA, tools=[TOOL]))
+        assert c.finish == "tool_calls"
+        assert c.message["tool_calls"][0]["function"]["name"] == "lookup"
+
+    @pytest.mark.parametrize("pieces", [['{"name":', ' "Åsa"}'], []])
+    def test_streamed_the_answer_tools_input_is_the_contents_deltas(self, pieces: list[str]) -> None:
+        s = Anthropic("a").stream_parser(1, req(response_format=JSON_SCHEMA, stream=True))
+        events = [
+            {"type": "content_block_start", "index": 0,
+             "content_block": {"type": "tool_use", "id": "t", "name": "json_answer", "input": {}}},
+            *({"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": p}}
+              for p in pieces),
+            {"type": "content_block_stop", "index": 0},
+            {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}},
+        ]
+        out = [p for e in events for p in s.feed(e["type"], json.dumps(e))]
+        message: dict[str, Any] = {}
+        for p in out:
+            if isinstance(p, Delta):
+                merge_delta(message, p.fields)
+        assert message == {"content": "".join(pieces) or "{}"}
+        assert Finish("stop") in out
 
 
 class TestClassify:
