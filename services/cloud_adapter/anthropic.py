@@ -5,7 +5,8 @@ Request (OpenAI → Anthropic):
   of text parts, every one becomes a text block of ``system``, so parts stay apart as a user message's do);
   consecutive messages of one role are merged (Anthropic wants user and assistant to alternate).
 - text parts → ``text`` blocks (and an assistant's ``refusal`` parts: what it said); ``image_url`` parts →
-  ``image`` blocks (a ``data:`` URL as base64, else as a URL); other part types are refused (400).
+  ``image`` blocks (a ``data:`` URL as base64, else as a URL); ``file`` parts with a PDF in ``file_data`` →
+  ``document`` blocks (the ``filename`` as its title); other part types are refused (400).
 - assistant ``tool_calls`` → ``tool_use`` blocks; ``tool`` messages → ``tool_result`` blocks of a user turn
   (their text parts as text blocks of the result).
 - ``tools`` → ``name``/``description``/``input_schema``; ``tool_choice`` auto/none/required/a function →
@@ -119,6 +120,24 @@ def _image(url: Any) -> Block:
     return {"type": "image", "source": {"type": "url", "url": url}}
 
 
+_DATA_PDF = re.compile(r"^data:application/pdf;base64,(.*)$", re.DOTALL)
+
+
+def _document(file: Any) -> Block:
+    """A ``file`` part (``{"file_data": "data:application/pdf;base64,...", "filename": ...}``) as a PDF
+    document block; a ``file_id`` (a file uploaded to OpenAI) or another type is a 400."""
+    data = file.get("file_data") if isinstance(file, dict) else None
+    m = _DATA_PDF.match(data) if isinstance(data, str) else None
+    if m is None:
+        raise InvalidRequest("an Anthropic model takes a file part as a PDF in file_data "
+                             "(data:application/pdf;base64,...), not a file_id or another type", param="messages")
+    block: Block = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                                   "data": m.group(1)}}
+    if isinstance(file.get("filename"), str) and file["filename"]:
+        block["title"] = file["filename"]
+    return block
+
+
 def _content_blocks(message: ChatMessage) -> list[Block]:
     if message.content is None:
         return []
@@ -132,6 +151,8 @@ def _content_blocks(message: ChatMessage) -> list[Block]:
         elif part.type == "image_url":
             image = extra.get("image_url")
             blocks.append(_cached(_image(image.get("url") if isinstance(image, dict) else image), extra))
+        elif part.type == "file":
+            blocks.append(_cached(_document(extra.get("file")), extra))
         elif part.type == "refusal" and message.role == "assistant":  # what the assistant said when it refused
             refusal = extra.get("refusal")
             if isinstance(refusal, str) and refusal:

@@ -356,6 +356,24 @@ def test_anthropic_prompt_caching_marks_reach_it_and_cache_writes_are_priced(qa:
     assert event["cost_usd"] == pytest.approx((10 * 3 + 50 * 0.3 + 100 * 3.75 + 5 * 15) / 1e6)
 
 
+def test_a_pdf_reaches_a_claude_model_as_a_document(qa: QAStack) -> None:
+    """A plant manual sent as the openai client's file part (a PDF inline) reaches Claude as a document
+    block; a file uploaded to OpenAI (file_id) is a 400 naming the messages, before any call."""
+    pdf = "data:application/pdf;base64,JVBERi0xLjQK"
+    qa.client().chat.completions.create(model="claude/sonnet", messages=[{"role": "user", "content": [
+        {"type": "file", "file": {"filename": "line3.pdf", "file_data": pdf}},
+        {"type": "text", "text": "Why did line 3 stop?"}]}])
+    (call,) = qa.claude.calls
+    assert call.body["messages"][0]["content"][0] == {
+        "type": "document", "title": "line3.pdf",
+        "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0xLjQK"}}
+    with pytest.raises(openai.BadRequestError) as exc:
+        qa.client().chat.completions.create(model="claude/sonnet", messages=[{"role": "user", "content": [
+            {"type": "file", "file": {"file_id": "file-abc123"}}]}])
+    assert exc.value.body["param"] == "messages"  # type: ignore[index]
+    assert len(qa.claude.calls) == 1
+
+
 class Person(pydantic.BaseModel):
     name: str
     shift: int

@@ -230,11 +230,25 @@ class TestAnthropicRequest:
         kw = {} if choice is None else {"tool_choice": choice}
         assert self.body(req(tools=tools, parallel_tool_calls=False, **kw))["tool_choice"] == sent
 
+    def test_a_pdf_file_part_is_a_document(self) -> None:
+        """The openai client's file part with a PDF inline (``file_data``) is Anthropic's document block."""
+        body = self.body(req(messages=[{"role": "user", "content": [
+            {"type": "file", "file": {"filename": "line3-manual.pdf",
+                                      "file_data": "data:application/pdf;base64,JVBERi0x"}},
+            {"type": "text", "text": "Why did line 3 stop?"}]}]))
+        assert body["messages"][0]["content"][0] == {
+            "type": "document", "title": "line3-manual.pdf",
+            "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0x"}}
+
     @pytest.mark.parametrize(("kw", "param"), [
         ({"temperature": 1.5}, "temperature"),
         ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools"),
         ({"tools": "weather"}, "tools"),
         ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}, "messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "file-abc"}}]}]},
+         "messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "file", "file": {
+            "file_data": "data:text/csv;base64,YSxi"}}]}]}, "messages"),
         ({"messages": [{"role": "system", "content": "only system"}]}, "messages"),
         ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
             {"id": "x", "type": "function", "function": {"name": "f", "arguments": "{bad"}}]}]}, "messages"),
