@@ -23,10 +23,11 @@ Request (OpenAI → Anthropic):
   ``response_format`` ``json_object`` or ``json_schema`` (its schema an object) → a tool, ``json_answer``, with
   that schema as its input, which the model is made to call (or one of the caller's tools, when it gave
   some to call), as LiteLLM does; the call's input is the answer's ``content`` and ends it with ``stop``;
-  ``top_p``; ``user`` → ``metadata.user_id``. ``seed`` is not sent (Anthropic has none; OpenAI calls it best
-  effort too). What Anthropic cannot honour and would change the answer is refused (400
-  ``unsupported_parameter``) rather than dropped: ``logprobs``, ``logit_bias``, non-zero penalties, audio
-  and the other OpenAI-only parameters of ``shared.local_params.UNHONOURED``. Other unknown fields are not sent.
+  ``top_p``, and Anthropic's own ``top_k``; ``user`` → ``metadata.user_id``. ``seed`` is not sent (Anthropic
+  has none; OpenAI calls it best effort too). What Anthropic cannot honour and would change the answer is
+  refused (400 ``unsupported_parameter``) rather than dropped: ``logprobs``, ``logit_bias``, non-zero
+  penalties, audio and the other OpenAI-only parameters of ``shared.local_params.UNHONOURED``. Other unknown
+  fields are not sent.
 
 Answer (Anthropic → OpenAI): text blocks → ``content``; ``tool_use`` → ``tool_calls`` (input as JSON
 text; a tool call without arguments has ``{}``, streamed too); ``thinking`` blocks → ``reasoning_content``
@@ -528,6 +529,10 @@ class Anthropic:
             out["temperature"] = request.temperature
         if request.top_p is not None:
             out["top_p"] = request.top_p
+        if (top_k := extras.get("top_k")) is not None:  # Anthropic's own (LiteLLM passes it on too)
+            if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+                raise InvalidRequest("top_k must be a whole number of 0 or more", param="top_k")
+            out["top_k"] = top_k
         if request.stop_sequences():
             out["stop_sequences"] = request.stop_sequences()
         if request.user:

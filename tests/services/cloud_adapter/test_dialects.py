@@ -155,12 +155,13 @@ class TestAnthropicRequest:
                                        {"role": "developer", "content": "Use metric."},
                                        {"role": "user", "content": "a"}, {"role": "user", "content": "b"},
                                        {"role": "assistant", "content": "c"}, {"role": "user", "content": "d"}],
-                             max_tokens=50, stop="END", temperature=0.2, top_p=0.9, user="u7"))
+                             max_tokens=50, stop="END", temperature=0.2, top_p=0.9, top_k=40, user="u7"))
         assert body["system"] == "Be brief.\n\nUse metric."
         assert [m["role"] for m in body["messages"]] == ["user", "assistant", "user"]
         assert body["messages"][0]["content"] == [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
         assert (body["max_tokens"], body["stop_sequences"], body["temperature"]) == (50, ["END"], 0.2)
         assert body["metadata"] == {"user_id": "u7"}
+        assert (body["top_p"], body["top_k"]) == (0.9, 40)
         assert body["model"] == "claude-x"
 
     def test_text_parts_of_system_and_tool_messages_stay_apart(self) -> None:
@@ -255,6 +256,8 @@ class TestAnthropicRequest:
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "l", "schema": {"type": "array"}}}},
          "response_format"),
         ({"response_format": {"type": "yaml"}}, "response_format"),
+        ({"top_k": "5"}, "top_k"),
+        ({"top_k": -1}, "top_k"),
         ({"response_format": {"type": "json_object"}, "tools": [{"type": "function",  # the answer tool's name
                                                                   "function": {"name": "json_answer"}}]}, "tools"),
         ({"logprobs": True}, "logprobs"),
