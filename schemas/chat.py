@@ -194,19 +194,22 @@ class Usage(Compact):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: dict[str, int] | None = Field(
-        default=None, description="as OpenAI's: `cached_tokens`, the prompt tokens a provider read from its cache")
+        default=None, description="as OpenAI's: `cached_tokens`, the prompt tokens a provider read from its cache, "
+                                  "and `cache_write_tokens`, those it wrote to it")
     completion_tokens_details: dict[str, int] | None = Field(
         default=None, description="as OpenAI's: `reasoning_tokens`, the completion tokens a model spent reasoning")
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int, *, cached: int | None = None,
-           reasoning: int | None = None) -> Usage:
+           reasoning: int | None = None, written: int | None = None) -> Usage:
         """Usage with the total filled in (and the details a provider gave)."""
+        prompt_details = {k: v for k, v in (("cached_tokens", cached), ("cache_write_tokens", written))
+                          if v is not None}
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
-            prompt_tokens_details=None if cached is None else {"cached_tokens": cached},
+            prompt_tokens_details=prompt_details or None,
             completion_tokens_details=None if reasoning is None else {"reasoning_tokens": reasoning},
         )
 

@@ -52,12 +52,20 @@ def _merge_tool_calls(calls: list[dict[str, Any]], deltas: list[Mapping[str, Any
         call["function"]["arguments"] += fn.get("arguments") or ""
 
 
+THOUGHT_FIRST = ("reasoning_content", "reasoning", "thinking_blocks")
+"""A model's thinking, which its stream carries before the answer's text."""
+
+
 def message_deltas(message: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-    """A whole assistant message as the deltas a stream of it would carry (after the role chunk)."""
+    """A whole assistant message as the deltas a stream of it would carry (after the role chunk): its thinking
+    first, then its text, its other fields and its tool calls."""
+    for key in THOUGHT_FIRST:
+        if message.get(key) is not None:
+            yield {key: message[key]}
     if message.get("content"):
         yield {"content": message["content"]}
     for key, value in message.items():
-        if key in ("role", "content", "tool_calls") or value is None:
+        if key in ("role", "content", "tool_calls", *THOUGHT_FIRST) or value is None:
             continue
         yield {key: value}
     calls = message.get("tool_calls") or []

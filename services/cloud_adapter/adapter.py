@@ -116,7 +116,8 @@ class Tally:
         completion = self.completion_tokens
         if completion is None:
             completion = -(-self.chars // CHARS_PER_TOKEN)
-        return Usage.of(prompt, completion, cached=self.cached_tokens, reasoning=self.reasoning_tokens)
+        return Usage.of(prompt, completion, cached=self.cached_tokens, reasoning=self.reasoning_tokens,
+                        written=self.written_tokens)
 
 
 def choices_usage(request: ChatCompletionRequest, choices: Choices) -> Usage:
@@ -128,7 +129,8 @@ def choices_usage(request: ChatCompletionRequest, choices: Choices) -> Usage:
     completion = choices.completion_tokens
     if completion is None:
         completion = sum(-(-content_chars(c) // CHARS_PER_TOKEN) for c in choices.completions)
-    return Usage.of(prompt, completion, cached=choices.cached_tokens, reasoning=choices.reasoning_tokens)
+    return Usage.of(prompt, completion, cached=choices.cached_tokens, reasoning=choices.reasoning_tokens,
+                    written=choices.written_tokens)
 
 
 def content_chars(completion: Completion) -> int:
@@ -382,9 +384,11 @@ class CloudAdapter:
                     raise ChoicesOneByOne(n, target.name) from exc
                 target.first_byte.observe(time.monotonic() - started)
                 paid = choices_usage(request, choices)
-                cost = target.spec.cost(paid.prompt_tokens, paid.completion_tokens, choices.cached_tokens or 0)
+                cost = target.spec.cost(paid.prompt_tokens, paid.completion_tokens, choices.cached_tokens or 0,
+                                        choices.written_tokens or 0)
                 self._charge(target, env.tenant, paid, cost)
-                details = {"cached": choices.cached_tokens, "reasoning": choices.reasoning_tokens}
+                details = {"cached": choices.cached_tokens, "reasoning": choices.reasoning_tokens,
+                           "written": choices.written_tokens}
                 answer.fingerprint = choices.fingerprint
                 shares = completion_shares(paid.completion_tokens, choices.completions)
                 for j, choice, tokens in zip(missing, choices.completions, shares, strict=True):

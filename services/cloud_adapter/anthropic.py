@@ -148,7 +148,8 @@ def _content_blocks(message: ChatMessage) -> list[Block]:
     for part in message.content:
         extra = part.model_extra or {}
         if isinstance(part, TextPart):
-            blocks.append(_cached({"type": "text", "text": part.text}, extra))
+            if part.text:  # Anthropic refuses empty text blocks
+                blocks.append(_cached({"type": "text", "text": part.text}, extra))
         elif part.type == "image_url":
             image = extra.get("image_url")
             blocks.append(_cached(_image(image.get("url") if isinstance(image, dict) else image), extra))
@@ -226,7 +227,7 @@ def _system(messages: list[ChatMessage]) -> str | list[Block]:
         blocks += own
     if any(b["type"] != "text" for b in blocks):
         raise InvalidRequest("a system or developer message can hold text only", param="messages")
-    return [b for b in blocks if b["text"]]  # Anthropic refuses empty text blocks
+    return blocks
 
 
 def _tool(tool: Any) -> dict[str, Any]:

@@ -109,6 +109,7 @@ class Choices:
     cached_tokens: int | None = None
     reasoning_tokens: int | None = None
     fingerprint: str | None = None
+    written_tokens: int | None = None
 
 
 class StreamParser(Protocol):

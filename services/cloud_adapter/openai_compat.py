@@ -44,7 +44,8 @@ def _usage(value: Any) -> Tokens | None:
     prompt, completion = value.get("prompt_tokens_details"), value.get("completion_tokens_details")
     return Tokens(as_int(value.get("prompt_tokens")), as_int(value.get("completion_tokens")),
                   as_int(prompt.get("cached_tokens")) if isinstance(prompt, dict) else None,
-                  as_int(completion.get("reasoning_tokens")) if isinstance(completion, dict) else None)
+                  as_int(completion.get("reasoning_tokens")) if isinstance(completion, dict) else None,
+                  as_int(prompt.get("cache_write_tokens")) if isinstance(prompt, dict) else None)
 
 
 def _logprobs(choice: dict[str, Any]) -> dict[str, Any] | None:
@@ -178,7 +179,8 @@ class OpenAICompatible:
                                f"{[c.get('index') for c in indexed][:8]}) for n = {n}")
         usage = _usage(body.get("usage")) or Tokens()
         return Choices([self._choice(c, f"index {i}", Tokens(), None) for i, c in enumerate(indexed)],
-                       usage.prompt, usage.completion, usage.cached, usage.reasoning, _fingerprint(body))
+                       usage.prompt, usage.completion, usage.cached, usage.reasoning, _fingerprint(body),
+                       usage.written)
 
     def _choices(self, data: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         body = load_json(self.provider, data)
@@ -193,7 +195,7 @@ class OpenAICompatible:
             raise bad_response(self.provider, f"no `message` in the answer's {which} choice")
         return Completion({k: v for k, v in message.items() if k != "role"},
                           finish_reason(choice.get("finish_reason")), usage.prompt, usage.completion,
-                          usage.cached, usage.reasoning, _logprobs(choice), fingerprint)
+                          usage.cached, usage.reasoning, _logprobs(choice), fingerprint, usage.written)
 
     def stream_parser(self, n: int = 1, request: ChatCompletionRequest | None = None) -> OpenAIStream:
         """A parser for one streamed answer of ``n`` choices (of any request: it is relayed)."""

@@ -89,10 +89,15 @@ def event(body: bytes) -> bytes:
 
 
 def total_usage(usages: Iterable[Usage]) -> Usage:
-    """The choices' usage added up, details (cached, reasoning tokens) included where any choice had them."""
+    """The choices' usage added up, each detail (cached, cache-write, reasoning tokens) where any choice had it."""
     listed = list(usages)
-    cached = [u.prompt_tokens_details.get("cached_tokens", 0) for u in listed if u.prompt_tokens_details]
-    reasoning = [u.completion_tokens_details.get("reasoning_tokens", 0) for u in listed
-                 if u.completion_tokens_details]
-    return Usage.of(sum(u.prompt_tokens for u in listed), sum(u.completion_tokens for u in listed),
-                    cached=sum(cached) if cached else None, reasoning=sum(reasoning) if reasoning else None)
+    prompt: dict[str, int] = {}
+    completion: dict[str, int] = {}
+    for u in listed:
+        for details, total in ((u.prompt_tokens_details, prompt), (u.completion_tokens_details, completion)):
+            for key, count in (details or {}).items():
+                total[key] = total.get(key, 0) + count
+    prompt_tokens, completion_tokens = sum(u.prompt_tokens for u in listed), sum(u.completion_tokens for u in listed)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=prompt or None,
+                 completion_tokens_details=completion or None)
