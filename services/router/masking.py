@@ -11,9 +11,10 @@ Built-in patterns (what each replaces):
 Dates, times, order numbers, measurements and plain numbers are left alone. Custom patterns come from
 the policy (``{name, regex, replacement}``).
 
-What is masked: every message's text (string content and text parts), its ``name``, the arguments of the
-tool calls an assistant message made (``tool_calls[].function.arguments``, and the legacy
-``function_call.arguments``), and the request's ``user``: whatever of the prompt a provider reads as written.
+What is masked: every message's text (string content and text parts, and the file names of file parts), its
+``name``, the arguments of the tool calls an assistant message made (``tool_calls[].function.arguments``, and
+the legacy ``function_call.arguments``), and the request's ``user``: whatever of the prompt a provider reads
+as written.
 """
 
 from __future__ import annotations
@@ -144,6 +145,12 @@ class Masker:
                 text = self._apply(part.text, total)
                 if text is not part.text:
                     parts[i] = part.model_copy(update={"text": text})
+                    changed = True
+            elif part.type == "file":  # its file name is read too (Anthropic's document title)
+                file = (part.model_extra or {}).get("file")
+                if (isinstance(file, dict) and isinstance(name := file.get("filename"), str)
+                        and (masked := self._changed(name, total)) is not None):
+                    parts[i] = part.model_copy(update={"file": {**file, "filename": masked}})
                     changed = True
         return parts if changed else content
 

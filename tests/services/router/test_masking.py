@@ -105,6 +105,19 @@ class TestRequests:
         assert json.loads(sent["messages"][3]["function_call"]["arguments"]) == {"to": "[EMAIL]"}
         assert request.user == "jane@plant.example"  # the original is kept
 
+    def test_a_file_parts_name_is_masked_and_its_data_kept(self) -> None:
+        """A PDF's file name is read by the model (Anthropic's document title): masked; its bytes are not text."""
+        pdf = {"filename": "offer for jane.doe@plant.example, v2.pdf", "file_data": "data:application/pdf;base64,JVBE"}
+        request = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "file", "file": pdf}, {"type": "text", "text": "summarise"}]}]})
+        masked, counts = MASKER.mask_request(request)
+        sent = masked.model_dump(mode="json", exclude_none=True)
+        assert sent["messages"][0]["content"][0]["file"] == {**pdf, "filename": "offer for [EMAIL], v2.pdf"}
+        assert counts == {"email": 1}
+        unnamed = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "file", "file": {"file_data": pdf["file_data"]}}]}]})
+        assert MASKER.mask_request(unnamed)[0] is unnamed
+
     def test_tool_calls_without_personal_data_change_nothing(self) -> None:
         """A tool round trip with nothing to mask is the request itself (forwarded as the caller's bytes)."""
         request = ChatCompletionRequest.model_validate({"model": "m", "user": "operator-7", "messages": [
