@@ -22,7 +22,8 @@ Request (OpenAI → Anthropic):
   ``stop`` → ``stop_sequences``; ``temperature`` above 1 is refused (400: Anthropic takes 0-1);
   ``response_format`` ``json_object`` or ``json_schema`` (its schema an object) → a tool, ``json_answer``, with
   that schema as its input, which the model is made to call (or one of the caller's tools, when it gave
-  some to call), as LiteLLM does; the call's input is the answer's ``content`` and ends it with ``stop``;
+  some to call; with thinking, which a forced call may not follow, only offered), as LiteLLM does; the call's
+  input is the answer's ``content`` and ends it with ``stop``;
   ``top_p``, and Anthropic's own ``top_k``; ``user`` → ``metadata.user_id``. ``seed`` is not sent (Anthropic
   has none; OpenAI calls it best effort too). What Anthropic cannot honour and would change the answer is
   refused (400 ``unsupported_parameter``) rather than dropped: ``logprobs``, ``logit_bias``, non-zero
@@ -277,9 +278,10 @@ def response_schema(extras: dict[str, Any]) -> Block | None:
     return {"type": "object", **schema}
 
 
-def _tools(extras: dict[str, Any], schema: Block | None = None) -> dict[str, Any]:
+def _tools(extras: dict[str, Any], schema: Block | None = None, thinking: bool = False) -> dict[str, Any]:
     """``tools`` and ``tool_choice``; with an answer ``schema``, the tool that answers it too, and a choice that
-    makes the model call a tool (that one, or one of the caller's when it has tools to call)."""
+    makes the model call a tool (that one, or one of the caller's when it has tools to call) — unless the
+    model is ``thinking``, which Anthropic does not let a forced tool call follow: then it is only offered."""
     out: dict[str, Any] = {}
     tools = extras.get("tools")
     if tools:
@@ -292,8 +294,9 @@ def _tools(extras: dict[str, Any], schema: Block | None = None) -> dict[str, Any
             raise InvalidRequest(f"a tool named {RESPONSE_TOOL} cannot be given with a JSON response_format: the "
                                  "Anthropic model answers it through a tool of that name", param="tools")
         if choice == "none" or not out.get("tools"):
-            out["tools"], choice = [], {"type": "function", "function": {"name": RESPONSE_TOOL}}
-        elif choice in (None, "auto"):
+            out["tools"] = []
+            choice = "auto" if thinking else {"type": "function", "function": {"name": RESPONSE_TOOL}}
+        elif choice in (None, "auto") and not thinking:
             choice = "required"  # one of the caller's tools, or the answer
         out["tools"].append({"name": RESPONSE_TOOL, "description": "Give your answer, as the input of this tool.",
                              "input_schema": schema})
@@ -538,7 +541,7 @@ class Anthropic:
             out["stop_sequences"] = request.stop_sequences()
         if request.user:
             out["metadata"] = {"user_id": request.user}
-        out.update(_tools(extras, response_schema(extras)))
+        out.update(_tools(extras, response_schema(extras), thinking=budget is not None))
         if stream:
             out["stream"] = True
         return json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode()

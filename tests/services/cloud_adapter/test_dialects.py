@@ -556,6 +556,17 @@ class TestAnthropicJsonAnswers:
         assert [t["name"] for t in none["tools"]] == ["json_answer"]
         assert none["tool_choice"] == {"type": "tool", "name": "json_answer"}
 
+    def test_with_thinking_the_tool_is_offered_not_forced(self) -> None:
+        """Anthropic refuses a forced tool call after thinking: the answer tool is then only offered."""
+        body = self.body(req(response_format=JSON_SCHEMA, reasoning_effort="low"))
+        assert [t["name"] for t in body["tools"]] == ["json_answer"]
+        assert body["tool_choice"] == {"type": "auto"}
+        mine = self.body(req(response_format=JSON_SCHEMA, reasoning_effort="low", tools=[TOOL]))
+        assert [t["name"] for t in mine["tools"]] == ["lookup", "json_answer"]
+        assert "tool_choice" not in mine  # auto, Anthropic's default
+        assert self.body(req(response_format=JSON_SCHEMA, thinking={"type": "disabled"}))["tool_choice"] == {
+            "type": "tool", "name": "json_answer"}
+
     def test_the_answer_tools_input_is_the_content(self) -> None:
         data = json.dumps({"content": [{"type": "tool_use", "id": "t", "name": "json_answer",
                                         "input": {"name": "Åsa"}}], "stop_reason": "tool_use",
