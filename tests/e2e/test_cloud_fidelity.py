@@ -347,12 +347,17 @@ def test_anthropic_prompt_caching_marks_reach_it_and_cache_writes_are_priced(qa:
     assert sent["messages"][0]["content"][0]["cache_control"] == mark
     assert "cache_control" not in sent["messages"][0]["content"][1]
     assert sent["tools"][0]["cache_control"] == mark
-    usage = raw.parse().usage
+    assert_cache_priced(raw.parse().usage, nats_server, raw.headers["x-request-id"])
+
+
+def assert_cache_priced(usage: Any, nats_server: NatsServer, request_id: str) -> None:
+    """``claude/opus``'s usage of 10 input tokens, 100 written to the cache and 50 read from it, and 5 output
+    tokens: the caller sees them all, and the usage event prices each at its own price."""
     assert usage is not None
     assert (usage.prompt_tokens, usage.completion_tokens) == (160, 5)
     assert usage.prompt_tokens_details is not None
-    assert usage.prompt_tokens_details.cached_tokens == 50
-    event = usage_event(nats_server, raw.headers["x-request-id"])
+    assert (usage.prompt_tokens_details.cached_tokens, usage.prompt_tokens_details.cache_write_tokens) == (50, 100)
+    event = usage_event(nats_server, request_id)
     assert event["cost_usd"] == pytest.approx((10 * 3 + 50 * 0.3 + 100 * 3.75 + 5 * 15) / 1e6)
 
 

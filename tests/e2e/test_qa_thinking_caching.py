@@ -23,9 +23,9 @@ from tests.e2e.test_cloud_fidelity import (
     QAStack,
     anthropic_events,
     anthropic_message,
+    assert_cache_priced,
     sse,
     streamed_tool_arguments,
-    usage_event,
 )
 from tests.fakes import Fault
 from tests.support import NatsServer
@@ -296,14 +296,7 @@ def test_a_streamed_answers_cache_writes_are_priced(qa: QAStack, nats_server: Na
     qa.claude.script(Fault.raw(events=events))
     raw = create_raw(qa, model="claude/opus", messages=[{"role": "user", "content": "x", "cache_control": MARK}],
                      stream=True, stream_options={"include_usage": True})
-    chunks = list(raw.parse())
-    usage = chunks[-1].usage
-    assert usage is not None
-    assert (usage.prompt_tokens, usage.completion_tokens) == (160, 5)
-    assert usage.prompt_tokens_details is not None
-    assert usage.prompt_tokens_details.cached_tokens == 50
-    event = usage_event(nats_server, raw.headers["x-request-id"])
-    assert event["cost_usd"] == pytest.approx((10 * 3 + 50 * 0.3 + 100 * 3.75 + 5 * 15) / 1e6)
+    assert_cache_priced(list(raw.parse())[-1].usage, nats_server, raw.headers["x-request-id"])
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
