@@ -89,6 +89,7 @@ class Tally:
     cached_tokens: int | None = None
     reasoning_tokens: int | None = None
     written_tokens: int | None = None  # of the prompt, written to the provider's prompt cache
+    written_1h_tokens: int | None = None  # of those, written for an hour
     chars: int = 0
 
     def add(self, piece: Piece) -> None:
@@ -107,6 +108,7 @@ class Tally:
             self.cached_tokens = piece.cached if piece.cached is not None else self.cached_tokens
             self.reasoning_tokens = piece.reasoning if piece.reasoning is not None else self.reasoning_tokens
             self.written_tokens = piece.written if piece.written is not None else self.written_tokens
+            self.written_1h_tokens = piece.written_1h if piece.written_1h is not None else self.written_1h_tokens
 
     def usage(self, request: ChatCompletionRequest) -> Usage:
         """Token usage as reported, or estimated (4 characters a token) where the provider gave none."""
@@ -674,7 +676,7 @@ class CloudAdapter:
         tally.finish = completion.finish
         tally.prompt_tokens, tally.completion_tokens = completion.prompt_tokens, completion.completion_tokens
         tally.cached_tokens, tally.reasoning_tokens = completion.cached_tokens, completion.reasoning_tokens
-        tally.written_tokens = completion.written_tokens
+        tally.written_tokens, tally.written_1h_tokens = completion.written_tokens, completion.written_1h_tokens
         content = completion.message.get("content")
         tally.chars = len(content) if isinstance(content, str) else 0
         await admission.admit()
@@ -715,7 +717,7 @@ class CloudAdapter:
         else:
             usage = tally.usage(request)
             cost = target.spec.cost(usage.prompt_tokens, usage.completion_tokens, tally.cached_tokens or 0,
-                                    tally.written_tokens or 0)
+                                    tally.written_tokens or 0, tally.written_1h_tokens or 0)
             self._charge(target, env.tenant, usage, cost)
         return self._usage_event(target, env, outcome, elapsed, usage, cost, cached=hit is not None)
 

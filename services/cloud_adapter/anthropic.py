@@ -367,9 +367,11 @@ def _prompt_tokens(usage: dict[str, Any]) -> int | None:
 
 def _prompt_usage(usage: dict[str, Any]) -> Tokens:
     """The prompt's tokens of an Anthropic usage object: all of them, those read from its cache, those
-    written to it."""
+    written to it (and of those, the ones written for an hour)."""
+    creation = usage.get("cache_creation")
     return Tokens(prompt=_prompt_tokens(usage), cached=as_int(usage.get("cache_read_input_tokens")),
-                  written=as_int(usage.get("cache_creation_input_tokens")))
+                  written=as_int(usage.get("cache_creation_input_tokens")),
+                  written_1h=as_int(creation.get("ephemeral_1h_input_tokens")) if isinstance(creation, dict) else None)
 
 
 def _stream_error(provider: str, error: Any) -> LeafwireError:
@@ -474,7 +476,7 @@ class AnthropicStream:
         usage = body.get("usage") or {}
         prompt = _prompt_usage(usage)
         pieces.append(Tokens(prompt=prompt.prompt, completion=as_int(usage.get("output_tokens")), cached=prompt.cached,
-                             written=prompt.written))
+                             written=prompt.written, written_1h=prompt.written_1h))
         return pieces
 
     def _on_message_stop(self, body: dict[str, Any]) -> list[Piece]:
@@ -567,7 +569,7 @@ class Anthropic:
         finish = STOP_REASONS.get(str(body.get("stop_reason")), "stop")
         return Completion(message, "stop" if finish == "tool_calls" and json_answer and not calls else finish,
                           prompt.prompt, as_int(usage.get("output_tokens")), prompt.cached,
-                          written_tokens=prompt.written)
+                          written_tokens=prompt.written, written_1h_tokens=prompt.written_1h)
 
     def stream_parser(self, n: int = 1, request: ChatCompletionRequest | None = None) -> AnthropicStream:
         """A parser for one streamed answer of ``request`` (one choice: the Messages API has no ``n``)."""

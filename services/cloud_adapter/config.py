@@ -99,27 +99,33 @@ class ModelSpec(BaseModel):
         default=None, description="price of prompt tokens written to the provider's prompt cache (Anthropic's "
                                   "cache_creation_input_tokens, 1.25x the input price at Anthropic for 5 minutes); "
                                   "unset: the input price")
+    cache_write_1h_input_per_mtok: Annotated[float | None, Field(ge=0)] = Field(
+        default=None, description="price of prompt tokens written to Anthropic's prompt cache for an hour (2x the "
+                                  "input price at Anthropic); unset: cache_write_input_per_mtok")
     context_length: Annotated[int | None, Field(ge=1)] = None
     max_tokens: Annotated[int, Field(ge=1)] = Field(
         default=4096, description="completion limit sent when a request sets none (Anthropic requires one)")
 
     @model_validator(mode="after")
     def _embeddings_have_no_output(self) -> ModelSpec:
-        if self.kind == "embeddings" and (self.output_per_mtok or self.cached_input_per_mtok is not None
-                                          or self.cache_write_input_per_mtok is not None):
+        cache_prices = (self.cached_input_per_mtok, self.cache_write_input_per_mtok, self.cache_write_1h_input_per_mtok)
+        if self.kind == "embeddings" and (self.output_per_mtok or any(p is not None for p in cache_prices)):
             raise ValueError("an embeddings model reads input tokens only: give it input_per_mtok, not "
                              "output_per_mtok, cached_input_per_mtok or cache_write_input_per_mtok")
         return self
 
     def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
-             written_tokens: int = 0) -> float:
-        """US dollars for this many tokens, ``cached_tokens`` of the prompt at the cached-input price and
-        ``written_tokens`` of it (written to the provider's cache) at the cache-write price."""
+             written_tokens: int = 0, written_1h_tokens: int = 0) -> float:
+        """US dollars for this many tokens: ``cached_tokens`` of the prompt at the cached-input price, and
+        ``written_tokens`` of it (written to the provider's cache) at the cache-write price, ``written_1h_tokens``
+        of those (written for an hour) at the one-hour price; each the input price when not set."""
         cached = min(max(cached_tokens, 0), prompt_tokens) if self.cached_input_per_mtok is not None else 0
-        written = (min(max(written_tokens, 0), prompt_tokens - cached)
-                   if self.cache_write_input_per_mtok is not None else 0)
+        written = min(max(written_tokens, 0), prompt_tokens - cached)
+        hour = min(max(written_1h_tokens, 0), written)
+        write = self.input_per_mtok if self.cache_write_input_per_mtok is None else self.cache_write_input_per_mtok
+        write_1h = write if self.cache_write_1h_input_per_mtok is None else self.cache_write_1h_input_per_mtok
         return ((prompt_tokens - cached - written) * self.input_per_mtok
-                + cached * (self.cached_input_per_mtok or 0.0) + written * (self.cache_write_input_per_mtok or 0.0)
+                + cached * (self.cached_input_per_mtok or 0.0) + (written - hour) * write + hour * write_1h
                 + completion_tokens * self.output_per_mtok) / 1_000_000
 
 

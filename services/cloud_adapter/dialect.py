@@ -78,6 +78,7 @@ class Tokens:
     cached: int | None = None  # of the prompt, read from the provider's prompt cache
     reasoning: int | None = None  # of the completion, spent reasoning
     written: int | None = None  # of the prompt, written to the provider's prompt cache (Anthropic prices them apart)
+    written_1h: int | None = None  # of those, written for an hour (Anthropic's dearer TTL)
 
 
 Piece = Delta | Finish | Tokens | Fingerprint
@@ -96,6 +97,7 @@ class Completion:
     logprobs: dict[str, Any] | None = None
     fingerprint: str | None = None
     written_tokens: int | None = None
+    written_1h_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,7 +111,7 @@ def providers_file(path: Path, oai: FakeProvider, claude: FakeProvider) -> Path:
         entry("claude", claude, {"sonnet": {"upstream": "claude-x", "max_tokens": 256},
                                  "opus": {"upstream": "claude-y", "max_tokens": 256, "input_per_mtok": 3,
                                           "output_per_mtok": 15, "cached_input_per_mtok": 0.3,
-                                          "cache_write_input_per_mtok": 3.75}}),
+                                          "cache_write_input_per_mtok": 3.75, "cache_write_1h_input_per_mtok": 6}}),
     ]}))
     return path
 
@@ -348,6 +348,20 @@ def test_anthropic_prompt_caching_marks_reach_it_and_cache_writes_are_priced(qa:
     assert "cache_control" not in sent["messages"][0]["content"][1]
     assert sent["tools"][0]["cache_control"] == mark
     assert_cache_priced(raw.parse().usage, nats_server, raw.headers["x-request-id"])
+
+
+def test_an_hours_cache_writes_are_priced_at_their_own_price(qa: QAStack, nats_server: NatsServer) -> None:
+    """A 1-hour mark (twice the input price at Anthropic, five-minute writes 1.25x): Anthropic says which writes
+    were for an hour, and the usage event prices them at cache_write_1h_input_per_mtok."""
+    qa.claude.script(Fault.raw(body=anthropic_message(
+        [{"type": "text", "text": "ok"}], "end_turn", cache_creation_input_tokens=100,
+        cache_creation={"ephemeral_5m_input_tokens": 30, "ephemeral_1h_input_tokens": 70})))  # type: ignore[arg-type]
+    raw = qa.client().chat.completions.with_raw_response.create(model="claude/opus", messages=[
+        {"role": "user", "content": [{"type": "text", "text": "The manual.",
+                                      "cache_control": {"type": "ephemeral", "ttl": "1h"}}]}])
+    assert qa.claude.calls[0].body["messages"][0]["content"][0]["cache_control"]["ttl"] == "1h"
+    event = usage_event(nats_server, raw.headers["x-request-id"])
+    assert event["cost_usd"] == pytest.approx((10 * 3 + 30 * 3.75 + 70 * 6 + 5 * 15) / 1e6)
 
 
 def assert_cache_priced(usage: Any, nats_server: NatsServer, request_id: str) -> None:

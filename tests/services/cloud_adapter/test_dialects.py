@@ -435,6 +435,22 @@ class TestAnthropicPromptCaching:
         start = {"type": "message_start", "message": {"usage": usage}}
         assert s.feed("message_start", json.dumps(start)) == [Tokens(prompt=160, cached=50, written=100)]
 
+    def test_an_hours_cache_writes_have_their_own_price(self) -> None:
+        """Anthropic says how many of the writes are for an hour (``cache_creation``): they cost the one-hour
+        price (2x input at Anthropic), the others the five-minute one; without a one-hour price, the same."""
+        usage = {"input_tokens": 10, "cache_creation_input_tokens": 100, "output_tokens": 4,
+                 "cache_creation": {"ephemeral_5m_input_tokens": 60, "ephemeral_1h_input_tokens": 40}}
+        c = Anthropic("a").completion(json.dumps({"content": [], "stop_reason": "end_turn", "usage": usage}).encode())
+        assert (c.prompt_tokens, c.written_tokens, c.written_1h_tokens) == (110, 100, 40)
+        spec = ModelSpec(input_per_mtok=3, output_per_mtok=15, cache_write_input_per_mtok=3.75,
+                         cache_write_1h_input_per_mtok=6)
+        assert spec.cost(110, 4, 0, 100, 40) == pytest.approx((10 * 3 + 60 * 3.75 + 40 * 6 + 4 * 15) / 1e6)
+        five = ModelSpec(input_per_mtok=3, output_per_mtok=15, cache_write_input_per_mtok=3.75)
+        assert five.cost(110, 4, 0, 100, 40) == pytest.approx((10 * 3 + 100 * 3.75 + 4 * 15) / 1e6)
+        start = {"type": "message_start", "message": {"usage": usage}}
+        (tokens,) = Anthropic("a").stream_parser().feed("message_start", json.dumps(start))
+        assert tokens == Tokens(prompt=110, written=100, written_1h=40)
+
 
 class TestAnthropicThinking:
     """Extended thinking, as LiteLLM maps it: ``reasoning_effort`` or ``thinking`` in; ``reasoning_content``
