@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -95,9 +95,7 @@ class Tally:
     def add(self, piece: Piece) -> None:
         """Count one piece of a streamed answer."""
         if isinstance(piece, Delta):
-            content = piece.fields.get("content")
-            if isinstance(content, str):
-                self.chars += len(content)
+            self.chars += written_chars(piece.fields)
             if self.keep_message:
                 merge_delta(self.message, piece.fields)
         elif isinstance(piece, Finish):
@@ -135,9 +133,20 @@ def choices_usage(request: ChatCompletionRequest, choices: Choices) -> Usage:
                     written=choices.written_tokens)
 
 
+def written_chars(fields: Mapping[str, Any]) -> int:
+    """Characters a model wrote in a message (or a delta of one): its text, its reasoning and its tool calls'
+    names and arguments; what a provider that reports no usage is charged for (4 characters a token)."""
+    count = sum(len(v) for key in ("content", "reasoning_content") if isinstance(v := fields.get(key), str))
+    for call in fields.get("tool_calls") or ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            count += sum(len(v) for key in ("name", "arguments") if isinstance(v := function.get(key), str))
+    return count
+
+
 def content_chars(completion: Completion) -> int:
-    content = completion.message.get("content")
-    return len(content) if isinstance(content, str) else 0
+    """``written_chars`` of a whole answer's message."""
+    return written_chars(completion.message)
 
 
 def completion_shares(tokens: int, completions: list[Completion]) -> list[int]:
@@ -677,8 +686,7 @@ class CloudAdapter:
         tally.prompt_tokens, tally.completion_tokens = completion.prompt_tokens, completion.completion_tokens
         tally.cached_tokens, tally.reasoning_tokens = completion.cached_tokens, completion.reasoning_tokens
         tally.written_tokens, tally.written_1h_tokens = completion.written_tokens, completion.written_1h_tokens
-        content = completion.message.get("content")
-        tally.chars = len(content) if isinstance(content, str) else 0
+        tally.chars = content_chars(completion)
         await admission.admit()
         answer.fingerprint = completion.fingerprint
         await answer.whole(completion.message, completion.finish, tally.usage(call.request), completion.logprobs)

@@ -62,6 +62,7 @@ class Account:
     revision: int = 0
     others: dict[str, tuple[str, float]] = field(default_factory=dict)  # site → (window, spent), as last heard
     elsewhere: float = 0.0  # what the other sites spent in this window
+    restate: bool = False  # the bucket's entry says another limit than the configured one: to be written again
 
     def __post_init__(self) -> None:
         self._add_up()
@@ -101,10 +102,14 @@ class Ledger:
         self._by_tenant: dict[str, tuple[str, list[Account]]] = {}
 
     def configure(self, budgets: Budgets) -> None:
-        """New limits (a providers file reloaded): every account known keeps what it spent, with its new limit."""
+        """New limits (a providers file reloaded): every account known keeps what it spent, with its new limit,
+        written to the bucket at the next flush (the routers read the limit and level there: a tenant refused
+        under the old limit is let in again at once under a higher one)."""
         self.budgets = budgets
         for acct in self.accounts.values():
-            acct.limit = self._limits(acct.scope).limit(acct.period)
+            limit = self._limits(acct.scope).limit(acct.period)
+            if limit != acct.limit:
+                acct.limit, acct.restate = limit, True
 
     def _limits(self, scope: str) -> BudgetLimits:
         if scope == subjects.GLOBAL_SCOPE:
@@ -165,6 +170,8 @@ class Ledger:
             acct.heard(status.site or "", status.window, status.spent_usd)
         elif status.window == acct.window and revision > acct.revision:
             acct.known, acct.revision = status.spent_usd, revision
+            # written under other limits (before a restart with a new providers file): the bucket is told ours
+            acct.restate = status.limit_usd != acct.limit
 
     def cleared(self, key: str) -> None:
         """A bucket no longer holds ``key`` (deleted, or the bucket was reset): nothing known spent there."""
@@ -186,8 +193,8 @@ class Ledger:
             acct.revision = 0
 
     def due(self) -> list[Account]:
-        """Accounts with spending to write."""
-        return [a for a in self.accounts.values() if a.pending > 0]
+        """Accounts with spending to write, or a limit."""
+        return [a for a in self.accounts.values() if a.pending > 0 or a.restate]
 
     def status(self, acct: Account, spent: float) -> BudgetStatus:
         """This site's entry of an account when the site has spent ``spent``."""
@@ -200,7 +207,7 @@ class Ledger:
         """Record a successful write of ``amount`` (this site's entry went from ``before`` to ``after``); the
         level every site's total crossed into, if it crossed one."""
         acct.pending = max(0.0, acct.pending - amount)
-        acct.known, acct.revision = after, revision
+        acct.known, acct.revision, acct.restate = after, revision, False
         old = level(before + acct.elsewhere, acct.limit, self.budgets.warn_ratio)
         new = level(after + acct.elsewhere, acct.limit, self.budgets.warn_ratio)
         return new if new != old and new != "ok" else None

@@ -28,6 +28,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
@@ -312,7 +313,10 @@ def check_base_url(base_url: str, *, local: bool) -> URL:
     try:
         public = is_public(host)
     except ValueError:
-        return url  # a name: its addresses are checked each time it is resolved
+        try:  # 127.1, 2130706433, 0x7f.1: IPv4 in the forms inet_aton reads (some clients connect to them)
+            public = is_public(str(ipaddress.IPv4Address(socket.inet_aton(host))))
+        except OSError:
+            return url  # a name: its addresses are checked each time it is resolved
     if not public:
         raise ValueError(f"base_url {base_url!r} is a private, loopback or link-local address: "
                          "mark the provider `local: true` to allow it")
@@ -366,8 +370,18 @@ def parse(text: str, origin: str = "providers file") -> ProvidersFile:
     try:
         raw = yaml_text.load(text, origin) or {}
         return ProvidersFile.model_validate(raw)
-    except (yaml.YAMLError, ValidationError) as exc:
+    except yaml.YAMLError as exc:
         raise ConfigError(f"{origin} is invalid: {exc}") from exc
+    except ValidationError as exc:
+        raise ConfigError(f"{origin} is invalid: {what_is_wrong(exc)}") from exc
+
+
+def what_is_wrong(exc: ValidationError) -> str:
+    """Each error of a validation: the field and what is wrong with it, never the value given (a key written
+    into the file by mistake must not reach a log or a terminal)."""
+    lines = [f"{'.'.join(str(p) for p in e['loc']) or 'the file'}: {e['msg']}"
+             for e in exc.errors(include_url=False, include_input=False, include_context=False)]
+    return f"{len(lines)} error(s): " + "; ".join(lines)
 
 
 def load(path: Path | None, *, require_keys: bool) -> tuple[ProvidersFile, list[Provider]]:

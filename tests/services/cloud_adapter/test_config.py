@@ -91,6 +91,9 @@ class TestProvidersFile:
         ({"base_url": "https://169.254.169.254/latest"}, "private, loopback"),
         ({"base_url": "https://[::1]:8000"}, "private, loopback"),
         ({"base_url": "https://localhost:8000"}, "loopback"),
+        ({"base_url": "https://2130706433/v1"}, "private, loopback"),  # 127.0.0.1 as one number
+        ({"base_url": "https://127.1/v1"}, "private, loopback"),
+        ({"base_url": "https://0xa9fea9fe/latest"}, "private, loopback"),  # 169.254.169.254 in hex
         ({"api_key_env": "A", "api_key_file": "/k"}, "not both"),
         ({"headers": {"Authorization": "Bearer x"}}, "cannot be set"),
         ({"timeouts": {"first_byte_s": 60, "total_s": 30}}, "total_s"),
@@ -107,6 +110,17 @@ class TestProvidersFile:
         import yaml
         with pytest.raises(ConfigError, match=says):
             parse(yaml.safe_dump(provider(**kw)))
+
+    def test_a_key_written_into_the_file_is_never_in_the_reason(self) -> None:
+        """LiteLLM's configs write ``api_key:`` inline: refused (keys come from env or files), and neither it nor
+        a key put in ``headers`` is repeated in the reason, which goes to logs and terminals."""
+        import yaml
+        with pytest.raises(ConfigError) as exc:
+            parse(yaml.safe_dump(provider(api_key="sk-live-0123456789abcdef",
+                                          headers={"Authorization": "Bearer sk-live-fedcba9876543210"})))
+        assert "providers.0.api_key" in exc.value.message
+        assert "Authorization" in exc.value.message
+        assert "sk-live" not in exc.value.message
 
     def test_two_providers_with_one_name(self) -> None:
         """Provider names must be unique."""

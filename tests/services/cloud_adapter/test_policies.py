@@ -310,6 +310,25 @@ class TestLedger:
         clock.t += 3 * 3600
         ledger.check("bob")
 
+    def test_a_limit_changed_is_written_again_with_nothing_spent(self) -> None:
+        """The routers read limits and levels from the bucket: a limit changed by a reload, or an entry written
+        under another limit (before a restart with a new file), is written again at the next flush, spending or
+        not; an entry that already says the configured limit is not."""
+        ledger = self.ledger(Clock())
+        ledger.seen(BudgetStatus(scope="tenant-bob", period="daily", window="2026-11-21", spent_usd=1.5,
+                                 limit_usd=1, state="exhausted", site="edge1"), revision=3)
+        ledger.seen(BudgetStatus(scope="tenant-carol", period="daily", window="2026-11-21", spent_usd=0.2,
+                                 limit_usd=0.5, state="ok", site="edge1"), revision=4)
+        assert [a.scope for a in ledger.due()] == ["tenant-carol"]  # written under a limit no longer configured
+        (carol,) = ledger.due()
+        ledger.written(carol, 0.0, 0.2, 0.2, 5)
+        assert ledger.due() == []
+        ledger.configure(Budgets.model_validate({"global": {"daily_usd": 10}, "tenant_default": {"daily_usd": 2}}))
+        assert sorted(a.scope for a in ledger.due()) == ["tenant-bob", "tenant-carol"]
+        bob = ledger.account("tenant-bob", "daily")
+        assert ledger.status(bob, bob.known).state == "ok"  # what the next flush writes: 1.5 of 2
+        ledger.check("bob")
+
     def test_other_adapters_spending_counts(self) -> None:
         """What other adapters of the site wrote to the bucket counts once seen."""
         ledger = self.ledger(Clock())
