@@ -36,6 +36,8 @@ CHOICE = "Lw-Choice"
 # targets of the request's route to pass over (comma-separated): they refused this request already, as the
 # choices of a request of n asked one by one after a fallback (``ChoicesOneByOne.failed``); never all of a route
 SKIP = "Lw-Skip"
+# "1" on an error event: retrying the request cannot mend it soon (``LeafwireError.final``)
+FINAL = "Lw-Final"
 
 DEFAULT_TENANT = "default"
 DEFAULT_TIMEOUT_S = 300.0

@@ -49,6 +49,9 @@ class LeafwireError(Exception):
     status: int = 500
     type: str = "server_error"
     default_code: str | None = None
+    final: bool = False
+    """No retry of the request can mend it soon (a cloud provider's failure after the adapter's own retries):
+    the caller is told not to retry (``x-should-retry: false``), which OpenAI's clients honour."""
 
     def __init__(
         self,

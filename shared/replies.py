@@ -206,8 +206,9 @@ def error_of(headers: Mapping[str, str], data: bytes) -> LeafwireError:
     try:
         status = int(headers.get(hdr.STATUS, "500"))
         retry = headers.get(hdr.RETRY_AFTER)
-        return RemoteError(status, ErrorResponse.model_validate_json(data),
-                           float(retry) if retry else None)
+        err = RemoteError(status, ErrorResponse.model_validate_json(data), float(retry) if retry else None)
+        err.final = headers.get(hdr.FINAL) == "1"
+        return err
     except ValueError:
         return UpstreamError(f"malformed error event: {data[:200]!r}")
 
@@ -218,6 +219,8 @@ def _error_headers(err: LeafwireError) -> dict[str, str]:
         headers[hdr.RETRY_AFTER] = f"{err.retry_after:g}"
     if isinstance(err, ChoicesOneByOne) and err.failed:
         headers[hdr.SKIP] = ",".join(err.failed)
+    if err.final:
+        headers[hdr.FINAL] = "1"
     return headers
 
 

@@ -48,7 +48,14 @@ from services.cloud_adapter.openai_compat import OpenAICompatible
 from services.cloud_adapter.retry import RetryPolicy, retry_hint
 from services.cloud_adapter.sse import ServerEvent, SSEParser
 from shared import metrics
-from shared.errors import LeafwireError, Overloaded, ProviderUnavailable, UpstreamError, UpstreamTimeout
+from shared.errors import (
+    LeafwireError,
+    Overloaded,
+    ProviderUnavailable,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+)
 from shared.logging import get_logger
 
 log = get_logger("leafwire.cloud_adapter.upstream")
@@ -166,8 +173,8 @@ class OpenStream:
             async with asyncio.timeout(max(wait, 0.0)):
                 return await self._resp.content.readany()
         except TimeoutError as exc:
-            raise UpstreamTimeout(self._upstream.timed_out(wait, self._call, f"sent nothing for {wait:.1f} s "
-                                                           "mid-answer")) from exc
+            raise self._upstream.timed_out(wait, self._call, f"sent nothing for {wait:.1f} s mid-answer",
+                                           retryable=False) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamError(f"{self._upstream.name}'s stream was cut: {type(exc).__name__}",
                                 code="upstream_bad_response") from exc
@@ -428,6 +435,7 @@ class Upstream:
                 self.settle(False if provider_fault(err) else None, probe)
                 delay = self.policy.delay(tries, err.retry_after) if retryable(err) else None
                 if delay is None or delay >= call.left():
+                    err.final = isinstance(err, UpstreamError) and not isinstance(err, UpstreamRateLimited)
                     raise
                 metrics.CLOUD_RETRIES.labels(self.name, err.code or "error").inc()
                 log.info("provider call failed; retrying", provider=self.name, attempt=tries + 1,
@@ -438,13 +446,15 @@ class Upstream:
                 raise
         raise AssertionError("unreachable: the last try raises")  # pragma: no cover
 
-    def timed_out(self, wait: float, call: Call[Any], silent: str) -> str:
-        """Why a wait of ``wait`` seconds ended: the provider was ``silent`` for its first-byte timeout, or
-        the call's whole time ran out (its ``total_s``, or the request's deadline, retries included)."""
+    def timed_out(self, wait: float, call: Call[Any], silent: str, *, retryable: bool) -> UpstreamTimeout:
+        """The timeout of a wait of ``wait`` seconds: the provider was ``silent`` for its first-byte timeout
+        (its fault, for the breaker), or the call's whole time ran out (its ``total_s``, or the request's
+        deadline, retries included): a long answer, which says nothing of the provider's health."""
         if wait < self.provider.spec.timeouts.first_byte_s:
-            return (f"{self.name}'s call ran out of time: its total_s ({self.provider.spec.timeouts.total_s:g} s, "
-                    "retries included) or the request's deadline came first")
-        return f"{self.name} {silent}"
+            return UpstreamTimeout(f"{self.name}'s call ran out of time: its total_s "
+                                   f"({self.provider.spec.timeouts.total_s:g} s, retries included) or the request's "
+                                   "deadline came first", retryable=retryable, provider_fault=False)
+        return UpstreamTimeout(f"{self.name} {silent}", retryable=retryable)
 
     async def _post(self, call: Call[Any], stream: bool) -> aiohttp.ClientResponse:
         """Send one try and wait for the response headers (within the first-byte timeout)."""
@@ -455,8 +465,7 @@ class Upstream:
             async with asyncio.timeout(max(wait, 0.0)):
                 return await self._session.post(call.url, data=call.body, headers=headers, allow_redirects=False)
         except TimeoutError as exc:
-            raise UpstreamTimeout(self.timed_out(wait, call, f"did not answer within {wait:.1f} s"),
-                                  retryable=True) from exc
+            raise self.timed_out(wait, call, f"did not answer within {wait:.1f} s", retryable=True) from exc
         except aiohttp.ClientHttpProxyError as exc:  # the proxy refused the tunnel (CONNECT) to an https provider
             raise proxy_refused(self.name, exc.status) from exc
         except aiohttp.ClientProxyConnectionError as exc:
@@ -480,8 +489,9 @@ class Upstream:
                     body += chunk
                     if len(body) > self.max_response_bytes:
                         raise bad_response(self.name, f"the answer is larger than {self.max_response_bytes} bytes")
-        except TimeoutError as exc:
-            raise UpstreamTimeout(f"{self.name}'s answer did not arrive in time", retryable=True) from exc
+        except TimeoutError as exc:  # the call's whole time ran out while the body came: a long answer
+            raise UpstreamTimeout(f"{self.name}'s answer did not arrive in time", retryable=True,
+                                  provider_fault=False) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamError(f"{self.name}'s answer was cut: {type(exc).__name__}", retryable=True) from exc
         return bytes(body)
@@ -544,8 +554,7 @@ class Upstream:
                     if not chunk:
                         raise bad_response(self.name, "the stream ended before its first event")
         except TimeoutError as exc:
-            raise UpstreamTimeout(self.timed_out(wait, call, f"sent no answer within {wait:.1f} s"),
-                                  retryable=True) from exc
+            raise self.timed_out(wait, call, f"sent no answer within {wait:.1f} s", retryable=True) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamError(f"{self.name}'s stream was cut before its first event: {type(exc).__name__}",
                                 retryable=True) from exc

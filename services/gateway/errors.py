@@ -42,7 +42,9 @@ class UnsupportedEncoding(InvalidRequest):
 
 # Errors no retry can mend soon: only an operator (a provider key, the provider account's credit, a refused
 # address) or the end of a budget's window can. OpenAI's clients retry every 5xx and 429 unless the answer says
-# ``x-should-retry: false``: each retry would reach the provider, and its breaker, again for nothing.
+# ``x-should-retry: false``: each retry would reach the provider, and its breaker, again for nothing. So do
+# errors marked ``final``: a provider's failure the adapter already retried (a client's retries on top would
+# multiply its calls), or one no retry mends (a redirect, an unexpected 4xx).
 NOT_WORTH_RETRYING = frozenset({"upstream_auth_failed", "upstream_insufficient_quota", "destination_refused",
                                 "budget_exceeded", "provider_key_missing", "upstream_proxy_auth_failed"})
 
@@ -53,7 +55,7 @@ def error_response(err: LeafwireError, headers: dict[str, str] | None = None) ->
     h = dict(headers or {})
     if err.retry_after is not None and math.isfinite(err.retry_after):
         h["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
-    if err.code in NOT_WORTH_RETRYING:
+    if err.code in NOT_WORTH_RETRYING or err.final:
         h["x-should-retry"] = "false"
     return web.json_response(err.to_response().model_dump(), status=err.status, headers=h)
 
