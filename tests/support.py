@@ -65,6 +65,30 @@ async def eventually_async(probe: Callable[[], Awaitable[T]], done: Callable[[T]
     raise AssertionError(f"timed out after {within_s:g} s waiting for {what}")
 
 
+def usage_event(nats_url: str, request_id: str, site: str = "hub", wait: float = 1.0) -> Any:
+    """The usage event of a request in ``site``'s USAGE stream, or ``None`` when none came within ``wait``
+    seconds of the last one (for ``eventually``)."""
+
+    async def find() -> Any:
+        nc = await nats.connect(nats_url)
+        try:
+            sub = await nc.jetstream().subscribe(f"lw.v1.{site}.usage.events", ordered_consumer=True)
+            try:
+                while True:
+                    event = json.loads((await sub.next_msg(timeout=wait)).data)
+                    if event["request_id"] == request_id:
+                        return event
+            finally:
+                await sub.unsubscribe()
+        finally:
+            await nc.drain()
+
+    try:
+        return asyncio.run(find())
+    except Exception:
+        return None
+
+
 def http_status(url: str) -> int:
     """Status of a GET, 0 when nothing answers."""
     try:

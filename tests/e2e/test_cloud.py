@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import nats
 import openai
 import pytest
 
+from tests import support
 from tests.fakes import FakeProvider, Fault
 from tests.support import ROOT, NatsServer, Service, cloud_router_env, eventually, metric, running
 
@@ -89,11 +90,15 @@ def providers_file(path: Path, openai_fake: FakeProvider, claude_fake: FakeProvi
 
 
 @contextlib.contextmanager
-def cloud_stack(nats_server: NatsServer, folder: Path, **adapter_env: str) -> Iterator[CloudStack]:
-    """The fakes, and a hub adapter, a router and a gateway for site ``plant`` (``adapter_env``: more settings)."""
+def cloud_stack(nats_server: NatsServer, folder: Path,
+                write: Callable[[Path, FakeProvider, FakeProvider], Path] = providers_file, api_keys: str = API_KEYS,
+                **adapter_env: str) -> Iterator[CloudStack]:
+    """The fakes, and a hub adapter, a router and a gateway for site ``plant``: the providers file is what
+    ``write`` writes (``providers_file``'s by default), the gateway's keys ``api_keys``, ``adapter_env`` more
+    settings of the adapter."""
     openai_fake = FakeProvider("openai", key=KEY).start()
     claude_fake = FakeProvider("anthropic", key=CLAUDE_KEY).start()
-    file = providers_file(folder / "providers.yaml", openai_fake, claude_fake)
+    file = write(folder / "providers.yaml", openai_fake, claude_fake)
     env = {"LW_NATS_URL": nats_server.url, "LW_SITE": SITE}
     adapter = Service("cloud_adapter", {
         "LW_NATS_URL": nats_server.url, "LW_SITE": "hub", "LW_PROVIDERS_FILE": str(file),
@@ -102,7 +107,7 @@ def cloud_stack(nats_server: NatsServer, folder: Path, **adapter_env: str) -> It
         "LW_CLOUD_BREAKER_OPEN_S": "60", "LW_LOG_LEVEL": "debug", **KEEPALIVE, **adapter_env})
     router = Service("router", {**env, **cloud_router_env(file.parent), **KEEPALIVE})
     # an idle timeout shorter than the provider's slowest answers: the adapter keeps its callers waiting
-    gateway = Service("gateway", {**env, "LW_GATEWAY_API_KEYS": API_KEYS, "LW_GATEWAY_IDLE_TIMEOUT_S": "1.5",
+    gateway = Service("gateway", {**env, "LW_GATEWAY_API_KEYS": api_keys, "LW_GATEWAY_IDLE_TIMEOUT_S": "1.5",
                                   "LW_GATEWAY_METRICS_NEED_KEY": "true"})
     try:
         with running(adapter, router, gateway):
@@ -797,24 +802,5 @@ def kv_value(cloud: CloudStack, bucket: str, key: str, accept: Any = None) -> An
 
 
 def usage_event(cloud: CloudStack, request_id: str) -> Any:
-    import asyncio
-
-    async def find() -> Any:
-        nc = await nats.connect(cloud.nats.url)
-        try:
-            js = nc.jetstream()
-            sub = await js.subscribe("lw.v1.hub.usage.events", ordered_consumer=True)
-            try:
-                while True:
-                    msg = await sub.next_msg(timeout=1)
-                    event = json.loads(msg.data)
-                    if event["request_id"] == request_id:
-                        return event
-            finally:
-                await sub.unsubscribe()
-        finally:
-            await nc.drain()
-    try:
-        return asyncio.run(find())
-    except Exception:
-        return None
+    """The usage event of a request, from the hub's USAGE stream (``None``: not yet)."""
+    return support.usage_event(cloud.nats.url, request_id)

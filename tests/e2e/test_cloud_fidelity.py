@@ -6,7 +6,6 @@ events as written), so tool calls, stop reasons, log probabilities and error sha
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import nats
 import openai
 import pydantic
 import pytest
 
+from tests import support
 from tests.fakes import FakeProvider, Fault
-from tests.support import NatsServer, Service, cloud_router_env, running
+from tests.support import NatsServer, Service, cloud_router_env, eventually, running
 
 pytestmark = pytest.mark.e2e
 SITE = "qa"
@@ -422,19 +421,7 @@ def test_structured_output_from_a_claude_model_parses_whole_and_streamed(qa: QAS
 
 def usage_event(nats_server: NatsServer, request_id: str) -> Any:
     """The usage event of a request, from the site's USAGE stream."""
-
-    async def find() -> Any:
-        nc = await nats.connect(nats_server.url)
-        try:
-            sub = await nc.jetstream().subscribe(f"lw.v1.{SITE}.usage.events", ordered_consumer=True)
-            while True:
-                event = json.loads((await sub.next_msg(timeout=5)).data)
-                if event["request_id"] == request_id:
-                    return event
-        finally:
-            await nc.close()
-
-    return asyncio.run(find())
+    return eventually(lambda: support.usage_event(nats_server.url, request_id, SITE), 10, "the usage event")
 
 
 # -- errors as the openai client meets them

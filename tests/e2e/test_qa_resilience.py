@@ -31,6 +31,7 @@ import openai
 import pytest
 from aiohttp import web
 
+from tests import support
 from tests.fakes import FakeProvider, Fault
 from tests.support import NatsServer, Service, eventually, metric, running, write_policy
 
@@ -157,20 +158,7 @@ def kv(qa: QA, bucket: str, key: str) -> Any:
 
 
 def usage_event(qa: QA, request_id: str) -> Any:
-    async def find() -> Any:
-        nc = await nats.connect(qa.nats.url)
-        try:
-            sub = await nc.jetstream().subscribe("lw.v1.hub.usage.events", ordered_consumer=True)
-            while True:
-                event = json.loads((await sub.next_msg(timeout=1)).data)
-                if event["request_id"] == request_id:
-                    return event
-        finally:
-            await nc.drain()
-    try:
-        return asyncio.run(find())
-    except Exception:
-        return None
+    return support.usage_event(qa.nats.url, request_id)
 
 
 def breaker(qa: QA, provider: str) -> float:

@@ -11,7 +11,6 @@ covers.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import time
@@ -24,9 +23,9 @@ import httpx
 import pytest
 
 from tests.e2e import test_cloud
-from tests.e2e.test_cloud import CLAUDE_KEY, KEY, SITE, WRONG_KEY, CloudStack, usage_event
+from tests.e2e.test_cloud import KEY, CloudStack, usage_event
 from tests.fakes import FakeProvider, Fault
-from tests.support import NatsServer, Service, cloud_router_env, eventually, leafwire, metric, running
+from tests.support import NatsServer, eventually, leafwire, metric
 
 pytestmark = pytest.mark.e2e
 API_KEYS = "key-acme:acme,key-lifted:lifted,key-warned:warned"
@@ -46,31 +45,11 @@ def write_providers(path: Path, openai_fake: FakeProvider, claude_fake: FakeProv
     return path
 
 
-@contextlib.contextmanager
-def qa_stack(nats_server: NatsServer, folder: Path) -> Iterator[CloudStack]:
-    """test_cloud.cloud_stack with this module's tenants, budgets written often, the file checked often."""
-    openai_fake = FakeProvider("openai", key=KEY).start()
-    claude_fake = FakeProvider("anthropic", key=CLAUDE_KEY).start()
-    file = write_providers(folder / "providers.yaml", openai_fake, claude_fake)
-    env = {"LW_NATS_URL": nats_server.url, "LW_SITE": SITE}
-    adapter = Service("cloud_adapter", {
-        "LW_NATS_URL": nats_server.url, "LW_SITE": "hub", "LW_PROVIDERS_FILE": str(file),
-        "LW_TEST_FAKE_KEY": KEY, "LW_TEST_WRONG_KEY": WRONG_KEY, "LW_TEST_CLAUDE_KEY": CLAUDE_KEY,
-        "LW_CLOUD_BACKOFF_BASE_S": "0.01", "LW_CLOUD_BACKOFF_CAP_S": "0.05", "LW_CLOUD_BREAKER_FAILURES": "1000",
-        "LW_CLOUD_BUDGET_FLUSH_S": "0.2", "LW_CLOUD_PROVIDERS_CHECK_S": "0.3", "LW_LOG_LEVEL": "debug"})
-    router = Service("router", {**env, **cloud_router_env(file.parent)})
-    gateway = Service("gateway", {**env, "LW_GATEWAY_API_KEYS": API_KEYS})
-    try:
-        with running(adapter, router, gateway):
-            yield CloudStack(nats_server, gateway, router, adapter, openai_fake, claude_fake)
-    finally:
-        openai_fake.stop()
-        claude_fake.stop()
-
-
 @pytest.fixture(scope="module")
 def qa(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudStack]:
-    with qa_stack(nats_server, tmp_path_factory.mktemp("qa3")) as stack:
+    # test_cloud's stack with this module's tenants and budgets, budgets written often, the file checked often
+    with test_cloud.cloud_stack(nats_server, tmp_path_factory.mktemp("qa3"), write_providers, API_KEYS,
+                                LW_CLOUD_BUDGET_FLUSH_S="0.2", LW_CLOUD_PROVIDERS_CHECK_S="0.3") as stack:
         yield stack
 
 
