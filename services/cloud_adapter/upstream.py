@@ -457,9 +457,12 @@ class Upstream:
         return UpstreamTimeout(f"{self.name} {silent}", retryable=retryable)
 
     async def _post(self, call: Call[Any], stream: bool) -> aiohttp.ClientResponse:
-        """Send one try and wait for the response headers (within the first-byte timeout)."""
+        """Send one try and wait for the response headers: a stream's within the first-byte timeout; a whole
+        answer's within the call's time (most providers send them once the answer is written: a long answer is
+        no silence, and a try abandoned at ``first_byte_s`` would be billed and asked again)."""
         assert self._session is not None, "Upstream.start() was not called"
-        wait = min(self.provider.spec.timeouts.first_byte_s, call.left())
+        timeouts = self.provider.spec.timeouts
+        wait = min(timeouts.first_byte_s if stream else timeouts.total_s, call.left())
         headers = self._headers[stream]
         try:
             async with asyncio.timeout(max(wait, 0.0)):

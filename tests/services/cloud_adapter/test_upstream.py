@@ -214,15 +214,35 @@ class TestRetries:
         assert len(fake.calls) == 2
 
     async def test_always_slow_is_a_504(self, upstream: Upstream, fake: FakeProvider) -> None:
-        """A provider that never answers in time ends as 504 upstream_timeout: three 1 s tries, not the
-        fake's 5 s each."""
+        """A streaming provider that never answers in time ends as 504 upstream_timeout: three 1 s tries, not
+        the fake's 5 s each."""
         fake.script(*[Fault.slow(5)] * 3)
         started = time.monotonic()
         with pytest.raises(UpstreamTimeout) as exc:
-            await complete(upstream)
+            await stream(upstream)
         assert exc.value.status == 504
         assert len(fake.calls) == 3
         assert time.monotonic() - started < 10
+
+    async def test_a_whole_answer_slower_than_first_byte_s_is_waited_for(self, fake: FakeProvider) -> None:
+        """A whole answer's first byte comes once it is written: one taking longer than first_byte_s (1 s) but
+        within total_s (4 s) is waited for, asked once (a retry would be billed again); past total_s it is a
+        504 naming total_s."""
+        long = spec(fake, timeouts={"connect_s": 2, "first_byte_s": 1.0, "total_s": 4})
+        u = Upstream(Provider(spec=long, key=SecretStr(KEY)), FAST, Breaker("fake", BreakerPolicy(failures=10)))
+        await u.start()
+        try:
+            fake.script(Fault.slow(2))
+            assert (await complete(u)).message["content"] == "pong hello there"
+            assert len(fake.calls) == 1
+            fake.reset()
+            fake.script(Fault.slow(6))
+            with pytest.raises(UpstreamTimeout) as exc:
+                await complete(u)
+            assert len(fake.calls) == 1
+            assert "total_s" in exc.value.message or "4.0 s" in exc.value.message
+        finally:
+            await u.close()
 
     async def test_a_stream_past_total_s_says_so(self, fake: FakeProvider) -> None:
         """A stream whose pieces come in time (every 0.6 s, first_byte_s 1 s) but whose whole answer takes
