@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,11 @@ async def eventually_async(probe: Callable[[], Awaitable[T]], done: Callable[[T]
             break
         await asyncio.sleep(0.02)
     raise AssertionError(f"timed out after {within_s:g} s waiting for {what}")
+
+
+def tag() -> str:
+    """Words no other test sends (the exact cache outlives a test)."""
+    return f"qa {uuid.uuid4().hex[:8]}"
 
 
 def usage_event(nats_url: str, request_id: str, site: str = "hub", wait: float = 1.0) -> Any:

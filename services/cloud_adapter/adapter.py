@@ -283,7 +283,7 @@ class CloudAdapter:
         """Check what can be checked without I/O; raise what the router should get."""
         target = self.resolve(request.model, kind)
         if (isinstance(request, ChatCompletionRequest) and (n := request.n or 1) > 1
-                and not target.upstream.has_n(target.spec.upstream or target.model)):
+                and not target.upstream.has_n(target.model, target.spec)):
             raise ChoicesOneByOne(n, target.name)
         if env.expired():
             raise DeadlineExceeded("the request's deadline passed before it reached the cloud adapter")

@@ -115,6 +115,10 @@ class ModelSpec(BaseModel):
                              "output_per_mtok, cached_input_per_mtok or cache_write_input_per_mtok")
         return self
 
+    def upstream_name(self, model: str) -> str:
+        """The name the provider knows the model ``model`` of this entry by."""
+        return self.upstream or model
+
     def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
              written_tokens: int = 0, written_1h_tokens: int = 0) -> float:
         """US dollars for this many tokens: ``cached_tokens`` of the prompt at the cached-input price, and

@@ -266,18 +266,19 @@ class Upstream:
         not say it has none (``n: false``)."""
         return self.dialect.native_n and self.provider.spec.n
 
-    def has_n(self, upstream_model: str) -> bool:
+    def has_n(self, model: str, spec: ModelSpec) -> bool:
         """``native_n``, unless a call found out within ``n_recheck_s`` that the server has no ``n`` for this
         model (it answered one choice, or refused ``n``): its choices are then asked a call each at once, not
         after a call wasted again on every request."""
         if not self.native_n:
             return False
-        until = self._without_n.get(upstream_model)
+        name = spec.upstream_name(model)
+        until = self._without_n.get(name)
         if until is None:
             return True
         if time.monotonic() < until:
             return False
-        del self._without_n[upstream_model]  # asked with n again: a server upgraded since is found out too
+        del self._without_n[name]  # asked with n again: a server upgraded since is found out too
         return True
 
     def slot(self) -> Slot:
@@ -313,14 +314,14 @@ class Upstream:
     def call(self, request: ChatCompletionRequest, model: str, spec: ModelSpec,
              deadline: float) -> Call[ChatCompletionRequest]:
         """A chat call of ``model`` ending by the request's deadline or the provider's total timeout."""
-        upstream = spec.upstream or model
+        upstream = spec.upstream_name(model)
         return Call(request, model, spec, self._ends(deadline), self.provider.spec.url(upstream),
                     self.dialect.body(request, spec, upstream, request.stream))
 
     def embeddings_call(self, request: EmbeddingRequest, model: str, spec: ModelSpec,
                         deadline: float) -> Call[EmbeddingRequest]:
         """An embeddings call of ``model``, ending as a chat call does."""
-        upstream = spec.upstream or model
+        upstream = spec.upstream_name(model)
         return Call(request, model, spec, self._ends(deadline), self.provider.spec.url(upstream, "embeddings"),
                     embeddings.body(request, upstream))
 
@@ -400,8 +401,7 @@ class Upstream:
         try:
             yield
         except ChoicesIgnored:
-            model = call.spec.upstream or call.model
-            self._without_n[model] = time.monotonic() + self.n_recheck_s
+            self._without_n[call.spec.upstream_name(call.model)] = time.monotonic() + self.n_recheck_s
             log.info("the provider has no n: the choices are asked a call each, for this model, for the next "
                      "n_recheck_s (n: false in its entry of the providers file saves this call)",
                      provider=self.name, model=call.model, n_recheck_s=self.n_recheck_s)

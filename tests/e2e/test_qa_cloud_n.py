@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from typing import Any
 
 import httpx
@@ -20,17 +19,13 @@ import pytest
 from tests.e2e import test_cloud
 from tests.e2e.test_cloud import CloudStack, usage_event
 from tests.fakes import Fault, vector
-from tests.support import eventually
+from tests.support import eventually, tag
 
 pytestmark = pytest.mark.e2e
 cloud = test_cloud.cloud  # the same stack as test_cloud.py's, for this module
 fresh_fakes = test_cloud._fresh_fakes
 HEADERS = {"Authorization": "Bearer key-acme"}
 
-
-def tag() -> str:
-    """Words no other test sends (the cache outlives a test)."""
-    return f"qa {uuid.uuid4().hex[:8]}"
 
 
 def post(cloud: CloudStack, path: str, body: dict[str, Any], key: str = "key-acme") -> httpx.Response:

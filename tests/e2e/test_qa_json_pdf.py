@@ -14,7 +14,6 @@ import base64
 import enum
 import json
 import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -35,17 +34,13 @@ from tests.e2e.test_cloud_fidelity import (
     streamed_tool_arguments,
 )
 from tests.fakes import FakeProvider, Fault
-from tests.support import NatsServer, Service, local_and_cloud_site, running
+from tests.support import NatsServer, Service, local_and_cloud_site, running, tag
 
 pytestmark = pytest.mark.e2e
 qa = test_cloud_fidelity.qa  # the same stack as test_cloud_fidelity.py's, for this module
 _fresh = test_cloud_fidelity._fresh
 PDF = "JVBERi0xLjQKJcOkw7zDtsOfCjIgMCBvYmoKPDwvTGVuZ3RoIDMgMCBSPj4Kc3RyZWFtCg=="
 
-
-def tag() -> str:
-    """Words no other test sends (the exact cache outlives a test)."""
-    return f"qa {uuid.uuid4().hex[:8]}"
 
 
 class Shift(enum.StrEnum):

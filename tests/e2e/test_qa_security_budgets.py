@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import pytest
 from tests.e2e import test_cloud
 from tests.e2e.test_cloud import KEY, CloudStack, usage_event
 from tests.fakes import FakeProvider, Fault
-from tests.support import NatsServer, eventually, leafwire, metric
+from tests.support import NatsServer, eventually, leafwire, metric, tag
 
 pytestmark = pytest.mark.e2e
 API_KEYS = "key-acme:acme,key-lifted:lifted,key-warned:warned"
@@ -63,10 +62,6 @@ def post(qa: CloudStack, body: dict[str, Any], key: str = "key-acme", **headers:
     return httpx.post(f"{qa.gateway.base}/v1/chat/completions", json=body, timeout=30,
                       headers={"Authorization": f"Bearer {key}", **headers})
 
-
-def tag() -> str:
-    """Words no other request sends."""
-    return f"qa3 {uuid.uuid4().hex[:8]}"
 
 
 def providers_path(qa: CloudStack) -> Path:

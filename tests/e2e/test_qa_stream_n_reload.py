@@ -34,9 +34,9 @@ from shared.errors import LeafwireError
 from tests.conftest import serving_nats
 from tests.e2e import test_cloud
 from tests.e2e.test_cloud import CloudStack, sse_chunk, usage_event
-from tests.e2e.test_qa_cloud_n import HEADERS, tag
+from tests.e2e.test_qa_cloud_n import HEADERS
 from tests.fakes import FakeProvider, Fault
-from tests.support import Service, cloud_router_env, eventually, metric, running
+from tests.support import Service, cloud_router_env, eventually, metric, running, tag
 
 pytestmark = pytest.mark.e2e
 cloud = test_cloud.cloud  # the same stack as test_cloud.py's, for this module

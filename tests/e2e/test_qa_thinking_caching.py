@@ -10,7 +10,6 @@ written to the cache, whole or streamed); the other tests check behaviour that n
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
 import httpx
@@ -28,7 +27,7 @@ from tests.e2e.test_cloud_fidelity import (
     streamed_tool_arguments,
 )
 from tests.fakes import Fault
-from tests.support import NatsServer
+from tests.support import NatsServer, tag
 
 pytestmark = pytest.mark.e2e
 qa = test_cloud_fidelity.qa  # the same stack as test_cloud_fidelity.py's, for this module
@@ -37,10 +36,6 @@ THOUGHT = {"type": "thinking", "thinking": "The user greets me; greet back.", "s
 REDACTED = {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix/LafPsn4aDFIT2Xlxh0L5L8rLVyIwxtE3rAFBa8cr"}
 MARK = {"type": "ephemeral"}
 
-
-def tag() -> str:
-    """Words no other test sends (the exact cache outlives a test)."""
-    return f"qa {uuid.uuid4().hex[:8]}"
 
 
 def extra(model: Any) -> dict[str, Any]:
