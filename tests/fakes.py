@@ -37,6 +37,7 @@ class Fault:
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
+    every_s: float = 0.0  # late_end: a keep-alive comment this often
     after: int = 0
     text: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)  # more usage fields (OpenAI's prompt_tokens_details...)
@@ -85,9 +86,10 @@ class Fault:
         return cls("drip", delay_s=gap_s, text=text)
 
     @classmethod
-    def late_end(cls, delay_s: float) -> Fault:
-        """A normal stream whose body ends ``delay_s`` after its last event (``[DONE]``)."""
-        return cls("late_end", delay_s=delay_s)
+    def late_end(cls, delay_s: float, keepalive_s: float = 0.0) -> Fault:
+        """A normal stream whose body ends ``delay_s`` after its last event (``[DONE]``), sending a keep-alive
+        comment every ``keepalive_s`` meanwhile when that is given."""
+        return cls("late_end", delay_s=delay_s, every_s=keepalive_s)
 
     @classmethod
     def stream_error(cls, after: int, message: str | None = None) -> Fault:
@@ -149,6 +151,7 @@ class FakeProvider:
         self.port = free_port()
         self.calls: list[Received] = []
         self.disconnects = 0  # streams whose client went away before the end
+        self.open_bodies = 0  # answers being written now
         self._script: deque[Fault] = deque()
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -383,8 +386,19 @@ class FakeProvider:
                 return
             await resp.write(event)
         if fault.kind == "late_end":
-            await asyncio.sleep(fault.delay_s)
+            await self._late_end(resp, fault.delay_s, fault.every_s)
         await resp.write_eof()
+
+    async def _late_end(self, resp: web.StreamResponse, delay_s: float, keepalive_s: float) -> None:
+        self.open_bodies += 1
+        try:
+            ends = time.monotonic() + delay_s
+            while (left := ends - time.monotonic()) > 0:
+                await asyncio.sleep(min(left, keepalive_s) if keepalive_s else left)
+                if keepalive_s:
+                    await resp.write(b": keep-alive\n\n")
+        finally:
+            self.open_bodies -= 1
 
 
 def providers_file(path: Path, provider: FakeProvider, key_env: str = "LW_TEST_KEY") -> Path:

@@ -118,6 +118,7 @@ class OpenStream:
         self._finished = {p.index for p in first if isinstance(p, Finish)}  # the choices whose end came
         self._recorded = False
         self._eof = False
+        self._draining = False
         self._rest: AsyncIterator[Piece] | None = None
 
     def rest(self) -> AsyncIterator[Piece]:
@@ -158,15 +159,17 @@ class OpenStream:
                     raise UpstreamError(f"{self._upstream.name}'s stream ended before the answer did",
                                         code="upstream_bad_response")
                 return
-        await self._drain()
+        self._end_body()
 
-    async def _drain(self, limit: int = 65536) -> None:
-        """Read what follows the last event (the body's end) so the connection goes back to the pool."""
-        read = 0
-        with contextlib.suppress(LeafwireError):
-            while read <= limit and (chunk := await self._read(min(1.0, max(self._call.left(), 0.0)))):
-                read += len(chunk)
-            self._eof = read <= limit
+    def _end_body(self) -> None:
+        """After the answer's last event. A body that ended with it goes back to the pool at ``close``; one the
+        provider keeps open (its end comes late, or keep-alive comments follow) is read on in the background,
+        so the caller's stream ends now, not when the provider's body does."""
+        if self._resp.content.at_eof():
+            self._eof = True
+        else:
+            self._draining = True
+            self._upstream.drain_later(self._resp)
 
     async def _read(self, wait: float) -> bytes:
         try:
@@ -182,7 +185,9 @@ class OpenStream:
     def close(self, ok: bool | None) -> None:
         """Give the connection back (kept alive when the body was read to its end, closed otherwise);
         ``ok`` is the answer's outcome for the breaker (``None``: no verdict)."""
-        if self._eof:
+        if self._draining:
+            pass  # the drain gives the connection back when the body ends
+        elif self._eof:
             self._resp.release()
         else:
             self._resp.close()
@@ -226,6 +231,7 @@ class Upstream:
         self.idle.set()
         self._inflight_gauge = metrics.CLOUD_INFLIGHT.labels(self.name)
         self._session: aiohttp.ClientSession | None = None
+        self._drains: set[asyncio.Task[None]] = set()
         base = self._base_headers()
         self._headers = {True: {**base, "Accept": "text/event-stream"}, False: {**base, "Accept": "application/json"}}
 
@@ -256,9 +262,39 @@ class Upstream:
 
     async def close(self) -> None:
         """Close the session and its connections."""
+        for task in self._drains:
+            task.cancel()
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def drain_later(self, resp: aiohttp.ClientResponse) -> None:
+        """Read what follows a streamed answer's last event in the background, then give its connection back."""
+        task = asyncio.create_task(self._drain(resp))
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+
+    async def drained(self) -> None:
+        """Wait for the connections being drained to be given back."""
+        if self._drains:
+            await asyncio.wait(set(self._drains))
+
+    @staticmethod
+    async def _drain(resp: aiohttp.ClientResponse, limit: int = 65536, wait_s: float = 1.0) -> None:
+        """Read the body on to its end, so its connection goes back to the pool; one that has not ended within
+        ``wait_s`` and ``limit`` bytes is closed."""
+        read = 0
+        try:
+            async with asyncio.timeout(wait_s):
+                while read <= limit and (chunk := await resp.content.readany()):
+                    read += len(chunk)
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            pass
+        finally:
+            if resp.content.at_eof():
+                resp.release()
+            else:
+                resp.close()
 
     @property
     def native_n(self) -> bool:

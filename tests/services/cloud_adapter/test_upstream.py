@@ -113,13 +113,26 @@ class TestAnswers:
 
     async def test_connections_are_kept_alive(self, upstream: Upstream, fake: FakeProvider) -> None:
         """Whole and streamed calls reuse one pooled connection (no new TCP/TLS handshake per call), even
-        when a stream's body ends a little after its last event."""
+        when a stream's body ends a little after its last event (the connection is back once it has)."""
         fake.script(Fault.ok(), Fault.late_end(0.2))
         await complete(upstream)
         await stream(upstream)
+        await upstream.drained()
         await stream(upstream)
         await complete(upstream)
         assert len({c.peer for c in fake.calls}) == 1
+
+    async def test_stream_ends_with_its_last_event(self, upstream: Upstream, fake: FakeProvider) -> None:
+        """A provider that keeps the body open after the answer's last event, sending keep-alive comments,
+        does not hold the caller's stream open: it ends while the provider is still writing, and the
+        connection is closed (not pooled half-read) when the body has not ended a second later."""
+        fake.script(Fault.late_end(3, keepalive_s=0.05))
+        pieces = await stream(upstream)
+        assert text(pieces) == "pong hello there"
+        assert fake.open_bodies == 1
+        await upstream.drained()
+        await stream(upstream)
+        assert len({c.peer for c in fake.calls}) == 2
 
     async def test_key_goes_in_the_providers_header(self, upstream: Upstream, fake: FakeProvider) -> None:
         """The key is sent the way the provider expects it (Bearer, or x-api-key for Anthropic)."""
