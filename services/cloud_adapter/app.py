@@ -111,10 +111,11 @@ def build_broker(settings: CloudSettings, adapter: CloudAdapter) -> NatsBroker:
     return broker
 
 
-def read_providers(settings: CloudSettings) -> tuple[config.ProvidersFile, list[Provider]]:
-    """Validate the providers file and read its keys (registered for log scrubbing)."""
+def read_providers(settings: CloudSettings, text: str | None = None) -> tuple[config.ProvidersFile, list[Provider]]:
+    """Validate the providers file (``text``, when it was read already) and read its keys (registered for log
+    scrubbing)."""
     try:
-        file, providers = config.load(settings.providers_file, require_keys=settings.env == "production")
+        file, providers = config.load(settings.providers_file, require_keys=settings.env == "production", text=text)
     except (config.ConfigError, OSError) as exc:  # OSError: a file that is there but cannot be read
         raise BadConfiguration(exc.message if isinstance(exc, config.ConfigError) else
                                f"providers file {settings.providers_file}: {exc}") from exc
@@ -137,14 +138,24 @@ def load_adapter(settings: CloudSettings) -> CloudAdapter:
     return CloudAdapter(settings, *read_providers(settings))
 
 
-def watched(settings: CloudSettings, adapter: CloudAdapter) -> list[Path]:
-    """The files whose change means reading the providers file again: it, the running providers' key files,
-    and those the file names now (a file refused for a key file not there yet applies once it is)."""
+def watched(settings: CloudSettings, adapter: CloudAdapter, text: str | None) -> list[Path]:
+    """The files whose change means reading the providers file again: it (first), the running providers' key
+    files, and those the file (its ``text`` as last read) names now (a file refused for a key file not there
+    yet applies once it is)."""
     specs = [u.provider.spec for u in adapter.upstreams.values()]
-    with contextlib.suppress(config.ConfigError, OSError, UnicodeDecodeError):
-        specs += config.parse(settings.providers_file.read_text()).providers
-    return sorted({settings.providers_file} | {path for spec in specs
-                                               for path in (spec.api_key_file, spec.proxy_auth_file) if path})
+    if text is not None:
+        with contextlib.suppress(config.ConfigError):
+            specs += config.parse(text).providers
+    keys = {path for spec in specs for path in (spec.api_key_file, spec.proxy_auth_file) if path}
+    return [settings.providers_file, *sorted(keys - {settings.providers_file})]
+
+
+def read_text(path: Path) -> str | None:
+    """A file's text; ``""`` when it is absent, ``None`` when it cannot be read."""
+    try:
+        return path.read_text() if path.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def stamp(paths: list[Path]) -> tuple[tuple[int, int, int] | None, ...]:
@@ -161,15 +172,18 @@ def stamp(paths: list[Path]) -> tuple[tuple[int, int, int] | None, ...]:
     return tuple(stamps)
 
 
-async def reload_providers(adapter: CloudAdapter, settings: CloudSettings) -> bool:
-    """Read the providers file again and apply it; an invalid one is refused, the running one kept. So is an
-    absent or empty file (at start it means no providers; here it is more likely a file being written, or
-    removed by mistake: to take every provider out, write ``providers: []``)."""
+async def reload_providers(adapter: CloudAdapter, settings: CloudSettings, text: str | None = None) -> bool:
+    """Read the providers file again (or take its ``text``, read once by the caller) and apply it; an invalid
+    one is refused, the running one kept. So is an absent or empty file (at start it means no providers; here
+    it is more likely a file being written, or removed by mistake: to take every provider out, write
+    ``providers: []``)."""
     try:
-        if not settings.providers_file.is_file() or not settings.providers_file.read_text().strip():
+        if text is None:
+            text = settings.providers_file.read_text() if settings.providers_file.is_file() else ""
+        if not text.strip():
             raise BadConfiguration(f"providers file {settings.providers_file} is absent or empty (write "
                                    "`providers: []` to take every provider out)")
-        file, providers = read_providers(settings)
+        file, providers = read_providers(settings, text)
     except (BadConfiguration, OSError, UnicodeDecodeError) as exc:
         metrics.PROVIDERS_RELOADS.labels("refused").inc()
         log.error("providers file not applied: the running providers stay", error=str(exc),
@@ -193,7 +207,7 @@ async def keep_configured(adapter: CloudAdapter, settings: CloudSettings) -> Non
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, hangup.set)
     try:
-        paths = watched(settings, adapter)
+        paths = watched(settings, adapter, read_text(settings.providers_file))
         seen = stamp(paths)
         while True:
             with contextlib.suppress(TimeoutError):
@@ -202,13 +216,18 @@ async def keep_configured(adapter: CloudAdapter, settings: CloudSettings) -> Non
             now = stamp(paths)
             if hangup.is_set() or now != seen:
                 hangup.clear()
+                # The file is stamped before it is read, and read once: a change while it is applied is seen
+                # at the next check, and the check for emptiness, the providers applied and the key files
+                # watched all come from the same text.
+                before = stamp(paths[:1])
+                text = read_text(settings.providers_file)
                 try:
-                    await reload_providers(adapter, settings)
+                    await reload_providers(adapter, settings, text)
                 except Exception:  # a bug must not stop the next reloads: said, and the next change is read
                     metrics.PROVIDERS_RELOADS.labels("refused").inc()
                     log.exception("providers file not applied: the running providers stay")
-                paths = watched(settings, adapter)
-                seen = stamp(paths)
+                paths = watched(settings, adapter, text)
+                seen = before + stamp(paths[1:])
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
 

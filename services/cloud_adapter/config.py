@@ -388,16 +388,18 @@ def what_is_wrong(exc: ValidationError) -> str:
     return f"{len(lines)} error(s): " + "; ".join(lines)
 
 
-def load(path: Path | None, *, require_keys: bool) -> tuple[ProvidersFile, list[Provider]]:
-    """Read and validate the providers file and each provider's key.
+def load(path: Path | None, *, require_keys: bool, text: str | None = None) -> tuple[ProvidersFile, list[Provider]]:
+    """Read (unless its ``text`` is given) and validate the providers file, and read each provider's key.
 
     An absent file means no providers (an edge site without an uplink still starts). With
     ``require_keys`` (production) a configured key that cannot be read refuses the start (or a reload);
     otherwise that provider answers 503 until the key is there and the file is read again (``app.reload_providers``).
     """
-    if path is None or not path.exists():
-        return ProvidersFile(), []
-    config = parse(path.read_text(), f"providers file {path}")
+    if text is None:
+        if path is None or not path.exists():
+            return ProvidersFile(), []
+        text = path.read_text()
+    config = parse(text, f"providers file {path}")
     providers = [read_key(spec) for spec in config.providers]
     missing = [f"{p.spec.name}: {p.missing_key}" for p in providers if p.missing_key]
     if require_keys and missing:
