@@ -176,7 +176,8 @@ class OpenStream:
             async with asyncio.timeout(max(wait, 0.0)):
                 return await self._resp.content.readany()
         except TimeoutError as exc:
-            raise self._upstream.timed_out(wait, self._call, f"sent nothing for {wait:.1f} s mid-answer",
+            raise self._upstream.timed_out(wait, self._upstream.provider.spec.timeouts.first_byte_s, self._call,
+                                           f"sent nothing for {wait:.1f} s mid-answer",
                                            retryable=False) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamError(f"{self._upstream.name}'s stream was cut: {type(exc).__name__}",
@@ -482,11 +483,13 @@ class Upstream:
                 raise
         raise AssertionError("unreachable: the last try raises")  # pragma: no cover
 
-    def timed_out(self, wait: float, call: Call[Any], silent: str, *, retryable: bool) -> UpstreamTimeout:
-        """The timeout of a wait of ``wait`` seconds: the provider was ``silent`` for its first-byte timeout
-        (its fault, for the breaker), or the call's whole time ran out (its ``total_s``, or the request's
-        deadline, retries included): a long answer, which says nothing of the provider's health."""
-        if wait < self.provider.spec.timeouts.first_byte_s:
+    def timed_out(self, wait: float, silence_s: float | None, call: Call[Any], silent: str, *,
+                  retryable: bool) -> UpstreamTimeout:
+        """The timeout of a wait of ``wait`` seconds whose longest silence allowed was ``silence_s``: the
+        provider was ``silent`` that long (its fault, for the breaker), or the call's whole time ran out first
+        (its ``total_s``, or the request's deadline, retries included; the only limit of a whole answer, which
+        comes once it is written): a long answer, which says nothing of the provider's health."""
+        if silence_s is None or wait < silence_s:
             return UpstreamTimeout(f"{self.name}'s call ran out of time: its total_s "
                                    f"({self.provider.spec.timeouts.total_s:g} s, retries included) or the request's "
                                    "deadline came first", retryable=retryable, provider_fault=False)
@@ -498,13 +501,14 @@ class Upstream:
         no silence, and a try abandoned at ``first_byte_s`` would be billed and asked again)."""
         assert self._session is not None, "Upstream.start() was not called"
         timeouts = self.provider.spec.timeouts
-        wait = min(timeouts.first_byte_s if stream else timeouts.total_s, call.left())
+        silence = timeouts.first_byte_s if stream else None
+        wait = min(silence or timeouts.total_s, call.left())
         headers = self._headers[stream]
         try:
             async with asyncio.timeout(max(wait, 0.0)):
                 return await self._session.post(call.url, data=call.body, headers=headers, allow_redirects=False)
         except TimeoutError as exc:
-            raise self.timed_out(wait, call, f"did not answer within {wait:.1f} s", retryable=True) from exc
+            raise self.timed_out(wait, silence, call, f"did not answer within {wait:.1f} s", retryable=True) from exc
         except aiohttp.ClientHttpProxyError as exc:  # the proxy refused the tunnel (CONNECT) to an https provider
             raise proxy_refused(self.name, exc.status) from exc
         except aiohttp.ClientProxyConnectionError as exc:
@@ -593,7 +597,8 @@ class Upstream:
                     if not chunk:
                         raise bad_response(self.name, "the stream ended before its first event")
         except TimeoutError as exc:
-            raise self.timed_out(wait, call, f"sent no answer within {wait:.1f} s", retryable=True) from exc
+            raise self.timed_out(wait, self.provider.spec.timeouts.first_byte_s, call,
+                                 f"sent no answer within {wait:.1f} s", retryable=True) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamError(f"{self.name}'s stream was cut before its first event: {type(exc).__name__}",
                                 retryable=True) from exc
