@@ -47,7 +47,15 @@ from services.cloud_adapter.upstream import Call, OpenStream, Upstream
 from shared import metrics, paths, subjects
 from shared.answer import Answer, merge_delta, message_deltas
 from shared.envelope import CACHE, EVENT, Envelope
-from shared.errors import Cancelled, ChoicesOneByOne, DeadlineExceeded, InvalidRequest, LeafwireError, ModelNotFound
+from shared.errors import (
+    Cancelled,
+    ChoicesOneByOne,
+    DeadlineExceeded,
+    InvalidRequest,
+    LeafwireError,
+    ModelNotFound,
+    Unavailable,
+)
 from shared.logging import get_logger
 from shared.replies import Event, ReplyPublisher, keep_callers, publish_error
 from shared.vectors import oversized
@@ -57,6 +65,7 @@ log = get_logger("leafwire.cloud_adapter")
 BREAKER_CODES = {"closed": 0, "half_open": 1, "open": 2}
 CACHE_HITS = metrics.CACHE_LOOKUPS.labels("hit")
 CACHE_MISSES = metrics.CACHE_LOOKUPS.labels("miss")
+SHUTDOWN = "the cloud adapter is shutting down"  # the message of a request's cancellation by the shutdown
 
 
 class Target:
@@ -238,6 +247,9 @@ class CloudAdapter:
         for upstream in fresh:
             await upstream.start()
         retired = [u for name, u in self.upstreams.items() if upstreams.get(name) is not u]
+        for name in self.upstreams.keys() - upstreams.keys():  # taken out: its breaker is no more (nor its alert)
+            with contextlib.suppress(KeyError):
+                metrics.BREAKER_STATE.remove(name)
         self.upstreams = upstreams
         self.targets = self._targets()
         self.ledger.configure(config.budgets)
@@ -249,6 +261,16 @@ class CloudAdapter:
         metrics.BREAKER_STATE.labels(provider.spec.name).set(0)
         policy = replace(self.settings.breaker_policy(), **provider.spec.breaker.given())
         return Breaker(provider.spec.name, policy, on_change=self._breaker_changed)
+
+    def resume_breaker(self, health: ProviderHealth) -> None:
+        """At start: a provider whose breaker the ``provider-health`` bucket says is open (left by this
+        adapter before a restart, or by another of the site) stays open until its probe time, instead of
+        being called again at once."""
+        upstream = self.upstreams.get(health.provider)
+        if upstream is not None and upstream.breaker.resume(health):
+            metrics.BREAKER_STATE.labels(health.provider).set(BREAKER_CODES[health.state.value])
+            log.warning("provider breaker left open: kept open", provider=health.provider,
+                        probe_in_s=round(upstream.breaker.retry_in(), 1))
 
     def _breaker_changed(self, breaker: Breaker) -> None:
         if (current := self.upstreams.get(breaker.provider)) is not None and current.breaker is not breaker:
@@ -695,7 +717,10 @@ class CloudAdapter:
                       target: Target) -> str:
         """Tell whoever waits why a request ended without its whole answer; the request's outcome."""
         if isinstance(exc, asyncio.CancelledError):
-            if not admission.done:
+            if exc.args == (SHUTDOWN,):  # not the caller's doing: told so, whole answer or stream, to ask again
+                await self._fail(Unavailable(f"{SHUTDOWN}; send the request again", retry_after=1,
+                                             code="shutting_down"), admission, publisher, target)
+            elif not admission.done:
                 await admission.refuse(Cancelled("the request was cancelled"), publisher)
             return "cancelled"
         if not isinstance(exc, Exception):
@@ -827,11 +852,12 @@ class CloudAdapter:
             await upstream.close()
 
     async def wait_for_answers(self, grace_s: float) -> None:
-        """On shutdown: let answers in flight finish (up to ``grace_s``), then cancel what is left."""
+        """On shutdown: let answers in flight finish (up to ``grace_s``), then end what is left, each caller
+        told (a 503 ``shutting_down``, or an error event ending its stream) so that it asks again."""
         if self.inflight:
             _, pending = await asyncio.wait(set(self.inflight.values()), timeout=grace_s)
             for task in pending:
-                task.cancel()
+                task.cancel(SHUTDOWN)
             if pending:
                 await asyncio.wait(pending, timeout=2)
         if self._background:

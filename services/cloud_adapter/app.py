@@ -254,7 +254,7 @@ async def main(settings: CloudSettings, readiness: Readiness, stack: AsyncExitSt
     adapter.nc, adapter.state = nc, state
     stack.push_async_callback(state.close, adapter.budget_alert)
     state.spawn(state.open())
-    state.spawn(state.health_loop(adapter.healths, adapter.health_changed))
+    state.spawn(state.health_loop(adapter.healths, adapter.health_changed, adapter.resume_breaker))
     state.spawn(state.budget_loop(adapter.budget_alert, adapter.budget_metrics))
     state.spawn(announce_every(nc, settings.site, adapter.heartbeat, settings.heartbeat_s))
     state.spawn(keep_configured(adapter, settings))

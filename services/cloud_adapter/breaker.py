@@ -116,6 +116,19 @@ class Breaker:
             return True
         return False
 
+    def resume(self, health: ProviderHealth) -> bool:
+        """Take up an open state ``health`` says the provider's breaker had (another run of this adapter, or
+        another adapter of the site): open until its probe time (at most ``open_s`` from now). Only a breaker
+        that has seen no call yet; whether it did."""
+        now = self._clock()
+        if (self.state is not BreakerState.CLOSED or health.state is not BreakerState.OPEN
+                or health.probe_at is None or health.probe_at <= now or self._window.totals(now)[0]):
+            return False
+        self.state = BreakerState.OPEN
+        self.since = min(health.probe_at, now + self.policy.open_s) - self.policy.open_s
+        self.consecutive_failures = health.consecutive_failures
+        return True
+
     def release_probe(self) -> None:
         """A probe ended without saying anything about the provider (cancelled, an invalid request)."""
         if self.state is BreakerState.HALF_OPEN and self.probes_in_flight > 0:

@@ -363,8 +363,13 @@ def read_key(spec: ProviderSpec) -> Provider:
     missing = None
     if proxy_where and (proxy_auth is None or ":" not in proxy_auth):
         missing = f"no proxy credentials (user:password) in {proxy_where}"
+    elif proxy_auth is not None and not (proxy_auth.isascii() and proxy_auth.isprintable()):
+        missing = f"the proxy credentials in {proxy_where} are not one line of plain characters"
     if where and key is None:
         missing = f"no API key in {where}"
+    elif key is not None and not (key.isascii() and key.isprintable() and not any(c.isspace() for c in key)):
+        # A second line (a note under the key, two keys) cannot go in a header: said here, not a 500 per call.
+        missing = f"the API key in {where} is not one word of plain characters (a second line, or a space, inside it)"
     return Provider(spec=spec, key=SecretStr(key) if key else None, missing_key=missing,
                     proxy_auth=SecretStr(proxy_auth) if proxy_auth and not missing else None)
 

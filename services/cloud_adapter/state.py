@@ -214,15 +214,31 @@ class CloudState:
 
     # -- provider health
 
+    async def _read_health(self, provider: str) -> ProviderHealth | None:
+        assert self.health is not None
+        try:
+            entry = await self.health.get(provider)
+            return ProviderHealth.model_validate_json(entry.value or b"")
+        except (KeyNotFoundError, ValidationError):
+            return None
+        except Exception as exc:  # JetStream busy: the breaker starts closed, as it would with no entry
+            log.warning("provider health not read", provider=provider, error=repr(exc))
+            return None
+
     def put_health(self, health: ProviderHealth) -> None:
         """Publish a provider's breaker state to the ``provider-health`` bucket (background)."""
         if self.health is not None:
             self._background(self.health.put(health.provider, health.model_dump_json().encode()),
                              "provider health write failed")
 
-    async def health_loop(self, healths: Callable[[], Iterable[ProviderHealth]], changed: asyncio.Event) -> None:
-        """Publish every provider's health when one changes, and every ``health_interval_s`` anyway."""
+    async def health_loop(self, healths: Callable[[], Iterable[ProviderHealth]], changed: asyncio.Event,
+                          resume: Callable[[ProviderHealth], None] = lambda _: None) -> None:
+        """Publish every provider's health when one changes, and every ``health_interval_s`` anyway; first,
+        ``resume`` gets what the bucket held for each provider (a breaker left open stays open)."""
         await self.opened.wait()
+        for health in list(healths()):
+            if (known := await self._read_health(health.provider)) is not None:
+                resume(known)
         while True:
             for health in healths():
                 self.put_health(health)

@@ -170,6 +170,34 @@ class TestBreaker:
         assert b.health().probe_at is None
         assert b.acquire() is True
 
+    def test_a_restarted_breaker_takes_up_an_open_state(self) -> None:
+        """A breaker started afresh (an adapter restarted) and told that the provider's breaker was open until
+        a probe time 10 s away stays open that long; a probe time past, a closed state, or a breaker that has
+        seen calls already, change nothing; a probe time further than open_s is cut to open_s."""
+        clock = Clock()
+        before = self.make(clock)
+        for _ in range(3):
+            before.record(False)
+        clock.t += 20
+        left_open = before.health()
+        b = self.make(clock)
+        assert b.resume(left_open)
+        assert b.state is BreakerState.OPEN
+        assert b.retry_in() == pytest.approx(10)
+        assert b.acquire() is None
+        assert b.health().probe_at == pytest.approx(left_open.probe_at)
+        clock.t += 10
+        assert b.acquire() is True
+        assert not self.make(clock).resume(left_open)  # its probe time is past
+        assert not self.make(clock).resume(left_open.model_copy(update={"state": BreakerState.CLOSED,
+                                                                          "probe_at": clock.t + 5}))
+        called = self.make(clock)
+        called.record(True)
+        assert not called.resume(left_open.model_copy(update={"probe_at": clock.t + 5}))
+        far = self.make(clock)
+        assert far.resume(left_open.model_copy(update={"probe_at": clock.t + 3600}))
+        assert far.retry_in() == pytest.approx(30)
+
     def test_half_open_probe_failure_reopens(self) -> None:
         """A failed probe opens the breaker again for another open_s."""
         clock = Clock()
