@@ -20,6 +20,8 @@ class Cancel(BaseModel):
 
     request_id: str
     reason: str = "cancelled by client"
+    target: str | None = Field(default=None, description="the model whose answer is given up (a router falling "
+                               "back to its next target, same request id); absent: every answer of the request")
 
 
 ModelKind = Literal["chat", "embeddings"]

@@ -30,15 +30,15 @@ async def announce_every(nc: NATS, site: str, beat: Callable[[], WorkerHeartbeat
         await asyncio.sleep(interval_s)
 
 
-def subscribe_controls(broker: NatsBroker, sites: str, *, site: str, cancel: Callable[[str], bool],
+def subscribe_controls(broker: NatsBroker, sites: str, *, site: str, cancel: Callable[[Cancel], bool],
                        beat: Callable[[], WorkerHeartbeat], title: str, cancel_doc: str, roll_call_doc: str) -> None:
-    """Declare a worker's cancel and roll-call handlers on ``broker``: ``cancel(request_id)`` stops a request
+    """Declare a worker's cancel and roll-call handlers on ``broker``: ``cancel(message)`` stops a request
     (true if it was this worker's); a roll call is answered with a heartbeat at once. ``title`` prefixes
     the AsyncAPI titles (``<title>cancel``, ``<title>roll_call``)."""
 
     @broker.subscriber(subjects.cancel(sites), no_reply=True, title=f"{title}cancel", description=cancel_doc)
     async def on_cancel(body: Cancel) -> None:
-        if cancel(body.request_id):
+        if cancel(body):
             log.info("cancelled", request_id=body.request_id, reason=body.reason)
 
     @broker.subscriber(subjects.roll_call(sites), no_reply=True, title=f"{title}roll_call",

@@ -68,7 +68,7 @@ def build_broker(settings: BatcherSettings, batcher: Batcher) -> NatsBroker:
     @broker.subscriber(subjects.cancel(settings.site), no_reply=True, title="batcher/cancel",
                        description="Drop a waiting request (its caller gets a 499 error event).")
     async def on_cancel(body: Cancel) -> None:
-        if batcher.cancel(body.request_id):
+        if batcher.cancel(body.request_id, body.target):
             log.info("cancelled", request_id=body.request_id, reason=body.reason)
 
     for site in sorted({settings.site, subjects.HUB}):

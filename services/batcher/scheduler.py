@@ -186,12 +186,15 @@ class Batcher:
         return retry_after(len(queue), queue.options.max_batch, self.batch_seconds.get(queue.model, 1.0),
                            self.pool.count(queue.model, queue.kind))
 
-    def cancel(self, request_id: str) -> bool:
-        """Stop a request: drop it if still waiting here; False when it is not here."""
+    def cancel(self, request_id: str, target: str | None = None) -> bool:
+        """Stop a request (its answer by the model ``target``, when one is named: a router's fallback may be
+        queued here under the same id): drop it if still waiting here; False when it is not here."""
         if request_id in self.offering:
             self.cancelled.add(request_id)
             return True
         for queue in self.queues.values():
+            if target is not None and queue.model != target:
+                continue
             row = queue.remove(request_id)
             if row is not None:
                 metrics.QUEUE_DEPTH.labels(queue.model).set(len(queue))

@@ -23,7 +23,7 @@ from nats.aio.client import Client as NATS
 
 from schemas.chat import ChatCompletionRequest, FinishReason, Usage, choice_seed
 from schemas.cloud import BreakerState, BudgetStatus, ProviderHealth, UsageEvent
-from schemas.control import Admitted, ModelInfo, ModelKind, WorkerHeartbeat
+from schemas.control import Admitted, Cancel, ModelInfo, ModelKind, WorkerHeartbeat
 from schemas.embeddings import EmbeddingRequest
 from services.cloud_adapter import cache, vector_cache
 from services.cloud_adapter.breaker import Breaker
@@ -66,6 +66,41 @@ BREAKER_CODES = {"closed": 0, "half_open": 1, "open": 2}
 CACHE_HITS = metrics.CACHE_LOOKUPS.labels("hit")
 CACHE_MISSES = metrics.CACHE_LOOKUPS.labels("miss")
 SHUTDOWN = "the cloud adapter is shutting down"  # the message of a request's cancellation by the shutdown
+
+
+class EarlyCancels:
+    """Cancels of requests this adapter does not hold: one that arrives after its cancel (held up at a busy
+    router, or in a queue before the intake) is refused, not called and billed for nobody. Kept ``keep_s``
+    to twice that, in two generations of at most ``limit`` each (no timer: turned when used); a cancel refuses
+    one request (a NATS client asking again under the same id is answered)."""
+
+    def __init__(self, keep_s: float = 30.0, limit: int = 10_000) -> None:
+        self._keep_s, self._limit = keep_s, limit
+        self._generations: tuple[set[tuple[str, str | None]], ...] = (set(), set())
+        self._turn_at = time.monotonic() + keep_s
+
+    def add(self, request_id: str, target: str | None) -> None:
+        """Remember a cancel of ``request_id``'s answer by ``target`` (``None``: by any)."""
+        self._turn()
+        if len(self._generations[0]) < self._limit:
+            self._generations[0].add((request_id, target))
+
+    def take(self, request_id: str, target: str) -> bool:
+        """Whether ``request_id``'s answer by ``target`` was cancelled (that cancel is used up)."""
+        if not (self._generations[0] or self._generations[1]):
+            return False
+        self._turn()
+        for generation in self._generations:
+            for cancel in ((request_id, None), (request_id, target)):
+                if cancel in generation:
+                    generation.discard(cancel)
+                    return True
+        return False
+
+    def _turn(self) -> None:
+        if (now := time.monotonic()) >= self._turn_at:
+            self._generations = (set(), self._generations[0])
+            self._turn_at = now + self._keep_s
 
 
 class Target:
@@ -220,7 +255,9 @@ class CloudAdapter:
         self.upstreams = {p.spec.name: self._upstream(p) for p in providers}
         self.targets = self._targets()
         self.inflight: dict[str, asyncio.Task[None]] = {}
+        self.answering: dict[str, str] = {}  # the target (provider/model) of each request in flight
         self.callers: dict[str, ReplyPublisher] = {}  # of the requests in flight: kept alive while they wait
+        self.early_cancels = EarlyCancels()
         self._background: set[asyncio.Task[None]] = set()
         self.nc: NATS | None = None
         self.state: CloudState | None = None
@@ -309,8 +346,12 @@ class CloudAdapter:
             raise ChoicesOneByOne(n, target.name)
         if env.expired():
             raise DeadlineExceeded("the request's deadline passed before it reached the cloud adapter")
-        if env.request_id in self.inflight:
+        if self.early_cancels.take(env.request_id, target.name):
+            raise Cancelled("the request was cancelled before it reached the cloud adapter")
+        if (held := self.answering.get(env.request_id)) == target.name:
             raise InvalidRequest(f"request id {env.request_id} is already being answered")
+        if held is not None:  # a router fell back from it to this target: it gave that answer up (and said so)
+            self.cancel(env.request_id)
         try:
             self.ledger.check(env.tenant)
         except LeafwireError as err:
@@ -326,9 +367,12 @@ class CloudAdapter:
         upstream.hold()
         task = asyncio.create_task(answering)
         self.inflight[env.request_id] = task
+        self.answering[env.request_id] = target.name
 
         def done(_: asyncio.Task[None]) -> None:
-            self.inflight.pop(env.request_id, None)
+            if self.inflight.get(env.request_id) is task:  # not the answer of a fallback under the same id
+                del self.inflight[env.request_id]
+                del self.answering[env.request_id]
             upstream.unhold()
 
         task.add_done_callback(done)
@@ -340,6 +384,19 @@ class CloudAdapter:
             return False
         task.cancel()
         return True
+
+    def cancel_message(self, body: Cancel) -> bool:
+        """A cancel from the site: stop the request's answer (by ``body.target``, when it names one); one this
+        adapter does not hold (yet) is remembered, so that the request is refused if it comes."""
+        held = self.answering.get(body.request_id)
+        if held is not None and body.target in (None, held):
+            return self.cancel(body.request_id)
+        self.early_cancels.add(body.request_id, body.target)
+        return False
+
+    def _forget_caller(self, request_id: str, publisher: ReplyPublisher) -> None:
+        if self.callers.get(request_id) is publisher:  # not the caller of a fallback under the same id
+            del self.callers[request_id]
 
     async def keep_callers(self) -> None:
         """Tell each caller, every ``keepalive_s``, that its answer is still coming (a provider's first byte,
@@ -386,7 +443,7 @@ class CloudAdapter:
         except BaseException as exc:
             outcome = await self._failed(exc, admission, publisher, target)
         finally:
-            self.callers.pop(env.request_id, None)
+            self._forget_caller(env.request_id, publisher)
             event = self._account(target, request, env, tally, outcome, time.monotonic() - started, hit)
             await self.state.publish_usage(event)
 
@@ -398,7 +455,7 @@ class CloudAdapter:
         assert self.state is not None
         started, n = time.monotonic(), request.n or 1
         keys, held, missing, publisher, admission, answer = await self._choices_asked(target, request, env, admit_to)
-        usage, paid, outcome, cost = None, Usage.of(0, 0), "error", 0.0
+        usage, paid, outcome, cost, asked = None, Usage.of(0, 0), "error", 0.0, False
         self.callers[env.request_id] = publisher
         try:
             whole: list[tuple[dict[str, Any], FinishReason, dict[str, Any] | None, int]] = [
@@ -407,6 +464,7 @@ class CloudAdapter:
             prompt = max((e.usage.prompt_tokens for e in held if e), default=0)
             details: dict[str, int | None] = {}
             if missing:
+                asked = True
                 try:
                     choices = await self._call_choices(target, request, env, missing)
                 except ChoicesIgnored as exc:  # a provider without n: what it billed is paid, the choices asked apart
@@ -439,7 +497,11 @@ class CloudAdapter:
         except BaseException as exc:
             outcome = await self._failed(exc, admission, publisher, target)
         finally:
-            self.callers.pop(env.request_id, None)
+            self._forget_caller(env.request_id, publisher)
+            if outcome == "cancelled" and asked and not paid.prompt_tokens:  # the provider read the prompt: as serve
+                paid = Tally(keep_message=False).usage(request)
+                cost = target.spec.cost(paid.prompt_tokens, paid.completion_tokens)
+                self._charge(target, env.tenant, paid, cost)
             counted = usage if outcome == "cache_hit" and usage else paid  # a hit: what it would have used, free
             event = self._usage_event(target, env, outcome, time.monotonic() - started, counted, cost,
                                       cached=outcome == "cache_hit")
@@ -479,7 +541,7 @@ class CloudAdapter:
         except BaseException as exc:
             outcome = await self._failed(exc, admission, publisher, target)
         finally:
-            self.callers.pop(env.request_id, None)
+            self._forget_caller(env.request_id, publisher)
             elapsed = time.monotonic() - started
             if outcome == "cache_hit":
                 usage = Usage.of(max(e.usage.prompt_tokens for _, e in stored),
@@ -607,7 +669,7 @@ class CloudAdapter:
         except BaseException as exc:
             outcome = await self._failed(exc, admission, publisher, target)
         finally:
-            self.callers.pop(env.request_id, None)
+            self._forget_caller(env.request_id, publisher)
             event = self._account_embeddings(target, env, tokens, outcome, time.monotonic() - started, stored)
             await self.state.publish_usage(event)
 

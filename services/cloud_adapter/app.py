@@ -105,8 +105,9 @@ def document_intakes(broker: NatsBroker, settings: CloudSettings) -> None:
 def build_broker(settings: CloudSettings, adapter: CloudAdapter) -> NatsBroker:
     """The FastStream app: cancels and roll calls (chat work: an ``Intake``)."""
     broker = make_broker(settings, SERVICE, middlewares=[ErrorReplies.for_service(settings.site, SERVICE)])
-    subscribe_controls(broker, sites_of(settings), site=settings.site, cancel=adapter.cancel, beat=adapter.heartbeat,
-                       title="cloud/", cancel_doc="Stop a cloud request (its provider connection is closed).",
+    subscribe_controls(broker, sites_of(settings), site=settings.site, cancel=adapter.cancel_message,
+                       beat=adapter.heartbeat, title="cloud/",
+                       cancel_doc="Stop a cloud request (its provider connection is closed).",
                        roll_call_doc="Announce the cloud models at once on the heartbeat subject.")
     return broker
 

@@ -122,7 +122,8 @@ def build_broker(settings: InferenceSettings, worker: Worker, chat: list[str] | 
     subscribe_models(broker, worker, sites, list(worker.engines) if chat is None else chat,
                      list(worker.embedders) if embeddings is None else embeddings)
     subscribe_batches(broker, worker)
-    subscribe_controls(broker, sites, site=settings.site, cancel=worker.cancel, beat=worker.heartbeat, title="",
+    subscribe_controls(broker, sites, site=settings.site, beat=worker.heartbeat, title="",
+                       cancel=lambda body: worker.cancel(body.request_id, body.target),
                        cancel_doc="Stop generating for a request id (every worker and batcher listens).",
                        roll_call_doc="Announce this worker at once on the heartbeat subject.")
     return broker

@@ -401,10 +401,11 @@ class Worker:
         if self.on_idle is not None and not self.stopping:
             self.on_idle()
 
-    def cancel(self, request_id: str) -> bool:
-        """Stop a request this worker is answering; False when it is not here."""
+    def cancel(self, request_id: str, target: str | None = None) -> bool:
+        """Stop a request this worker is answering (its answer by ``target`` when one is named: a router's
+        fallback may be here under the same id); False when it is not here."""
         taken = self.inflight.get(request_id)
-        if taken is None:
+        if taken is None or target not in (None, taken.model):
             return False
         taken.stop()
         return True

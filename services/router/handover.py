@@ -57,8 +57,8 @@ def falls_back(err: LeafwireError) -> bool:
     return err.status >= 429 or err.code in FALLBACK_CODES
 
 
-async def admit(nc: NATS, subject: str, payload: bytes, env: Envelope, wait_s: float) -> None:
-    """Offer a request on ``subject`` and wait until it is taken; raise the refusal.
+async def admit(nc: NATS, subject: str, payload: bytes, env: Envelope, wait_s: float, target: str) -> None:
+    """Offer a request for ``target`` on ``subject`` and wait until it is taken; raise the refusal.
 
     ``NoRespondersError`` (nobody listens) is left to the caller, which knows what that means.
     """
@@ -70,8 +70,9 @@ async def admit(nc: NATS, subject: str, payload: bytes, env: Envelope, wait_s: f
         reply = await nc.request(subject, payload, timeout=timeout, headers=env.headers())
     except (NatsTimeout, TimeoutError) as exc:
         # Whoever got it may still take it later and answer the caller beside the next target: stop it.
-        await nc.publish(subjects.cancel(env_site(subject)),
-                         Cancel(request_id=env.request_id, reason="not taken in time").model_dump_json().encode())
+        # The cancel names the target: the next one may be on the same service, under the same request id.
+        cancel = Cancel(request_id=env.request_id, target=target, reason="not taken in time")
+        await nc.publish(subjects.cancel(env_site(subject)), cancel.model_dump_json().encode())
         raise Unavailable(f"nobody took the request within {timeout:.1f} s", retry_after=2) from exc
     headers = reply.headers or {}
     if headers.get(EVENT) == Event.ERROR.value:
@@ -82,7 +83,7 @@ async def offer_local(nc: NATS, settings: RouterSettings, model: str, kind: Mode
                       env: Envelope) -> None:
     """Queue at the site's batcher; with no batcher (or one that cannot batch it), go to a worker directly."""
     try:
-        await admit(nc, subjects.batch(settings.site, model, kind), payload, env, settings.admission_timeout_s)
+        await admit(nc, subjects.batch(settings.site, model, kind), payload, env, settings.admission_timeout_s, model)
         return
     except NoRespondersError:
         pass  # no batcher on this site
@@ -91,7 +92,7 @@ async def offer_local(nc: NATS, settings: RouterSettings, model: str, kind: Mode
             raise
     direct = subjects.infer_chat if kind == "chat" else subjects.infer_embeddings
     try:
-        await admit(nc, direct(settings.site, model), payload, env, settings.admission_timeout_s)
+        await admit(nc, direct(settings.site, model), payload, env, settings.admission_timeout_s, model)
     except NoRespondersError as exc:
         raise Unavailable(f"no worker for model '{model}' is running right now", retry_after=2) from exc
 
@@ -102,7 +103,7 @@ async def offer(nc: NATS, settings: RouterSettings, target: str, payload: bytes,
         await offer_local(nc, settings, target, "chat", payload, env)
         return
     try:
-        await admit(nc, subjects.cloud_chat(settings.site), payload, env, settings.cloud_admission_timeout_s)
+        await admit(nc, subjects.cloud_chat(settings.site), payload, env, settings.cloud_admission_timeout_s, target)
     except NoRespondersError as exc:
         raise Unavailable(NO_CLOUD_ADAPTER, retry_after=2) from exc
 

@@ -20,7 +20,7 @@ async def test_roll_call_and_cancel(nats_server: NatsServer, nc: nats.NATS) -> N
     cancelled: list[str] = []
     beat = WorkerHeartbeat(worker_id="w1", service="test", site=SITE, models=[ModelInfo(name="m")])
     broker = NatsBroker(nats_server.url)
-    subscribe_controls(broker, SITE, site=SITE, cancel=lambda rid: cancelled.append(rid) or True,
+    subscribe_controls(broker, SITE, site=SITE, cancel=lambda body: cancelled.append(body.request_id) or True,
                        beat=lambda: beat, title="", cancel_doc="cancel", roll_call_doc="roll call")
     beats: asyncio.Queue[nats.aio.msg.Msg] = asyncio.Queue()
     sub = await nc.subscribe(subjects.heartbeat(SITE), cb=beats.put)

@@ -231,6 +231,18 @@ class TestEndings:
         await until(lambda: t.offers)
         assert t.offers == [(A, ["r2"])]
 
+    async def test_a_cancel_naming_another_model_leaves_the_request(
+            self, batcher: tuple[Batcher, FakeTransport]) -> None:
+        """A router that gave up on model ``x`` for this request id (its cancel names ``x``) and fell back to
+        ``m`` here, under the same id: the request for ``m`` stays queued; a cancel naming ``m`` drops it."""
+        b, t = batcher
+        b.heartbeat(beat("a", idle=False))
+        admit(b, "r1")
+        assert not b.cancel("r1", "x")
+        assert b.cancel("r1", "m")
+        await until(lambda: "r1" in t.errors)
+        assert t.errors["r1"].status == 499
+
     async def test_waiting_callers_are_kept_and_gone_ones_dropped(
             self, batcher: tuple[Batcher, FakeTransport]) -> None:
         """Every keepalive_s each waiting caller hears its request is still queued; a caller that no longer
