@@ -7,6 +7,11 @@ longer exists. So whenever no update came for ``check_s``, the bucket's stream i
 since the watch began, the watch is opened again. Keys the old bucket had and the new one has not are then
 delivered as deletes, once the new watch has caught up, and ``replaced`` is called first (a reader that
 ignores revisions it has seen must forget them: a new bucket counts from 1 again).
+
+A watch is an ordered consumer on the server: a server restarted (or a reconnection to another one) loses it,
+and nats-py notices only after missed heartbeats, 10-15 s in which no update arrives. So a watch whose
+connection reconnected since it was opened is opened again at once (checked every ``RECONNECT_CHECK_S``): it
+reads the current entries again, and the updates made meanwhile arrive within a second or so.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ OnEntry = Callable[[str, bytes | None, int], Awaitable[None]]
 Settled = Callable[[], Awaitable[None]]
 Opener = Callable[[], Awaitable[KeyValue]]
 CHECK_S = 10.0
+RECONNECT_CHECK_S = 1.0
 
 
 class Replaced(Exception):
@@ -69,17 +75,33 @@ async def follow_bucket(open_bucket: Opener, keys: str, on_entry: OnEntry, *, na
         await asyncio.sleep(retry_s)
 
 
+def _reconnects(kv: KeyValue) -> int:
+    """How many times the bucket's connection reconnected (nats-py keeps the count in its stats)."""
+    return int(kv._js._nc.stats.get("reconnects", 0))
+
+
 async def _follow(kv: KeyValue, watcher: KeyValue.KeyWatcher, name: str, known: set[str], on_entry: OnEntry,
                   settled: Settled | None, born: object, check_s: float) -> None:
     """One watch, until it fails or its bucket is replaced (``Replaced``)."""
     fresh: set[str] | None = set()  # keys of this watch's catch-up (``None`` once caught up)
+    reconnects = _reconnects(kv)
+    quiet_s = 0.0
     while True:
+        wait_s = min(check_s, RECONNECT_CHECK_S)
         try:
-            async with asyncio.timeout(check_s):  # not watcher.updates(): 3.11's wait_for can swallow a cancel
+            async with asyncio.timeout(wait_s):  # not watcher.updates(): 3.11's wait_for can swallow a cancel
                 entry = await anext(watcher)
+            quiet_s = 0.0
         except StopAsyncIteration:
             return
         except TimeoutError:
+            if _reconnects(kv) != reconnects:
+                log.info("kv watch reopened after a reconnection", bucket=name)
+                raise Replaced from None
+            quiet_s += wait_s
+            if quiet_s < check_s:
+                continue
+            quiet_s = 0.0
             try:
                 created = (await kv.status()).stream_info.created
             except NotFoundError:

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import random
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import nats
 import pytest
@@ -16,7 +17,7 @@ from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from shared.kv_follow import follow_bucket
-from tests.support import eventually_async
+from tests.support import eventually_async, start_single
 
 BUCKET = "follow-test"
 
@@ -130,3 +131,34 @@ async def test_cancelled_while_an_update_arrives_it_stops(js: nats.js.JetStreamC
         task.cancel()
         done, _ = await asyncio.wait({task}, timeout=5)
         assert done, f"round {n}: the follower did not stop when cancelled"
+
+
+async def test_a_server_restarted_underneath_is_followed_at_once(tmp_path: Path) -> None:
+    """nats-server restarted (same store) under a follower: its watch, an ordered consumer the restart lost, is
+    opened again once the connection is back, so an update made after the restart arrives within seconds,
+    not after nats-py's missed heartbeats (10-15 s); ``check_s`` is long here, so that is not what finds it."""
+    server = start_single(tmp_path)
+    nc = await nats.connect(server.url, reconnect_time_wait=0.2, max_reconnect_attempts=-1)
+    task: asyncio.Task[None] | None = None
+    try:
+        js = nc.jetstream()
+        kv = await js.create_key_value(KeyValueConfig(bucket=BUCKET))
+        await kv.put("a", b"1")
+        seen = Seen()
+        task = asyncio.create_task(follow_bucket(opener(js), ">", seen.on_entry, name=BUCKET,  # type: ignore[arg-type]
+                                                 check_s=30, retry_s=0.1))
+        await eventually_async(lambda: values(seen), lambda v: v == {"a": b"1"}, within_s=5, what="the first key")
+        await asyncio.to_thread(server.restart)
+        await eventually_async(lambda: connected(nc), bool, within_s=10, what="the reconnection")
+        await (await js.key_value(BUCKET)).put("a", b"2")
+        await eventually_async(lambda: values(seen), lambda v: v == {"a": b"2"}, within_s=5,
+                               what="the update made after the restart")
+    finally:
+        if task is not None:
+            task.cancel()
+        await nc.close()
+        server.stop()
+
+
+async def connected(nc: nats.NATS) -> bool:
+    return bool(nc.is_connected)
