@@ -371,10 +371,11 @@ def local_and_cloud_site(nats_url: str, site: str, tmp: Path, providers: Path, p
     return worker, adapter, router, Service("gateway", env)
 
 
-def cloud_router_env(tmp: Path) -> dict[str, str]:
+def cloud_router_env(tmp: Path, policy_text: str = "last_resort: none\n") -> dict[str, str]:
     """Router settings for tests of the cloud path alone: the uplink counts as up, and a refused cloud
-    model is not retried on a local model (each test sees the adapter's own answer)."""
-    policy = write_policy(tmp / "cloud-only-policy.yaml", "last_resort: none\n")
+    model is not retried on a local model (each test sees the adapter's own answer); ``policy_text`` may add
+    rules."""
+    policy = write_policy(tmp / "cloud-only-policy.yaml", policy_text)
     return {"LW_ROUTER_UPLINK": "up", "LW_ROUTER_POLICY_FILE": str(policy)}
 
 

@@ -836,6 +836,7 @@ class CloudAdapter:
         target.completion_tokens.inc(usage.completion_tokens)
         target.cost.inc(cost)
         self.ledger.charge(tenant, cost)
+        target.upstream.limits.used(usage.prompt_tokens + usage.completion_tokens)
 
     def _usage_event(self, target: Target, env: Envelope, outcome: str, elapsed: float, usage: Usage, cost: float,
                      cached: bool) -> UsageEvent:

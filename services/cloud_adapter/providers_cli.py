@@ -37,7 +37,8 @@ def describe(provider: config.Provider) -> str:
             auth = f", credentials: {where} ({'read' if provider.proxy_auth is not None else 'NOT readable here'})"
         secrets.append(f"proxy: {spec.proxy}{auth}")
     local = ", local" if spec.local else ""
-    return f"  {spec.name} ({spec.kind}, {spec.base_url}{local}): {models}; {'; '.join(secrets)}"
+    limits = "".join(f", {name} {value}" for name, value in (("rpm", spec.rpm), ("tpm", spec.tpm)) if value)
+    return f"  {spec.name} ({spec.kind}, {spec.base_url}{local}{limits}): {models}; {'; '.join(secrets)}"
 
 
 def validate(path: Path, production: bool) -> int:

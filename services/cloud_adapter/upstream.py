@@ -45,6 +45,7 @@ from services.cloud_adapter.dialect import (
 )
 from services.cloud_adapter.guard import DestinationRefused, PublicOnlyResolver
 from services.cloud_adapter.openai_compat import OpenAICompatible
+from services.cloud_adapter.rate import MinuteLimits
 from services.cloud_adapter.retry import RetryPolicy, retry_hint
 from services.cloud_adapter.sse import ServerEvent, SSEParser
 from shared import metrics
@@ -231,6 +232,7 @@ class Upstream:
         self.idle = asyncio.Event()  # set while none is
         self.idle.set()
         self._inflight_gauge = metrics.CLOUD_INFLIGHT.labels(self.name)
+        self.limits = MinuteLimits(self.name, provider.spec.rpm, provider.spec.tpm)
         self._session: aiohttp.ClientSession | None = None
         self._drains: set[asyncio.Task[None]] = set()
         base = self._base_headers()
@@ -319,7 +321,8 @@ class Upstream:
         return True
 
     def slot(self) -> Slot:
-        """Take one of the provider's concurrent-call slots, or refuse at once (429)."""
+        """Take one of the provider's concurrent-call slots, or refuse at once (429): at ``max_concurrent``, or
+        at its ``rpm`` or ``tpm`` (``rate.MinuteLimits``)."""
         if self.provider.missing_key is not None:  # no Retry-After: trying again soon will not help
             raise ProviderUnavailable(f"provider {self.name} cannot be called: {self.provider.missing_key}",
                                       provider=self.name, code="provider_key_missing")
@@ -327,6 +330,8 @@ class Upstream:
             metrics.REJECTED.labels("cloud-adapter", "provider_busy").inc()
             raise Overloaded(f"provider {self.name} has {self.inflight} calls in flight, its limit",
                              retry_after=1)
+        if self.limits.limited:
+            self.limits.take()
         self.inflight += 1
         self._inflight_gauge.inc()
         return Slot(self)

@@ -92,10 +92,10 @@ def providers_file(path: Path, openai_fake: FakeProvider, claude_fake: FakeProvi
 @contextlib.contextmanager
 def cloud_stack(nats_server: NatsServer, folder: Path,
                 write: Callable[[Path, FakeProvider, FakeProvider], Path] = providers_file, api_keys: str = API_KEYS,
-                **adapter_env: str) -> Iterator[CloudStack]:
+                policy: str = "last_resort: none\n", **adapter_env: str) -> Iterator[CloudStack]:
     """The fakes, and a hub adapter, a router and a gateway for site ``plant``: the providers file is what
-    ``write`` writes (``providers_file``'s by default), the gateway's keys ``api_keys``, ``adapter_env`` more
-    settings of the adapter."""
+    ``write`` writes (``providers_file``'s by default), the gateway's keys ``api_keys``, the router's policy
+    ``policy``, ``adapter_env`` more settings of the adapter."""
     openai_fake = FakeProvider("openai", key=KEY).start()
     claude_fake = FakeProvider("anthropic", key=CLAUDE_KEY).start()
     file = write(folder / "providers.yaml", openai_fake, claude_fake)
@@ -105,7 +105,7 @@ def cloud_stack(nats_server: NatsServer, folder: Path,
         "LW_TEST_FAKE_KEY": KEY, "LW_TEST_WRONG_KEY": WRONG_KEY, "LW_TEST_CLAUDE_KEY": CLAUDE_KEY,
         "LW_CLOUD_BACKOFF_BASE_S": "0.01", "LW_CLOUD_BACKOFF_CAP_S": "0.05", "LW_CLOUD_BREAKER_FAILURES": "1000",
         "LW_CLOUD_BREAKER_OPEN_S": "60", "LW_LOG_LEVEL": "debug", **KEEPALIVE, **adapter_env})
-    router = Service("router", {**env, **cloud_router_env(file.parent), **KEEPALIVE})
+    router = Service("router", {**env, **cloud_router_env(file.parent, policy), **KEEPALIVE})
     # an idle timeout shorter than the provider's slowest answers: the adapter keeps its callers waiting
     gateway = Service("gateway", {**env, "LW_GATEWAY_API_KEYS": api_keys, "LW_GATEWAY_IDLE_TIMEOUT_S": "1.5",
                                   "LW_GATEWAY_METRICS_NEED_KEY": "true"})
