@@ -28,7 +28,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
-FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "cancelled", "error"]
+FinishReason = Literal["stop", "length", "content_filter", "tool_calls", "function_call", "cancelled", "error"]
 
 
 class TextPart(BaseModel):

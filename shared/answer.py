@@ -23,12 +23,17 @@ from shared.replies import Event, ReplyPublisher
 
 
 def merge_delta(message: dict[str, Any], delta: Mapping[str, Any]) -> None:
-    """Add a streamed delta to a whole message: text fields concatenate, tool calls merge by index."""
+    """Add a streamed delta to a whole message: text fields concatenate, tool calls merge by index (a legacy
+    ``function_call`` piece by piece)."""
     for key, value in delta.items():
         if value is None or key == "role":
             continue
         if key == "tool_calls":
             _merge_tool_calls(message.setdefault("tool_calls", []), value)
+        elif key == "function_call" and isinstance(value, Mapping):  # legacy functions: its pieces, as a tool's
+            call = message.setdefault("function_call", {"name": "", "arguments": ""})
+            call["name"] += value.get("name") or ""
+            call["arguments"] += value.get("arguments") or ""
         elif key == "thinking_blocks":  # each delta carries whole blocks (Anthropic's, at their end)
             message.setdefault(key, []).extend(value)
         elif isinstance(value, str) and isinstance(message.get(key), str):

@@ -24,7 +24,7 @@ from typing import Any
 
 from schemas.chat import ChatCompletionRequest, ChatMessage, FinishReason, TextPart, Usage, choice_seed
 
-STORED_REASONS: frozenset[str] = frozenset({"stop", "length", "tool_calls"})
+STORED_REASONS: frozenset[str] = frozenset({"stop", "length", "tool_calls", "function_call"})
 _NOT_IN_KEY = {"model", "messages", "stream", "stream_options", "user", "cache", "max_completion_tokens",
                "max_tokens", "stop", "n"}
 _VERSION = 1

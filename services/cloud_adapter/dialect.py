@@ -41,7 +41,7 @@ from shared.logging import scrub
 
 _MAX_MESSAGE = 500
 CHARS_PER_TOKEN = 4  # estimate when a provider reports no usage
-FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "content_filter", "tool_calls"})
+FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "content_filter", "tool_calls", "function_call"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,9 +195,8 @@ def load_json(provider: str, data: bytes | str) -> Any:
 
 
 def finish_reason(value: Any) -> FinishReason:
-    """An OpenAI finish reason from a provider's (unknown reasons become ``stop``)."""
-    if value == "function_call":
-        return "tool_calls"
+    """An OpenAI finish reason from a provider's (unknown reasons become ``stop``; ``function_call``, of the
+    legacy ``functions``, stays: its answer has a ``function_call``, no ``tool_calls``)."""
     return value if isinstance(value, str) and value in FINISH_REASONS else "stop"  # type: ignore[return-value]
 
 

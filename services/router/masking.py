@@ -31,12 +31,18 @@ from services.router.policy import Masking, Pattern
 # A pattern is only run over text that holds its required character: most prompts skip most patterns.
 NEEDS: dict[str, re.Pattern[str]] = {"email": re.compile("@"), "national_id": re.compile(r"\d"),
                                      "phone": re.compile(r"\d")}
+# Text is often JSON written out (tool call arguments, a tool's result): a value may follow an escape (``\n``,
+# ``\t``, ``\u00e9``) whose last character is a letter or digit. That counts as the start of a word here, and
+# no match starts inside an escape: a replacement never breaks the JSON, and what follows the escape is masked.
+_AFTER_ESCAPE = r"(?<=\\[nrtbf])|(?<=\\u[0-9a-fA-F]{4})"
 BUILTIN: dict[str, tuple[str, str]] = {
-    "email": (r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b", "[EMAIL]"),
+    "email": (rf"(?:(?<![\w.+-])(?!(?<=\\)[nrtbfu])|{_AFTER_ESCAPE})"
+              r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b", "[EMAIL]"),
     "national_id": (r"(?<![\d-])\d{3}-\d{2}-\d{4}(?![\d-])"
-                    r"|\b[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b", "[NATIONAL_ID]"),
-    "phone": (r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(\d{1,4}\))?(?:[ .-]?\d{2,4}){2,5}(?!\d)"
-              r"|(?<![\w-])(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4}(?![\d-])", "[PHONE]"),
+                    rf"|(?:\b|{_AFTER_ESCAPE})[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{{2}} ?\d{{2}} ?\d{{2}} ?[A-D]\b",
+                    "[NATIONAL_ID]"),
+    "phone": (rf"(?:(?<![\w+])|{_AFTER_ESCAPE})\+\d{{1,3}}(?:[ .-]?\(\d{{1,4}}\))?(?:[ .-]?\d{{2,4}}){{2,5}}(?!\d)"
+              rf"|(?:(?<![\w-])|{_AFTER_ESCAPE})(?:\(\d{{3}}\) ?|\d{{3}}[ .-])\d{{3}}[ .-]\d{{4}}(?![\d-])", "[PHONE]"),
 }
 
 
