@@ -44,27 +44,33 @@ async def ensure_dead_letters(nc: NATS, site: str) -> None:
         log.warning("dead-letter stream unavailable", error=repr(exc), site=site)
 
 
-async def ensure_kv(nc: NATS, config: KeyValueConfig) -> KeyValue:
-    """Open the KV bucket, creating it when absent; a changed TTL or size limit is applied to it in place.
+async def ensure_kv(nc: NATS, config: KeyValueConfig, *, drop_oldest: bool = False) -> KeyValue:
+    """Open the KV bucket, creating it when absent; a changed TTL, size limit or largest value is applied to
+    it in place. ``drop_oldest`` (a cache): a full bucket drops its oldest values to make room, instead of
+    refusing new ones (KV's own way).
 
     Several services may race to create a bucket at start: losing the race is fine (the bucket is then
-    opened). Values are never deleted here.
+    opened). Values are never deleted here (but by ``drop_oldest`` once full).
     """
     js = nc.jetstream(timeout=5)
     try:
         kv = await js.key_value(config.bucket)
     except BucketNotFoundError:
         try:
-            return await js.create_key_value(config)
+            kv = await js.create_key_value(config)
         except BadRequestError:  # created meanwhile by another process
-            return await js.key_value(config.bucket)
+            kv = await js.key_value(config.bucket)
     stream = f"KV_{config.bucket}"
     info = await js.stream_info(stream)
-    want_age = config.ttl or 0.0
-    if (info.config.max_age or 0.0) != want_age or (config.max_bytes and info.config.max_bytes != config.max_bytes):
-        info.config.max_age = want_age
-        if config.max_bytes:
-            info.config.max_bytes = config.max_bytes
-        await js.update_stream(info.config)
-        log.info("kv bucket limits updated", bucket=config.bucket, ttl_s=want_age, max_bytes=config.max_bytes)
+    have = info.config
+    want = {"max_age": config.ttl or 0.0, "max_bytes": config.max_bytes or have.max_bytes,
+            "max_msg_size": config.max_value_size or have.max_msg_size,
+            "discard": DiscardPolicy.OLD if drop_oldest else have.discard}
+    if any(getattr(have, name) != value and not (name == "max_age" and not have.max_age and not value)
+           for name, value in want.items()):
+        for name, value in want.items():
+            setattr(have, name, value)
+        await js.update_stream(have)
+        log.info("kv bucket limits updated", bucket=config.bucket, ttl_s=want["max_age"], max_bytes=want["max_bytes"],
+                 max_value_bytes=want["max_msg_size"], drop_oldest=drop_oldest)
     return kv

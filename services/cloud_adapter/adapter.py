@@ -111,6 +111,10 @@ class Target:
         self.model = model
         self.spec = spec
         self.name = f"{upstream.name}/{model}"
+        # What its cached answers depend on besides the request: the name asked, and where the calls go (the
+        # upstream model, the provider's URL): a reload pointing the name elsewhere gets entries of its own.
+        upstream_model = spec.upstream_name(model)
+        self.cache_id = f"{self.name} {upstream_model} {upstream.provider.spec.url(upstream_model, spec.kind)}"
         labels = (upstream.name, model)
         self.first_byte = metrics.CLOUD_FIRST_BYTE.labels(*labels)
         self.duration = metrics.CLOUD_DURATION.labels(*labels)
@@ -418,7 +422,7 @@ class CloudAdapter:
         assert self.nc is not None
         assert self.state is not None
         started = time.monotonic()
-        key = cache.key(env.tenant, target.name, request, env.choice) if cache.eligible(request) else None
+        key = cache.key(env.tenant, target.cache_id, request, env.choice) if cache.eligible(request) else None
         hit = await self._lookup(key)
         publisher = ReplyPublisher(self.nc, env.reply, env, f"{self.settings.site}/{self.worker_id}",
                                    first_headers={CACHE: "hit" if hit else "miss"} if key else None)
@@ -429,6 +433,7 @@ class CloudAdapter:
         self.callers[env.request_id] = publisher
         try:
             if hit is not None:  # the caller's answer first: the router only waits to know it was taken
+                answer.fingerprint = hit.fingerprint
                 await answer.whole(hit.message, hit.finish_reason, hit.usage)
                 await admission.admit()
                 outcome = "cache_hit"
@@ -439,7 +444,8 @@ class CloudAdapter:
             await answer_leaves()
             if key and tally.finish in cache.STORED_REASONS:
                 message = tally.message if request.stream else answer.message
-                self.state.cache_put(key, cache.Entry(message, tally.finish or "stop", tally.usage(request)))
+                self.state.cache_put(key, cache.Entry(message, tally.finish or "stop", tally.usage(request),
+                                                      answer.fingerprint))
         except BaseException as exc:
             outcome = await self._failed(exc, admission, publisher, target)
         finally:
@@ -493,7 +499,8 @@ class CloudAdapter:
             for j, key in [(j, keys[j]) for j in missing] if keys else []:
                 message, finish, _, tokens = whole[j]
                 if finish in cache.STORED_REASONS:
-                    self.state.cache_put(key, cache.Entry(message, finish, Usage.of(prompt, tokens)))
+                    self.state.cache_put(key, cache.Entry(message, finish, Usage.of(prompt, tokens),
+                                                          answer.fingerprint))
         except BaseException as exc:
             outcome = await self._failed(exc, admission, publisher, target)
         finally:
@@ -537,7 +544,7 @@ class CloudAdapter:
             outcome = "ok" if missing else "cache_hit"
             await answer_leaves()
             if keys and missing:
-                self._store_choices([keys[j] for j in missing], fresh, paid)
+                self._store_choices([keys[j] for j in missing], fresh, paid, answer.fingerprint)
         except BaseException as exc:
             outcome = await self._failed(exc, admission, publisher, target)
         finally:
@@ -559,7 +566,7 @@ class CloudAdapter:
         publisher (saying ``hit``, ``miss`` or ``partial``), admission and answer."""
         assert self.nc is not None
         n = request.n or 1
-        keys = cache.choice_keys(env.tenant, target.name, request) if cache.eligible(request) else None
+        keys = cache.choice_keys(env.tenant, target.cache_id, request) if cache.eligible(request) else None
         held: list[cache.Entry | None] = (list(await asyncio.gather(*(self._lookup(key) for key in keys))) if keys
                                           else [None] * n)
         missing = [j for j, entry in enumerate(held) if entry is None]
@@ -567,8 +574,9 @@ class CloudAdapter:
         publisher = ReplyPublisher(self.nc, env.reply, env, f"{self.settings.site}/{self.worker_id}",
                                    first_headers={CACHE: found} if keys else None)
         admission = Admission(self.nc, admit_to, env, self.worker_id)
-        return keys, held, missing, publisher, admission, Answer.for_request(publisher, env.request_id,
-                                                                              request.model, request)
+        answer = Answer.for_request(publisher, env.request_id, request.model, request)
+        answer.fingerprint = next((e.fingerprint for e in held if e is not None and e.fingerprint), None)
+        return keys, held, missing, publisher, admission, answer
 
     @staticmethod
     async def _replay_choices(stored: list[tuple[int, cache.Entry]], answer: Answer) -> None:
@@ -619,7 +627,7 @@ class CloudAdapter:
         elif isinstance(piece, Fingerprint):
             answer.fingerprint = piece.value
 
-    def _store_choices(self, keys: list[str], choices: list[Tally], usage: Usage) -> None:
+    def _store_choices(self, keys: list[str], choices: list[Tally], usage: Usage, fingerprint: str | None) -> None:
         """Each finished choice of a streamed call as the cache entry of its own request (its share of the
         call's completion tokens by the length of its text)."""
         assert self.state is not None
@@ -627,7 +635,7 @@ class CloudAdapter:
         for key, choice, tokens in zip(keys, choices, shares, strict=True):
             if choice.finish in cache.STORED_REASONS:
                 self.state.cache_put(key, cache.Entry(choice.message, choice.finish or "stop",
-                                                      Usage.of(usage.prompt_tokens, tokens)))
+                                                      Usage.of(usage.prompt_tokens, tokens), fingerprint))
 
     @staticmethod
     async def _call_choices(target: Target, request: ChatCompletionRequest, env: Envelope,
@@ -644,7 +652,7 @@ class CloudAdapter:
         assert self.nc is not None
         assert self.state is not None
         started = time.monotonic()
-        keys = vector_cache.keys(env.tenant, target.name, request) if vector_cache.eligible(request) else None
+        keys = vector_cache.keys(env.tenant, target.cache_id, request) if vector_cache.eligible(request) else None
         stored: list[vector_cache.Vector | None] = (await self._stored_vectors(keys) if keys
                                                     else [None] * request.count())
         missing = [i for i, vector in enumerate(stored) if vector is None]

@@ -4,22 +4,24 @@ A request uses the cache when it says ``"cache": true``, or when it leaves ``cac
 ``temperature: 0`` (a deterministic answer is worth reusing; a sampled one is not). ``"cache": false``
 never uses it.
 
-The key is ``<tenant hash>.<request hash>``: the request hash covers the tenant, the ``<provider>/<model>``,
-the normalised messages and every generation parameter, so tenants never see each other's entries (and
-one tenant's entries can be purged by the prefix). Normalised: text-only part lists read as the plain
-string they spell, ``stop`` as a list, ``max_completion_tokens`` as ``max_tokens``, unset and null
-parameters alike; ``stream``, ``stream_options``, ``user`` and ``cache`` do not change the answer and are
-left out. Only complete answers (finish reason ``stop``, ``length`` or ``tool_calls``) are stored, and
-never those of a request asking for ``logprobs``: an entry holds the message, not its tokens' log
-probabilities, so a hit could not give them back.
+The key is ``<tenant hash>.<request hash>``: the request hash covers the tenant, the ``<provider>/<model>``
+and where its calls go (the upstream model and the provider's URL: a reload pointing the name at another model
+does not serve the old one's answers), the normalised messages and every generation parameter, so tenants
+never see each other's entries (and one tenant's entries can be purged by the prefix). Normalised: text-only
+part lists read as the plain string they spell, ``stop`` as a list, ``max_completion_tokens`` as
+``max_tokens``, unset and null parameters alike; ``stream``, ``stream_options``, ``user`` and ``cache`` do not
+change the answer and are left out. Only complete answers (finish reason ``stop``, ``length`` or
+``tool_calls``) are stored, and never those of a request asking for ``logprobs``: an entry holds the message,
+not its tokens' log probabilities, so a hit could not give them back.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.chat import ChatCompletionRequest, ChatMessage, FinishReason, TextPart, Usage, choice_seed
@@ -64,7 +66,8 @@ def _sha(text: str) -> str:
 
 
 def key(tenant: str, target: str, request: ChatCompletionRequest, choice: int = 0) -> str:
-    """The KV key of a request's answer (``target`` is ``<provider>/<model>``); ``choice`` is which sample of
+    """The KV key of a request's answer (``target``: ``<provider>/<model>`` and the URL its calls go to, the
+    adapter's ``Target.cache_id``); ``choice`` is which sample of
     the request it is (``Lw-Choice``): the ``n`` choices of one request are ``n`` entries, not one answer
     ``n`` times. The first sample's key is the request's own."""
     whole: dict[str, Any] = {"tenant": tenant, "target": target, "messages": [_message(m) for m in request.messages],
@@ -100,16 +103,23 @@ def tenant_prefix(tenant: str) -> str:
 
 @dataclass(frozen=True)
 class Entry:
-    """A stored answer: the assistant message, why it ended, what it used."""
+    """A stored answer: the assistant message, why it ended, what it used, and the provider's
+    ``system_fingerprint`` (a hit gives it back as the answer stored had it); ``stored_at``: when (unix time,
+    so that a copy in memory does not outlive the bucket's TTL)."""
 
     message: dict[str, Any]
     finish_reason: FinishReason
     usage: Usage
+    fingerprint: str | None = None
+    stored_at: float = field(default_factory=time.time)
 
     def encode(self) -> bytes:
         """The KV value."""
-        return json.dumps({"v": _VERSION, "message": self.message, "finish_reason": self.finish_reason,
-                           "usage": self.usage.model_dump()}, ensure_ascii=False, separators=(",", ":")).encode()
+        value = {"v": _VERSION, "message": self.message, "finish_reason": self.finish_reason,
+                 "usage": self.usage.model_dump(), "at": round(self.stored_at, 3)}
+        if self.fingerprint is not None:
+            value["fp"] = self.fingerprint
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> Entry | None:
@@ -118,6 +128,9 @@ class Entry:
             raw = json.loads(data)
             if raw.get("v") != _VERSION or raw["finish_reason"] not in STORED_REASONS:
                 return None
-            return cls(dict(raw["message"]), raw["finish_reason"], Usage.model_validate(raw["usage"]))
+            fingerprint, at = raw.get("fp"), raw.get("at")
+            return cls(dict(raw["message"]), raw["finish_reason"], Usage.model_validate(raw["usage"]),
+                       fingerprint if isinstance(fingerprint, str) else None,
+                       float(at) if isinstance(at, int | float) else 0.0)  # no time: not kept in memory
         except (ValueError, KeyError, TypeError, AttributeError):
             return None

@@ -40,13 +40,15 @@ class NearCache(Generic[V]):
         self._entries.move_to_end(key)
         return entry
 
-    def put(self, key: str, entry: V, size: int) -> None:
-        """Hold ``entry`` (``size``: its encoded bytes), evicting the least recently used past the bound."""
-        if size > self.max_bytes:
+    def put(self, key: str, entry: V, size: int, ttl_s: float | None = None) -> None:
+        """Hold ``entry`` (``size``: its encoded bytes) for ``ttl_s`` at most (what is left of its life in the
+        bucket, when known), evicting the least recently used past the bound."""
+        life = self.ttl_s if ttl_s is None else min(self.ttl_s, ttl_s)
+        if size > self.max_bytes or life <= 0:
             return
         if key in self._entries:
             self._drop(key)
-        self._entries[key] = (self.clock() + self.ttl_s, size, entry)
+        self._entries[key] = (self.clock() + life, size, entry)
         self._bytes += size
         while self._bytes > self.max_bytes:
             self._drop(next(iter(self._entries)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -50,7 +51,9 @@ class CloudState:
         self._settings = settings
         self._ledger = ledger
         self._usage = UsagePublisher(nc, settings.site, settings.usage_pending_max)
-        self._near: NearCache[Entry | Vector] = NearCache(settings.near_cache_bytes, settings.near_cache_ttl_s)
+        # A copy in memory lives no longer than the bucket keeps the entry (LW_CLOUD_CACHE_TTL_S).
+        self._near: NearCache[Entry | Vector] = NearCache(settings.near_cache_bytes,
+                                                          min(settings.near_cache_ttl_s, settings.cache_ttl_s))
         self.cache: KeyValue | None = None
         self.health: KeyValue | None = None
         self.budgets: KeyValue | None = None
@@ -119,7 +122,8 @@ class CloudState:
         common = {"storage": StorageType.FILE, "replicas": s.kv_replicas, "history": 1}
         self.cache = await ensure_kv(self._nc, KeyValueConfig(
             bucket=subjects.CLOUD_CACHE, ttl=s.cache_ttl_s, max_bytes=s.cache_max_bytes,
-            max_value_size=s.cache_max_entry_bytes, direct=True, **common))  # type: ignore[arg-type]
+            max_value_size=s.cache_max_entry_bytes, direct=True, **common),  # type: ignore[arg-type]
+            drop_oldest=True)
         self.health = await ensure_kv(self._nc, KeyValueConfig(
             bucket=subjects.PROVIDER_HEALTH, direct=True, **common))  # type: ignore[arg-type]
         self.budgets = await ensure_kv(self._nc, budgets.bucket_config(s.kv_replicas))
@@ -170,7 +174,9 @@ class CloudState:
         value = await self._cache_value(key)
         found = decode(value) if value else None
         if found is not None and value:
-            self._near.put(key, found, len(value))
+            left = (self._settings.cache_ttl_s - (time.time() - found.stored_at) if isinstance(found, Entry)
+                    else None)  # a vector's age is not stored: at most the near cache's own life
+            self._near.put(key, found, len(value), left)
         return found
 
     async def _cache_value(self, key: str) -> bytes | None:
@@ -191,7 +197,7 @@ class CloudState:
         value = entry.encode()
         if self.cache is None or len(value) > self._settings.cache_max_entry_bytes:
             return
-        self._near.put(key, entry, len(value))
+        self._near.put(key, entry, len(value), self._settings.cache_ttl_s)
         self._background(self.cache.put(key, value), "cache write failed")
 
     def vectors_put(self, stored: Sequence[tuple[str, Vector]]) -> None:

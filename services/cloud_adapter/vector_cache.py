@@ -7,7 +7,8 @@ an embeddings request uses the cache unless it says ``"cache": false``: re-embed
 Dify's embedding cache does. Each input is its own entry, so a request that shares only some inputs with
 earlier ones sends the provider only the others.
 
-The key is ``<tenant hash>.e<hash>``: the hash covers the tenant, the ``<provider>/<model>``, the input (text
+The key is ``<tenant hash>.e<hash>``: the hash covers the tenant, the ``<provider>/<model>`` and the URL its calls
+go to (the upstream model's), the input (text
 or token ids), ``dimensions``, ``encoding_format`` and any other field sent on to the provider (``input_type``,
 say; not ``user``), so tenants never see each other's entries (and
 share the chat cache's per-tenant prefix). An entry holds the vector as the provider's answer gave it (JSON:
@@ -43,7 +44,8 @@ def inputs(request: EmbeddingRequest) -> list[str | list[int]]:
 
 
 def keys(tenant: str, target: str, request: EmbeddingRequest) -> list[str]:
-    """The KV key of each input's vector, in input order (``target`` is ``<provider>/<model>``)."""
+    """The KV key of each input's vector, in input order (``target`` as for ``cache.key``: the model's name and
+    the URL its calls go to)."""
     prefix = tenant_prefix(tenant)
     common = {"tenant": tenant, "target": target, "dimensions": request.dimensions,
               "encoding_format": request.encoding_format,

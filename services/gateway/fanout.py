@@ -175,7 +175,10 @@ class FanOut(Bridge):
                 early.append((choice, got))
                 if choice is choices[0]:
                     break
-            resp = web.StreamResponse(headers={**SSE_HEADERS, **self.answer_headers(got, env)})
+            headers = self.answer_headers(got, env)
+            if "x-leafwire-cache" in headers and len(choices) > 1:
+                headers["x-leafwire-cache"] = stream_cache_header(len(choices), early)
+            resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
             await resp.prepare(http)
             try:
                 await self._write(resp, merge, include_usage, len(choices), early, out)
@@ -215,3 +218,17 @@ class FanOut(Bridge):
         if include_usage:
             await resp.write(merge.usage(total_usage(usages)))
         await resp.write(DONE)
+
+
+def stream_cache_header(count: int, early: list[tuple[Choice, Got]]) -> str:
+    """``x-leafwire-cache`` of a stream of ``count`` choices asked one by one, sent before the later choices
+    are answered: ``hit`` only when every choice's first reply came from the cache; ``partial`` when some
+    did (the others were asked, or are not known yet); ``miss`` when none known did."""
+    first: dict[int, str] = {}
+    for choice, got in early:
+        if not isinstance(got, LeafwireError):
+            first.setdefault(choice.index, got.headers.get(hdr.CACHE, "miss"))
+    hits = sum(state == "hit" for state in first.values())
+    if hits == count:
+        return "hit"
+    return "partial" if hits else "miss"
