@@ -111,12 +111,12 @@ class Entry:
     finish_reason: FinishReason
     usage: Usage
     fingerprint: str | None = None
-    stored_at: float = field(default_factory=time.time)
+    stored_at: float = field(default_factory=time.time, compare=False)  # the same answer whenever stored
 
     def encode(self) -> bytes:
         """The KV value."""
         value = {"v": _VERSION, "message": self.message, "finish_reason": self.finish_reason,
-                 "usage": self.usage.model_dump(), "at": round(self.stored_at, 3)}
+                 "usage": self.usage.model_dump(), "at": self.stored_at}
         if self.fingerprint is not None:
             value["fp"] = self.fingerprint
         return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()

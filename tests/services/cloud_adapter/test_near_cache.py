@@ -31,6 +31,26 @@ class TestNearCache:
         assert near.get("k") is None
         assert near.size_bytes == 0
 
+    def test_a_copy_lives_no_longer_than_its_entry_in_the_bucket(self) -> None:
+        """An entry read from the bucket with 5 s of its TTL left is held 5 s, not the near cache's 30; one
+        with none left is not held."""
+        clock = Clock()
+        near = NearCache(max_bytes=1000, ttl_s=30, clock=clock)
+        near.put("k", entry("a"), 100, ttl_s=5)
+        near.put("gone", entry("b"), 100, ttl_s=0)
+        assert near.get("gone") is None
+        clock.now = 4.9
+        assert near.get("k") == entry("a")
+        clock.now = 5.0
+        assert near.get("k") is None
+
+    def test_entries_keep_their_fingerprint_and_time(self) -> None:
+        """What a hit gives back: the provider's system_fingerprint, and when the answer was stored."""
+        stored = Entry({"role": "assistant", "content": "a"}, "stop", Usage.of(1, 1), "fp_1", 1_700_000_000.5)
+        back = Entry.decode(stored.encode())
+        assert back is not None
+        assert (back, back.fingerprint, back.stored_at) == (stored, "fp_1", 1_700_000_000.5)
+
     def test_bounded_in_bytes_least_recently_used_goes(self) -> None:
         """Past the byte bound the least recently used entries are dropped; a recent read keeps one."""
         near = NearCache(max_bytes=300, ttl_s=60)
