@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+REQUEST_ID_MAX = 128  # characters of a request id that are kept (Lw-Request-Id): longer ones are cut
 
 
 class Admitted(BaseModel):
@@ -22,6 +24,12 @@ class Cancel(BaseModel):
     reason: str = "cancelled by client"
     target: str | None = Field(default=None, description="the model whose answer is given up (a router falling "
                                "back to its next target, same request id); absent: every answer of the request")
+
+    @field_validator("request_id")
+    @classmethod
+    def _as_kept(cls, value: str) -> str:
+        """Cut as the request's own id was (``Lw-Request-Id``): a cancel by the id the client sent finds it."""
+        return value[:REQUEST_ID_MAX]
 
 
 ModelKind = Literal["chat", "embeddings"]

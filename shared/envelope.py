@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from schemas.batch import RowEnvelope
+from schemas.control import REQUEST_ID_MAX
 from shared.errors import InvalidRequest
 from shared.numbers import finite
 
@@ -41,7 +42,7 @@ FINAL = "Lw-Final"
 
 DEFAULT_TENANT = "default"
 DEFAULT_TIMEOUT_S = 300.0
-_MAX_ID_LEN = 128
+_MAX_ID_LEN = REQUEST_ID_MAX
 MAX_CHOICE = 1_000_000
 _EARLIEST = 1_000_000_000.0  # 2001-09-09: a smaller deadline is a duration by mistake, not a unix time
 

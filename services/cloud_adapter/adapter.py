@@ -66,6 +66,7 @@ BREAKER_CODES = {"closed": 0, "half_open": 1, "open": 2}
 CACHE_HITS = metrics.CACHE_LOOKUPS.labels("hit")
 CACHE_MISSES = metrics.CACHE_LOOKUPS.labels("miss")
 SHUTDOWN = "the cloud adapter is shutting down"  # the message of a request's cancellation by the shutdown
+REPLACED = "a router fell back to another target"  # ... by a fallback under the same id: its caller waits on
 
 
 class EarlyCancels:
@@ -355,7 +356,7 @@ class CloudAdapter:
         if (held := self.answering.get(env.request_id)) == target.name:
             raise InvalidRequest(f"request id {env.request_id} is already being answered")
         if held is not None:  # a router fell back from it to this target: it gave that answer up (and said so)
-            self.cancel(env.request_id)
+            self.cancel(env.request_id, REPLACED)
         try:
             self.ledger.check(env.tenant)
         except LeafwireError as err:
@@ -381,12 +382,12 @@ class CloudAdapter:
 
         task.add_done_callback(done)
 
-    def cancel(self, request_id: str) -> bool:
+    def cancel(self, request_id: str, why: str | None = None) -> bool:
         """Stop a request this adapter is answering (closing its provider connection)."""
         task = self.inflight.get(request_id)
         if task is None:
             return False
-        task.cancel()
+        task.cancel(why)
         return True
 
     def cancel_message(self, body: Cancel) -> bool:
@@ -790,8 +791,8 @@ class CloudAdapter:
             if exc.args == (SHUTDOWN,):  # not the caller's doing: told so, whole answer or stream, to ask again
                 await self._fail(Unavailable(f"{SHUTDOWN}; send the request again", retry_after=1,
                                              code="shutting_down"), admission, publisher, target)
-            elif not admission.done:
-                await admission.refuse(Cancelled("the request was cancelled"), publisher)
+            elif exc.args != (REPLACED,):  # (the fallback answers the caller) a stream begun ends with a 499 event
+                await self._fail(Cancelled("the request was cancelled"), admission, publisher, target)
             return "cancelled"
         if not isinstance(exc, Exception):
             raise exc
