@@ -27,7 +27,7 @@ from schemas.control import Admitted, Cancel, ModelInfo, ModelKind, WorkerHeartb
 from schemas.embeddings import EmbeddingRequest
 from services.cloud_adapter import cache, vector_cache
 from services.cloud_adapter.breaker import Breaker
-from services.cloud_adapter.budget import Ledger
+from services.cloud_adapter.budget import PERIODS, Ledger, Period
 from services.cloud_adapter.config import ModelSpec, Provider, ProvidersFile
 from services.cloud_adapter.dialect import (
     CHARS_PER_TOKEN,
@@ -263,6 +263,7 @@ class CloudAdapter:
         self.answering: dict[str, str] = {}  # the target (provider/model) of each request in flight
         self.callers: dict[str, ReplyPublisher] = {}  # of the requests in flight: kept alive while they wait
         self.early_cancels = EarlyCancels()
+        self._budget_series: tuple[set[tuple[str, Period]], set[tuple[str, Period]]] = (set(), set())  # spent, ratio
         self._background: set[asyncio.Task[None]] = set()
         self.nc: NATS | None = None
         self.state: CloudState | None = None
@@ -877,13 +878,23 @@ class CloudAdapter:
             self._spawn(self.state.publish_budget_alert(status))
 
     def budget_metrics(self) -> None:
-        """Gauges of the global budget and of tenants named in the providers file (bounded labels)."""
+        """Gauges of the global budget and of tenants named in the providers file (bounded labels), in the
+        current windows (a new day shows its own spending at once). A scope no longer named, or a limit taken
+        out by a reload, loses its series: an alert on the ratio stops."""
         named = {subjects.GLOBAL_SCOPE} | {subjects.tenant_scope(t) for t in self.ledger.budgets.tenants}
-        for acct in list(self.ledger.accounts.values()):
-            if acct.scope in named:
-                metrics.BUDGET_SPENT.labels(acct.scope, acct.period).set(acct.spent)
-                if acct.limit:
-                    metrics.BUDGET_USED.labels(acct.scope, acct.period).set(acct.spent / acct.limit)
+        spent, used = {(scope, period) for scope in named for period in PERIODS}, set()
+        for scope, period in spent:
+            acct = self.ledger.account(scope, period)
+            metrics.BUDGET_SPENT.labels(scope, period).set(acct.spent)
+            if acct.limit:
+                metrics.BUDGET_USED.labels(scope, period).set(acct.spent / acct.limit)
+                used.add((scope, period))
+        for gauge, before, now in ((metrics.BUDGET_SPENT, self._budget_series[0], spent),
+                                   (metrics.BUDGET_USED, self._budget_series[1], used)):
+            for labels in before - now:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*labels)
+        self._budget_series = (spent, used)
 
     def heartbeat(self) -> WorkerHeartbeat:
         """The cloud models this adapter can call (providers with their key), for routers' catalogs."""

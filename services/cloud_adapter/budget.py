@@ -27,7 +27,7 @@ from typing import Literal
 from schemas.cloud import BudgetLevel, BudgetStatus, budget_window
 from services.cloud_adapter.config import BudgetLimits, Budgets
 from shared import subjects
-from shared.budgets import exceeded, key_site
+from shared.budgets import exceeded, key_site, seconds_left
 
 Period = Literal["daily", "monthly"]
 PERIODS: tuple[Period, ...] = ("daily", "monthly")
@@ -36,6 +36,9 @@ PERIODS: tuple[Period, ...] = ("daily", "monthly")
 def window(period: Period, now: float) -> str:
     """The period that ``now`` falls in: ``2026-11-21`` (daily) or ``2026-11`` (monthly), UTC."""
     return budget_window(period, now)
+
+
+LEVELS: tuple[BudgetLevel, ...] = ("ok", "warning", "exhausted")
 
 
 def level(spent: float, limit: float | None, warn_ratio: float) -> BudgetLevel:
@@ -148,10 +151,15 @@ class Ledger:
         return accounts
 
     def check(self, tenant: str) -> None:
-        """Raise ``BudgetExceeded`` when the tenant's or the global budget is spent."""
-        for acct in self._accounts_of(tenant):
-            if acct.limit is not None and acct.spent >= acct.limit:
-                raise exceeded(tenant, acct.scope, acct.period, acct.limit, acct.spent, acct.window, self._clock())
+        """Raise ``BudgetExceeded`` when the tenant's or the global budget is spent: naming, of those spent, the
+        one that resets last (its Retry-After is when the tenant can be served again: a spent day under a spent
+        month waits for the month)."""
+        spent = [a for a in self._accounts_of(tenant) if a.limit is not None and a.spent >= a.limit]
+        if spent:
+            now = self._clock()
+            acct = max(spent, key=lambda a: seconds_left(a.period, now))
+            assert acct.limit is not None
+            raise exceeded(tenant, acct.scope, acct.period, acct.limit, acct.spent, acct.window, now)
 
     def charge(self, tenant: str, cost_usd: float) -> None:
         """Count what a call cost against its tenant and the global scope."""
@@ -203,11 +211,12 @@ class Ledger:
                             limit_usd=acct.limit, state=level(total, acct.limit, self.budgets.warn_ratio),
                             updated_at=self._clock(), site=self.site, total_usd=total)
 
-    def written(self, acct: Account, amount: float, before: float, after: float, revision: int) -> BudgetLevel | None:
+    def written(self, acct: Account, amount: float, before: float, after: float, revision: int) -> list[BudgetLevel]:
         """Record a successful write of ``amount`` (this site's entry went from ``before`` to ``after``); the
-        level every site's total crossed into, if it crossed one."""
+        levels every site's total crossed into, in order (a jump from under the warning level to over the
+        limit crossed both: an alert on warnings hears of it too)."""
         acct.pending = max(0.0, acct.pending - amount)
         acct.known, acct.revision, acct.restate = after, revision, False
         old = level(before + acct.elsewhere, acct.limit, self.budgets.warn_ratio)
         new = level(after + acct.elsewhere, acct.limit, self.budgets.warn_ratio)
-        return new if new != old and new != "ok" else None
+        return list(LEVELS[LEVELS.index(old) + 1:LEVELS.index(new) + 1])

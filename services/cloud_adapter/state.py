@@ -282,9 +282,8 @@ class CloudState:
                 new_revision = await self.budgets.update(acct.key, status.model_dump_json().encode(), last=revision)
             except KeyWrongLastSequenceError:
                 continue
-            crossed = self._ledger.written(acct, amount, before, before + amount, new_revision)
-            if crossed is not None:
-                alert(status)
+            for crossed in self._ledger.written(acct, amount, before, before + amount, new_revision):
+                alert(status if crossed == status.state else status.model_copy(update={"state": crossed}))
             return
         log.warning("budget write kept losing races; kept for the next flush", key=acct.key)
 

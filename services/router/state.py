@@ -102,7 +102,9 @@ class LiveState:
             return known[1], known[2]
         found = budgets.totals(self.budgets.values(), now, {subjects.GLOBAL_SCOPE, subjects.tenant_scope(tenant)})
         level: BudgetLevel = max((t.level for t in found), key=budgets.SEVERITY.__getitem__, default="ok")
-        spent = next((t for t in found if t.level == "exhausted"), None)
+        # of those spent, the one that resets last: its Retry-After is when the tenant can be served again
+        spent = max((t for t in found if t.level == "exhausted"), key=lambda t: budgets.seconds_left(t.period, now),
+                    default=None)
         if len(self._levels) >= MAX_REMEMBERED:
             self._levels.clear()
         self._levels[tenant] = (second, level, spent)

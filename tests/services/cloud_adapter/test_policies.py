@@ -399,7 +399,7 @@ class TestLedger:
         ledger.seen(BudgetStatus(scope="tenant-bob", period="daily", window="2026-11-21", spent_usd=0.75,
                                  limit_usd=1, state="ok", site="hub"), revision=1)
         acct = ledger.account("tenant-bob", "daily")
-        assert ledger.written(acct, 0.1, 0.0, 0.1, 1) == "warning"
+        assert ledger.written(acct, 0.1, 0.0, 0.1, 1) == ["warning"]
 
     def test_an_entry_from_before_sites_still_counts(self) -> None:
         """An entry written before budgets counted sites (key ``<scope>.<period>``, no site) is what was spent
@@ -415,11 +415,13 @@ class TestLedger:
         """Writes crossing 80% and then 100% report warning then exhausted; writes within a level none."""
         ledger = self.ledger(Clock())
         acct = ledger.account("tenant-bob", "daily")
-        assert ledger.written(acct, 0.5, 0.0, 0.5, 1) is None
-        assert ledger.written(acct, 0.3, 0.5, 0.8, 2) == "warning"
-        assert ledger.written(acct, 0.1, 0.8, 0.9, 3) is None
-        assert ledger.written(acct, 0.1, 0.9, 1.0, 4) == "exhausted"
+        assert ledger.written(acct, 0.5, 0.0, 0.5, 1) == []
+        assert ledger.written(acct, 0.3, 0.5, 0.8, 2) == ["warning"]
+        assert ledger.written(acct, 0.1, 0.8, 0.9, 3) == []
+        assert ledger.written(acct, 0.1, 0.9, 1.0, 4) == ["exhausted"]
         assert ledger.status(acct, 1.0).state == "exhausted"
+        other = ledger.account("tenant-carol", "daily")
+        assert ledger.written(other, 1.2, 0.0, 1.2, 5) == ["warning", "exhausted"]  # one jump crosses both
 
     def test_unlimited_scopes_are_still_counted(self) -> None:
         """Spending is recorded even where no limit is set (monthly here), and never refused."""
