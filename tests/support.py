@@ -71,6 +71,24 @@ def tag() -> str:
     return f"qa {uuid.uuid4().hex[:8]}"
 
 
+def kv_json(nats_url: str, bucket: str, key: str) -> Any:
+    """The JSON value under ``key`` in the KV ``bucket`` (``null`` for an empty value), or ``None`` when it is
+    absent or cannot be read (for ``eventually``)."""
+
+    async def get() -> Any:
+        nc = await nats.connect(nats_url)
+        try:
+            kv = await nc.jetstream().key_value(bucket)
+            return json.loads((await kv.get(key)).value or b"null")
+        finally:
+            await nc.drain()
+
+    try:
+        return asyncio.run(get())
+    except Exception:
+        return None
+
+
 def usage_event(nats_url: str, request_id: str, site: str = "hub", wait: float = 1.0) -> Any:
     """The usage event of a request in ``site``'s USAGE stream, or ``None`` when none came within ``wait``
     seconds of the last one (for ``eventually``)."""

@@ -785,19 +785,7 @@ def subscribe(cloud: CloudStack, subject: str) -> Capture:
 
 
 def kv_value(cloud: CloudStack, bucket: str, key: str, accept: Any = None) -> Any:
-    import asyncio
-
-    async def get() -> Any:
-        nc = await nats.connect(cloud.nats.url)
-        try:
-            kv = await nc.jetstream().key_value(bucket)
-            return json.loads((await kv.get(key)).value or b"null")
-        finally:
-            await nc.drain()
-    try:
-        value = asyncio.run(get())
-    except Exception:
-        return None
+    value = support.kv_json(cloud.nats.url, bucket, key)
     return value if accept is None or (value and accept(value)) else None
 
 

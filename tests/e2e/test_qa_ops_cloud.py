@@ -32,8 +32,8 @@ from tests.support import (
     NatsServer,
     Service,
     cloud_router_env,
-    connected,
     eventually,
+    kv_json,
     metric,
     running,
     tag,
@@ -127,13 +127,7 @@ def wait_answered(ops: Ops) -> None:
 
 
 def kv(ops: Ops, bucket: str, key: str) -> Any:
-    async def get() -> Any:
-        async with connected(ops.nats.url) as nc:
-            return json.loads((await (await nc.jetstream().key_value(bucket)).get(key)).value or b"null")
-    try:
-        return asyncio.run(get())
-    except Exception:
-        return None
+    return kv_json(ops.nats.url, bucket, key)
 
 
 def adapter_metric(adapter: Service, name: str, **labels: str) -> float:

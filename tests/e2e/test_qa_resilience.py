@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import nats
 import openai
 import pytest
 from aiohttp import web
@@ -144,17 +143,7 @@ def streamed_text(chunks: list[Any]) -> str:
 
 
 def kv(qa: QA, bucket: str, key: str) -> Any:
-    async def get() -> Any:
-        nc = await nats.connect(qa.nats.url)
-        try:
-            kv = await (nc.jetstream()).key_value(bucket)
-            return json.loads((await kv.get(key)).value or b"null")
-        finally:
-            await nc.drain()
-    try:
-        return asyncio.run(get())
-    except Exception:
-        return None
+    return support.kv_json(qa.nats.url, bucket, key)
 
 
 def usage_event(qa: QA, request_id: str) -> Any:
