@@ -31,9 +31,9 @@ usage *args:
 # each cloud budget today and this month: every site's spending against its limit
 budgets *args:
     uv run leafwire budgets {{args}}
-# run the test suite
+# run the test suite: a worker per core (LW_TEST_WORKERS=0 for one process), each test file on one worker
 test *args:
-    uv run pytest {{args}}
+    uv run pytest -n "${LW_TEST_WORKERS:-auto}" --dist loadfile {{args}}
 
 # ruff and mypy (strict)
 lint:
