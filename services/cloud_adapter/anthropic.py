@@ -209,9 +209,27 @@ def translate_messages(messages: list[ChatMessage]) -> tuple[str | list[Block], 
             turns[-1]["content"].extend(blocks)
         else:
             turns.append({"role": role, "content": blocks})
+    if turns[-1:] and turns[-1]["role"] == "assistant":
+        _trim_prefill(turns)
     if not turns:
         raise InvalidRequest("anthropic models need at least one user or assistant message", param="messages")
     return _system(system), turns
+
+
+def _trim_prefill(turns: list[dict[str, Any]]) -> None:
+    """A last assistant turn is a prefill, the answer's start: Anthropic refuses one ending in whitespace
+    (400 "final assistant content cannot end with trailing whitespace"), so its last text loses it (a text
+    left empty is dropped, and a turn left empty too)."""
+    blocks = turns[-1]["content"]
+    last = blocks[-1] if blocks else None
+    if not (isinstance(last, dict) and last.get("type") == "text" and isinstance(last.get("text"), str)):
+        return
+    if text := last["text"].rstrip():
+        blocks[-1] = {**last, "text": text}
+        return
+    blocks.pop()
+    if not blocks:
+        turns.pop()
 
 
 def _system(messages: list[ChatMessage]) -> str | list[Block]:
@@ -390,7 +408,11 @@ def _error_info(parsed: Any) -> ErrorInfo | None:
     if not isinstance(error, dict):
         return None
     kind = error.get("type") if isinstance(error.get("type"), str) else None
-    return ErrorInfo(message=str(error.get("message") or "no message"), type=kind, code=kind)
+    message = str(error.get("message") or "no message")
+    if kind == "invalid_request_error" and message.lower().startswith("prompt is too long"):
+        # OpenAI's code for it: what callers (and the router's fallback to a longer context) act on
+        return ErrorInfo(message=message, type=kind, code="context_length_exceeded", param="messages")
+    return ErrorInfo(message=message, type=kind, code=kind)
 
 
 @dataclass

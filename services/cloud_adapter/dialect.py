@@ -42,6 +42,13 @@ from shared.logging import scrub
 _MAX_MESSAGE = 500
 CHARS_PER_TOKEN = 4  # estimate when a provider reports no usage
 FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "content_filter", "tool_calls", "function_call"})
+# Other OpenAI-compatible servers' words for OpenAI's reasons: a cut answer must say ``length`` (Mistral's
+# model_length: the context window filled), a filtered one ``content_filter`` (Gemini's safety, recitation).
+FINISH_ALIASES: dict[str, FinishReason] = {
+    "model_length": "length", "max_tokens": "length", "model_context_window_exceeded": "length",
+    "eos": "stop", "eos_token": "stop", "stop_sequence": "stop", "end_turn": "stop",
+    "safety": "content_filter", "recitation": "content_filter", "tool_use": "tool_calls",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,9 +202,14 @@ def load_json(provider: str, data: bytes | str) -> Any:
 
 
 def finish_reason(value: Any) -> FinishReason:
-    """An OpenAI finish reason from a provider's (unknown reasons become ``stop``; ``function_call``, of the
-    legacy ``functions``, stays: its answer has a ``function_call``, no ``tool_calls``)."""
-    return value if isinstance(value, str) and value in FINISH_REASONS else "stop"  # type: ignore[return-value]
+    """An OpenAI finish reason from a provider's (other servers' words for them mapped, ``FINISH_ALIASES``;
+    unknown reasons become ``stop``; ``function_call``, of the legacy ``functions``, stays: its answer has a
+    ``function_call``, no ``tool_calls``)."""
+    if not isinstance(value, str):
+        return "stop"
+    if value in FINISH_REASONS:
+        return value  # type: ignore[return-value]
+    return FINISH_ALIASES.get(value.lower(), "stop")
 
 
 def as_int(value: Any) -> int | None:

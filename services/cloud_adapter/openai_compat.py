@@ -64,6 +64,18 @@ def _fingerprint(body: dict[str, Any]) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _error_of(parsed: Any) -> ErrorInfo | None:
+    """The error of a body or stream event: OpenAI's ``{"error": {...}}``, or the error object itself as vLLM
+    and SGLang write it (``{"object": "error", "message": ...}``); ``None`` for anything else."""
+    if not isinstance(parsed, dict):
+        return None
+    if parsed.get("error") is not None:
+        return _error_info(parsed["error"])
+    if parsed.get("object") == "error":
+        return _error_info(parsed)
+    return None
+
+
 def _error_info(value: Any) -> ErrorInfo:
     if isinstance(value, dict):
         return ErrorInfo(message=str(value.get("message") or "no message"),
@@ -91,8 +103,7 @@ class OpenAIStream:
         chunk = load_json(self.provider, data)
         if not isinstance(chunk, dict):
             raise bad_response(self.provider, "a stream event is not a JSON object")
-        if "error" in chunk:
-            info = _error_info(chunk["error"])
+        if (info := _error_of(chunk)) is not None:
             raise UpstreamError(f"{self.provider} reported an error mid-stream: {scrub(info.message)[:300]}",
                                 retryable=True)
         pieces: list[Piece] = []
@@ -202,6 +213,6 @@ class OpenAICompatible:
         return OpenAIStream(self.provider, n)
 
     def error_info(self, body: bytes) -> ErrorInfo:
-        """``{"error": {"message", "type", "code", "param"}}``, or the body's text."""
-        return read_error(body, lambda parsed: _error_info(parsed["error"])
-                          if isinstance(parsed, dict) and "error" in parsed else None)
+        """``{"error": {"message", "type", "code", "param"}}``, vLLM's and SGLang's ``{"object": "error",
+        "message", "type", "code"}``, or the body's text."""
+        return read_error(body, _error_of)
