@@ -42,8 +42,10 @@ def _usage(value: Any) -> Tokens | None:
     if not isinstance(value, dict):
         return None
     prompt, completion = value.get("prompt_tokens_details"), value.get("completion_tokens_details")
-    return Tokens(as_int(value.get("prompt_tokens")), as_int(value.get("completion_tokens")),
-                  as_int(prompt.get("cached_tokens")) if isinstance(prompt, dict) else None,
+    cached = as_int(prompt.get("cached_tokens")) if isinstance(prompt, dict) else None
+    if cached is None:  # DeepSeek's own field for the prompt's tokens read from its cache
+        cached = as_int(value.get("prompt_cache_hit_tokens"))
+    return Tokens(as_int(value.get("prompt_tokens")), as_int(value.get("completion_tokens")), cached,
                   as_int(completion.get("reasoning_tokens")) if isinstance(completion, dict) else None,
                   as_int(prompt.get("cache_write_tokens")) if isinstance(prompt, dict) else None)
 

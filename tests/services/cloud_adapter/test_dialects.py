@@ -144,6 +144,18 @@ class TestOpenAICompatible:
         c = OpenAICompatible("p").completion(data)
         assert (c.prompt_tokens, c.completion_tokens) == counted
 
+    @pytest.mark.parametrize(("usage", "cached"), [
+        ({"prompt_tokens_details": {"cached_tokens": 64}}, 64),  # OpenAI's
+        ({"prompt_cache_hit_tokens": 96, "prompt_cache_miss_tokens": 32}, 96),  # DeepSeek's
+        ({"prompt_tokens_details": {"cached_tokens": 64}, "prompt_cache_hit_tokens": 96}, 64),  # both: OpenAI's
+        ({}, None),
+    ])
+    def test_cached_prompt_tokens(self, usage: dict[str, Any], cached: int | None) -> None:
+        """The prompt's tokens read from the provider's cache (billed at its cache price), in either field."""
+        data = json.dumps({"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
+                           "usage": {"prompt_tokens": 128, "completion_tokens": 2, **usage}}).encode()
+        assert OpenAICompatible("p").completion(data).cached_tokens == cached
+
 
 class TestAnthropicRequest:
     def body(self, request: ChatCompletionRequest, stream: bool = False) -> dict[str, Any]:
