@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any
@@ -16,18 +17,27 @@ import structlog
 SECRET_KEYS = frozenset({"api_key", "authorization", "password", "token", "secret", "x-api-key", "key",
                          "api-key", "proxy-authorization", "cookie", "set-cookie"})
 REDACTED = "[redacted]"
-_MIN_SECRET_LEN = 8
+_MIN_SECRET_LEN = 4  # shorter is no secret, and would blank out ordinary words
+_WHOLE_BELOW = 8  # a shorter secret is replaced only as a whole token: "test1" is, "latest1" is not touched
 _secret_values: set[str] = set()
+_short_secrets: set[str] = set()
+_short_pattern: re.Pattern[str] | None = None
 
 
 def register_secret(value: str) -> None:
     """Never log ``value``: it is replaced wherever it appears in a log line (messages, tracebacks...).
 
-    For credentials the service holds (provider API keys); values shorter than 8 characters are ignored,
-    as scrubbing them would mangle ordinary text.
+    For credentials the service holds (provider API keys, a local server's short ``--api-key`` too): from 8
+    characters on wherever it appears, from 4 as a whole token (not inside a longer word or key, which
+    scrubbing would mangle); a value shorter than 4 characters is ignored.
     """
-    if len(value) >= _MIN_SECRET_LEN:
+    global _short_pattern
+    if len(value) >= _WHOLE_BELOW:
         _secret_values.add(value)
+    elif len(value) >= _MIN_SECRET_LEN and value not in _short_secrets:
+        _short_secrets.add(value)
+        alternatives = "|".join(re.escape(s) for s in sorted(_short_secrets, key=len, reverse=True))
+        _short_pattern = re.compile(rf"(?<![\w-])(?:{alternatives})(?![\w-])")
 
 
 def scrub(text: str) -> str:
@@ -35,6 +45,8 @@ def scrub(text: str) -> str:
     for secret in _secret_values:
         if secret in text:
             text = text.replace(secret, REDACTED)
+    if _short_pattern is not None:
+        text = _short_pattern.sub(REDACTED, text)
     return text
 
 
@@ -52,7 +64,7 @@ def _scrub_value(value: Any, depth: int = 0) -> Any:
 
 def scrub_secret_values(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Replace registered secret values anywhere in the event, including a rendered traceback."""
-    if _secret_values:
+    if _secret_values or _short_pattern is not None:
         for key in list(event_dict):
             event_dict[key] = _scrub_value(event_dict[key])
     return event_dict

@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.control import BatchingOptions, ModelKind
-from shared import paths
+from shared import paths, yaml_text
 from shared.errors import LeafwireError
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
@@ -137,7 +137,7 @@ def _expand(text: str) -> str:
 def load(path: Path) -> Registry:
     """Read and validate the registry; every model folder must hold its model files."""
     try:
-        raw = yaml.safe_load(_expand(path.read_text()))
+        raw = yaml_text.load(_expand(path.read_text()), str(path))
         registry = Registry.model_validate(raw)
     except FileNotFoundError as exc:
         raise RegistryError(f"model registry {path} not found") from exc

@@ -29,3 +29,11 @@ class TestRedaction:
         """Values too short to be keys are not scrubbed (they would mangle ordinary words)."""
         register_secret("abc")
         assert scrub("abc def") == "abc def"
+
+    def test_a_short_key_is_scrubbed_as_a_whole_token(self) -> None:
+        """A local server's short key (4 to 7 characters) is replaced where it stands alone, quoted or after
+        "Bearer", and left alone inside a longer word or key, which replacing would mangle."""
+        register_secret("vllm7k")
+        assert scrub('Invalid key "vllm7k" (Bearer vllm7k).') == f'Invalid key "{REDACTED}" (Bearer {REDACTED}).'
+        assert scrub("vllm7k") == REDACTED
+        assert scrub("vllm7kx xvllm7k sk-vllm7k vllm7k_2") == "vllm7kx xvllm7k sk-vllm7k vllm7k_2"
