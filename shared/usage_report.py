@@ -83,7 +83,7 @@ class Totals:
 
     requests: int = 0
     errors: int = 0
-    cached: int = 0
+    cached_requests: int = 0  # not ``cached``: that is the name of a field to group by, in the same JSON object
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
@@ -91,7 +91,7 @@ class Totals:
     def add(self, event: UsageEvent) -> None:
         self.requests += 1
         self.errors += event.outcome == "error"
-        self.cached += event.cached
+        self.cached_requests += event.cached
         self.prompt_tokens += event.prompt_tokens
         self.completion_tokens += event.completion_tokens
         self.cost_usd += event.cost_usd
@@ -131,7 +131,7 @@ class Report:
 
 
 def _numbers(t: Totals) -> list[str]:
-    return [str(t.requests), str(t.errors), str(t.cached), str(t.prompt_tokens), str(t.completion_tokens),
+    return [str(t.requests), str(t.errors), str(t.cached_requests), str(t.prompt_tokens), str(t.completion_tokens),
             f"{t.cost_usd:.4f}"]
 
 

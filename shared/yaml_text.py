@@ -29,7 +29,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue
             if first is not key_node.start_mark:
                 raise ConstructorError("while reading a mapping", node.start_mark,
-                                       f"found {key!r} a second time (first on line {first.line + 1}); "
+                                       f"{key!r} is given twice (first on line {first.line + 1}); "
                                        "each key may be given once", key_node.start_mark)
         return super().construct_mapping(node, deep)
 

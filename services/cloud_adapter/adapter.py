@@ -360,9 +360,8 @@ class CloudAdapter:
             self.cancel(env.request_id, REPLACED)
         try:
             self.ledger.check(env.tenant)
-        except LeafwireError as err:
-            target.requests["refused"].inc()
-            metrics.REJECTED.labels(SERVICE, err.code or "refused").inc()
+        except LeafwireError:
+            target.requests["refused"].inc()  # leafwire_rejected_requests_total: by the handler it reaches
             raise
         return target
 

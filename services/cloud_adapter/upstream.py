@@ -23,6 +23,7 @@ from typing import Any, Generic, TypeVar
 import aiohttp
 
 from schemas.chat import ChatCompletionRequest
+from schemas.cloud import BreakerState
 from schemas.embeddings import EmbeddingRequest
 from services.cloud_adapter import embeddings
 from services.cloud_adapter.anthropic import Anthropic
@@ -476,7 +477,8 @@ class Upstream:
                 metrics.CLOUD_ATTEMPT_FAILURES.labels(self.name, err.code or "error").inc()
                 self.settle(False if provider_fault(err) else None, probe)
                 delay = self.policy.delay(tries, err.retry_after) if retryable(err) else None
-                if delay is None or delay >= call.left():
+                # a failure that opened the breaker ends the call here: its next try would be refused unmade
+                if delay is None or delay >= call.left() or self.breaker.state is BreakerState.OPEN:
                     err.final = isinstance(err, UpstreamError) and not isinstance(err, UpstreamRateLimited)
                     raise
                 metrics.CLOUD_RETRIES.labels(self.name, err.code or "error").inc()

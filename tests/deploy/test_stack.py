@@ -150,8 +150,9 @@ def test_up_serves_then_down_leaves_nothing_behind(tmp_path: Path) -> None:
         assert pushed.returncode == 0, pushed.stderr  # written at the hub, applied by the edge's router
         assert '"outcome": "applied"' in pushed.stdout
         at_hub = eventually(lambda: (u := hub_usage(edge_url)).get("groups") and u, 30, "the answer's usage at the hub")
-        assert at_hub["groups"] == [{"site": "testsite", "requests": 1, "errors": 0, "cached": 0, "prompt_tokens":
-                                     reply.usage.prompt_tokens, "completion_tokens": 3, "cost_usd": 0.0}]
+        assert at_hub["groups"] == [{"site": "testsite", "requests": 1, "errors": 0, "cached_requests": 0,
+                                     "prompt_tokens": reply.usage.prompt_tokens, "completion_tokens": 3,
+                                     "cost_usd": 0.0}]
         assert len(leafwire_pids(run_dir)) >= 10  # launcher, supervisord, 4 nats-servers, 6 services
         shown, rows = status(env)
         assert shown.returncode == 0, shown.stdout

@@ -58,7 +58,7 @@ async def test_totals_by_site_over_the_last_day(url: str) -> None:
     """The event answered three days ago (though stored now) is left out; the unreadable one is counted."""
     result = await run(url, by=("site",), since=NOW - DAY)
     assert result.groups == {
-        ("plant1",): Totals(requests=4, errors=1, cached=1, prompt_tokens=260, completion_tokens=30,
+        ("plant1",): Totals(requests=4, errors=1, cached_requests=1, prompt_tokens=260, completion_tokens=30,
                             cost_usd=pytest.approx(0.0021)),
         ("plant2",): Totals(requests=1, prompt_tokens=300, completion_tokens=100, cost_usd=pytest.approx(0.01)),
     }

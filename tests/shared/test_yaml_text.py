@@ -15,7 +15,7 @@ def test_a_key_given_twice_is_refused_naming_both_lines() -> None:
     with pytest.raises(yaml.YAMLError) as caught:
         yaml_text.load(text, "providers.yaml")
     message = str(caught.value)
-    assert "'gpt-4o-mini' a second time (first on line 2)" in message
+    assert "'gpt-4o-mini' is given twice (first on line 2)" in message
     assert 'in "providers.yaml", line 4, column 3' in message
 
 
