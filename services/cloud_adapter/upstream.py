@@ -467,6 +467,8 @@ class Upstream:
         for tries in range(self.policy.max_attempts):
             probe = self.breaker.acquire()
             if probe is None:
+                if last is None:  # no try made: a refusal, as max_concurrent's and rpm/tpm's are
+                    metrics.REJECTED.labels("cloud-adapter", ProviderUnavailable.default_code).inc()
                 raise last or ProviderUnavailable(
                     f"provider {self.name} is failing; its circuit breaker is open",
                     provider=self.name, retry_after=max(1.0, self.breaker.retry_in()))

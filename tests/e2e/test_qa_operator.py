@@ -246,6 +246,7 @@ def test_a_stream_a_retry_and_refusals_move_each_series_as_documented(qo: CloudS
             "prompt": total(text, "leafwire_cloud_tokens_total", **fake, kind="prompt"),
             "completion": total(text, "leafwire_cloud_tokens_total", **fake, kind="completion"),
             "rejected": total(text, "leafwire_rejected_requests_total", reason="budget_exceeded"),
+            "rejected_open": total(text, "leafwire_rejected_requests_total", reason="provider_unavailable"),
         }
 
     # lim12 spends its day first ($0.010 of $0.006), so that its next request is refused
@@ -275,6 +276,7 @@ def test_a_stream_a_retry_and_refusals_move_each_series_as_documented(qo: CloudS
     assert refused_here in (0, 1)
     assert moved.pop("rejected") == refused_here
     assert open_here in (0, 1)
+    assert moved.pop("rejected_open") == open_here  # the adapter's breaker refusing counts, once
     moved.pop("fragile_retries")  # test_a_retry_the_breaker_stopped_is_not_counted_as_a_retry
     assert moved == {"ok": 2, "cache_hit": 0, "error": 1, "cancelled": 0, "ttfb": 2, "duration": 3,
                      "fragile_ttfb": 0, "retries": 1, "failures": 2, "fragile_failures": 2, "opened": 1,
