@@ -28,5 +28,5 @@ def test_the_same_key_in_different_mappings_and_merges_are_fine() -> None:
 
 
 def test_a_syntax_error_names_the_file() -> None:
-    with pytest.raises(yaml.YAMLError, match='in "policy.yaml", line 2'):
+    with pytest.raises(yaml.YAMLError, match=r'in "policy\.yaml", line 2'):
         yaml_text.load("a: 1\n b: [\n", "policy.yaml")
