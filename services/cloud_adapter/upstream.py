@@ -328,7 +328,7 @@ class Upstream:
             raise ProviderUnavailable(f"provider {self.name} cannot be called: {self.provider.missing_key}",
                                       provider=self.name, code="provider_key_missing")
         if self.inflight >= self.provider.spec.max_concurrent:
-            metrics.REJECTED.labels("cloud-adapter", "provider_busy").inc()
+            metrics.REJECTED.labels("cloud-adapter", Overloaded.default_code).inc()  # by the code callers get
             raise Overloaded(f"provider {self.name} has {self.inflight} calls in flight, its limit",
                              retry_after=1)
         if self.limits.limited:
