@@ -33,6 +33,7 @@ from shared.local_params import local_refusal
 AUTO = "auto"
 MAX_ALIAS_DEPTH = 4
 UNCONFIGURED = "no cloud-adapter is configured for it"  # a skip that waiting does not undo
+UPLINK_RETRY_S = 5  # the uplink down: a guess at when to look again
 
 
 class ResidencyViolation(LeafwireError):
@@ -281,5 +282,5 @@ def refusal(rule: Rule, skipped: list[tuple[str, str]], conditions: Conditions, 
     # an open breaker: until the first of them half-opens; the uplink: a guess at when to look again
     opens = [conditions.probes_in[provider_of(t)] for t, _ in skipped if provider_of(t) in conditions.probes_in]
     return Unavailable(f"No target can serve this request now ({detail}).",
-                       retry_after=max(1, math.ceil(min(opens))) if opens else 5,
+                       retry_after=max(1, math.ceil(min(opens))) if opens else UPLINK_RETRY_S,
                        code="uplink_down" if why == "uplink down" else "provider_unavailable")

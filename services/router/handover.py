@@ -14,8 +14,11 @@ request. Only NATS's no-responders status (no adapter runs) still comes back to 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections import Counter, deque
+from collections.abc import Coroutine
+from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -25,7 +28,7 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from schemas.chat import ChatCompletionRequest
 from schemas.control import Cancel, ModelKind
-from services.router.decide import Plan, is_cloud
+from services.router.decide import UPLINK_RETRY_S, Plan, is_cloud
 from services.router.settings import RouterSettings
 from services.router.state import LiveState
 from shared import metrics, subjects
@@ -97,15 +100,43 @@ async def offer_local(nc: NATS, settings: RouterSettings, model: str, kind: Mode
         raise Unavailable(f"no worker for model '{model}' is running right now", retry_after=2) from exc
 
 
-async def offer(nc: NATS, settings: RouterSettings, target: str, payload: bytes, env: Envelope) -> None:
-    """Ask ``target`` to take a chat request; raise the error it (or its absence) amounts to."""
+async def offer(nc: NATS, settings: RouterSettings, target: str, payload: bytes, env: Envelope,
+                lost: asyncio.Future[None] | None = None) -> None:
+    """Ask ``target`` to take a chat request; raise the error it (or its absence) amounts to. A cloud
+    target's wait also ends when ``lost`` is done: the uplink its answer comes across went down."""
     if not is_cloud(target):
         await offer_local(nc, settings, target, "chat", payload, env)
         return
+    admitting = admit(nc, subjects.cloud_chat(settings.site), payload, env, settings.cloud_admission_timeout_s,
+                      target)
     try:
-        await admit(nc, subjects.cloud_chat(settings.site), payload, env, settings.cloud_admission_timeout_s, target)
+        if lost is None:
+            await admitting
+        else:
+            await unless_lost(nc, admitting, lost, env, target, settings.site)
     except NoRespondersError as exc:
         raise Unavailable(NO_CLOUD_ADAPTER, retry_after=2) from exc
+
+
+async def unless_lost(nc: NATS, admitting: Coroutine[Any, Any, None], lost: asyncio.Future[None], env: Envelope,
+                      target: str, site: str) -> None:
+    """Wait for a cloud admission that comes across the uplink, until the uplink goes down (``lost``): then
+    the adapter's answer cannot come (nor its keep-alives: the caller's gateway would give up), so it is
+    cancelled (for when the link comes back) and the chain goes on to its next target, a local model say."""
+    task = asyncio.ensure_future(admitting)
+    try:
+        await asyncio.wait((task, lost), return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    cancel = Cancel(request_id=env.request_id, target=target, reason="the uplink went down")
+    await nc.publish(subjects.cancel(site), cancel.model_dump_json().encode())
+    raise Unavailable(f"the uplink went down while {target} was answering", retry_after=UPLINK_RETRY_S,
+                      code="uplink_down")
 
 
 class Handoffs:
@@ -226,7 +257,9 @@ async def run_chain(nc: NATS, settings: RouterSettings, state: LiveState, plan: 
             await hand_off(handoffs, subjects.cloud_chat(settings.site), payload, env, plan, target, masked)
             return target
         try:
-            await offer(nc, settings, target, payload, env.with_route(plan.header(target, passed_over + failed)))
+            lost = state.uplink_lost() if is_cloud(target) and state.needs_uplink(target) else None
+            await offer(nc, settings, target, payload, env.with_route(plan.header(target, passed_over + failed)),
+                        lost)
         except LeafwireError as err:
             if err.code == ChoicesOneByOne.default_code:  # a cloud model answering a choice a request (no n)
                 raise ChoicesOneByOne(request.n or 1, target, tuple(t for t, _ in failed)) from None

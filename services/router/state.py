@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -53,6 +54,29 @@ class LiveState:
     masked: Counter[str] = field(default_factory=Counter)
     # tenant → (second, level, the exhausted budget if any)
     _levels: dict[str, tuple[int, BudgetLevel, Total | None]] = field(default_factory=dict)
+    _uplink_lost: asyncio.Future[None] | None = field(default=None, repr=False, compare=False)
+
+    def set_uplink(self, up: bool) -> None:
+        """The uplink probe's finding; going down ends every wait on ``uplink_lost``."""
+        went_down, self.uplink_up = self.uplink_up and not up, up
+        if went_down and self._uplink_lost is not None:
+            if not self._uplink_lost.done():
+                self._uplink_lost.set_result(None)
+            self._uplink_lost = None
+
+    def uplink_lost(self) -> asyncio.Future[None]:
+        """Done when the uplink next goes down (one future shared by every wait until then)."""
+        if self._uplink_lost is None or self._uplink_lost.done():
+            self._uplink_lost = asyncio.get_running_loop().create_future()
+        return self._uplink_lost
+
+    def needs_uplink(self, target: str) -> bool:
+        """Whether a cloud ``target``'s answer comes across the uplink: none of this site's adapters calls it
+        on the site's own network (a ``local: true`` provider)."""
+        return target not in self._uplink_free(self.catalog.alive())
+
+    def _uplink_free(self, workers: list[WorkerHeartbeat]) -> frozenset[str]:
+        return frozenset(m for b in cloud_adapters(workers) if b.site == self.catalog.site for m in b.uplink_free)
 
     def use_policy(self, policy: Policy, source: str) -> None:
         """Switch to a validated policy (masking patterns are compiled first, so a bad one fails here)."""
@@ -127,12 +151,11 @@ class LiveState:
                 else:
                     probes_in[provider] = at - now
         level, spent = self.budget_state(tenant, now)
-        adapters = cloud_adapters(workers)
-        lan = frozenset(m for b in adapters if b.site == self.catalog.site for m in b.uplink_free)
         return Conditions(uplink_up=self.uplink_up, budget=level, spent_budget=spent, provider_health=health,
                           probes_in=probes_in, local_models=served, saturated=saturated, now=now,
                           served_before=self.catalog.served_before,
-                          cloud_models=configured(adapters, "chat"), uplink_free=lan)
+                          cloud_models=configured(cloud_adapters(workers), "chat"),
+                          uplink_free=self._uplink_free(workers))
 
     def cloud_embeddings(self) -> frozenset[str] | None:
         """Every cloud embeddings model the live cloud-adapters are configured for (``None``: unknown)."""

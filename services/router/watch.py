@@ -75,6 +75,6 @@ async def probe_uplink(nc: NATS, state: LiveState, interval_s: float, site: str)
             up = False
         if up != state.uplink_up:
             log.warning("uplink " + ("up" if up else "down"))
-        state.uplink_up = up
+        state.set_uplink(up)
         gauge.set(1 if up else 0)
         await asyncio.sleep(interval_s)
