@@ -57,6 +57,28 @@ class TestConditions:
             state.catalog.seen(WorkerHeartbeat(worker_id=f"ca-{site}", service="cloud-adapter", site=site,
                                                models=[], cloud_models=models, uplink_free=models))
         assert state.conditions("t").uplink_free == {"lan/llama"}
+        assert not state.needs_uplink("lan/llama")
+        assert state.needs_uplink("hublan/big")
+        assert state.needs_uplink("openai/gpt-4o")
+
+
+async def test_the_uplink_going_down_ends_the_waits_on_it_and_only_then() -> None:
+    """Every wait on the uplink (a cloud admission coming across it) ends when it goes down; a probe finding
+    it up, or down again, ends none; a wait begun after it went down waits for the next time."""
+    state = state_with(("small", "chat"))
+    first, second = state.uplink_lost(), state.uplink_lost()
+    assert first is second
+    state.set_uplink(True)
+    assert not first.done()
+    state.set_uplink(False)
+    assert first.done()
+    assert not state.uplink_up
+    later = state.uplink_lost()
+    state.set_uplink(False)  # still down: no news
+    assert not later.done()
+    state.set_uplink(True)
+    state.set_uplink(False)
+    assert later.done()
 
     def test_busy_workers_saturate_their_model(self) -> None:
         """A model whose every worker is at capacity is saturated."""
