@@ -114,7 +114,7 @@ class Report:
 
     def table(self) -> str:
         """Aligned columns, most expensive group first, then a total line."""
-        head = [*self.by, "requests", "errors", "cached", "prompt tokens", "completion tokens", "cost USD"]
+        head = [*self.by, "requests", "errors", "cache hits", "prompt tokens", "completion tokens", "cost USD"]
         order = sorted(self.groups.items(), key=lambda kv: (-kv[1].cost_usd, -kv[1].requests, kv[0]))
         rows = [[*key, *_numbers(t)] for key, t in order]
         rows.append(["total", *[""] * (len(self.by) - 1), *_numbers(self.total())])

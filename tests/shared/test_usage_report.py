@@ -83,8 +83,8 @@ def test_the_command_prints_a_table_most_expensive_first(url: str) -> None:
     done = leafwire("usage", "--nats", url, "--by", "site,tenant")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].split() == ["site", "tenant", "requests", "errors", "cached", "prompt", "tokens", "completion",
-                                "tokens", "cost", "USD"]
+    assert lines[0].split() == ["site", "tenant", "requests", "errors", "cache", "hits", "prompt", "tokens",
+                                "completion", "tokens", "cost", "USD"]
     assert lines[2].split() == ["plant2", "acme", "1", "0", "0", "300", "100", "0.0100"]
     assert lines[3].split() == ["plant1", "acme", "3", "0", "1", "250", "30", "0.0020"]
     assert lines[4].split() == ["plant1", "globex", "1", "1", "0", "10", "0", "0.0001"]
