@@ -426,6 +426,15 @@ class AnthropicStream:
     _answer: int | None = None  # the block index of the answer tool's call
     _argued: set[int] = field(default_factory=set)  # tool blocks whose arguments have begun
     _thoughts: dict[int, Block] = field(default_factory=dict)  # thinking blocks so far, by block index
+    # With json_answer, text blocks are held back: the answer tool's JSON is the content (the words around it
+    # are dropped, as the whole answer drops them); the words are the content only when no answer tool came.
+    _held: list[str] = field(default_factory=list)
+
+    def _text(self, text: str) -> list[Piece]:
+        if self.json_answer:
+            self._held.append(text)
+            return []
+        return [Delta({"content": text})]
 
     def feed(self, event: str, data: str) -> list[Piece]:
         """Pieces of one event (see the module docstring)."""
@@ -446,19 +455,20 @@ class AnthropicStream:
             return [Delta({"reasoning_content": thought["thinking"]})] if thought.get("thinking") else []
         if self.json_answer and block.get("type") == "tool_use" and block.get("name") == RESPONSE_TOOL:
             self._answer = int(body.get("index", 0))
+            self._held.clear()
             return []
         if block.get("type") == "tool_use":
             index = self._tools.setdefault(int(body.get("index", 0)), len(self._tools))
             return [Delta({"tool_calls": [{"index": index, "id": block.get("id", ""), "type": "function",
                                            "function": {"name": block.get("name", ""), "arguments": ""}}]})]
         if block.get("type") == "text" and block.get("text"):
-            return [Delta({"content": block["text"]})]
+            return self._text(str(block["text"]))
         return []
 
     def _on_content_block_delta(self, body: dict[str, Any]) -> list[Piece]:
         delta = body.get("delta") or {}
         if delta.get("type") == "text_delta" and delta.get("text"):
-            return [Delta({"content": delta["text"]})]
+            return self._text(str(delta["text"]))
         thought = self._thoughts.get(int(body.get("index", 0)))
         if thought is not None and delta.get("type") == "thinking_delta" and delta.get("thinking"):
             thought["thinking"] += str(delta["thinking"])
@@ -492,6 +502,9 @@ class AnthropicStream:
     def _on_message_delta(self, body: dict[str, Any]) -> list[Piece]:
         pieces: list[Piece] = []
         reason = (body.get("delta") or {}).get("stop_reason")
+        if reason and self._held and self._answer is None:  # words, not the JSON: the answer (or a refusal)
+            pieces.append(Delta({"refusal" if reason == "refusal" else "content": "".join(self._held)}))
+        self._held.clear()
         if reason:
             answered = reason == "tool_use" and self._answer is not None and not self._tools
             pieces.append(Finish("stop" if answered else STOP_REASONS.get(reason, "stop")))
@@ -589,6 +602,8 @@ class Anthropic:
         usage = body.get("usage") or {}
         prompt = _prompt_usage(usage)
         finish = STOP_REASONS.get(str(body.get("stop_reason")), "stop")
+        if json_answer and body.get("stop_reason") == "refusal" and message.get("content"):
+            message["refusal"], message["content"] = message["content"], None  # as OpenAI's structured outputs
         return Completion(message, "stop" if finish == "tool_calls" and json_answer and not calls else finish,
                           prompt.prompt, as_int(usage.get("output_tokens")), prompt.cached,
                           written_tokens=prompt.written, written_1h_tokens=prompt.written_1h)
