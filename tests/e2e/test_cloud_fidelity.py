@@ -133,13 +133,15 @@ class QAStack:
                           headers={"Authorization": f"Bearer {key}"})
 
 
-@pytest.fixture(scope="module")
-def qa(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[QAStack]:
+def qa_stack(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory, name: str = "qa",
+             **adapter_env: str) -> Iterator[QAStack]:
+    """This module's stack (``adapter_env``: more settings of the adapter), for a module fixture."""
     oai, claude = FakeProvider("openai").start(), FakeProvider("anthropic").start()
-    file = providers_file(tmp_path_factory.mktemp("qa") / "providers.yaml", oai, claude)
+    file = providers_file(tmp_path_factory.mktemp(name) / "providers.yaml", oai, claude)
     env = {"LW_NATS_URL": nats_server.url, "LW_SITE": SITE}
     adapter = Service("cloud_adapter", {**env, "LW_PROVIDERS_FILE": str(file), "LW_CLOUD_BACKOFF_BASE_S": "0.01",
-                                        "LW_CLOUD_BACKOFF_CAP_S": "0.05", "LW_CLOUD_BREAKER_FAILURES": "1000"})
+                                        "LW_CLOUD_BACKOFF_CAP_S": "0.05", "LW_CLOUD_BREAKER_FAILURES": "1000",
+                                        **adapter_env})
     router = Service("router", {**env, **cloud_router_env(file.parent)})
     gateway = Service("gateway", {**env, "LW_GATEWAY_API_KEYS": API_KEYS})
     try:
@@ -148,6 +150,11 @@ def qa(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Ite
     finally:
         oai.stop()
         claude.stop()
+
+
+@pytest.fixture(scope="module")
+def qa(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[QAStack]:
+    yield from qa_stack(nats_server, tmp_path_factory)
 
 
 @pytest.fixture(autouse=True)

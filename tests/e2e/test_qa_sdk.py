@@ -28,8 +28,6 @@ import pytest
 from openai import pydantic_function_tool
 
 from tests.e2e.test_cloud_fidelity import (
-    API_KEYS,
-    SITE,
     THOUGHT,
     USER,
     QAStack,
@@ -37,10 +35,10 @@ from tests.e2e.test_cloud_fidelity import (
     anthropic_message,
     openai_completion,
     openai_events,
-    providers_file,
+    qa_stack,
 )
-from tests.fakes import FakeProvider, Fault
-from tests.support import NatsServer, Service, cloud_router_env, eventually, running
+from tests.fakes import Fault
+from tests.support import NatsServer, eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -49,20 +47,7 @@ pytestmark = pytest.mark.e2e
 def qa(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[QAStack]:
     """test_cloud_fidelity.py's stack, its breaker's error rate out of the way too: this module's retry checks
     fail a dozen tries a minute on purpose, which would open it (and turn later answers into 503s)."""
-    oai, claude = FakeProvider("openai").start(), FakeProvider("anthropic").start()
-    file = providers_file(tmp_path_factory.mktemp("qa-sdk") / "providers.yaml", oai, claude)
-    env = {"LW_NATS_URL": nats_server.url, "LW_SITE": SITE}
-    adapter = Service("cloud_adapter", {**env, "LW_PROVIDERS_FILE": str(file), "LW_CLOUD_BACKOFF_BASE_S": "0.01",
-                                        "LW_CLOUD_BACKOFF_CAP_S": "0.05", "LW_CLOUD_BREAKER_FAILURES": "1000",
-                                        "LW_CLOUD_BREAKER_MIN_CALLS": "1000"})
-    router = Service("router", {**env, **cloud_router_env(file.parent)})
-    gateway = Service("gateway", {**env, "LW_GATEWAY_API_KEYS": API_KEYS})
-    try:
-        with running(adapter, router, gateway):
-            yield QAStack(gateway, oai, claude)
-    finally:
-        oai.stop()
-        claude.stop()
+    yield from qa_stack(nats_server, tmp_path_factory, "qa-sdk", LW_CLOUD_BREAKER_MIN_CALLS="1000")
 
 
 @pytest.fixture(autouse=True)
