@@ -502,9 +502,10 @@ class AnthropicStream:
     def _on_message_delta(self, body: dict[str, Any]) -> list[Piece]:
         pieces: list[Piece] = []
         reason = (body.get("delta") or {}).get("stop_reason")
-        if reason and self._held and self._answer is None:  # words, not the JSON: the answer (or a refusal)
-            pieces.append(Delta({"refusal" if reason == "refusal" else "content": "".join(self._held)}))
-        self._held.clear()
+        if reason and self._held:
+            if self._answer is None:  # words, not the JSON: the answer (or a refusal)
+                pieces.append(Delta({"refusal" if reason == "refusal" else "content": "".join(self._held)}))
+            self._held.clear()
         if reason:
             answered = reason == "tool_use" and self._answer is not None and not self._tools
             pieces.append(Finish("stop" if answered else STOP_REASONS.get(reason, "stop")))

@@ -252,7 +252,7 @@ async def main(settings: RouterSettings, readiness: Readiness, stack: AsyncExitS
         tasks.append(watch.follow_bucket(lambda: budgets.open_mirror(js), ">",
                                          watch.budget_updates(state, skip_site=settings.site),
                                          name=subjects.HUB_BUDGETS))
-    if settings.uplink == "auto" and settings.site != subjects.HUB:
+    if settings.probes_uplink:
         tasks.append(watch.probe_uplink(nc, state, settings.uplink_probe_s, settings.site))
     if settings.site != subjects.HUB:
         tasks.append(policy_watch.catch_up_from_hub(nc, policy, settings.config_check_s,

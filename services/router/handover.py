@@ -257,7 +257,8 @@ async def run_chain(nc: NATS, settings: RouterSettings, state: LiveState, plan: 
             await hand_off(handoffs, subjects.cloud_chat(settings.site), payload, env, plan, target, masked)
             return target
         try:
-            lost = state.uplink_lost() if is_cloud(target) and state.needs_uplink(target) else None
+            lost = (state.uplink_lost() if settings.probes_uplink and is_cloud(target) and state.needs_uplink(target)
+                    else None)
             await offer(nc, settings, target, payload, env.with_route(plan.header(target, passed_over + failed)),
                         lost)
         except LeafwireError as err:

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from shared import subjects
 from shared.settings import ServiceSettings
 
 
@@ -39,3 +40,8 @@ class RouterSettings(ServiceSettings):
                     "policy keys are read from the hub directly) and still copies the hub's bucket (one stuck for "
                     "5 s, or copying a hub bucket created anew, is made anew), and how often the bucket's watch "
                     "looks up a mirror that brought no update (to follow one made anew)")
+
+    @property
+    def probes_uplink(self) -> bool:
+        """Whether the uplink's state is probed (``auto`` at an edge): only then can it go down under a wait."""
+        return self.uplink == "auto" and self.site != subjects.HUB
