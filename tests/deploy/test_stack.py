@@ -110,11 +110,11 @@ def stale_pid_files(run_dir: Path) -> None:
     (run_dir / "launcher.pid").write_text(str(dead.pid))
 
 
-def push_policy(tmp: Path, edge_url: str) -> subprocess.CompletedProcess[str]:
-    """``leafwire policy push`` against the edge's NATS."""
+def push_policy(tmp: Path, edge_url: str, *more: str) -> subprocess.CompletedProcess[str]:
+    """``leafwire policy push`` against the edge's NATS (``more``: its options)."""
     policy = tmp / "policy.yaml"
     policy.write_text("local_model: tiny\nrules: [{name: pushed, route: [requested]}]\n")
-    return leafwire("policy", "push", str(policy), "--nats", edge_url, "--site", "testsite")
+    return leafwire("policy", "push", str(policy), "--nats", edge_url, "--site", "testsite", *more)
 
 
 def status(env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], dict[str, list[str]]]:
@@ -146,7 +146,7 @@ def test_up_serves_then_down_leaves_nothing_behind(tmp_path: Path) -> None:
         assert reply.usage is not None
         assert reply.usage.completion_tokens == 3
         edge_url = f"nats://127.0.0.1:{env['LW_NATS_PORT']}"
-        pushed = push_policy(tmp_path, edge_url)
+        pushed = push_policy(tmp_path, edge_url, "--wait", "30")  # a busy machine: more than 5 s
         assert pushed.returncode == 0, pushed.stderr  # written at the hub, applied by the edge's router
         assert '"outcome": "applied"' in pushed.stdout
         at_hub = eventually(lambda: (u := hub_usage(edge_url)).get("groups") and u, 30, "the answer's usage at the hub")
@@ -207,7 +207,8 @@ def test_policy_reaches_the_edge_after_a_restart(tmp_path: Path) -> None:
         try:
             wait_banner(up, log, Path(env["LW_RUN_DIR"]))
             if attempt == 2:
-                pushed = push_policy(tmp_path, f"nats://127.0.0.1:{env['LW_NATS_PORT']}")
+                # the hub's JetStream, recovering its store, may take more than the default 5 s on a busy machine
+                pushed = push_policy(tmp_path, f"nats://127.0.0.1:{env['LW_NATS_PORT']}", "--wait", "30")
                 assert pushed.returncode == 0, pushed.stderr
                 assert '"outcome": "applied"' in pushed.stdout
         finally:
