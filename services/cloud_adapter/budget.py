@@ -27,7 +27,7 @@ from typing import Literal
 from schemas.cloud import BudgetLevel, BudgetStatus, budget_window
 from services.cloud_adapter.config import BudgetLimits, Budgets
 from shared import subjects
-from shared.budgets import exceeded, key_site, seconds_left
+from shared.budgets import SEVERITY, exceeded, key_site, seconds_left
 
 Period = Literal["daily", "monthly"]
 PERIODS: tuple[Period, ...] = ("daily", "monthly")
@@ -36,9 +36,6 @@ PERIODS: tuple[Period, ...] = ("daily", "monthly")
 def window(period: Period, now: float) -> str:
     """The period that ``now`` falls in: ``2026-11-21`` (daily) or ``2026-11`` (monthly), UTC."""
     return budget_window(period, now)
-
-
-LEVELS: tuple[BudgetLevel, ...] = ("ok", "warning", "exhausted")
 
 
 def level(spent: float, limit: float | None, warn_ratio: float) -> BudgetLevel:
@@ -219,4 +216,4 @@ class Ledger:
         acct.known, acct.revision, acct.restate = after, revision, False
         old = level(before + acct.elsewhere, acct.limit, self.budgets.warn_ratio)
         new = level(after + acct.elsewhere, acct.limit, self.budgets.warn_ratio)
-        return list(LEVELS[LEVELS.index(old) + 1:LEVELS.index(new) + 1])
+        return [crossed for crossed, rank in SEVERITY.items() if SEVERITY[old] < rank <= SEVERITY[new]]

@@ -197,7 +197,7 @@ class CloudState:
         value = entry.encode()
         if self.cache is None or len(value) > self._settings.cache_max_entry_bytes:
             return
-        self._near.put(key, entry, len(value), self._settings.cache_ttl_s)
+        self._near.put(key, entry, len(value))  # its life is capped at the bucket's TTL already
         self._background(self.cache.put(key, value), "cache write failed")
 
     def vectors_put(self, stored: Sequence[tuple[str, Vector]]) -> None:
