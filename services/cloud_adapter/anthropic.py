@@ -547,7 +547,8 @@ class Anthropic:
     provider: str
     version: str = "2023-06-01"
 
-    def body(self, request: ChatCompletionRequest, model: ModelSpec, upstream: str, stream: bool) -> bytes:
+    def body(self, request: ChatCompletionRequest, model: ModelSpec, upstream: str, stream: bool,
+             usage: bool = True) -> bytes:
         """The Messages API body of an OpenAI chat request."""
         refuse_unhonoured(upstream, request)
         system, messages = translate_messages(request.messages)

@@ -44,6 +44,9 @@ from shared.errors import LeafwireError
 _PROVIDER = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 _MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,127}$")
 _HEADER = r"^[A-Za-z0-9-]{1,64}$"
+# OpenAI's reasoning models (o1, o3-mini-2025-01-31, o4-mini, gpt-5, gpt-5.1-mini; openai/o3 as a router names
+# it): they refuse max_tokens and take max_completion_tokens
+_REASONING = re.compile(r"(?:^|/)(?:o[1-9]|gpt-5)(?:$|[-.:_])", re.IGNORECASE)
 Kind = Literal["openai-compatible", "anthropic"]
 PATHS: dict[str, str] = {"openai-compatible": "/chat/completions", "anthropic": "/v1/messages"}
 EMBEDDINGS_PATH = "/embeddings"
@@ -106,6 +109,10 @@ class ModelSpec(BaseModel):
     context_length: Annotated[int | None, Field(ge=1)] = None
     max_tokens: Annotated[int, Field(ge=1)] = Field(
         default=4096, description="completion limit sent when a request sets none (Anthropic requires one)")
+    token_limit_field: Literal["max_tokens", "max_completion_tokens"] | None = Field(
+        default=None, description="OpenAI-compatible: the field a caller's completion limit is sent in, whichever "
+                                  "it came in; unset: max_completion_tokens for OpenAI's reasoning models (o1, o3, "
+                                  "o4-mini, gpt-5..., which refuse max_tokens), else as the caller sent it")
 
     @model_validator(mode="after")
     def _embeddings_have_no_output(self) -> ModelSpec:
@@ -118,6 +125,14 @@ class ModelSpec(BaseModel):
     def upstream_name(self, model: str) -> str:
         """The name the provider knows the model ``model`` of this entry by."""
         return self.upstream or model
+
+    def limit_field(self, upstream: str) -> str | None:
+        """The field an OpenAI-compatible call of ``upstream`` carries the completion limit in (``None``: the
+        caller's own): ``token_limit_field``, else ``max_completion_tokens`` for a name of OpenAI's reasoning
+        models (an Azure deployment's name is its owner's: set the field there)."""
+        if self.token_limit_field is not None:
+            return self.token_limit_field
+        return "max_completion_tokens" if _REASONING.search(upstream) else None
 
     def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
              written_tokens: int = 0, written_1h_tokens: int = 0) -> float:
@@ -156,6 +171,9 @@ class ProviderSpec(BaseModel):
     local: bool = Field(default=False, description="allow private, loopback and link-local destinations")
     n: bool = Field(default=True, description="OpenAI-compatible: the provider answers several choices in one "
                                               "call (false: a call a choice, for servers without n)")
+    stream_usage: bool = Field(default=True, description="OpenAI-compatible: streams ask for a closing usage chunk "
+                                                         "(stream_options.include_usage); false for a server that "
+                                                         "refuses stream_options (usage is then estimated)")
     proxy: str | None = Field(default=None, description="an HTTP proxy every call goes through "
                                                         "(http://host:port; https targets are tunnelled with CONNECT)")
     proxy_auth_env: str | None = Field(default=None, description="environment variable holding the proxy's "

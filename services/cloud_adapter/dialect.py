@@ -139,8 +139,9 @@ class Dialect(Protocol):
         """Whether one call answers ``n`` choices (else each choice is a call of its own)."""
         ...
 
-    def body(self, request: ChatCompletionRequest, model: ModelSpec, upstream: str, stream: bool) -> bytes:
-        """The HTTP body of a chat call."""
+    def body(self, request: ChatCompletionRequest, model: ModelSpec, upstream: str, stream: bool,
+             usage: bool = True) -> bytes:
+        """The HTTP body of a chat call (streamed: asking for the usage where the dialect must, and ``usage``)."""
         ...
 
     def headers(self) -> dict[str, str]:

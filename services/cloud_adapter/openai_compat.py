@@ -158,16 +158,26 @@ class OpenAICompatible:
     native_n: ClassVar[bool] = True
     provider: str
 
-    def body(self, request: ChatCompletionRequest, model: ModelSpec, upstream: str, stream: bool) -> bytes:
-        """The caller's request with the provider's model name, streamed with a usage chunk if asked."""
+    def body(self, request: ChatCompletionRequest, model: ModelSpec, upstream: str, stream: bool,
+             usage: bool = True) -> bytes:
+        """The caller's request with the provider's model name and its completion limit in the field the model
+        takes; streamed, with a usage chunk asked for unless ``usage`` is false (a server refusing
+        ``stream_options``)."""
         out = request.model_dump(mode="json", exclude_unset=True, exclude=set(LEAFWIRE_FIELDS))
         out["model"] = upstream
         out.pop("stream_options", None)
         if stream:
             out["stream"] = True
-            out["stream_options"] = {"include_usage": True}
+            if usage:
+                out["stream_options"] = {"include_usage": True}
         else:
             out.pop("stream", None)
+        field = model.limit_field(upstream)
+        limit = request.token_limit()
+        if field is not None and limit is not None:
+            out.pop("max_tokens", None)
+            out.pop("max_completion_tokens", None)
+            out[field] = limit
         return to_json(out)
 
     def headers(self) -> dict[str, str]:

@@ -228,6 +228,7 @@ class Upstream:
         self.max_response_bytes = max_response_bytes
         self.n_recheck_s = n_recheck_s
         self._without_n: dict[str, float] = {}  # upstream model -> until when it is taken to have no n (found out)
+        self._without_stream_usage = 0.0  # until when the provider is taken to refuse stream_options (found out)
         self.inflight = 0
         self.held = 0  # requests admitted for this provider and not finished (``hold``)
         self.idle = asyncio.Event()  # set while none is
@@ -359,7 +360,33 @@ class Upstream:
         """A chat call of ``model`` ending by the request's deadline or the provider's total timeout."""
         upstream = spec.upstream_name(model)
         return Call(request, model, spec, self._ends(deadline), self.provider.spec.url(upstream),
-                    self.dialect.body(request, spec, upstream, request.stream))
+                    self.dialect.body(request, spec, upstream, request.stream, self.stream_usage()))
+
+    def stream_usage(self) -> bool:
+        """Whether a stream asks for a closing usage chunk: unless the provider's entry says
+        ``stream_usage: false``, or a call found out within ``n_recheck_s`` that it refuses ``stream_options``."""
+        if not self.provider.spec.stream_usage:
+            return False
+        if not self._without_stream_usage:
+            return True
+        if time.monotonic() < self._without_stream_usage:
+            return False
+        self._without_stream_usage = 0.0  # asked again: a server upgraded since is found out too
+        return True
+
+    def _refused_stream_usage(self, err: LeafwireError, call: Call[ChatCompletionRequest]) -> bool:
+        """A 400 naming ``stream_options`` to a stream that asked for the usage chunk: a server without it.
+        Remembered for ``n_recheck_s``; the call is then made again at once without it (usage estimated)."""
+        named = "stream_options" in f"{err.param} {err.message}"
+        if err.status != 400 or not named or b'"stream_options"' not in call.body:
+            return False
+        self._without_stream_usage = time.monotonic() + self.n_recheck_s
+        log.info("the provider refuses stream_options: streams are asked without a usage chunk (usage is "
+                 "estimated) for the next n_recheck_s (stream_usage: false in its entry of the providers file "
+                 "saves this call)", provider=self.name, model=call.model, n_recheck_s=self.n_recheck_s)
+        upstream = call.spec.upstream_name(call.model)
+        call.body = self.dialect.body(call.request, call.spec, upstream, True, usage=False)
+        return True
 
     def embeddings_call(self, request: EmbeddingRequest, model: str, spec: ModelSpec,
                         deadline: float) -> Call[EmbeddingRequest]:
@@ -580,7 +607,11 @@ class Upstream:
         resp = await self._post(call, stream=True)
         try:
             if not 200 <= resp.status < 300:
-                raise await self._refuse(resp, call)
+                err = await self._refuse(resp, call)
+                if self._refused_stream_usage(err, call):
+                    resp.close()
+                    return await self._try_stream(call, probe)
+                raise err
             if resp.content_type != "text/event-stream":
                 raise bad_response(self.name, f"content type {resp.content_type!r} instead of an event stream")
             return await self._first_events(resp, call, probe)

@@ -58,9 +58,31 @@ class TestOpenAICompatible:
         assert "stream" not in body
 
     def test_streamed_body_asks_for_usage(self) -> None:
-        """A streamed call always asks for the closing usage chunk, so every call's cost is known."""
+        """A streamed call asks for the closing usage chunk, so every call's cost is known (unless the provider
+        refuses stream_options)."""
         body = json.loads(OpenAICompatible("p").body(req(stream=True), SPEC, "m", stream=True))
         assert body["stream_options"] == {"include_usage": True}
+        body = json.loads(OpenAICompatible("p").body(req(stream=True, stream_options={"include_usage": True}), SPEC,
+                                                    "m", stream=True, usage=False))
+        assert "stream_options" not in body
+        assert body["stream"] is True
+
+    @pytest.mark.parametrize(("upstream", "reasoning"), [
+        ("o1", True), ("o3-mini-2025-01-31", True), ("O4-mini", True), ("openai/o3", True), ("gpt-5", True),
+        ("gpt-5.1-mini", True), ("gpt-5-nano", True),
+        ("gpt-4o", False), ("gpt-4o-mini", False), ("o1x", False), ("gpt-50", False), ("llama-3-o1", False),
+        ("omni-moderation-latest", False), ("deepseek-reasoner", False),
+    ])
+    def test_reasoning_models_take_max_completion_tokens(self, upstream: str, reasoning: bool) -> None:
+        """OpenAI's reasoning models refuse max_tokens: the caller's limit is sent as max_completion_tokens;
+        other models get the field the caller used."""
+        body = json.loads(OpenAICompatible("p").body(req(max_tokens=30), SPEC, upstream, stream=False))
+        assert body == {**body, **({"max_completion_tokens": 30} if reasoning else {"max_tokens": 30})}
+        assert ("max_tokens" in body) is not reasoning
+        forced = ModelSpec(token_limit_field="max_tokens")
+        body = json.loads(OpenAICompatible("p").body(req(max_completion_tokens=30), forced, upstream, stream=False))
+        assert body["max_tokens"] == 30
+        assert "max_completion_tokens" not in body
 
     def test_stream_pieces(self) -> None:
         """Chunks become deltas (role chunks and empty text dropped), a finish, and usage; [DONE] ends."""

@@ -1,0 +1,145 @@
+"""What an OpenAI-compatible provider is sent where servers differ: the field of the completion limit, and the
+usage chunk a stream asks for.
+
+The stack: the openai client -> gateway -> router -> cloud-adapter -> a fake OpenAI-compatible provider, whose
+``calls`` show the body each call carried. OpenAI's reasoning models (o1, o3, o4-mini, gpt-5...) refuse
+``max_tokens`` and take ``max_completion_tokens``; servers that predate it take ``max_tokens`` only; some servers
+(Azure before api-version 2024-07, older OpenAI-compatible servers) refuse ``stream_options`` with a 400.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.fakes import FakeProvider, Fault
+from tests.support import NatsServer, Service, cloud_router_env, running
+
+pytestmark = pytest.mark.e2e
+STREAM_OPTIONS_REFUSED = {"error": {"message": "Unrecognized request argument supplied: stream_options",
+                                    "type": "invalid_request_error", "param": None, "code": None}}
+
+
+@dataclass
+class Stack:
+    gateway: Service
+    fake: FakeProvider  # provider "oai": models o3, gpt5, gpt, old
+    plain: FakeProvider  # provider "plain": stream_usage: false
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.gateway.base}/v1", api_key="key-acme", max_retries=0, timeout=20)
+
+
+def write_providers(path: Path, fake: FakeProvider, plain: FakeProvider) -> Path:
+    def entry(name: str, provider: FakeProvider, models: dict[str, Any], **more: Any) -> dict[str, Any]:
+        return {"name": name, "kind": "openai-compatible", "base_url": provider.url, "local": True,
+                "models": models, "timeouts": {"connect_s": 2, "first_byte_s": 2, "total_s": 10}, **more}
+    path.write_text(json.dumps({"providers": [
+        entry("oai", fake, {"o3": {"upstream": "o3-mini-2025-01-31"}, "gpt5": {"upstream": "gpt-5.1-mini"},
+                            "gpt": {"upstream": "gpt-4o-mini"},
+                            "old": {"upstream": "legacy-13b", "token_limit_field": "max_tokens"}}),
+        entry("plain", plain, {"m": {}}, stream_usage=False),
+    ]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    fake, plain = FakeProvider("openai").start(), FakeProvider("openai").start()
+    file = write_providers(tmp_path_factory.mktemp("params") / "providers.yaml", fake, plain)
+    env = {"LW_NATS_URL": nats_server.url, "LW_SITE": "params"}
+    adapter = Service("cloud_adapter", {**env, "LW_PROVIDERS_FILE": str(file), "LW_CLOUD_BACKOFF_BASE_S": "0.01"})
+    router = Service("router", {**env, **cloud_router_env(file.parent)})
+    gateway = Service("gateway", {**env, "LW_GATEWAY_API_KEYS": "key-acme:acme"})
+    try:
+        with running(adapter, router, gateway):
+            yield Stack(gateway, fake, plain)
+    finally:
+        fake.stop()
+        plain.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh(stack: Stack) -> None:
+    stack.fake.reset()
+    stack.plain.reset()
+
+
+def limits_sent(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: body[k] for k in ("max_tokens", "max_completion_tokens") if k in body}
+
+
+@pytest.mark.parametrize(("model", "given", "sent"), [
+    # OpenAI's reasoning models refuse max_tokens: the caller's limit goes as max_completion_tokens
+    ("oai/o3", {"max_tokens": 50}, {"max_completion_tokens": 50}),
+    ("oai/gpt5", {"max_tokens": 50}, {"max_completion_tokens": 50}),
+    ("oai/o3", {"max_completion_tokens": 40}, {"max_completion_tokens": 40}),
+    # both given: max_completion_tokens wins, as OpenAI reads them, and max_tokens is not sent alongside
+    ("oai/o3", {"max_tokens": 50, "max_completion_tokens": 40}, {"max_completion_tokens": 40}),
+    # other models get what the caller sent
+    ("oai/gpt", {"max_tokens": 50}, {"max_tokens": 50}),
+    ("oai/gpt", {"max_completion_tokens": 40}, {"max_completion_tokens": 40}),
+    # a server configured with token_limit_field: max_tokens gets max_tokens, whichever the caller sent
+    ("oai/old", {"max_completion_tokens": 40}, {"max_tokens": 40}),
+    # no limit given: none is sent
+    ("oai/o3", {}, {}),
+])
+def test_the_completion_limit_goes_in_the_field_the_model_takes(stack: Stack, model: str, given: dict[str, int],
+                                                                sent: dict[str, int]) -> None:
+    answer = stack.client().chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                                    **given)  # type: ignore[call-overload]
+    assert answer.choices[0].message.content
+    assert limits_sent(stack.fake.calls[-1].body) == sent
+
+
+def test_a_stream_refused_for_stream_options_is_asked_again_without_it(stack: Stack) -> None:
+    """The caller gets its stream, and its usage (estimated); the next stream is asked without it at once."""
+    stack.fake.script(Fault.error(400, STREAM_OPTIONS_REFUSED))
+    client = stack.client()
+    chunks = list(client.chat.completions.create(model="oai/gpt", messages=[{"role": "user", "content": "hi there"}],
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    usage = chunks[-1].usage
+    assert usage is not None
+    assert usage.completion_tokens > 0
+    assert usage.prompt_tokens > 0
+    first, second = stack.fake.calls
+    assert first.body["stream_options"] == {"include_usage": True}
+    assert "stream_options" not in second.body
+    list(client.chat.completions.create(model="oai/gpt", messages=[{"role": "user", "content": "again"}],
+                                        stream=True))
+    assert len(stack.fake.calls) == 3
+    assert "stream_options" not in stack.fake.calls[2].body
+    # a whole answer is unaffected (it has no stream_options to refuse)
+    client.chat.completions.create(model="oai/gpt", messages=[{"role": "user", "content": "whole"}])
+    assert len(stack.fake.calls) == 4
+
+
+def test_another_400_is_the_callers_and_not_asked_again(stack: Stack) -> None:
+    """A 400 that does not name stream_options reaches the caller as it is, after one call."""
+    refusal = {"error": {"message": "messages[0].content is too long", "type": "invalid_request_error",
+                         "param": "messages", "code": None}}
+    stack.fake.script(Fault.error(400, refusal))
+    with pytest.raises(openai.BadRequestError, match="too long"):
+        list(stack.client().chat.completions.create(model="oai/o3", messages=[{"role": "user", "content": "x"}],
+                                                    stream=True))
+    assert len(stack.fake.calls) == 1
+
+
+def test_stream_usage_false_never_sends_stream_options(stack: Stack) -> None:
+    """A provider set ``stream_usage: false`` is asked without it from the first call; usage is estimated."""
+    chunks = list(stack.client().chat.completions.create(
+        model="plain/m", messages=[{"role": "user", "content": "hello"}], stream=True,
+        stream_options={"include_usage": True}))
+    assert len(stack.plain.calls) == 1
+    assert "stream_options" not in stack.plain.calls[0].body
+    usage = chunks[-1].usage
+    assert usage is not None
+    assert usage.completion_tokens > 0
