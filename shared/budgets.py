@@ -23,16 +23,14 @@ from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from nats.js.api import DiscardPolicy, ExternalStream, KeyValueConfig, StorageType, StreamConfig, StreamSource
+from nats.js.api import KeyValueConfig, StorageType
 from nats.js.client import JetStreamContext
-from nats.js.errors import APIError, NotFoundError
 from nats.js.kv import KeyValue
 
 from schemas.cloud import BudgetLevel, BudgetStatus, budget_window
 from shared import subjects
-from shared.config_bucket import is_hub_mirror
 from shared.errors import BudgetExceeded
-from shared.hub_mirror import STUCK_S, HubMirror
+from shared.hub_mirror import STUCK_S, HubMirror, ensure_kv_mirror, kv_mirror_bucket
 
 STREAM = subjects.kv_stream(subjects.BUDGETS)
 SEVERITY: dict[BudgetLevel, int] = {"ok": 0, "warning": 1, "exhausted": 2}
@@ -60,30 +58,12 @@ def bucket_config(replicas: int) -> KeyValueConfig:
                           replicas=replicas, description="leafwire budget ledger: spending by scope, period and site")
 
 
-def mirror_config() -> StreamConfig:
-    """An edge's copy of the hub's bucket stream. Not ``mirror_direct``: direct gets of ``KV_budgets`` in the
-    edge's domain must keep reaching the site's own bucket."""
-    return StreamConfig(name=subjects.HUB_BUDGETS, description="every site's budget spending, mirrored from the hub",
-                        mirror=StreamSource(name=STREAM, external=ExternalStream(api=subjects.HUB_JS_API)),
-                        max_msgs_per_subject=1, discard=DiscardPolicy.OLD, deny_delete=True,
-                        storage=StorageType.FILE)
+MIRRORED = "every site's budget spending, mirrored from the hub"
 
 
 async def ensure_mirror(js: JetStreamContext) -> None:
-    """Create the edge's mirror when absent; needs no uplink (it fills in once the hub is reachable)."""
-    try:
-        info = await js.stream_info(subjects.HUB_BUDGETS)
-    except NotFoundError:
-        info = None
-    if info is not None:
-        if not is_hub_mirror(info.config, STREAM):
-            raise RuntimeError(f"stream {subjects.HUB_BUDGETS} exists and is not a mirror of the hub's {STREAM}")
-        return
-    try:
-        await js.add_stream(mirror_config())
-    except APIError:  # another adapter of the site created it first
-        if not is_hub_mirror((await js.stream_info(subjects.HUB_BUDGETS)).config, STREAM):
-            raise
+    """Create the edge's mirror when absent (its adapters and its router do); needs no uplink."""
+    await ensure_kv_mirror(js, subjects.HUB_BUDGETS, STREAM, MIRRORED)
 
 
 def hub_mirror(stuck_s: float = STUCK_S) -> HubMirror:
@@ -107,8 +87,7 @@ async def open_mirror(js: JetStreamContext) -> KeyValue:
 
 def mirror_bucket(js: JetStreamContext) -> KeyValue:
     """The mirror as a read-only bucket, once its stream is known to be there (no I/O)."""
-    return KeyValue(name=subjects.BUDGETS, stream=subjects.HUB_BUDGETS, pre=f"$KV.{subjects.BUDGETS}.", js=js,
-                    direct=False)
+    return kv_mirror_bucket(js, subjects.BUDGETS, subjects.HUB_BUDGETS)
 
 
 def key_site(key: str) -> str | None:

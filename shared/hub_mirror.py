@@ -29,18 +29,61 @@ from datetime import datetime
 from typing import Any
 
 from nats.aio.client import Client as NATS
-from nats.js.api import StreamInfo
+from nats.js.api import DiscardPolicy, ExternalStream, StorageType, StreamConfig, StreamInfo, StreamSource
 from nats.js.client import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
+from nats.js.kv import KeyValue
 
 from shared import subjects
 from shared.config_bucket import HUB_TIMEOUT_S, is_hub_mirror
 
+STREAM_NOT_FOUND = 10059  # JetStream's err_code
 STUCK_S = 5.0  # an attached mirror hears from the hub every second
 ATTACH_WAIT_MAX_S = 300.0  # the longest a mirror made anew is given to attach (slow links), see HubMirror
 NEVER_HEARD = "it had not heard from the hub since it was made"
 Ensure = Callable[[JetStreamContext], Awaitable[None]]
 """Creates the edge's mirror when it is absent."""
+
+
+def kv_mirror_config(name: str, source: str, description: str) -> StreamConfig:
+    """An edge's copy ``name`` of the hub's bucket stream ``source`` (``KV_<bucket>``), a key's last value each.
+    Not ``mirror_direct``: direct gets of ``source`` in the edge's domain must keep reaching the site's own
+    bucket of that name."""
+    return StreamConfig(name=name, description=description,
+                        mirror=StreamSource(name=source, external=ExternalStream(api=subjects.HUB_JS_API)),
+                        max_msgs_per_subject=1, discard=DiscardPolicy.OLD, deny_delete=True,
+                        storage=StorageType.FILE)
+
+
+async def ensure_kv_mirror(js: JetStreamContext, name: str, source: str, description: str) -> None:
+    """Create the edge's mirror (``kv_mirror_config``) when absent; needs no uplink (it fills in once the hub is
+    reachable). A stream of that name that is no such mirror is an error."""
+    try:
+        info = await js.stream_info(name)
+    except NotFoundError:
+        info = None
+    if info is not None:
+        if not is_hub_mirror(info.config, source):
+            raise RuntimeError(f"stream {name} exists and is not a mirror of the hub's {source}")
+        return
+    try:
+        await js.add_stream(kv_mirror_config(name, source, description))
+    except APIError:  # another service of the site created it first
+        if not is_hub_mirror((await js.stream_info(name)).config, source):
+            raise
+
+
+def kv_mirror_bucket(js: JetStreamContext, bucket: str, stream: str) -> KeyValue:
+    """The mirror ``stream`` of the hub's bucket ``bucket`` as a read-only bucket (nats-py's ``KeyValue`` reads
+    any stream whose messages carry ``$KV.<bucket>.<key>`` subjects), once it is known to be there (no I/O)."""
+    return KeyValue(name=bucket, stream=stream, pre=f"$KV.{bucket}.", js=js, direct=False)
+
+
+def _source_missing(info: StreamInfo) -> bool:
+    """Whether the mirror's last try to copy found no such stream at the hub (made before the hub's owner made
+    its stream: nats-server tries again only after a back-off of 30 s or more)."""
+    error = None if info.mirror is None else info.mirror.error
+    return isinstance(error, dict) and error.get("err_code") == STREAM_NOT_FOUND
 
 
 def silence_s(info: StreamInfo) -> float | None:
@@ -134,6 +177,8 @@ class HubMirror:
         if self.seen is not None and self.seen[1] == info.created and self.seen[0] != hub_created:
             return f"the hub's stream was created anew (at {hub_created}; the mirror copied one of {self.seen[0]})"
         silence = silence_s(info)
+        if (silence is None or silence >= 1.0) and _source_missing(info):  # the hub's stream exists now (it answered)
+            return "the hub's stream did not exist when the mirror last tried to copy it"
         if silence is None:  # given time from when it was made to attach (another service may just have made it)
             made = info.created.timestamp() if info.created is not None else 0.0
             wait = self.attach_wait_s()

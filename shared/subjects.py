@@ -161,6 +161,9 @@ BUDGETS = "budgets"
 spending; the hub's also holds every edge's (sourced), and each edge mirrors the hub's as ``HUB_BUDGETS``."""
 HUB_BUDGETS = "HUB_BUDGETS"
 """An edge site's read-only mirror of the hub's ``budgets`` bucket stream: every site's spending, readable offline."""
+HUB_PROVIDER_HEALTH = "HUB_PROVIDER_HEALTH"
+"""An edge site's read-only mirror of the hub's ``provider-health`` bucket stream: the breakers of the hub's
+cloud-adapters, which take the site's cloud requests where it has no adapter of its own (made by its router)."""
 CLOUD_CACHE = "cloud-cache"
 """key: ``<tenant hash>.<request hash>`` (see services/cloud_adapter/cache.py); value: a cached answer"""
 

@@ -252,6 +252,10 @@ async def main(settings: RouterSettings, readiness: Readiness, stack: AsyncExitS
         tasks.append(watch.follow_bucket(lambda: budgets.open_mirror(js), ">",
                                          watch.budget_updates(state, skip_site=settings.site),
                                          name=subjects.HUB_BUDGETS))
+        # the breakers of the hub's adapters, which take the site's cloud calls where it has no adapter of its own
+        tasks.append(watch.follow_bucket(lambda: watch.open_health_mirror(js), ">",
+                                         watch.health_updates(state, hub=True), name=subjects.HUB_PROVIDER_HEALTH))
+        tasks.append(watch.keep_hub_mirrors(nc, settings.config_check_s, settings.config_hub_check_s))
     if settings.probes_uplink:
         tasks.append(watch.probe_uplink(nc, state, settings.uplink_probe_s, settings.site))
     if settings.site != subjects.HUB:

@@ -32,8 +32,9 @@ class RouterSettings(ServiceSettings):
     uplink_probe_s: float = Field(default=2.0, gt=0, alias="LW_ROUTER_UPLINK_PROBE_S")
     config_hub_check_s: float = Field(
         default=10.0, gt=0, alias="LW_ROUTER_CONFIG_HUB_CHECK_S",
-        description="edge: how often to ask the hub whether its config bucket was created anew (the config "
-                    "mirror is then made anew); at once while the mirror hears nothing from the hub")
+        description="edge: how often to ask the hub whether its config bucket, or the provider-health and budgets "
+                    "buckets the router mirrors, were created anew (the mirror is then made anew); at once while "
+                    "the config mirror hears nothing from the hub")
     config_check_s: float = Field(
         default=1.0, gt=0, alias="LW_ROUTER_CONFIG_CHECK_S",
         description="edge: how often to check that the config mirror hears from the hub (while it does not, the "

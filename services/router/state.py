@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from schemas.cloud import BreakerState, BudgetStatus, ProviderHealth
 from schemas.control import ModelKind, WorkerHeartbeat
 from services.router.catalog import Catalog
-from services.router.decide import Conditions
+from services.router.decide import Conditions, provider_of
 from services.router.masking import Masker
 from services.router.policy import BudgetLevel, Health, Policy
 from shared import budgets, subjects
@@ -48,8 +48,10 @@ class LiveState:
     file_policy: Policy | None = None
     policy_at: int = field(default_factory=lambda: int(time.time()))  # unix time the policy took effect here
     uplink_up: bool = True
-    provider_health: dict[str, Health] = field(default_factory=dict)
+    provider_health: dict[str, Health] = field(default_factory=dict)  # the breakers of the site's own adapters
     probe_at: dict[str, float] = field(default_factory=dict)  # open breakers: when each lets a probe through
+    hub_health: dict[str, Health] = field(default_factory=dict)  # an edge's: the hub's adapters', mirrored
+    hub_probe_at: dict[str, float] = field(default_factory=dict)
     budgets: dict[str, BudgetStatus] = field(default_factory=dict)
     masked: Counter[str] = field(default_factory=Counter)
     # tenant → (second, level, the exhausted budget if any)
@@ -84,18 +86,33 @@ class LiveState:
         self.policy, self.masker, self.policy_source = policy, masker, source
         self.policy_at = int(time.time())
 
-    def provider_changed(self, health: ProviderHealth) -> None:
-        """A provider's breaker moved."""
-        self.provider_health[health.provider] = health.state.value
+    def provider_changed(self, health: ProviderHealth, hub: bool = False) -> None:
+        """A provider's breaker moved: at the site's own adapters, or (``hub``) at the hub's."""
+        states, probes = (self.hub_health, self.hub_probe_at) if hub else (self.provider_health, self.probe_at)
+        states[health.provider] = health.state.value
         if health.state is BreakerState.OPEN and health.probe_at is not None:
-            self.probe_at[health.provider] = health.probe_at
+            probes[health.provider] = health.probe_at
         else:
-            self.probe_at.pop(health.provider, None)
+            probes.pop(health.provider, None)
 
-    def provider_gone(self, provider: str) -> None:
+    def provider_gone(self, provider: str, hub: bool = False) -> None:
         """A provider's health entry was deleted."""
-        self.provider_health.pop(provider, None)
-        self.probe_at.pop(provider, None)
+        states, probes = (self.hub_health, self.hub_probe_at) if hub else (self.provider_health, self.probe_at)
+        states.pop(provider, None)
+        probes.pop(provider, None)
+
+    def _breakers(self, workers: list[WorkerHeartbeat]) -> tuple[dict[str, Health], dict[str, float]]:
+        """Each provider's breaker as the adapters that take this site's calls of it have it: the site's own
+        where one of them has the provider (NATS gives a queue group's local member the request), else the
+        hub's (an edge's mirror of them), else whatever entry there is."""
+        if not self.hub_health:  # the hub, a site that has not heard of the hub's, or all closed and never moved
+            return dict(self.provider_health), self.probe_at
+        own = {provider_of(m) for b in cloud_adapters(workers) if b.site == self.catalog.site
+               for m in b.cloud_models or ()}
+        health = {**self.provider_health, **{p: h for p, h in self.hub_health.items() if p not in own}}
+        probes = {**{p: t for p, t in self.probe_at.items() if p not in self.hub_health or p in own},
+                  **{p: t for p, t in self.hub_probe_at.items() if p not in own}}
+        return health, probes
 
     def budget_changed(self, key: str, status: BudgetStatus | None) -> None:
         """A budget ledger entry changed (``None``: deleted)."""
@@ -142,9 +159,9 @@ class LiveState:
         saturated = frozenset(
             name for name in served
             if all(b.inflight >= b.capacity for b in workers if any(m.name == name for m in b.models)))
-        health = dict(self.provider_health)
+        health, probe_at = self._breakers(workers)
         probes_in: dict[str, float] = {}
-        for provider, at in self.probe_at.items():  # an open breaker whose time is up is half open, even unheard
+        for provider, at in probe_at.items():  # an open breaker whose time is up is half open, even unheard
             if health.get(provider) == "open":
                 if at <= now:
                     health[provider] = "half_open"

@@ -12,7 +12,8 @@ relay the tests cut and restore (``tests.support.start_cuttable_site``); real se
   error event (no hang); while the link is down a cloud model falls back to the local model, saying why, and
   what the local model cannot do is a 503 ``uplink_down`` with Retry-After; cloud again once the link is back,
   without a restart.
-- The hub's adapter's breaker open, seen from that edge: a fallback to the local model, or the adapter's 503.
+- The hub's adapter's breaker open, seen from that edge: a fallback to the local model, or a 503; the edge's
+  router knows of it from its mirror of the hub's provider-health, and calls nobody meanwhile.
 - A link flapping every second under load: every request gets one answer (or one clear error) and none hangs;
   the services stay connected and the cloud answers again afterwards.
 
@@ -333,10 +334,13 @@ def test_a_cut_while_waiting_for_the_cloud_falls_back_to_the_local_model(stack: 
     assert "fell back from fake/echo (503 uplink_down)" in r.headers["x-leafwire-route"]
 
 
-def test_the_hubs_open_breaker_seen_from_an_edge_without_an_adapter(stack: ViaHub) -> None:
-    """The hub's adapter opens its breaker for the provider: the edge's router (no adapter of its own, so no
-    provider-health entry at the site) is refused by it and falls back to the local model, saying so; what
-    only the cloud can answer (tools) gets the adapter's 503 ``provider_unavailable`` with Retry-After."""
+def test_the_hubs_open_breaker_is_known_at_the_edge_before_any_call(stack: ViaHub) -> None:
+    """The hub's adapter opens its breaker for the provider: the request that opened it falls back to the
+    local model, saying so. The edge (no adapter of its own) mirrors the hub's provider-health bucket, so its
+    router knows of the open breaker: the next request skips the cloud model without a call to the provider
+    or a round trip to the hub, saying why, and goes to the local model; what only the cloud can answer
+    (tools) gets a 503 with Retry-After. Once the hub's breaker half-opens, the edge sends the probe and the
+    cloud answers again."""
     gateway = stack.gateway
     cloud_again(stack)
     stack.provider.script(*[Fault.error(500)] * 4)
@@ -344,16 +348,19 @@ def test_the_hubs_open_breaker_seen_from_an_edge_without_an_adapter(stack: ViaHu
     assert failed.status_code == 200, failed.text  # the local model, after the provider failed
     assert failed.headers["x-leafwire-served-by"].startswith(f"{SITE}/")
     assert "fell back from fake/echo (502" in failed.headers["x-leafwire-route"]
+    stack.provider.script()
+    calls = len(stack.provider.calls)
+    skipped = eventually(lambda: r if "fake circuit open" in (r := ask(gateway, "fake/echo", "while open"))
+                         .headers.get("x-leafwire-route", "") else None, 3, "the edge to see the hub's breaker")
+    assert skipped.status_code == 200, skipped.text
+    assert skipped.headers["x-leafwire-served-by"].startswith(f"{SITE}/")
+    assert len(stack.provider.calls) == calls  # nobody called the provider for it
     tools = ask(gateway, "fake/echo", "look it up", tools=TOOLS)
-    assert tools.status_code == 503, tools.text
+    assert tools.status_code == 503, tools.text  # the router's own refusal, with when to come back
     assert tools.json()["error"]["code"] == "provider_unavailable"
     assert 0 < int(tools.headers["Retry-After"]) <= 4
-    local = ask(gateway, "fake/echo", "while open")
-    assert local.status_code == 200, local.text
-    assert local.headers["x-leafwire-served-by"].startswith(f"{SITE}/")
-    assert "fell back from fake/echo (503 provider_unavailable)" in local.headers["x-leafwire-route"]
-    stack.provider.script()
-    cloud_again(stack)  # half-open after 4 s: the probe succeeds and closes it
+    assert len(stack.provider.calls) == calls
+    cloud_again(stack)
 
 
 def test_a_flapping_link_gives_each_request_one_answer(stack: ViaHub) -> None:

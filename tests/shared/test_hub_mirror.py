@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import nats
 from nats.js.api import StreamInfo
@@ -86,15 +87,29 @@ async def test_a_keeper_started_after_the_reset_notices_it(tmp_path: Path) -> No
             assert await fresh().resync(edge, edge_js) is None
 
 
-def mirror_info(made_s_ago: float, heard_s_ago: float | None) -> StreamInfo:
+def mirror_info(made_s_ago: float, heard_s_ago: float | None, error: dict[str, Any] | None = None) -> StreamInfo:
     """The stream info of an edge's config mirror made ``made_s_ago`` and last hearing from the hub
-    ``heard_s_ago`` (``None``: never since it was made)."""
+    ``heard_s_ago`` (``None``: never since it was made), its last try's ``error`` if any."""
     made = datetime.fromtimestamp(time.time() - made_s_ago, tz=UTC).isoformat()
     active = -1 if heard_s_ago is None else int(heard_s_ago * 1e9)
     return StreamInfo.from_response({
         "config": {"name": config_bucket.STREAM, "mirror": {"name": config_bucket.STREAM}},
         "state": {"messages": 3, "bytes": 0, "first_seq": 1, "last_seq": 3, "consumer_count": 0},
-        "created": made, "mirror": {"name": config_bucket.STREAM, "lag": 0, "active": active}})
+        "created": made, "mirror": {"name": config_bucket.STREAM, "lag": 0, "active": active, "error": error}})
+
+
+def test_a_mirror_made_before_the_hubs_stream_is_made_anew_once_the_hub_has_it() -> None:
+    """A mirror made before the hub's owner made its stream (an edge started with or before the hub's
+    services) found no stream to copy, and nats-server tries again only after 30 s or more: once the hub has
+    it (``_why`` is asked only after the hub answered with its stream), the mirror is made anew at once.
+    Another error (a slow or lost link) is given time as before."""
+    keeper = HubMirror(config_bucket.STREAM, config_bucket.STREAM, config_bucket.ensure_mirror)
+    missing = {"code": 404, "err_code": 10059, "description": "stream not found"}
+    assert keeper._why(mirror_info(0.5, None, missing), 3, "t") == \
+        "the hub's stream did not exist when the mirror last tried to copy it"
+    assert keeper._why(mirror_info(0.5, None, {"code": 503, "err_code": 10008, "description": "timeout"}), 3,
+                       "t") is None
+    assert keeper._why(mirror_info(0.5, 0.2, missing), 3, "t") is None  # it hears from the hub now
 
 
 def test_a_mirror_slow_to_attach_is_given_longer_each_time() -> None:

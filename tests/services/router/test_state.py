@@ -117,6 +117,32 @@ async def test_the_uplink_going_down_ends_the_waits_on_it_and_only_then() -> Non
         state.provider_changed(ProviderHealth(provider="fk", state=BreakerState.CLOSED, since=now + 11))
         assert state.probe_at == {}
 
+    def test_an_edge_reads_the_breaker_of_the_adapters_that_take_its_calls(self) -> None:
+        """A provider the site's own cloud-adapter has: its breaker; one only the hub's adapters have (the site
+        has none of its own, or one without that provider): the hub's, from the edge's mirror."""
+        state = state_with(("small", "chat"))
+        now = time.time()
+        state.provider_changed(ProviderHealth(provider="fk", state=BreakerState.OPEN, since=now - 20,
+                                              probe_at=now + 10), hub=True)
+        state.provider_changed(ProviderHealth(provider="other", state=BreakerState.HALF_OPEN, since=now), hub=True)
+        seen = state.conditions("t", now)
+        assert seen.provider_health == {"fk": "open", "other": "half_open"}  # no adapter of the site's own
+        assert seen.probes_in == {"fk": pytest.approx(10)}
+        with pytest.raises(Unavailable, match="fk circuit open"):
+            plan(state.policy, Facts("fk/ok", "t", None, False, Signals(1, 0)), seen)
+        # the site's own adapter, for fk only (its breaker closed, never moved: no entry)
+        state.catalog.seen(WorkerHeartbeat(worker_id="a", service="cloud-adapter", site="edge1", inflight=0,
+                                           capacity=1, models=[], cloud_models=["fk/ok"]))
+        seen = state.conditions("t", now)
+        assert seen.provider_health == {"other": "half_open"}
+        assert seen.probes_in == {}
+        assert plan(state.policy, Facts("fk/ok", "t", None, False, Signals(1, 0)), seen).chain == ("fk/ok",)
+        state.provider_changed(ProviderHealth(provider="fk", state=BreakerState.HALF_OPEN, since=now))
+        assert state.conditions("t", now).provider_health == {"fk": "half_open", "other": "half_open"}
+        # the hub's entry deleted: the site's own is all there is
+        state.provider_gone("other", hub=True)
+        assert state.conditions("t", now).provider_health == {"fk": "half_open"}
+
     def test_a_spent_budget_is_named_in_the_refusal(self) -> None:
         """The router's own refusal names the budget, what was spent and when it resets (Retry-After)."""
         state = state_with(("small", "chat"))
