@@ -249,12 +249,15 @@ async def main(settings: RouterSettings, readiness: Readiness, stack: AsyncExitS
                             name=subjects.BUDGETS),
     ]
     if settings.site != subjects.HUB:  # other sites' spending: the mirror of the hub's budgets (shared/budgets.py)
+        # (each watch looks its mirror up every LW_ROUTER_CONFIG_CHECK_S without updates: one made anew is
+        # followed at once)
         tasks.append(watch.follow_bucket(lambda: budgets.open_mirror(js), ">",
                                          watch.budget_updates(state, skip_site=settings.site),
-                                         name=subjects.HUB_BUDGETS))
+                                         name=subjects.HUB_BUDGETS, check_s=settings.config_check_s))
         # the breakers of the hub's adapters, which take the site's cloud calls where it has no adapter of its own
         tasks.append(watch.follow_bucket(lambda: watch.open_health_mirror(js), ">",
-                                         watch.health_updates(state, hub=True), name=subjects.HUB_PROVIDER_HEALTH))
+                                         watch.health_updates(state, hub=True), name=subjects.HUB_PROVIDER_HEALTH,
+                                         check_s=settings.config_check_s))
         tasks.append(watch.keep_hub_mirrors(nc, settings.config_check_s, settings.config_hub_check_s))
     if settings.probes_uplink:
         tasks.append(watch.probe_uplink(nc, state, settings.uplink_probe_s, settings.site))

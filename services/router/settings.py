@@ -37,7 +37,8 @@ class RouterSettings(ServiceSettings):
                     "the config mirror hears nothing from the hub")
     config_check_s: float = Field(
         default=1.0, gt=0, alias="LW_ROUTER_CONFIG_CHECK_S",
-        description="edge: how often to check that the config mirror hears from the hub (while it does not, the "
+        description="edge: how often to check that the config mirror (and the provider-health and budgets mirrors) "
+                    "hears from the hub (while the config mirror does not, the "
                     "policy keys are read from the hub directly) and still copies the hub's bucket (one stuck for "
                     "5 s, or copying a hub bucket created anew, is made anew), and how often the bucket's watch "
                     "looks up a mirror that brought no update (to follow one made anew)")
