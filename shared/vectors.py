@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+import binascii
+import re
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -18,6 +20,26 @@ def encode_vector(vector: npt.NDArray[np.float32] | Sequence[float], encoding_fo
     if encoding_format == "base64":
         return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
     return [float(x) for x in vector]
+
+
+def decode_vector(text: str) -> list[float]:
+    """A base64 vector (little-endian float32) as floats; ``ValueError`` when it is not one."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except binascii.Error as exc:
+        raise ValueError("an embedding is a string that is not base64") from exc
+    if len(raw) % 4:
+        raise ValueError(f"a base64 embedding of {len(raw)} bytes is no float32 vector")
+    return [float(x) for x in np.frombuffer(raw, dtype="<f4")]
+
+
+INPUT_AT = re.compile(r"\binput\[(\d+)\]")  # how an error names one input (context_length_exceeded)
+
+
+def renumber_inputs(message: str, index: Callable[[int], int]) -> str:
+    """``message`` with each ``input[i]`` it names as ``input[index(i)]``: an error about a request's part, or
+    about the inputs a provider was sent of a request's, told in the caller's numbering."""
+    return INPUT_AT.sub(lambda m: f"input[{index(int(m[1]))}]", message)
 
 
 def oversized(answer: bytes, max_payload: int, request: EmbeddingRequest) -> AnswerTooLarge | None:

@@ -58,7 +58,7 @@ from shared.errors import (
 )
 from shared.logging import get_logger
 from shared.replies import Event, ReplyPublisher, keep_callers, publish_error
-from shared.vectors import oversized
+from shared.vectors import oversized, renumber_inputs
 
 SERVICE = "cloud-adapter"
 log = get_logger("leafwire.cloud_adapter")
@@ -694,7 +694,12 @@ class CloudAdapter:
         asked = request if len(sent) == len(items) else request.model_copy(update={"input": [items[i] for i in sent]})
         with target.upstream.slot():
             call = target.upstream.embeddings_call(asked, target.model, target.spec, env.deadline)
-            vectors = await target.upstream.embed(call)
+            try:
+                vectors = await target.upstream.embed(call)
+            except LeafwireError as err:  # an input the provider names, numbered among those it was sent
+                if len(sent) < len(items):
+                    err.message = renumber_inputs(err.message, lambda i: sent[i] if i < len(sent) else i)
+                raise
         target.first_byte.observe(time.monotonic() - started)
         if keys is None:
             return vectors.answer, vectors.prompt_tokens

@@ -13,7 +13,6 @@ first part to fail fails the whole request with its error, and the parts still o
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,8 +26,8 @@ from shared import subjects
 from shared.envelope import Envelope
 from shared.errors import LeafwireError, RemoteError, UpstreamError
 from shared.replies import Event, Reply
+from shared.vectors import INPUT_AT, renumber_inputs
 
-INPUT_AT = re.compile(r"\binput\[(\d+)\]")  # how a worker's error names one input (context_length_exceeded)
 VECTORS = TypeAdapter(list[Embedding])
 
 
@@ -97,7 +96,7 @@ def in_whole(err: LeafwireError, offset: int) -> LeafwireError:
     if not offset or err.param != "input" or not INPUT_AT.search(err.message):
         return err
     response = err.to_response()
-    response.error.message = INPUT_AT.sub(lambda m: f"input[{int(m[1]) + offset}]", err.message)
+    response.error.message = renumber_inputs(err.message, lambda i: i + offset)
     return RemoteError(err.status, response, err.retry_after)
 
 
