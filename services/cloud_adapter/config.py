@@ -45,8 +45,8 @@ _PROVIDER = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 _MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,127}$")
 _HEADER = r"^[A-Za-z0-9-]{1,64}$"
 # OpenAI's reasoning models (o1, o3-mini-2025-01-31, o4-mini, gpt-5, gpt-5.1-mini; openai/o3 as a router names
-# it): they refuse max_tokens and take max_completion_tokens
-_REASONING = re.compile(r"(?:^|/)(?:o[1-9]|gpt-5)(?:$|[-.:_])", re.IGNORECASE)
+# it; ft:o4-mini-2025-04-16:acme::AbC123, a fine-tune of one): they refuse max_tokens, take max_completion_tokens
+_REASONING = re.compile(r"(?:^(?:ft:)?|/)(?:o[1-9]|gpt-5)(?:$|[-.:_])", re.IGNORECASE)
 Kind = Literal["openai-compatible", "anthropic"]
 PATHS: dict[str, str] = {"openai-compatible": "/chat/completions", "anthropic": "/v1/messages"}
 EMBEDDINGS_PATH = "/embeddings"

@@ -126,7 +126,8 @@ async def route_cloud_embeddings(settings: RouterSettings, state: LiveState, req
     sent, masked = state.masker.mask_inputs(request)
     count_masked(masked)
     payload = sent.model_copy(update={"model": model}).model_dump_json(exclude_unset=True).encode()
-    await hand_off(handoffs, subjects.cloud_embeddings(settings.site), payload, env, plan, model, masked)
+    await hand_off(handoffs, subjects.cloud_embeddings(state.cloud_site(model, "embeddings")), payload, env, plan,
+                   model, masked)
 
 
 def chat_handler(nc: NATS, settings: RouterSettings, state: LiveState,

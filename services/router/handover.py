@@ -101,14 +101,15 @@ async def offer_local(nc: NATS, settings: RouterSettings, model: str, kind: Mode
 
 
 async def offer(nc: NATS, settings: RouterSettings, target: str, payload: bytes, env: Envelope,
-                lost: asyncio.Future[None] | None = None) -> None:
+                lost: asyncio.Future[None] | None = None, cloud_site: str | None = None) -> None:
     """Ask ``target`` to take a chat request; raise the error it (or its absence) amounts to. A cloud
-    target's wait also ends when ``lost`` is done: the uplink its answer comes across went down."""
+    target's wait also ends when ``lost`` is done: the uplink its answer comes across went down. A cloud
+    target is asked on ``cloud_site``'s subject (``LiveState.cloud_site``; the router's own by default)."""
     if not is_cloud(target):
         await offer_local(nc, settings, target, "chat", payload, env)
         return
-    admitting = admit(nc, subjects.cloud_chat(settings.site), payload, env, settings.cloud_admission_timeout_s,
-                      target)
+    admitting = admit(nc, subjects.cloud_chat(cloud_site or settings.site), payload, env,
+                      settings.cloud_admission_timeout_s, target)
     try:
         if lost is None:
             await admitting
@@ -254,13 +255,14 @@ async def run_chain(nc: NATS, settings: RouterSettings, state: LiveState, plan: 
         payload, masked = prepare(state, request, target, raw)
         count_masked(masked)
         if handoffs is not None and len(chain) == 1 and is_cloud(target):  # the first target: none failed
-            await hand_off(handoffs, subjects.cloud_chat(settings.site), payload, env, plan, target, masked)
+            await hand_off(handoffs, subjects.cloud_chat(state.cloud_site(target)), payload, env, plan, target,
+                           masked)
             return target
         try:
             lost = (state.uplink_lost() if settings.probes_uplink and is_cloud(target) and state.needs_uplink(target)
                     else None)
             await offer(nc, settings, target, payload, env.with_route(plan.header(target, passed_over + failed)),
-                        lost)
+                        lost, state.cloud_site(target) if is_cloud(target) else None)
         except LeafwireError as err:
             if err.code == ChoicesOneByOne.default_code:  # a cloud model answering a choice a request (no n)
                 raise ChoicesOneByOne(request.n or 1, target, tuple(t for t, _ in failed)) from None

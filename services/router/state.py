@@ -28,6 +28,12 @@ def cloud_adapters(workers: list[WorkerHeartbeat]) -> list[WorkerHeartbeat]:
     return [b for b in workers if b.service == CLOUD_ADAPTER]
 
 
+def offers(adapter: WorkerHeartbeat, model: str, kind: ModelKind) -> bool:
+    """Whether a cloud-adapter is configured for ``model`` of ``kind`` (one too old to say: taken as yes)."""
+    names = adapter.cloud_models if kind == "chat" else adapter.cloud_embeddings
+    return names is None or model in names
+
+
 def configured(adapters: list[WorkerHeartbeat], kind: ModelKind) -> frozenset[str] | None:
     """Every cloud model of ``kind`` the live cloud-adapters are configured for; ``None`` (unknown) when none
     is heard from, or one is too old to say."""
@@ -76,6 +82,21 @@ class LiveState:
         """Whether a cloud ``target``'s answer comes across the uplink: none of this site's adapters calls it
         on the site's own network (a ``local: true`` provider)."""
         return target not in self._uplink_free(self.catalog.alive())
+
+    def cloud_site(self, target: str, kind: ModelKind = "chat") -> str:
+        """The site token a cloud ``target``'s work is sent on: the router's own, which the site's adapters and
+        the hub's (listening on every site) read, NATS giving a queue group's local member the request; or
+        ``hub``, which only the hub's adapters read, when the site's live adapters lack ``target`` and a hub
+        adapter has it (a site's adapter for its own vLLM only, say, would refuse the hub's models with 404)."""
+        site = self.catalog.site
+        if site == subjects.HUB:
+            return site
+        adapters = cloud_adapters(self.catalog.alive())
+        mine = [b for b in adapters if b.site == site]
+        if not mine or any(offers(b, target, kind) for b in mine):
+            return site
+        theirs = any(b.site == subjects.HUB and offers(b, target, kind) for b in adapters)
+        return subjects.HUB if theirs else site
 
     def _uplink_free(self, workers: list[WorkerHeartbeat]) -> frozenset[str]:
         return frozenset(m for b in cloud_adapters(workers) if b.site == self.catalog.site for m in b.uplink_free)

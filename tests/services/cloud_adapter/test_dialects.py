@@ -69,7 +69,8 @@ class TestOpenAICompatible:
 
     @pytest.mark.parametrize(("upstream", "reasoning"), [
         ("o1", True), ("o3-mini-2025-01-31", True), ("O4-mini", True), ("openai/o3", True), ("gpt-5", True),
-        ("gpt-5.1-mini", True), ("gpt-5-nano", True),
+        ("gpt-5.1-mini", True), ("gpt-5-nano", True), ("ft:o4-mini-2025-04-16:acme:qa:AbC123", True),
+        ("ft:gpt-4o-mini-2024-07-18:acme::x1", False),
         ("gpt-4o", False), ("gpt-4o-mini", False), ("o1x", False), ("gpt-50", False), ("llama-3-o1", False),
         ("omni-moderation-latest", False), ("deepseek-reasoner", False),
     ])

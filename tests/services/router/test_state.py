@@ -62,24 +62,6 @@ class TestConditions:
         assert state.needs_uplink("openai/gpt-4o")
 
 
-async def test_the_uplink_going_down_ends_the_waits_on_it_and_only_then() -> None:
-    """Every wait on the uplink (a cloud admission coming across it) ends when it goes down; a probe finding
-    it up, or down again, ends none; a wait begun after it went down waits for the next time."""
-    state = state_with(("small", "chat"))
-    first, second = state.uplink_lost(), state.uplink_lost()
-    assert first is second
-    state.set_uplink(True)
-    assert not first.done()
-    state.set_uplink(False)
-    assert first.done()
-    assert not state.uplink_up
-    later = state.uplink_lost()
-    state.set_uplink(False)  # still down: no news
-    assert not later.done()
-    state.set_uplink(True)
-    state.set_uplink(False)
-    assert later.done()
-
     def test_busy_workers_saturate_their_model(self) -> None:
         """A model whose every worker is at capacity is saturated."""
         assert state_with(("small", "chat"), inflight=1).conditions("t").saturated == {"small"}
@@ -143,6 +125,29 @@ async def test_the_uplink_going_down_ends_the_waits_on_it_and_only_then() -> Non
         state.provider_gone("other", hub=True)
         assert state.conditions("t", now).provider_health == {"fk": "half_open"}
 
+    def test_a_cloud_model_only_the_hubs_adapters_have_is_sent_on_the_hubs_subject(self) -> None:
+        """An edge's cloud work goes on its own subject (its adapters and the hub's read it, NATS preferring the
+        local one), but a model the site's live adapters lack and a hub adapter has goes on ``hub``'s, which
+        only the hub's adapters read: the site's adapter would take it and refuse it with a 404."""
+        state = state_with(("small", "chat"))
+        assert state.cloud_site("oai/gpt") == "edge1"  # no adapter heard of: the site's subject, as always
+
+        def adapter(worker: str, site: str, chat: list[str] | None, embeddings: list[str] | None = None) -> None:
+            state.catalog.seen(WorkerHeartbeat(worker_id=worker, service="cloud-adapter", site=site, inflight=0,
+                                               capacity=1, models=[], cloud_models=chat, cloud_embeddings=embeddings))
+
+        adapter("hub-a", "hub", ["oai/gpt", "vllm/llama"], ["oai/embed"])
+        assert state.cloud_site("oai/gpt") == "edge1"  # the site has no adapter: the hub's take its subject
+        adapter("site-a", "edge1", ["vllm/llama"], [])
+        assert state.cloud_site("oai/gpt") == "hub"
+        assert state.cloud_site("oai/embed", "embeddings") == "hub"
+        assert state.cloud_site("vllm/llama") == "edge1"  # the site's own has it: NATS prefers it
+        assert state.cloud_site("nobody/x") == "edge1"  # nobody has it: as before (the adapter's 404)
+        adapter("site-b", "edge1", None)  # an adapter too old to say what it has: it may have it
+        assert state.cloud_site("oai/gpt") == "edge1"
+        hub = LiveState(Catalog("hub"), Policy(), Masker(()))
+        assert hub.cloud_site("oai/gpt") == "hub"
+
     def test_a_spent_budget_is_named_in_the_refusal(self) -> None:
         """The router's own refusal names the budget, what was spent and when it resets (Retry-After)."""
         state = state_with(("small", "chat"))
@@ -166,6 +171,25 @@ async def test_the_uplink_going_down_ends_the_waits_on_it_and_only_then() -> Non
                                                    limit_usd=1, state="exhausted"))
             expected = "ok" if key == "old" else "exhausted"
             assert state.budget_level("t", now) == expected
+
+
+async def test_the_uplink_going_down_ends_the_waits_on_it_and_only_then() -> None:
+    """Every wait on the uplink (a cloud admission coming across it) ends when it goes down; a probe finding
+    it up, or down again, ends none; a wait begun after it went down waits for the next time."""
+    state = state_with(("small", "chat"))
+    first, second = state.uplink_lost(), state.uplink_lost()
+    assert first is second
+    state.set_uplink(True)
+    assert not first.done()
+    state.set_uplink(False)
+    assert first.done()
+    assert not state.uplink_up
+    later = state.uplink_lost()
+    state.set_uplink(False)  # still down: no news
+    assert not later.done()
+    state.set_uplink(True)
+    state.set_uplink(False)
+    assert later.done()
 
 
 async def test_the_hub_mirror_feeds_other_sites_only() -> None:
