@@ -198,8 +198,10 @@ class Ledger:
             acct.revision = 0
 
     def due(self) -> list[Account]:
-        """Accounts with spending to write, or a limit."""
-        return [a for a in self.accounts.values() if a.pending > 0 or a.restate]
+        """Accounts with spending to write, or a limit; the months first: a router reading the entries as they
+        are written then never sees a spent day without its spent month, and says Retry-After: tomorrow."""
+        due = [a for a in self.accounts.values() if a.pending > 0 or a.restate]
+        return sorted(due, key=lambda a: -PERIODS.index(a.period))
 
     def status(self, acct: Account, spent: float) -> BudgetStatus:
         """This site's entry of an account when the site has spent ``spent``."""

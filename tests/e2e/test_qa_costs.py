@@ -209,8 +209,7 @@ class TestBudgets:
         (the next UTC day) would be refused again by the monthly budget: Retry-After says the first of next
         month, from the adapter and from the router alike (QA found it said the next day)."""
         assert post(qc, {"model": "priced/echo", "messages": ask()}, key="key-both").status_code == 200
-        month = seconds_left("monthly", time.time())
-        assert month > seconds_left("daily", time.time()) + 3600  # not the last day of a month
+        month = seconds_left("monthly", time.time())  # (the last day of a month, the day's too: the test tells less)
         r = post(qc, {"model": "priced/echo", "messages": ask()}, key="key-both")
         assert r.status_code == 429, r.text
         by_adapter = int(r.headers["retry-after"])

@@ -328,6 +328,13 @@ class TestLedger:
             ledger.check("acme")
         assert exc.value.period == "monthly"
 
+    def test_the_months_are_written_before_the_days(self) -> None:
+        """A router reading the entries as a flush writes them never sees a spent day without its spent month
+        (its refusal would say Retry-After: tomorrow, when the month is spent too)."""
+        ledger = self.ledger(Clock())
+        ledger.charge("acme", 0.5)
+        assert [a.period for a in ledger.due()] == ["monthly", "monthly", "daily", "daily"]
+
     def test_a_new_day_starts_from_zero(self) -> None:
         """Yesterday's spending does not count today."""
         clock = Clock()
