@@ -33,8 +33,19 @@ gateway maps them to OpenAI's error shape once, and NATS handlers to an ``error`
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
 from schemas.errors import ErrorBody, ErrorResponse
 from shared.logging import scrub
+
+INPUT_AT = re.compile(r"\binput\[(\d+)\]")  # how an error names one input (context_length_exceeded)
+
+
+def renumber_inputs(message: str, index: Callable[[int], int]) -> str:
+    """``message`` with each ``input[i]`` it names as ``input[index(i)]``: an error about a request's part, or
+    about the inputs a provider was sent of a request's, told in the caller's numbering."""
+    return INPUT_AT.sub(lambda m: f"input[{index(int(m[1]))}]", message)
 
 
 class BadConfiguration(Exception):

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -31,15 +30,6 @@ def decode_vector(text: str) -> list[float]:
     if len(raw) % 4:
         raise ValueError(f"a base64 embedding of {len(raw)} bytes is no float32 vector")
     return [float(x) for x in np.frombuffer(raw, dtype="<f4")]
-
-
-INPUT_AT = re.compile(r"\binput\[(\d+)\]")  # how an error names one input (context_length_exceeded)
-
-
-def renumber_inputs(message: str, index: Callable[[int], int]) -> str:
-    """``message`` with each ``input[i]`` it names as ``input[index(i)]``: an error about a request's part, or
-    about the inputs a provider was sent of a request's, told in the caller's numbering."""
-    return INPUT_AT.sub(lambda m: f"input[{index(int(m[1]))}]", message)
 
 
 def oversized(answer: bytes, max_payload: int, request: EmbeddingRequest) -> AnswerTooLarge | None:

@@ -55,10 +55,11 @@ from shared.errors import (
     LeafwireError,
     ModelNotFound,
     Unavailable,
+    renumber_inputs,
 )
 from shared.logging import get_logger
 from shared.replies import Event, ReplyPublisher, keep_callers, publish_error
-from shared.vectors import oversized, renumber_inputs
+from shared.vectors import oversized
 
 SERVICE = "cloud-adapter"
 log = get_logger("leafwire.cloud_adapter")

@@ -24,9 +24,8 @@ from services.gateway.bridge import Bridge, Exchange
 from shared import envelope as hdr
 from shared import subjects
 from shared.envelope import Envelope
-from shared.errors import LeafwireError, RemoteError, UpstreamError
+from shared.errors import INPUT_AT, LeafwireError, RemoteError, UpstreamError, renumber_inputs
 from shared.replies import Event, Reply
-from shared.vectors import INPUT_AT, renumber_inputs
 
 VECTORS = TypeAdapter(list[Embedding])
 

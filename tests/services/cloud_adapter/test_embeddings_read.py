@@ -11,8 +11,7 @@ import pytest
 
 from schemas.embeddings import EmbeddingRequest
 from services.cloud_adapter.embeddings import read
-from shared.errors import UpstreamError
-from shared.vectors import renumber_inputs
+from shared.errors import UpstreamError, renumber_inputs
 
 
 def answer(*vectors: list[float] | str, usage: dict[str, Any] | None = None) -> bytes:
