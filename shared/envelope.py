@@ -28,6 +28,8 @@ STATUS = "Lw-Status"
 RETRY_AFTER = "Lw-Retry-After"
 SEQ = "Lw-Seq"  # on each event of an answer after the first: its number (the first is 0), so a gap shows
 CACHE = "Lw-Cache"  # on the first message of an answer: "hit" (from the cache) or "miss" (looked up, absent)
+# on a whole answer (a ``result``) a cloud-adapter made: what it cost, US dollars (``money``; "0": from the cache)
+COST = "Lw-Cost"
 # "1": the sender waits for no admission; every answer, a refusal too, goes to Lw-Reply (the message's own
 # reply subject only catches NATS's no-responders status)
 HANDOFF = "Lw-Handoff"
@@ -171,3 +173,9 @@ def _unix_time(text: str) -> float | None:
     be a duration someone meant (``30``) rather than a moment of 1970."""
     value = finite(text)
     return value if value is not None and value >= _EARLIEST else None
+
+
+def money(usd: float) -> str:
+    """US dollars as ``Lw-Cost`` and ``x-leafwire-cost-usd`` say them: decimal, to a billionth, no trailing
+    zeros (``0.000015``; ``0``)."""
+    return f"{usd:.9f}".rstrip("0").rstrip(".") or "0"

@@ -118,6 +118,11 @@ class ReplyPublisher:
             self._first = False
         return h
 
+    def also_first(self, headers: Mapping[str, str]) -> None:
+        """Headers the first event carries too, known only now (a whole answer's cost): none once it is sent."""
+        if self._first:
+            self._first_headers = {**(self._first_headers or {}), **headers}
+
     async def send(self, event: Event, body: bytes) -> None:
         """Publish one event (no-op when the caller left no reply subject)."""
         if self._subject:

@@ -46,7 +46,7 @@ from services.cloud_adapter.state import CloudState
 from services.cloud_adapter.upstream import Call, OpenStream, Upstream
 from shared import metrics, paths, subjects
 from shared.answer import Answer, merge_delta, message_deltas
-from shared.envelope import CACHE, EVENT, Envelope
+from shared.envelope import CACHE, COST, EVENT, Envelope, money
 from shared.errors import (
     Cancelled,
     ChoicesOneByOne,
@@ -168,6 +168,13 @@ class Tally:
             completion = -(-self.chars // CHARS_PER_TOKEN)
         return Usage.of(prompt, completion, cached=self.cached_tokens, reasoning=self.reasoning_tokens,
                         written=self.written_tokens)
+
+
+def priced(target: Target, request: ChatCompletionRequest, tally: Tally) -> tuple[Usage, float]:
+    """A call's usage (``Tally.usage``) and what it cost at the model's prices."""
+    usage = tally.usage(request)
+    return usage, target.spec.cost(usage.prompt_tokens, usage.completion_tokens, tally.cached_tokens or 0,
+                                   tally.written_tokens or 0, tally.written_1h_tokens or 0)
 
 
 def choices_usage(request: ChatCompletionRequest, choices: Choices) -> Usage:
@@ -436,6 +443,8 @@ class CloudAdapter:
         try:
             if hit is not None:  # the caller's answer first: the router only waits to know it was taken
                 answer.fingerprint = hit.fingerprint
+                if not request.stream:  # a whole answer's cost goes with it (a stream's is not known up front)
+                    publisher.also_first({COST: "0"})
                 await answer.whole(hit.message, hit.finish_reason, hit.usage)
                 await admission.admit()
                 outcome = "cache_hit"
@@ -495,6 +504,7 @@ class CloudAdapter:
                 prompt = paid.prompt_tokens
             usage = Usage.of(prompt, sum(tokens for *_, tokens in whole), **details)  # the prompt once: one call
             await admission.admit()
+            publisher.also_first({COST: money(cost)})
             await publisher.send(Event.RESULT, answer.choices([(m, f, lp) for m, f, lp, _ in whole], usage))
             outcome = "ok" if missing else "cache_hit"
             await answer_leaves()
@@ -673,6 +683,7 @@ class CloudAdapter:
             if (too_large := oversized(answer, self.nc.max_payload, request)) is not None:
                 raise too_large
             await admission.admit()
+            publisher.also_first({COST: money(target.spec.cost(tokens or 0, 0) if missing else 0.0)})
             await publisher.send(Event.RESULT, answer)
             outcome = "ok" if missing else "cache_hit"
             await answer_leaves()
@@ -788,7 +799,9 @@ class CloudAdapter:
         tally.chars = content_chars(completion)
         await admission.admit()
         answer.fingerprint = completion.fingerprint
-        await answer.whole(completion.message, completion.finish, tally.usage(call.request), completion.logprobs)
+        usage, cost = priced(target, call.request, tally)
+        answer.publisher.also_first({COST: money(cost)})
+        await answer.whole(completion.message, completion.finish, usage, completion.logprobs)
 
     async def _failed(self, exc: BaseException, admission: Admission, publisher: ReplyPublisher,
                       target: Target) -> str:
@@ -825,9 +838,7 @@ class CloudAdapter:
         elif outcome == "error" and tally.prompt_tokens is None and tally.chars == 0:
             usage, cost = Usage.of(0, 0), 0.0  # nothing reached us: nothing to bill
         else:
-            usage = tally.usage(request)
-            cost = target.spec.cost(usage.prompt_tokens, usage.completion_tokens, tally.cached_tokens or 0,
-                                    tally.written_tokens or 0, tally.written_1h_tokens or 0)
+            usage, cost = priced(target, request, tally)
             self._charge(target, env.tenant, usage, cost)
         return self._usage_event(target, env, outcome, elapsed, usage, cost, cached=hit is not None)
 

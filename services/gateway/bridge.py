@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -26,6 +26,7 @@ from shared.nats_headers import too_large
 from shared.replies import Reply, ReplyReader, ReplyStream
 
 RESIDENCY_HEADER = "x-leafwire-residency"  # "onsite": keep this request on the site
+COST_HEADER = "x-leafwire-cost-usd"  # what a cloud answer cost (its site's Lw-Cost)
 RECONNECT_GRACE_S = 2.0  # how long a request waits for a NATS connection being made again before a 503
 
 
@@ -115,7 +116,20 @@ class Bridge:
             headers["x-leafwire-served-by"] = served_by
         if cached := first.headers.get(hdr.CACHE):
             headers["x-leafwire-cache"] = cached
+        if cost := first.headers.get(hdr.COST):
+            headers[COST_HEADER] = cost
         return headers
+
+    @staticmethod
+    def add_costs(headers: dict[str, str], replies: Iterable[Reply]) -> None:
+        """``x-leafwire-cost-usd`` of an answer made of several (choices, parts): their costs added up, or none
+        when one of them has none (a local model's) or an unreadable one."""
+        try:
+            costs = [float(reply.headers[hdr.COST]) for reply in replies]
+        except (KeyError, ValueError):
+            headers.pop(COST_HEADER, None)
+            return
+        headers[COST_HEADER] = hdr.money(sum(costs))
 
     async def exchange(self, env: Envelope, respond: Respond) -> web.StreamResponse:
         """Run one request: ``respond`` asks and answers, setting ``finished`` once the answer ended. A

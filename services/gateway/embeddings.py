@@ -159,6 +159,7 @@ class EmbeddingsBridge(Bridge):
             raise failed.exceptions[0] from None  # the first part to fail; the others were cancelled
         body = merge([answers[n][1] for n in range(len(parts))])
         headers = self.answer_headers(answers[0][0], env)
+        self.add_costs(headers, (reply for reply, _ in answers.values()))
         if cached := in_cache([reply.headers.get(hdr.CACHE) for reply, _ in answers.values()]):
             headers["x-leafwire-cache"] = cached
         return web.Response(body=body, content_type="application/json", headers=headers)

@@ -104,6 +104,7 @@ class FanOut(Bridge):
             raise failed.exceptions[0] from None  # the first choice to fail; the others were cancelled
         replies = [t.result() for t in tasks]
         headers = self.answer_headers(replies[0][0], env)
+        self.add_costs(headers, (reply for reply, _ in replies))
         cached = [reply.headers.get(hdr.CACHE) == "hit" for reply, _ in replies]
         if any(cached) and not all(cached):
             headers["x-leafwire-cache"] = "partial"  # some choices from the cache, some not: "hit" would mislead

@@ -1,5 +1,5 @@
 """What an OpenAI-compatible provider is sent where servers differ: the field of the completion limit, and the
-usage chunk a stream asks for.
+usage chunk a stream asks for; and what a whole answer says it cost (``x-leafwire-cost-usd``).
 
 The stack: the openai client -> gateway -> router -> cloud-adapter -> a fake OpenAI-compatible provider, whose
 ``calls`` show the body each call carried. OpenAI's reasoning models (o1, o3, o4-mini, gpt-5...) refuse
@@ -43,8 +43,11 @@ def write_providers(path: Path, fake: FakeProvider, plain: FakeProvider) -> Path
     path.write_text(json.dumps({"providers": [
         entry("oai", fake, {"o3": {"upstream": "o3-mini-2025-01-31"}, "gpt5": {"upstream": "gpt-5.1-mini"},
                             "gpt": {"upstream": "gpt-4o-mini"},
-                            "old": {"upstream": "legacy-13b", "token_limit_field": "max_tokens"}}),
-        entry("plain", plain, {"m": {}}, stream_usage=False),
+                            "old": {"upstream": "legacy-13b", "token_limit_field": "max_tokens"},
+                            "priced": {"upstream": "gpt-4o", "input_per_mtok": 2.5, "output_per_mtok": 10},
+                            "embed": {"kind": "embeddings", "input_per_mtok": 0.13}}),
+        entry("plain", plain, {"m": {}, "priced": {"input_per_mtok": 3, "output_per_mtok": 15}}, stream_usage=False,
+              n=False),
     ]}))
     return path
 
@@ -143,3 +146,66 @@ def test_stream_usage_false_never_sends_stream_options(stack: Stack) -> None:
     usage = chunks[-1].usage
     assert usage is not None
     assert usage.completion_tokens > 0
+
+
+# -- what a whole answer cost
+
+
+def cost_of(usage: Any, input_per_mtok: float, output_per_mtok: float) -> float:
+    return (usage.prompt_tokens * input_per_mtok + usage.completion_tokens * output_per_mtok) / 1e6
+
+
+def test_a_whole_answer_says_what_it_cost(stack: Stack) -> None:
+    """As LiteLLM's x-litellm-response-cost: the usage at the model's prices, in US dollars."""
+    raw = stack.client().chat.completions.with_raw_response.create(
+        model="oai/priced", messages=[{"role": "user", "content": "what does this cost"}])
+    answer = raw.parse()
+    assert answer.usage is not None
+    assert float(raw.headers["x-leafwire-cost-usd"]) == pytest.approx(cost_of(answer.usage, 2.5, 10), abs=1e-9)
+    assert float(raw.headers["x-leafwire-cost-usd"]) > 0
+
+
+def test_a_cache_hit_costs_nothing_and_a_stream_does_not_say(stack: Stack) -> None:
+    """A cache hit made no call: 0. A stream's headers go before its cost is known: no header (its usage
+    chunk, the usage event and ``leafwire usage`` have it); an unpriced model costs 0."""
+    client = stack.client()
+    ask = {"model": "oai/priced", "messages": [{"role": "user", "content": "cache me"}], "temperature": 0}
+    first = client.chat.completions.with_raw_response.create(**ask)  # type: ignore[call-overload]
+    assert float(first.headers["x-leafwire-cost-usd"]) > 0
+    again = client.chat.completions.with_raw_response.create(**ask)  # type: ignore[call-overload]
+    assert again.headers["x-leafwire-cache"] == "hit"
+    assert again.headers["x-leafwire-cost-usd"] == "0"
+    with client.chat.completions.with_streaming_response.create(
+            model="oai/priced", messages=[{"role": "user", "content": "stream"}], stream=True) as streamed:
+        assert "x-leafwire-cost-usd" not in streamed.headers
+        list(streamed.iter_lines())
+    free = client.chat.completions.with_raw_response.create(model="oai/gpt",
+                                                            messages=[{"role": "user", "content": "free"}])
+    assert free.headers["x-leafwire-cost-usd"] == "0"
+
+
+@pytest.mark.parametrize(("model", "prices"), [
+    ("oai/priced", (2.5, 10)),  # n in one call
+    ("plain/priced", (3, 15)),  # a provider without n: a call a choice, their costs added up
+])
+def test_choices_say_what_they_cost_together(stack: Stack, model: str, prices: tuple[float, float]) -> None:
+    raw = stack.client().chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": "two of them"}], n=2)
+    answer = raw.parse()
+    assert len(answer.choices) == 2
+    assert answer.usage is not None
+    assert float(raw.headers["x-leafwire-cost-usd"]) == pytest.approx(cost_of(answer.usage, *prices), abs=1e-9)
+
+
+def test_embeddings_say_what_they_cost(stack: Stack) -> None:
+    """At the input price; several parts (more inputs than one part holds) added up; only the inputs not
+    cached are paid for."""
+    client = stack.client()
+    inputs = [f"line {i} of the manual" for i in range(300)]  # two parts of base64 vectors (256 + 44)
+    raw = client.embeddings.with_raw_response.create(model="oai/embed", input=inputs)
+    answer = raw.parse()
+    assert float(raw.headers["x-leafwire-cost-usd"]) == pytest.approx(answer.usage.prompt_tokens * 0.13 / 1e6,
+                                                                      abs=1e-9)
+    again = client.embeddings.with_raw_response.create(model="oai/embed", input=inputs[:10])
+    assert again.headers["x-leafwire-cache"] == "hit"
+    assert again.headers["x-leafwire-cost-usd"] == "0"

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from shared.envelope import DEFAULT_TENANT, Envelope
+from shared.envelope import DEFAULT_TENANT, Envelope, money
 from shared.errors import InvalidRequest
 
 
@@ -61,3 +61,9 @@ class TestEnvelope:
         assert Envelope("r", "t", "x", 1.0, route="target=local/m; rule=ab; variant=blue; reason=x").variant == "blue"
         assert Envelope("r", "t", "x", 1.0, route="target=local/m; rule=default").variant is None
         assert Envelope("r", "t", "x", 1.0).variant is None
+
+
+@pytest.mark.parametrize(("usd", "said"), [(0.0, "0"), (0.000015, "0.000015"), (1.5, "1.5"), (12.0, "12"),
+                                           (0.0000000004, "0"), (2.5e-05 + 1e-05, "0.000035")])
+def test_money_is_decimal_dollars_to_a_billionth(usd: float, said: str) -> None:
+    assert money(usd) == said
