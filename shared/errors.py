@@ -63,6 +63,9 @@ class LeafwireError(Exception):
     final: bool = False
     """No retry of the request can mend it soon (a cloud provider's failure after the adapter's own retries):
     the caller is told not to retry (``x-should-retry: false``), which OpenAI's clients honour."""
+    cost_usd: float = 0.0
+    """What the request cost before it was refused (``Lw-Cost``): the call that found a provider without ``n``
+    (``ChoicesOneByOne``), paid for, whose choices are then asked a call each."""
 
     def __init__(
         self,
@@ -100,11 +103,12 @@ class ChoicesOneByOne(InvalidRequest):
 
     default_code = "n_unsupported"
 
-    def __init__(self, n: int, target: str, failed: tuple[str, ...] = ()) -> None:
+    def __init__(self, n: int, target: str, failed: tuple[str, ...] = (), cost_usd: float = 0.0) -> None:
         super().__init__(f"{target} answers one choice a request; n = {n} is asked natively only of "
                          f"OpenAI-compatible cloud models: send {n} requests instead (the HTTP gateway does)",
                          param="n")
         self.failed = failed
+        self.cost_usd = cost_usd
 
 
 class ContextLengthExceeded(InvalidRequest):

@@ -46,6 +46,7 @@ from shared import envelope as hdr
 from shared import subjects
 from shared.envelope import Envelope
 from shared.errors import ChoicesOneByOne, IncompleteAnswer, LeafwireError, RemoteError, Unavailable, UpstreamError
+from shared.numbers import finite
 
 
 class Event(StrEnum):
@@ -213,6 +214,7 @@ def error_of(headers: Mapping[str, str], data: bytes) -> LeafwireError:
         retry = headers.get(hdr.RETRY_AFTER)
         err = RemoteError(status, ErrorResponse.model_validate_json(data), float(retry) if retry else None)
         err.final = headers.get(hdr.FINAL) == "1"
+        err.cost_usd = finite(headers.get(hdr.COST, "")) or 0.0
         return err
     except ValueError:
         return UpstreamError(f"malformed error event: {data[:200]!r}")
@@ -224,6 +226,8 @@ def _error_headers(err: LeafwireError) -> dict[str, str]:
         headers[hdr.RETRY_AFTER] = f"{err.retry_after:g}"
     if isinstance(err, ChoicesOneByOne) and err.failed:
         headers[hdr.SKIP] = ",".join(err.failed)
+    if err.cost_usd:
+        headers[hdr.COST] = hdr.money(err.cost_usd)
     if err.final:
         headers[hdr.FINAL] = "1"
     return headers

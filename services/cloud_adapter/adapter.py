@@ -489,7 +489,7 @@ class CloudAdapter:
                         paid = Usage.of(exc.tokens.prompt, exc.tokens.completion or 0)
                         cost = target.spec.cost(paid.prompt_tokens, paid.completion_tokens)
                         self._charge(target, env.tenant, paid, cost)
-                    raise ChoicesOneByOne(n, target.name) from exc
+                    raise ChoicesOneByOne(n, target.name, cost_usd=cost) from exc
                 target.first_byte.observe(time.monotonic() - started)
                 paid = choices_usage(request, choices)
                 cost = target.spec.cost(paid.prompt_tokens, paid.completion_tokens, choices.cached_tokens or 0,

@@ -121,15 +121,15 @@ class Bridge:
         return headers
 
     @staticmethod
-    def add_costs(headers: dict[str, str], replies: Iterable[Reply]) -> None:
-        """``x-leafwire-cost-usd`` of an answer made of several (choices, parts): their costs added up, or none
-        when one of them has none (a local model's) or an unreadable one."""
+    def add_costs(headers: dict[str, str], replies: Iterable[Reply], spent: float = 0.0) -> None:
+        """``x-leafwire-cost-usd`` of an answer made of several (choices, parts): their costs added up, with
+        what was ``spent`` before them, or none when one of them has none (a local model's) or an unreadable one."""
         try:
             costs = [float(reply.headers[hdr.COST]) for reply in replies]
         except (KeyError, ValueError):
             headers.pop(COST_HEADER, None)
             return
-        headers[COST_HEADER] = hdr.money(sum(costs))
+        headers[COST_HEADER] = hdr.money(sum(costs) + spent)
 
     async def exchange(self, env: Envelope, respond: Respond) -> web.StreamResponse:
         """Run one request: ``respond`` asks and answers, setting ``finished`` once the answer ended. A

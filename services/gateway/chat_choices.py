@@ -117,4 +117,4 @@ class ChatChoicesBridge(FanOut):
             return native
         merge = ChatAnswers(env.request_id, int(time.time()))
         return await self.fan_out(http, env, plan(request, raw, env), merge, stream=request.stream,
-                                  include_usage=request.include_usage(), skip=native.skip)
+                                  include_usage=request.include_usage(), before=native)

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from services.gateway.completion_answer import TextAnswers
 from services.gateway.completion_request import CompletionRequest, plan, with_n
-from services.gateway.fanout import FanOut
+from services.gateway.fanout import FanOut, OneByOne
 
 
 class CompletionsBridge(FanOut):
@@ -27,12 +27,12 @@ class CompletionsBridge(FanOut):
         choices = plan(request, env)
         merge = TextAnswers(env.request_id, int(time.time()), request.prompts(), request.choices_per_prompt(),
                             bool(request.echo))
-        skip = ""
+        before = OneByOne()
         if merge.n > 1 and len(merge.prompts) == 1:  # one prompt's n: asked once first
             body = with_n(request).model_dump_json(exclude_unset=True).encode()
             native = await self.at_once(http, body, env, merge.all_at_once, merge.error, merge.native_chunk)
             if isinstance(native, web.StreamResponse):
                 return native
-            skip = native.skip
+            before = native
         return await self.fan_out(http, env, choices, merge, stream=request.stream,
-                                  include_usage=request.include_usage(), skip=skip)
+                                  include_usage=request.include_usage(), before=before)

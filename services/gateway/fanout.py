@@ -37,9 +37,11 @@ Out = asyncio.Queue[tuple[Choice, Got]]
 @dataclass(frozen=True, slots=True)
 class OneByOne:
     """The site answers this request's choices one a request (``n_unsupported``); ``skip``: the targets that
-    refused it on the way (``Lw-Skip``), which its choices pass over."""
+    refused it on the way (``Lw-Skip``), which its choices pass over; ``spent``: what finding that out cost (a
+    provider without ``n`` answered one choice, paid for: ``Lw-Cost``), added to the answer's cost."""
 
     skip: str = ""
+    spent: float = 0.0
 
 
 class FanOut(Bridge):
@@ -67,7 +69,7 @@ class FanOut(Bridge):
             except LeafwireError as err:
                 if err.code != ChoicesOneByOne.default_code:
                     raise error(err) from None
-                one_by_one = OneByOne(reply.headers.get(hdr.SKIP, ""))
+                one_by_one = OneByOne(reply.headers.get(hdr.SKIP, ""), err.cost_usd)
                 return web.Response()
             if reply.event is Event.CHUNK:
                 resp, exchange.finished = await relay_stream(self, http, exchange, reply, headers, chunk)
@@ -80,31 +82,32 @@ class FanOut(Bridge):
         return answered if one_by_one is None else one_by_one
 
     async def fan_out(self, http: web.Request, env: Envelope, choices: list[Choice], merge: Merge[Any], *,
-                      stream: bool, include_usage: bool, skip: str = "") -> web.StreamResponse:
-        """Ask for every choice (each passing over the targets in ``skip``) and answer the caller with ``merge``
-        of their answers."""
+                      stream: bool, include_usage: bool, before: OneByOne = OneByOne()) -> web.StreamResponse:
+        """Ask for every choice (each passing over the targets ``before`` names, the request asked at once
+        having found its target answers one choice a request) and answer the caller with ``merge`` of their
+        answers."""
         async def respond(_: Exchange) -> web.StreamResponse:  # its stream stays unused: each choice has one
             try:
                 if stream:
-                    return await self._stream(http, env, choices, merge, include_usage, skip)
-                return await self._whole(http, env, choices, merge, skip)
+                    return await self._stream(http, env, choices, merge, include_usage, before.skip)
+                return await self._whole(http, env, choices, merge, before)
             except LeafwireError as err:
                 raise merge.error(err) from None
 
         return await self.exchange(env, respond)
 
     async def _whole(self, http: web.Request, env: Envelope, choices: list[Choice], merge: Merge[Any],
-                     skip: str) -> web.StreamResponse:
+                     before: OneByOne) -> web.StreamResponse:
         """Every choice's whole answer, then one answer of them all."""
         limit = asyncio.Semaphore(self.settings.completions_parallel)
         try:
             async with asyncio.TaskGroup() as asking:
-                tasks = [asking.create_task(self._answer(http, c, limit, merge, skip)) for c in choices]
+                tasks = [asking.create_task(self._answer(http, c, limit, merge, before.skip)) for c in choices]
         except* LeafwireError as failed:
             raise failed.exceptions[0] from None  # the first choice to fail; the others were cancelled
         replies = [t.result() for t in tasks]
         headers = self.answer_headers(replies[0][0], env)
-        self.add_costs(headers, (reply for reply, _ in replies))
+        self.add_costs(headers, (reply for reply, _ in replies), before.spent)
         cached = [reply.headers.get(hdr.CACHE) == "hit" for reply, _ in replies]
         if any(cached) and not all(cached):
             headers["x-leafwire-cache"] = "partial"  # some choices from the cache, some not: "hit" would mislead

@@ -265,7 +265,7 @@ async def run_chain(nc: NATS, settings: RouterSettings, state: LiveState, plan: 
                         lost, state.cloud_site(target) if is_cloud(target) else None)
         except LeafwireError as err:
             if err.code == ChoicesOneByOne.default_code:  # a cloud model answering a choice a request (no n)
-                raise ChoicesOneByOne(request.n or 1, target, tuple(t for t, _ in failed)) from None
+                raise ChoicesOneByOne(request.n or 1, target, tuple(t for t, _ in failed), err.cost_usd) from None
             kind = "cloud" if is_cloud(target) else "local"
             if not falls_back(err):
                 metrics.ROUTE_DECISIONS.labels(kind, plan.rule, "refused").inc()

@@ -86,14 +86,14 @@ class LiveState:
     def cloud_site(self, target: str, kind: ModelKind = "chat") -> str:
         """The site token a cloud ``target``'s work is sent on: the router's own, which the site's adapters and
         the hub's (listening on every site) read, NATS giving a queue group's local member the request; or
-        ``hub``, which only the hub's adapters read, when the site's live adapters lack ``target`` and a hub
-        adapter has it (a site's adapter for its own vLLM only, say, would refuse the hub's models with 404)."""
+        ``hub``, which only the hub's adapters read, when no live adapter of the site has ``target`` and a hub
+        adapter has it: a site's adapter for its own vLLM only, say, would refuse the hub's models with 404,
+        and one that hangs (no heartbeat, its subscription still there) would take them and never answer."""
         site = self.catalog.site
         if site == subjects.HUB:
             return site
         adapters = cloud_adapters(self.catalog.alive())
-        mine = [b for b in adapters if b.site == site]
-        if not mine or any(offers(b, target, kind) for b in mine):
+        if any(b.site == site and offers(b, target, kind) for b in adapters):
             return site
         theirs = any(b.site == subjects.HUB and offers(b, target, kind) for b in adapters)
         return subjects.HUB if theirs else site
