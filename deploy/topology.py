@@ -7,6 +7,7 @@ Ports and data folders come from the caller; nothing here is fixed per machine.
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
 import string
@@ -51,6 +52,7 @@ class Node:
 
 _HANDED_OUT: set[int] = set()
 LOW, HIGH = 20000, 32767  # below Linux's ephemeral range (32768-60999): no outgoing connection takes these
+PORT_SLICE = "LW_PORT_SLICE"  # "i/n": pick ports in the i-th of n equal slices of LOW..HIGH only
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -76,13 +78,25 @@ def free_block(offsets: Sequence[int], host: str = "127.0.0.1") -> int:
     handed out before in this process (``free_port``'s rules, for a whole stack's ports at once)."""
     base = _pick(offsets, host)
     if base is None:
-        raise OSError(f"no block of {len(offsets)} free ports between {LOW} and {HIGH} on {host}")
+        raise OSError(f"no block of {len(offsets)} free ports in {port_range()} on {host}")
     return base
 
 
+def port_range() -> tuple[int, int]:
+    """LOW..HIGH, or the slice of it ``LW_PORT_SLICE`` names: processes picking ports side by side (the test
+    suite's workers) each take their own, so that none picks a port another has picked and not bound yet."""
+    spec = os.environ.get(PORT_SLICE, "")
+    index, _, count = spec.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        return LOW, HIGH
+    size = (HIGH - LOW + 1) // int(count)
+    return LOW + int(index) * size, LOW + (int(index) + 1) * size - 1
+
+
 def _pick(offsets: Sequence[int], host: str) -> int | None:
+    low, high = port_range()
     for _ in range(1000):
-        base = random.randint(LOW, HIGH - max(offsets))
+        base = random.randint(low, high - max(offsets))
         ports = [base + d for d in offsets]
         if not any(p in _HANDED_OUT or port_in_use(host, p) for p in ports):
             _HANDED_OUT.update(ports)

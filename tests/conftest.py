@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -21,6 +22,11 @@ from tests.support import (
     write_policy,
     write_registry,
 )
+
+# pytest-xdist's workers (gw0, gw1...) each pick ports in a slice of their own (deploy.topology.port_range): one
+# worker's service starting on a port it picked could otherwise meet another's picked a moment before
+if (worker := os.environ.get("PYTEST_XDIST_WORKER", "")).startswith("gw") and worker[2:].isdigit():
+    os.environ["LW_PORT_SLICE"] = f"{worker[2:]}/{os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')}"
 
 
 def serving_nats(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[NatsServer]:

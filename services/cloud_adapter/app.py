@@ -219,16 +219,21 @@ async def keep_configured(adapter: CloudAdapter, settings: CloudSettings) -> Non
                 hangup.clear()
                 # The file is stamped before it is read, and read once: a change while it is applied is seen
                 # at the next check, and the check for emptiness, the providers applied and the key files
-                # watched all come from the same text.
+                # watched all come from the same text. Its key files are stamped before they are read too: a
+                # key file being written (truncated, then written) may be read empty, and its write must
+                # still count as a change.
                 before = stamp(paths[:1])
                 text = read_text(settings.providers_file)
+                keys = watched(settings, adapter, text)[1:]
+                read_keys = dict(zip(keys, stamp(keys), strict=True))
                 try:
                     await reload_providers(adapter, settings, text)
                 except Exception:  # a bug must not stop the next reloads: said, and the next change is read
                     metrics.PROVIDERS_RELOADS.labels("refused").inc()
                     log.exception("providers file not applied: the running providers stay")
                 paths = watched(settings, adapter, text)
-                seen = before + stamp(paths[1:])
+                seen = before + tuple(read_keys.get(path, now) for path, now in
+                                      zip(paths[1:], stamp(paths[1:]), strict=True))
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
 

@@ -264,3 +264,24 @@ def test_up_refuses_ports_asked_for_twice(tmp_path: Path) -> None:
     assert up.returncode == 1
     assert f"ports asked for twice: [{int(env['LW_NATS_PORT']) + 2000}]" in up.stdout
     assert leafwire_pids(Path(env["LW_RUN_DIR"])) == []
+
+
+HALF = (topology.HIGH - topology.LOW + 1) // 2
+
+
+@pytest.mark.parametrize(("slice_", "expected"), [
+    ("", (topology.LOW, topology.HIGH)),
+    ("0/2", (topology.LOW, topology.LOW + HALF - 1)),
+    ("1/2", (topology.LOW + HALF, topology.LOW + 2 * HALF - 1)),
+    ("2/2", (topology.LOW, topology.HIGH)),  # not a slice: the whole range
+    ("x", (topology.LOW, topology.HIGH)),
+])
+def test_parallel_pickers_take_their_own_slice_of_ports(slice_: str, expected: tuple[int, int],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suite's workers each pick ports in a slice of their own (LW_PORT_SLICE, set by tests/conftest.py):
+    one's service starting could otherwise meet a port another picked a moment before (seen in CI as a
+    service's 'address already in use')."""
+    monkeypatch.setenv(topology.PORT_SLICE, slice_)
+    assert topology.port_range() == expected
+    low, high = expected
+    assert all(low <= topology.free_port() <= high for _ in range(20))

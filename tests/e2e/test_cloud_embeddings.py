@@ -247,7 +247,7 @@ class TestSecrets:
             assert all(key not in a.text for a in answers)
             assert key.encode() not in seen
             assert key not in log
-        assert b"lw.v1.plant.cloud.embeddings" in seen  # the capture did see the traffic
+        assert b"lw.v1.hub.cloud.embeddings" in seen  # the capture did see the traffic (the hub adapter's subject)
 
 
 def test_embeddings_user_is_masked_before_leaving_the_site(cloud: CloudStack) -> None:

@@ -121,3 +121,45 @@ async def test_sighup_applies_the_file(settings: CloudSettings) -> None:
         keeping.cancel()
         await asyncio.gather(keeping, return_exceptions=True)
         await adapter.close_upstreams()
+
+
+async def test_a_key_file_written_while_it_is_read_is_read_again(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key file rewritten (truncated, then written, as ``write_text`` and many tools do) can be read
+    between the two: the key is then missing. Its write, landing while the file is applied, is still a
+    change: the file is applied again and the key read (seen in CI as a rotated key never used)."""
+    key = tmp_path / "key"
+    key.write_text("sk-old-0123456789\n")
+    file = tmp_path / "providers.yaml"
+    keyed = {**provider("a", {"m": {}}), "api_key_file": str(key)}
+    del keyed["api_key_env"]
+    write(file, [keyed])
+    settings = CloudSettings(LW_PROVIDERS_FILE=file, LW_CLOUD_PROVIDERS_CHECK_S=0.02)
+    adapter = app.load_adapter(settings)
+    applied = app.reload_providers
+    read: list[str] = []
+
+    async def reload_as_the_key_is_written(adapter: CloudAdapter, settings: CloudSettings,
+                                           text: str | None = None) -> bool:
+        read.append(key.read_text())
+        if len(read) == 1:
+            key.write_text("sk-new-0123456789\n")  # the rest of the write lands while the file is applied
+        return await applied(adapter, settings, text)
+
+    monkeypatch.setattr(app, "reload_providers", reload_as_the_key_is_written)
+    await adapter.open_upstreams()
+    keeping = asyncio.create_task(app.keep_configured(adapter, settings))
+    try:
+        await asyncio.sleep(0.05)
+        key.write_text("")  # truncated: what a reader between the two steps of a rewrite sees
+        for _ in range(100):
+            if len(read) >= 2:
+                break
+            await asyncio.sleep(0.02)
+        assert read[:2] == ["", "sk-new-0123456789\n"]
+        assert adapter.upstreams["a"].provider.key is not None
+        assert adapter.upstreams["a"].provider.key.get_secret_value() == "sk-new-0123456789"
+    finally:
+        keeping.cancel()
+        await asyncio.gather(keeping, return_exceptions=True)
+        await adapter.close_upstreams()
