@@ -215,6 +215,32 @@ class Slot:
         self._upstream.release()
 
 
+STREAM_OPTIONS = "stream_options"
+
+
+class FoundOut:
+    """What calls found a provider lacks (``n`` for a model, ``stream_options``), each taken as so for
+    ``recheck_s``; then it is tried again, so a server upgraded since is found out too."""
+
+    def __init__(self, recheck_s: float) -> None:
+        self.recheck_s = recheck_s
+        self._until: dict[str, float] = {}
+
+    def mark(self, what: str) -> None:
+        """A call found the provider lacks ``what``."""
+        self._until[what] = time.monotonic() + self.recheck_s
+
+    def holds(self, what: str) -> bool:
+        """Whether the provider is taken to lack ``what`` now (forgotten once ``recheck_s`` has passed)."""
+        until = self._until.get(what)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self._until[what]
+        return False
+
+
 class Upstream:
     """Everything about calling one provider."""
 
@@ -227,8 +253,7 @@ class Upstream:
         self.dialect = dialect_of(provider)
         self.max_response_bytes = max_response_bytes
         self.n_recheck_s = n_recheck_s
-        self._without_n: dict[str, float] = {}  # upstream model -> until when it is taken to have no n (found out)
-        self._without_stream_usage = 0.0  # until when the provider is taken to refuse stream_options (found out)
+        self._lacks = FoundOut(n_recheck_s)  # what calls found the provider lacks: n (by model), stream_options
         self.inflight = 0
         self.held = 0  # requests admitted for this provider and not finished (``hold``)
         self.idle = asyncio.Event()  # set while none is
@@ -311,16 +336,7 @@ class Upstream:
         """``native_n``, unless a call found out within ``n_recheck_s`` that the server has no ``n`` for this
         model (it answered one choice, or refused ``n``): its choices are then asked a call each at once, not
         after a call wasted again on every request."""
-        if not self.native_n:
-            return False
-        name = spec.upstream_name(model)
-        until = self._without_n.get(name)
-        if until is None:
-            return True
-        if time.monotonic() < until:
-            return False
-        del self._without_n[name]  # asked with n again: a server upgraded since is found out too
-        return True
+        return self.native_n and not self._lacks.holds(f"n:{spec.upstream_name(model)}")
 
     def slot(self) -> Slot:
         """Take one of the provider's concurrent-call slots, or refuse at once (429): at ``max_concurrent``, or
@@ -365,14 +381,7 @@ class Upstream:
     def stream_usage(self) -> bool:
         """Whether a stream asks for a closing usage chunk: unless the provider's entry says
         ``stream_usage: false``, or a call found out within ``n_recheck_s`` that it refuses ``stream_options``."""
-        if not self.provider.spec.stream_usage:
-            return False
-        if not self._without_stream_usage:
-            return True
-        if time.monotonic() < self._without_stream_usage:
-            return False
-        self._without_stream_usage = 0.0  # asked again: a server upgraded since is found out too
-        return True
+        return self.provider.spec.stream_usage and not self._lacks.holds(STREAM_OPTIONS)
 
     def _refused_stream_usage(self, err: LeafwireError, call: Call[ChatCompletionRequest]) -> bool:
         """A 400 naming ``stream_options`` to a stream that asked for the usage chunk: a server without it.
@@ -380,7 +389,7 @@ class Upstream:
         named = "stream_options" in f"{err.param} {err.message}"
         if err.status != 400 or not named or b'"stream_options"' not in call.body:
             return False
-        self._without_stream_usage = time.monotonic() + self.n_recheck_s
+        self._lacks.mark(STREAM_OPTIONS)
         log.info("the provider refuses stream_options: streams are asked without a usage chunk (usage is "
                  "estimated) for the next n_recheck_s (stream_usage: false in its entry of the providers file "
                  "saves this call)", provider=self.name, model=call.model, n_recheck_s=self.n_recheck_s)
@@ -471,7 +480,7 @@ class Upstream:
         try:
             yield
         except ChoicesIgnored:
-            self._without_n[call.spec.upstream_name(call.model)] = time.monotonic() + self.n_recheck_s
+            self._lacks.mark(f"n:{call.spec.upstream_name(call.model)}")
             log.info("the provider has no n: the choices are asked a call each, for this model, for the next "
                      "n_recheck_s (n: false in its entry of the providers file saves this call)",
                      provider=self.name, model=call.model, n_recheck_s=self.n_recheck_s)

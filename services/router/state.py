@@ -28,16 +28,21 @@ def cloud_adapters(workers: list[WorkerHeartbeat]) -> list[WorkerHeartbeat]:
     return [b for b in workers if b.service == CLOUD_ADAPTER]
 
 
+def models_of(adapter: WorkerHeartbeat, kind: ModelKind) -> list[str] | None:
+    """The cloud models of ``kind`` a cloud-adapter is configured for (``None``: one too old to say)."""
+    return adapter.cloud_models if kind == "chat" else adapter.cloud_embeddings
+
+
 def offers(adapter: WorkerHeartbeat, model: str, kind: ModelKind) -> bool:
     """Whether a cloud-adapter is configured for ``model`` of ``kind`` (one too old to say: taken as yes)."""
-    names = adapter.cloud_models if kind == "chat" else adapter.cloud_embeddings
+    names = models_of(adapter, kind)
     return names is None or model in names
 
 
 def configured(adapters: list[WorkerHeartbeat], kind: ModelKind) -> frozenset[str] | None:
     """Every cloud model of ``kind`` the live cloud-adapters are configured for; ``None`` (unknown) when none
     is heard from, or one is too old to say."""
-    lists = [b.cloud_models if kind == "chat" else b.cloud_embeddings for b in adapters]
+    lists = [models_of(b, kind) for b in adapters]
     if not lists or any(names is None for names in lists):
         return None
     return frozenset(m for names in lists for m in names or ())
