@@ -37,6 +37,20 @@ class ProviderHealth(BaseModel):
     updated_at: float = Field(default_factory=time.time)
 
 
+class ProviderRate(BaseModel):
+    """KV ``provider-rates``, key = ``<provider>.<worker id>``: one cloud-adapter's calls and tokens of a provider
+    over the last minute, by second, so that the site's adapters keep the provider's ``rpm`` and ``tpm``
+    together. Written about every ``LW_CLOUD_RATE_SYNC_S`` while they change."""
+
+    provider: str
+    worker_id: str
+    calls: list[tuple[int, int]] = Field(default_factory=list, description="[unix second, calls begun in it], "
+                                         "the last minute's (counted while the provider has an rpm)")
+    tokens: list[tuple[int, int]] = Field(default_factory=list, description="[unix second, tokens counted in it], "
+                                          "the last minute's (counted while the provider has a tpm)")
+    updated_at: float = Field(default_factory=time.time)
+
+
 BudgetLevel = Literal["ok", "warning", "exhausted"]
 BudgetPeriod = Literal["daily", "monthly"]
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from schemas.batch import BatchAnswer, ChatBatch, EmbeddingsBatch, WorkerStatus
 from schemas.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, StreamEnd
-from schemas.cloud import BudgetStatus, ProviderHealth, UsageEvent
+from schemas.cloud import BudgetStatus, ProviderHealth, ProviderRate, UsageEvent
 from schemas.control import Admitted, Cancel, ModelList, RouteDecision, WorkerHeartbeat
 from schemas.embeddings import EmbeddingRequest, EmbeddingResponse
 from schemas.errors import ErrorResponse
@@ -18,7 +18,8 @@ from schemas.errors import ErrorResponse
 MESSAGES: list[type[BaseModel]] = [
     ChatCompletionRequest, ChatCompletionChunk, ChatCompletion, StreamEnd, ErrorResponse,
     EmbeddingRequest, EmbeddingResponse,
-    Admitted, Cancel, WorkerHeartbeat, ModelList, RouteDecision, ProviderHealth, BudgetStatus, UsageEvent,
+    Admitted, Cancel, WorkerHeartbeat, ModelList, RouteDecision, ProviderHealth, ProviderRate, BudgetStatus,
+    UsageEvent,
     ChatBatch, EmbeddingsBatch, BatchAnswer, WorkerStatus,
 ]
 

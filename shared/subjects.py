@@ -156,6 +156,9 @@ USAGE = "USAGE"
 # KV buckets (in the JetStream domain of the site whose cloud-adapter writes them).
 PROVIDER_HEALTH = "provider-health"
 """key: the provider name; value: ``schemas.cloud.ProviderHealth``"""
+PROVIDER_RATES = "provider-rates"
+"""key: ``<provider>.<worker id>``; value: ``schemas.cloud.ProviderRate`` (one adapter's last minute of a provider
+with ``rpm`` or ``tpm``, which the site's other adapters add to their own)"""
 BUDGETS = "budgets"
 """key: ``budget_key(scope, period, site)``; value: ``schemas.cloud.BudgetStatus``. Each site's holds its own
 spending; the hub's also holds every edge's (sourced), and each edge mirrors the hub's as ``HUB_BUDGETS``."""

@@ -22,7 +22,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 
 from schemas.chat import ChatCompletionRequest, FinishReason, Usage, choice_seed
-from schemas.cloud import BreakerState, BudgetStatus, ProviderHealth, UsageEvent
+from schemas.cloud import BreakerState, BudgetStatus, ProviderHealth, ProviderRate, UsageEvent
 from schemas.control import Admitted, Cancel, ModelInfo, ModelKind, WorkerHeartbeat
 from schemas.embeddings import EmbeddingRequest
 from services.cloud_adapter import cache, vector_cache
@@ -41,6 +41,7 @@ from services.cloud_adapter.dialect import (
     Tokens,
     provider_fault,
 )
+from services.cloud_adapter.rate import Peers
 from services.cloud_adapter.settings import CloudSettings
 from services.cloud_adapter.state import CloudState
 from services.cloud_adapter.upstream import Call, OpenStream, Upstream
@@ -265,6 +266,7 @@ class CloudAdapter:
         self.configured_at = paths.modified_at(settings.providers_file)  # its models' created, in /v1/models
         self.ledger = Ledger(config.budgets, settings.site)
         self.health_changed = asyncio.Event()
+        self.peers = Peers(self.worker_id)  # the site's other adapters' minutes (rpm, tpm)
         self.upstreams = {p.spec.name: self._upstream(p) for p in providers}
         self.targets = self._targets()
         self.inflight: dict[str, asyncio.Task[None]] = {}
@@ -278,7 +280,7 @@ class CloudAdapter:
 
     def _upstream(self, provider: Provider) -> Upstream:
         return Upstream(provider, self.settings.retry_policy(), self._breaker(provider),
-                        self.settings.max_response_bytes, self.settings.n_recheck_s)
+                        self.settings.max_response_bytes, self.settings.n_recheck_s, self.peers)
 
     def _targets(self) -> dict[str, Target]:
         return {f"{name}/{model}": Target(u, model, spec) for name, u in self.upstreams.items()
@@ -334,6 +336,12 @@ class CloudAdapter:
         if breaker.state is BreakerState.OPEN:  # half-open on time: the router sends nothing to an open provider
             with contextlib.suppress(RuntimeError):  # no running loop (a breaker driven outside the service)
                 asyncio.get_running_loop().call_later(breaker.retry_in() + 0.001, breaker.tick)
+
+    def rate_tallies(self) -> list[ProviderRate]:
+        """This adapter's last minute of each provider with an rpm or tpm, where it changed since the last
+        time (for ``provider-rates``)."""
+        return [rate for u in self.upstreams.values() if u.limits.limited
+                and (rate := u.limits.tally(self.worker_id)) is not None]
 
     def healths(self) -> list[ProviderHealth]:
         """Every provider's breaker, as published to the ``provider-health`` bucket."""

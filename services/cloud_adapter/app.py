@@ -262,6 +262,7 @@ async def main(settings: CloudSettings, readiness: Readiness, stack: AsyncExitSt
     state.spawn(state.open())
     state.spawn(state.health_loop(adapter.healths, adapter.health_changed, adapter.resume_breaker))
     state.spawn(state.budget_loop(adapter.budget_alert, adapter.budget_metrics))
+    state.spawn(state.rates_loop(adapter.rate_tallies, adapter.peers))
     state.spawn(announce_every(nc, settings.site, adapter.heartbeat, settings.heartbeat_s))
     state.spawn(keep_configured(adapter, settings))
     state.spawn(every(settings.keepalive_s / 5, adapter.keep_callers))

@@ -180,10 +180,10 @@ class ProviderSpec(BaseModel):
                                                                  "user:password")
     proxy_auth_file: Path | None = Field(default=None, description="file holding the proxy's user:password")
     max_concurrent: Annotated[int, Field(ge=1, le=10_000)] = 64
-    rpm: Annotated[int | None, Field(ge=1, le=10_000_000, description="requests a minute this adapter sends the "
-                                     "provider at most (its account's limit); more are refused with a 429")] = None
-    tpm: Annotated[int | None, Field(ge=1, description="tokens a minute (prompt and completion) this adapter lets "
-                                     "the provider's calls use; once reached, calls are refused with a 429")] = None
+    rpm: Annotated[int | None, Field(ge=1, le=10_000_000, description="requests a minute the site's adapters "
+                                     "send the provider at most (its account's limit); more get a 429")] = None
+    tpm: Annotated[int | None, Field(ge=1, description="tokens a minute (prompt and completion) the site's adapters "
+                                     "let the provider's calls use; once reached, calls are refused with a 429")] = None
     timeouts: Timeouts = Timeouts()
     breaker: BreakerOverrides = BreakerOverrides()
     models: dict[str, ModelSpec]

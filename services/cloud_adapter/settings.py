@@ -55,6 +55,10 @@ class CloudSettings(ServiceSettings):
     state_check_s: float = Field(default=10.0, gt=0, alias="LW_CLOUD_STATE_CHECK_S",
                                  description="how often the buckets and the USAGE stream are checked to still "
                                              "exist (created again when deleted)")
+    rate_sync_s: float = Field(default=1.0, gt=0, le=30, alias="LW_CLOUD_RATE_SYNC_S",
+                               description="how often this adapter's last minute of calls and tokens of a provider "
+                                           "with rpm or tpm is written for the site's other adapters (while it "
+                                           "changes); what the others began since is not seen yet")
     heartbeat_s: float = Field(default=2.0, gt=0, alias="LW_CLOUD_HEARTBEAT_S")
     max_response_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, alias="LW_CLOUD_MAX_RESPONSE_BYTES",
                                     description="largest provider answer (or stream event) read")

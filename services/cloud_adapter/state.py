@@ -22,10 +22,11 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSe
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
-from schemas.cloud import BudgetStatus, ProviderHealth, UsageEvent
+from schemas.cloud import BudgetStatus, ProviderHealth, ProviderRate, UsageEvent
 from services.cloud_adapter.budget import Account, Ledger
 from services.cloud_adapter.cache import Entry
 from services.cloud_adapter.near_cache import NearCache
+from services.cloud_adapter.rate import WINDOW_S, Peers
 from services.cloud_adapter.settings import CloudSettings
 from services.cloud_adapter.vector_cache import Vector
 from shared import budgets, subjects
@@ -57,6 +58,7 @@ class CloudState:
         self.cache: KeyValue | None = None
         self.health: KeyValue | None = None
         self.budgets: KeyValue | None = None
+        self.rates: KeyValue | None = None
         self.role: Role | None = None
         self.opened = asyncio.Event()
         self._writes: set[asyncio.Task[None]] = set()
@@ -77,7 +79,8 @@ class CloudState:
                 log.warning("JetStream state not open yet; retrying", error=repr(exc), retry_s=retry_s)
                 await asyncio.sleep(retry_s)
         self.opened.set()
-        log.info("JetStream state open", buckets=[subjects.CLOUD_CACHE, subjects.PROVIDER_HEALTH, subjects.BUDGETS],
+        log.info("JetStream state open", buckets=[subjects.CLOUD_CACHE, subjects.PROVIDER_HEALTH, subjects.BUDGETS,
+                                                  subjects.PROVIDER_RATES],
                  stream=subjects.USAGE)
         self.spawn(follow_bucket(self._budgets_bucket, ">", self._budget_entry, name=subjects.BUDGETS,
                                  replaced=self._budgets_replaced, check_s=self._settings.state_check_s))
@@ -106,7 +109,8 @@ class CloudState:
     async def _missing(self) -> list[str]:
         """The buckets' streams and the usage stream that do not exist."""
         js = self._nc.jetstream(timeout=5)
-        names = [subjects.kv_stream(b) for b in (subjects.CLOUD_CACHE, subjects.PROVIDER_HEALTH, subjects.BUDGETS)]
+        names = [subjects.kv_stream(b) for b in (subjects.CLOUD_CACHE, subjects.PROVIDER_HEALTH, subjects.BUDGETS,
+                                                 subjects.PROVIDER_RATES)]
         if self.role == "edge":
             names.append(subjects.HUB_BUDGETS)
         missing = []
@@ -127,6 +131,10 @@ class CloudState:
         self.health = await ensure_kv(self._nc, KeyValueConfig(
             bucket=subjects.PROVIDER_HEALTH, direct=True, **common))  # type: ignore[arg-type]
         self.budgets = await ensure_kv(self._nc, budgets.bucket_config(s.kv_replicas))
+        # A minute's counts: kept in memory, and an adapter's entry outlives its last call by a minute or more.
+        self.rates = await ensure_kv(self._nc, KeyValueConfig(
+            bucket=subjects.PROVIDER_RATES, ttl=2 * WINDOW_S, storage=StorageType.MEMORY,
+            replicas=s.kv_replicas, history=1, direct=True))
         await self._usage.ensure_stream(s.kv_replicas)
         js = self._nc.jetstream(timeout=5)
         self.role = await role_of(js)
@@ -252,6 +260,37 @@ class CloudState:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._settings.health_interval_s):
                     await changed.wait()
+
+    # -- the site's adapters' rpm and tpm
+
+    async def rates_loop(self, tallies: Callable[[], Iterable[ProviderRate]], peers: Peers) -> None:
+        """Write this adapter's last minute of each provider with an rpm or tpm to ``provider-rates`` every
+        ``rate_sync_s`` while it changes, and follow the other adapters' entries into ``peers``."""
+        await self.opened.wait()
+
+        async def entry(key: str, value: bytes | None, revision: int) -> None:
+            if value is None:
+                provider, _, worker_id = key.partition(".")
+                peers.gone(provider, worker_id)
+                return
+            try:
+                peers.seen(ProviderRate.model_validate_json(value))
+            except ValidationError:
+                log.warning("unreadable provider rate entry", key=key)
+
+        self.spawn(follow_bucket(self._rates_bucket, ">", entry, name=subjects.PROVIDER_RATES,
+                                 check_s=self._settings.state_check_s))
+        while True:
+            await asyncio.sleep(self._settings.rate_sync_s)
+            if self.rates is not None:
+                for rate in tallies():
+                    self._background(self.rates.put(f"{rate.provider}.{rate.worker_id}",
+                                                    rate.model_dump_json().encode()), "provider rate write failed")
+
+    async def _rates_bucket(self) -> KeyValue:
+        if self.rates is None:
+            raise BucketNotFoundError
+        return self.rates
 
     # -- budgets
 

@@ -46,7 +46,7 @@ from services.cloud_adapter.dialect import (
 )
 from services.cloud_adapter.guard import DestinationRefused, PublicOnlyResolver
 from services.cloud_adapter.openai_compat import OpenAICompatible
-from services.cloud_adapter.rate import MinuteLimits
+from services.cloud_adapter.rate import MinuteLimits, Peers
 from services.cloud_adapter.retry import RetryPolicy, retry_hint
 from services.cloud_adapter.sse import ServerEvent, SSEParser
 from shared import metrics
@@ -245,7 +245,8 @@ class Upstream:
     """Everything about calling one provider."""
 
     def __init__(self, provider: Provider, policy: RetryPolicy, breaker: Breaker,
-                 max_response_bytes: int = 16 * 1024 * 1024, n_recheck_s: float = 3600.0) -> None:
+                 max_response_bytes: int = 16 * 1024 * 1024, n_recheck_s: float = 3600.0,
+                 peers: Peers | None = None) -> None:
         self.provider = provider
         self.name = provider.spec.name
         self.policy = policy
@@ -259,7 +260,7 @@ class Upstream:
         self.idle = asyncio.Event()  # set while none is
         self.idle.set()
         self._inflight_gauge = metrics.CLOUD_INFLIGHT.labels(self.name)
-        self.limits = MinuteLimits(self.name, provider.spec.rpm, provider.spec.tpm)
+        self.limits = MinuteLimits(self.name, provider.spec.rpm, provider.spec.tpm, peers)
         self._session: aiohttp.ClientSession | None = None
         self._drains: set[asyncio.Task[None]] = set()
         base = self._base_headers()

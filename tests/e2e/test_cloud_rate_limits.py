@@ -2,14 +2,15 @@
 429 ``provider_rate_limit`` and a Retry-After (the provider is not called), and a route with a fallback goes
 on to its next target.
 
-The stack is test_cloud.py's, with three more providers of its fake OpenAI-compatible server: ``minute`` (2
-requests a minute; its model ``spare`` routed ``[requested, spare/echo]``), ``tokens`` (20 tokens a minute)
-and ``spare``.
+The stack is test_cloud.py's, with four more providers of its fake OpenAI-compatible server: ``minute`` (2
+requests a minute; its model ``spare`` routed ``[requested, spare/echo]``), ``tokens`` (20 tokens a minute),
+``spare``, and ``shared`` (3 requests a minute, which a second adapter of the site shares).
 """
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +22,11 @@ import pytest
 from tests.e2e.test_cloud import CloudStack, cloud_stack
 from tests.e2e.test_cloud import providers_file as base_providers
 from tests.fakes import FakeProvider
-from tests.support import NatsServer
+from tests.support import NatsServer, Service, running
 
 pytestmark = pytest.mark.e2e
 HEADERS = {"Authorization": "Bearer key-acme"}
+SYNC_S = 0.1
 POLICY = """
 last_resort: none
 rules:
@@ -39,7 +41,8 @@ def limited_providers(path: Path, openai_fake: FakeProvider, claude_fake: FakePr
     entry = {"kind": "openai-compatible", "base_url": openai_fake.url, "local": True,
              "api_key_env": "LW_TEST_FAKE_KEY", "models": {"echo": {}}}
     minute = {**entry, "name": "minute", "rpm": 2, "models": {"echo": {}, "spare": {"upstream": "echo"}}}
-    config["providers"] += [minute, {**entry, "name": "tokens", "tpm": 20}, {**entry, "name": "spare"}]
+    config["providers"] += [minute, {**entry, "name": "tokens", "tpm": 20}, {**entry, "name": "spare"},
+                            {**entry, "name": "shared", "rpm": 3}]
     path.write_text(json.dumps(config))
     return path
 
@@ -47,7 +50,7 @@ def limited_providers(path: Path, openai_fake: FakeProvider, claude_fake: FakePr
 @pytest.fixture(scope="module")
 def cloud(nats_server: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudStack]:
     with cloud_stack(nats_server, tmp_path_factory.mktemp("rate-limits"), write=limited_providers,
-                     policy=POLICY) as stack:
+                     policy=POLICY, LW_CLOUD_RATE_SYNC_S=str(SYNC_S)) as stack:
         yield stack
 
 
@@ -94,3 +97,33 @@ def test_a_provider_past_its_tpm_is_refused(cloud: CloudStack) -> None:
     assert r.status_code == 429, r.text
     assert r.json()["error"]["code"] == "provider_rate_limit"
     assert "tpm" in r.json()["error"]["message"]
+
+
+def taken(adapter: Service, provider: str) -> float:
+    """The requests ``adapter`` took for ``provider``, answered or refused (``leafwire_cloud_requests_total``)."""
+    lines = adapter.metrics().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+               if line.startswith("leafwire_cloud_requests_total{") and f'provider="{provider}"' in line)
+
+
+def test_the_sites_adapters_keep_rpm_together(cloud: CloudStack) -> None:
+    """rpm 3 and two adapters of the site (a queue group: each request goes to either): the provider gets 3
+    calls in the minute in all, not 3 from each. Every request after the third is a 429 naming rpm, once
+    both adapters have taken requests, whichever takes it. (Requests are sent further apart than the
+    adapters write their counts for each other, ``LW_CLOUD_RATE_SYNC_S``.)"""
+    second = Service("cloud_adapter", dict(cloud.adapter.env))
+    with running(second):
+        cloud.openai_fake.reset()
+        answers: list[httpx.Response] = []
+        while len(answers) < 40:
+            answers.append(ask(cloud, "shared/echo"))
+            time.sleep(5 * SYNC_S)
+            if len(answers) >= 6 and taken(cloud.adapter, "shared") and taken(second, "shared"):
+                break
+        assert [r.status_code for r in answers[:3]] == [200, 200, 200], [r.text for r in answers[:3]]
+        for r in answers[3:]:
+            assert r.status_code == 429, r.text
+            assert r.json()["error"]["code"] == "provider_rate_limit"
+            assert "rpm (3)" in r.json()["error"]["message"]
+        assert len(cloud.openai_fake.calls) == 3
+        assert taken(cloud.adapter, "shared") + taken(second, "shared") == len(answers)
