@@ -27,8 +27,9 @@ Request (OpenAI → Anthropic):
   ``top_p``, and Anthropic's own ``top_k``; ``user`` → ``metadata.user_id``. ``seed`` is not sent (Anthropic
   has none; OpenAI calls it best effort too). What Anthropic cannot honour and would change the answer is
   refused (400 ``unsupported_parameter``) rather than dropped: ``logprobs``, ``logit_bias``, non-zero
-  penalties, audio and the other OpenAI-only parameters of ``shared.local_params.UNHONOURED``. Other unknown
-  fields are not sent.
+  penalties, audio and the other OpenAI-only parameters of ``shared.local_params.UNHONOURED``; with
+  ``drop_params`` (the provider's or the model's) they are left out instead, as are a temperature above 1 and,
+  with thinking on, what Anthropic refuses with it. Other unknown fields are not sent.
 
 Answer (Anthropic → OpenAI): text blocks → ``content``; ``tool_use`` → ``tool_calls`` (input as JSON
 text; a tool call without arguments has ``{}``, streamed too); ``thinking`` blocks → ``reasoning_content``
@@ -523,6 +524,27 @@ class AnthropicStream:
         raise _stream_error(self.provider, body.get("error"))
 
 
+def _sampling(request: ChatCompletionRequest, extras: dict[str, Any], *, drops: bool,
+              thinking: bool) -> dict[str, Any]:
+    """``temperature``, ``top_p`` and ``top_k`` as Anthropic takes them. A temperature above 1 is refused (400),
+    or left out when the model drops what it does not take; so is, with thinking on, what Anthropic refuses
+    with it (a temperature other than 1, ``top_p`` below 0.95, ``top_k``)."""
+    out: dict[str, Any] = {}
+    if (temperature := request.temperature) is not None:
+        if temperature > 1 and not drops:
+            raise InvalidRequest("anthropic models take a temperature between 0 and 1", param="temperature")
+        if temperature <= 1 and not (drops and thinking and temperature != 1):
+            out["temperature"] = temperature
+    if (top_p := request.top_p) is not None and not (drops and thinking and top_p < 0.95):
+        out["top_p"] = top_p
+    if (top_k := extras.get("top_k")) is not None:  # Anthropic's own (LiteLLM passes it on too)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+            raise InvalidRequest("top_k must be a whole number of 0 or more", param="top_k")
+        if not (drops and thinking):
+            out["top_k"] = top_k
+    return out
+
+
 UNHONOURED = {param: accepted for param, accepted in local_params.UNHONOURED.items()
               if param not in ("tools", "tool_choice", "reasoning_effort", "response_format")} | {"logit_bias": ({},)}
 """OpenAI parameters Anthropic's Messages API has no counterpart for, with the values that ask for nothing."""
@@ -546,11 +568,14 @@ class Anthropic:
     native_n: ClassVar[bool] = False
     provider: str
     version: str = "2023-06-01"
+    drop_params: bool = False
 
     def body(self, request: ChatCompletionRequest, model: ModelSpec, upstream: str, stream: bool,
              usage: bool = True) -> bytes:
         """The Messages API body of an OpenAI chat request."""
-        refuse_unhonoured(upstream, request)
+        drops = model.drops(self.drop_params)
+        if not drops:
+            refuse_unhonoured(upstream, request)
         system, messages = translate_messages(request.messages)
         extras = request_extras(request)
         thinking = _thinking(extras)
@@ -566,16 +591,7 @@ class Anthropic:
             out["thinking"] = thinking
         if system:
             out["system"] = system
-        if request.temperature is not None:
-            if request.temperature > 1:
-                raise InvalidRequest("anthropic models take a temperature between 0 and 1", param="temperature")
-            out["temperature"] = request.temperature
-        if request.top_p is not None:
-            out["top_p"] = request.top_p
-        if (top_k := extras.get("top_k")) is not None:  # Anthropic's own (LiteLLM passes it on too)
-            if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-                raise InvalidRequest("top_k must be a whole number of 0 or more", param="top_k")
-            out["top_k"] = top_k
+        out.update(_sampling(request, extras, drops=drops, thinking=budget is not None))
         if request.stop_sequences():
             out["stop_sequences"] = request.stop_sequences()
         if request.user:

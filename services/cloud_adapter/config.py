@@ -113,6 +113,13 @@ class ModelSpec(BaseModel):
         default=None, description="OpenAI-compatible: the field a caller's completion limit is sent in, whichever "
                                   "it came in; unset: max_completion_tokens for OpenAI's reasoning models (o1, o3, "
                                   "o4-mini, gpt-5..., which refuse max_tokens), else as the caller sent it")
+    reasoning: bool | None = Field(
+        default=None, description="OpenAI-compatible: one of OpenAI's reasoning models (o1, o3, o4-mini, gpt-5...), "
+                                  "which takes its limit as max_completion_tokens and no sampling parameters; unset: "
+                                  "told by its name (an Azure deployment's name is its owner's: set it there)")
+    drop_params: bool | None = Field(
+        default=None, description="leave the parameters this model does not take out of its calls instead of "
+                                  "refusing them (LiteLLM's drop_params); unset: the provider's")
 
     @model_validator(mode="after")
     def _embeddings_have_no_output(self) -> ModelSpec:
@@ -126,13 +133,21 @@ class ModelSpec(BaseModel):
         """The name the provider knows the model ``model`` of this entry by."""
         return self.upstream or model
 
+    def is_reasoning(self, upstream: str) -> bool:
+        """Whether ``upstream`` is one of OpenAI's reasoning models: ``reasoning``, else told by the name."""
+        return self.reasoning if self.reasoning is not None else bool(_REASONING.search(upstream))
+
     def limit_field(self, upstream: str) -> str | None:
         """The field an OpenAI-compatible call of ``upstream`` carries the completion limit in (``None``: the
-        caller's own): ``token_limit_field``, else ``max_completion_tokens`` for a name of OpenAI's reasoning
-        models (an Azure deployment's name is its owner's: set the field there)."""
+        caller's own): ``token_limit_field``, else ``max_completion_tokens`` for one of OpenAI's reasoning
+        models."""
         if self.token_limit_field is not None:
             return self.token_limit_field
-        return "max_completion_tokens" if _REASONING.search(upstream) else None
+        return "max_completion_tokens" if self.is_reasoning(upstream) else None
+
+    def drops(self, provider_drops: bool) -> bool:
+        """Whether parameters this model does not take are left out (``drop_params``, else the provider's)."""
+        return self.drop_params if self.drop_params is not None else provider_drops
 
     def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
              written_tokens: int = 0, written_1h_tokens: int = 0) -> float:
@@ -180,6 +195,9 @@ class ProviderSpec(BaseModel):
                                                                  "user:password")
     proxy_auth_file: Path | None = Field(default=None, description="file holding the proxy's user:password")
     max_concurrent: Annotated[int, Field(ge=1, le=10_000)] = 64
+    drop_params: bool = Field(default=False, description="leave the parameters a model does not take out of its "
+                                                         "calls instead of refusing them, as LiteLLM's drop_params "
+                                                         "(each model may say otherwise)")
     rpm: Annotated[int | None, Field(ge=1, le=10_000_000, description="requests a minute the site's adapters "
                                      "send the provider at most (its account's limit); more get a 429")] = None
     tpm: Annotated[int | None, Field(ge=1, description="tokens a minute (prompt and completion) the site's adapters "

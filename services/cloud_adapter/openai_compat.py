@@ -151,19 +151,30 @@ class OpenAIStream:
         return index
 
 
+REASONING_REFUSES = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs",
+                     "logit_bias")
+"""What OpenAI's reasoning models answer a 400 for (``temperature`` and ``top_p`` other than 1), as LiteLLM's
+o-series config lists them; with ``drop_params`` these are left out of their calls."""
+
+
 @dataclass(frozen=True)
 class OpenAICompatible:
     """The dialect object for an OpenAI-compatible provider."""
 
     native_n: ClassVar[bool] = True
     provider: str
+    drop_params: bool = False
 
     def body(self, request: ChatCompletionRequest, model: ModelSpec, upstream: str, stream: bool,
              usage: bool = True) -> bytes:
         """The caller's request with the provider's model name and its completion limit in the field the model
         takes; streamed, with a usage chunk asked for unless ``usage`` is false (a server refusing
-        ``stream_options``)."""
+        ``stream_options``). A reasoning model set to drop parameters is not sent the sampling parameters it
+        refuses (``REASONING_REFUSES``); otherwise they go as given, and its own 400 names them."""
         out = request.model_dump(mode="json", exclude_unset=True, exclude=set(LEAFWIRE_FIELDS))
+        if model.drops(self.drop_params) and model.is_reasoning(upstream):
+            for param in REASONING_REFUSES:
+                out.pop(param, None)
         out["model"] = upstream
         out.pop("stream_options", None)
         if stream:

@@ -80,8 +80,8 @@ def dialect_of(provider: Provider) -> Dialect:
     """The dialect object of a provider's kind."""
     spec = provider.spec
     if spec.kind == "anthropic":
-        return Anthropic(spec.name, spec.anthropic_version)
-    return OpenAICompatible(spec.name)
+        return Anthropic(spec.name, spec.anthropic_version, spec.drop_params)
+    return OpenAICompatible(spec.name, spec.drop_params)
 
 
 @dataclass

@@ -29,7 +29,7 @@ STREAM_OPTIONS_REFUSED = {"error": {"message": "Unrecognized request argument su
 @dataclass
 class Stack:
     gateway: Service
-    fake: FakeProvider  # provider "oai": models o3, gpt5, gpt, old
+    fake: FakeProvider  # providers "oai" (models o3, gpt5, gpt, old...) and "lenient" (drop_params: true)
     plain: FakeProvider  # provider "plain": stream_usage: false
 
     def client(self) -> openai.OpenAI:
@@ -48,6 +48,8 @@ def write_providers(path: Path, fake: FakeProvider, plain: FakeProvider) -> Path
                             "embed": {"kind": "embeddings", "input_per_mtok": 0.13}}),
         entry("plain", plain, {"m": {}, "priced": {"input_per_mtok": 3, "output_per_mtok": 15}}, stream_usage=False,
               n=False),
+        entry("lenient", fake, {"o3": {"upstream": "o3-mini-2025-01-31"}, "gpt": {"upstream": "gpt-4o-mini"},
+                                "deployment": {"upstream": "plant-brain", "reasoning": True}}, drop_params=True),
     ]}))
     return path
 
@@ -99,6 +101,40 @@ def test_the_completion_limit_goes_in_the_field_the_model_takes(stack: Stack, mo
                                                     **given)  # type: ignore[call-overload]
     assert answer.choices[0].message.content
     assert limits_sent(stack.fake.calls[-1].body) == sent
+
+
+SAMPLING = {"temperature": 0.3, "top_p": 0.5, "presence_penalty": 0.4, "frequency_penalty": 0.2, "logprobs": True,
+            "top_logprobs": 2, "logit_bias": {"1734": -5}}
+TEMPERATURE_REFUSED = {"error": {"message": "Unsupported value: 'temperature' does not support 0.3 with this model. "
+                                            "Only the default (1) value is supported.",
+                                 "type": "invalid_request_error", "param": "temperature", "code": "unsupported_value"}}
+
+
+@pytest.mark.parametrize("model", ["lenient/o3", "lenient/deployment"])
+def test_drop_params_leaves_out_what_a_reasoning_model_refuses(stack: Stack, model: str) -> None:
+    """A provider set ``drop_params: true`` (LiteLLM's): a reasoning model (by its name, or a deployment set
+    ``reasoning: true``) answers a request with sampling parameters, which its call does not carry."""
+    answer = stack.client().chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                                    seed=5, **SAMPLING)  # type: ignore[call-overload]
+    assert answer.choices[0].message.content
+    sent = stack.fake.calls[-1].body
+    assert not set(SAMPLING) & set(sent), sent
+    assert sent["seed"] == 5
+    stack.client().chat.completions.create(model="lenient/gpt", messages=[{"role": "user", "content": "hi"}],
+                                           **SAMPLING)  # type: ignore[call-overload]
+    assert {k: stack.fake.calls[-1].body[k] for k in SAMPLING} == SAMPLING  # a model that takes them gets them
+
+
+def test_without_drop_params_the_models_own_400_reaches_the_caller(stack: Stack) -> None:
+    """Not set to drop: the parameters go as given, and the provider's refusal is the caller's 400, after
+    one call (as LiteLLM without drop_params, and OpenAI itself)."""
+    stack.fake.script(Fault.error(400, TEMPERATURE_REFUSED))
+    with pytest.raises(openai.BadRequestError, match="Only the default") as exc:
+        stack.client().chat.completions.create(model="oai/o3", messages=[{"role": "user", "content": "hi"}],
+                                               temperature=0.3)
+    assert exc.value.param == "temperature"  # type: ignore[attr-defined]
+    assert stack.fake.calls[-1].body["temperature"] == 0.3
+    assert len(stack.fake.calls) == 1
 
 
 def test_a_stream_refused_for_stream_options_is_asked_again_without_it(stack: Stack) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -84,6 +84,40 @@ class TestOpenAICompatible:
         body = json.loads(OpenAICompatible("p").body(req(max_completion_tokens=30), forced, upstream, stream=False))
         assert body["max_tokens"] == 30
         assert "max_completion_tokens" not in body
+
+    SAMPLING: ClassVar[dict[str, Any]] = {"temperature": 0.2, "top_p": 0.9, "presence_penalty": 0.5,
+                                          "frequency_penalty": 0.3, "logprobs": True, "top_logprobs": 2,
+                                          "logit_bias": {"50256": -100}}
+
+    def test_a_reasoning_model_that_drops_params_is_not_sent_what_it_refuses(self) -> None:
+        """drop_params (the provider's, or the model's own): an o-series model's call has none of the sampling
+        parameters it answers a 400 for; the rest of the request goes as given."""
+        for dialect, spec in ((OpenAICompatible("p", drop_params=True), SPEC),
+                              (OpenAICompatible("p"), ModelSpec(drop_params=True))):
+            body = json.loads(dialect.body(req(seed=7, max_tokens=30, **self.SAMPLING), spec, "o3-mini", stream=False))
+            assert not set(self.SAMPLING) & set(body), body
+            assert (body["seed"], body["max_completion_tokens"]) == (7, 30)
+
+    @pytest.mark.parametrize(("dialect", "spec", "upstream"), [
+        (OpenAICompatible("p"), SPEC, "o3-mini"),  # not set to drop: o3's own 400 names what it refuses
+        (OpenAICompatible("p", drop_params=True), ModelSpec(drop_params=False), "o3-mini"),  # the model says no
+        (OpenAICompatible("p", drop_params=True), SPEC, "gpt-4o-mini"),  # takes them all
+        (OpenAICompatible("p", drop_params=True), ModelSpec(reasoning=False), "o3-mini"),  # told it is not
+    ])
+    def test_otherwise_the_sampling_parameters_go_as_given(self, dialect: OpenAICompatible, spec: ModelSpec,
+                                                           upstream: str) -> None:
+        body = json.loads(dialect.body(req(**self.SAMPLING), spec, upstream, stream=False))
+        assert {k: body[k] for k in self.SAMPLING} == self.SAMPLING
+
+    def test_a_deployment_told_it_is_a_reasoning_model(self) -> None:
+        """An Azure deployment is named by its owner: ``reasoning: true`` gives it max_completion_tokens and,
+        with drop_params, no sampling parameters."""
+        spec = ModelSpec(reasoning=True, drop_params=True)
+        body = json.loads(OpenAICompatible("p").body(req(max_tokens=30, temperature=0.5), spec, "plant-brain",
+                                                     stream=False))
+        assert body["max_completion_tokens"] == 30
+        assert "max_tokens" not in body
+        assert "temperature" not in body
 
     def test_stream_pieces(self) -> None:
         """Chunks become deltas (role chunks and empty text dropped), a finish, and usage; [DONE] ends."""
@@ -320,6 +354,39 @@ class TestAnthropicRequest:
                              presence_penalty=0, frequency_penalty=0, seed=3, store=False, some_vendor_flag=1))
         assert not {"response_format", "logprobs", "top_logprobs", "logit_bias", "presence_penalty",
                     "frequency_penalty", "seed", "store", "some_vendor_flag"} & set(body)
+
+
+class TestAnthropicDropParams:
+    """drop_params: what Anthropic has no counterpart for, or refuses, is left out instead of refused."""
+
+    def body(self, request: ChatCompletionRequest, spec: ModelSpec = SPEC) -> dict[str, Any]:
+        return json.loads(Anthropic("anthropic", drop_params=True).body(  # type: ignore[no-any-return]
+            request, spec, "claude-x", False))
+
+    def test_what_anthropic_has_no_counterpart_for_is_left_out(self) -> None:
+        body = self.body(req(temperature=1.5, presence_penalty=0.5, frequency_penalty=0.2, logprobs=True,
+                             top_logprobs=2, logit_bias={"50256": -100}, top_p=0.8, max_tokens=40))
+        assert not {"temperature", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs",
+                    "logit_bias"} & set(body)
+        assert (body["top_p"], body["max_tokens"]) == (0.8, 40)
+
+    def test_with_thinking_what_anthropic_refuses_with_it_is_left_out(self) -> None:
+        """Thinking takes no temperature but 1, no top_p below 0.95, and no top_k."""
+        thinking = {"type": "enabled", "budget_tokens": 1024}
+        body = self.body(req(thinking=thinking, temperature=0.2, top_p=0.5, top_k=5, max_tokens=2000))
+        assert not {"temperature", "top_p", "top_k"} & set(body)
+        body = self.body(req(thinking=thinking, temperature=1, top_p=0.97, max_tokens=2000))
+        assert (body["temperature"], body["top_p"]) == (1, 0.97)
+        body = self.body(req(temperature=0.2, top_p=0.5, top_k=5))  # without thinking, all are taken
+        assert (body["temperature"], body["top_p"], body["top_k"]) == (0.2, 0.5, 5)
+
+    def test_a_model_that_says_no_is_refused_as_before(self) -> None:
+        with pytest.raises(InvalidRequest) as exc:
+            self.body(req(logprobs=True), ModelSpec(drop_params=False))
+        assert exc.value.param == "logprobs"
+        with pytest.raises(InvalidRequest) as exc:
+            self.body(req(temperature=1.5), ModelSpec(drop_params=False))
+        assert exc.value.param == "temperature"
 
 
 class TestAnthropicAnswer:
