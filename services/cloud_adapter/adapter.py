@@ -288,14 +288,19 @@ class CloudAdapter:
 
     async def reconfigure(self, config: ProvidersFile, providers: list[Provider]) -> list[Upstream]:
         """Take a providers file read again: a provider whose entry and key are unchanged keeps its session,
-        breaker and calls in flight; a new or changed one gets its own, opened here. Budgets take their new
+        breaker and calls in flight; a new or changed one gets its own, opened here (a changed one keeps its
+        minute's count of calls and tokens, against its new ``rpm`` and ``tpm``). Budgets take their new
         limits, spending kept. Returns the upstreams replaced or removed, still serving the calls they have
         in flight, for the caller to close once those have ended."""
         upstreams: dict[str, Upstream] = {}
         for provider in providers:
             old = self.upstreams.get(provider.spec.name)
-            upstreams[provider.spec.name] = old if old is not None and old.provider == provider else \
-                self._upstream(provider)
+            if old is not None and old.provider == provider:
+                upstreams[provider.spec.name] = old
+                continue
+            upstreams[provider.spec.name] = new = self._upstream(provider)
+            if old is not None:  # the same account (a key rotated, a limit changed): the minute's calls still count
+                new.limits = old.limits.limit_to(provider.spec.rpm, provider.spec.tpm)
         fresh = [u for name, u in upstreams.items() if self.upstreams.get(name) is not u]
         for upstream in fresh:
             await upstream.start()

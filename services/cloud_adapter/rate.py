@@ -120,6 +120,13 @@ class MinuteLimits:
         """Whether there is a limit to keep (without one, nothing is counted)."""
         return self.rpm is not None or self.tpm is not None
 
+    def limit_to(self, rpm: int | None, tpm: int | None) -> MinuteLimits:
+        """These counts, against new limits (a provider's entry changed); what was not counted (calls while
+        there was no ``rpm``, tokens while there was no ``tpm``) counts from now."""
+        self.rpm, self.tpm = rpm, tpm
+        self._changed = True
+        return self
+
     def take(self) -> None:
         """Count one call, or refuse it (429 ``provider_rate_limit``) while the minute's limit is reached."""
         now = self._clock()

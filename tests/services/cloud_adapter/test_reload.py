@@ -16,6 +16,7 @@ from services.cloud_adapter import app
 from services.cloud_adapter.adapter import CloudAdapter
 from services.cloud_adapter.settings import CloudSettings
 from shared import metrics
+from shared.errors import Overloaded
 
 KEY_ENV = "LW_TEST_RELOAD_KEY"
 
@@ -65,6 +66,29 @@ async def test_unchanged_providers_keep_their_session_and_breaker(settings: Clou
             b.breaker.record(False, False)
         assert b.breaker.state.value == "open"
         assert metrics.BREAKER_STATE.labels("b")._value.get() == 0
+    finally:
+        await adapter.close_upstreams()
+
+
+async def test_a_changed_provider_keeps_its_minute_against_its_new_rpm(settings: CloudSettings) -> None:
+    """rpm 3 and two calls made; the entry changed (a key rotated, the rpm lowered to 2): the minute's two calls
+    still count, so the next call is refused at once, not let through by a count started afresh."""
+    write(settings.providers_file, [provider("a", {"m": {}}, rpm=3), provider("b", {"m": {}})])
+    adapter = app.load_adapter(settings)
+    await adapter.open_upstreams()
+    try:
+        for _ in range(2):
+            with adapter.upstreams["a"].slot():
+                pass
+        write(settings.providers_file, [provider("a", {"m": {}}, rpm=2, max_concurrent=8), provider("b", {"m": {}})])
+        assert await app.reload_providers(adapter, settings)
+        with pytest.raises(Overloaded) as exc:
+            adapter.upstreams["a"].slot()
+        assert "its rpm (2)" in exc.value.message
+        write(settings.providers_file, [provider("a", {"m": {}}, rpm=5), provider("b", {"m": {}})])
+        assert await app.reload_providers(adapter, settings)
+        with adapter.upstreams["a"].slot():  # room again under the higher limit
+            pass
     finally:
         await adapter.close_upstreams()
 
