@@ -34,7 +34,7 @@ def merge_delta(message: dict[str, Any], delta: Mapping[str, Any]) -> None:
             call = message.setdefault("function_call", {"name": "", "arguments": ""})
             call["name"] += value.get("name") or ""
             call["arguments"] += value.get("arguments") or ""
-        elif key == "thinking_blocks":  # each delta carries whole blocks (Anthropic's, at their end)
+        elif key in ("thinking_blocks", "annotations"):  # each delta carries whole ones (Anthropic's, at their end)
             message.setdefault(key, []).extend(value)
         elif isinstance(value, str) and isinstance(message.get(key), str):
             message[key] += value

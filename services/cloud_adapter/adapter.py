@@ -141,6 +141,7 @@ class Tally:
     reasoning_tokens: int | None = None
     written_tokens: int | None = None  # of the prompt, written to the provider's prompt cache
     written_1h_tokens: int | None = None  # of those, written for an hour
+    searches: int | None = None  # web searches the provider ran
     chars: int = 0
 
     def add(self, piece: Piece) -> None:
@@ -158,6 +159,7 @@ class Tally:
             self.reasoning_tokens = piece.reasoning if piece.reasoning is not None else self.reasoning_tokens
             self.written_tokens = piece.written if piece.written is not None else self.written_tokens
             self.written_1h_tokens = piece.written_1h if piece.written_1h is not None else self.written_1h_tokens
+            self.searches = piece.searches if piece.searches is not None else self.searches
 
     def usage(self, request: ChatCompletionRequest) -> Usage:
         """Token usage as reported, or estimated (4 characters a token) where the provider gave none."""
@@ -175,7 +177,7 @@ def priced(target: Target, request: ChatCompletionRequest, tally: Tally) -> tupl
     """A call's usage (``Tally.usage``) and what it cost at the model's prices."""
     usage = tally.usage(request)
     return usage, target.spec.cost(usage.prompt_tokens, usage.completion_tokens, tally.cached_tokens or 0,
-                                   tally.written_tokens or 0, tally.written_1h_tokens or 0)
+                                   tally.written_tokens or 0, tally.written_1h_tokens or 0, tally.searches or 0)
 
 
 def choices_usage(request: ChatCompletionRequest, choices: Choices) -> Usage:
@@ -809,6 +811,7 @@ class CloudAdapter:
         tally.prompt_tokens, tally.completion_tokens = completion.prompt_tokens, completion.completion_tokens
         tally.cached_tokens, tally.reasoning_tokens = completion.cached_tokens, completion.reasoning_tokens
         tally.written_tokens, tally.written_1h_tokens = completion.written_tokens, completion.written_1h_tokens
+        tally.searches = completion.searches
         tally.chars = content_chars(completion)
         await admission.admit()
         answer.fingerprint = completion.fingerprint

@@ -18,6 +18,7 @@ Request (OpenAI → Anthropic):
   caller's limit must exceed it (400 otherwise); without one, the model's ``max_tokens`` plus the budget.
   An assistant's ``thinking_blocks`` (as answered, signatures included) go back before its other blocks, as
   Anthropic wants them when thinking continues across tool calls.
+- ``web_search_options`` → Anthropic's web search tool (``web_search_tool``), beside the caller's tools.
 - ``max_tokens`` (required by Anthropic) defaults to the model's ``max_tokens`` in the providers file;
   ``stop`` → ``stop_sequences``; ``temperature`` above 1 is refused (400: Anthropic takes 0-1);
   ``response_format`` ``json_object`` or ``json_schema`` (its schema an object) → a tool, ``json_answer``, with
@@ -35,7 +36,9 @@ Answer (Anthropic → OpenAI): text blocks → ``content``; ``tool_use`` → ``t
 text; a tool call without arguments has ``{}``, streamed too); ``thinking`` blocks → ``reasoning_content``
 (their text) and ``thinking_blocks`` (each block whole, with its signature; ``redacted_thinking`` too), as
 LiteLLM has them; streamed, the thinking text comes as ``reasoning_content`` deltas and each block whole as a
-``thinking_blocks`` delta when it ends; ``stop_reason`` end_turn/stop_sequence/
+``thinking_blocks`` delta when it ends; a text block citing web search results → ``url_citation``
+``annotations`` of its span of ``content`` (streamed: an ``annotations`` delta when it ends), the search and its
+results (``server_tool_use``, ``web_search_tool_result``) passed over; ``stop_reason`` end_turn/stop_sequence/
 pause_turn → stop, max_tokens and model_context_window_exceeded → length, tool_use → tool_calls, refusal →
 content_filter; usage ``input_tokens`` (+ cache creation and cache read) → prompt,
 ``output_tokens`` (thinking included) → completion, cache reads → ``cached_tokens`` and cache writes priced
@@ -337,6 +340,55 @@ def _tools(extras: dict[str, Any], schema: Block | None = None, thinking: bool =
     return out
 
 
+SEARCH_USES = {"low": 1, "medium": 5, "high": 10}
+"""``web_search_options.search_context_size`` as the searches Anthropic may run for one answer (``max_uses``),
+as LiteLLM maps it; unset: medium's."""
+SEARCH_LOCATION = ("city", "region", "country", "timezone")
+
+
+def web_search_tool(options: Any) -> Block | None:
+    """OpenAI's ``web_search_options`` as Anthropic's web search server tool (``None`` when not asked): the
+    search context size as its ``max_uses``, an approximate ``user_location`` as its own; 400 for anything
+    else in it."""
+    if options is None:
+        return None
+    if not isinstance(options, dict) or set(options) - {"search_context_size", "user_location"}:
+        raise InvalidRequest("web_search_options takes search_context_size and user_location",
+                             param="web_search_options")
+    size = options.get("search_context_size") or "medium"
+    if size not in SEARCH_USES:
+        raise InvalidRequest("web_search_options.search_context_size must be low, medium or high",
+                             param="web_search_options.search_context_size")
+    tool: Block = {"type": "web_search_20250305", "name": "web_search", "max_uses": SEARCH_USES[size]}
+    if (location := options.get("user_location")) is not None:
+        place = location.get("approximate") if isinstance(location, dict) else None
+        if (not isinstance(place, dict) or location.get("type", "approximate") != "approximate"
+                or not all(isinstance(place.get(k), str | None) for k in SEARCH_LOCATION)):
+            raise InvalidRequest('web_search_options.user_location must be {"type": "approximate", "approximate": '
+                                 '{city, region, country, timezone}}, each a string',
+                                 param="web_search_options.user_location")
+        tool["user_location"] = {"type": "approximate", **{k: place[k] for k in SEARCH_LOCATION if place.get(k)}}
+    return tool
+
+
+def url_citations(citations: Any, start: int, end: int) -> list[Block]:
+    """The web search results a text block cites, as OpenAI's ``url_citation`` annotations of the message's
+    characters ``start`` to ``end`` (the block's text); citations of other kinds (a document's) are not."""
+    out: list[Block] = []
+    for cited in citations if isinstance(citations, list) else []:
+        if isinstance(cited, dict) and cited.get("type") == "web_search_result_location" and cited.get("url"):
+            out.append({"type": "url_citation", "url_citation": {"start_index": start, "end_index": end,
+                                                                  "url": str(cited["url"]),
+                                                                  "title": str(cited.get("title") or "")}})
+    return out
+
+
+def searches(usage: dict[str, Any]) -> int | None:
+    """The web searches an answer ran (``usage.server_tool_use.web_search_requests``), ``None`` when not said."""
+    server = usage.get("server_tool_use")
+    return as_int(server.get("web_search_requests")) if isinstance(server, dict) else None
+
+
 def _thought(block: dict[str, Any]) -> Block | None:
     """A thinking block as ``thinking_blocks`` keeps it (to be sent back), or ``None`` for another block."""
     if block.get("type") == "thinking":
@@ -353,6 +405,8 @@ def _message(content: Any, json_answer: bool = False) -> tuple[dict[str, Any], b
     text: list[str] = []
     calls: list[dict[str, Any]] = []
     thoughts: list[Block] = []
+    cited: list[Block] = []
+    chars = 0
     answer: str | None = None
     for block in content if isinstance(content, list) else []:
         if not isinstance(block, dict):
@@ -360,7 +414,9 @@ def _message(content: Any, json_answer: bool = False) -> tuple[dict[str, Any], b
         if (thought := _thought(block)) is not None:
             thoughts.append(thought)
         elif block.get("type") == "text":
-            text.append(str(block.get("text", "")))
+            text.append(words := str(block.get("text", "")))
+            cited += url_citations(block.get("citations"), chars, chars + len(words))
+            chars += len(words)
         elif json_answer and block.get("type") == "tool_use" and block.get("name") == RESPONSE_TOOL:
             answer = json.dumps(block.get("input", {}), ensure_ascii=False)
         elif block.get("type") == "tool_use":
@@ -370,6 +426,8 @@ def _message(content: Any, json_answer: bool = False) -> tuple[dict[str, Any], b
     message: dict[str, Any] = {"content": "".join(text) if text or not calls else None}
     if answer is not None:
         message["content"] = answer  # the JSON asked for, not the words (if any) around it
+    elif cited and message["content"] is not None:
+        message["annotations"] = cited
     if calls:
         message["tool_calls"] = calls
     if thoughts:
@@ -430,8 +488,12 @@ class AnthropicStream:
     # With json_answer, text blocks are held back: the answer tool's JSON is the content (the words around it
     # are dropped, as the whole answer drops them); the words are the content only when no answer tool came.
     _held: list[str] = field(default_factory=list)
+    _server: set[int] = field(default_factory=set)  # blocks of Anthropic's own tools (web search): not the caller's
+    _chars: int = 0  # of the content so far (where a citation's text begins and ends)
+    _cited: dict[int, tuple[int, list[Any]]] = field(default_factory=dict)  # text block → (its start, citations)
 
     def _text(self, text: str) -> list[Piece]:
+        self._chars += len(text)
         if self.json_answer:
             self._held.append(text)
             return []
@@ -458,18 +520,27 @@ class AnthropicStream:
             self._answer = int(body.get("index", 0))
             self._held.clear()
             return []
+        if block.get("type") in ("server_tool_use", "web_search_tool_result"):
+            self._server.add(int(body.get("index", 0)))  # the search and its results: Anthropic's, not relayed
+            return []
         if block.get("type") == "tool_use":
             index = self._tools.setdefault(int(body.get("index", 0)), len(self._tools))
             return [Delta({"tool_calls": [{"index": index, "id": block.get("id", ""), "type": "function",
                                            "function": {"name": block.get("name", ""), "arguments": ""}}]})]
-        if block.get("type") == "text" and block.get("text"):
-            return self._text(str(block["text"]))
+        if block.get("type") == "text":
+            self._cited[int(body.get("index", 0))] = (self._chars, list(block.get("citations") or []))
+            return self._text(str(block["text"])) if block.get("text") else []
         return []
 
     def _on_content_block_delta(self, body: dict[str, Any]) -> list[Piece]:
         delta = body.get("delta") or {}
         if delta.get("type") == "text_delta" and delta.get("text"):
             return self._text(str(delta["text"]))
+        if delta.get("type") == "citations_delta" and (cited := self._cited.get(int(body.get("index", 0)))):
+            cited[1].append(delta.get("citation"))
+            return []
+        if int(body.get("index", 0)) in self._server:
+            return []
         thought = self._thoughts.get(int(body.get("index", 0)))
         if thought is not None and delta.get("type") == "thinking_delta" and delta.get("thinking"):
             thought["thinking"] += str(delta["thinking"])
@@ -492,6 +563,9 @@ class AnthropicStream:
         block = int(body.get("index", 0))
         if (thought := self._thoughts.pop(block, None)) is not None:  # whole, to be sent back with its signature
             return [Delta({"thinking_blocks": [thought]})]
+        if (cited := self._cited.pop(block, None)) is not None:
+            annotations = url_citations(cited[1], cited[0], self._chars)
+            return [Delta({"annotations": annotations})] if annotations and not self.json_answer else []
         if block == self._answer and block not in self._argued:
             self._argued.add(block)
             return [Delta({"content": "{}"})]
@@ -513,7 +587,7 @@ class AnthropicStream:
         usage = body.get("usage") or {}
         prompt = _prompt_usage(usage)
         pieces.append(Tokens(prompt=prompt.prompt, completion=as_int(usage.get("output_tokens")), cached=prompt.cached,
-                             written=prompt.written, written_1h=prompt.written_1h))
+                             written=prompt.written, written_1h=prompt.written_1h, searches=searches(usage)))
         return pieces
 
     def _on_message_stop(self, body: dict[str, Any]) -> list[Piece]:
@@ -546,7 +620,8 @@ def _sampling(request: ChatCompletionRequest, extras: dict[str, Any], *, drops: 
 
 
 UNHONOURED = {param: accepted for param, accepted in local_params.UNHONOURED.items()
-              if param not in ("tools", "tool_choice", "reasoning_effort", "response_format")} | {"logit_bias": ({},)}
+              if param not in ("tools", "tool_choice", "reasoning_effort", "response_format", "web_search_options")
+              } | {"logit_bias": ({},)}
 """OpenAI parameters Anthropic's Messages API has no counterpart for, with the values that ask for nothing."""
 
 
@@ -597,6 +672,8 @@ class Anthropic:
         if request.user:
             out["metadata"] = {"user_id": request.user}
         out.update(_tools(extras, response_schema(extras), thinking=budget is not None))
+        if (search := web_search_tool(extras.get("web_search_options"))) is not None:
+            out["tools"] = [*out.get("tools", []), search]
         if stream:
             out["stream"] = True
         return json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode()
@@ -624,7 +701,7 @@ class Anthropic:
             message["refusal"], message["content"] = message["content"], None  # as OpenAI's structured outputs
         return Completion(message, "stop" if finish == "tool_calls" and json_answer and not calls else finish,
                           prompt.prompt, as_int(usage.get("output_tokens")), prompt.cached,
-                          written_tokens=prompt.written, written_1h_tokens=prompt.written_1h)
+                          written_tokens=prompt.written, written_1h_tokens=prompt.written_1h, searches=searches(usage))
 
     def stream_parser(self, n: int = 1, request: ChatCompletionRequest | None = None) -> AnthropicStream:
         """A parser for one streamed answer of ``request`` (one choice: the Messages API has no ``n``)."""

@@ -106,6 +106,9 @@ class ModelSpec(BaseModel):
     cache_write_1h_input_per_mtok: Annotated[float | None, Field(ge=0)] = Field(
         default=None, description="price of prompt tokens written to Anthropic's prompt cache for an hour (2x the "
                                   "input price at Anthropic); unset: cache_write_input_per_mtok")
+    web_search_per_1k: Annotated[float, Field(ge=0)] = Field(
+        default=0.0, description="US dollars per 1,000 web searches the provider runs for answers (Anthropic's web "
+                                 "search, asked with web_search_options: 10)")
     context_length: Annotated[int | None, Field(ge=1)] = None
     max_tokens: Annotated[int, Field(ge=1)] = Field(
         default=4096, description="completion limit sent when a request sets none (Anthropic requires one)")
@@ -150,18 +153,20 @@ class ModelSpec(BaseModel):
         return self.drop_params if self.drop_params is not None else provider_drops
 
     def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
-             written_tokens: int = 0, written_1h_tokens: int = 0) -> float:
+             written_tokens: int = 0, written_1h_tokens: int = 0, searches: int = 0) -> float:
         """US dollars for this many tokens: ``cached_tokens`` of the prompt at the cached-input price, and
         ``written_tokens`` of it (written to the provider's cache) at the cache-write price, ``written_1h_tokens``
-        of those (written for an hour) at the one-hour price; each the input price when not set."""
+        of those (written for an hour) at the one-hour price; each the input price when not set. And for
+        ``searches`` web searches, at ``web_search_per_1k``."""
         cached = min(max(cached_tokens, 0), prompt_tokens) if self.cached_input_per_mtok is not None else 0
         written = min(max(written_tokens, 0), prompt_tokens - cached)
         hour = min(max(written_1h_tokens, 0), written)
         write = self.input_per_mtok if self.cache_write_input_per_mtok is None else self.cache_write_input_per_mtok
         write_1h = write if self.cache_write_1h_input_per_mtok is None else self.cache_write_1h_input_per_mtok
-        return ((prompt_tokens - cached - written) * self.input_per_mtok
-                + cached * (self.cached_input_per_mtok or 0.0) + (written - hour) * write + hour * write_1h
-                + completion_tokens * self.output_per_mtok) / 1_000_000
+        tokens = ((prompt_tokens - cached - written) * self.input_per_mtok
+                  + cached * (self.cached_input_per_mtok or 0.0) + (written - hour) * write + hour * write_1h
+                  + completion_tokens * self.output_per_mtok) / 1_000_000
+        return tokens + max(searches, 0) * self.web_search_per_1k / 1_000
 
 
 class ProviderSpec(BaseModel):

@@ -86,6 +86,7 @@ class Tokens:
     reasoning: int | None = None  # of the completion, spent reasoning
     written: int | None = None  # of the prompt, written to the provider's prompt cache (Anthropic prices them apart)
     written_1h: int | None = None  # of those, written for an hour (Anthropic's dearer TTL)
+    searches: int | None = None  # web searches the provider ran for the answer (Anthropic's server tool)
 
 
 Piece = Delta | Finish | Tokens | Fingerprint
@@ -105,6 +106,7 @@ class Completion:
     fingerprint: str | None = None
     written_tokens: int | None = None
     written_1h_tokens: int | None = None
+    searches: int | None = None  # web searches run for it
 
 
 @dataclass(frozen=True, slots=True)

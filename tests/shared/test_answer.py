@@ -39,6 +39,16 @@ class TestMerge:
             merge_delta(message, d)
         assert message == {"content": "Hello", "tool_calls": [CALL]}
 
+    def test_annotations_of_each_piece_add_up(self) -> None:
+        """Each delta's annotations (a cited block's, as it ends) join those before: the whole message (a cached
+        stream, one made whole) has every citation."""
+        first, second = ({"type": "url_citation", "url_citation": {"start_index": i, "end_index": i + 2, "url": u,
+                                                                   "title": ""}} for i, u in ((0, "a"), (2, "b")))
+        message: dict[str, Any] = {}
+        for d in [{"content": "ab"}, {"annotations": [first]}, {"content": "cd"}, {"annotations": [second]}]:
+            merge_delta(message, d)
+        assert message == {"content": "abcd", "annotations": [first, second]}
+
     def test_whole_message_to_deltas_and_back(self) -> None:
         """Replaying a whole message as deltas rebuilds the same message."""
         original = {"content": "Hi", "tool_calls": [CALL], "refusal": None}

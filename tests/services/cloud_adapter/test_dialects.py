@@ -390,6 +390,33 @@ class TestAnthropicDropParams:
 
 
 class TestAnthropicAnswer:
+    def test_only_web_results_are_url_citations(self) -> None:
+        """A document's citation (a PDF's page) is no URL: the text is the content, with no annotation; the
+        search and its results are not tool calls; the searches are counted (and none is ``None``)."""
+        data = json.dumps({"type": "message", "stop_reason": "end_turn", "content": [
+            {"type": "server_tool_use", "id": "s1", "name": "web_search", "input": {"query": "q"}},
+            {"type": "web_search_tool_result", "tool_use_id": "s1", "content": []},
+            {"type": "text", "text": "Page 4 says so.", "citations": [
+                {"type": "page_location", "cited_text": "so", "document_index": 0, "start_page_number": 4}]}],
+            "usage": {"input_tokens": 10, "output_tokens": 7, "server_tool_use": {"web_search_requests": 1}}})
+        c = Anthropic("a").completion(data.encode())
+        assert c.message == {"content": "Page 4 says so."}
+        assert c.searches == 1
+        plain = json.dumps({"type": "message", "stop_reason": "end_turn", "content": [{"type": "text", "text": "x"}],
+                            "usage": {"input_tokens": 1, "output_tokens": 1}})
+        assert Anthropic("a").completion(plain.encode()).searches is None
+
+    def test_a_json_answer_has_no_citations_of_the_words_around_it(self) -> None:
+        """With a JSON response_format the content is the answer tool's input: the cited words are not in it."""
+        data = json.dumps({"type": "message", "stop_reason": "tool_use", "content": [
+            {"type": "text", "text": "Found it.", "citations": [
+                {"type": "web_search_result_location", "url": "https://example.com", "title": "t"}]},
+            {"type": "tool_use", "id": "t1", "name": "json_answer", "input": {"year": 2026}}],
+            "usage": {"input_tokens": 10, "output_tokens": 7}})
+        request = req(response_format={"type": "json_object"})
+        c = Anthropic("a").completion(data.encode(), request)
+        assert c.message == {"content": '{"year": 2026}'}
+
     def test_whole_answer(self) -> None:
         """Text and tool_use blocks become content and tool_calls; usage includes cached prompt tokens."""
         data = json.dumps({"type": "message", "content": [
