@@ -344,11 +344,11 @@ class CloudAdapter:
             with contextlib.suppress(RuntimeError):  # no running loop (a breaker driven outside the service)
                 asyncio.get_running_loop().call_later(breaker.retry_in() + 0.001, breaker.tick)
 
-    def rate_tallies(self) -> list[ProviderRate]:
+    def rate_tallies(self, again: bool = False) -> list[ProviderRate]:
         """This adapter's last minute of each provider with an rpm or tpm, where it changed since the last
-        time (for ``provider-rates``)."""
+        time, or (``again``) every one (for ``provider-rates``)."""
         return [rate for u in self.upstreams.values() if u.limits.limited
-                and (rate := u.limits.tally(self.worker_id)) is not None]
+                and (rate := u.limits.tally(self.worker_id, again)) is not None]
 
     def healths(self) -> list[ProviderHealth]:
         """Every provider's breaker, as published to the ``provider-health`` bucket."""

@@ -156,10 +156,11 @@ class MinuteLimits:
         self._changed = True
         self._expire(now)
 
-    def tally(self, worker_id: str) -> ProviderRate | None:
+    def tally(self, worker_id: str, again: bool = False) -> ProviderRate | None:
         """This adapter's minute by second, for the others; ``None`` when nothing changed since the last tally
-        (nor can have: a second leaving the minute changes nothing the others do not drop themselves)."""
-        if not self._changed:
+        (nor can have: a second leaving the minute changes nothing the others do not drop themselves), unless
+        asked ``again`` (the bucket was made anew, without it)."""
+        if not self._changed and not again:
             return None
         self._changed = False
         now = self._clock()
@@ -180,7 +181,7 @@ class MinuteLimits:
     def _refuse(self, what: str, wait_s: float) -> None:
         metrics.REJECTED.labels("cloud-adapter", "provider_rate_limit").inc()
         raise Overloaded(f"provider {self.provider} had {what}; try again later or another model",
-                         code="provider_rate_limit", retry_after=max(1.0, wait_s))
+                         code="provider_rate_limit", retry_after=min(max(1.0, wait_s), WINDOW_S))
 
 
 def _oldest(own: float | None, others: int | None) -> float:

@@ -263,9 +263,10 @@ class CloudState:
 
     # -- the site's adapters' rpm and tpm
 
-    async def rates_loop(self, tallies: Callable[[], Iterable[ProviderRate]], peers: Peers) -> None:
+    async def rates_loop(self, tallies: Callable[[bool], Iterable[ProviderRate]], peers: Peers) -> None:
         """Write this adapter's last minute of each provider with an rpm or tpm to ``provider-rates`` every
-        ``rate_sync_s`` while it changes, and follow the other adapters' entries into ``peers``."""
+        ``rate_sync_s`` while it changes (all of it again to a bucket made anew), and follow the other
+        adapters' entries into ``peers``."""
         await self.opened.wait()
 
         async def entry(key: str, value: bytes | None, revision: int) -> None:
@@ -280,12 +281,14 @@ class CloudState:
 
         self.spawn(follow_bucket(self._rates_bucket, ">", entry, name=subjects.PROVIDER_RATES,
                                  check_s=self._settings.state_check_s))
+        written: KeyValue | None = None  # the bucket written last: one made anew lacks what was written before
         while True:
             await asyncio.sleep(self._settings.rate_sync_s)
-            if self.rates is not None:
-                for rate in tallies():
-                    self._background(self.rates.put(f"{rate.provider}.{rate.worker_id}",
-                                                    rate.model_dump_json().encode()), "provider rate write failed")
+            if (bucket := self.rates) is not None:
+                for rate in tallies(bucket is not written):
+                    self._background(bucket.put(f"{rate.provider}.{rate.worker_id}", rate.model_dump_json().encode()),
+                                     "provider rate write failed")
+                written = bucket
 
     async def _rates_bucket(self) -> KeyValue:
         if self.rates is None:

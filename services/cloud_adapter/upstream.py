@@ -355,6 +355,13 @@ class Upstream:
         self._inflight_gauge.inc()
         return Slot(self)
 
+    def count_again(self) -> None:
+        """Another call of a request that holds a slot (a retry; a stream asked again without
+        ``stream_options``): it counts against ``rpm`` too, as the provider counts it, and is not made (429
+        ``provider_rate_limit``) once the minute's calls reach it."""
+        if self.limits.limited:
+            self.limits.take()
+
     def release(self) -> None:
         """Give a slot back."""
         self.inflight -= 1
@@ -502,6 +509,8 @@ class Upstream:
                             attempt: Callable[[Call[R], bool], Awaitable[T]]) -> tuple[T, bool]:
         last: LeafwireError | None = None
         for tries in range(self.policy.max_attempts):
+            if tries:
+                self.count_again()
             probe = self.breaker.acquire()
             if probe is None:
                 if last is None:  # no try made: a refusal, as max_concurrent's and rpm/tpm's are
@@ -620,6 +629,7 @@ class Upstream:
                 err = await self._refuse(resp, call)
                 if self._refused_stream_usage(err, call):
                     resp.close()
+                    self.count_again()
                     return await self._try_stream(call, probe)
                 raise err
             if resp.content_type != "text/event-stream":
