@@ -303,7 +303,8 @@ def response_schema(extras: dict[str, Any]) -> Block | None:
 def _tools(extras: dict[str, Any], schema: Block | None = None, thinking: bool = False) -> dict[str, Any]:
     """``tools`` and ``tool_choice``; with an answer ``schema``, the tool that answers it too, and a choice that
     makes the model call a tool (that one, or one of the caller's when it has tools to call) — unless the
-    model is ``thinking``, which Anthropic does not let a forced tool call follow: then it is only offered."""
+    model is ``thinking`` (or searching the web), which a forced tool call, the answer's first block, would
+    not let come first: then it is only offered."""
     out: dict[str, Any] = {}
     tools = extras.get("tools")
     if tools:
@@ -355,14 +356,16 @@ def web_search_tool(options: Any) -> Block | None:
     if not isinstance(options, dict) or set(options) - {"search_context_size", "user_location"}:
         raise InvalidRequest("web_search_options takes search_context_size and user_location",
                              param="web_search_options")
-    size = options.get("search_context_size") or "medium"
+    size = options.get("search_context_size")
+    size = "medium" if size is None else size
     if size not in SEARCH_USES:
         raise InvalidRequest("web_search_options.search_context_size must be low, medium or high",
                              param="web_search_options.search_context_size")
     tool: Block = {"type": "web_search_20250305", "name": "web_search", "max_uses": SEARCH_USES[size]}
     if (location := options.get("user_location")) is not None:
         place = location.get("approximate") if isinstance(location, dict) else None
-        if (not isinstance(place, dict) or location.get("type", "approximate") != "approximate"
+        if (not isinstance(location, dict) or not isinstance(place, dict) or set(location) - {"type", "approximate"}
+                or location.get("type", "approximate") != "approximate" or set(place) - set(SEARCH_LOCATION)
                 or not all(isinstance(place.get(k), str | None) for k in SEARCH_LOCATION)):
             raise InvalidRequest('web_search_options.user_location must be {"type": "approximate", "approximate": '
                                  '{city, region, country, timezone}}, each a string',
@@ -491,6 +494,7 @@ class AnthropicStream:
     _server: set[int] = field(default_factory=set)  # blocks of Anthropic's own tools (web search): not the caller's
     _chars: int = 0  # of the content so far (where a citation's text begins and ends)
     _cited: dict[int, tuple[int, list[Any]]] = field(default_factory=dict)  # text block → (its start, citations)
+    _held_notes: list[Block] = field(default_factory=list)  # with json_answer, the held words' citations
 
     def _text(self, text: str) -> list[Piece]:
         self._chars += len(text)
@@ -565,7 +569,10 @@ class AnthropicStream:
             return [Delta({"thinking_blocks": [thought]})]
         if (cited := self._cited.pop(block, None)) is not None:
             annotations = url_citations(cited[1], cited[0], self._chars)
-            return [Delta({"annotations": annotations})] if annotations and not self.json_answer else []
+            if self.json_answer:  # they go with the held words, if the words are the answer
+                self._held_notes += annotations
+                return []
+            return [Delta({"annotations": annotations})] if annotations else []
         if block == self._answer and block not in self._argued:
             self._argued.add(block)
             return [Delta({"content": "{}"})]
@@ -580,7 +587,10 @@ class AnthropicStream:
         if reason and self._held:
             if self._answer is None:  # words, not the JSON: the answer (or a refusal)
                 pieces.append(Delta({"refusal" if reason == "refusal" else "content": "".join(self._held)}))
+                if self._held_notes and reason != "refusal":
+                    pieces.append(Delta({"annotations": list(self._held_notes)}))
             self._held.clear()
+            self._held_notes.clear()
         if reason:
             answered = reason == "tool_use" and self._answer is not None and not self._tools
             pieces.append(Finish("stop" if answered else STOP_REASONS.get(reason, "stop")))
@@ -671,8 +681,9 @@ class Anthropic:
             out["stop_sequences"] = request.stop_sequences()
         if request.user:
             out["metadata"] = {"user_id": request.user}
-        out.update(_tools(extras, response_schema(extras), thinking=budget is not None))
-        if (search := web_search_tool(extras.get("web_search_options"))) is not None:
+        search = web_search_tool(extras.get("web_search_options"))
+        out.update(_tools(extras, response_schema(extras), thinking=budget is not None or search is not None))
+        if search is not None:
             out["tools"] = [*out.get("tools", []), search]
         if stream:
             out["stream"] = True
@@ -699,6 +710,7 @@ class Anthropic:
         finish = STOP_REASONS.get(str(body.get("stop_reason")), "stop")
         if json_answer and body.get("stop_reason") == "refusal" and message.get("content"):
             message["refusal"], message["content"] = message["content"], None  # as OpenAI's structured outputs
+            message.pop("annotations", None)  # of the content, which there is none of
         return Completion(message, "stop" if finish == "tool_calls" and json_answer and not calls else finish,
                           prompt.prompt, as_int(usage.get("output_tokens")), prompt.cached,
                           written_tokens=prompt.written, written_1h_tokens=prompt.written_1h, searches=searches(usage))
