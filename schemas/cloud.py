@@ -38,11 +38,14 @@ class ProviderHealth(BaseModel):
 
 
 class ProviderRate(BaseModel):
-    """KV ``provider-rates``, key = ``<provider>.<worker id>``: one cloud-adapter's calls and tokens of a provider
-    over the last minute, by second, so that the site's adapters keep the provider's ``rpm`` and ``tpm``
-    together. Written about every ``LW_CLOUD_RATE_SYNC_S`` while they change."""
+    """KV ``provider-rates``, key = ``<provider>.<worker id>`` (a model's: ``<provider>.<worker id>.<model hash>``):
+    one cloud-adapter's calls and tokens of a provider, or of one model of it, over the last minute, by second,
+    so that the site's adapters keep its ``rpm`` and ``tpm`` together. Written about every
+    ``LW_CLOUD_RATE_SYNC_S`` while they change."""
 
     provider: str
+    model: str | None = Field(default=None, description="the model (as the providers file names it) whose own "
+                              "rpm/tpm these count; none: the provider's")
     worker_id: str
     calls: list[tuple[int, int]] = Field(default_factory=list, description="[unix second, calls begun in it], "
                                          "the last minute's (counted while the provider has an rpm)")

@@ -302,7 +302,7 @@ class CloudAdapter:
                 continue
             upstreams[provider.spec.name] = new = self._upstream(provider)
             if old is not None:  # the same account (a key rotated, a limit changed): the minute's calls still count
-                new.limits = old.limits.limit_to(provider.spec.rpm, provider.spec.tpm)
+                new.keep_minutes(old)
         fresh = [u for name, u in upstreams.items() if self.upstreams.get(name) is not u]
         for upstream in fresh:
             await upstream.start()
@@ -347,8 +347,8 @@ class CloudAdapter:
     def rate_tallies(self, again: bool = False) -> list[ProviderRate]:
         """This adapter's last minute of each provider with an rpm or tpm, where it changed since the last
         time, or (``again``) every one (for ``provider-rates``)."""
-        return [rate for u in self.upstreams.values() if u.limits.limited
-                and (rate := u.limits.tally(self.worker_id, again)) is not None]
+        return [rate for u in self.upstreams.values() for minute in u.minutes() if minute.limited
+                and (rate := minute.tally(self.worker_id, again)) is not None]
 
     def healths(self) -> list[ProviderHealth]:
         """Every provider's breaker, as published to the ``provider-health`` bucket."""
@@ -620,7 +620,7 @@ class CloudAdapter:
         """One streamed call for the ``missing`` choices (``asked_for``), admitted once
         every one has begun; then the ``stored`` choices are replayed and the call's relayed, each of its
         choices at its index in the answer (a choice the provider ended without a finish reason: ``stop``)."""
-        with target.upstream.slot():
+        with target.upstream.slot(target.model):
             call = target.upstream.call(asked_for(request, missing), target.model, target.spec, env.deadline)
             try:
                 opened = await target.upstream.open_choices_stream(call, len(missing))
@@ -668,7 +668,7 @@ class CloudAdapter:
     async def _call_choices(target: Target, request: ChatCompletionRequest, env: Envelope,
                             missing: list[int]) -> Choices:
         """One call for the ``missing`` choices (``asked_for``)."""
-        with target.upstream.slot():
+        with target.upstream.slot(target.model):
             call = target.upstream.call(asked_for(request, missing), target.model, target.spec, env.deadline)
             return await target.upstream.complete_choices(call, len(missing))
 
@@ -719,7 +719,7 @@ class CloudAdapter:
         first = {keys[i]: i for i in reversed(missing)} if keys else {}  # an input given twice is asked once
         sent = sorted(first.values()) if keys else missing
         asked = request if len(sent) == len(items) else request.model_copy(update={"input": [items[i] for i in sent]})
-        with target.upstream.slot():
+        with target.upstream.slot(target.model):
             call = target.upstream.embeddings_call(asked, target.model, target.spec, env.deadline)
             try:
                 vectors = await target.upstream.embed(call)
@@ -762,7 +762,7 @@ class CloudAdapter:
     async def _call(self, target: Target, request: ChatCompletionRequest, env: Envelope, admission: Admission,
                     answer: Answer, tally: Tally, started: float) -> None:
         """Call the provider in one of its concurrent-call slots and relay the answer."""
-        with target.upstream.slot():
+        with target.upstream.slot(target.model):
             call = target.upstream.call(request, target.model, target.spec, env.deadline)
             if request.stream:
                 await self._relay_stream(target, call, admission, answer, tally, started)
@@ -878,7 +878,7 @@ class CloudAdapter:
         target.completion_tokens.inc(usage.completion_tokens)
         target.cost.inc(cost)
         self.ledger.charge(tenant, cost)
-        target.upstream.limits.used(usage.prompt_tokens + usage.completion_tokens)
+        target.upstream.used(target.model, usage.prompt_tokens + usage.completion_tokens)
 
     def _usage_event(self, target: Target, env: Envelope, outcome: str, elapsed: float, usage: Usage, cost: float,
                      cached: bool) -> UsageEvent:

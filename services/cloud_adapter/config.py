@@ -106,6 +106,11 @@ class ModelSpec(BaseModel):
     cache_write_1h_input_per_mtok: Annotated[float | None, Field(ge=0)] = Field(
         default=None, description="price of prompt tokens written to Anthropic's prompt cache for an hour (2x the "
                                   "input price at Anthropic); unset: cache_write_input_per_mtok")
+    rpm: Annotated[int | None, Field(ge=1, le=10_000_000, description="requests a minute the site's adapters "
+                                     "send this model at most (OpenAI's limits are per model), beside the "
+                                     "provider's rpm")] = None
+    tpm: Annotated[int | None, Field(ge=1, description="tokens a minute this model's calls use at most, beside "
+                                     "the provider's tpm")] = None
     web_search_per_1k: Annotated[float, Field(ge=0)] = Field(
         default=0.0, description="US dollars per 1,000 web searches the provider runs for answers (Anthropic's web "
                                  "search, asked with web_search_options: 10)")

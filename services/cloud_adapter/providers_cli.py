@@ -19,10 +19,17 @@ from pathlib import Path
 from services.cloud_adapter import config
 
 
+def _limits(rpm: int | None, tpm: int | None, shape: str) -> str:
+    """``rpm 500, tpm 200000`` in ``shape`` (``""`` without either)."""
+    said = ", ".join(f"{name} {value}" for name, value in (("rpm", rpm), ("tpm", tpm)) if value)
+    return shape.format(said) if said else ""
+
+
 def describe(provider: config.Provider) -> str:
     """One provider as a line: kind, URL, proxy, models, and where its secrets are."""
     spec = provider.spec
-    models = ", ".join(name + (" [embeddings]" if m.kind == "embeddings" else "") for name, m in spec.models.items())
+    models = ", ".join(name + (" [embeddings]" if m.kind == "embeddings" else "") + _limits(m.rpm, m.tpm, " [{}]")
+                       for name, m in spec.models.items())
     secrets = []
     if spec.api_key_env or spec.api_key_file:
         where = f"environment variable {spec.api_key_env}" if spec.api_key_env else f"file {spec.api_key_file}"
@@ -37,7 +44,7 @@ def describe(provider: config.Provider) -> str:
             auth = f", credentials: {where} ({'read' if provider.proxy_auth is not None else 'NOT readable here'})"
         secrets.append(f"proxy: {spec.proxy}{auth}")
     local = ", local" if spec.local else ""
-    limits = "".join(f", {name} {value}" for name, value in (("rpm", spec.rpm), ("tpm", spec.tpm)) if value)
+    limits = _limits(spec.rpm, spec.tpm, ", {}")
     return f"  {spec.name} ({spec.kind}, {spec.base_url}{local}{limits}): {models}; {'; '.join(secrets)}"
 
 

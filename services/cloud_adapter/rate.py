@@ -1,5 +1,6 @@
-"""A provider's requests and tokens a minute (``rpm``, ``tpm`` in the providers file), as LiteLLM's deployments
-have them: the site's adapters together stay under the provider account's limits instead of meeting its 429s.
+"""A provider's requests and tokens a minute (``rpm``, ``tpm`` in the providers file), and a model's own, as
+LiteLLM's deployments have them: the site's adapters together stay under the provider account's limits
+(OpenAI's are per model) instead of meeting its 429s.
 
 Counted over the last 60 s (a sliding log, not fixed minutes): a request is refused at once, with a 429
 ``provider_rate_limit`` and the Retry-After when the oldest call or tokens leave the window, while the
@@ -15,6 +16,7 @@ can pass a limit by that much. Seconds are wall-clock seconds, compared across t
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -41,6 +43,18 @@ class Counted:
 NOTHING = Counted()
 
 
+def rate_key(rate: ProviderRate) -> str:
+    """The ``provider-rates`` key of an entry: ``<provider>.<worker id>``, and for a model's count a hash of its
+    name after (a model's name may hold what a key cannot)."""
+    base = f"{rate.provider}.{rate.worker_id}"
+    return base if rate.model is None else f"{base}.{hashlib.sha256(rate.model.encode()).hexdigest()[:16]}"
+
+
+def scope_of(provider: str, model: str | None) -> str:
+    """What a count is kept for: the provider (``openai``), or one model of it (``openai/gpt-4o``)."""
+    return provider if model is None else f"{provider}/{model}"
+
+
 def _within(seconds: list[tuple[int, int]], edge: float) -> tuple[int, int | None]:
     """The count of the seconds that end after ``edge``, and the oldest of them."""
     total, first = 0, None
@@ -57,28 +71,32 @@ class Peers:
 
     def __init__(self, own_worker: str) -> None:
         self.own_worker = own_worker
-        self._rates: dict[str, dict[str, ProviderRate]] = {}  # provider -> worker id -> its last entry
-        self._memo: dict[str, tuple[int, Counted]] = {}  # provider -> (second summed at, the sum)
+        self._rates: dict[str, dict[str, ProviderRate]] = {}  # scope -> worker id -> its last entry
+        self._memo: dict[str, tuple[int, Counted]] = {}  # scope -> (second summed at, the sum)
+        self._keys: dict[str, tuple[str, str]] = {}  # bucket key -> (scope, worker id)
 
-    def seen(self, rate: ProviderRate) -> None:
-        """An adapter's entry, written or rewritten."""
+    def seen(self, key: str, rate: ProviderRate) -> None:
+        """An adapter's entry under ``key``, written or rewritten."""
         if rate.worker_id == self.own_worker:
             return
-        self._rates.setdefault(rate.provider, {})[rate.worker_id] = rate
-        self._memo.pop(rate.provider, None)
+        scope = scope_of(rate.provider, rate.model)
+        self._keys[key] = scope, rate.worker_id
+        self._rates.setdefault(scope, {})[rate.worker_id] = rate
+        self._memo.pop(scope, None)
 
-    def gone(self, provider: str, worker_id: str) -> None:
-        """An adapter's entry, deleted (or aged out of the bucket)."""
-        if self._rates.get(provider, {}).pop(worker_id, None) is not None:
-            self._memo.pop(provider, None)
+    def gone(self, key: str) -> None:
+        """The entry under ``key``, deleted (or its bucket made anew without it)."""
+        scope, worker_id = self._keys.pop(key, ("", ""))
+        if self._rates.get(scope, {}).pop(worker_id, None) is not None:
+            self._memo.pop(scope, None)
 
-    def counted(self, provider: str, now: float) -> Counted:
+    def counted(self, scope: str, now: float) -> Counted:
         """What the other adapters began in the minute before ``now`` (summed at most once a second)."""
-        rates = self._rates.get(provider)
+        rates = self._rates.get(scope)
         if not rates:
             return NOTHING
         second = int(now)
-        if (memo := self._memo.get(provider)) is not None and memo[0] == second:
+        if (memo := self._memo.get(scope)) is not None and memo[0] == second:
             return memo[1]
         edge = now - WINDOW_S
         calls, tokens, first_call, first_tokens = 0, 0, None, None
@@ -90,7 +108,7 @@ class Peers:
             if not n_calls and not n_tokens and rate.updated_at <= edge:
                 del rates[worker_id]  # an adapter gone, or idle for a minute: nothing of it left to count
         counted = Counted(calls, tokens, first_call, first_tokens)
-        self._memo[provider] = (second, counted)
+        self._memo[scope] = (second, counted)
         return counted
 
 
@@ -99,12 +117,13 @@ def _earliest(a: int | None, b: int | None) -> int | None:
 
 
 class MinuteLimits:
-    """The calls and tokens of one provider over the last minute, this adapter's and (``peers``) the site's
-    other adapters', against its ``rpm`` and ``tpm``."""
+    """The calls and tokens of one provider (or one ``model`` of it) over the last minute, this adapter's and
+    (``peers``) the site's other adapters', against its ``rpm`` and ``tpm``."""
 
     def __init__(self, provider: str, rpm: int | None, tpm: int | None, peers: Peers | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.provider = provider
+                 clock: Callable[[], float] = time.time, model: str | None = None) -> None:
+        self.provider, self.model = provider, model
+        self.scope = scope_of(provider, model)
         self.rpm, self.tpm = rpm, tpm
         self._peers = peers
         self._clock = clock
@@ -129,16 +148,25 @@ class MinuteLimits:
 
     def take(self) -> None:
         """Count one call, or refuse it (429 ``provider_rate_limit``) while the minute's limit is reached."""
+        self.check()
+        self.record()
+
+    def check(self) -> None:
+        """Refuse a call (429 ``provider_rate_limit``) while the minute's limit is reached; count nothing."""
         now = self._clock()
         self._expire(now)
-        others = self._peers.counted(self.provider, now) if self._peers is not None else NOTHING
+        others = self._peers.counted(self.scope, now) if self._peers is not None else NOTHING
         if self.rpm is not None and (calls := len(self._calls) + others.calls) >= self.rpm:
             oldest = _oldest(self._calls[0] if self._calls else None, others.first_call)
             self._refuse(f"{calls} calls in the last minute, its rpm ({self.rpm})", oldest + WINDOW_S - now)
         if self.tpm is not None and (tokens := self._token_sum + others.tokens) >= self.tpm:
             oldest = _oldest(self._tokens[0][0] if self._tokens else None, others.first_tokens)
             self._refuse(f"{tokens} tokens in the last minute, over its tpm ({self.tpm})", oldest + WINDOW_S - now)
+
+    def record(self) -> None:
+        """Count one call (``check`` let it through)."""
         if self.rpm is not None:
+            now = self._clock()
             self._calls.append(now)
             second = int(now)
             self._call_seconds[second] = self._call_seconds.get(second, 0) + 1
@@ -168,8 +196,9 @@ class MinuteLimits:
         for seconds in (self._call_seconds, self._token_seconds):
             for second in [s for s in seconds if s + 1 <= edge]:
                 del seconds[second]
-        return ProviderRate(provider=self.provider, worker_id=worker_id, calls=sorted(self._call_seconds.items()),
-                            tokens=sorted(self._token_seconds.items()), updated_at=now)
+        return ProviderRate(provider=self.provider, model=self.model, worker_id=worker_id,
+                            calls=sorted(self._call_seconds.items()), tokens=sorted(self._token_seconds.items()),
+                            updated_at=now)
 
     def _expire(self, now: float) -> None:
         edge = now - WINDOW_S
@@ -180,7 +209,8 @@ class MinuteLimits:
 
     def _refuse(self, what: str, wait_s: float) -> None:
         metrics.REJECTED.labels("cloud-adapter", "provider_rate_limit").inc()
-        raise Overloaded(f"provider {self.provider} had {what}; try again later or another model",
+        whose = f"provider {self.provider}" if self.model is None else f"model {self.model} of provider {self.provider}"
+        raise Overloaded(f"{whose} had {what}; try again later or another model",
                          code="provider_rate_limit", retry_after=min(max(1.0, wait_s), WINDOW_S))
 
 

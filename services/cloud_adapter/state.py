@@ -26,7 +26,7 @@ from schemas.cloud import BudgetStatus, ProviderHealth, ProviderRate, UsageEvent
 from services.cloud_adapter.budget import Account, Ledger
 from services.cloud_adapter.cache import Entry
 from services.cloud_adapter.near_cache import NearCache
-from services.cloud_adapter.rate import WINDOW_S, Peers
+from services.cloud_adapter.rate import WINDOW_S, Peers, rate_key
 from services.cloud_adapter.settings import CloudSettings
 from services.cloud_adapter.vector_cache import Vector
 from shared import budgets, subjects
@@ -271,11 +271,10 @@ class CloudState:
 
         async def entry(key: str, value: bytes | None, revision: int) -> None:
             if value is None:
-                provider, _, worker_id = key.partition(".")
-                peers.gone(provider, worker_id)
+                peers.gone(key)
                 return
             try:
-                peers.seen(ProviderRate.model_validate_json(value))
+                peers.seen(key, ProviderRate.model_validate_json(value))
             except ValidationError:
                 log.warning("unreadable provider rate entry", key=key)
 
@@ -286,7 +285,7 @@ class CloudState:
             await asyncio.sleep(self._settings.rate_sync_s)
             if (bucket := self.rates) is not None:
                 for rate in tallies(bucket is not written):
-                    self._background(bucket.put(f"{rate.provider}.{rate.worker_id}", rate.model_dump_json().encode()),
+                    self._background(bucket.put(rate_key(rate), rate.model_dump_json().encode()),
                                      "provider rate write failed")
                 written = bucket
 

@@ -261,6 +261,9 @@ class Upstream:
         self.idle.set()
         self._inflight_gauge = metrics.CLOUD_INFLIGHT.labels(self.name)
         self.limits = MinuteLimits(self.name, provider.spec.rpm, provider.spec.tpm, peers)
+        self.model_limits = {model: MinuteLimits(self.name, spec.rpm, spec.tpm, peers, model=model)
+                             for model, spec in provider.spec.models.items() if spec.rpm or spec.tpm}
+        self.limited = self.limits.limited or bool(self.model_limits)  # checked for every call: kept at hand
         self._session: aiohttp.ClientSession | None = None
         self._drains: set[asyncio.Task[None]] = set()
         base = self._base_headers()
@@ -339,9 +342,9 @@ class Upstream:
         after a call wasted again on every request."""
         return self.native_n and not self._lacks.holds(f"n:{spec.upstream_name(model)}")
 
-    def slot(self) -> Slot:
-        """Take one of the provider's concurrent-call slots, or refuse at once (429): at ``max_concurrent``, or
-        at its ``rpm`` or ``tpm`` (``rate.MinuteLimits``)."""
+    def slot(self, model: str | None = None) -> Slot:
+        """Take one of the provider's concurrent-call slots for a call of ``model``, or refuse at once (429): at
+        ``max_concurrent``, or at the provider's or the model's ``rpm`` or ``tpm`` (``rate.MinuteLimits``)."""
         if self.provider.missing_key is not None:  # no Retry-After: trying again soon will not help
             raise ProviderUnavailable(f"provider {self.name} cannot be called: {self.provider.missing_key}",
                                       provider=self.name, code="provider_key_missing")
@@ -349,18 +352,50 @@ class Upstream:
             metrics.REJECTED.labels("cloud-adapter", Overloaded.default_code).inc()  # by the code callers get
             raise Overloaded(f"provider {self.name} has {self.inflight} calls in flight, its limit",
                              retry_after=1)
-        if self.limits.limited:
-            self.limits.take()
+        if self.limited:
+            self.count(model)
         self.inflight += 1
         self._inflight_gauge.inc()
         return Slot(self)
 
-    def count_again(self) -> None:
+    def count_again(self, model: str) -> None:
         """Another call of a request that holds a slot (a retry; a stream asked again without
         ``stream_options``): it counts against ``rpm`` too, as the provider counts it, and is not made (429
         ``provider_rate_limit``) once the minute's calls reach it."""
-        if self.limits.limited:
-            self.limits.take()
+        if self.limited:
+            self.count(model)
+
+    def limits_of(self, model: str | None) -> list[MinuteLimits]:
+        """The minutes a call of ``model`` counts in: the provider's (with an rpm or tpm) and the model's own."""
+        own = self.model_limits.get(model) if model is not None else None
+        return [limits for limits in (self.limits, own) if limits is not None and limits.limited]
+
+    def count(self, model: str | None) -> None:
+        """Count a call of ``model`` in each of its minutes, or refuse it (429) where one is full: counted in
+        none then."""
+        limits = self.limits_of(model)
+        for minute in limits:
+            minute.check()
+        for minute in limits:
+            minute.record()
+
+    def used(self, model: str, tokens: int) -> None:
+        """Count the tokens a call of ``model`` used (against the provider's and the model's ``tpm``)."""
+        if self.limited:
+            for minute in self.limits_of(model):
+                minute.used(tokens)
+
+    def keep_minutes(self, old: Upstream) -> None:
+        """Count on in ``old``'s minutes (this provider's entry replaced it), against this entry's limits."""
+        spec = self.provider.spec
+        self.limits = old.limits.limit_to(spec.rpm, spec.tpm)
+        for model, minute in old.model_limits.items():
+            if model in self.model_limits:
+                self.model_limits[model] = minute.limit_to(spec.models[model].rpm, spec.models[model].tpm)
+
+    def minutes(self) -> list[MinuteLimits]:
+        """Every minute this provider counts: its own and its models'."""
+        return [self.limits, *self.model_limits.values()]
 
     def release(self) -> None:
         """Give a slot back."""
@@ -510,7 +545,7 @@ class Upstream:
         last: LeafwireError | None = None
         for tries in range(self.policy.max_attempts):
             if tries:
-                self.count_again()
+                self.count_again(call.model)
             probe = self.breaker.acquire()
             if probe is None:
                 if last is None:  # no try made: a refusal, as max_concurrent's and rpm/tpm's are
@@ -629,7 +664,7 @@ class Upstream:
                 err = await self._refuse(resp, call)
                 if self._refused_stream_usage(err, call):
                     resp.close()
-                    self.count_again()
+                    self.count_again(call.model)
                     return await self._try_stream(call, probe)
                 raise err
             if resp.content_type != "text/event-stream":

@@ -2,9 +2,10 @@
 429 ``provider_rate_limit`` and a Retry-After (the provider is not called), and a route with a fallback goes
 on to its next target.
 
-The stack is test_cloud.py's, with four more providers of its fake OpenAI-compatible server: ``minute`` (2
+The stack is test_cloud.py's, with five more providers of its fake OpenAI-compatible server: ``minute`` (2
 requests a minute; its model ``spare`` routed ``[requested, spare/echo]``), ``tokens`` (20 tokens a minute),
-``spare``, and ``shared`` (3 requests a minute, which a second adapter of the site shares).
+``spare``, ``shared`` (3 requests a minute, which a second adapter of the site shares) and ``permodel`` (its
+model ``big`` 1 request a minute, ``small`` none).
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def limited_providers(path: Path, openai_fake: FakeProvider, claude_fake: FakePr
              "api_key_env": "LW_TEST_FAKE_KEY", "models": {"echo": {}}}
     minute = {**entry, "name": "minute", "rpm": 2, "models": {"echo": {}, "spare": {"upstream": "echo"}}}
     config["providers"] += [minute, {**entry, "name": "tokens", "tpm": 20}, {**entry, "name": "spare"},
-                            {**entry, "name": "shared", "rpm": 3}]
+                            {**entry, "name": "shared", "rpm": 3},
+                            {**entry, "name": "permodel", "models": {"big": {"upstream": "echo", "rpm": 1},
+                                                                      "small": {"upstream": "echo"}}}]
     path.write_text(json.dumps(config))
     return path
 
@@ -82,6 +85,17 @@ def test_a_route_falls_back_past_a_provider_at_its_rpm(cloud: CloudStack) -> Non
     route = r.headers["x-leafwire-route"]
     assert route.startswith("target=spare/echo;"), route
     assert "fell back from minute/spare (429 provider_rate_limit)" in route
+
+
+def test_a_models_own_rpm(cloud: CloudStack) -> None:
+    """``permodel/big`` has an rpm of 1 of its own, as OpenAI limits each model: its second request in the
+    minute is a 429 naming the model, while ``small`` of the same provider is answered."""
+    assert ask(cloud, "permodel/big").status_code == 200
+    r = ask(cloud, "permodel/big")
+    assert r.status_code == 429, r.text
+    assert r.json()["error"]["code"] == "provider_rate_limit"
+    assert "model big of provider permodel" in r.json()["error"]["message"]
+    assert [ask(cloud, "permodel/small").status_code for _ in range(3)] == [200, 200, 200]
 
 
 def test_a_provider_past_its_tpm_is_refused(cloud: CloudStack) -> None:

@@ -15,7 +15,8 @@ LAN = {"name": "lan", "kind": "openai-compatible", "base_url": "http://10.0.0.20
 FILE: dict[str, Any] = {"providers": [
     {"name": "openai", "kind": "openai-compatible", "base_url": "https://api.openai.com/v1",
      "api_key_env": "LW_TEST_CLI_KEY", "proxy": "http://proxy.corp:3128", "proxy_auth_env": "LW_TEST_CLI_PROXY",
-     "rpm": 500, "tpm": 200000, "models": {"gpt-4o-mini": {}, "text-embedding-3-small": {"kind": "embeddings"}}},
+     "rpm": 500, "tpm": 200000,
+     "models": {"gpt-4o-mini": {"rpm": 30}, "text-embedding-3-small": {"kind": "embeddings"}}},
     LAN,
 ], "budgets": {"global": {"daily_usd": 50}, "tenants": {"acme": {"monthly_usd": 300}}}}
 
@@ -37,7 +38,7 @@ def test_a_valid_file_lists_providers_models_and_where_secrets_are(
     assert (code, err) == (0, "")
     assert out.splitlines()[0] == ("valid: 2 provider(s), 3 model(s); budgets: global $50 a day, each tenant "
                                    "unlimited, 1 tenant(s) of their own")
-    assert ("openai (openai-compatible, https://api.openai.com/v1, rpm 500, tpm 200000): gpt-4o-mini, "
+    assert ("openai (openai-compatible, https://api.openai.com/v1, rpm 500, tpm 200000): gpt-4o-mini [rpm 30], "
             "text-embedding-3-small [embeddings]; key: environment variable LW_TEST_CLI_KEY (read); proxy: "
             "http://proxy.corp:3128, credentials: environment variable LW_TEST_CLI_PROXY (read)") in out
     assert "lan (openai-compatible, http://10.0.0.20:8080/v1, local): small; no key" in out

@@ -6,8 +6,13 @@ from __future__ import annotations
 import pytest
 
 from schemas.cloud import ProviderRate
-from services.cloud_adapter.rate import MinuteLimits, Peers
+from services.cloud_adapter.rate import MinuteLimits, Peers, rate_key
 from shared.errors import Overloaded
+
+
+def seen(peers: Peers, rate: ProviderRate) -> None:
+    """``rate`` read from the bucket, under its key."""
+    peers.seen(rate_key(rate), rate)
 
 
 class Clock:
@@ -65,7 +70,7 @@ def test_the_other_adapters_calls_count_against_rpm() -> None:
     the wait until the other's oldest second has surely left the minute; then there is room again."""
     clock = Clock()
     peers = Peers("me")
-    peers.seen(ProviderRate(provider="p", worker_id="other", calls=[(990, 2), (995, 1)]))
+    seen(peers, ProviderRate(provider="p", worker_id="other", calls=[(990, 2), (995, 1)]))
     limits = MinuteLimits("p", rpm=5, tpm=None, peers=peers, clock=clock)
     limits.take()
     limits.take()
@@ -84,7 +89,7 @@ def test_the_other_adapters_tokens_count_against_tpm() -> None:
     """tpm 100: 70 tokens of another adapter and 30 of this one fill the minute."""
     clock = Clock()
     peers = Peers("me")
-    peers.seen(ProviderRate(provider="p", worker_id="other", tokens=[(998, 70)]))
+    seen(peers, ProviderRate(provider="p", worker_id="other", tokens=[(998, 70)]))
     limits = MinuteLimits("p", rpm=None, tpm=100, peers=peers, clock=clock)
     limits.take()
     limits.used(30)
@@ -99,11 +104,11 @@ def test_only_the_same_providers_other_adapters_count() -> None:
     or older than the minute count for nothing."""
     clock = Clock()
     peers = Peers("me")
-    peers.seen(ProviderRate(provider="q", worker_id="other", calls=[(999, 50)]))
-    peers.seen(ProviderRate(provider="p", worker_id="me", calls=[(999, 50)]))
-    peers.seen(ProviderRate(provider="p", worker_id="gone", calls=[(999, 50)]))
-    peers.gone("p", "gone")
-    peers.seen(ProviderRate(provider="p", worker_id="old", calls=[(900, 50)], updated_at=900))
+    seen(peers, ProviderRate(provider="q", worker_id="other", calls=[(999, 50)]))
+    seen(peers, ProviderRate(provider="p", worker_id="me", calls=[(999, 50)]))
+    seen(peers, ProviderRate(provider="p", worker_id="gone", calls=[(999, 50)]))
+    peers.gone(rate_key(ProviderRate(provider="p", worker_id="gone")))
+    seen(peers, ProviderRate(provider="p", worker_id="old", calls=[(900, 50)], updated_at=900))
     limits = MinuteLimits("p", rpm=2, tpm=None, peers=peers, clock=clock)
     limits.take()
     limits.take()
@@ -136,5 +141,25 @@ def test_a_tally_is_the_minute_by_second_and_only_when_it_changed() -> None:
     assert rate is not None
     assert rate.calls == [(1030, 2), (1075, 1)]
     reader = Peers("other")
-    reader.seen(ProviderRate.model_validate_json(rate.model_dump_json()))
+    seen(reader, ProviderRate.model_validate_json(rate.model_dump_json()))
     assert reader.counted("p", clock.t).calls == 3
+
+
+def test_a_models_own_minute_is_apart_from_the_providers_and_the_other_models() -> None:
+    """A model's rpm counts its calls alone, and the other adapters' calls of that model: another model of
+    the provider, and the provider's own count, are other minutes."""
+    clock = Clock()
+    peers = Peers("me")
+    seen(peers, ProviderRate(provider="p", model="big", worker_id="other", calls=[(999, 1)]))
+    seen(peers, ProviderRate(provider="p", model="small", worker_id="other", calls=[(999, 9)]))
+    seen(peers, ProviderRate(provider="p", worker_id="other", calls=[(999, 9)]))
+    big = MinuteLimits("p", rpm=2, tpm=None, peers=peers, clock=clock, model="big")
+    big.take()
+    with pytest.raises(Overloaded) as exc:
+        big.take()
+    assert exc.value.message.startswith("model big of provider p had 2 calls in the last minute, its rpm (2)")
+    rate = big.tally("me")
+    assert rate is not None
+    assert (rate.provider, rate.model, rate.calls) == ("p", "big", [(1000, 1)])
+    assert rate_key(rate) != rate_key(ProviderRate(provider="p", worker_id="me"))
+    assert rate_key(rate).startswith("p.me.")

@@ -93,6 +93,37 @@ async def test_a_changed_provider_keeps_its_minute_against_its_new_rpm(settings:
         await adapter.close_upstreams()
 
 
+async def test_a_models_rpm_beside_the_providers(settings: CloudSettings) -> None:
+    """Provider rpm 2, its model ``big`` rpm 1: a call refused at the model's limit is counted in neither
+    minute (``small`` still gets the provider's second call); then the provider's limit refuses ``small``. A
+    reload keeps the model's minute too."""
+    write(settings.providers_file, [provider("a", {"big": {"rpm": 1}, "small": {}}, rpm=2), provider("b", {"m": {}})])
+    adapter = app.load_adapter(settings)
+    await adapter.open_upstreams()
+    try:
+        a = adapter.upstreams["a"]
+        with a.slot("big"):
+            pass
+        with pytest.raises(Overloaded) as exc:
+            a.slot("big")
+        assert "model big of provider a" in exc.value.message
+        with a.slot("small"):
+            pass
+        with pytest.raises(Overloaded) as exc:
+            a.slot("small")
+        assert exc.value.message.startswith("provider a had 2 calls")
+        write(settings.providers_file, [provider("a", {"big": {"rpm": 1}, "small": {}}, rpm=5),
+                                        provider("b", {"m": {}})])
+        assert await app.reload_providers(adapter, settings)
+        with pytest.raises(Overloaded) as exc:
+            adapter.upstreams["a"].slot("big")
+        assert "its rpm (1)" in exc.value.message
+        with adapter.upstreams["a"].slot("small"):
+            pass
+    finally:
+        await adapter.close_upstreams()
+
+
 async def test_an_invalid_file_changes_nothing(settings: CloudSettings) -> None:
     """A file that does not validate is refused: the same upstreams and targets stay."""
     adapter = app.load_adapter(settings)
