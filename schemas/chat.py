@@ -139,6 +139,10 @@ class ChatCompletionRequest(BaseModel):
         default=None, description="leafwire extension for cloud models: true answers from the exact-match "
                                   "cache when it can (and stores the answer), false never does; by default "
                                   "only requests with temperature 0 use it. Never sent to a provider.")
+    drop_params: StrictBool | None = Field(
+        default=None, description="LiteLLM's, for cloud models: true leaves the parameters the model does not take "
+                                  "out of its call instead of refusing them, false refuses them; by default as the "
+                                  "providers file says. Never sent to a provider.")
 
     @field_validator("stop")
     @classmethod

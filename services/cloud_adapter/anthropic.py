@@ -658,7 +658,7 @@ class Anthropic:
     def body(self, request: ChatCompletionRequest, model: ModelSpec, upstream: str, stream: bool,
              usage: bool = True) -> bytes:
         """The Messages API body of an OpenAI chat request."""
-        drops = model.drops(self.drop_params)
+        drops = model.drops(self.drop_params, request.drop_params)
         if not drops:
             refuse_unhonoured(upstream, request)
         system, messages = translate_messages(request.messages)

@@ -153,8 +153,11 @@ class ModelSpec(BaseModel):
             return self.token_limit_field
         return "max_completion_tokens" if self.is_reasoning(upstream) else None
 
-    def drops(self, provider_drops: bool) -> bool:
-        """Whether parameters this model does not take are left out (``drop_params``, else the provider's)."""
+    def drops(self, provider_drops: bool, asked: bool | None = None) -> bool:
+        """Whether parameters this model does not take are left out: as the request ``asked``, else as this
+        model's ``drop_params`` says, else as the provider's does."""
+        if asked is not None:
+            return asked
         return self.drop_params if self.drop_params is not None else provider_drops
 
     def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,

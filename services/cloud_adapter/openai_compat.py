@@ -35,7 +35,7 @@ from services.cloud_adapter.dialect import (
 from shared.errors import UpstreamError
 from shared.logging import scrub
 
-LEAFWIRE_FIELDS = frozenset({"cache"})
+LEAFWIRE_FIELDS = frozenset({"cache", "drop_params"})
 
 
 def _usage(value: Any) -> Tokens | None:
@@ -172,7 +172,7 @@ class OpenAICompatible:
         ``stream_options``). A reasoning model set to drop parameters is not sent the sampling parameters it
         refuses (``REASONING_REFUSES``); otherwise they go as given, and its own 400 names them."""
         out = request.model_dump(mode="json", exclude_unset=True, exclude=set(LEAFWIRE_FIELDS))
-        if model.drops(self.drop_params) and model.is_reasoning(upstream):
+        if model.drops(self.drop_params, request.drop_params) and model.is_reasoning(upstream):
             for param in REASONING_REFUSES:
                 out.pop(param, None)
         out["model"] = upstream

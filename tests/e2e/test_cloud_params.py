@@ -125,6 +125,22 @@ def test_drop_params_leaves_out_what_a_reasoning_model_refuses(stack: Stack, mod
     assert {k: stack.fake.calls[-1].body[k] for k in SAMPLING} == SAMPLING  # a model that takes them gets them
 
 
+@pytest.mark.parametrize(("model", "asked", "dropped"), [
+    ("oai/o3", True, True),  # the provider does not drop; the request asks to
+    ("lenient/o3", False, False),  # the provider drops; the request asks not to
+])
+def test_a_request_says_drop_params_itself(stack: Stack, model: str, asked: bool, dropped: bool) -> None:
+    """LiteLLM's ``drop_params`` in the request body wins over the providers file's, and is never sent on."""
+    stack.client().chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                           extra_body={"drop_params": asked}, **SAMPLING)  # type: ignore[arg-type]
+    sent = stack.fake.calls[-1].body
+    assert "drop_params" not in sent
+    if dropped:
+        assert not set(SAMPLING) & set(sent), sent
+    else:
+        assert {k: sent[k] for k in SAMPLING} == SAMPLING
+
+
 def test_without_drop_params_the_models_own_400_reaches_the_caller(stack: Stack) -> None:
     """Not set to drop: the parameters go as given, and the provider's refusal is the caller's 400, after
     one call (as LiteLLM without drop_params, and OpenAI itself)."""

@@ -380,6 +380,14 @@ class TestAnthropicDropParams:
         body = self.body(req(temperature=0.2, top_p=0.5, top_k=5))  # without thinking, all are taken
         assert (body["temperature"], body["top_p"], body["top_k"]) == (0.2, 0.5, 5)
 
+    def test_the_request_says_last(self) -> None:
+        """A request's own ``drop_params`` wins over the provider's and the model's, either way."""
+        body = json.loads(Anthropic("anthropic").body(req(logprobs=True, drop_params=True), SPEC, "claude-x", False))
+        assert "logprobs" not in body
+        assert "drop_params" not in body
+        with pytest.raises(InvalidRequest):
+            self.body(req(logprobs=True, drop_params=False))
+
     def test_a_model_that_says_no_is_refused_as_before(self) -> None:
         with pytest.raises(InvalidRequest) as exc:
             self.body(req(logprobs=True), ModelSpec(drop_params=False))
