@@ -392,6 +392,20 @@ def searches(usage: dict[str, Any]) -> int | None:
     return as_int(server.get("web_search_requests")) if isinstance(server, dict) else None
 
 
+MAX_RESUMES = 4
+"""How many times a paused turn (``pause_turn``) is gone on with before its answer so far is the answer."""
+
+
+def _add_usage(total: dict[str, Any], usage: dict[str, Any]) -> None:
+    """Add an Anthropic usage object's counts (nested ones too: cache writes by TTL, server tool uses) to
+    ``total``."""
+    for key, value in usage.items():
+        if isinstance(value, dict):
+            _add_usage(total.setdefault(key, {}), value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            total[key] = total.get(key, 0) + value
+
+
 def _thought(block: dict[str, Any]) -> Block | None:
     """A thinking block as ``thinking_blocks`` keeps it (to be sent back), or ``None`` for another block."""
     if block.get("type") == "thinking":
@@ -692,6 +706,35 @@ class Anthropic:
     def headers(self) -> dict[str, str]:
         """The API version header."""
         return {"anthropic-version": self.version}
+
+    def resume(self, body: bytes, answers: list[bytes]) -> bytes | None:
+        """A turn Anthropic paused (``pause_turn``: its server tools, a web search, ran long) goes on when its
+        content so far is sent back as the assistant's turn, as Anthropic asks; at most ``MAX_RESUMES`` times."""
+        if b'"pause_turn"' not in answers[-1] or len(answers) > MAX_RESUMES:
+            return None
+        parts = [load_json(self.provider, a) for a in answers]
+        if not all(isinstance(p, dict) and isinstance(p.get("content"), list) for p in parts):
+            return None
+        if parts[-1].get("stop_reason") != "pause_turn":
+            return None
+        sent = json.loads(body)
+        turn = [block for part in parts for block in part["content"]]
+        sent["messages"] = [*sent["messages"], {"role": "assistant", "content": turn}]
+        return json.dumps(sent, ensure_ascii=False, separators=(",", ":")).encode()
+
+    def combined(self, answers: list[bytes]) -> bytes:
+        """One Messages answer of a turn answered in parts: their content in order, the last's stop reason, and
+        every part's usage added up (each call was billed its own)."""
+        if len(answers) == 1:
+            return answers[0]
+        parts = [load_json(self.provider, a) for a in answers]
+        if not all(isinstance(p, dict) and isinstance(p.get("content"), list) for p in parts):
+            raise bad_response(self.provider, "the answer going on with a paused turn has no `content` list")
+        usage: dict[str, Any] = {}
+        for part in parts:
+            _add_usage(usage, part.get("usage") or {})
+        return json.dumps({**parts[-1], "content": [b for part in parts for b in part["content"]],
+                           "usage": usage}).encode()
 
     def choices(self, data: bytes, n: int) -> None:
         """The Messages API has no ``n``: each choice is a request of its own."""

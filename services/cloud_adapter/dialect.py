@@ -159,6 +159,16 @@ class Dialect(Protocol):
         (each choice is a call of its own)."""
         ...
 
+    def resume(self, body: bytes, answers: list[bytes]) -> bytes | None:
+        """The body of the call that goes on with a turn the provider paused (its ``answers`` so far, each a
+        non-streamed answer to ``body`` or to the call that went on from it); ``None``: the last one was not
+        paused."""
+        ...
+
+    def combined(self, answers: list[bytes]) -> bytes:
+        """One non-streamed answer of a turn answered in several parts (``resume``): what ``completion`` reads."""
+        ...
+
     def stream_parser(self, n: int = 1, request: ChatCompletionRequest | None = None) -> StreamParser:
         """A parser for one streamed answer (of ``n`` choices: only a dialect with ``native_n`` is asked more) of
         ``request``."""

@@ -195,6 +195,14 @@ class OpenAICompatible:
         """No extra headers beyond the key."""
         return {}
 
+    def resume(self, body: bytes, answers: list[bytes]) -> bytes | None:
+        """OpenAI-compatible servers pause no turn."""
+        return None
+
+    def combined(self, answers: list[bytes]) -> bytes:
+        """The one answer (nothing is resumed)."""
+        return answers[-1]
+
     def completion(self, data: bytes, request: ChatCompletionRequest | None = None) -> Completion:
         """The message, finish reason and usage of a ``chat.completion`` (of any request: it is relayed)."""
         body, choices = self._choices(data)

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 import aiohttp
@@ -641,7 +641,16 @@ class Upstream:
         return classify(self.name, call.request.model, resp.status, self.dialect.error_info(body), hint)
 
     async def _try_complete(self, call: Call[ChatCompletionRequest], probe: bool) -> Completion:
-        return self.dialect.completion(await self._whole(call), call.request)
+        """One try's answer; a turn the provider paused (Anthropic's ``pause_turn``) is gone on with, each call
+        counted as a call, and its parts make the answer."""
+        answers = [await self._whole(call)]
+        while (body := self.dialect.resume(call.body, answers)) is not None:
+            try:
+                self.count_again(call.model)
+            except Overloaded:  # at the provider's rpm: what was answered (and paid for) so far is the answer
+                break
+            answers.append(await self._whole(replace(call, body=body)))
+        return self.dialect.completion(self.dialect.combined(answers), call.request)
 
     async def _try_embed(self, call: Call[EmbeddingRequest], probe: bool) -> embeddings.Vectors:
         data = await self._whole(call)  # thousands of vectors take tens of milliseconds to read: not on the loop

@@ -178,3 +178,42 @@ def test_web_search_options_anthropic_cannot_take_are_a_400_before_any_call(stac
                                                web_search_options=options)  # type: ignore[arg-type]
     assert exc.value.param == param  # type: ignore[attr-defined]
     assert not stack.claude.calls
+
+
+def paused_answer() -> dict[str, Any]:
+    """The first part of a turn Anthropic paused (its search ran long): the search, its results, no text yet."""
+    return anthropic_message([SEARCH, RESULTS], "pause_turn",
+                             server_tool_use={"web_search_requests": 1})  # type: ignore[arg-type]
+
+
+def test_a_paused_turn_is_gone_on_with_and_its_parts_are_one_answer(stack: Stack) -> None:
+    """``pause_turn``: the adapter sends the turn so far back as the assistant's, as Anthropic asks, and the
+    caller gets one answer: the text of every part, its citations where they are in it, every part's usage
+    and searches paid."""
+    stack.claude.script(Fault.raw(body=paused_answer()), Fault.raw(body=searched_answer()))
+    raw = stack.client().chat.completions.with_raw_response.create(model="claude/sonnet", messages=QUESTION,
+                                                                   web_search_options={})
+    first, second = stack.claude.calls
+    assert second.body["messages"][:-1] == first.body["messages"]
+    assert second.body["messages"][-1] == {"role": "assistant", "content": [SEARCH, RESULTS]}
+    answer = raw.parse()
+    message = answer.choices[0].message
+    assert message.content == INTRO + CITED
+    assert answer.choices[0].finish_reason == "stop"
+    (note,) = message.annotations or []
+    assert message.content[note.url_citation.start_index:note.url_citation.end_index] == CITED
+    assert answer.usage is not None
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (20, 10)
+    tokens = (20 * INPUT_PRICE + 10 * OUTPUT_PRICE) / 1e6
+    assert float(raw.headers["x-leafwire-cost-usd"]) == pytest.approx(tokens + 2 * SEARCH_PRICE / 1000)
+
+
+def test_a_turn_paused_again_and_again_is_answered_with_what_came(stack: Stack) -> None:
+    """Gone on with at most four times: a fifth pause is the answer (what the parts said), not a loop."""
+    stack.claude.script(*[Fault.raw(body=anthropic_message([{"type": "text", "text": f"part {i}. "}], "pause_turn"))
+                          for i in range(6)])
+    answer = stack.client().chat.completions.create(model="claude/sonnet", messages=QUESTION,
+                                                    web_search_options={})
+    assert len(stack.claude.calls) == 5
+    assert answer.choices[0].message.content == "part 0. part 1. part 2. part 3. part 4. "
+    assert answer.choices[0].finish_reason == "stop"

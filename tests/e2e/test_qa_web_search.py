@@ -39,7 +39,7 @@ Findings (each was a strict xfail test; all four are fixed since, and the tests 
 Working: annotation spans (non-ASCII, multiple citations, duplicates, several blocks; error result blocks
 ignored), streamed == whole, tool call numbering (whole and streamed), thinking + search, n=2 cost and n=2
 streamed annotations, an answer with annotations sent back in the conversation, cache hits whole and
-streamed, usage event cost, budget charged with searches, pause_turn -> stop, OpenAI-compatible pass-through,
+streamed, usage event cost, budget charged with searches, pause_turn (then: the text so far with stop; since: resumed), OpenAI-compatible pass-through,
 validation of [] / missing approximate / other type / nulls.
 """
 
@@ -393,15 +393,21 @@ def test_budget_is_charged_for_searches(stack: Stack) -> None:
     eventually(refused, 10, "the budget to be spent")
 
 
-def test_pause_turn_ends_with_stop_and_the_text_so_far(stack: Stack) -> None:
+def test_pause_turn_is_gone_on_with_and_the_parts_are_one_answer(stack: Stack) -> None:
+    """(Since this round, a paused turn is resumed; before, the caller got the text so far with ``stop``.) The
+    second call carries the turn so far as the assistant's; the citations of both parts point into the whole
+    content."""
     blocks = [text_block(*TEXTS[0]), search_block(), results_block(), text_block(*TEXTS[1])]
-    stack.claude.script(Fault.raw(body=answer(blocks, "pause_turn")))
+    stack.claude.script(Fault.raw(body=answer(blocks, "pause_turn")),
+                        Fault.raw(body=answer([text_block(*TEXTS[2]), text_block(*TEXTS[3])], searches=0)))
     choice = stack.client().chat.completions.create(model="claude/sonnet", messages=QUESTION,
                                                     web_search_options={}).choices[0]
+    assert len(stack.claude.calls) == 2
+    assert stack.claude.calls[1].body["messages"][-1] == {"role": "assistant", "content": blocks}
     assert choice.finish_reason == "stop"
-    assert choice.message.content == TEXTS[0][0] + TEXTS[1][0]
+    assert choice.message.content == "".join(t for t, _ in TEXTS[:4])
     assert spans(choice.message.content, [n.model_dump() for n in choice.message.annotations or []]) == [
-        (URL_A, "A – été", TEXTS[1][0])]
+        (URL_A, "A – été", TEXTS[1][0]), (URL_A, "A – été", TEXTS[3][0]), (URL_B, "B", TEXTS[3][0])]
 
 
 # -- OpenAI-compatible, validation
