@@ -39,8 +39,8 @@ Findings (each was a strict xfail test; all four are fixed since, and the tests 
 Working: annotation spans (non-ASCII, multiple citations, duplicates, several blocks; error result blocks
 ignored), streamed == whole, tool call numbering (whole and streamed), thinking + search, n=2 cost and n=2
 streamed annotations, an answer with annotations sent back in the conversation, cache hits whole and
-streamed, usage event cost, budget charged with searches, pause_turn (then: the text so far with stop; since: resumed), OpenAI-compatible pass-through,
-validation of [] / missing approximate / other type / nulls.
+streamed, usage event cost, budget charged with searches, pause_turn (then: the text so far with stop;
+since: resumed), OpenAI-compatible pass-through, validation of [] / missing approximate / other type / nulls.
 """
 
 from __future__ import annotations
