@@ -261,9 +261,11 @@ class Upstream:
         self.idle.set()
         self._inflight_gauge = metrics.CLOUD_INFLIGHT.labels(self.name)
         self.limits = MinuteLimits(self.name, provider.spec.rpm, provider.spec.tpm, peers)
+        # every model's, limited or not: a limit taken out and put back by reloads still has the minute's calls
         self.model_limits = {model: MinuteLimits(self.name, spec.rpm, spec.tpm, peers, model=model)
-                             for model, spec in provider.spec.models.items() if spec.rpm or spec.tpm}
-        self.limited = self.limits.limited or bool(self.model_limits)  # checked for every call: kept at hand
+                             for model, spec in provider.spec.models.items()}
+        # checked for every call: kept at hand
+        self.limited = self.limits.limited or any(m.limited for m in self.model_limits.values())
         self._session: aiohttp.ClientSession | None = None
         self._drains: set[asyncio.Task[None]] = set()
         base = self._base_headers()
@@ -344,7 +346,8 @@ class Upstream:
 
     def slot(self, model: str | None = None) -> Slot:
         """Take one of the provider's concurrent-call slots for a call of ``model``, or refuse at once (429): at
-        ``max_concurrent``, or at the provider's or the model's ``rpm`` or ``tpm`` (``rate.MinuteLimits``)."""
+        ``max_concurrent``, or at the provider's or the model's ``rpm`` or ``tpm`` (``rate.MinuteLimits``; a
+        call is counted when it is sent, ``_post``: a request cancelled before fills no minute)."""
         if self.provider.missing_key is not None:  # no Retry-After: trying again soon will not help
             raise ProviderUnavailable(f"provider {self.name} cannot be called: {self.provider.missing_key}",
                                       provider=self.name, code="provider_key_missing")
@@ -353,17 +356,11 @@ class Upstream:
             raise Overloaded(f"provider {self.name} has {self.inflight} calls in flight, its limit",
                              retry_after=1)
         if self.limited:
-            self.count(model)
+            for minute in self.limits_of(model):
+                minute.check()
         self.inflight += 1
         self._inflight_gauge.inc()
         return Slot(self)
-
-    def count_again(self, model: str) -> None:
-        """Another call of a request that holds a slot (a retry; a stream asked again without
-        ``stream_options``): it counts against ``rpm`` too, as the provider counts it, and is not made (429
-        ``provider_rate_limit``) once the minute's calls reach it."""
-        if self.limited:
-            self.count(model)
 
     def limits_of(self, model: str | None) -> list[MinuteLimits]:
         """The minutes a call of ``model`` counts in: the provider's (with an rpm or tpm) and the model's own."""
@@ -371,8 +368,9 @@ class Upstream:
         return [limits for limits in (self.limits, own) if limits is not None and limits.limited]
 
     def count(self, model: str | None) -> None:
-        """Count a call of ``model`` in each of its minutes, or refuse it (429) where one is full: counted in
-        none then."""
+        """Count a call of ``model`` about to be sent (every one: a retry, a stream asked again without
+        ``stream_options``, a paused turn gone on with) in each of its minutes, as the provider counts them; or
+        refuse it (429 ``provider_rate_limit``, the call not made) where one is full: counted in none then."""
         limits = self.limits_of(model)
         for minute in limits:
             minute.check()
@@ -392,6 +390,7 @@ class Upstream:
         for model, minute in old.model_limits.items():
             if model in self.model_limits:
                 self.model_limits[model] = minute.limit_to(spec.models[model].rpm, spec.models[model].tpm)
+        self.limited = self.limits.limited or any(m.limited for m in self.model_limits.values())
 
     def minutes(self) -> list[MinuteLimits]:
         """Every minute this provider counts: its own and its models'."""
@@ -544,8 +543,6 @@ class Upstream:
                             attempt: Callable[[Call[R], bool], Awaitable[T]]) -> tuple[T, bool]:
         last: LeafwireError | None = None
         for tries in range(self.policy.max_attempts):
-            if tries:
-                self.count_again(call.model)
             probe = self.breaker.acquire()
             if probe is None:
                 if last is None:  # no try made: a refusal, as max_concurrent's and rpm/tpm's are
@@ -555,6 +552,9 @@ class Upstream:
                     provider=self.name, retry_after=max(1.0, self.breaker.retry_in()))
             try:
                 return await attempt(call, probe), probe
+            except Overloaded:  # a call not made (the provider's or the model's rpm): no try, not retried
+                self.settle(None, probe)
+                raise
             except LeafwireError as err:
                 last = err
                 metrics.CLOUD_ATTEMPT_FAILURES.labels(self.name, err.code or "error").inc()
@@ -590,6 +590,8 @@ class Upstream:
         answer's within the call's time (most providers send them once the answer is written: a long answer is
         no silence, and a try abandoned at ``first_byte_s`` would be billed and asked again)."""
         assert self._session is not None, "Upstream.start() was not called"
+        if self.limited:
+            self.count(call.model)
         timeouts = self.provider.spec.timeouts
         silence = timeouts.first_byte_s if stream else None
         wait = min(silence or timeouts.total_s, call.left())
@@ -646,10 +648,9 @@ class Upstream:
         answers = [await self._whole(call)]
         while (body := self.dialect.resume(call.body, answers)) is not None:
             try:
-                self.count_again(call.model)
-            except Overloaded:  # at the provider's rpm: what was answered (and paid for) so far is the answer
+                answers.append(await self._whole(replace(call, body=body)))
+            except Overloaded:  # at the provider's rpm (not sent): what was answered and paid for is the answer
                 break
-            answers.append(await self._whole(replace(call, body=body)))
         return self.dialect.completion(self.dialect.combined(answers), call.request)
 
     async def _try_embed(self, call: Call[EmbeddingRequest], probe: bool) -> embeddings.Vectors:
@@ -673,7 +674,6 @@ class Upstream:
                 err = await self._refuse(resp, call)
                 if self._refused_stream_usage(err, call):
                     resp.close()
-                    self.count_again(call.model)
                     return await self._try_stream(call, probe)
                 raise err
             if resp.content_type != "text/event-stream":

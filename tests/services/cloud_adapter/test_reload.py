@@ -15,6 +15,7 @@ import pytest
 from services.cloud_adapter import app
 from services.cloud_adapter.adapter import CloudAdapter
 from services.cloud_adapter.settings import CloudSettings
+from services.cloud_adapter.upstream import Upstream
 from shared import metrics
 from shared.errors import Overloaded
 
@@ -28,6 +29,13 @@ def provider(name: str, models: dict[str, Any], **more: Any) -> dict[str, Any]:
 
 def write(path: Path, providers: list[dict[str, Any]], **more: Any) -> None:
     path.write_text(json.dumps({"providers": providers, **more}))
+
+
+def send(upstream: Upstream, model: str | None = None) -> None:
+    """What a call that is sent does to the minutes: its slot taken (refused at a full minute), then counted as
+    it goes out (``Upstream._post``)."""
+    with upstream.slot(model):
+        upstream.count(model)
 
 
 @pytest.fixture
@@ -78,8 +86,7 @@ async def test_a_changed_provider_keeps_its_minute_against_its_new_rpm(settings:
     await adapter.open_upstreams()
     try:
         for _ in range(2):
-            with adapter.upstreams["a"].slot():
-                pass
+            send(adapter.upstreams["a"])
         write(settings.providers_file, [provider("a", {"m": {}}, rpm=2, max_concurrent=8), provider("b", {"m": {}})])
         assert await app.reload_providers(adapter, settings)
         with pytest.raises(Overloaded) as exc:
@@ -87,8 +94,7 @@ async def test_a_changed_provider_keeps_its_minute_against_its_new_rpm(settings:
         assert "its rpm (2)" in exc.value.message
         write(settings.providers_file, [provider("a", {"m": {}}, rpm=5), provider("b", {"m": {}})])
         assert await app.reload_providers(adapter, settings)
-        with adapter.upstreams["a"].slot():  # room again under the higher limit
-            pass
+        send(adapter.upstreams["a"])  # room again under the higher limit
     finally:
         await adapter.close_upstreams()
 
@@ -102,13 +108,11 @@ async def test_a_models_rpm_beside_the_providers(settings: CloudSettings) -> Non
     await adapter.open_upstreams()
     try:
         a = adapter.upstreams["a"]
-        with a.slot("big"):
-            pass
+        send(a, "big")
         with pytest.raises(Overloaded) as exc:
             a.slot("big")
         assert "model big of provider a" in exc.value.message
-        with a.slot("small"):
-            pass
+        send(a, "small")
         with pytest.raises(Overloaded) as exc:
             a.slot("small")
         assert exc.value.message.startswith("provider a had 2 calls")
@@ -118,8 +122,24 @@ async def test_a_models_rpm_beside_the_providers(settings: CloudSettings) -> Non
         with pytest.raises(Overloaded) as exc:
             adapter.upstreams["a"].slot("big")
         assert "its rpm (1)" in exc.value.message
-        with adapter.upstreams["a"].slot("small"):
-            pass
+        send(adapter.upstreams["a"], "small")
+    finally:
+        await adapter.close_upstreams()
+
+
+async def test_a_models_limit_taken_out_and_put_back_keeps_its_minute(settings: CloudSettings) -> None:
+    """QA 22: ``big``'s rpm 1 used, then taken out of the file and put back within the minute: the call made
+    still counts, as the provider's own would."""
+    write(settings.providers_file, [provider("a", {"big": {"rpm": 1}}), provider("b", {"m": {}})])
+    adapter = app.load_adapter(settings)
+    await adapter.open_upstreams()
+    try:
+        send(adapter.upstreams["a"], "big")
+        for big in ({}, {"rpm": 1}):
+            write(settings.providers_file, [provider("a", {"big": big}), provider("b", {"m": {}})])
+            assert await app.reload_providers(adapter, settings)
+        with pytest.raises(Overloaded):
+            adapter.upstreams["a"].slot("big")
     finally:
         await adapter.close_upstreams()
 
