@@ -67,11 +67,11 @@ import pytest
 
 from services.cloud_adapter import app
 from services.cloud_adapter.settings import CloudSettings
-from services.cloud_adapter.upstream import Upstream
 from shared.errors import Overloaded
 from tests.e2e.test_cloud import CloudStack, cloud_stack
 from tests.e2e.test_cloud import providers_file as base_providers
 from tests.fakes import FakeProvider, Fault
+from tests.services.cloud_adapter.test_reload import send
 from tests.support import NatsServer, Service, leafwire, running
 
 HEADERS = {"Authorization": "Bearer key-acme"}
@@ -410,12 +410,6 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CloudSettings:
     file = tmp_path / "providers.yaml"
     write(file, [provider("a", {"m": {}})])
     return CloudSettings(LW_PROVIDERS_FILE=file, LW_CLOUD_PROVIDERS_CHECK_S=0)
-
-
-def send(upstream: Upstream, model: str) -> None:
-    """A call of ``model`` sent: its slot taken, then counted as it goes out (``Upstream._post``)."""
-    with upstream.slot(model):
-        upstream.count(model)
 
 
 async def test_a_provider_refusal_leaves_the_models_minute_untouched(settings: CloudSettings) -> None:
