@@ -66,8 +66,8 @@ def _within(seconds: list[tuple[int, int]], edge: float) -> tuple[int, int | Non
 
 
 class Peers:
-    """The other adapters' minutes, by provider, as read from the ``provider-rates`` bucket (this adapter's
-    own entries are skipped: it counts its own calls itself)."""
+    """The other adapters' minutes, by provider (and by model, for a model's own limits), as read from the
+    ``provider-rates`` bucket (this adapter's own entries are skipped: it counts its own calls itself)."""
 
     def __init__(self, own_worker: str) -> None:
         self.own_worker = own_worker

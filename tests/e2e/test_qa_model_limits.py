@@ -70,9 +70,10 @@ from services.cloud_adapter.settings import CloudSettings
 from shared.errors import Overloaded
 from tests.e2e.test_cloud import CloudStack, cloud_stack
 from tests.e2e.test_cloud import providers_file as base_providers
+from tests.e2e.test_qa_rates_drop import adapter_like, ask, calls_of
 from tests.fakes import FakeProvider, Fault
 from tests.services.cloud_adapter.test_reload import send
-from tests.support import NatsServer, Service, leafwire, running
+from tests.support import NatsServer, leafwire, running
 
 HEADERS = {"Authorization": "Bearer key-acme"}
 SYNC_S = 0.1
@@ -126,19 +127,6 @@ def fresh(cloud: CloudStack) -> CloudStack:
     cloud.openai_fake.reset()
     cloud.claude_fake.reset()
     return cloud
-
-
-def ask(cloud: CloudStack, model: str, **more: Any) -> httpx.Response:
-    body = {"model": model, "messages": [{"role": "user", "content": f"hello {uuid.uuid4().hex[:8]}"}], **more}
-    return httpx.post(f"{cloud.gateway.base}/v1/chat/completions", json=body, headers=HEADERS, timeout=30)
-
-
-def calls_of(fake: FakeProvider, upstream: str) -> int:
-    return sum(1 for c in list(fake.calls) if c.body.get("model") == upstream)
-
-
-def adapter_like(cloud: CloudStack) -> Service:
-    return Service("cloud_adapter", dict(cloud.adapter.env))
 
 
 def assert_refusal(r: httpx.Response, names: str, what: str = "rpm") -> None:
