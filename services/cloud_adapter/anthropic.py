@@ -29,8 +29,8 @@ Request (OpenAI → Anthropic):
   has none; OpenAI calls it best effort too). What Anthropic cannot honour and would change the answer is
   refused (400 ``unsupported_parameter``) rather than dropped: ``logprobs``, ``logit_bias``, non-zero
   penalties, audio and the other OpenAI-only parameters of ``shared.local_params.UNHONOURED``; with
-  ``drop_params`` (the provider's or the model's) they are left out instead, as are a temperature above 1 and,
-  with thinking on, what Anthropic refuses with it. Other unknown fields are not sent.
+  ``drop_params`` (the provider's, the model's or the request's) they are left out instead, as are a
+  temperature above 1 and, with thinking on, what Anthropic refuses with it. Other unknown fields are not sent.
 
 Answer (Anthropic → OpenAI): text blocks → ``content``; ``tool_use`` → ``tool_calls`` (input as JSON
 text; a tool call without arguments has ``{}``, streamed too); ``thinking`` blocks → ``reasoning_content``
